@@ -1,0 +1,175 @@
+"""The torch reference of every op in the kernel table: the oracle all kernels are checked against.
+
+Written for clarity, not speed: plain torch, float32 accumulation, Python loops over requests
+where that is the clearest statement of the semantics. It runs on any torch device, so an op a
+device lacks falls back to this on the device's own tensors.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from portaserve.errors import DeviceError
+
+if TYPE_CHECKING:
+    from portaserve.plugins.device import AttentionMetadata, KVCacheSpec
+    from portaserve.quant.base import QuantizedWeight
+
+
+def embedding(ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return weight[ids]  # [T, H]
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    out = x.float() @ weight.float().t()  # [T, N]
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype)
+
+
+def quant_linear(
+    x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    return linear(x, weight.dequantize(torch.float32), bias)
+
+
+def rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    if residual is not None:
+        x = (x.float() + residual.float()).to(x.dtype)
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps) * weight.float()
+    y = y.to(x.dtype)
+    return y if residual is None else (y, x)
+
+
+def rotary(
+    positions: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    cos, sin = cos_sin_cache[positions].float().chunk(2, dim=-1)  # [T, D/2] each
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+
+    def rotate(t: torch.Tensor) -> torch.Tensor:
+        t1, t2 = t.float().chunk(2, dim=-1)  # [T, H, D/2]
+        return torch.cat((t1 * cos - t2 * sin, t2 * cos + t1 * sin), dim=-1).to(t.dtype)
+
+    return rotate(q), rotate(k)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    gate, up = x.float().chunk(2, dim=-1)
+    return (F.silu(gate) * up).to(x.dtype)
+
+
+def allocate_kv_cache(spec: KVCacheSpec, device: torch.device, layout: str) -> list[torch.Tensor]:
+    if layout == "blocks_nhd":
+        shape = (2, spec.num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
+    elif layout == "blocks_hnd":
+        shape = (2, spec.num_blocks, spec.num_kv_heads, spec.block_size, spec.head_dim)
+    else:
+        raise DeviceError(f"reference: unknown KV layout {layout!r}")
+    return [torch.zeros(shape, dtype=spec.dtype, device=device) for _ in range(spec.num_layers)]
+
+
+def _as_nhd(kv_cache: torch.Tensor, kv_layout: str) -> torch.Tensor:
+    """View the cache as [2, num_blocks, block_size, Hk, D] (writes go through the view)."""
+    if kv_layout == "blocks_nhd":
+        return kv_cache
+    if kv_layout == "blocks_hnd":
+        return kv_cache.transpose(2, 3)
+    raise DeviceError(f"reference: unknown KV layout {kv_layout!r}")
+
+
+def write_kv(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    *,
+    kv_layout: str = "blocks_nhd",
+) -> None:
+    cache = _as_nhd(kv_cache, kv_layout)  # [2, NB, BS, Hk, D]
+    block_size = cache.shape[2]
+    blocks = slot_mapping // block_size
+    offsets = slot_mapping % block_size
+    cache[0, blocks, offsets] = key.to(cache.dtype)
+    cache[1, blocks, offsets] = value.to(cache.dtype)
+
+
+def gather_kv(
+    kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int, kv_layout: str = "blocks_nhd"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values of one sequence in order: ([seq_len, Hk, D], [seq_len, Hk, D])."""
+    cache = _as_nhd(kv_cache, kv_layout)
+    num_kv_heads = cache.shape[3]
+    block_size = cache.shape[2]
+    num_blocks = (seq_len + block_size - 1) // block_size
+    ids = block_table[:num_blocks].long()
+    k = cache[0, ids].reshape(-1, num_kv_heads, cache.shape[-1])[:seq_len]
+    v = cache[1, ids].reshape(-1, num_kv_heads, cache.shape[-1])[:seq_len]
+    return k, v
+
+
+def paged_attention(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    attn: AttentionMetadata,
+    scale: float,
+    *,
+    kv_layout: str = "blocks_nhd",
+) -> torch.Tensor:
+    num_kv_heads = _as_nhd(kv_cache, kv_layout).shape[3]
+    group = query.shape[1] // num_kv_heads
+    out = torch.empty_like(query)
+    starts = attn.query_start_loc_cpu or tuple(attn.query_start_loc.tolist())
+    seq_lens = attn.seq_lens_cpu or tuple(attn.seq_lens.tolist())
+    for r, seq_len in enumerate(seq_lens):
+        q = query[starts[r] : starts[r + 1]].float()  # [Q, Hq, D]
+        num_q = q.shape[0]
+        if num_q == 0:
+            continue
+        k, v = gather_kv(kv_cache, attn.block_tables[r], seq_len, kv_layout)
+        k = k.float().repeat_interleave(group, dim=1)  # [S, Hq, D]
+        v = v.float().repeat_interleave(group, dim=1)
+        scores = torch.einsum("qhd,shd->hqs", q, k) * scale  # [Hq, Q, S]
+        # query i sits at position seq_len - num_q + i and sees keys 0..that position
+        q_pos = torch.arange(seq_len - num_q, seq_len, device=query.device)
+        k_pos = torch.arange(seq_len, device=query.device)
+        mask = k_pos[None, :] > q_pos[:, None]  # [Q, S]
+        scores = scores.masked_fill(mask[None], float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        out[starts[r] : starts[r + 1]] = torch.einsum("hqs,shd->qhd", probs, v).to(query.dtype)
+    return out
+
+
+def all_reduce(x: torch.Tensor, group: object | None = None) -> torch.Tensor:
+    if group is None:
+        return x
+    import torch.distributed as dist
+
+    dist.all_reduce(x, group=group)  # type: ignore[arg-type]
+    return x
+
+
+#: op name -> reference function; the fallback for every device.
+REFERENCE_OPS = {
+    "embedding": embedding,
+    "linear": linear,
+    "quant_linear": quant_linear,
+    "rms_norm": rms_norm,
+    "rotary": rotary,
+    "silu_and_mul": silu_and_mul,
+    "write_kv": write_kv,
+    "paged_attention": paged_attention,
+    "all_reduce": all_reduce,
+}

@@ -1,0 +1,59 @@
+"""Every environment variable portaserve reads, in one place.
+
+Read through the functions here (not ``os.environ`` elsewhere) so that the set of variables is
+documented and testable. Each is read at call time, so tests can monkeypatch the environment.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def device() -> str | None:
+    """``PORTASERVE_DEVICE``: the device to use, e.g. ``cpu`` or ``cuda:0``."""
+    value = os.environ.get("PORTASERVE_DEVICE", "").strip()
+    return value or None
+
+
+def plugin_allowlist() -> list[str] | None:
+    """``PORTASERVE_PLUGINS``: comma list of entry-point names to load; unset loads all."""
+    value = os.environ.get("PORTASERVE_PLUGINS")
+    if value is None:
+        return None
+    return [name.strip() for name in value.split(",") if name.strip()]
+
+
+def disable_plugin_autoload() -> bool:
+    """``PORTASERVE_DISABLE_PLUGIN_AUTOLOAD=1``: load no entry-point plugins (built-ins stay)."""
+    return _flag("PORTASERVE_DISABLE_PLUGIN_AUTOLOAD")
+
+
+def cache_dir() -> Path:
+    """``PORTASERVE_CACHE_DIR``: where fetched models are kept (default ~/.cache/portaserve)."""
+    value = os.environ.get("PORTASERVE_CACHE_DIR")
+    if value:
+        return Path(value).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "portaserve"
+
+
+def api_key() -> str | None:
+    """``PORTASERVE_API_KEY``: bearer token the server requires when ``--api-key`` is not given."""
+    value = os.environ.get("PORTASERVE_API_KEY", "").strip()
+    return value or None
+
+
+def num_threads() -> int | None:
+    """``PORTASERVE_NUM_THREADS``: CPU threads for the cpu device (default: physical cores)."""
+    value = os.environ.get("PORTASERVE_NUM_THREADS", "").strip()
+    return int(value) if value else None
+
+
+def log_level() -> str:
+    """``PORTASERVE_LOG_LEVEL``: logging level name (default INFO)."""
+    return os.environ.get("PORTASERVE_LOG_LEVEL", "INFO").upper()

@@ -1,0 +1,103 @@
+"""The kernel table: one callable per op, resolved for one device.
+
+Resolution order per op: a kernel registered for this device through
+``portaserve_register_kernels`` (a vendor overriding one op), then the device's own native
+kernel, then the reference. ``sources`` records which one won, so ``portaserve devices`` and
+the logs show every fallback. The model calls ops as attributes: ``kernels.linear(x, w, b)``.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from portaserve.errors import DeviceError
+from portaserve.plugins.device import OP_NAMES, REFERENCE_KV_LAYOUTS
+
+KernelFn = Callable[..., Any]
+_LAYOUT_OPS = ("write_kv", "paged_attention")
+
+
+@dataclass(slots=True)
+class KernelTable:
+    device_name: str
+    kv_layout: str
+    ops: dict[str, KernelFn]
+    #: op -> "native", "plugin:<name>" or "reference"
+    sources: dict[str, str]
+    #: quant format -> kernel, and format -> source
+    quant_ops: dict[str, KernelFn] = field(default_factory=dict)
+    quant_sources: dict[str, str] = field(default_factory=dict)
+
+    # The ops as attributes (bound in __post_init__ for a cheap call on the hot path).
+    embedding: KernelFn = field(init=False, repr=False)
+    linear: KernelFn = field(init=False, repr=False)
+    rms_norm: KernelFn = field(init=False, repr=False)
+    rotary: KernelFn = field(init=False, repr=False)
+    silu_and_mul: KernelFn = field(init=False, repr=False)
+    write_kv: KernelFn = field(init=False, repr=False)
+    paged_attention: KernelFn = field(init=False, repr=False)
+    all_reduce: KernelFn = field(init=False, repr=False)
+    _reference_quant: KernelFn = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        for name in OP_NAMES:
+            if name != "quant_linear":
+                object.__setattr__(self, name, self.ops[name])
+        self._reference_quant = self.ops["quant_linear"]
+
+    def quant_linear(self, x: Any, weight: Any, bias: Any = None) -> Any:
+        """Dispatch on the weight's format; formats without a kernel use reference dequant."""
+        fn = self.quant_ops.get(weight.format, self._reference_quant)
+        return fn(x, weight, bias)
+
+    @property
+    def native_ops(self) -> list[str]:
+        return [op for op in OP_NAMES if self.sources.get(op) != "reference"]
+
+    @property
+    def fallback_ops(self) -> list[str]:
+        return [op for op in OP_NAMES if self.sources.get(op) == "reference"]
+
+
+def build_kernel_table(
+    device_name: str,
+    kv_layout: str,
+    native: Mapping[str, KernelFn],
+    reference: Mapping[str, KernelFn],
+    overrides: Mapping[str, tuple[str, KernelFn]] | None = None,
+    native_quant: Mapping[str, KernelFn] | None = None,
+    quant_overrides: Mapping[str, tuple[str, KernelFn]] | None = None,
+) -> KernelTable:
+    """Resolve every op for a device. ``overrides`` maps op -> (plugin name, kernel)."""
+    overrides = overrides or {}
+    unknown = sorted(set(native) - set(OP_NAMES))
+    if unknown:
+        raise DeviceError(f"device {device_name!r} declares unknown ops {unknown}; ops are {list(OP_NAMES)}")
+    ops: dict[str, KernelFn] = {}
+    sources: dict[str, str] = {}
+    for name in OP_NAMES:
+        if name in overrides:
+            plugin, fn = overrides[name]
+            ops[name], sources[name] = fn, f"plugin:{plugin}"
+        elif name in native:
+            ops[name], sources[name] = native[name], "native"
+        else:
+            fn = reference[name]
+            if name in _LAYOUT_OPS:
+                if kv_layout not in REFERENCE_KV_LAYOUTS:
+                    raise DeviceError(
+                        f"device {device_name!r} uses KV layout {kv_layout!r}, which the reference "
+                        f"{name} cannot read (it reads {list(REFERENCE_KV_LAYOUTS)}); the device "
+                        f"must implement {name} natively")
+                fn = functools.partial(fn, kv_layout=kv_layout)
+            ops[name], sources[name] = fn, "reference"
+    quant_ops: dict[str, KernelFn] = {}
+    quant_sources: dict[str, str] = {}
+    for fmt, fn in (native_quant or {}).items():
+        quant_ops[fmt], quant_sources[fmt] = fn, "native"
+    for fmt, (plugin, fn) in (quant_overrides or {}).items():
+        quant_ops[fmt], quant_sources[fmt] = fn, f"plugin:{plugin}"
+    return KernelTable(device_name, kv_layout, ops, sources, quant_ops, quant_sources)
