@@ -22,6 +22,12 @@ class QuantMethod(Protocol):
         """The dense ``[out, in]`` weight in ``dtype``."""
         ...
 
+    def dequantize_rows(
+        self, weight: QuantizedWeight, rows: torch.Tensor, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """(optional) Rows ``[len(rows), in]`` only: an embedding lookup on packed weights."""
+        ...
+
 
 @dataclass(slots=True)
 class QuantizedWeight:
@@ -35,6 +41,13 @@ class QuantizedWeight:
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.method.dequantize(self, dtype)
+
+    def embedding(self, ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Look up rows (an embedding table kept packed). ``ids`` [T] -> [T, in]."""
+        rows = getattr(self.method, "dequantize_rows", None)
+        if rows is not None:
+            return rows(self, ids, dtype)
+        return self.dequantize(dtype)[ids]
 
     @property
     def nbytes(self) -> int:
