@@ -132,6 +132,10 @@ class Capabilities:
     default_max_num_batched_tokens: int = 2048
     #: Fraction of free memory the KV cache may take by default.
     default_memory_utilization: float = 0.9
+    #: (optional) Default KV cache size cap in bytes, for devices that share memory with the
+    #: rest of the host (cpu): the engine takes min(this, free * utilization) unless the user
+    #: sets a size. None: no cap beyond free memory.
+    default_kv_cache_bytes: int | None = None
     #: torch.distributed backend for tensor parallelism ("gloo", "nccl", ...).
     dist_backend: str = "gloo"
     #: Extra, device-specific facts shown by ``portaserve devices`` (versions, SKUs).
