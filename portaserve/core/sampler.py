@@ -1,0 +1,154 @@
+"""The sampler: logits of the rows that sample this step -> one token id each (+ logprobs).
+
+Device-agnostic torch on whatever device the logits live on. Greedy rows are one argmax for the
+whole batch; rows with penalties or random sampling are processed in vectorized groups. Seeded
+requests own a ``torch.Generator`` so their draws do not depend on the rest of the batch;
+unseeded ones share the engine's generator.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from portaserve.core.request import Request
+
+
+@dataclass(slots=True)
+class SamplerOutput:
+    token_ids: list[int]
+    #: Per row: {token_id: logprob} for the chosen token and the top-n, or None when not asked.
+    logprobs: list[dict[int, float] | None]
+
+
+class Sampler:
+    def __init__(self, seed: int = 0) -> None:
+        self._seed = seed
+        self._generators: dict[tuple[str, torch.device], torch.Generator] = {}
+        self._shared: dict[torch.device, torch.Generator] = {}
+
+    def forget(self, request_id: str) -> None:
+        """Drop a finished request's generator."""
+        for key in [k for k in self._generators if k[0] == request_id]:
+            del self._generators[key]
+
+    def sample(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
+        """``logits`` [L, V] float32, one row per request in ``requests`` order."""
+        logits = logits.float()
+        raw_logprobs = None
+        if any(r.sampling_params.logprobs is not None for r in requests):
+            raw_logprobs = torch.log_softmax(logits, dim=-1)  # [L, V]
+        logits = self._apply_penalties(logits, requests)
+        logits = self._mask_min_tokens(logits, requests)
+
+        greedy = torch.tensor([r.sampling_params.is_greedy for r in requests])
+        chosen = torch.empty(len(requests), dtype=torch.long, device=logits.device)
+        if bool(greedy.all()):
+            chosen = logits.argmax(dim=-1)
+        else:
+            if bool(greedy.any()):
+                idx = greedy.nonzero().squeeze(1).to(logits.device)
+                chosen[idx] = logits[idx].argmax(dim=-1)
+            for row in (~greedy).nonzero().squeeze(1).tolist():
+                chosen[row] = self._sample_row(logits[row], requests[row])
+        token_ids = chosen.tolist()
+        return SamplerOutput(token_ids, self._logprobs(raw_logprobs, token_ids, requests))
+
+    # -- steps -----------------------------------------------------------------------------
+
+    def _apply_penalties(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        rows = [
+            i
+            for i, r in enumerate(requests)
+            if r.sampling_params.repetition_penalty != 1.0
+            or r.sampling_params.presence_penalty != 0.0
+            or r.sampling_params.frequency_penalty != 0.0
+        ]
+        if not rows:
+            return logits
+        logits = logits.clone()
+        vocab = logits.shape[1]
+        for i in rows:
+            p = requests[i].sampling_params
+            row = logits[i]
+            if p.repetition_penalty != 1.0:
+                # as in vLLM / HF: every token seen in the prompt or the output
+                seen = torch.tensor(sorted(set(requests[i].all_token_ids)), dtype=torch.long,
+                                    device=row.device)
+                seen = seen[seen < vocab]
+                vals = row[seen]
+                row[seen] = torch.where(vals > 0, vals / p.repetition_penalty,
+                                        vals * p.repetition_penalty)
+            if p.presence_penalty != 0.0 or p.frequency_penalty != 0.0:
+                out = requests[i].output_token_ids
+                if out:
+                    counts = torch.bincount(
+                        torch.tensor(out, dtype=torch.long, device=row.device), minlength=vocab
+                    )[:vocab].to(row.dtype)
+                    row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
+        return logits
+
+    def _mask_min_tokens(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        cloned = False
+        for i, r in enumerate(requests):
+            p = r.sampling_params
+            if p.min_tokens and len(r.output_token_ids) < p.min_tokens:
+                banned = [t for t in (*r.eos_token_ids, *p.stop_token_ids) if t < logits.shape[1]]
+                if banned:
+                    if not cloned:
+                        logits, cloned = logits.clone(), True
+                    logits[i, banned] = float("-inf")
+        return logits
+
+    def _generator(self, request: Request, device: torch.device) -> torch.Generator:
+        seed = request.sampling_params.seed
+        if seed is None:
+            gen = self._shared.get(device)
+            if gen is None:
+                gen = self._shared[device] = torch.Generator(device=device).manual_seed(self._seed)
+            return gen
+        key = (request.request_id, device)
+        gen = self._generators.get(key)
+        if gen is None:
+            gen = self._generators[key] = torch.Generator(device=device).manual_seed(seed)
+        return gen
+
+    def _sample_row(self, row: torch.Tensor, request: Request) -> int:
+        p = request.sampling_params
+        row = row / p.temperature  # [V]
+        if p.top_k > 0 and p.top_k < row.shape[0]:
+            kth = torch.topk(row, p.top_k).values[-1]
+            row = row.masked_fill(row < kth, float("-inf"))
+        probs = torch.softmax(row, dim=-1)
+        if p.min_p > 0.0:
+            probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
+        if p.top_p < 1.0:
+            sorted_probs, order = probs.sort(descending=True)
+            cum = sorted_probs.cumsum(0)
+            # keep the smallest prefix whose mass reaches top_p (always the top token)
+            drop = (cum - sorted_probs) >= p.top_p * cum[-1]
+            sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+            probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+        gen = self._generator(request, probs.device)
+        return int(torch.multinomial(probs, 1, generator=gen).item())
+
+    @staticmethod
+    def _logprobs(
+        raw: torch.Tensor | None, token_ids: list[int], requests: list[Request]
+    ) -> list[dict[int, float] | None]:
+        if raw is None:
+            return [None] * len(requests)
+        result: list[dict[int, float] | None] = []
+        for i, r in enumerate(requests):
+            n = r.sampling_params.logprobs
+            if n is None:
+                result.append(None)
+                continue
+            entry: dict[int, float] = {}
+            if n > 0:
+                values, ids = raw[i].topk(n)
+                entry.update(zip(ids.tolist(), values.tolist()))
+            entry[token_ids[i]] = float(raw[i, token_ids[i]])
+            result.append(entry)
+        return result
