@@ -1,0 +1,438 @@
+"""The scheduler: waiting and running queues, the per-step token budget, preemption, policies.
+
+Each step it decides which requests advance by how many tokens. There are no prefill and decode
+phases: a request has ``num_tokens`` (prompt + output so far) and ``num_computed_tokens`` (in
+the KV cache), and each step moves the second toward the first. One token budget
+(``max_num_batched_tokens``) is shared by all requests of a step, so a prompt longer than the
+budget runs in chunks (chunked prefill is always on) and decodes ride along with prefills.
+
+Order within a step: running requests first (each decode needs one token), then waiting ones in
+policy order, until the budget, ``max_num_seqs`` or the free blocks run out. A new request
+starts from its longest cached prefix (``BlockPool.find_cached_prefix``). When a running request
+needs a block and none is free, the scheduler preempts by recompute: the most recently admitted
+running request (under "priority": the lowest priority, latest arrival) releases all its blocks
+and goes back to the front of the waiting queue with ``num_computed_tokens = 0``; its output
+tokens stay and are re-prefilled with its prompt (usually cheaply, from the prefix cache), so
+nothing is lost or repeated. No new request is admitted in a step that preempted.
+
+Policies (order of the waiting queue):
+
+- ``fcfs``: arrival order; preempted requests at the front.
+- ``priority``: lower ``Request.priority`` first, ties by arrival. Strict by design: a stream of
+  higher-priority work can hold lower-priority work back indefinitely.
+- ``cache-aware``: longest cached prefix first (SGLang's longest-prefix-match), scored over the
+  first ``cache_aware_window`` waiting requests; a preempted request, or one that has waited more
+  than ``cache_aware_max_wait_steps`` scheduling steps, goes before every scored one, in arrival
+  order, so nobody starves.
+
+The scheduler never finishes a request on its own: the engine decides (EOS, stop, length) and
+calls ``finish_request``, which frees the blocks at once (also for aborts).
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from dataclasses import dataclass, field
+
+from portaserve.core.batch import ScheduledBatch, build_batch
+from portaserve.core.block_pool import BlockHash, BlockPool, ExtraKeys, extend_block_hashes
+from portaserve.core.request import FinishReason, Request, RequestStatus
+from portaserve.errors import ConfigError, EngineOverloadedError, PortaserveError, RequestError
+
+POLICIES = ("fcfs", "priority", "cache-aware")
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    """Limits and policy of one scheduler (validated; never changed afterwards)."""
+
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int
+    block_size: int
+    num_blocks: int
+    enable_prefix_caching: bool = True
+    policy: str = "fcfs"  # "fcfs", "priority", "cache-aware"
+    max_waiting_requests: int | None = None
+    #: cache-aware: a request waiting more than this many steps goes first.
+    cache_aware_max_wait_steps: int = 32
+    #: cache-aware: how many waiting requests (from the front) are scored per step.
+    cache_aware_window: int = 128
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "block_size",
+                     "num_blocks", "cache_aware_max_wait_steps", "cache_aware_window"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"scheduler {name} must be a positive integer; got {value!r}",
+                                  field=name)
+        if self.max_waiting_requests is not None and (
+                not isinstance(self.max_waiting_requests, int) or self.max_waiting_requests < 1):
+            raise ConfigError("scheduler max_waiting_requests must be a positive integer or None; "
+                              f"got {self.max_waiting_requests!r}", field="max_waiting_requests")
+        if self.policy not in POLICIES:
+            raise ConfigError(f"scheduling policy must be one of {', '.join(POLICIES)}; got "
+                              f"{self.policy!r}", field="policy")
+        if self.num_blocks * self.block_size < self.max_model_len:
+            raise ConfigError(
+                f"the KV cache ({self.num_blocks} blocks of {self.block_size} = "
+                f"{self.num_blocks * self.block_size} tokens) cannot hold one sequence of "
+                f"max_model_len {self.max_model_len}; raise num_blocks or lower max_model_len",
+                field="max_model_len")
+
+
+@dataclass(slots=True)
+class ScheduledRequest:
+    """One request's share of a step."""
+
+    request: Request
+    num_new_tokens: int
+    #: Whether this step's last token of the request is sampled (the chunk reaches the end of
+    #: the request's known tokens).
+    needs_logits: bool
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    batch: ScheduledBatch
+    scheduled: list[ScheduledRequest]
+    #: Requests preempted during this step (back in the waiting queue, blocks released).
+    preempted: list[Request]
+    num_batched_tokens: int
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+@dataclass(slots=True)
+class SchedulerStats:
+    num_running: int
+    num_waiting: int
+    num_preemptions: int
+    num_steps: int
+    kv_usage: float
+    num_free_blocks: int
+    prefix_cache_query_tokens: int
+    prefix_cache_hit_tokens: int
+
+
+@dataclass(slots=True)
+class _Entry:
+    """Scheduler-private state of a request."""
+
+    request: Request
+    add_seq: int  # order of add_request calls (tie-break)
+    block_ids: list[int] = field(default_factory=list)
+    block_hashes: list[BlockHash] = field(default_factory=list)
+    num_cached_blocks: int = 0  # leading blocks of block_ids already in the prefix-cache map
+    waiting_since: int = 0  # step count when it (re)entered the waiting queue
+    extra_keys: ExtraKeys = ()
+
+
+class SchedulerError(PortaserveError, RuntimeError):
+    """The scheduler was driven out of contract (e.g. a sampled token missing)."""
+
+
+class Scheduler:
+    """Continuous batching over a ``BlockPool``; see the module docstring."""
+
+    def __init__(self, config: SchedulerConfig) -> None:
+        self.config = config
+        self.block_size = config.block_size
+        self.block_pool = BlockPool(config.num_blocks, config.block_size,
+                                    config.enable_prefix_caching)
+        self._entries: dict[str, _Entry] = {}
+        self.waiting: list[Request] = []  # base order of the policy (see _waiting_order)
+        self.running: list[Request] = []  # admission order
+        self.num_preemptions = 0
+        self.num_steps = 0
+        self._add_seq = 0
+
+    # -- queries ------------------------------------------------------------------------------
+
+    def get_request(self, request_id: str) -> Request | None:
+        entry = self._entries.get(request_id)
+        return entry.request if entry is not None else None
+
+    def get_block_ids(self, request_id: str) -> list[int]:
+        """The request's block table (a copy; empty while it holds no blocks)."""
+        entry = self._entries.get(request_id)
+        return list(entry.block_ids) if entry is not None else []
+
+    def block_tables(self) -> dict[str, list[int]]:
+        """Every unfinished request's block table (copies), for invariant checks."""
+        return {rid: list(e.block_ids) for rid, e in self._entries.items()}
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._entries)
+
+    @property
+    def stats(self) -> SchedulerStats:
+        pool = self.block_pool.stats
+        return SchedulerStats(
+            num_running=len(self.running),
+            num_waiting=len(self.waiting),
+            num_preemptions=self.num_preemptions,
+            num_steps=self.num_steps,
+            kv_usage=pool.usage,
+            num_free_blocks=pool.num_free_blocks,
+            prefix_cache_query_tokens=pool.query_tokens,
+            prefix_cache_hit_tokens=pool.hit_tokens,
+        )
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        """Queue a new request.
+
+        Raises ``RequestError`` if the id is taken or the prompt can never fit (empty, longer
+        than ``max_model_len``, or more blocks than the pool has), and ``EngineOverloadedError``
+        when ``max_waiting_requests`` requests are already waiting.
+        """
+        cfg = self.config
+        if request.request_id in self._entries:
+            raise RequestError(f"request_id {request.request_id!r} is already in use",
+                               param="request_id")
+        num_prompt = len(request.prompt_token_ids)
+        if num_prompt == 0:
+            raise RequestError("prompt must not be empty", param="prompt")
+        if request.num_tokens > cfg.max_model_len:
+            raise RequestError(
+                f"the prompt has {request.num_tokens} tokens, more than max_model_len "
+                f"{cfg.max_model_len}", param="prompt", code="context_length_exceeded")
+        num_blocks = -(-request.num_tokens // self.block_size)
+        if num_blocks > cfg.num_blocks:
+            raise RequestError(
+                f"the prompt needs {num_blocks} KV blocks of {self.block_size} tokens; the cache "
+                f"has {cfg.num_blocks}", param="prompt", code="context_length_exceeded")
+        if cfg.max_waiting_requests is not None and len(self.waiting) >= cfg.max_waiting_requests:
+            raise EngineOverloadedError(
+                f"{len(self.waiting)} requests are waiting (max_waiting_requests="
+                f"{cfg.max_waiting_requests}); try again later")
+        extra: ExtraKeys = (request.cache_salt,) if request.cache_salt else ()
+        entry = _Entry(request, self._add_seq, waiting_since=self.num_steps, extra_keys=extra)
+        self._add_seq += 1
+        self._entries[request.request_id] = entry
+        request.status = RequestStatus.WAITING
+        self._enqueue(request, front=False)
+
+    def finish_request(self, request_id: str, reason: FinishReason) -> Request | None:
+        """Finish (or abort) a request: free its blocks now, drop it from the queues.
+
+        Returns the request, or None if the id is unknown or already finished.
+        """
+        entry = self._entries.pop(request_id, None)
+        if entry is None:
+            return None
+        request = entry.request
+        if request.status is RequestStatus.RUNNING:
+            self.running.remove(request)
+        else:
+            self.waiting.remove(request)
+        self.block_pool.free(entry.block_ids)
+        entry.block_ids = []
+        request.status = RequestStatus.FINISHED
+        request.finish_reason = reason
+        request.metrics.finished_time = time.monotonic()
+        return request
+
+    # -- the step -----------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        """Pick this step's work and build its batch (empty when nothing can run)."""
+        self.num_steps += 1
+        budget = self.config.max_num_batched_tokens
+        scheduled: dict[str, ScheduledRequest] = {}
+        preempted: list[Request] = []
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget,
+                          self.config.max_model_len - request.num_computed_tokens)
+            if num_new <= 0:
+                i += 1
+                continue
+            entry = self._entries[request.request_id]
+            need = self._blocks_needed(entry, request.num_computed_tokens + num_new)
+            self_preempted = False
+            while not self.block_pool.can_allocate(need):
+                victim = self._pick_victim()
+                if self.running.index(victim) < i:  # (priority) it was scheduled earlier
+                    i -= 1
+                budget += self._preempt(victim, scheduled)
+                preempted.append(victim)
+                if victim is request:
+                    self_preempted = True
+                    break
+            if self_preempted:
+                continue  # self.running shifted: index i is already the next request
+            entry.block_ids.extend(self.block_pool.allocate(need))
+            scheduled[request.request_id] = self._scheduled(request, num_new)
+            budget -= num_new
+            i += 1
+
+        if not preempted:
+            budget = self._admit_waiting(budget, scheduled)
+
+        items = [
+            (s.request.request_id,
+             s.request.all_token_ids[s.request.num_computed_tokens:
+                                     s.request.num_computed_tokens + s.num_new_tokens],
+             s.request.num_computed_tokens,
+             self._entries[s.request.request_id].block_ids,
+             s.needs_logits)
+            for s in scheduled.values()
+        ]
+        batch = build_batch(items, self.block_size)
+        return SchedulerOutput(batch=batch, scheduled=list(scheduled.values()),
+                               preempted=preempted,
+                               num_batched_tokens=self.config.max_num_batched_tokens - budget)
+
+    def update_from_output(self, output: SchedulerOutput, sampled: dict[str, int]) -> None:
+        """Advance each scheduled request by its tokens and append its sampled token.
+
+        ``sampled`` maps request id -> token id for every scheduled request with
+        ``needs_logits`` that is still unfinished. Requests finished or aborted since
+        ``schedule`` are skipped. Newly full blocks enter the prefix cache.
+        """
+        for sched in output.scheduled:
+            request = sched.request
+            entry = self._entries.get(request.request_id)
+            if entry is None or entry.request is not request or \
+                    request.status is not RequestStatus.RUNNING:
+                continue
+            request.num_computed_tokens += sched.num_new_tokens
+            self._cache_blocks(entry)
+            if sched.needs_logits:
+                token = sampled.get(request.request_id)
+                if token is None:
+                    raise SchedulerError(
+                        f"no sampled token for request {request.request_id!r}, which needed logits")
+                request.output_token_ids.append(int(token))
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _scheduled(self, request: Request, num_new: int) -> ScheduledRequest:
+        reaches_end = request.num_computed_tokens + num_new == request.num_tokens
+        return ScheduledRequest(request, num_new, needs_logits=reaches_end)
+
+    def _blocks_needed(self, entry: _Entry, num_tokens: int) -> int:
+        return max(0, -(-num_tokens // self.block_size) - len(entry.block_ids))
+
+    def _cache_blocks(self, entry: _Entry) -> None:
+        if not self.block_pool.enable_prefix_caching:
+            return
+        request = entry.request
+        num_full = request.num_computed_tokens // self.block_size
+        if num_full <= entry.num_cached_blocks:
+            return
+        extend_block_hashes(entry.block_hashes, request.all_token_ids, self.block_size,
+                            entry.extra_keys, num_full)
+        self.block_pool.cache_full_blocks(entry.block_ids, entry.block_hashes,
+                                          entry.num_cached_blocks, num_full)
+        entry.num_cached_blocks = num_full
+
+    def _pick_victim(self) -> Request:
+        if self.config.policy == "priority":
+            return max(self.running, key=self._priority_key)
+        return self.running[-1]
+
+    def _priority_key(self, request: Request) -> tuple[int, int, int]:
+        return (request.priority, request.arrival_seq, self._entries[request.request_id].add_seq)
+
+    def _arrival_key(self, request: Request) -> tuple[int, int]:
+        return (request.arrival_seq, self._entries[request.request_id].add_seq)
+
+    def _preempt(self, request: Request, scheduled: dict[str, ScheduledRequest]) -> int:
+        """Send a running request back to waiting; returns the budget it gave back this step."""
+        entry = self._entries[request.request_id]
+        self.running.remove(request)
+        self.block_pool.free(entry.block_ids)
+        entry.block_ids = []
+        entry.num_cached_blocks = 0
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.PREEMPTED
+        request.metrics.num_preemptions += 1
+        self.num_preemptions += 1
+        entry.waiting_since = self.num_steps
+        self._enqueue(request, front=True)
+        undone = scheduled.pop(request.request_id, None)
+        return undone.num_new_tokens if undone is not None else 0
+
+    def _enqueue(self, request: Request, front: bool) -> None:
+        if self.config.policy == "priority":
+            bisect.insort(self.waiting, request, key=self._priority_key)
+        elif front:
+            # preempted requests keep their admission order among themselves: victims leave
+            # newest first, so each goes in front of the ones preempted before it
+            self.waiting.insert(0, request)
+        else:
+            self.waiting.append(request)
+
+    def _waiting_order(self) -> list[Request]:
+        if self.config.policy != "cache-aware":
+            return self.waiting
+        cfg = self.config
+        window = self.waiting[:cfg.cache_aware_window]
+        first: list[Request] = []
+        scored: list[tuple[int, int, Request]] = []
+        for pos, request in enumerate(window):
+            entry = self._entries[request.request_id]
+            aged = self.num_steps - entry.waiting_since > cfg.cache_aware_max_wait_steps
+            if aged or request.status is RequestStatus.PREEMPTED:
+                first.append(request)
+            else:
+                scored.append((-len(self._lookup_prefix(entry)), pos, request))
+        scored.sort(key=lambda t: (t[0], t[1]))
+        return first + [r for _, _, r in scored] + self.waiting[cfg.cache_aware_window:]
+
+    def _lookup_prefix(self, entry: _Entry) -> list[int]:
+        """Cached block ids for the request's prefix, leaving at least one token to compute."""
+        if not self.block_pool.enable_prefix_caching:
+            return []
+        request = entry.request
+        max_blocks = (request.num_tokens - 1) // self.block_size
+        extend_block_hashes(entry.block_hashes, request.all_token_ids, self.block_size,
+                            entry.extra_keys, max_blocks)
+        return self.block_pool.find_cached_prefix(entry.block_hashes, max_blocks)
+
+    def _admit_waiting(self, budget: int, scheduled: dict[str, ScheduledRequest]) -> int:
+        admitted: list[Request] = []
+        if budget <= 0 or len(self.running) >= self.config.max_num_seqs or not self.waiting:
+            return budget
+        for request in self._waiting_order():
+            if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
+                break
+            entry = self._entries[request.request_id]
+            cached = self._lookup_prefix(entry)
+            num_hit = len(cached) * self.block_size
+            num_new = min(request.num_tokens - num_hit, budget)
+            need = self._blocks_needed(entry, num_hit + num_new) - len(cached)
+            if not self.block_pool.can_allocate(need, cached):
+                break  # head-of-line waits rather than being overtaken forever
+            entry.block_ids = self.block_pool.allocate(need, cached)
+            entry.num_cached_blocks = len(cached)
+            self.block_pool.record_prefix_lookup(request.num_tokens, num_hit)
+            if request.metrics.num_preemptions == 0:
+                request.num_cached_tokens = num_hit
+            request.num_computed_tokens = num_hit
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            admitted.append(request)
+            scheduled[request.request_id] = self._scheduled(request, num_new)
+            budget -= num_new
+        if admitted:
+            gone = {id(r) for r in admitted}
+            self.waiting = [r for r in self.waiting if id(r) not in gone]
+        return budget

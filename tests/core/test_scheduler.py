@@ -1,0 +1,366 @@
+"""Scheduler tests over the fake model: preemption, prefix caching, chunking, policies, aborts.
+
+Every test compares outputs with ``reference_generate`` (the fake model run with no cache), so a
+wrong block table, slot or cached prefix shows up as a wrong token.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+from fake_model import (
+    FakeModel,
+    check_pool_invariants,
+    drive,
+    make_request,
+    reference_generate,
+)
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from portaserve.core.request import FinishReason, RequestStatus
+from portaserve.core.scheduler import Scheduler, SchedulerConfig
+from portaserve.errors import ConfigError, EngineOverloadedError, RequestError
+
+
+def _rng() -> tuple[random.Random, int]:
+    seed = int.from_bytes(os.urandom(4), "little")
+    return random.Random(seed), seed
+
+
+def _make(num_blocks: int, block_size: int, **kw: object) -> tuple[Scheduler, FakeModel]:
+    defaults: dict[str, object] = dict(max_num_seqs=16, max_num_batched_tokens=64,
+                                       max_model_len=num_blocks * block_size)
+    defaults.update(kw)
+    config = SchedulerConfig(block_size=block_size, num_blocks=num_blocks, **defaults)  # type: ignore[arg-type]
+    return Scheduler(config), FakeModel(num_blocks, block_size)
+
+
+def _tokens(rng: random.Random, n: int) -> list[int]:
+    return [rng.randrange(1, 997) for _ in range(n)]
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "priority", "cache-aware"])
+def test_preemption_storm_loses_and_repeats_nothing(policy: str) -> None:
+    rng, seed = _rng()
+    prefixes = [_tokens(rng, 20) for _ in range(3)]
+    requests, expected = [], {}
+    for i in range(64):
+        prompt = (rng.choice(prefixes) if i % 2 else []) + _tokens(rng, rng.randrange(8, 40))
+        max_tokens = rng.randrange(4, 30)
+        rid = f"r{i}"
+        requests.append(make_request(rid, prompt, max_tokens, priority=rng.randrange(3)))
+        expected[rid] = reference_generate(prompt, max_tokens)
+    # 48 blocks of 4 = 192 tokens of KV for 64 requests of up to 90 tokens each
+    sched, model = _make(48, 4, max_model_len=96, policy=policy)
+    got = drive(sched, model, requests)
+    assert sched.num_preemptions >= 10, f"seed {seed}: only {sched.num_preemptions} preemptions"
+    assert sorted(got) == sorted(expected), f"seed {seed}"
+    for rid, tokens in expected.items():
+        assert got[rid] == tokens, f"seed {seed}: {rid} differs"
+    assert sched.block_pool.num_free_blocks == 48
+    assert not sched.has_unfinished_requests()
+    assert sum(r.metrics.num_preemptions for r in requests) == sched.num_preemptions
+
+
+def test_shared_prefix_hits_the_cache_and_keeps_outputs() -> None:
+    rng, seed = _rng()
+    system = _tokens(rng, 400)
+    prompts = [system + _tokens(rng, rng.randrange(5, 30)) for _ in range(8)]
+    first = make_request("q0", prompts[0], 10)
+    rest = {3: [make_request(f"q{i}", p, 10) for i, p in enumerate(prompts) if i]}
+    expected = {f"q{i}": reference_generate(p, 10) for i, p in enumerate(prompts)}
+
+    sched_on, model_on = _make(256, 16, max_num_batched_tokens=256)
+    got_on = drive(sched_on, model_on, [first], arrivals={30: rest[3]})
+    stats = sched_on.block_pool.stats
+    assert stats.hit_tokens == 7 * 400, f"seed {seed}"
+    assert stats.hit_blocks == 7 * 25
+    assert stats.num_lookups == 8
+    for request in rest[3]:
+        assert request.num_cached_tokens == 400
+
+    sched_off, model_off = _make(256, 16, max_num_batched_tokens=256, enable_prefix_caching=False)
+    first_off = make_request("q0", prompts[0], 10)
+    rest_off = [make_request(f"q{i}", p, 10) for i, p in enumerate(prompts) if i]
+    got_off = drive(sched_off, model_off, [first_off], arrivals={30: rest_off})
+    assert sched_off.block_pool.stats.hit_tokens == 0
+    assert got_on == got_off == expected, f"seed {seed}"
+    assert model_off.num_tokens_run - model_on.num_tokens_run == 7 * 400
+
+
+def test_shared_prefix_all_at_once_under_pressure() -> None:
+    """Hits land once the first request's prefix is computed; eviction keeps outputs right."""
+    rng, seed = _rng()
+    system = _tokens(rng, 400)
+    prompts = [system + _tokens(rng, rng.randrange(1, 40)) for _ in range(12)]
+    expected = {f"q{i}": reference_generate(p, 12) for i, p in enumerate(prompts)}
+    results = []
+    for caching in (True, False):
+        sched, model = _make(64, 16, max_num_batched_tokens=128, enable_prefix_caching=caching)
+        got = drive(sched, model, [make_request(f"q{i}", p, 12) for i, p in enumerate(prompts)])
+        assert got == expected, f"seed {seed} caching={caching}"
+        results.append(sched.block_pool.stats.hit_tokens)
+    assert results[0] >= 400 and results[1] == 0
+
+
+def test_cache_salt_isolates_prefixes() -> None:
+    rng, _ = _rng()
+    prompt = _tokens(rng, 64)
+    sched, model = _make(32, 16)
+    drive(sched, model, [make_request("a", prompt, 2, cache_salt="alice")])
+    b = make_request("b", prompt, 2, cache_salt="bob")
+    c = make_request("c", prompt, 2, cache_salt="alice")
+    got = drive(sched, model, [b, c])
+    assert b.num_cached_tokens == 0 and c.num_cached_tokens == 48
+    assert got["b"] == got["c"] == reference_generate(prompt, 2)
+
+
+def test_long_prompt_is_chunked_with_identical_output() -> None:
+    rng, seed = _rng()
+    prompt = _tokens(rng, 300)
+    other = _tokens(rng, 10)
+    sched, model = _make(64, 8, max_num_batched_tokens=32, max_model_len=400)
+    long_req = make_request("long", prompt, 5)
+    short_req = make_request("short", other, 20)
+    seen: list[tuple[int, bool]] = []
+    sched.add_request(short_req)
+    out = sched.schedule()  # the short one prefills alone
+    sched.update_from_output(out, model.step(out.batch))
+    sched.add_request(long_req)
+    for _ in range(12):
+        out = sched.schedule()
+        assert out.num_batched_tokens <= 32
+        by_id = {s.request.request_id: s for s in out.scheduled}
+        assert by_id["short"].num_new_tokens == 1 and by_id["short"].needs_logits  # decode rides along
+        if "long" in by_id:
+            seen.append((by_id["long"].num_new_tokens, by_id["long"].needs_logits))
+        sched.update_from_output(out, model.step(out.batch))
+        if long_req.output_token_ids:
+            break
+    # 300 tokens at 31 per step (one goes to the decode): 9 chunks of 31 then 21
+    assert seen == [(31, False)] * 9 + [(21, True)]
+    got = drive(sched, model)
+    assert got["long"] == reference_generate(prompt, 5), f"seed {seed}"
+    assert got["short"] == reference_generate(other, 20)
+
+
+@pytest.mark.parametrize("policy,expected", [
+    ("fcfs", ["a", "b", "c", "d", "e"]),
+    ("priority", ["b", "d", "c", "a", "e"]),
+])
+def test_policy_order(policy: str, expected: list[str]) -> None:
+    rng, _ = _rng()
+    sched, model = _make(64, 8, max_num_seqs=1, policy=policy)
+    priorities = {"a": 5, "b": 0, "c": 2, "d": 0, "e": 9}
+    requests = [make_request(rid, _tokens(rng, 12), 3, priority=p, arrival_seq=i)
+                for i, (rid, p) in enumerate(priorities.items())]
+    got = drive(sched, model, requests)
+    assert list(got) == expected
+    for request in requests:
+        assert got[request.request_id] == reference_generate(request.prompt_token_ids, 3)
+
+
+def test_priority_preempts_lowest_priority_first() -> None:
+    rng, _ = _rng()
+    # 8 blocks of 4: three requests of 8-token prompts growing to 20 tokens cannot all fit
+    sched, model = _make(8, 4, max_model_len=32, policy="priority")
+    reqs = [make_request(rid, _tokens(rng, 8), 12, priority=p)
+            for rid, p in (("low", 7), ("high", 0), ("mid", 3))]
+    victims: list[str] = []
+    for request in reqs:
+        sched.add_request(request)
+    while sched.has_unfinished_requests():
+        out = sched.schedule()
+        victims.extend(r.request_id for r in out.preempted)
+        sched.update_from_output(out, model.step(out.batch) if out.scheduled else {})
+        for s in out.scheduled:
+            r = s.request
+            if r.status is RequestStatus.RUNNING and r.num_output_tokens >= 12:
+                sched.finish_request(r.request_id, FinishReason.LENGTH)
+        check_pool_invariants(sched)
+    assert victims and victims[0] == "low"
+    assert "high" not in victims
+    for request in reqs:
+        assert request.output_token_ids == reference_generate(request.prompt_token_ids, 12)
+
+
+def test_cache_aware_prefers_cached_prefix() -> None:
+    rng, _ = _rng()
+    shared = _tokens(rng, 64)
+    sched, model = _make(64, 16, max_num_seqs=1, policy="cache-aware",
+                         cache_aware_max_wait_steps=1000)
+    drive(sched, model, [make_request("warm", shared + [1], 1)])
+    cold = [make_request(f"cold{i}", _tokens(rng, 66), 2) for i in range(2)]
+    hot = [make_request(f"hot{i}", shared + _tokens(rng, 2), 2) for i in range(2)]
+    got = drive(sched, model, [cold[0], hot[0], cold[1], hot[1]])
+    assert list(got) == ["hot0", "hot1", "cold0", "cold1"]
+    assert hot[0].num_cached_tokens == 64 and cold[0].num_cached_tokens == 0
+
+
+@pytest.mark.parametrize("max_wait,bound", [(5, 30), (10_000, None)])
+def test_cache_aware_does_not_starve(max_wait: int, bound: int | None) -> None:
+    """A stream of cache-hitting requests must not hold a cold request back for ever."""
+    rng, _ = _rng()
+    shared = _tokens(rng, 32)
+    sched, model = _make(64, 16, max_num_seqs=1, policy="cache-aware",
+                         cache_aware_max_wait_steps=max_wait)
+    drive(sched, model, [make_request("warm", shared + [7], 1)])
+    cold = make_request("cold", _tokens(rng, 40), 2)
+    stream = {s: [make_request(f"hot{s}", shared + _tokens(rng, 3), 2)] for s in range(150)}
+    stream[1].append(cold)
+    started: list[int] = []
+
+    def watch(step: int) -> None:
+        if not started and cold.status is RequestStatus.RUNNING:
+            started.append(step)
+
+    got = drive(sched, model, arrivals=stream, on_step=watch)
+    assert got["cold"] == reference_generate(cold.prompt_token_ids, 2)
+    if bound is None:
+        assert started[0] >= 149  # no aging: the stream goes first while it lasts
+    else:
+        assert started[0] <= bound
+
+
+def test_abort_frees_blocks_immediately() -> None:
+    rng, _ = _rng()
+    sched, model = _make(32, 4, max_num_batched_tokens=256)
+    running = make_request("run", _tokens(rng, 30), 50)
+    waiting = make_request("wait", _tokens(rng, 90), 5)
+    sched.add_request(running)
+    out = sched.schedule()
+    sched.update_from_output(out, model.step(out.batch))
+    sched.add_request(waiting)
+    out = sched.schedule()  # "run" holds 8 blocks, "wait" takes 23 of the other 24
+    assert {s.request.request_id for s in out.scheduled} == {"run", "wait"}
+    held = len(sched.get_block_ids("wait"))
+    free_before = sched.block_pool.num_free_blocks
+    aborted = sched.finish_request("wait", FinishReason.ABORT)  # mid-step, before the update
+    assert aborted is waiting and waiting.finish_reason is FinishReason.ABORT
+    assert waiting.metrics.finished_time is not None
+    assert sched.block_pool.num_free_blocks == free_before + held
+    sched.update_from_output(out, model.step(out.batch))  # the aborted one is skipped
+    assert waiting.num_computed_tokens == 0 and not waiting.output_token_ids
+    assert sched.get_request("wait") is None
+    assert sched.finish_request("wait", FinishReason.ABORT) is None
+    check_pool_invariants(sched)
+    queued = make_request("queued", _tokens(rng, 5), 5)
+    sched.add_request(queued)
+    assert sched.finish_request("queued", FinishReason.ABORT) is queued
+    assert sched.num_waiting == 0
+    sched.finish_request("run", FinishReason.ABORT)
+    assert sched.block_pool.num_free_blocks == 32
+    assert not sched.has_unfinished_requests()
+
+
+def test_add_request_rejects_what_can_never_run() -> None:
+    sched, _ = _make(16, 4, max_model_len=32, max_waiting_requests=2)
+    with pytest.raises(RequestError) as err:
+        sched.add_request(make_request("big", list(range(1, 34)), 1))
+    assert err.value.param == "prompt" and "33" in str(err.value)
+    with pytest.raises(RequestError):
+        sched.add_request(make_request("empty", [], 1))
+    sched.add_request(make_request("a", [1, 2, 3], 1))
+    with pytest.raises(RequestError) as err:
+        sched.add_request(make_request("a", [1, 2, 3], 1))
+    assert err.value.param == "request_id"
+    sched.add_request(make_request("b", [1, 2, 3], 1))
+    with pytest.raises(EngineOverloadedError):
+        sched.add_request(make_request("c", [1, 2, 3], 1))
+    assert sched.num_waiting == 2
+
+
+def test_config_validation_names_the_field() -> None:
+    with pytest.raises(ConfigError) as err:
+        SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=100,
+                        block_size=16, num_blocks=4)
+    assert err.value.field == "max_model_len"
+    with pytest.raises(ConfigError) as err:
+        SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=64,
+                        block_size=16, num_blocks=4, policy="lifo")
+    assert err.value.field == "policy"
+    with pytest.raises(ConfigError) as err:
+        SchedulerConfig(max_num_seqs=0, max_num_batched_tokens=64, max_model_len=64,
+                        block_size=16, num_blocks=4)
+    assert err.value.field == "max_num_seqs"
+
+
+def test_update_requires_a_token_for_every_logits_row() -> None:
+    sched, model = _make(16, 4)
+    sched.add_request(make_request("a", [5, 6, 7], 3))
+    out = sched.schedule()
+    with pytest.raises(Exception, match="no sampled token"):
+        sched.update_from_output(out, {})
+
+
+# -- random operation sequences ----------------------------------------------------------------
+
+_op = st.one_of(
+    st.tuples(st.just("add"), st.integers(1, 60), st.integers(1, 20), st.integers(0, 3)),
+    st.tuples(st.just("step"), st.integers(1, 4)),
+    st.tuples(st.just("abort"), st.integers(0, 1000)),
+    st.tuples(st.just("stop"), st.integers(0, 1000)),
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    ops=st.lists(_op, min_size=1, max_size=40),
+    policy=st.sampled_from(["fcfs", "priority", "cache-aware"]),
+    caching=st.booleans(),
+    block_size=st.sampled_from([1, 2, 4, 16]),
+    budget=st.integers(1, 64),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_random_operations_keep_invariants(ops: list[tuple], policy: str, caching: bool,
+                                           block_size: int, budget: int, seed: int) -> None:
+    rng = random.Random(seed)
+    num_blocks = -(-96 // block_size) + 2
+    sched, model = _make(num_blocks, block_size, max_num_seqs=6, max_num_batched_tokens=budget,
+                         max_model_len=96, policy=policy, enable_prefix_caching=caching)
+    prefixes = [_tokens(rng, 24) for _ in range(3)]
+    live: list[str] = []
+    done: dict[str, object] = {}
+    n = 0
+
+    def step_once() -> None:
+        out = sched.schedule()
+        sampled = model.step(out.batch) if out.scheduled else {}
+        sched.update_from_output(out, sampled)
+        for rid in sampled:
+            request = sched.get_request(rid)
+            if request.num_output_tokens >= request.sampling_params.max_tokens or \
+                    request.num_tokens >= 96:
+                done[rid] = sched.finish_request(rid, FinishReason.LENGTH)
+                live.remove(rid)
+
+    for op in ops:
+        if op[0] == "add":
+            _, length, max_tokens, shared = op
+            prompt = (prefixes[shared] if shared < 3 else []) + _tokens(rng, length)
+            rid = f"r{n}"
+            n += 1
+            sched.add_request(make_request(rid, prompt, max_tokens, priority=rng.randrange(3)))
+            live.append(rid)
+        elif op[0] == "step":
+            for _ in range(op[1]):
+                step_once()
+        elif live:
+            rid = live.pop(op[1] % len(live))
+            reason = FinishReason.ABORT if op[0] == "abort" else FinishReason.STOP
+            done[rid] = sched.finish_request(rid, reason)
+        check_pool_invariants(sched)
+    for _ in range(10_000):
+        if not live:
+            break
+        step_once()
+        check_pool_invariants(sched)
+    assert not live and not sched.has_unfinished_requests()
+    assert sched.block_pool.num_free_blocks == num_blocks
+    assert all(b.ref_cnt == 0 for b in sched.block_pool.blocks)
+    for request in done.values():
+        want = reference_generate(request.prompt_token_ids, request.num_output_tokens)
+        assert request.output_token_ids == want
