@@ -1,0 +1,301 @@
+"""Paged attention over the KV cache as Triton kernels: varlen prefill and split-K decode.
+
+Semantics are ``portaserve.devices.reference.paged_attention``: query token i of request r sits
+at position ``seq_len - q_len + i`` and attends (causally) to keys 0..that position, read from
+the paged cache through the request's block table (any order of blocks; the last block may be
+partial; padding entries past ``seq_len`` are never read). GQA: a program handles all query
+heads of one KV head (the "q-head group"), so each K/V tile is loaded once for the group.
+
+Two paths, both with float32 online softmax (exp2) and float32 accumulation:
+
+- varlen (``_varlen_attn_kernel``): any batch, including mixed prefill + decode and prefill
+  over a cached prefix. A program takes up to BLOCK_Q query tokens of one request times the
+  GROUP heads of one KV head, as BLOCK_M = BLOCK_Q * GROUP (padded) rows of one tile.
+- decode (``_decode_attn_kernel`` + ``_decode_reduce_kernel``): every request has exactly one
+  new token. Flash-decoding: the context of each (request, KV head) is cut into NUM_SPLITS
+  chunks sized from that request's own length, each program keeps a partial softmax (output
+  and log-sum-exp), and a reduce kernel merges the splits. With one split the partials are
+  skipped. Grids depend only on (requests, KV heads, NUM_SPLITS), never on lengths read from
+  the device, so the launch can be captured in a CUDA graph.
+
+Limits: head_dim up to 256 (padded to a power of two inside); block_size a power of two;
+float32 inputs use IEEE dots (no TF32). The cache layout is given by ``kv_layout``
+(``blocks_hnd`` by default; ``blocks_nhd`` works too).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import TYPE_CHECKING
+
+import torch
+import triton.language as tl
+
+from portaserve.devices.cuda.kv import KV_LAYOUT, cache_geometry, cache_strides
+from portaserve.devices.cuda.launch import MAX, SUM, is_interpreted, next_pow2, triton_kernel
+from portaserve.errors import DeviceError
+
+if TYPE_CHECKING:
+    from portaserve.plugins.device import AttentionMetadata
+
+_LOG2E = 1.4426950408889634
+#: A decode split covers at least this many keys (fewer splits when contexts are short).
+_MIN_KEYS_PER_SPLIT = 256
+_MAX_SPLITS = 32
+
+
+@triton_kernel
+def _varlen_attn_kernel(
+    q_ptr, cache_ptr, out_ptr,
+    qsl_ptr, seq_lens_ptr, block_tables_ptr,
+    num_reqs, scale_log2, head_dim,
+    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_c_kv, stride_c_block, stride_c_head, stride_c_off, stride_bt,
+    GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Grid ``(T // BLOCK_Q + R, Hk)``.
+
+    Request r owns the program ids ``[qsl[r] // BLOCK_Q + r, qsl[r+1] // BLOCK_Q + r + 1)``
+    (at least ``cdiv(q_len_r, BLOCK_Q)`` of them); a program finds its request by binary search
+    over ``query_start_loc`` and exits when its tile lies past the request's query tokens.
+    """
+    pid = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    # Largest r with qsl[r] // BLOCK_Q + r <= pid.
+    lo = pid * 0
+    hi = lo + num_reqs
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        go_right = tl.load(qsl_ptr + mid) // BLOCK_Q + mid <= pid
+        lo = tl.where(go_right, mid, lo)
+        hi = tl.where(go_right, hi, mid)
+    req = lo
+    q_start = tl.load(qsl_ptr + req)
+    q_len = tl.load(qsl_ptr + req + 1) - q_start
+    tile = pid - (q_start // BLOCK_Q + req)
+    if tile * BLOCK_Q < q_len:
+        seq_len = tl.load(seq_lens_ptr + req)
+        context_len = seq_len - q_len
+        rows = tl.arange(0, BLOCK_M)
+        tok = tile * BLOCK_Q + rows // GROUP  # query token within the request
+        head = kv_head * GROUP + rows % GROUP
+        row_ok = (rows < BLOCK_Q * GROUP) & (tok < q_len)
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < head_dim
+        q_rows = (q_start + tok).to(tl.int64)
+        q = tl.load(q_ptr + q_rows[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
+                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
+        q_pos = context_len + tok  # [BLOCK_M]
+        kv_end = tl.minimum(seq_len, context_len + (tile + 1) * BLOCK_Q)
+
+        m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+        l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
+        acc = tl.full([BLOCK_M, BLOCK_D], 0.0, dtype=tl.float32)
+        table = block_tables_ptr + req.to(tl.int64) * stride_bt
+        head_base = cache_ptr + kv_head.to(tl.int64) * stride_c_head
+        for start in range(0, kv_end, BLOCK_N):
+            n = start + tl.arange(0, BLOCK_N)
+            n_ok = n < kv_end
+            block = tl.load(table + n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
+            kv_off = block * stride_c_block + (n % BLOCK_SIZE) * stride_c_off  # [BLOCK_N]
+            kv_mask = n_ok[:, None] & d_ok[None, :]
+            k = tl.load(head_base + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(head_base + stride_c_kv + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2  # [BLOCK_M, BLOCK_N]
+            visible = (n[None, :] <= q_pos[:, None]) & n_ok[None, :]
+            s = tl.where(visible, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.reduce(s, 1, MAX))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.reduce(p, 1, SUM)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+        l_i = tl.where(l_i > 0.0, l_i, 1.0)
+        out = acc / l_i[:, None]
+        tl.store(out_ptr + q_rows[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton_kernel
+def _decode_attn_kernel(
+    q_ptr, cache_ptr, out_ptr, part_out_ptr, part_lse_ptr,
+    seq_lens_ptr, block_tables_ptr,
+    scale_log2, head_dim,
+    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_c_kv, stride_c_block, stride_c_head, stride_c_off, stride_bt,
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Grid ``(R, Hk, NUM_SPLITS)``: one new token of request r, the GROUP query heads of one
+    KV head (padded to BLOCK_G >= 16 rows), and one chunk of its context.
+
+    Chunk size is ``cdiv(cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N`` keys, so split 0 always
+    has keys; a split without keys writes lse = -inf. With NUM_SPLITS == 1 the output is final;
+    otherwise partial outputs go to part_out [R, Hq, NUM_SPLITS, D] (normalised) and
+    part_lse [R, Hq, NUM_SPLITS] (log2 domain) for ``_decode_reduce_kernel``.
+    """
+    req = tl.program_id(0).to(tl.int64)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + req)
+    per_split = (seq_len + NUM_SPLITS - 1) // NUM_SPLITS
+    chunk = (per_split + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+    kv_start = split * chunk
+    kv_end = tl.minimum(kv_start + chunk, seq_len)
+
+    g = tl.arange(0, BLOCK_G)
+    g_ok = g < GROUP
+    head = kv_head * GROUP + g
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < head_dim
+    q = tl.load(q_ptr + req * stride_qt + head[:, None] * stride_qh + d[None, :],
+                mask=g_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_G, BLOCK_D]
+
+    m_i = tl.full([BLOCK_G], -1.0e30, dtype=tl.float32)
+    l_i = tl.full([BLOCK_G], 0.0, dtype=tl.float32)
+    acc = tl.full([BLOCK_G, BLOCK_D], 0.0, dtype=tl.float32)
+    table = block_tables_ptr + req * stride_bt
+    head_base = cache_ptr + kv_head.to(tl.int64) * stride_c_head
+    for start in range(kv_start, kv_end, BLOCK_N):
+        n = start + tl.arange(0, BLOCK_N)
+        n_ok = n < kv_end
+        block = tl.load(table + n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
+        kv_off = block * stride_c_block + (n % BLOCK_SIZE) * stride_c_off
+        kv_mask = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(head_base + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(head_base + stride_c_kv + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2  # [BLOCK_G, BLOCK_N]
+        s = tl.where(n_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.reduce(s, 1, MAX))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.reduce(p, 1, SUM)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    safe_l = tl.where(l_i > 0.0, l_i, 1.0)
+    out = acc / safe_l[:, None]
+    mask = g_ok[:, None] & d_ok[None, :]
+    if NUM_SPLITS == 1:
+        tl.store(out_ptr + req * stride_ot + head[:, None] * stride_oh + d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        part = (req * (GROUP * tl.num_programs(1)) + head) * NUM_SPLITS + split  # [BLOCK_G]
+        tl.store(part_out_ptr + part[:, None] * head_dim + d[None, :], out, mask=mask)
+        lse = tl.where(l_i > 0.0, m_i + tl.log2(safe_l), float("-inf"))
+        tl.store(part_lse_ptr + part, lse, mask=g_ok)
+
+
+@triton_kernel
+def _decode_reduce_kernel(
+    part_out_ptr, part_lse_ptr, out_ptr,
+    head_dim, stride_ot, stride_oh,
+    NUM_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Grid ``(R, Hq)``: merge the NUM_SPLITS partial softmaxes of one (request, head)."""
+    req = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1).to(tl.int64)
+    base = (req * tl.num_programs(1) + head) * NUM_SPLITS
+    s = tl.arange(0, NUM_SPLITS)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < head_dim
+    lse = tl.load(part_lse_ptr + base + s)  # [NUM_SPLITS]
+    weight = tl.exp2(lse - tl.reduce(lse, 0, MAX))
+    parts = tl.load(part_out_ptr + (base + s)[:, None] * head_dim + d[None, :],
+                    mask=d_ok[None, :], other=0.0)  # [NUM_SPLITS, BLOCK_D]
+    out = tl.reduce(parts * weight[:, None], 0, SUM) / tl.reduce(weight, 0, SUM)
+    tl.store(out_ptr + req * stride_ot + head * stride_oh + d, out.to(out_ptr.dtype.element_ty),
+             mask=d_ok)
+
+
+@functools.lru_cache(maxsize=8)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def decode_num_splits(num_reqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int) -> int:
+    """Splits per (request, KV head): enough programs to fill about two waves of the SMs, no
+    split shorter than ``_MIN_KEYS_PER_SPLIT`` keys; a power of two, at most ``_MAX_SPLITS``."""
+    want = max(1, -(-2 * num_sms // max(1, num_reqs * num_kv_heads)))
+    by_len = max(1, -(-max_seq_len // _MIN_KEYS_PER_SPLIT))
+    splits = min(want, by_len, _MAX_SPLITS)
+    return 1 << (splits.bit_length() - 1)  # round down to a power of two
+
+
+def paged_attention(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    attn: AttentionMetadata,
+    scale: float,
+    *,
+    kv_layout: str = KV_LAYOUT,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """query [T, Hq, D] -> [T, Hq, D]. ``num_splits`` forces the decode split count (tests,
+    graph capture); by default it follows ``decode_num_splits``."""
+    num_tokens, num_q_heads, head_dim = query.shape
+    block_size, num_kv_heads, cache_head_dim = cache_geometry(kv_cache, kv_layout)
+    if cache_head_dim != head_dim or num_q_heads % num_kv_heads:
+        raise DeviceError(
+            f"cuda paged_attention: query {tuple(query.shape)} does not fit a cache of "
+            f"{num_kv_heads} KV heads x {cache_head_dim} dims")
+    if head_dim > 256 or block_size & (block_size - 1):
+        raise DeviceError(
+            f"cuda paged_attention: head_dim {head_dim} (max 256) / block_size {block_size} "
+            f"(power of two) unsupported")
+    if kv_cache.stride(-1) != 1:
+        raise DeviceError("cuda paged_attention: the cache's head dim must be contiguous")
+    query = query if query.stride(-1) == 1 else query.contiguous()
+    out = torch.empty_like(query)
+    num_reqs = attn.seq_lens.shape[0]
+    if num_tokens == 0 or num_reqs == 0:
+        return out
+    group = num_q_heads // num_kv_heads
+    s_kv, s_block, s_head, s_off, _ = cache_strides(kv_cache, kv_layout)
+    interp = is_interpreted(query)
+    precision = "ieee" if query.dtype == torch.float32 else None
+    block_d = max(16, next_pow2(head_dim))
+    scale_log2 = float(scale) * _LOG2E
+    common = (s_kv, s_block, s_head, s_off, attn.block_tables.stride(0))
+
+    if attn.max_query_len == 1 and num_tokens == num_reqs:
+        if num_splits is None:
+            sms = 4 if interp else _num_sms(query.device.index or 0)
+            num_splits = decode_num_splits(num_reqs, num_kv_heads, attn.max_seq_len, sms)
+        if num_splits < 1 or num_splits & (num_splits - 1):
+            raise DeviceError(f"cuda paged_attention: num_splits {num_splits} must be a power of two")
+        if num_splits > 1:
+            part_out = torch.empty((num_reqs, num_q_heads, num_splits, head_dim),
+                                   dtype=torch.float32, device=query.device)
+            part_lse = torch.empty((num_reqs, num_q_heads, num_splits),
+                                   dtype=torch.float32, device=query.device)
+        else:
+            part_out = part_lse = out  # unused
+        _decode_attn_kernel.on(query)[(num_reqs, num_kv_heads, num_splits)](
+            query, kv_cache, out, part_out, part_lse, attn.seq_lens, attn.block_tables,
+            scale_log2, head_dim,
+            query.stride(0), query.stride(1), out.stride(0), out.stride(1), *common,
+            GROUP=group, BLOCK_G=max(16, next_pow2(group)), BLOCK_N=16 if interp else 64,
+            BLOCK_D=block_d, BLOCK_SIZE=block_size, NUM_SPLITS=num_splits, PRECISION=precision,
+            num_warps=4, num_stages=2,
+        )
+        if num_splits > 1:
+            _decode_reduce_kernel.on(query)[(num_reqs, num_q_heads)](
+                part_out, part_lse, out, head_dim, out.stride(0), out.stride(1),
+                NUM_SPLITS=num_splits, BLOCK_D=block_d, num_warps=4,
+            )
+        return out
+
+    block_m = max(16 if interp else 64, next_pow2(group))
+    block_q = block_m // group
+    grid = (num_tokens // block_q + num_reqs, num_kv_heads)
+    _varlen_attn_kernel.on(query)[grid](
+        query, kv_cache, out, attn.query_start_loc, attn.seq_lens, attn.block_tables,
+        num_reqs, scale_log2, head_dim,
+        query.stride(0), query.stride(1), out.stride(0), out.stride(1), *common,
+        GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=16 if interp else 64,
+        BLOCK_D=block_d, BLOCK_SIZE=block_size, PRECISION=precision,
+        num_warps=4, num_stages=2 if query.dtype == torch.float32 else 3,
+    )
+    return out

@@ -1,0 +1,86 @@
+"""How the Triton kernels of the cuda/rocm devices are launched on any torch tensor.
+
+A kernel is written once as a plain Python function and wrapped by ``triton_kernel``. On GPU
+tensors it runs compiled (``triton.jit``); on CPU tensors it runs in Triton's interpreter, so CI
+and the conformance suite can check the very same kernel code on a machine without a GPU,
+whatever ``TRITON_INTERPRET`` says (with ``TRITON_INTERPRET=1`` set, GPU tensors run
+interpreted too, which is Triton's own behaviour). The interpreter's bfloat16 arithmetic is
+not exact: check kernels in float32/float16 there.
+
+Rule for kernel code: call no ``@triton.jit`` helper from ``triton.language.standard``
+(``tl.sum``, ``tl.max``, ``tl.cdiv``, ``tl.zeros``, ``tl.sigmoid``...). When Triton was imported
+without ``TRITON_INTERPRET=1`` those are compiled-only functions the interpreter cannot call.
+Reduce with ``tl.reduce(x, axis, SUM)`` / ``tl.reduce(x, axis, MAX)`` (the interpreter knows
+these combine functions and runs them as numpy reductions) and use ``tl.full`` for zeros.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+_ENV_LOCK = threading.Lock()
+
+#: Combine functions for ``tl.reduce`` (Triton's own, so the interpreter reduces them natively).
+SUM = tl.standard._sum_combine
+MAX = tl.standard._elementwise_max
+
+
+def _jit_interpreted(fn: Callable[..., Any]) -> Any:
+    """``triton.jit`` with the interpreter forced on (Triton reads the flag at decoration)."""
+    with _ENV_LOCK:
+        old = os.environ.get("TRITON_INTERPRET")
+        os.environ["TRITON_INTERPRET"] = "1"
+        try:
+            return triton.jit(fn)
+        finally:
+            if old is None:
+                del os.environ["TRITON_INTERPRET"]
+            else:
+                os.environ["TRITON_INTERPRET"] = old
+
+
+class TritonKernel:
+    """One Triton kernel, compiled for GPU tensors and interpreted for CPU tensors.
+
+    ``kernel.on(tensor)[grid](*args, **constexprs)`` launches it for ``tensor``'s device.
+    """
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+        self.__name__ = fn.__name__
+        self.__doc__ = fn.__doc__
+        self._compiled: Any = None
+        self._interpreted: Any = None
+
+    def on(self, tensor: torch.Tensor) -> Any:
+        if tensor.device.type == "cpu":
+            if self._interpreted is None:
+                self._interpreted = _jit_interpreted(self.fn)
+            return self._interpreted
+        if self._compiled is None:
+            self._compiled = triton.jit(self.fn)
+        return self._compiled
+
+
+def triton_kernel(fn: Callable[..., Any]) -> TritonKernel:
+    """Decorator: make ``fn`` a ``TritonKernel`` (see the module docstring)."""
+    return TritonKernel(fn)
+
+
+def is_interpreted(tensor: torch.Tensor) -> bool:
+    """Whether kernels on ``tensor`` run in the interpreter (smaller tiles keep it quick)."""
+    if tensor.device.type == "cpu":
+        return True
+    knobs = getattr(triton, "knobs", None)  # Triton's own flag; knobs exist since Triton 3.4
+    return bool(knobs is not None and knobs.runtime.interpret)
+
+
+def next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()

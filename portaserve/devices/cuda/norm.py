@@ -1,0 +1,81 @@
+"""RMSNorm with an optional fused residual add, as one Triton kernel.
+
+Semantics are ``portaserve.devices.reference.rms_norm``: with a residual, ``s = x + residual``
+is rounded to the input dtype, returned, and normalised; the sum of squares is in float32.
+Inputs are not modified. Limits: the hidden size fits one tile (up to 65536 elements); rows may
+be strided, the last dimension must be contiguous.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton.language as tl
+
+from portaserve.devices.cuda.launch import SUM, next_pow2, triton_kernel
+from portaserve.errors import DeviceError
+
+_MAX_HIDDEN = 65536
+
+
+@triton_kernel
+def _rms_norm_kernel(
+    x_ptr, res_ptr, w_ptr, y_ptr, res_out_ptr,
+    hidden, eps,
+    stride_x, stride_res, stride_y, stride_res_out,
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Grid ``(T,)``: one program per row, the whole row in one tile of ``BLOCK`` >= hidden."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < hidden
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(res_ptr + row * stride_res + cols, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
+        tl.store(res_out_ptr + row * stride_res_out + cols, x, mask=mask)
+    xf = x.to(tl.float32)
+    inv = 1.0 / tl.sqrt(tl.reduce(xf * xf, 0, SUM) / hidden + eps)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + row * stride_y + cols, (xf * inv * w).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def _rows(t: torch.Tensor, name: str) -> torch.Tensor:
+    if t.dim() != 2:
+        raise DeviceError(f"cuda rms_norm: {name} must be [T, H], got shape {tuple(t.shape)}")
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """``y`` or ``(y, x + residual)``; x, residual, y: [T, H]; weight: [H]."""
+    x = _rows(x, "x")
+    num_tokens, hidden = x.shape
+    if hidden > _MAX_HIDDEN:
+        raise DeviceError(f"cuda rms_norm: hidden size {hidden} exceeds {_MAX_HIDDEN}")
+    if weight.shape != (hidden,):
+        raise DeviceError(f"cuda rms_norm: weight shape {tuple(weight.shape)} != ({hidden},)")
+    y = torch.empty_like(x)
+    has_residual = residual is not None
+    if residual is not None:
+        residual = _rows(residual, "residual")
+        if residual.shape != x.shape:
+            raise DeviceError(
+                f"cuda rms_norm: residual shape {tuple(residual.shape)} != x shape {tuple(x.shape)}")
+        res_out = torch.empty_like(x)
+    else:
+        residual, res_out = x, y  # unused by the kernel
+    if num_tokens == 0:
+        return (y, res_out) if has_residual else y
+    block = next_pow2(hidden)
+    _rms_norm_kernel.on(x)[(num_tokens,)](
+        x, residual, weight.contiguous(), y, res_out,
+        hidden, float(eps),
+        x.stride(0), residual.stride(0), y.stride(0), res_out.stride(0),
+        HAS_RESIDUAL=has_residual, BLOCK=block,
+        num_warps=min(16, max(1, block // 512)),
+    )
+    return (y, res_out) if has_residual else y

@@ -1,0 +1,211 @@
+"""The Triton kernels of the cuda/rocm devices against ``devices/reference.py``.
+
+On a machine without a GPU the kernels run on CPU tensors in Triton's interpreter (the same
+kernel code; see ``portaserve/devices/cuda/launch.py``), in float32 and float16 (the
+interpreter's bfloat16 is not exact). With ``PORTASERVE_TEST_DEVICE=cuda`` set (ci/gpu_check.sh)
+the same tests run compiled on the GPU and add bfloat16. Shapes stay small: the interpreter is
+slow.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from portaserve.core.batch import build_batch  # noqa: E402
+from portaserve.devices import reference as ref  # noqa: E402
+from portaserve.devices.cuda import activation, attention, kv, norm, rotary  # noqa: E402
+from portaserve.plugins.device import KVCacheSpec  # noqa: E402
+
+# Which torch device the kernels run on: "cpu" (interpreter, the CI default) or "cuda".
+DEVICE = torch.device(os.environ.get("PORTASERVE_TEST_DEVICE", "cpu"))
+if DEVICE.type != "cpu" and not torch.cuda.is_available():
+    pytest.skip(f"PORTASERVE_TEST_DEVICE={DEVICE} but no GPU is visible", allow_module_level=True)
+
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE.type != "cpu" else [])
+#: Relative (Frobenius) error allowed against the float32 reference, per dtype.
+RTOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+
+
+def rel_err(out: torch.Tensor, expected: torch.Tensor) -> float:
+    out, expected = out.double().cpu(), expected.double().cpu()
+    assert torch.isfinite(out).all(), "kernel output has NaN/inf"
+    return ((out - expected).norm() / expected.norm().clamp_min(1e-12)).item()
+
+
+def randn(*shape: int, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    return torch.randn(*shape, generator=gen).to(dtype=dtype, device=DEVICE)
+
+
+@pytest.fixture
+def gen(request: pytest.FixtureRequest) -> torch.Generator:
+    # Fresh inputs per test case, reproducible from the test id.
+    return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+# --- rms_norm, rotary, silu_and_mul ------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm(dtype: torch.dtype, with_residual: bool, gen: torch.Generator) -> None:
+    x = randn(7, 2 * 200, dtype=dtype, gen=gen)[:, :200]  # strided rows, hidden not a power of 2
+    weight = randn(200, dtype=dtype, gen=gen)
+    residual = randn(7, 200, dtype=dtype, gen=gen) if with_residual else None
+    x_before = x.clone()
+    got = norm.rms_norm(x, weight, 1e-5, residual)
+    want = ref.rms_norm(x, weight, 1e-5, residual)
+    if with_residual:
+        assert rel_err(got[1], want[1]) <= RTOL[dtype] / 10
+        got, want = got[0], want[0]
+    assert rel_err(got, want) <= RTOL[dtype]
+    assert torch.equal(x, x_before)  # inputs untouched
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_q_heads,num_kv_heads", [(4, 4), (6, 2), (8, 2)])
+def test_rotary(dtype: torch.dtype, num_q_heads: int, num_kv_heads: int, gen: torch.Generator) -> None:
+    tokens, head_dim, max_pos = 9, 32, 64
+    qkv = randn(tokens, (num_q_heads + 2 * num_kv_heads) * head_dim, dtype=dtype, gen=gen)
+    q = qkv[:, : num_q_heads * head_dim].view(tokens, num_q_heads, head_dim)  # strided views
+    k = qkv[:, num_q_heads * head_dim : (num_q_heads + num_kv_heads) * head_dim].view(
+        tokens, num_kv_heads, head_dim)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    angles = torch.arange(max_pos).float()[:, None] * inv_freq[None, :]
+    cos_sin = torch.cat((angles.cos(), angles.sin()), dim=-1).to(DEVICE)  # [P, D] float32
+    positions = torch.randint(0, max_pos, (tokens,), generator=gen).to(DEVICE)
+    got_q, got_k = rotary.rotary(positions, q, k, cos_sin)
+    want_q, want_k = ref.rotary(positions, q, k, cos_sin)
+    assert rel_err(got_q, want_q) <= RTOL[dtype]
+    assert rel_err(got_k, want_k) <= RTOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("inter", [48, 1100])  # 1100: more than one column block
+def test_silu_and_mul(dtype: torch.dtype, inter: int, gen: torch.Generator) -> None:
+    x = randn(5, 2 * inter, dtype=dtype, gen=gen) * 3
+    assert rel_err(activation.silu_and_mul(x), ref.silu_and_mul(x)) <= RTOL[dtype]
+
+
+# --- write_kv ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["blocks_hnd", "blocks_nhd"])
+def test_write_kv(dtype: torch.dtype, layout: str, gen: torch.Generator) -> None:
+    spec = KVCacheSpec(num_layers=1, num_blocks=9, block_size=4, num_kv_heads=3, head_dim=20, dtype=dtype)
+    cache = ref.allocate_kv_cache(spec, DEVICE, layout)[0]
+    cache.copy_(randn(*cache.shape, dtype=dtype, gen=gen))
+    expected = cache.clone()
+    key = randn(11, 3, 20, dtype=dtype, gen=gen)
+    value = randn(11, 3, 20, dtype=dtype, gen=gen)
+    slots = torch.randperm(36, generator=gen)[:11].to(DEVICE)
+    kv.write_kv(key, value, cache, slots, kv_layout=layout)
+    ref.write_kv(key, value, expected, slots, kv_layout=layout)
+    assert torch.equal(cache, expected)
+    # Negative slots (padding of a captured graph) write nothing.
+    before = cache.clone()
+    kv.write_kv(key[:2] + 1, value[:2] + 1, cache, torch.tensor([-1, -1], device=DEVICE), kv_layout=layout)
+    assert torch.equal(cache, before)
+
+
+# --- paged_attention ---------------------------------------------------------------------
+
+
+def make_step(
+    lens: list[tuple[int, int]],
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    block_size: int,
+    dtype: torch.dtype,
+    layout: str,
+    gen: torch.Generator,
+):
+    """A random step: per request (cached tokens, new tokens); blocks drawn from a shuffled
+    pool so block tables are not contiguous; cache filled with random K/V, new K/V written."""
+    num_blocks = sum(-(-(c + q) // block_size) for c, q in lens) + 4
+    pool = torch.randperm(num_blocks, generator=gen).tolist()
+    items = []
+    for i, (cached, new) in enumerate(lens):
+        blocks = [pool.pop() for _ in range(-(-(cached + new) // block_size))]
+        items.append((f"r{i}", list(range(new)), cached, blocks, True))
+    batch = build_batch(items, block_size)
+    spec = KVCacheSpec(1, num_blocks, block_size, num_kv_heads, head_dim, dtype)
+    cache = ref.allocate_kv_cache(spec, DEVICE, layout)[0]
+    cache.copy_(randn(*cache.shape, dtype=dtype, gen=gen))
+    attn = batch.attention_metadata(DEVICE)
+    tokens = batch.num_tokens
+    query = randn(tokens, num_q_heads, head_dim, dtype=dtype, gen=gen)
+    key = randn(tokens, num_kv_heads, head_dim, dtype=dtype, gen=gen)
+    value = randn(tokens, num_kv_heads, head_dim, dtype=dtype, gen=gen)
+    kv.write_kv(key, value, cache, attn.slot_mapping, kv_layout=layout)
+    return query, cache, attn
+
+
+# (cached tokens, new tokens) per request: mixed prefill (with and without a cached prefix),
+# chunked prefill ending mid-block, decode rows, a request with nothing new this step.
+MIXED = [(0, 7), (5, 3), (13, 1), (0, 1), (9, 12), (30, 1)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("group", [1, 3, 4])
+@pytest.mark.parametrize("layout", ["blocks_hnd", "blocks_nhd"])
+def test_paged_attention_mixed(dtype: torch.dtype, group: int, layout: str, gen: torch.Generator) -> None:
+    num_kv_heads, head_dim, block_size = 2, 32, 4
+    query, cache, attn = make_step(MIXED, group * num_kv_heads, num_kv_heads, head_dim, block_size,
+                                   dtype, layout, gen)
+    scale = head_dim**-0.5
+    got = attention.paged_attention(query, cache, attn, scale, kv_layout=layout)
+    want = ref.paged_attention(query, cache, attn, scale, kv_layout=layout)
+    assert rel_err(got, want) <= RTOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES[1:])
+def test_paged_attention_long_prefill_many_tiles(dtype: torch.dtype, gen: torch.Generator) -> None:
+    # More query tokens than one program's tile, over a cached prefix; head_dim not a power of 2.
+    query, cache, attn = make_step([(21, 40), (0, 35)], 4, 2, 24, 8, dtype, "blocks_hnd", gen)
+    got = attention.paged_attention(query, cache, attn, 0.2)
+    assert rel_err(got, ref.paged_attention(query, cache, attn, 0.2, kv_layout="blocks_hnd")) <= RTOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("group", [1, 3, 4])
+@pytest.mark.parametrize("num_splits", [None, 1, 4])
+def test_paged_attention_decode(dtype: torch.dtype, group: int, num_splits: int | None, gen: torch.Generator) -> None:
+    # Every request has one new token: the split-K decode path (and its reduce).
+    lens = [(0, 1), (6, 1), (37, 1), (70, 1), (15, 1)]
+    query, cache, attn = make_step(lens, 2 * group, 2, 32, 8, dtype, "blocks_hnd", gen)
+    got = attention.paged_attention(query, cache, attn, 0.17, num_splits=num_splits)
+    want = ref.paged_attention(query, cache, attn, 0.17, kv_layout="blocks_hnd")
+    assert rel_err(got, want) <= RTOL[dtype]
+
+
+def test_decode_splits_agree_with_varlen_path(gen: torch.Generator) -> None:
+    # The decode kernel with many splits and the varlen kernel compute the same function.
+    query, cache, attn = make_step([(90, 1), (3, 1)], 8, 2, 16, 16, torch.float32, "blocks_hnd", gen)
+    split = attention.paged_attention(query, cache, attn, 0.3, num_splits=8)
+    whole = ref.paged_attention(query, cache, attn, 0.3, kv_layout="blocks_hnd")
+    assert rel_err(split, whole) <= RTOL[torch.float32]
+
+
+def test_decode_num_splits_policy() -> None:
+    # Short contexts get one split; long contexts at batch 1 fill the SMs; never above the cap.
+    assert attention.decode_num_splits(1, 8, 100, num_sms=132) == 1
+    assert attention.decode_num_splits(1, 8, 8192, num_sms=132) == 32
+    assert attention.decode_num_splits(1, 8, 1024, num_sms=132) == 4
+    assert attention.decode_num_splits(256, 8, 8192, num_sms=132) == 1
+    assert attention.decode_num_splits(4, 8, 8192, num_sms=132) == 8
+
+
+def test_interpreter_flag_does_not_leak() -> None:
+    # Running on CPU tensors turns the interpreter on only while a kernel is wrapped.
+    before = os.environ.get("TRITON_INTERPRET")
+    x = torch.randn(2, 8)
+    activation.silu_and_mul(x)
+    assert os.environ.get("TRITON_INTERPRET") == before
