@@ -1,0 +1,296 @@
+"""The device conformance suite: every op of a device's kernel table against the reference.
+
+Run: ``pytest --portaserve-device NAME --pyargs portaserve.testing``. Inputs are fresh random
+values (seeded per test) in each dtype the device declares; expected values are computed on the
+host in float32 by ``portaserve.devices.reference`` (or, for attention, by the dense definition
+in ``conformance.dense_causal_attention``), so a device is never compared with itself.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from portaserve.devices import reference
+from portaserve.plugins.device import OP_NAMES, REFERENCE_KV_LAYOUTS, AttentionMetadata, KVCacheSpec
+from portaserve.testing.conformance import (
+    PAGED_SCENARIOS,
+    PagedRequest,
+    assert_close,
+    dense_causal_attention,
+    randn,
+    scattered_block_tables,
+    slots,
+)
+
+
+def on(device, *tensors):
+    """Host tensors -> the device under test."""
+    moved = tuple(t.to(device.torch_device) for t in tensors)
+    return moved if len(moved) > 1 else moved[0]
+
+
+# -- the device itself -----------------------------------------------------------------------
+
+
+def test_probe_and_capabilities(portaserve_device):
+    availability = type(portaserve_device).probe()
+    assert availability.is_available, availability.reason
+    caps = portaserve_device.capabilities()
+    assert caps.dtypes, "a device declares at least one dtype"
+    assert all(isinstance(d, torch.dtype) for d in caps.dtypes)
+    assert caps.kv_block_sizes and all(b > 0 for b in caps.kv_block_sizes)
+
+
+def test_kernel_table_is_complete(portaserve_kernels):
+    assert set(portaserve_kernels.sources) == set(OP_NAMES)
+    for op in OP_NAMES:
+        assert callable(portaserve_kernels.ops[op]), op
+    assert set(portaserve_kernels.native_ops) | set(portaserve_kernels.fallback_ops) == set(OP_NAMES)
+
+
+# -- elementwise and dense ops ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_tokens,vocab,hidden", [(1, 50, 64), (13, 300, 96)])
+def test_embedding(portaserve_device, portaserve_kernels, portaserve_dtype, portaserve_gen, num_tokens, vocab, hidden):
+    weight = randn(portaserve_gen, vocab, hidden).to(portaserve_dtype)
+    ids = torch.randint(0, vocab, (num_tokens,), generator=portaserve_gen)
+    out = portaserve_kernels.embedding(*on(portaserve_device, ids, weight))
+    assert_close(out, reference.embedding(ids, weight), portaserve_dtype, "embedding")
+
+
+@pytest.mark.parametrize("num_tokens,k,n", [(1, 64, 96), (5, 256, 128), (33, 96, 200)])
+@pytest.mark.parametrize("has_bias", [False, True], ids=["nobias", "bias"])
+def test_linear(portaserve_device, portaserve_kernels, portaserve_dtype, portaserve_gen, num_tokens, k, n, has_bias):
+    x = randn(portaserve_gen, num_tokens, k).to(portaserve_dtype)
+    weight = randn(portaserve_gen, n, k, scale=k**-0.5).to(portaserve_dtype)
+    bias = randn(portaserve_gen, n).to(portaserve_dtype) if has_bias else None
+    expected = reference.linear(x, weight, bias)
+    args = on(portaserve_device, x, weight) + ((on(portaserve_device, bias),) if has_bias else (None,))
+    assert_close(portaserve_kernels.linear(*args), expected, portaserve_dtype, f"linear {num_tokens}x{k}->{n}")
+
+
+@pytest.mark.parametrize("num_tokens,hidden", [(1, 64), (7, 576), (32, 128)])
+@pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
+def test_rms_norm(portaserve_device, portaserve_kernels, portaserve_dtype, portaserve_gen, num_tokens, hidden, with_residual):
+    x = randn(portaserve_gen, num_tokens, hidden, scale=3.0).to(portaserve_dtype)
+    weight = (1 + randn(portaserve_gen, hidden, scale=0.2)).to(portaserve_dtype)
+    residual = randn(portaserve_gen, num_tokens, hidden).to(portaserve_dtype) if with_residual else None
+    eps = 1e-5
+    expected = reference.rms_norm(x, weight, eps, residual)
+    dev_residual = on(portaserve_device, residual) if with_residual else None
+    out = portaserve_kernels.rms_norm(*on(portaserve_device, x, weight), eps, dev_residual)
+    if with_residual:
+        assert isinstance(out, tuple) and len(out) == 2, "rms_norm with a residual returns (y, x + residual)"
+        assert_close(out[0], expected[0], portaserve_dtype, "rms_norm(residual) y")
+        assert_close(out[1], expected[1], portaserve_dtype, "rms_norm(residual) residual_out")
+    else:
+        assert_close(out, expected, portaserve_dtype, "rms_norm")
+
+
+@pytest.mark.parametrize("num_tokens,num_q_heads,num_kv_heads,head_dim", [(1, 4, 4, 64), (9, 8, 2, 64), (20, 6, 1, 128)])
+def test_rotary(portaserve_device, portaserve_kernels, portaserve_dtype, portaserve_gen, num_tokens, num_q_heads, num_kv_heads, head_dim):
+    max_pos = 4096
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    freqs = torch.outer(torch.arange(max_pos).float(), inv_freq)  # [P, D/2]
+    cos_sin = torch.cat((freqs.cos(), freqs.sin()), dim=-1).to(portaserve_dtype)  # [P, D]
+    positions = torch.randint(0, max_pos, (num_tokens,), generator=portaserve_gen)
+    q = randn(portaserve_gen, num_tokens, num_q_heads, head_dim).to(portaserve_dtype)
+    k = randn(portaserve_gen, num_tokens, num_kv_heads, head_dim).to(portaserve_dtype)
+    exp_q, exp_k = reference.rotary(positions, q.clone(), k.clone(), cos_sin)
+    out_q, out_k = portaserve_kernels.rotary(*on(portaserve_device, positions, q, k, cos_sin))
+    assert_close(out_q, exp_q, portaserve_dtype, "rotary q")
+    assert_close(out_k, exp_k, portaserve_dtype, "rotary k")
+
+
+@pytest.mark.parametrize("num_tokens,inter", [(1, 64), (11, 1536)])
+def test_silu_and_mul(portaserve_device, portaserve_kernels, portaserve_dtype, portaserve_gen, num_tokens, inter):
+    x = randn(portaserve_gen, num_tokens, 2 * inter, scale=2.0).to(portaserve_dtype)
+    out = portaserve_kernels.silu_and_mul(on(portaserve_device, x))
+    assert_close(out, reference.silu_and_mul(x), portaserve_dtype, "silu_and_mul")
+
+
+def test_all_reduce_single_rank(portaserve_device, portaserve_kernels, portaserve_dtype, portaserve_gen):
+    x = randn(portaserve_gen, 5, 32).to(portaserve_dtype)
+    out = portaserve_kernels.all_reduce(on(portaserve_device, x.clone()), None)
+    assert_close(out, x, portaserve_dtype, "all_reduce without a group is the identity")
+
+
+@pytest.mark.parametrize("num_tokens", [1, 6])
+def test_quant_linear_native_formats(portaserve_device, portaserve_kernels, portaserve_dtype, portaserve_gen, num_tokens):
+    from portaserve.plugins.manager import get_registry
+
+    formats = sorted(portaserve_kernels.quant_ops)
+    if not formats:
+        pytest.skip(f"{portaserve_device.name} has no native quant_linear kernel (all formats use reference dequant)")
+    checked = []
+    for fmt in formats:
+        method = get_registry().quant_methods.get(fmt)
+        quantize = getattr(method, "quantize", None)
+        if quantize is None:
+            continue  # the format offers no way to pack a random weight here
+        k, n = 256, 64
+        weight = quantize(randn(portaserve_gen, n, k, scale=k**-0.5))
+        x = randn(portaserve_gen, num_tokens, k).to(portaserve_dtype)
+        expected = reference.quant_linear(x, weight, None)
+        out = portaserve_kernels.quant_linear(on(portaserve_device, x), weight.to(portaserve_device.torch_device), None)
+        assert_close(out, expected, portaserve_dtype, f"quant_linear[{fmt}]")
+        checked.append(fmt)
+    if not checked:
+        pytest.skip(f"native quant formats {formats} have no quantize() to build test weights")
+
+
+# -- paged KV cache: write_kv round trips and paged_attention ----------------------------------
+
+
+class PagedStep:
+    """A paged-attention step on the device: cache allocated, prefix written, metadata built."""
+
+    def __init__(self, device, kernels, dtype, gen, requests, num_q_heads, num_kv_heads, head_dim, block_size):
+        self.requests, self.block_size, self.dtype = requests, block_size, dtype
+        self.tables, num_blocks = scattered_block_tables(gen, requests, block_size)
+        spec = KVCacheSpec(1, num_blocks, block_size, num_kv_heads, head_dim, dtype)
+        self.cache = device.allocate_kv_cache(spec)[0]
+        # per request: every key/value of the sequence, and the queries of the new tokens
+        self.keys = [randn(gen, r.seq_len, num_kv_heads, head_dim).to(dtype) for r in requests]
+        self.values = [randn(gen, r.seq_len, num_kv_heads, head_dim).to(dtype) for r in requests]
+        self.queries = [randn(gen, r.num_new, num_q_heads, head_dim).to(dtype) for r in requests]
+        self.device, self.kernels = device, kernels
+
+    def write(self, which: str) -> None:
+        """Write the cached prefixes (``"cached"``, an earlier step) or the new tokens."""
+        keys, values, slot_ids = [], [], []
+        for r, req, table in zip(range(len(self.requests)), self.requests, self.tables, strict=True):
+            span = range(0, req.num_cached) if which == "cached" else range(req.num_cached, req.seq_len)
+            keys.append(self.keys[r][span.start : span.stop])
+            values.append(self.values[r][span.start : span.stop])
+            slot_ids += slots(table, span, self.block_size)
+        if not slot_ids:
+            return
+        slot_mapping = torch.tensor(slot_ids, dtype=torch.int64)
+        self.kernels.write_kv(*on(self.device, torch.cat(keys), torch.cat(values)), self.cache,
+                              on(self.device, slot_mapping))
+
+    def metadata(self) -> AttentionMetadata:
+        reqs = self.requests
+        starts = [0]
+        for req in reqs:
+            starts.append(starts[-1] + req.num_new)
+        max_blocks = max(len(t) for t in self.tables)
+        tables = torch.zeros(len(reqs), max_blocks, dtype=torch.int32)
+        for r, table in enumerate(self.tables):
+            tables[r, : len(table)] = torch.tensor(table, dtype=torch.int32)
+        slot_ids = [s for req, t in zip(reqs, self.tables, strict=True)
+                    for s in slots(t, range(req.num_cached, req.seq_len), self.block_size)]
+        as_int = lambda xs, dt=torch.int32: on(self.device, torch.tensor(xs, dtype=dt))  # noqa: E731
+        return AttentionMetadata(
+            query_start_loc=as_int(starts),
+            seq_lens=as_int([r.seq_len for r in reqs]),
+            context_lens=as_int([r.num_cached for r in reqs]),
+            block_tables=on(self.device, tables),
+            slot_mapping=as_int(slot_ids, torch.int64),
+            max_query_len=max(r.num_new for r in reqs),
+            max_seq_len=max(r.seq_len for r in reqs),
+            block_size=self.block_size,
+            query_start_loc_cpu=tuple(starts),
+            seq_lens_cpu=tuple(r.seq_len for r in reqs),
+            context_lens_cpu=tuple(r.num_cached for r in reqs),
+        )
+
+
+HEADS = [(4, 4, 64), (8, 2, 64), (4, 1, 128)]
+HEAD_IDS = ["mha", "gqa4", "mqa-d128"]
+
+
+def _block_sizes(device) -> tuple[int, ...]:
+    return device.capabilities().kv_block_sizes[:2]
+
+
+@pytest.mark.parametrize("scenario", sorted(PAGED_SCENARIOS))
+def test_write_kv_round_trip(portaserve_device, portaserve_kernels, portaserve_dtype, portaserve_gen, scenario):
+    """Keys and values written at scattered slots read back exactly (reference layouts)."""
+    layout = portaserve_device.capabilities().kv_layout
+    if layout not in REFERENCE_KV_LAYOUTS:
+        pytest.skip(f"layout {layout!r} is opaque; the attention tests read it back through the device")
+    for block_size in _block_sizes(portaserve_device):
+        step = PagedStep(portaserve_device, portaserve_kernels, portaserve_dtype, portaserve_gen,
+                         PAGED_SCENARIOS[scenario], 4, 2, 64, block_size)
+        step.write("cached")
+        step.write("new")
+        cache = step.cache.to("cpu")
+        for r, req in enumerate(step.requests):
+            table = torch.tensor(step.tables[r], dtype=torch.int32)
+            k, v = reference.gather_kv(cache, table, req.seq_len, layout)
+            assert torch.equal(k, step.keys[r]), f"write_kv keys of request {r} (block size {block_size})"
+            assert torch.equal(v, step.values[r]), f"write_kv values of request {r} (block size {block_size})"
+
+
+@pytest.mark.parametrize("heads", HEADS, ids=HEAD_IDS)
+@pytest.mark.parametrize("scenario", sorted(PAGED_SCENARIOS))
+def test_paged_attention(portaserve_device, portaserve_kernels, portaserve_dtype, portaserve_gen, scenario, heads):
+    """write_kv then paged_attention over shuffled blocks equals dense causal attention."""
+    num_q_heads, num_kv_heads, head_dim = heads
+    scale = head_dim**-0.5
+    for block_size in _block_sizes(portaserve_device):
+        step = PagedStep(portaserve_device, portaserve_kernels, portaserve_dtype, portaserve_gen,
+                         PAGED_SCENARIOS[scenario], num_q_heads, num_kv_heads, head_dim, block_size)
+        step.write("cached")
+        step.write("new")
+        query = on(portaserve_device, torch.cat(step.queries))  # [T, Hq, D]
+        out = portaserve_kernels.paged_attention(query, step.cache, step.metadata(), scale).to("cpu")
+        start = 0
+        for r, req in enumerate(step.requests):
+            expected = dense_causal_attention(step.queries[r], step.keys[r], step.values[r], scale)
+            got = out[start : start + req.num_new]
+            assert_close(got, expected, portaserve_dtype,
+                         f"paged_attention[{scenario}] request {r} ({req}, block size {block_size})")
+            start += req.num_new
+
+
+def test_paged_attention_chunked_prefill(portaserve_device, portaserve_kernels, portaserve_dtype, portaserve_gen):
+    """One prompt prefilled in three chunks then decoded: each step sees exactly its prefix."""
+    block_size = _block_sizes(portaserve_device)[0]
+    total, chunks = 45, (16, 11, 17, 1)
+    step = PagedStep(portaserve_device, portaserve_kernels, portaserve_dtype, portaserve_gen,
+                     (PagedRequest(0, total),), 6, 2, 64, block_size)
+    full_q = step.queries[0]
+    done = 0
+    for chunk in chunks:
+        step.requests = (PagedRequest(done, chunk),)
+        step.write("new")
+        query = on(portaserve_device, full_q[done : done + chunk])
+        out = portaserve_kernels.paged_attention(query, step.cache, step.metadata(), 0.125).to("cpu")
+        expected = dense_causal_attention(full_q[done : done + chunk], step.keys[0][: done + chunk],
+                                          step.values[0][: done + chunk], 0.125)
+        assert_close(out, expected, portaserve_dtype, f"paged_attention chunk at {done}+{chunk}")
+        done += chunk
+
+
+# -- end to end --------------------------------------------------------------------------------
+# Greedy generation on the real model must give the same tokens on the device as on cpu. It runs
+# once the engine (portaserve.core.llm) and the model fetch (portaserve.core.loaders.fetch) exist.
+
+E2E_PROMPTS = ["The capital of France is", "def fibonacci(n):", "List three colors:"]
+E2E_MAX_TOKENS = 12
+
+
+@pytest.mark.portaserve_e2e
+def test_greedy_generation_matches_cpu(portaserve_device):
+    llm_module = pytest.importorskip("portaserve.core.llm", reason="the engine is not built yet")
+    fetch = pytest.importorskip("portaserve.core.loaders.fetch", reason="the model fetch is not built yet")
+    if portaserve_device.name == "cpu":
+        pytest.skip("cpu is the baseline of this comparison; the engine's own tests check it")
+    from portaserve.core.sampling import SamplingParams
+
+    model = str(fetch.resolve_model("smollm2-135m"))
+    params = SamplingParams(temperature=0, max_tokens=E2E_MAX_TOKENS)
+    device_spec = portaserve_device.describe()
+    dtypes = portaserve_device.capabilities().dtypes
+    dtype = "float32" if torch.float32 in dtypes else str(dtypes[0]).removeprefix("torch.")
+    baseline = llm_module.LLM(model, device="cpu", dtype=dtype).generate(E2E_PROMPTS, params)
+    outputs = llm_module.LLM(model, device=device_spec, dtype=dtype).generate(E2E_PROMPTS, params)
+    for prompt, want, got in zip(E2E_PROMPTS, baseline, outputs, strict=True):
+        want_ids, got_ids = want.outputs[0].token_ids, got.outputs[0].token_ids
+        assert len(want_ids) > 0
+        assert list(got_ids) == list(want_ids), f"greedy tokens differ on {device_spec} for {prompt!r}"
