@@ -57,3 +57,13 @@ def num_threads() -> int | None:
 def log_level() -> str:
     """``PORTASERVE_LOG_LEVEL``: logging level name (default INFO)."""
     return os.environ.get("PORTASERVE_LOG_LEVEL", "INFO").upper()
+
+
+def openvino_precision() -> str:
+    """``PORTASERVE_OPENVINO_PRECISION``: ``f32`` (default, exact) or ``auto`` (plugin defaults)."""
+    return os.environ.get("PORTASERVE_OPENVINO_PRECISION", "").strip().lower() or "f32"
+
+
+def openvino_weights() -> str:
+    """``PORTASERVE_OPENVINO_WEIGHTS``: weight format of the openvino graph: f32, int8 or int4."""
+    return os.environ.get("PORTASERVE_OPENVINO_WEIGHTS", "").strip().lower() or "f32"

@@ -1,0 +1,224 @@
+"""The Llama family as one OpenVINO graph with OpenVINO's paged attention operation.
+
+``build_llama_graph(config, weights, cos_sin_cache, options)`` turns a model held under Hugging
+Face weight names into an ``openvino.Model``: opset ops for the embedding, RMSNorm, rotary
+(NeoX), the projections and the SwiGLU MLP; weights as constants (dense f32, or re-quantized to
+int8 per channel / int4 per group when asked, in the decompression pattern the CPU plugin turns
+into compressed-weight matmuls); and one ``PagedAttentionExtension`` per layer that writes the
+new keys and values into the paged cache and attends over it.
+
+The graph's inputs are the step, in the shapes OpenVINO's paged attention takes (see
+``executor.py`` for how a ``ScheduledBatch`` maps onto them):
+
+``input_ids [T] i64``, ``positions [T] i64``, ``past_lens [R] i32``, ``subsequence_begins
+[R+1] i32``, ``block_indices [N] i32``, ``block_indices_begins [R+1] i32``, ``max_context_len
+[] i32``, ``score_aggregation_window [R] i32``, ``logits_indices [L] i64`` and per layer
+``key_cache.{i}`` / ``value_cache.{i}`` whose shape and element type the plugin chooses at
+compile time. The one output is ``logits [L, V] f32``.
+
+Facts of OpenVINO 2026.4 this relies on: the op takes 28 inputs (query, key, value, key_cache,
+value_cache, past_lens, subsequence_begins, block_indices, block_indices_begins, scale,
+sliding_window, alibi_slopes, max_context_len, score_aggregation_window, rotated_block_indices,
+rotation_deltas, rotation_trig_lut, xattention_threshold, xattention_block_size,
+xattention_stride, sinks, adaptive_rkv_start_size, adaptive_rkv_evictable_sizes,
+adaptive_rkv_diversity_block_set_indices, adaptive_rkv_diversity_block_set_indices_begins,
+token_type_ids, qq_bias, qq_bias_begins); the CPU plugin wants num_k_heads / k_head_size /
+num_v_heads / v_head_size in the node's rt_info, and ``score_aggregation_window`` per sequence
+([R]; a scalar fails at run time for R > 1).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import openvino as ov
+import torch
+from openvino import opset13 as ops
+
+from portaserve.core.config import ModelConfig
+from portaserve.devices.openvino import WEIGHT_FORMATS
+from portaserve.devices.openvino.ops import rotary_cos_sin, rotate_half
+from portaserve.errors import DeviceError
+
+#: Number of inputs of ``PagedAttentionExtension`` in the OpenVINO versions this graph targets.
+PA_NUM_INPUTS = 28
+
+
+@dataclass(frozen=True, slots=True)
+class GraphOptions:
+    #: "f32" keeps weights dense; "int8" per output channel; "int4" per group (asymmetric).
+    weight_format: str = "f32"
+    int4_group_size: int = 32
+
+
+def _param(shape: list[int] | ov.PartialShape, ov_type: Any, name: str) -> Any:
+    node = ops.parameter(shape, ov_type, name=name)
+    node.output(0).get_tensor().set_names({name})
+    return node
+
+
+def _const(array: Any, dtype: Any) -> Any:
+    return ops.constant(np.asarray(array, dtype=dtype))
+
+
+def _dense(weight: Any) -> np.ndarray:
+    """A weight (tensor or QuantizedWeight) as a float32 numpy array."""
+    if isinstance(weight, torch.Tensor):
+        return weight.detach().to(torch.float32).contiguous().numpy()
+    dequantize = getattr(weight, "dequantize", None)
+    if dequantize is None:
+        raise DeviceError(f"openvino graph: unsupported weight type {type(weight).__name__}")
+    return dequantize(torch.float32).contiguous().numpy()
+
+
+def _compressed(w: np.ndarray, weight_format: str, group_size: int) -> Any:
+    """A [N, K] f32 weight as u8/u4 codes with zero points and scales, decompressed in-graph."""
+    n, k = w.shape
+    if weight_format == "int8":
+        groups, bits = w.reshape(n, 1, k), 8
+    else:
+        if k % group_size:
+            raise DeviceError(
+                f"openvino graph: int4 group size {group_size} does not divide in_features {k}")
+        groups, bits = w.reshape(n, k // group_size, group_size), 4
+    levels = (1 << bits) - 1
+    lo = np.minimum(groups.min(axis=-1, keepdims=True), 0.0)
+    hi = np.maximum(groups.max(axis=-1, keepdims=True), 0.0)
+    scale = np.maximum((hi - lo) / levels, np.float32(1e-12)).astype(np.float32)
+    zero = np.clip(np.round(-lo / scale), 0, levels).astype(np.uint8)
+    codes = np.clip(np.round(groups / scale) + zero, 0, levels).astype(np.uint8)
+    code_type = ov.Type.u8 if bits == 8 else ov.Type.u4
+    deq = ops.multiply(
+        ops.subtract(
+            ops.convert(ops.constant(codes, dtype=code_type), ov.Type.f32),
+            ops.convert(ops.constant(zero, dtype=code_type), ov.Type.f32)),
+        ops.constant(scale))  # [N, G, g]
+    return ops.reshape(deq, _const([n, k], np.int64), False)  # [N, K]
+
+
+class _Builder:
+    def __init__(self, config: ModelConfig, weights: Mapping[str, Any], options: GraphOptions):
+        self.config = config
+        self.weights = weights
+        self.options = options
+
+    def weight(self, name: str) -> Any:
+        if name not in self.weights:
+            raise DeviceError(f"openvino graph: model has no weight {name!r}")
+        return self.weights[name]
+
+    def vector(self, name: str) -> Any:
+        return ops.constant(_dense(self.weight(name)).reshape(-1))
+
+    def linear(self, x: Any, name: str, bias: str | None = None) -> Any:
+        w = _dense(self.weight(name))  # [N, K]
+        if self.options.weight_format == "f32":
+            wnode = ops.constant(w)
+        else:
+            wnode = _compressed(w, self.options.weight_format, self.options.int4_group_size)
+        y = ops.matmul(x, wnode, False, True)
+        if bias is not None and bias in self.weights:
+            y = ops.add(y, self.vector(bias))
+        return y
+
+    def rms(self, x: Any, name: str) -> Any:
+        mean = ops.reduce_mean(ops.multiply(x, x), _const([-1], np.int64), keep_dims=True)
+        inv = ops.divide(np.float32(1.0), ops.sqrt(ops.add(mean, np.float32(self.config.rms_norm_eps))))
+        return ops.multiply(ops.multiply(x, inv), self.vector(name))
+
+
+def _paged_attention(q: Any, k: Any, v: Any, key_cache: Any, value_cache: Any, step: dict[str, Any],
+                     num_kv_heads: int, head_dim: int) -> Any:
+    empty_i32 = _const(np.zeros(0), np.int32)
+    empty_f32 = _const(np.zeros(0), np.float32)
+    inputs = [
+        q, k, v, key_cache, value_cache,
+        step["past_lens"], step["subsequence_begins"], step["block_indices"],
+        step["block_indices_begins"],
+        _const(1.0 / math.sqrt(head_dim), np.float32),  # scale
+        _const(0, np.int32),  # sliding_window: none
+        empty_f32,  # alibi_slopes: none
+        step["max_context_len"],
+        step["score_aggregation_window"],
+        empty_i32, empty_i32, empty_f32,  # rotated_block_indices, rotation_deltas, trig lut
+        empty_f32, _const(64, np.int32), _const(8, np.int32),  # xattention: off
+        empty_f32,  # sinks: none
+        _const(0, np.int32), empty_i32, empty_i32, empty_i32,  # adaptive R-KV: off
+        empty_i32,  # token_type_ids
+        _const(np.zeros(0), np.uint8), empty_i32,  # qq_bias, qq_bias_begins
+    ]
+    node = ov.op._PagedAttentionExtension([i.output(0) if hasattr(i, "output") else i for i in inputs])
+    rt = node.get_rt_info()
+    rt["num_k_heads"] = num_kv_heads
+    rt["k_head_size"] = head_dim
+    rt["num_v_heads"] = num_kv_heads
+    rt["v_head_size"] = head_dim
+    return node.output(0)
+
+
+def build_llama_graph(
+    config: ModelConfig,
+    weights: Mapping[str, Any],
+    cos_sin_cache: torch.Tensor,
+    options: GraphOptions | None = None,
+) -> ov.Model:
+    """The whole model as one OpenVINO graph (inputs and output in the module docstring).
+
+    ``cos_sin_cache`` is the model's rotary table [P, D] (``cat(cos, sin)`` of each position).
+    """
+    options = options or GraphOptions()
+    if options.weight_format not in WEIGHT_FORMATS:
+        raise DeviceError(
+            f"openvino graph: weight_format must be one of {WEIGHT_FORMATS}; got {options.weight_format!r}")
+    b = _Builder(config, weights, options)
+    hq, hk, d = config.num_heads, config.num_kv_heads, config.head_dim
+    input_ids = _param([-1], ov.Type.i64, "input_ids")
+    positions = _param([-1], ov.Type.i64, "positions")
+    step = {name: _param([-1], ov.Type.i32, name) for name in (
+        "past_lens", "subsequence_begins", "block_indices", "block_indices_begins",
+        "score_aggregation_window")}
+    step["max_context_len"] = _param([], ov.Type.i32, "max_context_len")
+    logits_indices = _param([-1], ov.Type.i64, "logits_indices")
+    params = [input_ids, positions, *step.values(), logits_indices]
+
+    embed = ops.constant(_dense(b.weight("model.embed_tokens.weight")))  # [V, H]
+    hidden = ops.gather(embed, input_ids, np.int64(0))  # [T, H]
+    cos, sin = rotary_cos_sin(ops.constant(cos_sin_cache.float().numpy()), positions)  # [T,1,D/2]
+    heads_q = _const([0, hq, d], np.int64)
+    heads_k = _const([0, hk, d], np.int64)
+    flat_q = _const([0, hq * d], np.int64)
+    flat_k = _const([0, hk * d], np.int64)
+
+    for i in range(config.num_layers):
+        p = f"model.layers.{i}."
+        key_cache = _param(ov.PartialShape.dynamic(4), ov.Type.dynamic, f"key_cache.{i}")
+        value_cache = _param(ov.PartialShape.dynamic(4), ov.Type.dynamic, f"value_cache.{i}")
+        params += [key_cache, value_cache]
+        x = b.rms(hidden, p + "input_layernorm.weight")
+        q = ops.reshape(b.linear(x, p + "self_attn.q_proj.weight", p + "self_attn.q_proj.bias"), heads_q, True)
+        k = ops.reshape(b.linear(x, p + "self_attn.k_proj.weight", p + "self_attn.k_proj.bias"), heads_k, True)
+        v = b.linear(x, p + "self_attn.v_proj.weight", p + "self_attn.v_proj.bias")  # [T, Hk*D]
+        if config.qk_norm:
+            q = b.rms(q, p + "self_attn.q_norm.weight")
+            k = b.rms(k, p + "self_attn.k_norm.weight")
+        q = ops.reshape(rotate_half(q, cos, sin), flat_q, True)  # [T, Hq*D]
+        k = ops.reshape(rotate_half(k, cos, sin), flat_k, True)  # [T, Hk*D]
+        attn = _paged_attention(q, k, v, key_cache, value_cache, step, hk, d)  # [T, Hq*D]
+        hidden = ops.add(hidden, b.linear(attn, p + "self_attn.o_proj.weight"))
+        x = b.rms(hidden, p + "post_attention_layernorm.weight")
+        gate = ops.swish(b.linear(x, p + "mlp.gate_proj.weight"))
+        up = b.linear(x, p + "mlp.up_proj.weight")
+        hidden = ops.add(hidden, b.linear(ops.multiply(gate, up), p + "mlp.down_proj.weight"))
+
+    hidden = ops.gather(hidden, logits_indices, np.int64(0))  # [L, H]
+    hidden = b.rms(hidden, "model.norm.weight")
+    if "lm_head.weight" in weights and not config.tie_word_embeddings:
+        logits = b.linear(hidden, "lm_head.weight")
+    else:
+        logits = ops.matmul(hidden, embed, False, True)  # tied: [L, V]
+    logits.output(0).get_tensor().set_names({"logits"})
+    return ov.Model([logits], params, f"portaserve-{config.architecture}")
