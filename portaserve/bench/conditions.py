@@ -52,7 +52,8 @@ def engine_conditions(llm: Any) -> dict[str, Any]:
         "architecture": mc.architecture,
         "dtype": str(engine.dtype).removeprefix("torch."),
         "max_num_seqs": engine.scheduler.config.max_num_seqs
-        if hasattr(engine.scheduler, "config") else engine.config.max_num_seqs,
+        if hasattr(engine.scheduler, "config")
+        else engine.config.max_num_seqs,
         "kv_capacity_tokens": engine.kv_capacity_tokens,
     }
 

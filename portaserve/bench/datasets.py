@@ -306,7 +306,9 @@ def sharegpt_dataset(
 def _valid_sharegpt(prompt_len: int, output_len: int, *, fixed_output: bool) -> bool:
     if prompt_len < SHAREGPT_MIN_LEN or (not fixed_output and output_len < SHAREGPT_MIN_LEN):
         return False
-    return prompt_len <= SHAREGPT_MAX_PROMPT_LEN and prompt_len + output_len <= SHAREGPT_MAX_TOTAL_LEN
+    return (
+        prompt_len <= SHAREGPT_MAX_PROMPT_LEN and prompt_len + output_len <= SHAREGPT_MAX_TOTAL_LEN
+    )
 
 
 def build_dataset(args: Any, tokenizer: BenchTokenizer | None) -> list[SampleRequest]:

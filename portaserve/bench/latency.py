@@ -27,8 +27,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-iters", type=int, default=3)
 
 
-def one_iteration(llm: Any, prompts: list[list[int]], output_len: int,
-                  tag: str) -> tuple[float, list[float], float]:
+def one_iteration(
+    llm: Any, prompts: list[list[int]], output_len: int, tag: str
+) -> tuple[float, list[float], float]:
     """Run one batch to completion: (prefill s, decode step times s, end-to-end s)."""
     from portaserve import SamplingParams
 
@@ -61,8 +62,16 @@ def one_iteration(llm: Any, prompts: list[list[int]], output_len: int,
     return (prefill_end or total) - start, steps, total
 
 
-def measure_latency(llm: Any, *, input_len: int, output_len: int, batch_size: int = 1,
-                    num_iters: int = 3, num_iters_warmup: int = 1, seed: int = 0) -> dict[str, Any]:
+def measure_latency(
+    llm: Any,
+    *,
+    input_len: int,
+    output_len: int,
+    batch_size: int = 1,
+    num_iters: int = 3,
+    num_iters_warmup: int = 1,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Median prefill time and decode step time over ``num_iters`` fresh batches."""
     from portaserve.bench.conditions import random_token_prompts
 
@@ -98,17 +107,34 @@ def run(args: argparse.Namespace) -> int:
 
     check_positive(args, "input_len", "output_len", "batch_size", "num_iters")
     llm = make_llm(args)
-    conditions = machine_conditions() | engine_conditions(llm) | {
-        "input_len": args.input_len, "output_len": args.output_len, "batch_size": args.batch_size}
+    conditions = (
+        machine_conditions()
+        | engine_conditions(llm)
+        | {
+            "input_len": args.input_len,
+            "output_len": args.output_len,
+            "batch_size": args.batch_size,
+        }
+    )
     print_conditions("bench latency: conditions", conditions)
-    r = measure_latency(llm, input_len=args.input_len, output_len=args.output_len,
-                        batch_size=args.batch_size, num_iters=args.num_iters,
-                        num_iters_warmup=args.num_iters_warmup, seed=args.seed)
+    r = measure_latency(
+        llm,
+        input_len=args.input_len,
+        output_len=args.output_len,
+        batch_size=args.batch_size,
+        num_iters=args.num_iters,
+        num_iters_warmup=args.num_iters_warmup,
+        seed=args.seed,
+    )
     print(f"Avg latency: {r['avg_latency_s']:.4f} seconds")
-    print(f"Prefill ({args.batch_size} x {args.input_len} tokens): "
-          f"{r['prefill_latency_s'] * 1000:.2f} ms, {r['prefill_tokens_per_second']:.2f} tokens/s")
-    print(f"Decode step (batch {args.batch_size}): {r['decode_step_latency_s'] * 1000:.2f} ms, "
-          f"{r['decode_tokens_per_second']:.2f} tokens/s")
+    print(
+        f"Prefill ({args.batch_size} x {args.input_len} tokens): "
+        f"{r['prefill_latency_s'] * 1000:.2f} ms, {r['prefill_tokens_per_second']:.2f} tokens/s"
+    )
+    print(
+        f"Decode step (batch {args.batch_size}): {r['decode_step_latency_s'] * 1000:.2f} ms, "
+        f"{r['decode_tokens_per_second']:.2f} tokens/s"
+    )
     if args.output_json:
         Path(args.output_json).write_text(json.dumps({"conditions": conditions} | r, indent=2))
     return 0

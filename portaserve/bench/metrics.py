@@ -73,11 +73,14 @@ def parse_percentiles(text: str) -> list[float]:
     try:
         values = [float(p) for p in text.split(",") if p.strip()]
     except ValueError as e:
-        raise ConfigError(f"--metric-percentiles: {text!r} is not a comma list of numbers",
-                          field="metric_percentiles") from e
+        raise ConfigError(
+            f"--metric-percentiles: {text!r} is not a comma list of numbers",
+            field="metric_percentiles",
+        ) from e
     if not values or any(not 0.0 < p <= 100.0 for p in values):
-        raise ConfigError(f"--metric-percentiles must be in (0, 100]; got {text!r}",
-                          field="metric_percentiles")
+        raise ConfigError(
+            f"--metric-percentiles must be in (0, 100]; got {text!r}", field="metric_percentiles"
+        )
     return values
 
 
@@ -85,8 +88,10 @@ def parse_metric_names(text: str) -> list[str]:
     names = [m.strip() for m in text.split(",") if m.strip()]
     bad = [m for m in names if m not in METRIC_NAMES]
     if bad or not names:
-        raise ConfigError(f"--percentile-metrics must name some of {', '.join(METRIC_NAMES)}; "
-                          f"got {text!r}", field="percentile_metrics")
+        raise ConfigError(
+            f"--percentile-metrics must name some of {', '.join(METRIC_NAMES)}; got {text!r}",
+            field="percentile_metrics",
+        )
     return names
 
 
@@ -96,13 +101,15 @@ def parse_goodput(items: Sequence[str] | None) -> dict[str, float]:
     for item in items or ():
         name, sep, value = item.partition(":")
         if not sep or name not in ("ttft", "tpot", "e2el"):
-            raise ConfigError(f"--goodput items are ttft:MS, tpot:MS or e2el:MS; got {item!r}",
-                              field="goodput")
+            raise ConfigError(
+                f"--goodput items are ttft:MS, tpot:MS or e2el:MS; got {item!r}", field="goodput"
+            )
         try:
             ms = float(value)
         except ValueError as e:
-            raise ConfigError(f"--goodput {name} needs milliseconds; got {value!r}",
-                              field="goodput") from e
+            raise ConfigError(
+                f"--goodput {name} needs milliseconds; got {value!r}", field="goodput"
+            ) from e
         if ms <= 0:
             raise ConfigError(f"--goodput {name} must be > 0 ms; got {ms}", field="goodput")
         slos[name] = ms / 1000.0
@@ -122,8 +129,9 @@ def output_token_count(result: RequestResult, tokenizer: Any | None) -> int:
     return len(result.chunk_times)
 
 
-def peak_output_rate(results: Sequence[RequestResult], output_lens: Sequence[int],
-                     t0: float, bucket_s: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+def peak_output_rate(
+    results: Sequence[RequestResult], output_lens: Sequence[int], t0: float, bucket_s: float = 1.0
+) -> tuple[np.ndarray, np.ndarray]:
     """Output tokens per second in ``bucket_s`` buckets since ``t0``: (bucket starts, rates).
 
     A chunk is credited ``output_tokens / num_chunks`` tokens, so servers that bundle
@@ -239,13 +247,15 @@ def result_dict(metrics: BenchmarkMetrics, results: Sequence[RequestResult]) -> 
         "max_concurrent_requests": metrics.max_concurrent_requests,
     }
     out.update(metrics.stats)
-    out.update({
-        "input_lens": [r.prompt_len for r in results],
-        "output_lens": metrics.output_lens,
-        "ttfts": [r.ttft for r in results],
-        "itls": [r.itl for r in results],
-        "e2els": [r.latency for r in results],
-        "generated_texts": [r.generated_text for r in results],
-        "errors": [r.error for r in results],
-    })
+    out.update(
+        {
+            "input_lens": [r.prompt_len for r in results],
+            "output_lens": metrics.output_lens,
+            "ttfts": [r.ttft for r in results],
+            "itls": [r.itl for r in results],
+            "e2els": [r.latency for r in results],
+            "generated_texts": [r.generated_text for r in results],
+            "errors": [r.error for r in results],
+        }
+    )
     return out

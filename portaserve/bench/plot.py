@@ -22,8 +22,9 @@ from portaserve.bench.metrics import (
 from portaserve.errors import ConfigError
 
 
-def save_plot(results: Sequence[RequestResult], metrics: BenchmarkMetrics, t0: float,
-              path: str | Path) -> Path:
+def save_plot(
+    results: Sequence[RequestResult], metrics: BenchmarkMetrics, t0: float, path: str | Path
+) -> Path:
     """Write the PNG to ``path`` and return it."""
     try:
         import matplotlib
@@ -31,8 +32,9 @@ def save_plot(results: Sequence[RequestResult], metrics: BenchmarkMetrics, t0: f
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as e:
-        raise ConfigError("--plot needs matplotlib: pip install 'portaserve[bench]'",
-                          field="plot") from e
+        raise ConfigError(
+            "--plot needs matplotlib: pip install 'portaserve[bench]'", field="plot"
+        ) from e
     ok = [r for r in results if r.success]
     series = {
         "ttft": [r.ttft for r in ok],

@@ -44,19 +44,36 @@ ENDPOINTS = ("/v1/completions", "/v1/chat/completions")
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
     """The ``bench serve`` flags (names and defaults as in ``vllm bench serve``)."""
     add = parser.add_argument
-    add("--base-url", default=None, help="server URL, e.g. http://127.0.0.1:8000 (wins over --host/--port)")
+    add(
+        "--base-url",
+        default=None,
+        help="server URL, e.g. http://127.0.0.1:8000 (wins over --host/--port)",
+    )
     add("--host", default="127.0.0.1")
     add("--port", type=int, default=8000)
     add("--endpoint", default="/v1/completions", choices=ENDPOINTS)
-    add("--model", default=None, help="model name sent to the server (default: the first of /v1/models)")
-    add("--tokenizer", default=None, help="tokenizer for prompts and counts (default: the model's own)")
+    add(
+        "--model",
+        default=None,
+        help="model name sent to the server (default: the first of /v1/models)",
+    )
+    add(
+        "--tokenizer",
+        default=None,
+        help="tokenizer for prompts and counts (default: the model's own)",
+    )
     add("--api-key", default=None, help="bearer token for the server")
     add("--dataset-name", default="random", choices=DATASET_NAMES + ("prefix_repetition",))
     add("--dataset-path", default=None, help="ShareGPT-format JSON file")
     add("--num-prompts", type=int, default=1000)
     add("--random-input-len", type=int, default=1024)
     add("--random-output-len", type=int, default=128)
-    add("--random-range-ratio", type=float, default=0.0, help="lengths in [L(1-r), L(1+r)]; 0 = fixed")
+    add(
+        "--random-range-ratio",
+        type=float,
+        default=0.0,
+        help="lengths in [L(1-r), L(1+r)]; 0 = fixed",
+    )
     add("--prefix-repetition-prefix-len", type=int, default=256)
     add("--prefix-repetition-suffix-len", type=int, default=256)
     add("--prefix-repetition-num-prefixes", type=int, default=10)
@@ -73,7 +90,13 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     add("--disable-tqdm", action="store_true")
     add("--percentile-metrics", default="ttft,tpot,itl,e2el")
     add("--metric-percentiles", default="90,99")
-    add("--goodput", nargs="+", default=None, metavar="SLO", help="e.g. ttft:500 tpot:50 e2el:5000 (ms)")
+    add(
+        "--goodput",
+        nargs="+",
+        default=None,
+        metavar="SLO",
+        help="e.g. ttft:500 tpot:50 e2el:5000 (ms)",
+    )
     add("--save-result", action="store_true")
     add("--save-detailed", action="store_true", help="keep per-request arrays in the JSON")
     add("--result-dir", default=None)
@@ -134,8 +157,9 @@ async def send_request(client: Any, target: ServeTarget, req: SampleRequest) -> 
     last = st
     pieces: list[str] = []
     try:
-        async with client.stream("POST", target.url, json=_payload(target, req),
-                                 headers=headers) as response:
+        async with client.stream(
+            "POST", target.url, json=_payload(target, req), headers=headers
+        ) as response:
             if response.status_code != 200:
                 body = (await response.aread()).decode(errors="replace")
                 result.error = f"HTTP {response.status_code}: {body[:500]}"
@@ -175,8 +199,9 @@ async def send_request(client: Any, target: ServeTarget, req: SampleRequest) -> 
     return result
 
 
-async def arrivals(requests: Sequence[SampleRequest], request_rate: float, burstiness: float,
-                   seed: int) -> AsyncIterator[SampleRequest]:
+async def arrivals(
+    requests: Sequence[SampleRequest], request_rate: float, burstiness: float, seed: int
+) -> AsyncIterator[SampleRequest]:
     """Yield requests at their scheduled times (see :func:`arrival_offsets`)."""
     offsets = arrival_offsets(len(requests), request_rate, burstiness, seed)
     start = time.perf_counter()
@@ -192,7 +217,9 @@ def arrival_offsets(n: int, request_rate: float, burstiness: float, seed: int) -
     shape ``burstiness`` rescaled so that the last request goes at ``n / request_rate``.
     """
     if request_rate <= 0:
-        raise ConfigError(f"--request-rate must be > 0 or inf; got {request_rate}", field="request_rate")
+        raise ConfigError(
+            f"--request-rate must be > 0 or inf; got {request_rate}", field="request_rate"
+        )
     if burstiness <= 0:
         raise ConfigError(f"--burstiness must be > 0; got {burstiness}", field="burstiness")
     if np.isinf(request_rate) or n == 0:
@@ -218,7 +245,9 @@ async def run_benchmark(
     import httpx
 
     if max_concurrency is not None and max_concurrency < 1:
-        raise ConfigError(f"--max-concurrency must be >= 1; got {max_concurrency}", field="max_concurrency")
+        raise ConfigError(
+            f"--max-concurrency must be >= 1; got {max_concurrency}", field="max_concurrency"
+        )
     limit = max_concurrency or max(1, len(requests))
     limits = httpx.Limits(max_connections=limit, max_keepalive_connections=limit)
     timeout = httpx.Timeout(None, connect=30.0)
@@ -226,7 +255,9 @@ async def run_benchmark(
         for i in range(num_warmups):
             warm = await send_request(client, target, requests[i % len(requests)])
             if not warm.success:
-                raise ConfigError(f"warmup request to {target.url} failed: {warm.error}", field="base_url")
+                raise ConfigError(
+                    f"warmup request to {target.url} failed: {warm.error}", field="base_url"
+                )
         semaphore = asyncio.Semaphore(limit)
         pbar = _progress(len(requests), disable_tqdm)
 
@@ -238,8 +269,10 @@ async def run_benchmark(
             return out
 
         start = time.perf_counter()
-        tasks = [asyncio.create_task(one(req))
-                 async for req in arrivals(requests, request_rate, burstiness, seed)]
+        tasks = [
+            asyncio.create_task(one(req))
+            async for req in arrivals(requests, request_rate, burstiness, seed)
+        ]
         results = list(await asyncio.gather(*tasks))
         duration = time.perf_counter() - start
         if pbar is not None:
@@ -258,8 +291,14 @@ def _progress(total: int, disabled: bool) -> Any:
 # --------------------------------------------------------------------------- reporting
 
 
-def report_rows(m: BenchmarkMetrics, *, max_concurrency: int | None, request_rate: float,
-                metric_names: Sequence[str], percentiles: Sequence[float]) -> list[tuple[str, str]]:
+def report_rows(
+    m: BenchmarkMetrics,
+    *,
+    max_concurrency: int | None,
+    request_rate: float,
+    metric_names: Sequence[str],
+    percentiles: Sequence[float],
+) -> list[tuple[str, str]]:
     """(label, value) rows with vLLM's labels; a label of ``""`` marks a section title."""
     rows: list[tuple[str, str]] = [
         ("Successful requests:", f"{m.completed}"),
@@ -318,9 +357,15 @@ def _resolve_target(args: argparse.Namespace) -> ServeTarget:
             raise ConfigError(f"--extra-body is not JSON: {e}", field="extra_body") from e
         if not isinstance(extra, dict):
             raise ConfigError("--extra-body must be a JSON object", field="extra_body")
-    return ServeTarget(url=base + args.endpoint, model=model, chat=args.endpoint.endswith("/chat/completions"),
-                       ignore_eos=args.ignore_eos, temperature=args.temperature, api_key=args.api_key,
-                       extra_body=extra)
+    return ServeTarget(
+        url=base + args.endpoint,
+        model=model,
+        chat=args.endpoint.endswith("/chat/completions"),
+        ignore_eos=args.ignore_eos,
+        temperature=args.temperature,
+        api_key=args.api_key,
+        extra_body=extra,
+    )
 
 
 def _first_model(base: str, api_key: str | None) -> str:
@@ -332,7 +377,9 @@ def _first_model(base: str, api_key: str | None) -> str:
         response.raise_for_status()
         return str(response.json()["data"][0]["id"])
     except (httpx.HTTPError, KeyError, IndexError, ValueError) as e:
-        raise ConfigError(f"cannot list models at {base}/v1/models ({e}); pass --model", field="model") from e
+        raise ConfigError(
+            f"cannot list models at {base}/v1/models ({e}); pass --model", field="model"
+        ) from e
 
 
 def _load_tokenizer(args: argparse.Namespace, model: str) -> BenchTokenizer | None:
@@ -356,21 +403,46 @@ def run(args: argparse.Namespace) -> int:
     metric_names = parse_metric_names(args.percentile_metrics)
     slos = parse_goodput(args.goodput)
     if args.num_prompts < 1:
-        raise ConfigError(f"--num-prompts must be >= 1; got {args.num_prompts}", field="num_prompts")
+        raise ConfigError(
+            f"--num-prompts must be >= 1; got {args.num_prompts}", field="num_prompts"
+        )
     target = _resolve_target(args)
     tokenizer = _load_tokenizer(args, target.model)
     requests = build_dataset(args, tokenizer)
-    print(f"Sending {len(requests)} requests to {target.url} (model {target.model}, "
-          f"rate {args.request_rate}, max concurrency {args.max_concurrency})")
-    results, duration, start = asyncio.run(run_benchmark(
-        target, requests, request_rate=args.request_rate, burstiness=args.burstiness,
-        max_concurrency=args.max_concurrency, num_warmups=args.num_warmups, seed=args.seed,
-        disable_tqdm=args.disable_tqdm))
-    metrics = calculate_metrics(results, duration, tokenizer=tokenizer, percentiles=percentiles,
-                                metric_names=metric_names, goodput_slos=slos or None, t0=start)
-    print_report(report_rows(metrics, max_concurrency=args.max_concurrency,
-                             request_rate=args.request_rate, metric_names=metric_names,
-                             percentiles=percentiles))
+    print(
+        f"Sending {len(requests)} requests to {target.url} (model {target.model}, "
+        f"rate {args.request_rate}, max concurrency {args.max_concurrency})"
+    )
+    results, duration, start = asyncio.run(
+        run_benchmark(
+            target,
+            requests,
+            request_rate=args.request_rate,
+            burstiness=args.burstiness,
+            max_concurrency=args.max_concurrency,
+            num_warmups=args.num_warmups,
+            seed=args.seed,
+            disable_tqdm=args.disable_tqdm,
+        )
+    )
+    metrics = calculate_metrics(
+        results,
+        duration,
+        tokenizer=tokenizer,
+        percentiles=percentiles,
+        metric_names=metric_names,
+        goodput_slos=slos or None,
+        t0=start,
+    )
+    print_report(
+        report_rows(
+            metrics,
+            max_concurrency=args.max_concurrency,
+            request_rate=args.request_rate,
+            metric_names=metric_names,
+            percentiles=percentiles,
+        )
+    )
     errors = sorted({r.error for r in results if r.error})
     for error in errors[:5]:
         logger.error("request failed: %s", error)
@@ -388,8 +460,13 @@ def run(args: argparse.Namespace) -> int:
     return 0 if metrics.completed else 1
 
 
-def _result_json(args: argparse.Namespace, target: ServeTarget, tokenizer: BenchTokenizer | None,
-                 metrics: BenchmarkMetrics, results: Sequence[RequestResult]) -> dict[str, Any]:
+def _result_json(
+    args: argparse.Namespace,
+    target: ServeTarget,
+    tokenizer: BenchTokenizer | None,
+    metrics: BenchmarkMetrics,
+    results: Sequence[RequestResult],
+) -> dict[str, Any]:
     from portaserve import __version__
 
     head: dict[str, Any] = {
@@ -413,7 +490,15 @@ def _result_json(args: argparse.Namespace, target: ServeTarget, tokenizer: Bench
         head[key] = value
     body = result_dict(metrics, results)
     if not args.save_detailed:
-        for key in ("ttfts", "itls", "e2els", "generated_texts", "errors", "input_lens", "output_lens"):
+        for key in (
+            "ttfts",
+            "itls",
+            "e2els",
+            "generated_texts",
+            "errors",
+            "input_lens",
+            "output_lens",
+        ):
             body.pop(key)
     return head | body
 
@@ -424,7 +509,9 @@ def _result_path(args: argparse.Namespace, target: ServeTarget) -> Path:
         rate = "inf" if not np.isfinite(args.request_rate) else f"{args.request_rate:g}"
         model = target.model.replace("/", "_")
         conc = f"-concurrency{args.max_concurrency}" if args.max_concurrency else ""
-        name = f"{args.label or 'openai'}-{rate}qps{conc}-{model}-{datetime.now():%Y%m%d-%H%M%S}.json"
+        name = (
+            f"{args.label or 'openai'}-{rate}qps{conc}-{model}-{datetime.now():%Y%m%d-%H%M%S}.json"
+        )
     directory = Path(args.result_dir or ".")
     directory.mkdir(parents=True, exist_ok=True)
     return directory / name

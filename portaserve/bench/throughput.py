@@ -40,8 +40,11 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
 def make_llm(args: argparse.Namespace) -> Any:
     from portaserve import LLM
 
-    options: dict[str, Any] = {"dtype": args.dtype, "seed": args.seed,
-                               "enable_prefix_caching": args.enable_prefix_caching}
+    options: dict[str, Any] = {
+        "dtype": args.dtype,
+        "seed": args.seed,
+        "enable_prefix_caching": args.enable_prefix_caching,
+    }
     for name in ("device", "max_num_seqs", "max_num_batched_tokens", "max_model_len"):
         value = getattr(args, name)
         if value is not None:
@@ -56,8 +59,9 @@ def check_positive(args: argparse.Namespace, *names: str) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1; got {value}", field=name)
 
 
-def measure_throughput(llm: Any, *, num_prompts: int, input_len: int, output_len: int,
-                       seed: int = 0) -> dict[str, float]:
+def measure_throughput(
+    llm: Any, *, num_prompts: int, input_len: int, output_len: int, seed: int = 0
+) -> dict[str, float]:
     """Generate for all prompts at once; return counts, elapsed seconds and rates."""
     from portaserve import SamplingParams
     from portaserve.bench.conditions import random_token_prompts
@@ -89,14 +93,28 @@ def run(args: argparse.Namespace) -> int:
 
     check_positive(args, "input_len", "output_len", "num_prompts")
     llm = make_llm(args)
-    conditions = machine_conditions() | engine_conditions(llm) | {
-        "input_len": args.input_len, "output_len": args.output_len, "num_prompts": args.num_prompts}
+    conditions = (
+        machine_conditions()
+        | engine_conditions(llm)
+        | {
+            "input_len": args.input_len,
+            "output_len": args.output_len,
+            "num_prompts": args.num_prompts,
+        }
+    )
     print_conditions("bench throughput: conditions", conditions)
-    r = measure_throughput(llm, num_prompts=args.num_prompts, input_len=args.input_len,
-                           output_len=args.output_len, seed=args.seed)
-    print(f"Throughput: {r['requests_per_second']:.2f} requests/s, "
-          f"{r['tokens_per_second']:.2f} total tokens/s, "
-          f"{r['output_tokens_per_second']:.2f} output tokens/s")
+    r = measure_throughput(
+        llm,
+        num_prompts=args.num_prompts,
+        input_len=args.input_len,
+        output_len=args.output_len,
+        seed=args.seed,
+    )
+    print(
+        f"Throughput: {r['requests_per_second']:.2f} requests/s, "
+        f"{r['tokens_per_second']:.2f} total tokens/s, "
+        f"{r['output_tokens_per_second']:.2f} output tokens/s"
+    )
     print(f"Total num prompt tokens:  {r['total_prompt_tokens']}")
     print(f"Total num output tokens:  {r['total_output_tokens']}")
     if args.output_json:

@@ -76,8 +76,9 @@ class FakeOpenAIServer:
         self.thread.join(timeout=10)
         self.loop.close()
 
-    async def _serve_connection(self, reader: asyncio.StreamReader,
-                                writer: asyncio.StreamWriter) -> None:
+    async def _serve_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         self.writers.add(writer)
         self.tasks.add(asyncio.current_task())
         try:
@@ -85,8 +86,10 @@ class FakeOpenAIServer:
                 head = await reader.readuntil(b"\r\n\r\n")
                 lines = head.decode().split("\r\n")
                 method, path, _ = lines[0].split(" ", 2)
-                headers = {k.strip().lower(): v.strip()
-                           for k, _, v in (line.partition(":") for line in lines[1:] if line)}
+                headers = {
+                    k.strip().lower(): v.strip()
+                    for k, _, v in (line.partition(":") for line in lines[1:] if line)
+                }
                 body = await reader.readexactly(int(headers.get("content-length", 0)))
                 await self._respond(method, path, body, writer)
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -96,24 +99,33 @@ class FakeOpenAIServer:
             self.writers.discard(writer)
             self.tasks.discard(asyncio.current_task())
 
-    async def _respond(self, method: str, path: str, raw: bytes,
-                       writer: asyncio.StreamWriter) -> None:
+    async def _respond(
+        self, method: str, path: str, raw: bytes, writer: asyncio.StreamWriter
+    ) -> None:
         if method == "GET" and path == "/v1/models":
             payload = json.dumps({"object": "list", "data": [{"id": "fake-model"}]}).encode()
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                         + f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                + f"Content-Length: {len(payload)}\r\n\r\n".encode()
+                + payload
+            )
             await writer.drain()
             return
         body = json.loads(raw)
         self.config.bodies.append(body)
         if self.config.fail_every and next(self.counter) % self.config.fail_every == 0:
             payload = b'{"error": {"message": "injected failure"}}'
-            writer.write(b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: application/json\r\n"
-                         + f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+            writer.write(
+                b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: application/json\r\n"
+                + f"Content-Length: {len(payload)}\r\n\r\n".encode()
+                + payload
+            )
             await writer.drain()
             return
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-                     b"Transfer-Encoding: chunked\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+        )
         await self._stream(body, path.endswith("/chat/completions"), writer)
         writer.write(b"0\r\n\r\n")
         await writer.drain()
@@ -129,7 +141,9 @@ class FakeOpenAIServer:
         for i in range(n):
             if i:
                 await asyncio.sleep(cfg.tpot)
-            choice = {"index": 0, "delta": {"content": TOKEN}} if chat else {"index": 0, "text": TOKEN}
+            choice = (
+                {"index": 0, "delta": {"content": TOKEN}} if chat else {"index": 0, "text": TOKEN}
+            )
             writer.write(_chunk(_sse({"choices": [choice]})))
             await writer.drain()
             first = first or time.perf_counter()

@@ -17,8 +17,10 @@ from portaserve.errors import ConfigError
 
 
 def _requests(rng: np.random.Generator, n: int, out_len: int) -> list[SampleRequest]:
-    return [SampleRequest(f"prompt {rng.integers(1 << 30)}", int(rng.integers(5, 50)), out_len)
-            for _ in range(n)]
+    return [
+        SampleRequest(f"prompt {rng.integers(1 << 30)}", int(rng.integers(5, 50)), out_len)
+        for _ in range(n)
+    ]
 
 
 def _run(base_url: str, requests, *, chat: bool = False, **kwargs):
@@ -35,8 +37,13 @@ def test_metrics_match_the_servers_delays():
     requests = _requests(rng, n, out_len)
     with FakeOpenAIServer(cfg) as url:
         results, duration, t0 = _run(url, requests, max_concurrency=conc)
-    m = calculate_metrics(results, duration, percentiles=[50, 90, 99],
-                          metric_names=["ttft", "tpot", "itl", "e2el"], t0=t0)
+    m = calculate_metrics(
+        results,
+        duration,
+        percentiles=[50, 90, 99],
+        metric_names=["ttft", "tpot", "itl", "e2el"],
+        t0=t0,
+    )
     assert m.completed == n and m.failed == 0
     assert m.total_output == n * out_len
     assert m.total_input == sum(r.prompt_len for r in requests)
@@ -97,7 +104,9 @@ def test_goodput_counts_requests_within_slos():
     cfg = FakeServerConfig(ttft=0.03, tpot=0.005)
     with FakeOpenAIServer(cfg) as url:
         results, duration, t0 = _run(url, _requests(rng, 4, 6))
-    loose = calculate_metrics(results, duration, goodput_slos=parse_goodput(["ttft:2000", "tpot:500"]))
+    loose = calculate_metrics(
+        results, duration, goodput_slos=parse_goodput(["ttft:2000", "tpot:500"])
+    )
     tight = calculate_metrics(results, duration, goodput_slos=parse_goodput(["ttft:10"]))
     assert loose.request_goodput == pytest.approx(loose.request_throughput)
     assert tight.request_goodput == 0.0
@@ -138,11 +147,30 @@ def test_result_json_has_vllm_keys():
         results, duration, t0 = _run(url, _requests(rng, 3, 5))
     m = calculate_metrics(results, duration, percentiles=[99], metric_names=["ttft", "tpot", "itl"])
     out = json.loads(json.dumps(result_dict(m, results)))
-    for key in ("duration", "completed", "failed", "total_input_tokens", "total_output_tokens",
-                "request_throughput", "output_throughput", "total_token_throughput",
-                "mean_ttft_ms", "median_ttft_ms", "std_ttft_ms", "p99_ttft_ms", "mean_tpot_ms",
-                "p99_itl_ms", "input_lens", "output_lens", "ttfts", "itls", "generated_texts",
-                "errors", "max_output_tokens_per_s", "max_concurrent_requests"):
+    for key in (
+        "duration",
+        "completed",
+        "failed",
+        "total_input_tokens",
+        "total_output_tokens",
+        "request_throughput",
+        "output_throughput",
+        "total_token_throughput",
+        "mean_ttft_ms",
+        "median_ttft_ms",
+        "std_ttft_ms",
+        "p99_ttft_ms",
+        "mean_tpot_ms",
+        "p99_itl_ms",
+        "input_lens",
+        "output_lens",
+        "ttfts",
+        "itls",
+        "generated_texts",
+        "errors",
+        "max_output_tokens_per_s",
+        "max_concurrent_requests",
+    ):
         assert key in out, key
     assert out["total_output_tokens"] == 15 and out["output_lens"] == [5, 5, 5]
     assert "mean_e2el_ms" not in out  # only the metrics asked for
