@@ -411,11 +411,15 @@ class Scheduler:
         admitted: list[Request] = []
         if budget <= 0 or len(self.running) >= self.config.max_num_seqs or not self.waiting:
             return budget
+        pending = self._pending_block_hashes()
         for request in self._waiting_order():
             if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
                 break
             entry = self._entries[request.request_id]
             cached = self._lookup_prefix(entry)
+            max_blocks = (request.num_tokens - 1) // self.block_size
+            if pending and len(cached) < max_blocks and entry.block_hashes[len(cached)] in pending:
+                continue  # its next block is being computed by another request: reuse it later
             num_hit = len(cached) * self.block_size
             num_new = min(request.num_tokens - num_hit, budget)
             need = self._blocks_needed(entry, num_hit + num_new) - len(cached)
@@ -432,7 +436,31 @@ class Scheduler:
             admitted.append(request)
             scheduled[request.request_id] = self._scheduled(request, num_new)
             budget -= num_new
+            if self.block_pool.enable_prefix_caching:
+                pending.update(self._uncomputed_block_hashes(entry))
         if admitted:
             gone = {id(r) for r in admitted}
             self.waiting = [r for r in self.waiting if id(r) not in gone]
         return budget
+
+    def _uncomputed_block_hashes(self, entry: _Entry) -> list[BlockHash]:
+        """Hashes of the request's full blocks that are not in the prefix cache yet."""
+        request = entry.request
+        num_full = request.num_tokens // self.block_size
+        extend_block_hashes(entry.block_hashes, request.all_token_ids, self.block_size,
+                            entry.extra_keys, num_full)
+        return entry.block_hashes[entry.num_cached_blocks:num_full]
+
+    def _pending_block_hashes(self) -> set[BlockHash]:
+        """Full blocks that running requests are computing now (in-batch prefix sharing).
+
+        A waiting request whose next uncached block is among these is held back a step or
+        a few, then finds that block in the cache instead of computing a second copy (as
+        SGLang does within a batch). The wait is bounded: the blocks get computed.
+        """
+        if not self.block_pool.enable_prefix_caching:
+            return set()
+        pending: set[BlockHash] = set()
+        for request in self.running:
+            pending.update(self._uncomputed_block_hashes(self._entries[request.request_id]))
+        return pending

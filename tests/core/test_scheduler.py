@@ -106,6 +106,24 @@ def test_shared_prefix_all_at_once_under_pressure() -> None:
     assert results[0] >= 400 and results[1] == 0
 
 
+@pytest.mark.parametrize("policy", ["fcfs", "cache-aware"])
+def test_burst_sharing_a_prefix_computes_it_once(policy: str) -> None:
+    """Requests arriving together wait for the first one's prefix instead of recomputing it."""
+    rng, seed = _rng()
+    system = _tokens(rng, 400)
+    prompts = [system + _tokens(rng, rng.randrange(1, 30)) for _ in range(8)]
+    prompts.append(list(prompts[0]))  # an identical prompt (as n > 1 fans out)
+    expected = {f"q{i}": reference_generate(p, 6) for i, p in enumerate(prompts)}
+    sched, model = _make(256, 16, max_num_batched_tokens=2048, policy=policy)
+    got = drive(sched, model, [make_request(f"q{i}", p, 6) for i, p in enumerate(prompts)])
+    assert got == expected, f"seed {seed}"
+    cached_in_q0 = (len(prompts[0]) - 1) // 16 * 16  # the copy leaves its last token to compute
+    assert sched.block_pool.stats.hit_tokens == 7 * 400 + cached_in_q0
+    num_prompt_tokens = sum(len(p) for p in prompts)
+    decode_tokens = 9 * 5
+    assert model.num_tokens_run == num_prompt_tokens - 7 * 400 - cached_in_q0 + decode_tokens
+
+
 def test_cache_salt_isolates_prefixes() -> None:
     rng, _ = _rng()
     prompt = _tokens(rng, 64)
