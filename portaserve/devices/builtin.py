@@ -14,7 +14,7 @@ from portaserve import hookimpl
 PORTASERVE_PLUGIN_API = "1.0"
 
 #: In-tree plugin modules loaded after this one (each in its own try).
-BUILTIN_PLUGINS: tuple[str, ...] = ()
+BUILTIN_PLUGINS: tuple[str, ...] = ("portaserve.devices.cuda", "portaserve.devices.rocm")
 
 
 @hookimpl

@@ -1,0 +1,226 @@
+"""The ``cuda`` device (NVIDIA GPUs through torch + Triton) and ``triton-interpret``.
+
+``cuda``: GEMMs through torch (cuBLAS) in bf16/fp16/fp32; Triton kernels for attention,
+``write_kv``, fused residual + RMSNorm, rotary and silu-and-mul (modules beside this one);
+the KV cache in layout ``blocks_hnd`` (``kv.py``); decode steps replayed from CUDA graphs
+(``graphs.py``, off with ``PORTASERVE_CUDA_GRAPHS=0``). The ``rocm`` device
+(``portaserve/devices/rocm.py``) shares all of this through ``TritonGPUDevice``.
+
+``triton-interpret``: the same Triton kernels run by Triton's interpreter on CPU tensors, so the
+conformance suite and CI check the GPU kernels' code on a machine without a GPU. Slow, float32
+and float16 only (the interpreter's bfloat16 is inexact); never chosen unless asked for.
+
+This module is an in-tree plugin (listed in ``portaserve.devices.builtin.BUILTIN_PLUGINS``). It
+imports neither triton nor CUDA at load: a missing triton or GPU shows as the probe's reason.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from portaserve import hookimpl
+from portaserve.plugins.device import (
+    Availability,
+    Capabilities,
+    Device,
+    Executor,
+    KernelFn,
+    KVCacheSpec,
+    MemoryInfo,
+)
+
+PORTASERVE_PLUGIN_API = "1.0"
+
+logger = logging.getLogger(__name__)
+
+#: The KV layout of every Triton device (see kv.py).
+KV_LAYOUT = "blocks_hnd"
+
+
+def embedding(ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return F.embedding(ids, weight)  # [T, H]
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return F.linear(x, weight, bias)  # [T, N], cuBLAS / hipBLASLt on GPU tensors
+
+
+def triton_kernels() -> dict[str, KernelFn]:
+    """The native ops of the Triton devices (imports triton). ``quant_linear`` and
+    ``all_reduce`` come from the reference (dequantize + F.linear; torch.distributed)."""
+    from portaserve.devices.cuda.activation import silu_and_mul
+    from portaserve.devices.cuda.attention import paged_attention
+    from portaserve.devices.cuda.kv import write_kv
+    from portaserve.devices.cuda.norm import rms_norm
+    from portaserve.devices.cuda.rotary import rotary
+
+    return {
+        "embedding": embedding,
+        "linear": linear,
+        "rms_norm": rms_norm,
+        "rotary": rotary,
+        "silu_and_mul": silu_and_mul,
+        "write_kv": write_kv,
+        "paged_attention": paged_attention,
+    }
+
+
+def triton_version() -> str | None:
+    """Triton's version, or None when it is not installed (checked without importing it)."""
+    if importlib.util.find_spec("triton") is None:
+        return None
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("triton")
+    except PackageNotFoundError:  # importable from a source tree without metadata
+        return "unknown"
+
+
+def allocate_blocks_hnd(spec: KVCacheSpec, device: torch.device) -> list[torch.Tensor]:
+    """One ``[2, num_blocks, Hk, block_size, D]`` tensor per layer, zeroed (so padded reads of a
+    captured graph never see NaN garbage)."""
+    shape = (2, spec.num_blocks, spec.num_kv_heads, spec.block_size, spec.head_dim)
+    return [torch.zeros(shape, dtype=spec.dtype, device=device) for _ in range(spec.num_layers)]
+
+
+class TritonGPUDevice(Device):
+    """Shared body of the Triton GPU devices (``cuda``, ``rocm``): torch's ``cuda`` device
+    namespace, which HIP builds of torch also use. Subclasses set ``name`` and ``probe``."""
+
+    #: Whether decode steps are captured as graphs on this device family.
+    graph_capture: bool = False
+
+    def __init__(self, index: int = 0) -> None:
+        super().__init__(index)
+        torch.cuda.set_device(index)  # Triton launches on the current device
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device("cuda", self.index)
+
+    def capabilities(self) -> Capabilities:
+        props = torch.cuda.get_device_properties(self.index)
+        dtypes = (torch.bfloat16, torch.float16, torch.float32) if torch.cuda.is_bf16_supported() \
+            else (torch.float16, torch.float32)
+        return Capabilities(
+            dtypes=dtypes,
+            kv_block_sizes=(16, 32, 64),
+            kv_layout=KV_LAYOUT,
+            supports_graph_capture=self.graph_capture,
+            default_max_num_seqs=256,
+            default_max_num_batched_tokens=8192,
+            default_memory_utilization=0.9,
+            dist_backend="nccl",
+            extra={
+                "gpu": props.name,
+                "compute_capability": f"{props.major}.{props.minor}",
+                "multiprocessors": props.multi_processor_count,
+                "memory_gib": round(props.total_memory / 2**30, 1),
+                "torch": torch.__version__,
+                "triton": triton_version(),
+            },
+        )
+
+    def kernels(self) -> dict[str, KernelFn]:
+        return triton_kernels()
+
+    def allocate_kv_cache(self, spec: KVCacheSpec) -> list[torch.Tensor]:
+        return allocate_blocks_hnd(spec, self.torch_device)
+
+    def memory_info(self) -> MemoryInfo:
+        free, total = torch.cuda.mem_get_info(self.index)
+        return MemoryInfo(free_bytes=int(free), total_bytes=int(total))
+
+    def synchronize(self) -> None:
+        torch.cuda.synchronize(self.index)
+
+    def compile(self, model: Any, kv_caches: list[Any]) -> Executor | None:
+        if not self.graph_capture:
+            return None
+        from portaserve.devices.cuda.graphs import graph_executor_for
+
+        return graph_executor_for(model, kv_caches, self.torch_device)
+
+
+def probe_gpu(runtime: str) -> Availability:
+    """Shared probe: torch sees a GPU of this build's ``runtime`` ("cuda" or "hip") and triton
+    is installed. Never raises."""
+    hip = getattr(torch.version, "hip", None)
+    if runtime == "cuda" and hip:
+        return Availability(False, f"torch {torch.__version__} is a ROCm/HIP build (use device rocm)")
+    if runtime == "hip" and not hip:
+        return Availability(False, f"torch {torch.__version__} is not a ROCm/HIP build")
+    if runtime == "cuda" and torch.version.cuda is None:
+        return Availability(False, f"torch {torch.__version__} is built without CUDA")
+    try:
+        if not torch.cuda.is_available():
+            return Availability(False, f"torch {torch.__version__} ({runtime}) sees no GPU")
+        count = torch.cuda.device_count()
+        props = torch.cuda.get_device_properties(0)
+    except (RuntimeError, AssertionError) as e:  # driver/runtime mismatch, broken install
+        return Availability(False, f"GPU runtime error: {e}")
+    triton = triton_version()
+    if triton is None:
+        return Availability(False, f"{count} GPU(s) ({props.name}) but triton is not installed "
+                                   f"(pip install 'portaserve[{'cuda' if runtime == 'cuda' else 'rocm'}]')")
+    version = torch.version.cuda if runtime == "cuda" else hip
+    return Availability(
+        True,
+        f"{count} x {props.name} (cc {props.major}.{props.minor}, "
+        f"{props.total_memory / 2**30:.0f} GiB), torch {torch.__version__} {runtime} {version}, "
+        f"triton {triton}")
+
+
+class CudaDevice(TritonGPUDevice):
+    """NVIDIA GPUs: torch (cuBLAS) GEMMs, Triton kernels, CUDA graphs for decode."""
+
+    name = "cuda"
+    priority = 100
+    graph_capture = False  # set True once graphs.py lands
+
+    @classmethod
+    def probe(cls) -> Availability:
+        return probe_gpu("cuda")
+
+
+class TritonInterpretDevice(Device):
+    """The Triton kernels of the GPU devices, run by Triton's interpreter on the host CPU."""
+
+    name = "triton-interpret"
+    priority = -100
+
+    @classmethod
+    def probe(cls) -> Availability:
+        version = triton_version()
+        if version is None:
+            return Availability(False, "triton is not installed (pip install triton)")
+        return Availability(True, f"triton {version} interpreter on the host CPU (slow; for tests)")
+
+    def capabilities(self) -> Capabilities:
+        return Capabilities(
+            dtypes=(torch.float32, torch.float16),
+            kv_block_sizes=(16,),
+            kv_layout=KV_LAYOUT,
+            default_max_num_seqs=16,
+            default_max_num_batched_tokens=512,
+            default_kv_cache_bytes=1 << 30,
+            extra={"triton": triton_version(), "interpreter": True},
+        )
+
+    def kernels(self) -> dict[str, KernelFn]:
+        return triton_kernels()
+
+    def allocate_kv_cache(self, spec: KVCacheSpec) -> list[torch.Tensor]:
+        return allocate_blocks_hnd(spec, torch.device("cpu"))
+
+
+@hookimpl
+def portaserve_register_devices(register: Any) -> None:
+    register(CudaDevice)
+    register(TritonInterpretDevice)
