@@ -1,0 +1,158 @@
+"""fp8 (e4m3) weights with scales, fp8 activations, and the fp8 KV cache option.
+
+Weight: ``weight`` float8_e4m3fn [N, K] and ``weight_scale`` float32, either a scalar (per
+tensor) or [N] (per output channel); ``w = weight * weight_scale``. ``meta["activation"]`` is
+how activations are quantized by a W8A8 kernel: ``"dynamic_per_token"`` (default; one scale per
+row of x), ``"dynamic_per_tensor"``, or ``"static"`` with ``data["input_scale"]`` from the
+checkpoint (the ``compressed-tensors`` / ``fbgemm_fp8`` / vLLM "fp8" layouts all reduce to this).
+
+The reference (``dequantize``) is weight-only: x stays in its dtype. ``fp8_linear`` is the
+W8A8 computation through ``torch._scaled_mm`` (the fp8 tensor-core matmul on sm_89+; torch also
+has a CPU implementation); ``fp8_linear_emulated`` states the same numerics in plain torch, so a
+W8A8 kernel is checked against it, and it against the reference within fp8 tolerance.
+
+KV cache: ``kv_cache_dtype("fp8_e4m3")`` is ``torch.float8_e4m3fn``. What the engine must do to
+use it: allocate the cache with that dtype (``KVCacheSpec.dtype``; half the bytes of bf16, so
+twice the blocks); ``write_kv`` casts new K/V to the cache dtype (scale 1.0, values beyond
++-448 saturate; ``index_copy_`` has no fp8 CPU kernel, so write through a ``uint8`` view of
+both sides); attention upcasts what it reads (the reference ``paged_attention`` already does
+``.float()``); prefix caching is unchanged (hashes are over token ids).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from portaserve.errors import ConfigError, ModelError
+from portaserve.quant.base import QuantizedWeight
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448.0
+ACTIVATION_SCHEMES = ("dynamic_per_token", "dynamic_per_tensor", "static")
+KV_CACHE_DTYPES = {"auto": None, "fp8": FP8_DTYPE, "fp8_e4m3": FP8_DTYPE,
+                   "fp8_e5m2": torch.float8_e5m2}
+
+
+def kv_cache_dtype(name: str, model_dtype: torch.dtype | None = None) -> torch.dtype | None:
+    """The KV cache dtype for ``--kv-cache-dtype NAME`` ("auto" -> ``model_dtype``)."""
+    if name not in KV_CACHE_DTYPES:
+        raise ConfigError(f"kv_cache_dtype must be one of {list(KV_CACHE_DTYPES)}; got {name!r}",
+                          field="kv_cache_dtype")
+    return KV_CACHE_DTYPES[name] or model_dtype
+
+
+def _scale_of(amax: torch.Tensor) -> torch.Tensor:
+    scale = amax.float() / FP8_MAX
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
+def quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x / scale`` saturated to +-448 and rounded to e4m3 (scale broadcasts over x)."""
+    return (x.float() / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
+class FP8Method:
+    """fp8 e4m3 weights, per-tensor or per-channel scales."""
+
+    name = "fp8"
+
+    def dequantize(self, weight: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
+        return self._dequant(weight.data["weight"], weight.data["weight_scale"], dtype)
+
+    def dequantize_rows(self, weight: QuantizedWeight, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        scale = weight.data["weight_scale"]
+        if scale.dim() == 1:
+            scale = scale.index_select(0, rows)
+        return self._dequant(weight.data["weight"].index_select(0, rows), scale, dtype)
+
+    @staticmethod
+    def _dequant(w: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        s = scale.float()
+        s = s[:, None] if s.dim() == 1 else s
+        return (w.float() * s).to(dtype)  # [N, K]
+
+    def select_rows(self, weight: QuantizedWeight, rows: torch.Tensor | slice) -> QuantizedWeight:
+        def pick(t: torch.Tensor) -> torch.Tensor:
+            return t[rows] if isinstance(rows, slice) else t.index_select(0, rows)
+
+        data = dict(weight.data)
+        data["weight"] = pick(data["weight"])
+        if data["weight_scale"].dim() == 1:
+            data["weight_scale"] = pick(data["weight_scale"])
+        return QuantizedWeight(self.name, (data["weight"].shape[0], weight.shape[1]), data, self,
+                               dict(weight.meta))
+
+    def quantize(self, w: torch.Tensor, per_channel: bool = True,
+                 activation: str = "dynamic_per_token") -> QuantizedWeight:
+        """Online: scale = amax / 448 per output channel (or per tensor)."""
+        if w.dim() != 2:
+            raise ConfigError(f"fp8: expected a 2-D weight; got shape {tuple(w.shape)}", field="weight")
+        wf = w.detach().float()
+        scale = _scale_of(wf.abs().amax(dim=1) if per_channel else wf.abs().amax())
+        q = quantize_fp8(wf, scale[:, None] if per_channel else scale)
+        return self.from_tensors(q, scale, activation=activation)
+
+    def from_tensors(self, weight: torch.Tensor, weight_scale: torch.Tensor,
+                     input_scale: torch.Tensor | None = None,
+                     activation: str | None = None) -> QuantizedWeight:
+        """From an fp8 checkpoint: ``weight`` e4m3 [N, K], ``weight_scale`` scalar, [1], [N] or
+        [N, 1]; ``input_scale`` (a scalar) makes the activation scheme static."""
+        if weight.dtype != FP8_DTYPE or weight.dim() != 2:
+            raise ModelError(f"fp8: weight must be 2-D float8_e4m3fn; got {weight.dtype} "
+                             f"{tuple(weight.shape)}", field="weight")
+        scale = weight_scale.float().reshape(-1)
+        if scale.numel() == 1:
+            scale = scale.reshape(())
+        elif scale.numel() != weight.shape[0]:
+            raise ModelError(f"fp8: weight_scale has {scale.numel()} values for {weight.shape[0]} "
+                             "rows (expected 1 or one per row)", field="weight_scale")
+        activation = activation or ("static" if input_scale is not None else "dynamic_per_token")
+        if activation not in ACTIVATION_SCHEMES:
+            raise ConfigError(f"fp8 activation scheme must be one of {ACTIVATION_SCHEMES}; got "
+                              f"{activation!r}", field="activation")
+        data = {"weight": weight.contiguous(), "weight_scale": scale.contiguous()}
+        if activation == "static":
+            if input_scale is None:
+                raise ModelError("fp8: static activation scheme needs input_scale", field="input_scale")
+            data["input_scale"] = input_scale.float().reshape(())
+        return QuantizedWeight(self.name, tuple(weight.shape), data, self, {"activation": activation})
+
+
+def quantize_activation(x: torch.Tensor, weight: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, K] -> (fp8 [T, K], float32 scale [T, 1] or scalar) by the weight's scheme."""
+    scheme = weight.meta.get("activation", "dynamic_per_token")
+    if scheme == "static":
+        scale = weight.data["input_scale"].to(x.device)
+    elif scheme == "dynamic_per_tensor":
+        scale = _scale_of(x.abs().amax())
+    else:
+        scale = _scale_of(x.abs().amax(dim=1, keepdim=True))  # [T, 1]
+    return quantize_fp8(x, scale), scale
+
+
+def fp8_linear_emulated(x: torch.Tensor, weight: QuantizedWeight,
+                        bias: torch.Tensor | None = None) -> torch.Tensor:
+    """W8A8 numerics in float32 torch: quantize x, multiply the fp8 values, scale the result."""
+    xq, xs = quantize_activation(x, weight)
+    ws = weight.data["weight_scale"].float()
+    out = xq.float() @ weight.data["weight"].float().t()  # [T, N]
+    out = out * xs * (ws if ws.dim() == 0 else ws[None, :])
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype)
+
+
+def fp8_linear(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """W8A8 through ``torch._scaled_mm`` (row-wise scales when per-token / per-channel)."""
+    xq, xs = quantize_activation(x, weight)
+    ws = weight.data["weight_scale"].float()
+    rowwise = xs.dim() > 0 or ws.dim() > 0
+    if rowwise:  # _scaled_mm wants both scales row-wise then: [T, 1] and [1, N]
+        xs = xs.expand(x.shape[0], 1).contiguous() if xs.dim() > 0 else xs.reshape(1, 1).expand(x.shape[0], 1).contiguous()
+        ws = ws.reshape(1, -1).expand(1, weight.shape[0]).contiguous()
+    out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.float32
+    out = torch._scaled_mm(xq, weight.data["weight"].t(), scale_a=xs, scale_b=ws, bias=None,
+                           out_dtype=out_dtype)
+    if bias is not None:
+        out = out + bias.to(out.dtype)
+    return out  # [T, N]
