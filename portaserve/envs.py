@@ -67,3 +67,9 @@ def openvino_precision() -> str:
 def openvino_weights() -> str:
     """``PORTASERVE_OPENVINO_WEIGHTS``: weight format of the openvino graph: f32, int8 or int4."""
     return os.environ.get("PORTASERVE_OPENVINO_WEIGHTS", "").strip().lower() or "f32"
+
+
+def cuda_graphs() -> bool:
+    """``PORTASERVE_CUDA_GRAPHS``: replay decode steps from CUDA graphs on cuda (default on;
+    ``0`` runs every step op by op)."""
+    return os.environ.get("PORTASERVE_CUDA_GRAPHS", "1").strip().lower() not in {"0", "false", "no", "off"}
