@@ -259,6 +259,8 @@ class BlockPool:
 
     def can_allocate(self, num_new_blocks: int, cached_block_ids: Sequence[int] = ()) -> bool:
         """Whether ``allocate(num_new_blocks, cached_block_ids)`` would succeed."""
+        if not cached_block_ids:
+            return num_new_blocks <= len(self._free)
         return num_new_blocks <= len(self._free) - self._num_revived(cached_block_ids)
 
     def allocate(self, num_new_blocks: int, cached_block_ids: Sequence[int] = ()) -> list[int]:

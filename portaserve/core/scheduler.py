@@ -36,7 +36,7 @@ import time
 from dataclasses import dataclass, field
 
 from portaserve.core.batch import ScheduledBatch, build_batch
-from portaserve.core.block_pool import BlockHash, BlockPool, ExtraKeys, extend_block_hashes
+from portaserve.core.block_pool import BlockHash, BlockPool, ExtraKeys, hash_block_tokens
 from portaserve.core.request import FinishReason, Request, RequestStatus
 from portaserve.errors import ConfigError, EngineOverloadedError, PortaserveError, RequestError
 
@@ -266,7 +266,7 @@ class Scheduler:
             entry = self._entries[request.request_id]
             need = self._blocks_needed(entry, request.num_computed_tokens + num_new)
             self_preempted = False
-            while not self.block_pool.can_allocate(need):
+            while need and not self.block_pool.can_allocate(need):
                 victim = self._pick_victim()
                 if self.running.index(victim) < i:  # (priority) it was scheduled earlier
                     i -= 1
@@ -277,7 +277,8 @@ class Scheduler:
                     break
             if self_preempted:
                 continue  # self.running shifted: index i is already the next request
-            entry.block_ids.extend(self.block_pool.allocate(need))
+            if need:
+                entry.block_ids.extend(self.block_pool.allocate(need))
             scheduled[request.request_id] = self._scheduled(request, num_new)
             budget -= num_new
             i += 1
@@ -287,8 +288,8 @@ class Scheduler:
 
         items = [
             (s.request.request_id,
-             s.request.all_token_ids[s.request.num_computed_tokens:
-                                     s.request.num_computed_tokens + s.num_new_tokens],
+             _token_slice(s.request, s.request.num_computed_tokens,
+                          s.request.num_computed_tokens + s.num_new_tokens),
              s.request.num_computed_tokens,
              self._entries[s.request.request_id].block_ids,
              s.needs_logits)
@@ -337,11 +338,23 @@ class Scheduler:
         num_full = request.num_computed_tokens // self.block_size
         if num_full <= entry.num_cached_blocks:
             return
-        extend_block_hashes(entry.block_hashes, request.all_token_ids, self.block_size,
-                            entry.extra_keys, num_full)
+        self._hash_blocks(entry, num_full)
         self.block_pool.cache_full_blocks(entry.block_ids, entry.block_hashes,
                                           entry.num_cached_blocks, num_full)
         entry.num_cached_blocks = num_full
+
+    def _hash_blocks(self, entry: _Entry, num_blocks: int) -> None:
+        """Make sure the first ``num_blocks`` (full) blocks of the request are hashed."""
+        start = len(entry.block_hashes)
+        if num_blocks <= start:
+            return
+        bs = self.block_size
+        # only the new blocks' tokens are sliced out; the chain continues from the last hash
+        tokens = _token_slice(entry.request, start * bs, num_blocks * bs)
+        parent = entry.block_hashes[-1] if start else None
+        for i in range(num_blocks - start):
+            parent = hash_block_tokens(parent, tokens[i * bs:(i + 1) * bs], entry.extra_keys)
+            entry.block_hashes.append(parent)
 
     def _pick_victim(self) -> Request:
         if self.config.policy == "priority":
@@ -403,8 +416,7 @@ class Scheduler:
             return []
         request = entry.request
         max_blocks = (request.num_tokens - 1) // self.block_size
-        extend_block_hashes(entry.block_hashes, request.all_token_ids, self.block_size,
-                            entry.extra_keys, max_blocks)
+        self._hash_blocks(entry, max_blocks)
         return self.block_pool.find_cached_prefix(entry.block_hashes, max_blocks)
 
     def _admit_waiting(self, budget: int, scheduled: dict[str, ScheduledRequest]) -> int:
@@ -447,8 +459,7 @@ class Scheduler:
         """Hashes of the request's full blocks that are not in the prefix cache yet."""
         request = entry.request
         num_full = request.num_tokens // self.block_size
-        extend_block_hashes(entry.block_hashes, request.all_token_ids, self.block_size,
-                            entry.extra_keys, num_full)
+        self._hash_blocks(entry, num_full)
         return entry.block_hashes[entry.num_cached_blocks:num_full]
 
     def _pending_block_hashes(self) -> set[BlockHash]:
@@ -464,3 +475,15 @@ class Scheduler:
         for request in self.running:
             pending.update(self._uncomputed_block_hashes(self._entries[request.request_id]))
         return pending
+
+
+def _token_slice(request: Request, start: int, end: int) -> list[int]:
+    """``request.all_token_ids[start:end]`` without concatenating the whole sequence."""
+    prompt = request.prompt_token_ids
+    num_prompt = len(prompt)
+    if end <= num_prompt:
+        return prompt[start:end]
+    outputs = request.output_token_ids
+    if start >= num_prompt:
+        return outputs[start - num_prompt:end - num_prompt]
+    return prompt[start:] + outputs[:end - num_prompt]
