@@ -12,6 +12,7 @@ wrapped in :class:`BenchTokenizer`; :func:`load_tokenizer` finds the model's own
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -110,9 +111,11 @@ def _special_ids(impl: Any) -> set[int]:
     return ids
 
 
+@functools.lru_cache(maxsize=8)
 def load_tokenizer(spec: str) -> BenchTokenizer:
     """Load the tokenizer named by ``spec``: a ``tokenizer.json``, a folder, a ``.gguf`` file
     or a model name portaserve can resolve. Raises :class:`ConfigError` naming ``tokenizer``.
+    Cached per ``spec`` (a tokenizer does not change once loaded).
     """
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix == ".json":

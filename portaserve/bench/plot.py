@@ -1,7 +1,7 @@
 """``bench serve --plot``: one PNG with latency distributions and throughput over time.
 
 Panels: TTFT, TPOT, ITL and E2EL histograms (ms, with median and p99 marked), then output
-tokens/s in 1-second buckets with requests in flight on a second axis. matplotlib (the
+tokens/s in buckets of about 1/60 of the run with requests in flight on a second axis. matplotlib (the
 ``bench`` extra) is imported here only, with the non-interactive Agg backend.
 """
 
@@ -56,16 +56,21 @@ def save_plot(
         ax.set_xlabel("ms")
         ax.set_ylabel("count")
     ax = fig.add_subplot(grid[2, :])
-    starts, rates = peak_output_rate(results, metrics.output_lens, t0)
-    ax.step(starts, rates, where="post", color="tab:green", label="output tok/s")
+    bucket = max(0.1, round(metrics.duration / 60, 1))
+    starts, rates = peak_output_rate(results, metrics.output_lens, t0, bucket_s=bucket)
+    if starts.size:  # close the last bucket so the step reaches its right edge
+        starts, rates = np.append(starts, starts[-1] + bucket), np.append(rates, rates[-1])
+    (rate_line,) = ax.step(starts, rates, where="post", color="tab:green", label="output tok/s")
     ax.set_xlabel("s since start")
-    ax.set_ylabel("output tokens/s (1 s buckets)")
+    ax.set_ylabel(f"output tokens/s ({bucket:g} s buckets)")
     twin = ax.twinx()
     times, in_flight = concurrency_over_time(ok)
-    twin.step(times - t0, in_flight, where="post", color="tab:orange", label="requests in flight")
+    (flight_line,) = twin.step(
+        times - t0, in_flight, where="post", color="tab:orange", label="requests in flight"
+    )
     twin.set_ylabel("requests in flight")
     ax.set_title("Throughput over time")
-    fig.legend(loc="lower right")
+    ax.legend(handles=[rate_line, flight_line], loc="upper left")
     path = Path(path)
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -399,6 +399,7 @@ def run(args: argparse.Namespace) -> int:
     """Entry point of ``portaserve bench serve``."""
     from portaserve.bench.datasets import build_dataset
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not one line per request
     percentiles = parse_percentiles(args.metric_percentiles)
     metric_names = parse_metric_names(args.percentile_metrics)
     slos = parse_goodput(args.goodput)

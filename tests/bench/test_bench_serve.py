@@ -174,3 +174,58 @@ def test_result_json_has_vllm_keys():
         assert key in out, key
     assert out["total_output_tokens"] == 15 and out["output_lens"] == [5, 5, 5]
     assert "mean_e2el_ms" not in out  # only the metrics asked for
+
+
+def test_cli_end_to_end_writes_result_and_plot(tokenizer, tmp_path, capsys):
+    from portaserve.serve.cli import main
+
+    rng = np.random.default_rng()
+    in_len, out_len = int(rng.integers(10, 40)), int(rng.integers(3, 8))
+    cfg = FakeServerConfig(ttft=0.01, tpot=0.002)
+    with FakeOpenAIServer(cfg) as url:
+        rc = main(
+            [
+                "bench",
+                "serve",
+                "--base-url",
+                url,
+                "--tokenizer",
+                "smollm2-135m",
+                "--num-prompts",
+                "5",
+                "--random-input-len",
+                str(in_len),
+                "--random-output-len",
+                str(out_len),
+                "--max-concurrency",
+                "2",
+                "--ignore-eos",
+                "--goodput",
+                "ttft:5000",
+                "--save-result",
+                "--save-detailed",
+                "--result-dir",
+                str(tmp_path),
+                "--result-filename",
+                "r.json",
+                "--plot",
+                "--disable-tqdm",
+                "--metadata",
+                "machine=test",
+            ]
+        )
+    assert rc == 0
+    out = json.loads((tmp_path / "r.json").read_text())
+    assert out["model_id"] == "fake-model"  # taken from /v1/models
+    assert out["tokenizer_id"] == "smollm2-135m"
+    assert out["completed"] == 5 and out["total_output_tokens"] == 5 * out_len
+    assert out["input_lens"] == [in_len] * 5 and out["total_input_tokens"] == 5 * in_len
+    assert out["request_goodput"] == pytest.approx(out["request_throughput"])
+    assert out["machine"] == "test" and out["max_concurrency"] == 2
+    for key in ("p90_ttft_ms", "p99_tpot_ms", "median_itl_ms", "mean_e2el_ms"):
+        assert out[key] > 0
+    for body in cfg.bodies:
+        assert len(tokenizer.encode(body["prompt"])) == in_len
+    assert (tmp_path / "r.png").stat().st_size > 10_000
+    text = capsys.readouterr().out
+    assert "Serving Benchmark Result" in text and "Output token throughput (tok/s):" in text
