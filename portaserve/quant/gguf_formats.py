@@ -26,6 +26,7 @@ reads, but not llama.cpp's error-minimizing scale search.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -180,7 +181,12 @@ class GGUFMethod:
                 f"{self.name}: row length {k} is not a multiple of the block size "
                 f"{self.block_size}", field="shape")
         num_blocks = k // self.block_size
-        raw_t = torch.as_tensor(np.ascontiguousarray(raw)) if isinstance(raw, np.ndarray) else raw
+        if isinstance(raw, np.ndarray):
+            with warnings.catch_warnings():  # a read-only mmap view: the fields below are copies
+                warnings.filterwarnings("ignore", message=".*not writable.*")
+                raw_t = torch.as_tensor(np.ascontiguousarray(raw))
+        else:
+            raw_t = raw
         if raw_t.dtype != torch.uint8 or raw_t.numel() != n * num_blocks * self.type_size:
             raise ConfigError(
                 f"{self.name}: expected {n * num_blocks * self.type_size} uint8 bytes for shape "
