@@ -20,7 +20,7 @@ from portaserve.plugins.device import KVCacheSpec
 
 ov = pytest.importorskip("openvino")
 
-from portaserve.devices.openvino import CPU_BLOCK_SIZE, OpenVINODevice, rope_cos_sin  # noqa: E402
+from portaserve.devices.openvino import CPU_BLOCK_SIZE, OpenVINODevice  # noqa: E402
 
 BS = CPU_BLOCK_SIZE
 
@@ -141,6 +141,14 @@ class _Model:
         self.config = cfg
         self.weights = weights
         self.cos_sin_cache = rope_cos_sin(cfg)
+
+
+def rope_cos_sin(cfg: ModelConfig) -> torch.Tensor:
+    """cat(cos, sin) of each position's angles [P, D] (no scaling)."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    angles = torch.outer(torch.arange(cfg.max_position_embeddings, dtype=torch.float32), inv_freq)
+    return torch.cat((angles.cos(), angles.sin()), dim=-1)
 
 
 def _reference_forward(model: _Model, batch, kv_caches) -> torch.Tensor:

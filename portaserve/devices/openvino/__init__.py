@@ -160,7 +160,7 @@ class OpenVINODevice(Device):
         from portaserve.devices.openvino.graph import GraphOptions, build_llama_graph
 
         config = model.config
-        graph = build_llama_graph(config, model_weights(model), model_cos_sin(model),
+        graph = build_llama_graph(config, model_weights(model), model.cos_sin_cache,
                                   GraphOptions(weight_format=self.weight_format))
         try:
             compiled = _core().compile_model(graph, self.target, self.config)
@@ -171,42 +171,52 @@ class OpenVINODevice(Device):
 
 
 def model_weights(model: Any) -> dict[str, Any]:
-    """The model's weights under Hugging Face names (tensors or QuantizedWeight)."""
-    for attr in ("weights", "params"):
-        found = getattr(model, attr, None)
-        if isinstance(found, dict):
-            return found
-    if hasattr(model, "state_dict"):
-        return dict(model.state_dict())
-    raise DeviceError(f"openvino: cannot read the weights of {type(model).__name__}")
+    """The model's weights under Hugging Face names (dense tensors or ``QuantizedWeight``).
+
+    Reads a plain ``weights`` dict when the model has one; otherwise the core
+    ``LlamaForCausalLM``'s attributes, whose fused q/k/v and gate/up projections are split
+    back by rows (views, no copies).
+    """
+    found = getattr(model, "weights", None)
+    if isinstance(found, dict):
+        return found
+    if not hasattr(model, "layers") or not hasattr(model, "embed_tokens"):
+        raise DeviceError(f"openvino: cannot read the weights of {type(model).__name__}")
+    cfg = model.config
+    d = cfg.head_dim
+    w: dict[str, Any] = {"model.embed_tokens.weight": model.embed_tokens,
+                         "model.norm.weight": model.norm}
+    if model.lm_head is not model.embed_tokens:
+        w["lm_head.weight"] = model.lm_head
+    for i, layer in enumerate(model.layers):
+        p = f"model.layers.{i}."
+        w[p + "input_layernorm.weight"] = layer.input_norm
+        w[p + "post_attention_layernorm.weight"] = layer.post_norm
+        _unfuse(w, p + "self_attn.", ("q_proj", "k_proj", "v_proj"), layer.qkv,
+                (cfg.num_heads * d, cfg.num_kv_heads * d, cfg.num_kv_heads * d))
+        _unfuse(w, p + "self_attn.", ("o_proj",), layer.o, (cfg.hidden_size,))
+        _unfuse(w, p + "mlp.", ("gate_proj", "up_proj"), layer.gate_up,
+                (cfg.intermediate_size, cfg.intermediate_size))
+        _unfuse(w, p + "mlp.", ("down_proj",), layer.down, (cfg.hidden_size,))
+        if layer.q_norm is not None:
+            w[p + "self_attn.q_norm.weight"] = layer.q_norm
+            w[p + "self_attn.k_norm.weight"] = layer.k_norm
+    return w
 
 
-def model_cos_sin(model: Any) -> torch.Tensor:
-    """The model's rotary table [P, D]; computed from its config when the model has none."""
-    table = getattr(model, "cos_sin_cache", None)
-    if isinstance(table, torch.Tensor):
-        return table
-    return rope_cos_sin(model.config)
-
-
-def rope_cos_sin(config: Any, max_positions: int | None = None) -> torch.Tensor:
-    """``cat(cos, sin)`` per position [P, D] for plain, linear and llama3 rope scaling."""
-    d = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
-    scaling = config.rope_scaling or {}
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
-    if kind == "linear":
-        inv_freq = inv_freq / scaling["factor"]
-    elif kind == "llama3":
-        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
-        old = scaling["original_max_position_embeddings"]
-        wavelen = 2 * torch.pi / inv_freq
-        smooth = ((old / wavelen) - low) / (high - low)
-        scaled = torch.where(wavelen > old / low, inv_freq / factor, inv_freq)
-        mid = (wavelen <= old / low) & (wavelen >= old / high)
-        inv_freq = torch.where(mid, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
-    elif kind != "default":
-        raise DeviceError(f"openvino: rope scaling {kind!r} is not supported")
-    positions = torch.arange(max_positions or config.max_position_embeddings, dtype=torch.float64)
-    angles = positions[:, None] * inv_freq[None, :]  # [P, D/2]
-    return torch.cat((angles.cos(), angles.sin()), dim=-1).float()
+def _unfuse(out: dict[str, Any], prefix: str, names: tuple[str, ...], proj: list[Any],
+            rows: tuple[int, ...]) -> None:
+    """Name the parts of one projection: either one per name, or one fused dense [sum N, K]."""
+    if len(proj) == len(names):
+        parts = [(weight, bias) for weight, bias in proj]
+    elif len(proj) == 1 and isinstance(proj[0][0], torch.Tensor):
+        weight, bias = proj[0]
+        weights = torch.split(weight, list(rows), dim=0)
+        biases = torch.split(bias, list(rows)) if bias is not None else [None] * len(rows)
+        parts = list(zip(weights, biases, strict=True))
+    else:
+        raise DeviceError(f"openvino: cannot split projection {prefix}{names} of {len(proj)} parts")
+    for name, (weight, bias) in zip(names, parts, strict=True):
+        out[f"{prefix}{name}.weight"] = weight
+        if bias is not None:
+            out[f"{prefix}{name}.bias"] = bias

@@ -75,6 +75,13 @@ def _dense(weight: Any) -> np.ndarray:
     return dequantize(torch.float32).contiguous().numpy()
 
 
+def _dense_const(weight: Any) -> Any:
+    """A dense f32 constant; a contiguous f32 torch weight is shared with the model, not copied."""
+    if isinstance(weight, torch.Tensor) and weight.dtype == torch.float32 and weight.is_contiguous():
+        return ops.constant(weight.detach().numpy(), shared_memory=True)
+    return ops.constant(_dense(weight))
+
+
 def _compressed(w: np.ndarray, weight_format: str, group_size: int) -> Any:
     """A [N, K] f32 weight as u8/u4 codes with zero points and scales, decompressed in-graph."""
     n, k = w.shape
@@ -115,11 +122,11 @@ class _Builder:
         return ops.constant(_dense(self.weight(name)).reshape(-1))
 
     def linear(self, x: Any, name: str, bias: str | None = None) -> Any:
-        w = _dense(self.weight(name))  # [N, K]
         if self.options.weight_format == "f32":
-            wnode = ops.constant(w)
+            wnode = _dense_const(self.weight(name))  # [N, K]
         else:
-            wnode = _compressed(w, self.options.weight_format, self.options.int4_group_size)
+            wnode = _compressed(_dense(self.weight(name)), self.options.weight_format,
+                                self.options.int4_group_size)
         y = ops.matmul(x, wnode, False, True)
         if bias is not None and bias in self.weights:
             y = ops.add(y, self.vector(bias))
@@ -185,9 +192,10 @@ def build_llama_graph(
     logits_indices = _param([-1], ov.Type.i64, "logits_indices")
     params = [input_ids, positions, *step.values(), logits_indices]
 
-    embed = ops.constant(_dense(b.weight("model.embed_tokens.weight")))  # [V, H]
+    embed = _dense_const(b.weight("model.embed_tokens.weight"))  # [V, H]
     hidden = ops.gather(embed, input_ids, np.int64(0))  # [T, H]
-    cos, sin = rotary_cos_sin(ops.constant(cos_sin_cache.float().numpy()), positions)  # [T,1,D/2]
+    table = ops.constant(cos_sin_cache.to(torch.float32).contiguous().numpy())  # [P, D]
+    cos, sin = rotary_cos_sin(table, positions)  # [T, 1, D/2] each
     heads_q = _const([0, hq, d], np.int64)
     heads_k = _const([0, hk, d], np.int64)
     flat_q = _const([0, hq * d], np.int64)
