@@ -134,3 +134,78 @@ def test_triton_interpret_kernel_table_runs_the_triton_kernels() -> None:
     out = table.paged_attention(q, caches[0], attn, 0.25)
     want = ref.paged_attention(q, expected_cache, attn, 0.25, kv_layout="blocks_hnd")
     torch.testing.assert_close(out.float(), want.float(), atol=3e-3, rtol=3e-3)
+
+
+# --- decode graphs (the executor's padding and buffers, replayed eagerly on CPU) ---------------
+
+
+def tiny_llama(kernels, dtype: torch.dtype, gen: torch.Generator):
+    from portaserve.core.config import ModelConfig
+    from portaserve.core.models.llama import LlamaForCausalLM
+
+    config = ModelConfig(architecture="llama", vocab_size=50, hidden_size=32, intermediate_size=48,
+                         num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+                         max_position_embeddings=64)
+
+    def w(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen) * shape[-1] ** -0.5
+
+    weights = {"model.embed_tokens.weight": w(50, 32), "model.norm.weight": 1 + 0.1 * w(32),
+               "lm_head.weight": w(50, 32)}
+    for i in range(2):
+        p = f"model.layers.{i}"
+        weights |= {f"{p}.input_layernorm.weight": 1 + 0.1 * w(32),
+                    f"{p}.post_attention_layernorm.weight": 1 + 0.1 * w(32),
+                    f"{p}.self_attn.q_proj.weight": w(32, 32), f"{p}.self_attn.k_proj.weight": w(16, 32),
+                    f"{p}.self_attn.v_proj.weight": w(16, 32), f"{p}.self_attn.o_proj.weight": w(32, 32),
+                    f"{p}.mlp.gate_proj.weight": w(48, 32), f"{p}.mlp.up_proj.weight": w(48, 32),
+                    f"{p}.mlp.down_proj.weight": w(32, 48)}
+    return LlamaForCausalLM(config, weights, kernels, dtype=dtype, device=torch.device("cpu"))
+
+
+def test_graph_ladder() -> None:
+    from portaserve.devices.cuda.graphs import batch_size_ladder
+
+    assert batch_size_ladder(1) == [1]
+    assert batch_size_ladder(6) == [1, 2, 4, 6]
+    assert batch_size_ladder(256)[:9] == [1, 2, 4, 8, 16, 24, 32, 48, 64]
+    assert batch_size_ladder(256)[-3:] == [192, 224, 256]
+
+
+def test_graph_executor_pads_decode_and_matches_eager(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("triton")
+    from portaserve.devices.cuda.graphs import graph_executor_for
+
+    monkeypatch.delenv("PORTASERVE_CUDA_GRAPHS", raising=False)
+    gen = torch.Generator().manual_seed(11)
+    registry = get_registry()
+    device, _ = registry.select_device("triton-interpret")
+    model = tiny_llama(registry.kernel_table(device), torch.float32, gen)
+    spec = KVCacheSpec(num_layers=2, num_blocks=16, block_size=16, num_kv_heads=2, head_dim=8, dtype=torch.float32)
+    graph_caches, eager_caches = device.allocate_kv_cache(spec), device.allocate_kv_cache(spec)
+    executor = graph_executor_for(model, graph_caches, torch.device("cpu"), max_batch=4, eager_replay=True)
+    assert executor is not None and executor.sizes == [1, 2, 4]
+
+    def eager(batch):
+        attn = batch.attention_metadata(torch.device("cpu"))
+        hidden = model.forward(batch.token_ids, batch.positions, attn, eager_caches)
+        return model.compute_logits(hidden[batch.logits_indices])
+
+    tables = {"a": [3, 9], "b": [12], "c": [0, 5]}  # block 0 is a real block of request c
+    prompts = {r: torch.randint(0, 50, (n,), generator=gen).tolist() for r, n in (("a", 18), ("b", 5), ("c", 20))}
+    steps = [[(r, prompts[r], 0, tables[r], True) for r in "abc"]]  # a prefill step: op by op
+    lens = {r: len(p) for r, p in prompts.items()}
+    for step in range(3):  # decode steps: 3 requests replay the size-4 graph with one padded row
+        tokens = {r: int(torch.randint(0, 50, (1,), generator=gen)) for r in "abc"}
+        steps.append([(r, [tokens[r]], lens[r] + step, tables[r], True) for r in "abc"])
+    steps.append([(r, [7], lens[r] + 3, tables[r], True) for r in "ab"])  # 2 requests: size 2
+    for items in steps:
+        batch = build_batch(items, 16)
+        got, want = executor.execute(batch), eager(batch)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert executor.num_eager == 1 and executor.num_replays == 4
+    for got_cache, want_cache in zip(graph_caches, eager_caches, strict=True):
+        torch.testing.assert_close(got_cache, want_cache, atol=1e-5, rtol=1e-5)  # padding wrote nothing
+
+    monkeypatch.setenv("PORTASERVE_CUDA_GRAPHS", "0")
+    assert graph_executor_for(model, graph_caches, torch.device("cpu"), eager_replay=True) is None

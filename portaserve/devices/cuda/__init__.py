@@ -145,7 +145,13 @@ class TritonGPUDevice(Device):
             return None
         from portaserve.devices.cuda.graphs import graph_executor_for
 
-        return graph_executor_for(model, kv_caches, self.torch_device)
+        try:
+            return graph_executor_for(model, kv_caches, self.torch_device)
+        except RuntimeError:  # capture is an optimisation: say why and run op by op
+            logger.warning("%s: CUDA graph capture failed; running every step op by op "
+                           "(PORTASERVE_CUDA_GRAPHS=0 skips the attempt)", self.describe(),
+                           exc_info=True)
+            return None
 
 
 def probe_gpu(runtime: str) -> Availability:
@@ -182,7 +188,7 @@ class CudaDevice(TritonGPUDevice):
 
     name = "cuda"
     priority = 100
-    graph_capture = False  # set True once graphs.py lands
+    graph_capture = True
 
     @classmethod
     def probe(cls) -> Availability:
