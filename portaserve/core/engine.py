@@ -121,6 +121,10 @@ class LLMEngine:
         spec = KVCacheSpec(mc.num_layers, 1, block_size, mc.num_kv_heads, mc.head_dim, self.dtype)
         num_blocks = config.num_kv_blocks or self._size_kv_cache(spec, max_num_seqs)
         spec = replace(spec, num_blocks=num_blocks)
+        if config.max_model_len is None and num_blocks * block_size < self.max_model_len:
+            logger.warning("max_model_len lowered from %d to the KV capacity %d tokens",
+                           self.max_model_len, num_blocks * block_size)
+            self.max_model_len = num_blocks * block_size
         self.kv_caches = self.device.allocate_kv_cache(spec)
         self.kv_spec = spec
         self.kv_capacity_tokens = num_blocks * block_size
@@ -310,16 +314,15 @@ class LLMEngine:
         return len(self._parents)
 
     def stats(self) -> EngineStats:
-        s = self.scheduler
-        pool = s.block_pool
+        s = self.scheduler.stats
         return EngineStats(
             num_running=s.num_running,
             num_waiting=s.num_waiting,
-            kv_usage=pool.usage,
-            prefix_cache_queries=pool.stats.query_tokens,
-            prefix_cache_hits=pool.stats.hit_tokens,
+            kv_usage=s.kv_usage,
+            prefix_cache_queries=s.prefix_cache_query_tokens,
+            prefix_cache_hits=s.prefix_cache_hit_tokens,
             num_preemptions=s.num_preemptions,
-            num_kv_blocks=pool.num_blocks,
+            num_kv_blocks=self.kv_spec.num_blocks,
         )
 
     # -- the step --------------------------------------------------------------------------
