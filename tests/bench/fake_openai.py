@@ -137,18 +137,19 @@ class FakeOpenAIServer:
         await asyncio.sleep(cfg.ttft)
         if chat:  # a role-only chunk first, as real servers send: must not count as a token
             writer.write(_chunk(_sse({"choices": [{"index": 0, "delta": {"role": "assistant"}}]})))
-        first = 0.0
+        first = last = 0.0
         for i in range(n):
             if i:
                 await asyncio.sleep(cfg.tpot)
             choice = (
                 {"index": 0, "delta": {"content": TOKEN}} if chat else {"index": 0, "text": TOKEN}
             )
+            last = time.perf_counter()  # before the write: the client cannot see it earlier
+            first = first or last
             writer.write(_chunk(_sse({"choices": [choice]})))
             await writer.drain()
-            first = first or time.perf_counter()
         key = body["messages"][0]["content"] if chat else body["prompt"]
-        cfg.sent[key] = (first, time.perf_counter())
+        cfg.sent[key] = (first, last)
         if cfg.send_usage and (body.get("stream_options") or {}).get("include_usage"):
             usage = {"prompt_tokens": 7, "completion_tokens": n, "total_tokens": 7 + n}
             writer.write(_chunk(_sse({"choices": [], "usage": usage})))

@@ -47,23 +47,27 @@ def test_metrics_match_the_servers_delays():
     assert m.completed == n and m.failed == 0
     assert m.total_output == n * out_len
     assert m.total_input == sum(r.prompt_len for r in requests)
-    # against what the server really did (its own clock): tight
+    # against what the server really did (its own clock, the same perf_counter): tight
+    first_lag, last_lag, tpot_err = [], [], []
     for req, r in zip(requests, results, strict=True):
         first, last = cfg.sent[req.prompt]
-        assert 0.0 <= r.chunk_times[0] - first < 0.02
-        assert 0.0 <= r.chunk_times[-1] - last < 0.02
+        first_lag.append(r.chunk_times[0] - first)
+        last_lag.append(r.chunk_times[-1] - last)
         true_tpot = (last - first) / (out_len - 1)
-        client_tpot = (r.latency - r.ttft) / (out_len - 1)
-        assert client_tpot == pytest.approx(true_tpot, abs=0.003)
-    # against what the server was told to do: loose enough for a busy 2-core machine
+        tpot_err.append(abs((r.latency - r.ttft) / (out_len - 1) - true_tpot))
+    assert min(first_lag) >= 0.0 and min(last_lag) >= 0.0
+    assert np.median(first_lag) < 0.01 and np.median(last_lag) < 0.01
+    assert np.median(tpot_err) < 0.002
+    # against what the server was told to do: never below it; above it by what a busy
+    # 2-core machine adds (the server's own sleeps run late under load)
     s = m.stats
-    assert ttft * 1000 <= s["median_ttft_ms"] < ttft * 1000 * 1.5 + 20
-    assert tpot * 1000 <= s["median_tpot_ms"] < tpot * 1000 * 1.5 + 3
-    assert tpot * 1000 * 0.8 <= s["median_itl_ms"] < tpot * 1000 * 1.5 + 3
+    assert ttft * 1000 <= s["median_ttft_ms"] < ttft * 1000 * 3 + 30
+    assert tpot * 1000 <= s["median_tpot_ms"] < tpot * 1000 * 3 + 5
+    assert tpot * 1000 * 0.8 <= s["median_itl_ms"] < tpot * 1000 * 3 + 5
     expected_e2el = ttft + (out_len - 1) * tpot
-    assert expected_e2el * 1000 <= s["median_e2el_ms"] < expected_e2el * 1000 * 1.5 + 20
+    assert expected_e2el * 1000 <= s["median_e2el_ms"] < expected_e2el * 1000 * 3 + 30
     expected_duration = 2 * expected_e2el  # 8 requests, 4 at a time: two waves
-    assert expected_duration <= duration < expected_duration * 1.5 + 0.05
+    assert expected_duration <= duration < expected_duration * 3 + 0.1
     assert m.output_throughput == pytest.approx(n * out_len / duration)
     assert m.request_throughput == pytest.approx(n / duration)
     assert m.max_concurrent_requests == conc
