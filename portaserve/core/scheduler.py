@@ -13,7 +13,10 @@ needs a block and none is free, the scheduler preempts by recompute: the most re
 running request (under "priority": the lowest priority, latest arrival) releases all its blocks
 and goes back to the front of the waiting queue with ``num_computed_tokens = 0``; its output
 tokens stay and are re-prefilled with its prompt (usually cheaply, from the prefix cache), so
-nothing is lost or repeated. No new request is admitted in a step that preempted.
+nothing is lost or repeated. No new request is admitted in a step that preempted. A waiting
+request whose next uncached block is being computed right now by a running request waits
+(a bounded time) and then reuses that block, so a burst sharing a system prompt, or the n
+sequences of one prompt, compute the shared prefix once.
 
 Policies (order of the waiting queue):
 

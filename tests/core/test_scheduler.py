@@ -324,7 +324,7 @@ _op = st.one_of(
 )
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     ops=st.lists(_op, min_size=1, max_size=40),
     policy=st.sampled_from(["fcfs", "priority", "cache-aware"]),
@@ -382,3 +382,26 @@ def test_random_operations_keep_invariants(ops: list[tuple], policy: str, cachin
     for request in done.values():
         want = reference_generate(request.prompt_token_ids, request.num_output_tokens)
         assert request.output_token_ids == want
+
+
+def test_request_held_for_a_shared_prefix_runs_when_its_owner_is_aborted() -> None:
+    rng, seed = _rng()
+    system = _tokens(rng, 200)
+    owner = make_request("owner", system + [1], 4)
+    follower = make_request("follower", system + [2, 3], 4)
+    sched, model = _make(64, 8, max_num_batched_tokens=256)
+    sched.add_request(owner)
+    sched.add_request(follower)
+    out = sched.schedule()  # budget is left, but the follower waits for the owner's blocks
+    assert [s.request.request_id for s in out.scheduled] == ["owner"]
+    assert sched.num_waiting == 1
+    sched.finish_request("owner", FinishReason.ABORT)  # before its blocks were cached
+    model.step(out.batch)
+    sched.update_from_output(out, {})
+    out = sched.schedule()
+    assert [(s.request.request_id, s.num_new_tokens) for s in out.scheduled] == [("follower", 202)]
+    sched.update_from_output(out, model.step(out.batch))
+    got = drive(sched, model)
+    assert follower.num_cached_tokens == 0
+    assert got["follower"] == reference_generate(follower.prompt_token_ids, 4), f"seed {seed}"
+    assert sched.block_pool.num_free_blocks == 64
