@@ -1,0 +1,228 @@
+"""The Llama family (Llama 2/3, Mistral, Qwen2/2.5, Qwen3, SmolLM2, TinyLlama) over the kernel table.
+
+Written once for every device: each op is a call into ``KernelTable`` and nothing here knows
+which device runs it. Weights arrive under Hugging Face names (dense tensors or
+``QuantizedWeight``); at construction dense q/k/v are fused into one projection and gate/up into
+another, so a layer runs four GEMMs. Covers tied embeddings, q/k/v bias (Qwen2), per-head q/k
+RMSNorm (Qwen3), and rotary scaling (linear, Llama 3, GGUF frequency factors) folded into one
+``cos_sin_cache`` computed at construction. Rotary is NeoX style (rotate-half); GGUF loaders
+undo llama.cpp's interleaved Q/K layout before the weights reach this module.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from portaserve.core.config import ModelConfig
+from portaserve.errors import ModelError
+from portaserve.plugins.device import AttentionMetadata
+from portaserve.plugins.kernel_table import KernelTable
+from portaserve.quant.base import QuantizedWeight
+
+Weight = torch.Tensor | QuantizedWeight
+#: one projection: (weight [N, K], bias [N] | None); a fused projection is a list of one
+Proj = list[tuple[Weight, torch.Tensor | None]]
+
+
+@dataclass(slots=True)
+class _Layer:
+    input_norm: torch.Tensor  # [H]
+    post_norm: torch.Tensor  # [H]
+    qkv: Proj  # -> [T, (Hq + 2 Hk) D]
+    o: Proj  # -> [T, H]
+    gate_up: Proj  # -> [T, 2 I]
+    down: Proj  # -> [T, H]
+    q_norm: torch.Tensor | None  # [D] (Qwen3)
+    k_norm: torch.Tensor | None
+
+
+class LlamaForCausalLM:
+    """A decoder-only Llama-family model. ``forward`` gives hidden states, ``compute_logits``
+    the float32 logits of the rows the sampler needs."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        weights: dict[str, Weight],
+        kernels: KernelTable,
+        *,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        self.config = config
+        self.kernels = kernels
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self._weights = weights
+        self._used: set[str] = set()
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.scale = config.head_dim**-0.5
+        self.eps = config.rms_norm_eps
+
+        self.embed_tokens = self._take("model.embed_tokens.weight")
+        self.layers = [self._build_layer(i) for i in range(config.num_layers)]
+        self.norm = self._take("model.norm.weight")
+        if config.tie_word_embeddings:
+            self.lm_head = self.embed_tokens
+            self._used.add("lm_head.weight")  # a tied copy in the file is not needed
+        else:
+            self.lm_head = self._take("lm_head.weight")
+        unused = sorted(set(weights) - self._used)
+        if unused:
+            raise ModelError(f"{type(self).__name__} ({config.architecture}) does not use the "
+                             f"weights {unused[:6]}{'...' if len(unused) > 6 else ''}",
+                             field="model")
+        del self._weights
+        self.cos_sin_cache = rotary_cos_sin_cache(config).to(device=self.device, dtype=dtype)
+
+    # -- construction -----------------------------------------------------------------------
+
+    def _take(self, name: str, required: bool = True) -> Any:
+        weight = self._weights.get(name)
+        if weight is None:
+            if required:
+                raise ModelError(f"{self.config.architecture} model is missing weight {name!r}",
+                                 field="model")
+            return None
+        self._used.add(name)
+        if isinstance(weight, QuantizedWeight):
+            return weight.to(self.device)
+        return weight.to(device=self.device, dtype=self.dtype)
+
+    def _proj(self, prefix: str, names: tuple[str, ...]) -> Proj:
+        parts = [(self._take(f"{prefix}.{n}.weight"), self._take(f"{prefix}.{n}.bias", False))
+                 for n in names]
+        dense = all(isinstance(w, torch.Tensor) for w, _ in parts)
+        if len(parts) == 1 or not dense:
+            return parts
+        has_bias = [b is not None for _, b in parts]
+        weight = torch.cat([w for w, _ in parts], dim=0)  # [sum N, K]
+        if not any(has_bias):
+            return [(weight, None)]
+        biases = [b if b is not None else torch.zeros(w.shape[0], dtype=self.dtype,
+                                                      device=self.device) for w, b in parts]
+        return [(weight, torch.cat(biases))]
+
+    def _build_layer(self, i: int) -> _Layer:
+        p = f"model.layers.{i}"
+        qk_norm = self.config.qk_norm
+        return _Layer(
+            input_norm=self._take(f"{p}.input_layernorm.weight"),
+            post_norm=self._take(f"{p}.post_attention_layernorm.weight"),
+            qkv=self._proj(f"{p}.self_attn", ("q_proj", "k_proj", "v_proj")),
+            o=self._proj(f"{p}.self_attn", ("o_proj",)),
+            gate_up=self._proj(f"{p}.mlp", ("gate_proj", "up_proj")),
+            down=self._proj(f"{p}.mlp", ("down_proj",)),
+            q_norm=self._take(f"{p}.self_attn.q_norm.weight") if qk_norm else None,
+            k_norm=self._take(f"{p}.self_attn.k_norm.weight") if qk_norm else None,
+        )
+
+    # -- forward ----------------------------------------------------------------------------
+
+    def _linear(self, x: torch.Tensor, proj: Proj) -> torch.Tensor:
+        outs = [self.kernels.quant_linear(x, w, b) if isinstance(w, QuantizedWeight)
+                else self.kernels.linear(x, w, b) for w, b in proj]
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.embed_tokens, QuantizedWeight):
+            return self.embed_tokens.embedding(input_ids, self.dtype)
+        return self.kernels.embedding(input_ids, self.embed_tokens)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [T] int64
+        positions: torch.Tensor,  # [T] int64
+        attn: AttentionMetadata,
+        kv_caches: list[Any],
+    ) -> torch.Tensor:
+        """Hidden states after the final norm, ``[T, H]``; writes this step's K/V."""
+        k = self.kernels
+        num_tokens = input_ids.shape[0]
+        q_size = self.num_heads * self.head_dim
+        kv_size = self.num_kv_heads * self.head_dim
+        hidden = self._embed(input_ids)  # [T, H]
+        residual = None
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            if residual is None:
+                residual = hidden
+                x = k.rms_norm(hidden, layer.input_norm, self.eps)
+            else:
+                x, residual = k.rms_norm(hidden, layer.input_norm, self.eps, residual)
+            qkv = self._linear(x, layer.qkv)  # [T, (Hq + 2 Hk) D]
+            q = qkv[:, :q_size].view(num_tokens, self.num_heads, self.head_dim)
+            key = qkv[:, q_size : q_size + kv_size].view(num_tokens, self.num_kv_heads,
+                                                        self.head_dim)
+            value = qkv[:, q_size + kv_size :].view(num_tokens, self.num_kv_heads, self.head_dim)
+            if layer.q_norm is not None:
+                q = k.rms_norm(q.reshape(-1, self.head_dim), layer.q_norm, self.eps).view_as(q)
+                key = k.rms_norm(key.reshape(-1, self.head_dim), layer.k_norm,
+                                 self.eps).view_as(key)
+            q, key = k.rotary(positions, q, key, self.cos_sin_cache)
+            k.write_kv(key, value, kv_cache, attn.slot_mapping)
+            out = k.paged_attention(q, kv_cache, attn, self.scale)  # [T, Hq, D]
+            hidden = self._linear(out.reshape(num_tokens, q_size), layer.o)  # [T, H]
+            x, residual = k.rms_norm(hidden, layer.post_norm, self.eps, residual)
+            hidden = self._linear(k.silu_and_mul(self._linear(x, layer.gate_up)), layer.down)
+        out, _ = k.rms_norm(hidden, self.norm, self.eps, residual)
+        return out
+
+    __call__ = forward
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``hidden`` [L, H] -> float32 logits [L, V]."""
+        return self._linear(hidden, [(self.lm_head, None)]).float()
+
+
+def rotary_inv_freq(config: ModelConfig) -> torch.Tensor:
+    """Rotary inverse frequencies [D/2] with the model's scaling applied (float32)."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float()
+                                            / dim))
+    scaling = config.rope_scaling or {}
+    kind = scaling.get("rope_type") or scaling.get("type") or "default"
+    if kind == "default":
+        return inv_freq
+    if kind == "linear":
+        return inv_freq / float(scaling["factor"])
+    if kind == "freq_factors":  # GGUF rope_freqs: per-frequency divisors
+        factors = torch.tensor(scaling["factors"], dtype=torch.float32)
+        if factors.shape != inv_freq.shape:
+            raise ModelError(f"rope frequency factors have shape {tuple(factors.shape)}; "
+                             f"expected {tuple(inv_freq.shape)}", field="rope_scaling")
+        return inv_freq / factors
+    if kind == "llama3":
+        return _llama3_inv_freq(inv_freq, scaling)
+    raise ModelError(f"rope scaling {kind!r} is not supported (supported: default, linear, "
+                     "llama3, freq_factors)", field="rope_scaling")
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Tensor:
+    """Llama 3.1 scaling: long wavelengths slowed by ``factor``, short ones kept, a smooth
+    blend between the two thresholds."""
+    factor = float(scaling["factor"])
+    low = float(scaling.get("low_freq_factor", 1.0))
+    high = float(scaling.get("high_freq_factor", 4.0))
+    original = float(scaling.get("original_max_position_embeddings", 8192))
+    wavelen = 2 * math.pi / inv_freq
+    long_wave = wavelen > original / low  # slow these down fully
+    short_wave = wavelen < original / high  # keep these
+    blend = ((original / wavelen - low) / (high - low)).clamp(0.0, 1.0)
+    mixed = (1 - blend) * inv_freq / factor + blend * inv_freq
+    return torch.where(long_wave, inv_freq / factor, torch.where(short_wave, inv_freq, mixed))
+
+
+def rotary_cos_sin_cache(config: ModelConfig) -> torch.Tensor:
+    """``[max_position_embeddings, D]``: cos of every position's angles, then sin (float32)."""
+    inv_freq = rotary_inv_freq(config)  # [D/2]
+    positions = torch.arange(config.max_position_embeddings, dtype=torch.float32)
+    angles = torch.outer(positions, inv_freq)  # [P, D/2]
+    return torch.cat((angles.cos(), angles.sin()), dim=-1)
