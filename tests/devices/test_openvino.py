@@ -223,3 +223,46 @@ def test_graph_matches_reference_over_a_schedule(device: OpenVINODevice, variant
     # the graph wrote its keys and values into the core's cache, in the reference's layout
     for layer in range(cfg.num_layers):
         torch.testing.assert_close(ov_caches[layer], ref_caches[layer], rtol=1e-5, atol=1e-5)
+
+
+def _run_schedule(device: OpenVINODevice, model: _Model, ref_model: _Model, seed: int):
+    """(graph logits, reference logits) of each step of ``_schedule``."""
+    cfg = model.config
+    caches = device.allocate_kv_cache(_spec(cfg, 16))
+    ref_caches = R.allocate_kv_cache(_spec(cfg, 16), torch.device("cpu"), "blocks_hnd")
+    executor = device.compile(model, caches)
+    rng = torch.Generator().manual_seed(seed)
+    for step in _schedule(rng, cfg.vocab_size):
+        batch = build_batch(step, BS)
+        yield executor, executor.execute(batch), _reference_forward(ref_model, batch, ref_caches)
+
+
+@pytest.mark.parametrize("weight_format", ["int8", "int4"])
+def test_graph_compressed_weights_match_their_dequantized_reference(weight_format: str) -> None:
+    """int8/int4 weights: the graph equals the reference run on the same dequantized codes."""
+    from portaserve.devices.openvino.graph import quantize_weight
+
+    device = OpenVINODevice(precision="f32", weight_format=weight_format, num_threads=2)
+    cfg, weights = _random_llama(seed=3)
+    dequantized = dict(weights)
+    for name, w in weights.items():
+        if name.endswith("_proj.weight") or name == "lm_head.weight":
+            codes, zero, scale = quantize_weight(w.numpy(), weight_format, 32)
+            deq = (codes.astype("float32") - zero) * scale
+            dequantized[name] = torch.from_numpy(deq.reshape(w.shape))
+            assert 0 < (dequantized[name] - w).abs().max() < (w.abs().max() / (10 if weight_format == "int8" else 2))
+    for _, got, want in _run_schedule(device, _Model(cfg, weights), _Model(cfg, dequantized), 2):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+
+
+def test_graph_plugin_default_precision_stays_close() -> None:
+    """precision="auto": the plugin's u8 KV cache; close to the f32 reference, not exact."""
+    device = OpenVINODevice(precision="auto", num_threads=2)
+    cfg, weights = _random_llama(seed=3)
+    model = _Model(cfg, weights)
+    for executor, got, want in _run_schedule(device, model, model, 2):
+        err = ((got - want).norm(dim=-1) / want.norm(dim=-1)).max().item()
+        assert 0 < err < 0.05, f"relative logit error {err:.4f}"
+        assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.75
+    assert executor.cache_layout["key_cache"] == ([16, cfg.num_kv_heads, BS + 8, cfg.head_dim], "u8")
+    assert executor.cache_layout["value_cache"] == ([16, cfg.num_kv_heads, BS, cfg.head_dim + 8], "u8")

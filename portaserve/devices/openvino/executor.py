@@ -120,7 +120,7 @@ class OpenVINOExecutor:
                 name = f"{prefix}.{i}"
                 tensor = _cache_tensor(layer[half], inputs[name], num_blocks, name)
                 self.request.set_tensor(name, tensor)
-                self.cache_layout[prefix] = (list(tensor.shape), str(tensor.element_type))
+                self.cache_layout[prefix] = (list(tensor.shape), tensor.element_type.get_type_name())
         logger.info("openvino executor: cache layout %s", self.cache_layout)
 
     def execute(self, batch: ScheduledBatch) -> torch.Tensor:

@@ -82,8 +82,13 @@ def _dense_const(weight: Any) -> Any:
     return ops.constant(_dense(weight))
 
 
-def _compressed(w: np.ndarray, weight_format: str, group_size: int) -> Any:
-    """A [N, K] f32 weight as u8/u4 codes with zero points and scales, decompressed in-graph."""
+def quantize_weight(w: np.ndarray, weight_format: str, group_size: int
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Asymmetric codes of a [N, K] f32 weight: ``w ~ (codes - zero) * scale``.
+
+    int8: one group per output row (codes [N, 1, K]); int4: groups of ``group_size`` along K
+    (codes [N, K / g, g]). Zero and scale are [N, G, 1]; the range always includes 0.
+    """
     n, k = w.shape
     if weight_format == "int8":
         groups, bits = w.reshape(n, 1, k), 8
@@ -98,13 +103,20 @@ def _compressed(w: np.ndarray, weight_format: str, group_size: int) -> Any:
     scale = np.maximum((hi - lo) / levels, np.float32(1e-12)).astype(np.float32)
     zero = np.clip(np.round(-lo / scale), 0, levels).astype(np.uint8)
     codes = np.clip(np.round(groups / scale) + zero, 0, levels).astype(np.uint8)
-    code_type = ov.Type.u8 if bits == 8 else ov.Type.u4
+    return codes, zero, scale
+
+
+def _compressed(w: np.ndarray, weight_format: str, group_size: int) -> Any:
+    """A [N, K] weight as u8/u4 codes decompressed in-graph (the pattern the CPU plugin folds
+    into its compressed-weight matmul)."""
+    codes, zero, scale = quantize_weight(w, weight_format, group_size)
+    code_type = ov.Type.u8 if weight_format == "int8" else ov.Type.u4
     deq = ops.multiply(
         ops.subtract(
             ops.convert(ops.constant(codes, dtype=code_type), ov.Type.f32),
             ops.convert(ops.constant(zero, dtype=code_type), ov.Type.f32)),
         ops.constant(scale))  # [N, G, g]
-    return ops.reshape(deq, _const([n, k], np.int64), False)  # [N, K]
+    return ops.reshape(deq, _const(list(w.shape), np.int64), False)  # [N, K]
 
 
 class _Builder:
