@@ -438,7 +438,10 @@ class Scheduler:
             num_hit = len(cached) * self.block_size
             num_new = min(request.num_tokens - num_hit, budget)
             need = self._blocks_needed(entry, num_hit + num_new) - len(cached)
-            if not self.block_pool.can_allocate(need, cached):
+            # admit only if all its known tokens fit now (vLLM's full-input check): a long
+            # prompt admitted on its first chunk alone would be preempted at a later chunk
+            need_all = self._blocks_needed(entry, request.num_tokens) - len(cached)
+            if not self.block_pool.can_allocate(need_all, cached):
                 break  # head-of-line waits rather than being overtaken forever
             entry.block_ids = self.block_pool.allocate(need, cached)
             entry.num_cached_blocks = len(cached)
