@@ -85,7 +85,8 @@ def _encode_extra(extra_keys: ExtraKeys) -> bytes:
             tag, raw = b"i", str(key).encode("ascii")
         else:
             raise BlockPoolError(
-                f"extra_keys entries must be str, int or bytes; got {type(key).__name__}")
+                f"extra_keys entries must be str, int or bytes; got {type(key).__name__}"
+            )
         parts.append(tag + struct.pack("<I", len(raw)) + raw)
     return b"".join(parts)
 
@@ -119,8 +120,9 @@ def extend_block_hashes(
         num_full = min(num_full, max_blocks)
     parent = block_hashes[-1] if block_hashes else None
     for i in range(len(block_hashes), num_full):
-        parent = hash_block_tokens(parent, token_ids[i * block_size:(i + 1) * block_size],
-                                   extra_keys)
+        parent = hash_block_tokens(
+            parent, token_ids[i * block_size : (i + 1) * block_size], extra_keys
+        )
         block_hashes.append(parent)
     return block_hashes
 
@@ -128,7 +130,9 @@ def extend_block_hashes(
 class BlockPool:
     """Block ids ``0..num_blocks-1``: free LRU list, reference counts, prefix-cache map."""
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(
+        self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True
+    ) -> None:
         if not isinstance(num_blocks, int) or num_blocks < 1:
             raise BlockPoolError(f"num_blocks must be a positive integer; got {num_blocks!r}")
         if not isinstance(block_size, int) or block_size < 1:
@@ -185,8 +189,9 @@ class BlockPool:
 
     # -- prefix cache ------------------------------------------------------------------------
 
-    def find_cached_prefix(self, block_hashes: Sequence[BlockHash], max_blocks: int | None = None
-                           ) -> list[int]:
+    def find_cached_prefix(
+        self, block_hashes: Sequence[BlockHash], max_blocks: int | None = None
+    ) -> list[int]:
         """Block ids of the longest cached run of ``block_hashes`` from the first block.
 
         Pure: takes no reference and counts nothing (the caller commits with ``allocate`` and
@@ -205,8 +210,9 @@ class BlockPool:
             found.append(block_id)
         return found
 
-    def find_cached_prefix_for_tokens(self, token_ids: Sequence[int], extra_keys: ExtraKeys = ()
-                                      ) -> list[int]:
+    def find_cached_prefix_for_tokens(
+        self, token_ids: Sequence[int], extra_keys: ExtraKeys = ()
+    ) -> list[int]:
         """``find_cached_prefix`` from raw token ids, leaving at least the last token uncached."""
         if not self.enable_prefix_caching or not token_ids:
             return []
@@ -241,7 +247,8 @@ class BlockPool:
         if num_full_blocks > min(len(block_ids), len(block_hashes)):
             raise BlockPoolError(
                 f"cache_full_blocks: num_full_blocks {num_full_blocks} exceeds the block table "
-                f"({len(block_ids)}) or the hashes ({len(block_hashes)})")
+                f"({len(block_ids)}) or the hashes ({len(block_hashes)})"
+            )
         for i in range(num_cached_blocks, num_full_blocks):
             block = self.blocks[block_ids[i]]
             block_hash = block_hashes[i]
@@ -272,7 +279,8 @@ class BlockPool:
         if num_new_blocks < 0 or not self.can_allocate(num_new_blocks, cached_block_ids):
             raise BlockPoolError(
                 f"cannot allocate {num_new_blocks} blocks (+{len(cached_block_ids)} cached): "
-                f"{len(self._free)} free of {self.num_blocks}")
+                f"{len(self._free)} free of {self.num_blocks}"
+            )
         for block_id in cached_block_ids:
             block = self.blocks[block_id]
             if block.block_hash is None:

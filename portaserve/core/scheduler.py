@@ -64,25 +64,40 @@ class SchedulerConfig:
     cache_aware_window: int = 128
 
     def __post_init__(self) -> None:
-        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "block_size",
-                     "num_blocks", "cache_aware_max_wait_steps", "cache_aware_window"):
+        for name in (
+            "max_num_seqs",
+            "max_num_batched_tokens",
+            "max_model_len",
+            "block_size",
+            "num_blocks",
+            "cache_aware_max_wait_steps",
+            "cache_aware_window",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"scheduler {name} must be a positive integer; got {value!r}",
-                                  field=name)
+                raise ConfigError(
+                    f"scheduler {name} must be a positive integer; got {value!r}", field=name
+                )
         if self.max_waiting_requests is not None and (
-                not isinstance(self.max_waiting_requests, int) or self.max_waiting_requests < 1):
-            raise ConfigError("scheduler max_waiting_requests must be a positive integer or None; "
-                              f"got {self.max_waiting_requests!r}", field="max_waiting_requests")
+            not isinstance(self.max_waiting_requests, int) or self.max_waiting_requests < 1
+        ):
+            raise ConfigError(
+                "scheduler max_waiting_requests must be a positive integer or None; "
+                f"got {self.max_waiting_requests!r}",
+                field="max_waiting_requests",
+            )
         if self.policy not in POLICIES:
-            raise ConfigError(f"scheduling policy must be one of {', '.join(POLICIES)}; got "
-                              f"{self.policy!r}", field="policy")
+            raise ConfigError(
+                f"scheduling policy must be one of {', '.join(POLICIES)}; got {self.policy!r}",
+                field="policy",
+            )
         if self.num_blocks * self.block_size < self.max_model_len:
             raise ConfigError(
                 f"the KV cache ({self.num_blocks} blocks of {self.block_size} = "
                 f"{self.num_blocks * self.block_size} tokens) cannot hold one sequence of "
                 f"max_model_len {self.max_model_len}; raise num_blocks or lower max_model_len",
-                field="max_model_len")
+                field="max_model_len",
+            )
 
 
 @dataclass(slots=True)
@@ -98,6 +113,8 @@ class ScheduledRequest:
 
 @dataclass(slots=True)
 class SchedulerOutput:
+    """One step's decision: the batch to run and who is in it (``scheduled`` follows batch order)."""
+
     batch: ScheduledBatch
     scheduled: list[ScheduledRequest]
     #: Requests preempted during this step (back in the waiting queue, blocks released).
@@ -144,8 +161,9 @@ class Scheduler:
     def __init__(self, config: SchedulerConfig) -> None:
         self.config = config
         self.block_size = config.block_size
-        self.block_pool = BlockPool(config.num_blocks, config.block_size,
-                                    config.enable_prefix_caching)
+        self.block_pool = BlockPool(
+            config.num_blocks, config.block_size, config.enable_prefix_caching
+        )
         self._entries: dict[str, _Entry] = {}
         self.waiting: list[Request] = []  # base order of the policy (see _waiting_order)
         self.running: list[Request] = []  # admission order
@@ -204,24 +222,32 @@ class Scheduler:
         """
         cfg = self.config
         if request.request_id in self._entries:
-            raise RequestError(f"request_id {request.request_id!r} is already in use",
-                               param="request_id")
+            raise RequestError(
+                f"request_id {request.request_id!r} is already in use", param="request_id"
+            )
         num_prompt = len(request.prompt_token_ids)
         if num_prompt == 0:
             raise RequestError("prompt must not be empty", param="prompt")
         if request.num_tokens > cfg.max_model_len:
             raise RequestError(
                 f"the prompt has {request.num_tokens} tokens, more than max_model_len "
-                f"{cfg.max_model_len}", param="prompt", code="context_length_exceeded")
+                f"{cfg.max_model_len}",
+                param="prompt",
+                code="context_length_exceeded",
+            )
         num_blocks = -(-request.num_tokens // self.block_size)
         if num_blocks > cfg.num_blocks:
             raise RequestError(
                 f"the prompt needs {num_blocks} KV blocks of {self.block_size} tokens; the cache "
-                f"has {cfg.num_blocks}", param="prompt", code="context_length_exceeded")
+                f"has {cfg.num_blocks}",
+                param="prompt",
+                code="context_length_exceeded",
+            )
         if cfg.max_waiting_requests is not None and len(self.waiting) >= cfg.max_waiting_requests:
             raise EngineOverloadedError(
                 f"{len(self.waiting)} requests are waiting (max_waiting_requests="
-                f"{cfg.max_waiting_requests}); try again later")
+                f"{cfg.max_waiting_requests}); try again later"
+            )
         extra: ExtraKeys = (request.cache_salt,) if request.cache_salt else ()
         entry = _Entry(request, self._add_seq, waiting_since=self.num_steps, extra_keys=extra)
         self._add_seq += 1
@@ -261,8 +287,11 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget,
-                          self.config.max_model_len - request.num_computed_tokens)
+            num_new = min(
+                request.num_tokens - request.num_computed_tokens,
+                budget,
+                self.config.max_model_len - request.num_computed_tokens,
+            )
             if num_new <= 0:
                 i += 1
                 continue
@@ -290,18 +319,26 @@ class Scheduler:
             budget = self._admit_waiting(budget, scheduled)
 
         items = [
-            (s.request.request_id,
-             _token_slice(s.request, s.request.num_computed_tokens,
-                          s.request.num_computed_tokens + s.num_new_tokens),
-             s.request.num_computed_tokens,
-             self._entries[s.request.request_id].block_ids,
-             s.needs_logits)
+            (
+                s.request.request_id,
+                _token_slice(
+                    s.request,
+                    s.request.num_computed_tokens,
+                    s.request.num_computed_tokens + s.num_new_tokens,
+                ),
+                s.request.num_computed_tokens,
+                self._entries[s.request.request_id].block_ids,
+                s.needs_logits,
+            )
             for s in scheduled.values()
         ]
         batch = build_batch(items, self.block_size)
-        return SchedulerOutput(batch=batch, scheduled=list(scheduled.values()),
-                               preempted=preempted,
-                               num_batched_tokens=self.config.max_num_batched_tokens - budget)
+        return SchedulerOutput(
+            batch=batch,
+            scheduled=list(scheduled.values()),
+            preempted=preempted,
+            num_batched_tokens=self.config.max_num_batched_tokens - budget,
+        )
 
     def update_from_output(self, output: SchedulerOutput, sampled: dict[str, int]) -> None:
         """Advance each scheduled request by its tokens and append its sampled token.
@@ -313,8 +350,11 @@ class Scheduler:
         for sched in output.scheduled:
             request = sched.request
             entry = self._entries.get(request.request_id)
-            if entry is None or entry.request is not request or \
-                    request.status is not RequestStatus.RUNNING:
+            if (
+                entry is None
+                or entry.request is not request
+                or request.status is not RequestStatus.RUNNING
+            ):
                 continue
             request.num_computed_tokens += sched.num_new_tokens
             self._cache_blocks(entry)
@@ -322,7 +362,8 @@ class Scheduler:
                 token = sampled.get(request.request_id)
                 if token is None:
                     raise SchedulerError(
-                        f"no sampled token for request {request.request_id!r}, which needed logits")
+                        f"no sampled token for request {request.request_id!r}, which needed logits"
+                    )
                 request.output_token_ids.append(int(token))
 
     # -- internals ----------------------------------------------------------------------------
@@ -342,8 +383,9 @@ class Scheduler:
         if num_full <= entry.num_cached_blocks:
             return
         self._hash_blocks(entry, num_full)
-        self.block_pool.cache_full_blocks(entry.block_ids, entry.block_hashes,
-                                          entry.num_cached_blocks, num_full)
+        self.block_pool.cache_full_blocks(
+            entry.block_ids, entry.block_hashes, entry.num_cached_blocks, num_full
+        )
         entry.num_cached_blocks = num_full
 
     def _hash_blocks(self, entry: _Entry, num_blocks: int) -> None:
@@ -356,7 +398,7 @@ class Scheduler:
         tokens = _token_slice(entry.request, start * bs, num_blocks * bs)
         parent = entry.block_hashes[-1] if start else None
         for i in range(num_blocks - start):
-            parent = hash_block_tokens(parent, tokens[i * bs:(i + 1) * bs], entry.extra_keys)
+            parent = hash_block_tokens(parent, tokens[i * bs : (i + 1) * bs], entry.extra_keys)
             entry.block_hashes.append(parent)
 
     def _pick_victim(self) -> Request:
@@ -400,7 +442,7 @@ class Scheduler:
         if self.config.policy != "cache-aware":
             return self.waiting
         cfg = self.config
-        window = self.waiting[:cfg.cache_aware_window]
+        window = self.waiting[: cfg.cache_aware_window]
         first: list[Request] = []
         scored: list[tuple[int, int, Request]] = []
         for pos, request in enumerate(window):
@@ -411,7 +453,7 @@ class Scheduler:
             else:
                 scored.append((-len(self._lookup_prefix(entry)), pos, request))
         scored.sort(key=lambda t: (t[0], t[1]))
-        return first + [r for _, _, r in scored] + self.waiting[cfg.cache_aware_window:]
+        return first + [r for _, _, r in scored] + self.waiting[cfg.cache_aware_window :]
 
     def _lookup_prefix(self, entry: _Entry) -> list[int]:
         """Cached block ids for the request's prefix, leaving at least one token to compute."""
@@ -466,7 +508,7 @@ class Scheduler:
         request = entry.request
         num_full = request.num_tokens // self.block_size
         self._hash_blocks(entry, num_full)
-        return entry.block_hashes[entry.num_cached_blocks:num_full]
+        return entry.block_hashes[entry.num_cached_blocks : num_full]
 
     def _pending_block_hashes(self) -> set[BlockHash]:
         """Full blocks that running requests are computing now (in-batch prefix sharing).
@@ -491,5 +533,5 @@ def _token_slice(request: Request, start: int, end: int) -> list[int]:
         return prompt[start:end]
     outputs = request.output_token_ids
     if start >= num_prompt:
-        return outputs[start - num_prompt:end - num_prompt]
-    return prompt[start:] + outputs[:end - num_prompt]
+        return outputs[start - num_prompt : end - num_prompt]
+    return prompt[start:] + outputs[: end - num_prompt]

@@ -61,7 +61,7 @@ class FakeModel:
         tables = batch.block_tables.tolist()
         for r in range(batch.num_reqs):
             expected = list(range(context_lens[r], seq_lens[r]))
-            if positions[starts[r]:starts[r + 1]] != expected:
+            if positions[starts[r] : starts[r + 1]] != expected:
                 raise AssertionError(f"positions of {batch.req_ids[r]} are not {expected}")
         for token, slot in zip(token_ids, slot_mapping, strict=True):
             self.slots[slot] = token
@@ -79,8 +79,9 @@ class FakeModel:
 
 def make_request(request_id: str, prompt: Sequence[int], max_tokens: int, **kw: object) -> Request:
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
-    return Request(request_id=request_id, prompt_token_ids=list(prompt), sampling_params=params,
-                   **kw)  # type: ignore[arg-type]
+    return Request(
+        request_id=request_id, prompt_token_ids=list(prompt), sampling_params=params, **kw
+    )  # type: ignore[arg-type]
 
 
 def check_pool_invariants(scheduler: Scheduler) -> None:
@@ -99,11 +100,15 @@ def check_pool_invariants(scheduler: Scheduler) -> None:
     cached = pool.cached_blocks()
     for block in pool.blocks:
         if block.ref_cnt != refs[block.block_id]:
-            raise AssertionError(f"block {block.block_id}: ref_cnt {block.ref_cnt}, "
-                                 f"{refs[block.block_id]} table references")
+            raise AssertionError(
+                f"block {block.block_id}: ref_cnt {block.ref_cnt}, "
+                f"{refs[block.block_id]} table references"
+            )
         if (block.ref_cnt == 0) != (block.block_id in free_set):
-            raise AssertionError(f"block {block.block_id}: ref_cnt {block.ref_cnt}, "
-                                 f"in free list: {block.block_id in free_set}")
+            raise AssertionError(
+                f"block {block.block_id}: ref_cnt {block.ref_cnt}, "
+                f"in free list: {block.block_id in free_set}"
+            )
         if block.block_hash is not None and cached.get(block.block_hash) != block.block_id:
             raise AssertionError(f"block {block.block_id} has a hash the cache map does not know")
     for block_hash, block_id in cached.items():
@@ -112,8 +117,10 @@ def check_pool_invariants(scheduler: Scheduler) -> None:
     for request in scheduler.running:
         table = scheduler.get_block_ids(request.request_id)
         if len(table) * pool.block_size < request.num_computed_tokens:
-            raise AssertionError(f"{request.request_id}: {len(table)} blocks for "
-                                 f"{request.num_computed_tokens} computed tokens")
+            raise AssertionError(
+                f"{request.request_id}: {len(table)} blocks for "
+                f"{request.num_computed_tokens} computed tokens"
+            )
     for request in scheduler.waiting:
         if request.num_computed_tokens != 0 or scheduler.get_block_ids(request.request_id):
             raise AssertionError(f"waiting request {request.request_id} holds KV state")
@@ -153,8 +160,10 @@ def drive(
             if request is None:
                 raise AssertionError(f"{req_id} sampled but unknown")
             max_tokens = request.sampling_params.max_tokens or 0
-            if request.num_output_tokens >= max_tokens or \
-                    request.num_tokens >= scheduler.config.max_model_len:
+            if (
+                request.num_output_tokens >= max_tokens
+                or request.num_tokens >= scheduler.config.max_model_len
+            ):
                 done = scheduler.finish_request(req_id, FinishReason.LENGTH)
                 if done is None or req_id in finished or done.status is not RequestStatus.FINISHED:
                     raise AssertionError(f"{req_id} finished twice or not at all")

@@ -73,13 +73,24 @@ def test_hash_is_stable_across_processes() -> None:
         f"t={toks!r}; sys.stdout.write(h(h(None, t[:8], ('s',)), t[8:], ('s',)).hex())"
     )
     env = dict(os.environ, PYTHONHASHSEED="12345")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         check=True, cwd=os.path.dirname(os.path.dirname(os.path.dirname(
-                             os.path.abspath(__file__)))))
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+    )
     assert out.stdout == expected.hex()
     # and it is plain SHA-256 over the documented encoding
-    raw = hashlib.sha256(b"\x00" * 32 + (8).to_bytes(4, "little")
-                         + array("q", toks[:8]).tobytes() + b"s" + (1).to_bytes(4, "little") + b"s")
+    raw = hashlib.sha256(
+        b"\x00" * 32
+        + (8).to_bytes(4, "little")
+        + array("q", toks[:8]).tobytes()
+        + b"s"
+        + (1).to_bytes(4, "little")
+        + b"s"
+    )
     assert hash_block_tokens(None, toks[:8], ("s",)) == raw.digest()
 
 
@@ -162,7 +173,12 @@ def test_prefix_counters_and_reset() -> None:
     pool.record_prefix_lookup(20, 0)
     pool.record_prefix_lookup(20, 16)
     stats = pool.stats
-    assert (stats.query_tokens, stats.hit_tokens, stats.query_blocks, stats.hit_blocks) == (40, 16, 10, 4)
+    assert (stats.query_tokens, stats.hit_tokens, stats.query_blocks, stats.hit_blocks) == (
+        40,
+        16,
+        10,
+        4,
+    )
     assert stats.hit_rate == pytest.approx(0.4) and stats.num_lookups == 2
     table = _cache_sequence(pool, _tokens(8))
     assert not pool.reset_prefix_cache()
@@ -186,8 +202,14 @@ def test_bad_construction_is_refused() -> None:
 
 
 @settings(max_examples=150, deadline=None)
-@given(ops=st.lists(st.tuples(st.sampled_from(["alloc", "free", "share"]), st.integers(0, 7),
-                              st.integers(0, 3)), max_size=60))
+@given(
+    ops=st.lists(
+        st.tuples(
+            st.sampled_from(["alloc", "free", "share"]), st.integers(0, 7), st.integers(0, 3)
+        ),
+        max_size=60,
+    )
+)
 def test_random_pool_operations_keep_invariants(ops: list[tuple[str, int, int]]) -> None:
     """Tables of random sequences drawn from 4 shared texts; check refs/free/map each time."""
     pool = BlockPool(12, 2)

@@ -31,8 +31,9 @@ def _rng() -> tuple[random.Random, int]:
 
 
 def _make(num_blocks: int, block_size: int, **kw: object) -> tuple[Scheduler, FakeModel]:
-    defaults: dict[str, object] = dict(max_num_seqs=16, max_num_batched_tokens=64,
-                                       max_model_len=num_blocks * block_size)
+    defaults: dict[str, object] = dict(
+        max_num_seqs=16, max_num_batched_tokens=64, max_model_len=num_blocks * block_size
+    )
     defaults.update(kw)
     config = SchedulerConfig(block_size=block_size, num_blocks=num_blocks, **defaults)  # type: ignore[arg-type]
     return Scheduler(config), FakeModel(num_blocks, block_size)
@@ -152,7 +153,9 @@ def test_long_prompt_is_chunked_with_identical_output() -> None:
         out = sched.schedule()
         assert out.num_batched_tokens <= 32
         by_id = {s.request.request_id: s for s in out.scheduled}
-        assert by_id["short"].num_new_tokens == 1 and by_id["short"].needs_logits  # decode rides along
+        assert (
+            by_id["short"].num_new_tokens == 1 and by_id["short"].needs_logits
+        )  # decode rides along
         if "long" in by_id:
             seen.append((by_id["long"].num_new_tokens, by_id["long"].needs_logits))
         sched.update_from_output(out, model.step(out.batch))
@@ -165,16 +168,21 @@ def test_long_prompt_is_chunked_with_identical_output() -> None:
     assert got["short"] == reference_generate(other, 20)
 
 
-@pytest.mark.parametrize("policy,expected", [
-    ("fcfs", ["a", "b", "c", "d", "e"]),
-    ("priority", ["b", "d", "c", "a", "e"]),
-])
+@pytest.mark.parametrize(
+    "policy,expected",
+    [
+        ("fcfs", ["a", "b", "c", "d", "e"]),
+        ("priority", ["b", "d", "c", "a", "e"]),
+    ],
+)
 def test_policy_order(policy: str, expected: list[str]) -> None:
     rng, _ = _rng()
     sched, model = _make(64, 8, max_num_seqs=1, policy=policy)
     priorities = {"a": 5, "b": 0, "c": 2, "d": 0, "e": 9}
-    requests = [make_request(rid, _tokens(rng, 12), 3, priority=p, arrival_seq=i)
-                for i, (rid, p) in enumerate(priorities.items())]
+    requests = [
+        make_request(rid, _tokens(rng, 12), 3, priority=p, arrival_seq=i)
+        for i, (rid, p) in enumerate(priorities.items())
+    ]
     got = drive(sched, model, requests)
     assert list(got) == expected
     for request in requests:
@@ -185,8 +193,10 @@ def test_priority_preempts_lowest_priority_first() -> None:
     rng, _ = _rng()
     # 8 blocks of 4: three requests of 8-token prompts growing to 20 tokens cannot all fit
     sched, model = _make(8, 4, max_model_len=32, policy="priority")
-    reqs = [make_request(rid, _tokens(rng, 8), 12, priority=p)
-            for rid, p in (("low", 7), ("high", 0), ("mid", 3))]
+    reqs = [
+        make_request(rid, _tokens(rng, 8), 12, priority=p)
+        for rid, p in (("low", 7), ("high", 0), ("mid", 3))
+    ]
     victims: list[str] = []
     for request in reqs:
         sched.add_request(request)
@@ -208,8 +218,9 @@ def test_priority_preempts_lowest_priority_first() -> None:
 def test_cache_aware_prefers_cached_prefix() -> None:
     rng, _ = _rng()
     shared = _tokens(rng, 64)
-    sched, model = _make(64, 16, max_num_seqs=1, policy="cache-aware",
-                         cache_aware_max_wait_steps=1000)
+    sched, model = _make(
+        64, 16, max_num_seqs=1, policy="cache-aware", cache_aware_max_wait_steps=1000
+    )
     drive(sched, model, [make_request("warm", shared + [1], 1)])
     cold = [make_request(f"cold{i}", _tokens(rng, 66), 2) for i in range(2)]
     hot = [make_request(f"hot{i}", shared + _tokens(rng, 2), 2) for i in range(2)]
@@ -223,8 +234,9 @@ def test_cache_aware_does_not_starve(max_wait: int, bound: int | None) -> None:
     """A stream of cache-hitting requests must not hold a cold request back for ever."""
     rng, _ = _rng()
     shared = _tokens(rng, 32)
-    sched, model = _make(64, 16, max_num_seqs=1, policy="cache-aware",
-                         cache_aware_max_wait_steps=max_wait)
+    sched, model = _make(
+        64, 16, max_num_seqs=1, policy="cache-aware", cache_aware_max_wait_steps=max_wait
+    )
     drive(sched, model, [make_request("warm", shared + [7], 1)])
     cold = make_request("cold", _tokens(rng, 40), 2)
     stream = {s: [make_request(f"hot{s}", shared + _tokens(rng, 3), 2)] for s in range(150)}
@@ -293,16 +305,28 @@ def test_add_request_rejects_what_can_never_run() -> None:
 
 def test_config_validation_names_the_field() -> None:
     with pytest.raises(ConfigError) as err:
-        SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=100,
-                        block_size=16, num_blocks=4)
+        SchedulerConfig(
+            max_num_seqs=4,
+            max_num_batched_tokens=64,
+            max_model_len=100,
+            block_size=16,
+            num_blocks=4,
+        )
     assert err.value.field == "max_model_len"
     with pytest.raises(ConfigError) as err:
-        SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=64,
-                        block_size=16, num_blocks=4, policy="lifo")
+        SchedulerConfig(
+            max_num_seqs=4,
+            max_num_batched_tokens=64,
+            max_model_len=64,
+            block_size=16,
+            num_blocks=4,
+            policy="lifo",
+        )
     assert err.value.field == "policy"
     with pytest.raises(ConfigError) as err:
-        SchedulerConfig(max_num_seqs=0, max_num_batched_tokens=64, max_model_len=64,
-                        block_size=16, num_blocks=4)
+        SchedulerConfig(
+            max_num_seqs=0, max_num_batched_tokens=64, max_model_len=64, block_size=16, num_blocks=4
+        )
     assert err.value.field == "max_num_seqs"
 
 
@@ -333,12 +357,20 @@ _op = st.one_of(
     budget=st.integers(1, 64),
     seed=st.integers(0, 2**32 - 1),
 )
-def test_random_operations_keep_invariants(ops: list[tuple], policy: str, caching: bool,
-                                           block_size: int, budget: int, seed: int) -> None:
+def test_random_operations_keep_invariants(
+    ops: list[tuple], policy: str, caching: bool, block_size: int, budget: int, seed: int
+) -> None:
     rng = random.Random(seed)
     num_blocks = -(-96 // block_size) + 2
-    sched, model = _make(num_blocks, block_size, max_num_seqs=6, max_num_batched_tokens=budget,
-                         max_model_len=96, policy=policy, enable_prefix_caching=caching)
+    sched, model = _make(
+        num_blocks,
+        block_size,
+        max_num_seqs=6,
+        max_num_batched_tokens=budget,
+        max_model_len=96,
+        policy=policy,
+        enable_prefix_caching=caching,
+    )
     prefixes = [_tokens(rng, 24) for _ in range(3)]
     live: list[str] = []
     done: dict[str, object] = {}
@@ -350,8 +382,10 @@ def test_random_operations_keep_invariants(ops: list[tuple], policy: str, cachin
         sched.update_from_output(out, sampled)
         for rid in sampled:
             request = sched.get_request(rid)
-            if request.num_output_tokens >= request.sampling_params.max_tokens or \
-                    request.num_tokens >= 96:
+            if (
+                request.num_output_tokens >= request.sampling_params.max_tokens
+                or request.num_tokens >= 96
+            ):
                 done[rid] = sched.finish_request(rid, FinishReason.LENGTH)
                 live.remove(rid)
 
