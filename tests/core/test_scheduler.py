@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from portaserve.core.request import FinishReason, RequestStatus
-from portaserve.core.scheduler import Scheduler, SchedulerConfig
+from portaserve.core.scheduler import Scheduler, SchedulerConfig, SchedulerError
 from portaserve.errors import ConfigError, EngineOverloadedError, RequestError
 
 
@@ -334,7 +334,7 @@ def test_update_requires_a_token_for_every_logits_row() -> None:
     sched, model = _make(16, 4)
     sched.add_request(make_request("a", [5, 6, 7], 3))
     out = sched.schedule()
-    with pytest.raises(Exception, match="no sampled token"):
+    with pytest.raises(SchedulerError, match="no sampled token"):
         sched.update_from_output(out, {})
 
 
