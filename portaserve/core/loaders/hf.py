@@ -49,14 +49,17 @@ def hf_model_config(config: dict[str, Any], name: str = "") -> ModelConfig:
         raise ModelError(
             f"model {name!r} is a pre-quantized checkpoint ({quant.get('quant_method')!r}); "
             "the Hugging Face loader reads dense safetensors only", field="model")
-    try:
-        hidden = int(config["hidden_size"])
-        num_heads = int(config["num_attention_heads"])
-        vocab = int(config["vocab_size"])
-        intermediate = int(config["intermediate_size"])
-        num_layers = int(config["num_hidden_layers"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise ModelError(f"model {name!r}: config.json lacks or mangles {e}", field="model") from e
+    sizes: dict[str, int] = {}
+    for key in ("hidden_size", "num_attention_heads", "vocab_size", "intermediate_size",
+                "num_hidden_layers"):
+        try:
+            sizes[key] = int(config[key])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ModelError(f"model {name!r}: config.json {key} must be an integer; got "
+                             f"{config.get(key)!r}", field="model") from e
+    hidden, num_heads = sizes["hidden_size"], sizes["num_attention_heads"]
+    vocab, intermediate = sizes["vocab_size"], sizes["intermediate_size"]
+    num_layers = sizes["num_hidden_layers"]
     rope = dict(config.get("rope_scaling") or config.get("rope_parameters") or {})
     rope_theta = float(config.get("rope_theta") or rope.get("rope_theta") or 10000.0)
     rope_type = rope.get("rope_type") or rope.get("type") or "default"
