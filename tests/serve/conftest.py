@@ -126,10 +126,17 @@ def start_server(
 
 
 #: Engine flags of the shared real server: enough context and batch for the tests.
-REAL_ARGS = ("--max-model-len", "1024", "--max-num-seqs", "40")
+REAL_ARGS = (
+    "--max-model-len",
+    "1024",
+    "--max-num-seqs",
+    "40",
+    "--num-kv-blocks",
+    "256",
+)
 
 
-@pytest.fixture(scope="module", params=["fake", "real"])
+@pytest.fixture(scope="session", params=["fake", "real"])
 def server(request: pytest.FixtureRequest):
     if request.param == "real" and not has_real_engine():
         pytest.skip("portaserve.core.engine is not there yet")
@@ -138,5 +145,8 @@ def server(request: pytest.FixtureRequest):
     try:
         yield srv
     finally:
-        srv.stop()
+        returncode = srv.stop()
+        log = srv.log()
         srv.log_path.unlink(missing_ok=True)
+    # Every session ends with a graceful SIGTERM shutdown, which must exit 0.
+    assert returncode == 0, f"{srv.kind} server exited {returncode} on SIGTERM:\n{log[-3000:]}"

@@ -19,6 +19,18 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+#: Questions whose answers differ, so a mixed-up batch shows.
+QUESTIONS = [
+    "Name a color.",
+    "What is 2+2?",
+    "Say hello in French.",
+    "List three fruits.",
+    "Who wrote Hamlet?",
+    "Translate 'cat' to Spanish.",
+    "What is the capital of Japan?",
+    "Write a haiku about rain.",
+]
+
 
 def _words(rng: random.Random, n: int) -> str:
     return " ".join(
@@ -76,6 +88,13 @@ def test_health_models_version(server):
     import portaserve
 
     assert version == {"version": portaserve.__version__}
+
+
+def test_startup_log(server):
+    log = server.log()
+    assert f"listening on http://127.0.0.1:{server.port}" in log
+    if server.kind == "real":
+        assert "device: cpu" in log and "KV cache capacity 4096 tokens" in log
 
 
 def test_chat_stream_equals_non_stream(server):
@@ -237,18 +256,23 @@ def test_messages_stream_equals_non_stream(server):
 
 
 def test_32_concurrent_streams_match_solo(server):
-    prompts = [fresh_prompt(f" #{i}") for i in range(32)]
+    # 8 distinct prompts, each sent by 4 of the 32 clients: every stream is compared with the
+    # greedy output of its prompt run alone (8 solo runs keep the test fast on a CPU).
+    distinct = [f"{q} ({_words(random.Random(), 2)})" for q in QUESTIONS]
     client = oa(server)
-    solo = [
-        chat(client, server, p, max_tokens=6, temperature=0).choices[0].message.content
-        for p in prompts
-    ]
+    solo_of = {
+        p: chat(client, server, p, max_tokens=5, temperature=0).choices[0].message.content
+        for p in distinct
+    }
+    assert len(set(solo_of.values())) > 1  # the prompts lead to different answers
+    prompts = [distinct[i % 8] for i in range(32)]
+    solo = [solo_of[p] for p in prompts]
 
     async def one(aclient: openai.AsyncOpenAI, prompt: str) -> str:
         stream = await aclient.chat.completions.create(
             model=server.model,
             messages=[{"role": "user", "content": prompt}],
-            max_tokens=6,
+            max_tokens=5,
             temperature=0,
             stream=True,
         )
