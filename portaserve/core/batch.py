@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from portaserve.plugins.device import AttentionMetadata
@@ -74,41 +75,38 @@ def build_batch(
     Each item is ``(req_id, new_token_ids, num_computed_tokens, block_ids, needs_logits)``:
     the tokens to run this step, how many of the request's tokens are already in the cache,
     the request's block table, and whether its last new token must be sampled from.
+    Vectorized with numpy: this runs every step, for hundreds of requests.
     """
-    token_ids: list[int] = []
-    positions: list[int] = []
-    slots: list[int] = []
-    starts = [0]
-    seq_lens: list[int] = []
-    context_lens: list[int] = []
-    logits_indices: list[int] = []
-    logits_req_ids: list[str] = []
+    num_reqs = len(items)
+    num_new = np.fromiter((len(item[1]) for item in items), dtype=np.int64, count=num_reqs)
+    computed = np.fromiter((item[2] for item in items), dtype=np.int64, count=num_reqs)
+    starts = np.zeros(num_reqs + 1, dtype=np.int64)
+    np.cumsum(num_new, out=starts[1:])
+    num_tokens = int(starts[-1])
     max_blocks = max((len(item[3]) for item in items), default=0)
-    tables = torch.zeros((len(items), max(max_blocks, 1)), dtype=torch.int32)
-    for row, (req_id, new_ids, num_computed, block_ids, needs_logits) in enumerate(items):
-        n = len(new_ids)
-        token_ids.extend(new_ids)
-        pos = range(num_computed, num_computed + n)
-        positions.extend(pos)
-        slots.extend(block_ids[p // block_size] * block_size + p % block_size for p in pos)
-        starts.append(starts[-1] + n)
-        seq_lens.append(num_computed + n)
-        context_lens.append(num_computed)
-        if block_ids:
-            tables[row, : len(block_ids)] = torch.tensor(block_ids, dtype=torch.int32)
-        if needs_logits:
-            logits_indices.append(starts[-1] - 1)
-            logits_req_ids.append(req_id)
+    tables = np.zeros((num_reqs, max(max_blocks, 1)), dtype=np.int32)
+    for row, item in enumerate(items):
+        if item[3]:
+            tables[row, : len(item[3])] = item[3]
+    token_ids = np.fromiter(
+        (t for item in items for t in item[1]), dtype=np.int64, count=num_tokens
+    )
+    # position of each new token: its request's computed count + its index within the request
+    rows = np.repeat(np.arange(num_reqs), num_new)  # [T]
+    positions = computed[rows] + (np.arange(num_tokens) - starts[rows])
+    slots = tables[rows, positions // block_size].astype(np.int64) * block_size + positions % block_size
+    needs = np.fromiter((item[4] for item in items), dtype=bool, count=num_reqs)
+    logits_indices = starts[1:][needs] - 1
     return ScheduledBatch(
         req_ids=[item[0] for item in items],
-        token_ids=torch.tensor(token_ids, dtype=torch.int64),
-        positions=torch.tensor(positions, dtype=torch.int64),
-        query_start_loc=torch.tensor(starts, dtype=torch.int32),
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
-        context_lens=torch.tensor(context_lens, dtype=torch.int32),
-        block_tables=tables,
-        slot_mapping=torch.tensor(slots, dtype=torch.int64),
-        logits_indices=torch.tensor(logits_indices, dtype=torch.int64),
-        logits_req_ids=logits_req_ids,
+        token_ids=torch.from_numpy(token_ids),
+        positions=torch.from_numpy(positions),
+        query_start_loc=torch.from_numpy(starts.astype(np.int32)),
+        seq_lens=torch.from_numpy((computed + num_new).astype(np.int32)),
+        context_lens=torch.from_numpy(computed.astype(np.int32)),
+        block_tables=torch.from_numpy(tables),
+        slot_mapping=torch.from_numpy(slots),
+        logits_indices=torch.from_numpy(logits_indices),
+        logits_req_ids=[item[0] for item in items if item[4]],
         block_size=block_size,
     )
