@@ -51,6 +51,14 @@ def load_model(
     from portaserve.core.loaders.gguf import load_gguf
     from portaserve.core.loaders.hf import load_hf_folder
 
+    if model.startswith("random:"):  # synthetic weights of a real shape (benchmarks, GPU checks)
+        from portaserve.core.loaders import synthetic
+
+        config = synthetic.synthetic_config(model)
+        weights = synthetic.synthetic_weights(config, dtype=dtype, device=device)
+        return LoadedModel(config=config, weights=weights,
+                           tokenizer=synthetic.synthetic_tokenizer(config), path=Path(model),
+                           format="synthetic")
     path = resolve_model(model)
     if quantization is not None:
         logger.warning("quantization=%r is not applied by the loader yet; weights are dense",
