@@ -6,19 +6,21 @@ authenticated), ``/version`` and ``/metrics``. With an API key every other route
 ``Authorization: Bearer <key>`` (or Anthropic's ``x-api-key: <key>``).
 
 ``run_server(...)`` serves the app until SIGINT/SIGTERM, then stops accepting connections,
-lets in-flight requests finish for up to ``shutdown_timeout`` seconds, aborts the rest, stops
-the engine thread and returns (the process exits 0).
+lets in-flight requests finish for up to ``shutdown_timeout`` seconds, aborts the rest a
+moment before that (their clients get an error, not a cut connection), stops the engine
+thread and returns (the process exits 0).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import logging
 import signal
 import socket
 import threading
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
 
 import uvicorn
@@ -157,6 +159,24 @@ class _Server(uvicorn.Server):
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
+    #: Called when in-flight requests should be aborted so they end before the deadline.
+    abort_in_flight: Callable[[], None] | None = None
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        # uvicorn cancels what is still running at timeout_graceful_shutdown, which cuts the
+        # connections. Abort the requests a little earlier instead, so that each client gets
+        # a proper error (an SSE error event, or a 503) and a complete response.
+        timeout = self.config.timeout_graceful_shutdown
+        timer = None
+        if self.abort_in_flight is not None and timeout is not None:
+            delay = max(timeout - 1.0, timeout * 0.5)
+            timer = asyncio.get_running_loop().call_later(delay, self.abort_in_flight)
+        try:
+            await super().shutdown(sockets)
+        finally:
+            if timer is not None:
+                timer.cancel()
+
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
         for server in self.servers:
@@ -177,7 +197,9 @@ def make_server(
         timeout_graceful_shutdown=shutdown_timeout,
         lifespan="on",
     )
-    return _Server(config)
+    server = _Server(config)
+    server.abort_in_flight = app.state.server.engine.abort_all
+    return server
 
 
 def run_server(

@@ -121,6 +121,10 @@ class AsyncEngine:
             raise
         return RequestStream(self, tracked)
 
+    def abort_all(self) -> None:
+        """Abort every request in flight; their streams raise ``RequestAbortedError``."""
+        self._commands.put(("abort_all",))
+
     def abort(self, request_id: str) -> None:
         """Abort a request (no-op if it already finished). Safe from any thread."""
         self._commands.put(("abort", request_id))
@@ -130,6 +134,7 @@ class AsyncEngine:
 
     def _run(self) -> None:
         try:
+            self._stats = self.engine.stats()
             while not self._stopping.is_set():
                 self._drain_commands(block=not self.engine.has_unfinished_requests())
                 if self._stopping.is_set():
@@ -171,6 +176,8 @@ class AsyncEngine:
                 return
             self._tracked[tracked.request_id] = tracked
             added.set_result(None)
+        elif kind == "abort_all":
+            self._fail_all(RequestAbortedError("the server is shutting down"), "abort")
         elif kind == "abort":
             tracked = self._tracked.pop(command[1], None)
             if tracked is not None:
