@@ -1,0 +1,627 @@
+#!/usr/bin/env python
+"""CPU peers side by side: portaserve's CPU-capable devices, Hugging Face transformers and
+llama.cpp, on the same GGUF and the same number of threads, in one run.
+
+For each engine it measures, in a fresh subprocess (so thread settings and memory do not
+leak between engines):
+
+- batch-1 decode tokens/s: the median step time of 128 greedy tokens after a 16-token prompt
+  (like ``llama-bench -n 128``);
+- prefill tokens/s for a 512-token prompt (like ``llama-bench -p 512``);
+- serving: its OpenAI-compatible server driven by ``portaserve bench serve``'s client at
+  ``--max-concurrency`` 1, 4 and 16 (random prompts, fixed lengths, EOS ignored): output
+  tokens/s and median TTFT. transformers has no server here, so it has no serving numbers.
+
+llama.cpp runs through llama-cpp-python from its own virtual environment
+(``ci/build_llamacpp.sh`` builds it); its server ignores ``ignore_eos``, so EOS is banned with
+``logit_bias`` instead. The script's top level imports only the standard library: the
+llama.cpp worker runs it under that venv's Python, where portaserve is not installed.
+
+    python benchmarks/cpu_peers.py --threads 2 --json cpu_peers.json --markdown cpu_peers.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+RESULT_PREFIX = "CPU_PEERS_RESULT "
+DEFAULT_LLAMACPP_PYTHON = "/tmp/llamacpp-venv/bin/python"
+
+
+# --------------------------------------------------------------------------- workers
+
+
+def _median_step(times: list[float]) -> float:
+    return statistics.median(times) if times else float("nan")
+
+
+def worker_portaserve(args: argparse.Namespace) -> dict[str, Any]:
+    from portaserve.bench.conditions import engine_conditions, random_token_prompts
+    from portaserve.bench.latency import measure_latency, one_iteration
+    from portaserve.bench.throughput import make_llm
+
+    ns = argparse.Namespace(
+        model=args.gguf,
+        device=args.device,
+        dtype="auto",
+        max_num_seqs=None,
+        max_num_batched_tokens=None,
+        max_model_len=None,
+        enable_prefix_caching=False,
+        seed=0,
+    )
+    t0 = time.perf_counter()
+    llm = make_llm(ns)
+    load_s = time.perf_counter() - t0
+    one_iteration(llm, random_token_prompts(llm, 1, 32, 99), 4, "warmup")
+    prefill = measure_latency(
+        llm,
+        input_len=args.prefill_len,
+        output_len=1,
+        num_iters=args.iters,
+        num_iters_warmup=0,
+        seed=1,
+    )
+    decode = measure_latency(
+        llm,
+        input_len=16,
+        output_len=args.decode_tokens,
+        num_iters=args.iters,
+        num_iters_warmup=0,
+        seed=2,
+    )
+    result = {
+        "load_s": load_s,
+        "prefill_tok_s": prefill["prefill_tokens_per_second"],
+        "decode_tok_s": decode["decode_tokens_per_second"],
+        "conditions": engine_conditions(llm),
+    }
+    if args.profile:
+        result["profile"] = profile_decode(llm, args.decode_tokens)
+    return result
+
+
+def profile_decode(llm: Any, decode_tokens: int) -> dict[str, str]:
+    """Where one batch-1 generation's time goes: cProfile (Python) and torch.profiler (ops)."""
+    import cProfile
+    import io
+    import pstats
+
+    import torch
+
+    from portaserve.bench.conditions import random_token_prompts
+    from portaserve.bench.latency import one_iteration
+
+    prompts = random_token_prompts(llm, 1, 16, 5)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    one_iteration(llm, prompts, decode_tokens, "profile-py")
+    profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        one_iteration(llm, random_token_prompts(llm, 1, 16, 6), decode_tokens, "profile-ops")
+    ops = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
+    return {"python_tottime": text.getvalue(), "torch_ops": ops}
+
+
+def worker_transformers(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+    import transformers
+
+    torch.set_num_threads(args.threads)
+    gguf = Path(args.gguf)
+    t0 = time.perf_counter()
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, torch_dtype=torch.float32
+    )
+    model.eval()
+    load_s = time.perf_counter() - t0
+    vocab = model.config.vocab_size
+    gen = torch.Generator().manual_seed(0)
+
+    def prompt(n: int) -> torch.Tensor:
+        return torch.randint(256, vocab, (1, n), generator=gen)  # [1, n]
+
+    with torch.inference_mode():
+        model(prompt(32))  # warmup
+        prefill_times = []
+        for _ in range(args.iters):
+            ids = prompt(args.prefill_len)
+            t = time.perf_counter()
+            model(ids, use_cache=True)
+            prefill_times.append(time.perf_counter() - t)
+        step_medians = []
+        for _ in range(args.iters):
+            out = model(prompt(16), use_cache=True)
+            past, steps = out.past_key_values, []
+            for _ in range(args.decode_tokens - 1):
+                token = out.logits[:, -1].argmax(-1, keepdim=True)  # [1, 1]
+                t = time.perf_counter()
+                out = model(token, past_key_values=past, use_cache=True)
+                steps.append(time.perf_counter() - t)
+                past = out.past_key_values
+            step_medians.append(_median_step(steps))
+    return {
+        "load_s": load_s,
+        "prefill_tok_s": args.prefill_len / statistics.median(prefill_times),
+        "decode_tok_s": 1.0 / statistics.median(step_medians),
+        "conditions": {
+            "transformers": transformers.__version__,
+            "torch": torch.__version__,
+            "dtype": "float32 (GGUF dequantized at load)",
+            "threads": torch.get_num_threads(),
+        },
+    }
+
+
+def worker_llamacpp(args: argparse.Namespace) -> dict[str, Any]:
+    import random
+
+    import llama_cpp
+
+    t0 = time.perf_counter()
+    llm = llama_cpp.Llama(
+        model_path=args.gguf,
+        n_threads=args.threads,
+        n_threads_batch=args.threads,
+        n_ctx=2048,
+        n_batch=512,
+        verbose=False,
+    )
+    load_s = time.perf_counter() - t0
+    rng = random.Random(0)
+    vocab = llm.n_vocab()
+
+    def prompt(n: int) -> list[int]:
+        return [rng.randrange(256, vocab) for _ in range(n)]
+
+    llm.reset()
+    llm.eval(prompt(32))  # warmup
+    prefill_times, step_medians = [], []
+    for _ in range(args.iters):
+        llm.reset()
+        ids = prompt(args.prefill_len)
+        t = time.perf_counter()
+        llm.eval(ids)
+        prefill_times.append(time.perf_counter() - t)
+    for _ in range(args.iters):
+        steps, last = [], None
+        generator = llm.generate(prompt(16), top_k=1, temp=0.0, reset=True)
+        for i, _token in enumerate(generator):
+            now = time.perf_counter()
+            if last is not None:
+                steps.append(now - last)
+            last = now
+            if i + 1 >= args.decode_tokens:
+                break
+        step_medians.append(_median_step(steps))
+    return {
+        "load_s": load_s,
+        "prefill_tok_s": args.prefill_len / statistics.median(prefill_times),
+        "decode_tok_s": 1.0 / statistics.median(step_medians),
+        "conditions": {
+            "llama_cpp_python": llama_cpp.__version__,
+            "threads": args.threads,
+            "weights": "GGUF as is",
+        },
+    }
+
+
+WORKERS = {
+    "portaserve": worker_portaserve,
+    "transformers": worker_transformers,
+    "llamacpp": worker_llamacpp,
+}
+
+
+# --------------------------------------------------------------------------- orchestration
+
+
+def thread_env(threads: int) -> dict[str, str]:
+    env = dict(os.environ)
+    for name in (
+        "OMP_NUM_THREADS",
+        "MKL_NUM_THREADS",
+        "OPENBLAS_NUM_THREADS",
+        "PORTASERVE_NUM_THREADS",
+    ):
+        env[name] = str(threads)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["HF_HUB_OFFLINE"] = "1"
+    env["TOKENIZERS_PARALLELISM"] = "false"
+    return env
+
+
+def run_worker(
+    kind: str,
+    python: str,
+    args: argparse.Namespace,
+    device: str | None = None,
+    timeout: float = 1200,
+) -> dict[str, Any]:
+    cmd = [
+        python,
+        str(Path(__file__).resolve()),
+        "--worker",
+        kind,
+        "--gguf",
+        args.gguf,
+        "--model",
+        args.model,
+        "--threads",
+        str(args.threads),
+        "--iters",
+        str(args.iters),
+        "--decode-tokens",
+        str(args.decode_tokens),
+        "--prefill-len",
+        str(args.prefill_len),
+    ]
+    if device:
+        cmd += ["--device", device]
+    if args.profile and kind == "portaserve":
+        cmd.append("--profile")
+    print(f"[cpu_peers] {kind} {device or ''}: offline decode/prefill ...", flush=True)
+    try:
+        proc = subprocess.run(
+            cmd, env=thread_env(args.threads), capture_output=True, text=True, timeout=timeout
+        )
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(RESULT_PREFIX):
+            return json.loads(line[len(RESULT_PREFIX) :]) | {"loadavg_after": os.getloadavg()}
+    return {"error": f"exit {proc.returncode}: {proc.stderr.strip()[-800:]}"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(url, timeout=2.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass  # not listening yet
+        time.sleep(1.0)
+    raise RuntimeError(f"server not ready after {timeout:.0f} s")
+
+
+def serve_sweep(
+    server_cmd: list[str],
+    ready_path: str,
+    port: int,
+    args: argparse.Namespace,
+    tokenizer: Any,
+    extra_body: dict[str, Any] | None,
+    ignore_eos: bool,
+    log: Path,
+) -> dict[str, Any]:
+    """Start a server, drive it at each concurrency, stop it."""
+    import asyncio
+
+    from portaserve.bench.datasets import random_dataset
+    from portaserve.bench.metrics import calculate_metrics
+    from portaserve.bench.serve import ServeTarget, _first_model, run_benchmark
+
+    base = f"http://127.0.0.1:{port}"
+    results: dict[str, Any] = {}
+    with open(log, "w") as log_file:
+        proc = subprocess.Popen(
+            server_cmd, env=thread_env(args.threads), stdout=log_file, stderr=subprocess.STDOUT
+        )
+        try:
+            wait_ready(base + ready_path, proc, timeout=args.server_start_timeout)
+            target = ServeTarget(
+                url=base + "/v1/completions",
+                model=_first_model(base, None),
+                chat=False,
+                ignore_eos=ignore_eos,
+                extra_body=extra_body,
+            )
+            warm = random_dataset(tokenizer, num_prompts=1, input_len=16, output_len=4, seed=7)
+            asyncio.run(run_benchmark(target, warm))
+            for conc in args.concurrency:
+                n = max(args.min_prompts, args.prompts_per_concurrency * conc)
+                reqs = random_dataset(
+                    tokenizer,
+                    num_prompts=n,
+                    input_len=args.serve_input_len,
+                    output_len=args.serve_output_len,
+                    seed=conc,
+                )
+                print(f"[cpu_peers]   concurrency {conc}: {n} requests", flush=True)
+                try:
+                    out, duration, t0 = asyncio.run(
+                        asyncio.wait_for(
+                            run_benchmark(target, reqs, max_concurrency=conc),
+                            timeout=args.serve_timeout,
+                        )
+                    )
+                except TimeoutError:
+                    results[str(conc)] = {"error": f"timed out after {args.serve_timeout:.0f} s"}
+                    continue
+                m = calculate_metrics(
+                    out,
+                    duration,
+                    tokenizer=tokenizer,
+                    t0=t0,
+                    percentiles=[50, 99],
+                    metric_names=["ttft", "tpot"],
+                )
+                results[str(conc)] = {
+                    "completed": m.completed,
+                    "failed": m.failed,
+                    "output_throughput": m.output_throughput,
+                    "median_ttft_ms": m.stats["median_ttft_ms"],
+                    "median_tpot_ms": m.stats["median_tpot_ms"],
+                    "mean_output_len": m.total_output / max(1, m.completed),
+                    "duration": duration,
+                }
+        except RuntimeError as e:
+            results["error"] = f"{e} (log: {log})"
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    return results
+
+
+def portaserve_devices() -> list[str]:
+    """Available devices that run on the host CPU at a usable speed (priority >= 0)."""
+    from portaserve.plugins.manager import get_registry
+
+    return [e.name for e in get_registry().available_devices() if e.priority >= 0]
+
+
+def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
+    sys.path.insert(0, str(REPO))
+    from portaserve.bench.conditions import cpu_model_name
+    from portaserve.bench.datasets import load_tokenizer
+
+    tokenizer = load_tokenizer(args.gguf)
+    eos_ids = sorted(set(getattr(tokenizer.impl, "eos_token_ids", ())) or {2})
+    ban_eos = {"logit_bias": {str(i): -100.0 for i in eos_ids}}
+    peers = args.peers
+    report: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "cpu": cpu_model_name(),
+        "cpu_count": os.cpu_count(),
+        "threads": args.threads,
+        "model": args.gguf,
+        "prefill_len": args.prefill_len,
+        "decode_tokens": args.decode_tokens,
+        "serve_input_len": args.serve_input_len,
+        "serve_output_len": args.serve_output_len,
+        "loadavg_start": os.getloadavg(),
+        "engines": {},
+    }
+    logs = Path(args.log_dir)
+    logs.mkdir(parents=True, exist_ok=True)
+    if "portaserve" in peers:
+        for device in args.devices or portaserve_devices():
+            name = f"portaserve {device}"
+            entry = run_worker("portaserve", sys.executable, args, device=device)
+            if not args.skip_serving:
+                port = free_port()
+                cmd = [
+                    sys.executable,
+                    "-m",
+                    "portaserve.serve.cli",
+                    "serve",
+                    args.gguf,
+                    "--device",
+                    device,
+                    "--port",
+                    str(port),
+                    "--no-enable-prefix-caching",
+                ]
+                print(f"[cpu_peers] {name}: serving ...", flush=True)
+                entry["serving"] = serve_sweep(
+                    cmd,
+                    "/health",
+                    port,
+                    args,
+                    tokenizer,
+                    None,
+                    True,
+                    logs / f"server-portaserve-{device}.log",
+                )
+            report["engines"][name] = entry
+    if "transformers" in peers:
+        report["engines"]["transformers fp32"] = run_worker("transformers", sys.executable, args)
+    if "llamacpp" in peers:
+        python = args.llamacpp_python
+        if not Path(python).exists():
+            report["engines"]["llama.cpp"] = {
+                "error": f"{python} not found; run ci/build_llamacpp.sh"
+            }
+        else:
+            entry = run_worker("llamacpp", python, args)
+            if not args.skip_serving:
+                port = free_port()
+                cmd = [
+                    python,
+                    "-m",
+                    "llama_cpp.server",
+                    "--model",
+                    args.gguf,
+                    "--n_threads",
+                    str(args.threads),
+                    "--n_threads_batch",
+                    str(args.threads),
+                    "--n_ctx",
+                    "4096",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                ]
+                print("[cpu_peers] llama.cpp: serving ...", flush=True)
+                entry["serving"] = serve_sweep(
+                    cmd,
+                    "/v1/models",
+                    port,
+                    args,
+                    tokenizer,
+                    ban_eos,
+                    False,
+                    logs / "server-llamacpp.log",
+                )
+            report["engines"]["llama.cpp"] = entry
+    return report
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _fmt(value: Any, digits: int = 1) -> str:
+    return f"{value:.{digits}f}" if isinstance(value, int | float) else "—"
+
+
+def markdown(report: dict[str, Any], concurrency: list[int]) -> str:
+    """The side-by-side table, plus how far portaserve's best device is from the best peer."""
+    head = ["engine", "decode tok/s (batch 1)", "prefill tok/s (512)"]
+    head += [f"c={c}: out tok/s / TTFT ms" for c in concurrency]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, e in report["engines"].items():
+        if "error" in e and "decode_tok_s" not in e:
+            lines.append(f"| {name} | error: {e['error'][:120]} |" + " |" * (len(head) - 2))
+            continue
+        row = [name, _fmt(e.get("decode_tok_s")), _fmt(e.get("prefill_tok_s"))]
+        serving = e.get("serving") or {}
+        for c in concurrency:
+            s = serving.get(str(c)) or {}
+            if "output_throughput" in s:
+                row.append(f"{s['output_throughput']:.1f} / {s['median_ttft_ms']:.0f}")
+            else:
+                row.append(s.get("error", serving.get("error", "—"))[:60] if s or serving else "—")
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", *gap_lines(report, concurrency)]
+    return "\n".join(lines)
+
+
+def gap_lines(report: dict[str, Any], concurrency: list[int]) -> list[str]:
+    """Where portaserve's best device trails the best peer, by how much (ratio < 1)."""
+    ours = {n: e for n, e in report["engines"].items() if n.startswith("portaserve")}
+    peers = {n: e for n, e in report["engines"].items() if not n.startswith("portaserve")}
+    metrics = [("decode_tok_s", "batch-1 decode"), ("prefill_tok_s", "prefill 512")]
+    out = []
+    for key, label in metrics:
+        best_ours = max(((e.get(key) or 0.0, n) for n, e in ours.items()), default=(0.0, "-"))
+        best_peer = max(((e.get(key) or 0.0, n) for n, e in peers.items()), default=(0.0, "-"))
+        if best_ours[0] and best_peer[0]:
+            ratio = best_ours[0] / best_peer[0]
+            out.append(
+                f"- {label}: {best_ours[1]} {best_ours[0]:.1f} tok/s vs {best_peer[1]} "
+                f"{best_peer[0]:.1f} tok/s = {ratio:.2f}x "
+                + ("(behind by " + f"{(1 - ratio) * 100:.0f}%)" if ratio < 1 else "(ahead)")
+            )
+    for c in concurrency:
+
+        def rate(e: dict[str, Any], c: int = c) -> float:
+            return ((e.get("serving") or {}).get(str(c)) or {}).get("output_throughput") or 0.0
+
+        best_ours = max(((rate(e), n) for n, e in ours.items()), default=(0.0, "-"))
+        best_peer = max(((rate(e), n) for n, e in peers.items()), default=(0.0, "-"))
+        if best_ours[0] and best_peer[0]:
+            ratio = best_ours[0] / best_peer[0]
+            out.append(
+                f"- serving c={c}: {best_ours[1]} {best_ours[0]:.1f} out tok/s vs "
+                f"{best_peer[1]} {best_peer[0]:.1f} = {ratio:.2f}x"
+            )
+    return out
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="smollm2-135m", help="portaserve model name or GGUF path")
+    p.add_argument("--gguf", default=None, help="the GGUF file (default: resolve --model)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--peers",
+        default="portaserve,transformers,llamacpp",
+        type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
+    )
+    p.add_argument(
+        "--devices",
+        default=None,
+        type=lambda s: s.split(","),
+        help="portaserve devices (default: every available CPU-capable one)",
+    )
+    p.add_argument("--llamacpp-python", default=DEFAULT_LLAMACPP_PYTHON)
+    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--decode-tokens", type=int, default=128)
+    p.add_argument("--prefill-len", type=int, default=512)
+    p.add_argument(
+        "--concurrency", default=[1, 4, 16], type=lambda s: [int(x) for x in s.split(",")]
+    )
+    p.add_argument("--serve-input-len", type=int, default=128)
+    p.add_argument("--serve-output-len", type=int, default=64)
+    p.add_argument("--prompts-per-concurrency", type=int, default=2)
+    p.add_argument("--min-prompts", type=int, default=4)
+    p.add_argument("--serve-timeout", type=float, default=600.0, help="s per concurrency level")
+    p.add_argument("--server-start-timeout", type=float, default=300.0)
+    p.add_argument("--skip-serving", action="store_true")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="profile portaserve's batch-1 decode (cProfile and torch.profiler)",
+    )
+    p.add_argument("--log-dir", default="/tmp/cpu_peers_logs")
+    p.add_argument("--json", default=None, help="write the full report here")
+    p.add_argument("--markdown", default=None, help="write the table here")
+    p.add_argument("--device", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--worker", default=None, choices=sorted(WORKERS), help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        result = WORKERS[args.worker](args)
+        print(RESULT_PREFIX + json.dumps(result), flush=True)
+        return 0
+    if args.gguf is None:
+        sys.path.insert(0, str(REPO))
+        from portaserve.core.loaders.fetch import resolve_model
+
+        args.gguf = str(resolve_model(args.model))
+    report = orchestrate(args)
+    table = markdown(report, args.concurrency)
+    print(
+        f"\n{report['date']}, {report['cpu']}, {report['cpu_count']} cores, "
+        f"{args.threads} threads, {Path(args.gguf).name}\n"
+    )
+    print(table)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    if args.markdown:
+        Path(args.markdown).write_text(table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
