@@ -126,11 +126,18 @@ def engine_config(args: argparse.Namespace):  # -> EngineConfig (imported lazily
     )
 
 
+def api_key(args: argparse.Namespace) -> str | None:
+    """``--api-key``, else ``PORTASERVE_API_KEY``, else None (no authentication)."""
+    return args.api_key or envs.api_key()
+
+
 def run(args: argparse.Namespace) -> int:
+    config = engine_config(args)  # bad flags fail here, before the model loads
+    key = api_key(args)
+
     from portaserve.core.engine import LLMEngine
     from portaserve.serve.api_server import run_server
 
-    config = engine_config(args)
     engine = LLMEngine.from_config(config)
     logger.info("device: %s", engine.device_description)
     logger.info(
@@ -139,17 +146,16 @@ def run(args: argparse.Namespace) -> int:
         engine.max_model_len,
         engine.kv_capacity_tokens,
     )
-    api_key = args.api_key or envs.api_key()
-    if api_key is None:
+    if key is None:
         logger.info(
-            "no API key set: every route is open (use --api-key or "
-            "PORTASERVE_API_KEY to require one)"
+            "no API key set: every route is open (use --api-key or PORTASERVE_API_KEY to "
+            "require one)"
         )
     run_server(
         engine,
         host=args.host,
         port=args.port,
-        api_key=api_key,
+        api_key=key,
         served_model_names=args.served_model_name,
         shutdown_timeout=args.shutdown_timeout,
     )
