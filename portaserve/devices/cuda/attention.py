@@ -53,7 +53,7 @@ def _varlen_attn_kernel(
     stride_c_kv, stride_c_block, stride_c_head, stride_c_off, stride_bt,
     GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    PRECISION: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
     """Grid ``(T // BLOCK_Q + R, Hk)``.
 
@@ -103,14 +103,20 @@ def _varlen_attn_kernel(
             kv_mask = n_ok[:, None] & d_ok[None, :]
             k = tl.load(head_base + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
             v = tl.load(head_base + stride_c_kv + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2  # [BLOCK_M, BLOCK_N]
+            if IEEE:  # float32 inputs: exact products, not TF32
+                s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2  # [BLOCK_M, BLOCK_N]
+            else:
+                s = tl.dot(q, tl.trans(k)) * scale_log2
             visible = (n[None, :] <= q_pos[:, None]) & n_ok[None, :]
             s = tl.where(visible, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.reduce(s, 1, MAX))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.reduce(p, 1, SUM)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
         l_i = tl.where(l_i > 0.0, l_i, 1.0)
         out = acc / l_i[:, None]
@@ -126,7 +132,7 @@ def _decode_attn_kernel(
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_c_kv, stride_c_block, stride_c_head, stride_c_off, stride_bt,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr,
 ):
     """Grid ``(R, Hk, NUM_SPLITS)``: one new token of request r, the GROUP query heads of one
     KV head (padded to BLOCK_G >= 16 rows), and one chunk of its context.
@@ -166,13 +172,19 @@ def _decode_attn_kernel(
         kv_mask = n_ok[:, None] & d_ok[None, :]
         k = tl.load(head_base + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(head_base + stride_c_kv + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2  # [BLOCK_G, BLOCK_N]
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2  # [BLOCK_G, BLOCK_N]
+        else:
+            s = tl.dot(q, tl.trans(k)) * scale_log2
         s = tl.where(n_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.reduce(s, 1, MAX))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.reduce(p, 1, SUM)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
     safe_l = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / safe_l[:, None]
@@ -254,7 +266,7 @@ def paged_attention(
     group = num_q_heads // num_kv_heads
     s_kv, s_block, s_head, s_off, _ = cache_strides(kv_cache, kv_layout)
     interp = is_interpreted(query)
-    precision = "ieee" if query.dtype == torch.float32 else None
+    ieee = query.dtype == torch.float32
     block_d = max(16, next_pow2(head_dim))
     scale_log2 = float(scale) * _LOG2E
     common = (s_kv, s_block, s_head, s_off, attn.block_tables.stride(0))
@@ -277,7 +289,7 @@ def paged_attention(
             scale_log2, head_dim,
             query.stride(0), query.stride(1), out.stride(0), out.stride(1), *common,
             GROUP=group, BLOCK_G=max(16, next_pow2(group)), BLOCK_N=16 if interp else 64,
-            BLOCK_D=block_d, BLOCK_SIZE=block_size, NUM_SPLITS=num_splits, PRECISION=precision,
+            BLOCK_D=block_d, BLOCK_SIZE=block_size, NUM_SPLITS=num_splits, IEEE=ieee,
             num_warps=4, num_stages=2,
         )
         if num_splits > 1:
@@ -295,7 +307,7 @@ def paged_attention(
         num_reqs, scale_log2, head_dim,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1), *common,
         GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=16 if interp else 64,
-        BLOCK_D=block_d, BLOCK_SIZE=block_size, PRECISION=precision,
+        BLOCK_D=block_d, BLOCK_SIZE=block_size, IEEE=ieee,
         num_warps=4, num_stages=2 if query.dtype == torch.float32 else 3,
     )
     return out

@@ -1,0 +1,373 @@
+"""Benchmark of the cuda device's Triton kernels on a GPU, against torch, and one decode step.
+
+Run from the repository root on a machine with an NVIDIA GPU (about 2-3 minutes on an H200):
+
+    PYTHONPATH=. python3 benchmarks/gpu_kernels.py [--skip-model] [--json PATH]
+
+What it prints (a table at the end; logs go to stdout):
+
+1. the measured device-to-device copy bandwidth (read + write bytes / time), the ceiling every
+   memory-bound row is compared with (an H200 measured about 4.26-4.3 TB/s here);
+2. per kernel on Llama-3-8B shapes (hidden 4096, 32 q / 8 KV heads, head dim 128, MLP 14336,
+   bf16, KV block 16): median time of the Triton kernel and of its torch counterpart
+   (``devices/reference.py`` eager, and torch SDPA on contiguous KV for attention), the bytes
+   each must move at least, achieved GB/s and % of the copy bandwidth; prefill attention also in
+   TFLOP/s. Every row is also checked against the reference (relative error column);
+3. unless ``--skip-model``: one decode step of a Llama-3-8B-shaped model with random bf16
+   weights (32 layers), op by op vs replayed from a CUDA graph, at batch 1/16/64 with 1024
+   tokens of context each: ms/step and the weight bytes read per step over that time.
+
+Timing: CUDA events around each call, warm-up first, median of many calls; inputs rotate over
+several buffers when one set would fit in the L2 cache. Random inputs, never zeros.
+"""
+
+# ruff: noqa: B023  (the timed lambdas run inside the loop iteration that defines them)
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from portaserve.core.batch import build_batch
+from portaserve.devices import reference as ref
+from portaserve.devices.cuda import activation, attention, kv, norm, rotary
+from portaserve.plugins.device import KVCacheSpec
+
+HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTER, VOCAB, LAYERS = 4096, 32, 8, 128, 14336, 128256, 32
+DTYPE = torch.bfloat16
+BLOCK = 16
+DEV = "cuda"
+#: Sizes of each section (scaled down by --dry-run).
+TOKENS = 8192
+DECODE_CASES = ((1, 8192), (1, 32768), (32, 2048), (128, 1024), (256, 1024))
+PREFILL_CASES = (([(0, 2048)] * 4, "4 x 2048 new"), ([(6144, 2048)], "2048 new over 6144 cached"))
+MODEL_BATCHES, MODEL_CTX, MODEL_MAX_POS = (1, 16, 64), 1024, 8192
+
+
+def dry_run_sizes() -> None:
+    """Tiny shapes on CPU tensors (Triton interpreter, float32): checks the script, not speed."""
+    global HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTER, VOCAB, LAYERS, DTYPE, DEV, TOKENS
+    global DECODE_CASES, PREFILL_CASES, MODEL_BATCHES, MODEL_CTX, MODEL_MAX_POS
+    HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTER, VOCAB, LAYERS = 64, 4, 2, 32, 96, 256, 2
+    DTYPE, DEV, TOKENS = torch.float32, "cpu", 16
+    DECODE_CASES = ((1, 40), (3, 20))
+    PREFILL_CASES = (([(0, 20)] * 2, "2 x 20 new"), ([(30, 10)], "10 new over 30 cached"))
+    MODEL_BATCHES, MODEL_CTX, MODEL_MAX_POS = (1, 3), 20, 64
+
+
+class _HostEvent:
+    """torch.cuda.Event's timing subset on the host clock (dry runs)."""
+
+    def __init__(self, enable_timing: bool = True) -> None:
+        self.t = 0.0
+
+    def record(self) -> None:
+        self.t = time.perf_counter()
+
+    def synchronize(self) -> None:
+        pass
+
+    def elapsed_time(self, end: _HostEvent) -> float:
+        return (end.t - self.t) * 1e3
+
+
+def _event() -> object:
+    return torch.cuda.Event(enable_timing=True) if DEV == "cuda" else _HostEvent()
+
+
+def _sync() -> None:
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
+def _num_sms() -> int:
+    return torch.cuda.get_device_properties(0).multi_processor_count if DEV == "cuda" else 4
+
+
+@dataclass
+class Row:
+    name: str
+    impl: str
+    ms: float
+    bytes: float
+    flops: float = 0.0
+    rel_err: float | None = None
+
+    def gbps(self) -> float:
+        return self.bytes / (self.ms * 1e-3) / 1e9
+
+    def tflops(self) -> float:
+        return self.flops / (self.ms * 1e-3) / 1e12
+
+
+def bench(fn: Callable[[int], object], *, warmup: int = 5, iters: int = 50, budget_s: float = 2.0) -> float:
+    """Median milliseconds of ``fn(i)`` (i cycles the input sets), timed with CUDA events."""
+    for i in range(warmup):
+        fn(i)
+    _sync()
+    times: list[float] = []
+    deadline = time.perf_counter() + budget_s
+    for i in range(iters):
+        start, end = _event(), _event()
+        start.record()
+        fn(i)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+        if time.perf_counter() > deadline and len(times) >= 5:
+            break
+    return statistics.median(times)
+
+
+def rel_err(out: torch.Tensor, expected: torch.Tensor) -> float:
+    out, expected = out.double(), expected.double()
+    return ((out - expected).norm() / expected.norm().clamp_min(1e-30)).item()
+
+
+def copy_bandwidth() -> float:
+    """Bytes/s of a 1 GiB device-to-device copy (bytes read + bytes written)."""
+    src = torch.randn(1 << 29 if DEV == "cuda" else 1 << 20, dtype=torch.bfloat16, device=DEV)  # 1 GiB
+    dst = torch.empty_like(src)
+    ms = bench(lambda i: dst.copy_(src), iters=30)
+    return 2 * src.numel() * src.element_size() / (ms * 1e-3)
+
+
+def sets(n: int, make: Callable[[], object]) -> list:
+    return [make() for _ in range(n)]
+
+
+def elementwise_rows() -> list[Row]:
+    rows: list[Row] = []
+    tokens = TOKENS
+    e = torch.empty((), dtype=DTYPE).element_size()
+
+    xs = sets(3, lambda: (torch.randn(tokens, HIDDEN, dtype=DTYPE, device=DEV),
+                          torch.randn(tokens, HIDDEN, dtype=DTYPE, device=DEV)))
+    w = 1 + 0.1 * torch.randn(HIDDEN, dtype=DTYPE, device=DEV)
+    nbytes = 4 * tokens * HIDDEN * e + HIDDEN * e
+    got, want = norm.rms_norm(xs[0][0], w, 1e-5, xs[0][1]), ref.rms_norm(xs[0][0], w, 1e-5, xs[0][1])
+    err = max(rel_err(got[0], want[0]), rel_err(got[1], want[1]))
+    name = f"rms_norm+residual T={tokens} H={HIDDEN}"
+    rows.append(Row(name, "triton", bench(lambda i: norm.rms_norm(xs[i % 3][0], w, 1e-5, xs[i % 3][1])), nbytes, rel_err=err))
+    rows.append(Row(name, "torch reference", bench(lambda i: ref.rms_norm(xs[i % 3][0], w, 1e-5, xs[i % 3][1])), nbytes))
+
+    width = (HEADS + 2 * KV_HEADS) * HEAD_DIM
+    qkvs = sets(3, lambda: torch.randn(tokens, width, dtype=DTYPE, device=DEV))
+    inv_freq = 1.0 / (500000 ** (torch.arange(0, HEAD_DIM, 2, device=DEV).float() / HEAD_DIM))
+    angles = torch.outer(torch.arange(MODEL_MAX_POS, device=DEV).float(), inv_freq)
+    cos_sin = torch.cat((angles.cos(), angles.sin()), -1).to(DTYPE)
+    pos = torch.randint(0, MODEL_MAX_POS, (tokens,), device=DEV)
+
+    def qk(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        t = qkvs[i % 3]
+        return (t[:, : HEADS * HEAD_DIM].view(tokens, HEADS, HEAD_DIM),
+                t[:, HEADS * HEAD_DIM : (HEADS + KV_HEADS) * HEAD_DIM].view(tokens, KV_HEADS, HEAD_DIM))
+
+    nbytes = 2 * tokens * (HEADS + KV_HEADS) * HEAD_DIM * e + tokens * HEAD_DIM * e
+    got, want = rotary.rotary(pos, *qk(0), cos_sin), ref.rotary(pos, *qk(0), cos_sin)
+    err = max(rel_err(got[0], want[0]), rel_err(got[1], want[1]))
+    name = f"rotary T={tokens} Hq={HEADS} Hk={KV_HEADS} D={HEAD_DIM}"
+    rows.append(Row(name, "triton", bench(lambda i: rotary.rotary(pos, *qk(i), cos_sin)), nbytes, rel_err=err))
+    rows.append(Row(name, "torch reference", bench(lambda i: ref.rotary(pos, *qk(i), cos_sin)), nbytes))
+
+    gus = sets(2, lambda: torch.randn(tokens, 2 * INTER, dtype=DTYPE, device=DEV))
+    nbytes = 3 * tokens * INTER * e
+    err = rel_err(activation.silu_and_mul(gus[0]), ref.silu_and_mul(gus[0]))
+    name = f"silu_and_mul T={tokens} I={INTER}"
+    rows.append(Row(name, "triton", bench(lambda i: activation.silu_and_mul(gus[i % 2])), nbytes, rel_err=err))
+    rows.append(Row(name, "torch F.silu*up", bench(lambda i: F.silu(gus[i % 2][:, :INTER]) * gus[i % 2][:, INTER:]), nbytes))
+
+    num_blocks = 4 * tokens // BLOCK
+    cache = torch.randn(2, num_blocks, KV_HEADS, BLOCK, HEAD_DIM, dtype=DTYPE, device=DEV)
+    kvs = sets(3, lambda: (torch.randn(tokens, KV_HEADS, HEAD_DIM, dtype=DTYPE, device=DEV),
+                           torch.randn(tokens, KV_HEADS, HEAD_DIM, dtype=DTYPE, device=DEV)))
+    slots = torch.randperm(num_blocks * BLOCK, device=DEV)[:tokens]
+    nbytes = 4 * tokens * KV_HEADS * HEAD_DIM * e
+    kv.write_kv(*kvs[0], cache, slots)
+    expected = cache.clone()
+    ref.write_kv(*kvs[0], expected, slots, kv_layout="blocks_hnd")
+    err = rel_err(cache, expected)
+    name = f"write_kv T={tokens} Hk={KV_HEADS} D={HEAD_DIM}"
+    rows.append(Row(name, "triton", bench(lambda i: kv.write_kv(*kvs[i % 3], cache, slots)), nbytes, rel_err=err))
+    rows.append(Row(name, "torch reference", bench(lambda i: ref.write_kv(*kvs[i % 3], cache, slots, kv_layout="blocks_hnd")), nbytes))
+    return rows
+
+
+def paged_setup(lens: list[tuple[int, int]], gen_seed: int = 0):
+    """Random cache + metadata for requests (cached, new); blocks shuffled over the pool."""
+    g = torch.Generator().manual_seed(gen_seed)
+    need = sum(-(-(c + q) // BLOCK) for c, q in lens)
+    pool = torch.randperm(need + 8, generator=g).tolist()
+    items = []
+    for i, (c, q) in enumerate(lens):
+        blocks = [pool.pop() for _ in range(-(-(c + q) // BLOCK))]
+        items.append((f"r{i}", [1] * q, c, blocks, True))
+    batch = build_batch(items, BLOCK)
+    cache = torch.randn(2, need + 8, KV_HEADS, BLOCK, HEAD_DIM, dtype=DTYPE, device=DEV)
+    attn = batch.attention_metadata(torch.device(DEV))
+    query = torch.randn(batch.num_tokens, HEADS, HEAD_DIM, dtype=DTYPE, device=DEV)
+    return query, cache, attn, batch
+
+
+def attention_rows() -> list[Row]:
+    rows: list[Row] = []
+    e = torch.empty((), dtype=DTYPE).element_size()
+    scale = HEAD_DIM**-0.5
+    for num_reqs, ctx in DECODE_CASES:
+        nbytes = 2 * num_reqs * ctx * KV_HEADS * HEAD_DIM * e
+        # Several caches in rotation so that small ones are not served from the L2 cache.
+        setups = [paged_setup([(ctx - 1, 1)] * num_reqs, seed) for seed in range(min(8, 1 + (256 << 20) // nbytes))]
+        query, cache, attn, _ = setups[0]
+        want = ref.paged_attention(query, cache, attn, scale, kv_layout="blocks_hnd")
+        err = rel_err(attention.paged_attention(query, cache, attn, scale), want)
+        name = f"decode attention B={num_reqs} ctx={ctx}"
+        splits = attention.decode_num_splits(num_reqs, KV_HEADS, ctx, _num_sms())
+        n = len(setups)
+        rows.append(Row(name, f"triton (splits={splits})", bench(lambda i: attention.paged_attention(*setups[i % n][:3], scale)), nbytes, rel_err=err))
+        if num_reqs * ctx <= 64 * 1024:
+            rows.append(Row(name, "torch reference", bench(lambda i: ref.paged_attention(query, cache, attn, scale, kv_layout="blocks_hnd"), iters=5), nbytes))
+        k = torch.randn(num_reqs, KV_HEADS, ctx, HEAD_DIM, dtype=DTYPE, device=DEV)
+        v = torch.randn_like(k)
+        q = query.view(num_reqs, HEADS, 1, HEAD_DIM)
+        rows.append(Row(name, "torch SDPA contiguous KV", bench(lambda i: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)), nbytes))
+        del k, v
+
+    for lens, label in PREFILL_CASES:
+        query, cache, attn, _ = paged_setup(lens)
+        visible = sum(q * c + q * (q + 1) // 2 for c, q in lens)  # keys each query sees
+        flops = 4.0 * HEADS * HEAD_DIM * visible
+        nbytes = sum(2 * (c + q) * KV_HEADS * HEAD_DIM * e + 2 * q * HEADS * HEAD_DIM * e for c, q in lens)
+        want = ref.paged_attention(query, cache, attn, scale, kv_layout="blocks_hnd")
+        err = rel_err(attention.paged_attention(query, cache, attn, scale), want)
+        name = f"prefill attention {label}"
+        rows.append(Row(name, "triton", bench(lambda i: attention.paged_attention(query, cache, attn, scale)), nbytes, flops, err))
+        if lens[0][0] == 0:
+            q = query.view(len(lens), -1, HEADS, HEAD_DIM).transpose(1, 2)
+            k = torch.randn(len(lens), KV_HEADS, lens[0][1], HEAD_DIM, dtype=DTYPE, device=DEV)
+            v = torch.randn_like(k)
+            rows.append(Row(name, "torch SDPA causal contiguous", bench(lambda i: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)), nbytes, flops))
+    return rows
+
+
+def model_rows() -> list[Row]:
+    """One decode step of a Llama-3-8B-shaped model with random bf16 weights."""
+    batch_sizes, ctx = MODEL_BATCHES, MODEL_CTX
+    from portaserve.core.config import ModelConfig
+    from portaserve.core.models.llama import LlamaForCausalLM
+    from portaserve.devices.cuda.graphs import GraphExecutor
+    from portaserve.plugins.manager import get_registry
+
+    registry = get_registry()
+    device, _ = registry.select_device("cuda" if DEV == "cuda" else "triton-interpret")
+    config = ModelConfig(architecture="llama", vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTER,
+                         num_layers=LAYERS, num_heads=HEADS, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM,
+                         rope_theta=500000.0, max_position_embeddings=MODEL_MAX_POS)
+
+    def w(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, dtype=DTYPE, device=DEV) * shape[-1] ** -0.5
+
+    weights = {"model.embed_tokens.weight": w(VOCAB, HIDDEN), "model.norm.weight": 1 + 0.1 * w(HIDDEN),
+               "lm_head.weight": w(VOCAB, HIDDEN)}
+    for i in range(LAYERS):
+        p = f"model.layers.{i}"
+        weights |= {f"{p}.input_layernorm.weight": 1 + 0.1 * w(HIDDEN),
+                    f"{p}.post_attention_layernorm.weight": 1 + 0.1 * w(HIDDEN),
+                    f"{p}.self_attn.q_proj.weight": w(HEADS * HEAD_DIM, HIDDEN),
+                    f"{p}.self_attn.k_proj.weight": w(KV_HEADS * HEAD_DIM, HIDDEN),
+                    f"{p}.self_attn.v_proj.weight": w(KV_HEADS * HEAD_DIM, HIDDEN),
+                    f"{p}.self_attn.o_proj.weight": w(HIDDEN, HEADS * HEAD_DIM),
+                    f"{p}.mlp.gate_proj.weight": w(INTER, HIDDEN), f"{p}.mlp.up_proj.weight": w(INTER, HIDDEN),
+                    f"{p}.mlp.down_proj.weight": w(HIDDEN, INTER)}
+    weight_bytes = sum(t.numel() * t.element_size() for n, t in weights.items() if n != "model.embed_tokens.weight")
+    model = LlamaForCausalLM(config, weights, registry.kernel_table(device), dtype=DTYPE, device=device.torch_device)
+    del weights
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
+    max_batch = max(batch_sizes)
+    blocks_per_seq = -(-(ctx + 64) // BLOCK)
+    spec = KVCacheSpec(LAYERS, max_batch * blocks_per_seq, BLOCK, KV_HEADS, HEAD_DIM, DTYPE)
+    caches = device.allocate_kv_cache(spec)
+    for c in caches:
+        c.normal_()
+    executor = GraphExecutor(model, caches, device.torch_device, max_batch=max_batch,
+                             max_blocks_per_seq=config.max_position_embeddings // BLOCK, block_size=BLOCK,
+                             eager_replay=DEV != "cuda")
+    start = time.perf_counter()
+    executor.capture()
+    print(f"captured decode graphs for sizes {executor.sizes} in {time.perf_counter() - start:.1f} s", flush=True)
+    rows = []
+    for b in batch_sizes:
+        items = [(f"r{i}", [7], ctx, list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq)), True)
+                 for i in range(b)]
+        batch = build_batch(items, BLOCK)
+        kv_bytes = 2 * LAYERS * b * (ctx + 1) * KV_HEADS * HEAD_DIM * 2
+        nbytes = weight_bytes + kv_bytes
+        eager_logits = executor._execute_eager(batch)
+        graph_logits = executor.execute(batch)
+        err = rel_err(graph_logits, eager_logits)
+        name = f"decode step 8B-shape B={b} ctx={ctx}"
+        rows.append(Row(name, "op by op", bench(lambda i: executor._execute_eager(batch), iters=20), nbytes))
+        rows.append(Row(name, "cuda graph", bench(lambda i: executor.execute(batch), iters=30), nbytes, rel_err=err))
+    return rows
+
+
+def print_table(rows: list[Row], copy_bps: float) -> None:
+    print()
+    print(f"copy bandwidth (device-to-device, read+write): {copy_bps / 1e12:.2f} TB/s")
+    head = f"{'case':44s} {'impl':28s} {'ms':>9s} {'GB/s':>8s} {'%copy':>6s} {'TFLOP/s':>8s} {'rel err':>8s}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        pct = 100 * r.bytes / (r.ms * 1e-3) / copy_bps
+        tf = f"{r.tflops():8.1f}" if r.flops else " " * 8
+        err = f"{r.rel_err:8.1e}" if r.rel_err is not None else " " * 8
+        print(f"{r.name:44s} {r.impl:28s} {r.ms:9.4f} {r.gbps():8.0f} {pct:6.1f} {tf} {err}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--skip-model", action="store_true", help="skip the 8B-shaped decode step")
+    parser.add_argument("--json", default=None, help="also write the rows as JSON here")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="tiny shapes on the CPU through the Triton interpreter (checks the script)")
+    args = parser.parse_args(argv)
+    if args.dry_run:
+        dry_run_sizes()
+    elif not torch.cuda.is_available():
+        print("no CUDA GPU visible: this benchmark needs one", file=sys.stderr)
+        return 2
+    import triton
+
+    if DEV == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        print(f"{props.name}, {props.multi_processor_count} SMs, {props.total_memory / 2**30:.0f} GiB; "
+              f"torch {torch.__version__}, triton {triton.__version__}", flush=True)
+    copy_bps = copy_bandwidth()
+    rows: list[Row] = []
+    for section in (elementwise_rows, attention_rows) + (() if args.skip_model else (model_rows,)):
+        start = time.perf_counter()
+        rows += section()
+        print(f"{section.__name__}: {time.perf_counter() - start:.1f} s", flush=True)
+        if DEV == "cuda":
+            torch.cuda.empty_cache()
+    print_table(rows, copy_bps)
+    bad = [r for r in rows if r.rel_err is not None and not (r.rel_err < 2e-2 and math.isfinite(r.rel_err))]
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"copy_bytes_per_s": copy_bps, "rows": [asdict(r) for r in rows]}, f, indent=1)
+    if bad:
+        print("WRONG RESULTS:", ", ".join(f"{r.name} [{r.impl}] rel err {r.rel_err:.2e}" for r in bad))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
