@@ -21,7 +21,7 @@ from pydantic import BaseModel, ValidationError
 
 from portaserve.core.request import RequestOutput
 from portaserve.core.sampling import SamplingParams
-from portaserve.errors import EngineOverloadedError, RequestError
+from portaserve.errors import ConfigError, EngineOverloadedError, RequestError
 from portaserve.serve.async_engine import (
     AsyncEngine,
     GenerationError,
@@ -63,7 +63,10 @@ class ServerState:
             )
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        try:
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        except ConfigError as e:  # the model's template refused the conversation
+            raise ApiError(400, str(e), param="messages") from e
         # The chat template writes its own special tokens.
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 

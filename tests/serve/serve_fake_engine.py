@@ -6,7 +6,7 @@ space, so greedy output depends on the whole prompt and differs between prompts.
 like the real engine: at most ``max_num_seqs`` requests run, each step advances every running
 request by one token, KV blocks are counted per sequence, the waiting queue has a cap.
 
-Test hooks in the prompt: ``[eos]`` ends after three tokens with EOS, ``[fail]`` finishes with
+A ``tool`` message makes the chat template refuse the conversation. Test hooks in the prompt: ``[eos]`` ends after three tokens with EOS, ``[fail]`` finishes with
 ``finish_reason="error"``, ``[crash]`` makes ``step()`` raise.
 """
 
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from portaserve.core.request import CompletionOutput, FinishReason, RequestOutput
 from portaserve.core.sampling import SamplingParams
-from portaserve.errors import EngineOverloadedError, RequestError
+from portaserve.errors import EngineOverloadedError, ModelError, RequestError
 
 IM_START, IM_END = 256, 257
 _ALPHABET = [ord(c) for c in "abcdefghijklmnopqrstuvwxyz "]
@@ -51,6 +51,11 @@ class FakeTokenizer:
     def apply_chat_template(
         self, messages: list[dict[str, str]], add_generation_prompt: bool = True
     ) -> str:
+        if any(m["role"] == "tool" for m in messages):
+            raise ModelError(
+                "the chat template of fake-model refused the messages: no tool role",
+                field="messages",
+            )
         text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
         return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
 

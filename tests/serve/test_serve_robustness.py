@@ -108,6 +108,21 @@ def test_engine_step_crash_fails_in_flight_then_serves(fake):
     assert _errors(fake) == errors_before + 1
 
 
+def test_chat_template_refusal_is_a_400(fake):
+    resp = httpx.post(
+        f"{fake.base_url}/v1/chat/completions",
+        headers=fake.headers,
+        json={
+            "model": fake.model,
+            "max_tokens": 3,
+            "messages": [{"role": "tool", "content": "42"}],
+        },
+    )
+    assert resp.status_code == 400
+    error = resp.json()["error"]
+    assert error["param"] == "messages" and "refused" in error["message"]
+
+
 def test_eos_gives_stop_and_end_turn(fake):
     res = _client(fake).chat.completions.create(
         model=fake.model,
