@@ -76,3 +76,36 @@ def select_rows(weight: QuantizedWeight, rows: torch.Tensor | slice) -> Quantize
     if fn is None:
         raise ConfigError(f"quant format {weight.format!r} cannot select rows", field="format")
     return fn(weight, rows)
+
+
+#: Checkpoint tensors online quantization applies to: the decoder's linear layers. Embeddings,
+#: the (untied) lm_head, norms and biases stay as they are, as in vLLM and llama.cpp's defaults.
+LINEAR_WEIGHT_SUFFIXES = (
+    "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+    "self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight",
+    "mlp.down_proj.weight",
+)
+#: What a tensor whose row length does not fit a K-quant (K % 256) gets instead, as llama.cpp
+#: falls back for such tensors (llama.cpp would use Q5_0/Q5_1, which are not implemented here).
+K_QUANT_FALLBACK = {"Q4_K": "Q4_1", "Q5_K": "Q8_0", "Q6_K": "Q8_0"}
+
+
+def is_quantized_linear(name: str) -> bool:
+    """Whether online quantization applies to the checkpoint tensor ``name``."""
+    return name.endswith(LINEAR_WEIGHT_SUFFIXES)
+
+
+def quantize_checkpoint_tensor(
+    name: str, tensor: torch.Tensor, quantization: str | None
+) -> torch.Tensor | QuantizedWeight:
+    """The loaders' one call for online quantization: a linear weight of the decoder comes
+    back packed in ``quantization`` (or its K-quant fallback); anything else unchanged."""
+    if quantization is None or not is_quantized_linear(name) or tensor.dim() != 2:
+        return tensor
+    scheme = quantization
+    if not can_quantize(tuple(tensor.shape), scheme):
+        scheme = K_QUANT_FALLBACK.get(scheme, scheme)
+        if not can_quantize(tuple(tensor.shape), scheme):
+            raise ConfigError(f"{name}: shape {tuple(tensor.shape)} cannot be quantized to "
+                              f"{quantization!r}", field="quantization")
+    return quantize(tensor, scheme)

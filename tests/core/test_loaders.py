@@ -154,7 +154,7 @@ def test_hf_config_variants() -> None:
         ({"model_type": "gpt_neox", "architectures": ["GPTNeoXForCausalLM"]},
          r"'gpt_neox'.*GPTNeoXForCausalLM.*\['llama', 'mistral', 'qwen2', 'qwen3'\]"),
         ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, r"'yarn'.*llama3"),
-        ({"quantization_config": {"quant_method": "gptq"}}, r"pre-quantized.*'gptq'"),
+        ({"quantization_config": {"quant_method": "bitsandbytes"}}, r"pre-quantized.*'bitsandbytes'"),
         ({"hidden_size": None}, r"hidden_size"),
     ],
 )

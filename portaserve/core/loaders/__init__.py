@@ -42,11 +42,13 @@ def load_model(
     device: torch.device,
     progress: bool = True,
     quantization: str | None = None,
+    keep_packed: bool = True,
 ) -> LoadedModel:
     """Resolve ``model`` and load it onto ``device``; dense weights are cast to ``dtype``.
 
-    ``quantization`` is accepted for the engine's sake; packed formats are dequantized at load
-    until the quantization formats keep them packed (``gguf._convert_tensor``).
+    GGUF block formats stay packed unless ``keep_packed`` is false; ``quantization``
+    (``portaserve.quant.registry.ONLINE_SCHEMES``: "int8", "int4", "fp8", "Q4_K", ...) quantizes
+    the decoder's linear weights at load.
     """
     from portaserve.core.loaders.gguf import load_gguf
     from portaserve.core.loaders.hf import load_hf_folder
@@ -60,16 +62,15 @@ def load_model(
                            tokenizer=synthetic.synthetic_tokenizer(config), path=Path(model),
                            format="synthetic")
     path = resolve_model(model)
-    if quantization is not None:
-        logger.warning("quantization=%r is not applied by the loader yet; weights are dense",
-                       quantization)
     start = time.perf_counter()
     if path.is_file():
-        config, weights, meta = load_gguf(path, dtype=dtype, device=device, progress=progress)
+        config, weights, meta = load_gguf(path, dtype=dtype, device=device, progress=progress,
+                                          keep_packed=keep_packed, quantization=quantization)
         tokenizer = Tokenizer.from_gguf_metadata(meta, name=path.name)
         fmt = "gguf"
     else:
-        config, weights = load_hf_folder(path, dtype=dtype, device=device, progress=progress)
+        config, weights = load_hf_folder(path, dtype=dtype, device=device, progress=progress,
+                                         quantization=quantization)
         tokenizer = Tokenizer.from_hf_folder(path)
         fmt = "safetensors"
     if not config.eos_token_ids and tokenizer.eos_token_ids:

@@ -7,9 +7,9 @@ the loader undoes that permutation, so every model here uses NeoX (rotate-half) 
 Hugging Face transformers does when it loads a GGUF. ``qwen2``/``qwen3`` files use NeoX rotary
 in llama.cpp already and are not permuted.
 
-Every tensor goes through ``_convert_tensor``: today it dequantizes packed block formats
-(Q4_0, Q4_1, Q8_0, K-quants, ...) with ``gguf.quants.dequantize`` into dense tensors; it is the
-one place where a format can instead be kept packed as a ``QuantizedWeight``.
+Every tensor goes through ``_convert_tensor``: the block formats of ``portaserve.quant``
+(Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K) stay packed as a ``QuantizedWeight`` (``keep_packed``,
+default on); other types are dequantized with ``gguf.quants.dequantize`` into dense tensors.
 """
 
 from __future__ import annotations
@@ -254,8 +254,14 @@ def load_gguf(
     dtype: torch.dtype,
     device: torch.device,
     progress: bool = True,
+    keep_packed: bool = True,
+    quantization: str | None = None,
 ) -> tuple[ModelConfig, dict[str, torch.Tensor | QuantizedWeight], dict[str, Any]]:
-    """Config, weights under Hugging Face names, and the raw header (for the tokenizer)."""
+    """Config, weights under Hugging Face names, and the raw header (for the tokenizer).
+
+    ``keep_packed``: GGUF block formats stay packed (``QuantizedWeight``), else dequantized.
+    ``quantization``: re-quantize the decoder's linear weights online (``quant.registry``).
+    """
     gguf_file = read_gguf(path)
     meta = gguf_file.metadata
     names = {t.name for t in gguf_file.tensors}
@@ -275,7 +281,8 @@ def load_gguf(
         hf_name = gguf_to_hf_name(tensor.name)
         kind = tensor.name.split(".", 2)[-1] if tensor.name.startswith("blk.") else ""
         weights[hf_name] = _convert_tensor(hf_name, tensor, dtype=dtype, device=device,
-                                           row_perm=perms.get(kind))
+                                           row_perm=perms.get(kind), keep_packed=keep_packed,
+                                           quantization=quantization)
     return config, weights, meta
 
 
@@ -327,12 +334,24 @@ def _convert_tensor(
     dtype: torch.dtype,
     device: torch.device,
     row_perm: torch.Tensor | None = None,
+    keep_packed: bool = True,
+    quantization: str | None = None,
 ) -> torch.Tensor | QuantizedWeight:
     """One GGUF tensor -> a model weight. The single place a packed format is handled.
 
     ``row_perm`` (Q/K of llama GGUFs) reorders output rows; a packed format keeps its blocks
     along rows, so a format kept packed applies it to its per-row data the same way.
     """
+    from portaserve.quant import registry as quant_registry
+    from portaserve.quant.gguf_formats import GGUF_FORMATS, from_gguf_tensor
+
+    requantized = quantization is not None and quant_registry.is_quantized_linear(name)
+    if (keep_packed and not requantized and tensor.tensor_type.name in GGUF_FORMATS
+            and len(tensor.shape) == 2):
+        packed = from_gguf_tensor(tensor.data, tensor.tensor_type.name, tensor.shape)
+        if row_perm is not None:
+            packed = quant_registry.select_rows(packed, row_perm)
+        return packed.to(device)
     try:
         weight = _dense(tensor)
     except (NotImplementedError, ValueError) as e:
@@ -341,4 +360,6 @@ def _convert_tensor(
                          field="model") from e
     if row_perm is not None:
         weight = weight[row_perm]
+    if requantized:
+        return quant_registry.quantize_checkpoint_tensor(name, weight, quantization).to(device)
     return weight.to(device=device, dtype=dtype)

@@ -45,10 +45,10 @@ def hf_model_config(config: dict[str, Any], name: str = "") -> ModelConfig:
             f"{config.get('architectures')}); supported model types are "
             f"{list(SUPPORTED_MODEL_TYPES)}", field="model")
     quant = config.get("quantization_config")
-    if quant:
-        raise ModelError(
-            f"model {name!r} is a pre-quantized checkpoint ({quant.get('quant_method')!r}); "
-            "the Hugging Face loader reads dense safetensors only", field="model")
+    if quant:  # GPTQ / AWQ / fp8 load packed (quant.checkpoint); others are refused there
+        from portaserve.quant.checkpoint import checkpoint_method
+
+        checkpoint_method(quant, name)
     sizes: dict[str, int] = {}
     for key in ("hidden_size", "num_attention_heads", "vocab_size", "intermediate_size",
                 "num_hidden_layers"):
@@ -130,11 +130,18 @@ def load_hf_folder(
     dtype: torch.dtype,
     device: torch.device,
     progress: bool = True,
+    quantization: str | None = None,
 ) -> tuple[ModelConfig, dict[str, torch.Tensor | QuantizedWeight]]:
-    """Config and weights (Hugging Face names) of a safetensors folder."""
+    """Config and weights (Hugging Face names) of a safetensors folder.
+
+    A pre-quantized checkpoint (GPTQ, AWQ, fp8) loads packed (``quant.checkpoint``);
+    ``quantization`` quantizes a dense checkpoint's linear weights online (``quant.registry``).
+    """
     from safetensors import SafetensorError, safe_open
 
-    config = hf_model_config(read_config(path), name=path.name)
+    raw_config = read_config(path)
+    config = hf_model_config(raw_config, name=path.name)
+    quant_config = raw_config.get("quantization_config") or None
     files = safetensors_files(path)
     weights: dict[str, torch.Tensor | QuantizedWeight] = {}
     bar = None
@@ -151,7 +158,8 @@ def load_hf_folder(
                         if key.endswith(_SKIPPED_SUFFIXES):
                             continue
                         weights[key] = _convert_tensor(key, f.get_tensor(key), dtype=dtype,
-                                                       device=device)
+                                                       device=device, quantization=quantization,
+                                                       prequantized=quant_config is not None)
                         if bar is not None:
                             bar.update(1)
             except (SafetensorError, OSError) as e:
@@ -159,6 +167,10 @@ def load_hf_folder(
     finally:
         if bar is not None:
             bar.close()
+    if quant_config is not None:
+        from portaserve.quant.checkpoint import assemble
+
+        weights = assemble(weights, quant_config)
     if "lm_head.weight" not in weights and not config.tie_word_embeddings:
         from dataclasses import replace
 
@@ -168,9 +180,16 @@ def load_hf_folder(
 
 
 def _convert_tensor(
-    name: str, tensor: torch.Tensor, *, dtype: torch.dtype, device: torch.device
+    name: str, tensor: torch.Tensor, *, dtype: torch.dtype, device: torch.device,
+    quantization: str | None = None, prequantized: bool = False,
 ) -> torch.Tensor | QuantizedWeight:
-    """One checkpoint tensor -> a model weight (the one place a packed format would be kept)."""
+    """One checkpoint tensor -> a model weight (the one place a packed format is kept)."""
+    from portaserve.quant import checkpoint, registry
+
+    if prequantized and checkpoint.keeps_dtype(name, tensor):
+        return tensor.to(device)  # packed codes and scales, assembled after loading
+    if quantization is not None and registry.is_quantized_linear(name):
+        return registry.quantize_checkpoint_tensor(name, tensor, quantization).to(device)
     return tensor.to(device=device, dtype=dtype)
 
 
