@@ -12,7 +12,7 @@ import time
 import httpx
 import openai
 import pytest
-from conftest import start_server
+from serve_servers import start_server
 
 
 @pytest.fixture(scope="module")
