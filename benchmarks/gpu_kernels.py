@@ -2,7 +2,8 @@
 
 Run from the repository root on a machine with an NVIDIA GPU (about 2-3 minutes on an H200):
 
-    PYTHONPATH=. python3 benchmarks/gpu_kernels.py [--skip-model] [--json PATH]
+    PYTHONPATH=. python3 benchmarks/gpu_kernels.py [--skip-model] [--tune] [--json PATH]
+    PYTHONPATH=. python3 benchmarks/gpu_kernels.py --dry-run     # tiny shapes, CPU interpreter
 
 What it prints (a table at the end; logs go to stdout):
 
@@ -15,7 +16,9 @@ What it prints (a table at the end; logs go to stdout):
    TFLOP/s. Every row is also checked against the reference (relative error column);
 3. unless ``--skip-model``: one decode step of a Llama-3-8B-shaped model with random bf16
    weights (32 layers), op by op vs replayed from a CUDA graph, at batch 1/16/64 with 1024
-   tokens of context each: ms/step and the weight bytes read per step over that time.
+   tokens of context each: ms/step and the weight bytes read per step over that time;
+4. with ``--tune``: prefill and decode attention under alternative tile configs
+   (``attention.VARLEN_CONFIG`` / ``DECODE_CONFIG``) and decode split counts (about a minute).
 
 Timing: CUDA events around each call, warm-up first, median of many calls; inputs rotate over
 several buffers when one set would fit in the L2 cache. Random inputs, never zeros.
@@ -319,6 +322,58 @@ def model_rows() -> list[Row]:
     return rows
 
 
+VARLEN_TRIALS = [(64, 64, 4, 3), (64, 32, 4, 3), (64, 128, 4, 2), (64, 64, 8, 3), (64, 64, 4, 2),
+                 (128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3)]
+DECODE_TRIALS = [(64, 4, 2), (32, 4, 2), (128, 4, 2), (64, 2, 2), (64, 8, 2), (64, 4, 3), (64, 4, 4),
+                 (128, 8, 3), (32, 2, 3)]
+
+
+def tune_rows() -> list[Row]:
+    """Time the attention kernels under alternative tile configs (attention.*_CONFIG) and
+    decode split counts; the defaults come first in each group."""
+    rows: list[Row] = []
+    e = torch.empty((), dtype=DTYPE).element_size()
+    scale = HEAD_DIM**-0.5
+    lens = PREFILL_CASES[0][0]
+    query, cache, attn, _ = paged_setup(lens)
+    flops = 4.0 * HEADS * HEAD_DIM * sum(q * c + q * (q + 1) // 2 for c, q in lens)
+    nbytes = sum(2 * (c + q) * KV_HEADS * HEAD_DIM * e + 2 * q * HEADS * HEAD_DIM * e for c, q in lens)
+    saved = dict(attention.VARLEN_CONFIG)
+    for bm, bn, warps, stages in VARLEN_TRIALS:
+        attention.VARLEN_CONFIG.update(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+        label = f"BM={bm} BN={bn} w={warps} s={stages}"
+        try:
+            ms = bench(lambda i: attention.paged_attention(query, cache, attn, scale), budget_s=1.0)
+        except Exception as e:  # a config may not fit (shared memory); report it and go on
+            print(f"tune prefill {label}: {type(e).__name__}: {str(e)[:120]}")
+            continue
+        rows.append(Row(f"tune prefill {PREFILL_CASES[0][1]}", label, ms, nbytes, flops))
+    attention.VARLEN_CONFIG.update(saved)
+
+    saved = dict(attention.DECODE_CONFIG)
+    for num_reqs, ctx in (DECODE_CASES[1], DECODE_CASES[-2]):
+        nbytes = 2 * num_reqs * ctx * KV_HEADS * HEAD_DIM * e
+        setups = [paged_setup([(ctx - 1, 1)] * num_reqs, seed) for seed in range(min(8, 1 + (256 << 20) // nbytes))]
+        n = len(setups)
+        name = f"tune decode B={num_reqs} ctx={ctx}"
+        for bn, warps, stages in DECODE_TRIALS:
+            attention.DECODE_CONFIG.update(BLOCK_N=bn, num_warps=warps, num_stages=stages)
+            label = f"BN={bn} w={warps} s={stages}"
+            try:
+                ms = bench(lambda i: attention.paged_attention(*setups[i % n][:3], scale), budget_s=1.0)
+            except Exception as e:  # a config may not fit; report it and go on
+                print(f"{name} {label}: {type(e).__name__}: {str(e)[:120]}")
+                continue
+            rows.append(Row(name, label, ms, nbytes))
+        attention.DECODE_CONFIG.update(saved)
+        for splits in (1, 2, 4, 8, 16, 32):
+            if splits * 64 > ctx:
+                break
+            ms = bench(lambda i: attention.paged_attention(*setups[i % n][:3], scale, num_splits=splits), budget_s=1.0)
+            rows.append(Row(name, f"splits={splits} (default config)", ms, nbytes))
+    return rows
+
+
 def print_table(rows: list[Row], copy_bps: float) -> None:
     print()
     print(f"copy bandwidth (device-to-device, read+write): {copy_bps / 1e12:.2f} TB/s")
@@ -335,6 +390,8 @@ def print_table(rows: list[Row], copy_bps: float) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--skip-model", action="store_true", help="skip the 8B-shaped decode step")
+    parser.add_argument("--tune", action="store_true",
+                        help="also time alternative attention tile configs and split counts")
     parser.add_argument("--json", default=None, help="also write the rows as JSON here")
     parser.add_argument("--dry-run", action="store_true",
                         help="tiny shapes on the CPU through the Triton interpreter (checks the script)")
@@ -352,7 +409,8 @@ def main(argv: list[str] | None = None) -> int:
               f"torch {torch.__version__}, triton {triton.__version__}", flush=True)
     copy_bps = copy_bandwidth()
     rows: list[Row] = []
-    for section in (elementwise_rows, attention_rows) + (() if args.skip_model else (model_rows,)):
+    sections = [elementwise_rows, attention_rows] + ([] if args.skip_model else [model_rows])
+    for section in sections + ([tune_rows] if args.tune else []):
         start = time.perf_counter()
         rows += section()
         print(f"{section.__name__}: {time.perf_counter() - start:.1f} s", flush=True)

@@ -43,6 +43,12 @@ _LOG2E = 1.4426950408889634
 _MIN_KEYS_PER_SPLIT = 256
 _MAX_SPLITS = 32
 
+#: Tile configs on a GPU (the interpreter uses 16-wide tiles). BLOCK_M is the rows of a varlen
+#: program (query tokens x heads of the group). ``benchmarks/gpu_kernels.py --tune`` times
+#: alternatives; fp32 inputs use one pipeline stage less.
+VARLEN_CONFIG: dict[str, int] = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
+DECODE_CONFIG: dict[str, int] = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+
 
 @triton_kernel
 def _varlen_attn_kernel(
@@ -288,9 +294,10 @@ def paged_attention(
             query, kv_cache, out, part_out, part_lse, attn.seq_lens, attn.block_tables,
             scale_log2, head_dim,
             query.stride(0), query.stride(1), out.stride(0), out.stride(1), *common,
-            GROUP=group, BLOCK_G=max(16, next_pow2(group)), BLOCK_N=16 if interp else 64,
+            GROUP=group, BLOCK_G=max(16, next_pow2(group)),
+            BLOCK_N=16 if interp else DECODE_CONFIG["BLOCK_N"],
             BLOCK_D=block_d, BLOCK_SIZE=block_size, NUM_SPLITS=num_splits, IEEE=ieee,
-            num_warps=4, num_stages=2,
+            num_warps=DECODE_CONFIG["num_warps"], num_stages=DECODE_CONFIG["num_stages"],
         )
         if num_splits > 1:
             _decode_reduce_kernel.on(query)[(num_reqs, num_q_heads)](
@@ -299,15 +306,17 @@ def paged_attention(
             )
         return out
 
-    block_m = max(16 if interp else 64, next_pow2(group))
+    block_m = max(16 if interp else VARLEN_CONFIG["BLOCK_M"], next_pow2(group))
     block_q = block_m // group
     grid = (num_tokens // block_q + num_reqs, num_kv_heads)
     _varlen_attn_kernel.on(query)[grid](
         query, kv_cache, out, attn.query_start_loc, attn.seq_lens, attn.block_tables,
         num_reqs, scale_log2, head_dim,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1), *common,
-        GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=16 if interp else 64,
+        GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m,
+        BLOCK_N=16 if interp else VARLEN_CONFIG["BLOCK_N"],
         BLOCK_D=block_d, BLOCK_SIZE=block_size, IEEE=ieee,
-        num_warps=4, num_stages=2 if query.dtype == torch.float32 else 3,
+        num_warps=VARLEN_CONFIG["num_warps"],
+        num_stages=VARLEN_CONFIG["num_stages"] - (1 if ieee else 0),
     )
     return out
