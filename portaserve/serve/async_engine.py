@@ -35,6 +35,8 @@ logger = logging.getLogger(__name__)
 
 #: How long the idle engine thread sleeps on the command queue before checking for shutdown.
 _IDLE_WAIT_S = 0.5
+#: How long to wait for a command after a step that scheduled nothing.
+_STALLED_WAIT_S = 0.002
 
 
 class GenerationError(PortaserveError, RuntimeError):
@@ -109,8 +111,10 @@ class AsyncEngine:
         ``EngineOverloadedError``) before anything is streamed. The stream raises
         ``GenerationError`` / ``RequestAbortedError`` if the engine fails or shuts down.
         """
+        if self._stopping.is_set():
+            raise RequestAbortedError("the server is shutting down")
         if not self.is_healthy:
-            raise GenerationError(f"the engine is not running: {self._dead or 'shutting down'}")
+            raise GenerationError(f"the engine is not running: {self._dead or 'not started'}")
         tracked = _Tracked(request_id, asyncio.Queue())
         added: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._commands.put(("add", tracked, prompt, params, priority, added))
@@ -136,11 +140,13 @@ class AsyncEngine:
         try:
             self._stats = self.engine.stats()
             while not self._stopping.is_set():
-                self._drain_commands(block=not self.engine.has_unfinished_requests())
+                idle = not self.engine.has_unfinished_requests()
+                self._drain_commands(wait=_IDLE_WAIT_S if idle else None)
                 if self._stopping.is_set():
                     break
-                if self.engine.has_unfinished_requests():
-                    self._step()
+                if self.engine.has_unfinished_requests() and not self._step():
+                    # Nothing could be scheduled (all waiting on blocks): do not spin.
+                    self._drain_commands(wait=_STALLED_WAIT_S)
         except Exception as e:  # a bug outside step(): fail everyone, report unhealthy
             logger.exception("engine loop crashed")
             self._dead = e
@@ -148,11 +154,10 @@ class AsyncEngine:
             return
         self._fail_all(RequestAbortedError("the server is shutting down"), "abort")
 
-    def _drain_commands(self, *, block: bool) -> None:
+    def _drain_commands(self, *, wait: float | None) -> None:
+        """Handle every queued command, first waiting up to ``wait`` seconds for one."""
         try:
-            command = (
-                self._commands.get(timeout=_IDLE_WAIT_S) if block else self._commands.get_nowait()
-            )
+            command = self._commands.get(timeout=wait) if wait else self._commands.get_nowait()
         except queue.Empty:
             return
         while True:
@@ -184,7 +189,8 @@ class AsyncEngine:
                 self.engine.abort_request(tracked.request_id)
                 self._record_end(tracked, "abort")
 
-    def _step(self) -> None:
+    def _step(self) -> bool:
+        """One engine step; False if it produced no output."""
         try:
             outputs = self.engine.step()
         except Exception as e:  # a failed step fails the requests in flight, not the server
@@ -192,7 +198,7 @@ class AsyncEngine:
                 "engine step failed; failing %d in-flight requests", len(self._tracked)
             )
             self._fail_all(GenerationError(f"the engine failed: {type(e).__name__}: {e}"), "error")
-            return
+            return True
         finally:
             self._stats = self.engine.stats()
         now = time.monotonic()
@@ -213,6 +219,7 @@ class AsyncEngine:
                 self._record_end(tracked, _status_of(output))
             deliveries.append((tracked.queue, output))
         self._deliver(deliveries)
+        return bool(outputs)
 
     def _fail_all(self, error: BaseException, status: str) -> None:
         deliveries = []

@@ -165,7 +165,7 @@ async def add_request(
 ) -> RequestStream:
     try:
         return await state.engine.add_request(request_id, prompt, params, priority=priority)
-    except (RequestError, EngineOverloadedError, GenerationError) as e:
+    except (RequestError, EngineOverloadedError, GenerationError, RequestAbortedError) as e:
         raise api_error_of(e, prompt_param=prompt_param) from e
 
 
