@@ -171,7 +171,7 @@ async def _chat_chunks(
                 choices = []
                 for c in output.outputs:
                     text, token_ids, logprobs = deltas.advance(c)
-                    if not (text or token_ids or c.finish_reason):
+                    if not (text or c.finish_reason or (body.logprobs and token_ids)):
                         continue
                     lp = None
                     if body.logprobs and token_ids:
@@ -300,7 +300,7 @@ async def _completion_chunks(
                 choices = []
                 for c in output.outputs:
                     text, token_ids, logprobs = deltas[i].advance(c)
-                    if not (text or token_ids or c.finish_reason):
+                    if not (text or c.finish_reason or (body.logprobs is not None and token_ids)):
                         continue
                     lp = None
                     if body.logprobs is not None and token_ids:

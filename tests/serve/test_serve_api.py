@@ -172,6 +172,25 @@ def test_chat_logprobs_and_n(server):
             assert bytes(entry.bytes).decode(errors="replace") == entry.token
     assert res.usage.completion_tokens == 2 * solo.usage.completion_tokens
     assert res.usage.prompt_tokens == solo.usage.prompt_tokens
+    # Streamed logprobs cover the same tokens, in order.
+    streamed = [
+        (entry.token, entry.logprob)
+        for chunk in chat(
+            client,
+            server,
+            prompt,
+            max_tokens=6,
+            temperature=0,
+            logprobs=True,
+            top_logprobs=1,
+            stream=True,
+        )
+        if chunk.choices and chunk.choices[0].logprobs
+        for entry in chunk.choices[0].logprobs.content
+    ]
+    expected = [(e.token, e.logprob) for e in res.choices[0].logprobs.content]
+    assert [t for t, _ in streamed] == [t for t, _ in expected]
+    assert [lp for _, lp in streamed] == pytest.approx([lp for _, lp in expected], abs=1e-3)
 
 
 def test_seeded_sampling_is_reproducible(server):
