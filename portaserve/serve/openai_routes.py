@@ -1,4 +1,5 @@
-"""OpenAI-compatible routes: ``/v1/models``, ``/v1/chat/completions``, ``/v1/completions``.
+"""OpenAI-compatible routes: ``/v1/models``, ``/v1/chat/completions``, ``/v1/completions``
+(and vLLM's ``/tokenize`` and ``/detokenize``).
 
 Each route validates the body, tokenizes the prompt (the chat template for chat), checks it
 against the context length, adds the request(s) to the async engine and answers with one JSON
@@ -23,7 +24,13 @@ from portaserve.core.request import CompletionOutput, FinishReason, RequestOutpu
 from portaserve.core.sampling import SamplingParams
 from portaserve.errors import RequestError
 from portaserve.serve.async_engine import GenerationError, RequestAbortedError, RequestStream
-from portaserve.serve.protocol import ApiError, ChatCompletionRequest, CompletionRequest
+from portaserve.serve.protocol import (
+    ApiError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
 from portaserve.serve.state import (
     ServerState,
     add_request,
@@ -69,6 +76,33 @@ async def list_models(request: Request) -> dict[str, Any]:
         "first_id": data[0]["id"],
         "last_id": data[-1]["id"],
     }
+
+
+@router.post("/tokenize")
+async def tokenize(request: Request) -> dict[str, Any]:
+    """Token ids of a prompt or of chat messages, exactly as the generation routes make them."""
+    state: ServerState = request.app.state.server
+    body = await read_body(request, TokenizeRequest)
+    if body.model is not None:
+        state.check_model(body.model)
+    if (body.prompt is None) == (body.messages is None):
+        raise ApiError(400, "give exactly one of prompt and messages", param="prompt")
+    if body.messages is not None:
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        ids = state.encode_chat(messages)
+    else:
+        ids = list(state.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens))
+    return {"tokens": ids, "count": len(ids), "max_model_len": state.max_model_len}
+
+
+@router.post("/detokenize")
+async def detokenize(request: Request) -> dict[str, Any]:
+    state: ServerState = request.app.state.server
+    body = await read_body(request, DetokenizeRequest)
+    if body.model is not None:
+        state.check_model(body.model)
+    state.encode_prompt(body.tokens, param="tokens")  # range check
+    return {"prompt": state.tokenizer.decode(body.tokens)}
 
 
 # ----------------------------------------------------------------------------------------------

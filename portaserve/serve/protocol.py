@@ -288,6 +288,22 @@ class CompletionRequest(_SamplingFields):
         return self.sampling_params(max_tokens=self.max_tokens, logprobs=self.logprobs)
 
 
+class TokenizeRequest(BaseModel):
+    """``POST /tokenize`` (as in vLLM): a prompt, or chat messages through the template."""
+
+    model_config = _STRICT
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = _STRICT
+    model: str | None = None
+    tokens: list[int]
+
+
 # ----------------------------------------------------------------------------------------------
 # Anthropic Messages
 

@@ -406,3 +406,50 @@ def test_metrics_count_tokens_and_latency(server):
         > before["portaserve_e2e_request_latency_seconds_sum"]
     )
     assert 0.0 <= after["portaserve_prefix_cache_hit_rate"] <= 1.0
+
+
+def test_completions_prompt_list_and_token_ids(server):
+    client = oa(server)
+    prompts = [fresh_prompt(" A"), fresh_prompt(" B")]
+    solo = [
+        client.completions.create(model=server.model, prompt=p, max_tokens=3, temperature=0)
+        for p in prompts
+    ]
+    both = client.completions.create(
+        model=server.model, prompt=prompts, max_tokens=3, temperature=0, n=2
+    )
+    assert [c.index for c in both.choices] == [0, 1, 2, 3]
+    assert [c.text for c in both.choices] == [solo[0].choices[0].text] * 2 + [
+        solo[1].choices[0].text
+    ] * 2
+    assert both.usage.prompt_tokens == sum(s.usage.prompt_tokens for s in solo)
+    streamed = ["", "", "", ""]
+    for chunk in client.completions.create(
+        model=server.model, prompt=prompts, max_tokens=3, temperature=0, n=2, stream=True
+    ):
+        for c in chunk.choices:
+            streamed[c.index] += c.text
+    assert streamed == [c.text for c in both.choices]
+    # Token ids as the prompt (from /tokenize) give what their text gives.
+    tok = httpx.post(
+        f"{server.base_url}/tokenize",
+        headers=server.headers,
+        json={"model": server.model, "prompt": prompts[0]},
+    ).json()
+    assert tok["count"] == len(tok["tokens"]) == solo[0].usage.prompt_tokens
+    by_ids = client.completions.create(
+        model=server.model, prompt=tok["tokens"], max_tokens=3, temperature=0
+    )
+    assert by_ids.choices[0].text == solo[0].choices[0].text
+    back = httpx.post(
+        f"{server.base_url}/detokenize", headers=server.headers, json={"tokens": tok["tokens"]}
+    ).json()
+    assert back["prompt"].strip() == prompts[0]
+    # Chat messages tokenize as the chat route sends them.
+    chat_tok = httpx.post(
+        f"{server.base_url}/tokenize",
+        headers=server.headers,
+        json={"messages": [{"role": "user", "content": prompts[0]}]},
+    ).json()
+    reply = chat(client, server, prompts[0], max_tokens=1)
+    assert chat_tok["count"] == reply.usage.prompt_tokens
