@@ -121,8 +121,11 @@ class ServerMetrics:
             registry=r,
         )
         self._model = model_name
-        for status in REQUEST_STATUSES:  # show every series from the start, at zero
+        # Show every series from the start, at zero.
+        for status in REQUEST_STATUSES:
             self.requests.labels(model_name, status)
+        for metric in (self.prompt_tokens, self.generation_tokens, self.ttft, self.tpot, self.e2e):
+            metric.labels(model_name)
 
     def count_request(self, status: str) -> None:
         self.requests.labels(self._model, status).inc()

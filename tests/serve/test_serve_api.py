@@ -386,8 +386,16 @@ def test_disconnect_non_streaming_aborts(server):
 
 def test_metrics_count_tokens_and_latency(server):
     before = metrics(server)
-    res = chat(oa(server), server, fresh_prompt(), max_tokens=5, temperature=0)
+    res = chat(
+        oa(server),
+        server,
+        fresh_prompt(),
+        max_tokens=5,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
     after = metrics(server)
+    assert res.usage.completion_tokens == 5
     assert (
         after["portaserve_generation_tokens_total"] - before["portaserve_generation_tokens_total"]
         == res.usage.completion_tokens
@@ -398,6 +406,7 @@ def test_metrics_count_tokens_and_latency(server):
     )
     for name in (
         "portaserve_time_to_first_token_seconds_count",
+        "portaserve_time_per_output_token_seconds_count",
         "portaserve_e2e_request_latency_seconds_count",
     ):
         assert after[name] == before[name] + 1
@@ -406,6 +415,16 @@ def test_metrics_count_tokens_and_latency(server):
         > before["portaserve_e2e_request_latency_seconds_sum"]
     )
     assert 0.0 <= after["portaserve_prefix_cache_hit_rate"] <= 1.0
+    if server.kind == "real":  # the same long prompt again is served from the prefix cache
+        prompt = fresh_prompt() + " " + _words(random.Random(), 40)
+        chat(oa(server), server, prompt, max_tokens=1)
+        hits = metrics(server)["portaserve_prefix_cache_hits"]
+        again = chat(oa(server), server, prompt, max_tokens=1)
+        assert again.usage.prompt_tokens_details.cached_tokens >= 16
+        m = metrics(server)
+        assert m["portaserve_prefix_cache_hits"] >= hits + 16
+        assert m["portaserve_prefix_cache_queries"] >= m["portaserve_prefix_cache_hits"]
+        assert m["portaserve_prefix_cache_hit_rate"] > 0.0
 
 
 def test_completions_prompt_list_and_token_ids(server):
