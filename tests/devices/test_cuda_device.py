@@ -306,3 +306,21 @@ def test_gpu_greedy_matches_cpu_device_float32(monkeypatch: pytest.MonkeyPatch) 
     # The whole model on cuda (Triton kernels, cuBLAS fp32, captured graphs) vs the cpu device.
     monkeypatch.delenv("PORTASERVE_CUDA_GRAPHS", raising=False)
     check_greedy_matches_cpu("cuda", num_new=24, eager_replay=False)
+
+
+@pytest.mark.parametrize("fmt", ["Q4_1", "int8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_quant_linear_unpacks_then_gemm(fmt: str, dtype: torch.dtype) -> None:
+    registry = get_registry()
+    device, _ = registry.select_device("triton-interpret")
+    table = registry.kernel_table(device)
+    assert table.quant_sources[fmt] == "native"
+    gen = torch.Generator().manual_seed(2)
+    weight = registry.quant_methods[fmt].quantize(torch.randn(48, 256, generator=gen) * 256**-0.5)
+    x = torch.randn(5, 256, generator=gen).to(dtype)
+    bias = torch.randn(48, generator=gen).to(dtype)
+    got = table.quant_linear(x, weight, bias)
+    want = ref.quant_linear(x, weight, bias)
+    assert got.dtype == dtype and got.shape == (5, 48)
+    tol = 1e-5 if dtype == torch.float32 else 5e-3
+    torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)

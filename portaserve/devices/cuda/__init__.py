@@ -1,6 +1,7 @@
 """The ``cuda`` device (NVIDIA GPUs through torch + Triton) and ``triton-interpret``.
 
-``cuda``: GEMMs through torch (cuBLAS) in bf16/fp16/fp32; Triton kernels for attention,
+``cuda``: GEMMs through torch (cuBLAS) in bf16/fp16/fp32 (packed quant formats are unpacked
+to the compute dtype right before the GEMM); Triton kernels for attention,
 ``write_kv``, fused residual + RMSNorm, rotary and silu-and-mul (modules beside this one);
 the KV cache in layout ``blocks_hnd`` (``kv.py``); decode steps replayed from CUDA graphs
 (``graphs.py``, off with ``PORTASERVE_CUDA_GRAPHS=0``). The ``rocm`` device
@@ -48,6 +49,21 @@ def embedding(ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     return F.linear(x, weight, bias)  # [T, N], cuBLAS / hipBLASLt on GPU tensors
+
+
+def dequant_linear(x: torch.Tensor, weight: Any, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``quant_linear`` for any packed format: unpack to x's dtype on the device, then one GEMM.
+
+    A stopgap that keeps packed weights in memory and the GEMM on the tensor cores; a fused
+    dequant-GEMM kernel registered for (format, cuda) by a quant plugin takes precedence."""
+    return F.linear(x, weight.dequantize(x.dtype), bias)  # [T, N]
+
+
+def quant_formats() -> tuple[str, ...]:
+    """Names of portaserve's built-in quant formats (each served by ``dequant_linear``)."""
+    from portaserve.quant.registry import builtin_methods
+
+    return tuple(method.name for method in builtin_methods())
 
 
 def triton_kernels() -> dict[str, KernelFn]:
@@ -129,6 +145,9 @@ class TritonGPUDevice(Device):
 
     def kernels(self) -> dict[str, KernelFn]:
         return triton_kernels()
+
+    def quant_kernels(self) -> dict[str, KernelFn]:
+        return dict.fromkeys(quant_formats(), dequant_linear)
 
     def allocate_kv_cache(self, spec: KVCacheSpec) -> list[torch.Tensor]:
         return allocate_blocks_hnd(spec, self.torch_device)
@@ -221,6 +240,9 @@ class TritonInterpretDevice(Device):
 
     def kernels(self) -> dict[str, KernelFn]:
         return triton_kernels()
+
+    def quant_kernels(self) -> dict[str, KernelFn]:
+        return dict.fromkeys(quant_formats(), dequant_linear)
 
     def allocate_kv_cache(self, spec: KVCacheSpec) -> list[torch.Tensor]:
         return allocate_blocks_hnd(spec, torch.device("cpu"))

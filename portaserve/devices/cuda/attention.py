@@ -275,7 +275,8 @@ def paged_attention(
     ieee = query.dtype == torch.float32
     block_d = max(16, next_pow2(head_dim))
     scale_log2 = float(scale) * _LOG2E
-    common = (s_kv, s_block, s_head, s_off, attn.block_tables.stride(0))
+    tables = attn.block_tables if attn.block_tables.stride(-1) == 1 else attn.block_tables.contiguous()
+    common = (s_kv, s_block, s_head, s_off, tables.stride(0))
 
     if attn.max_query_len == 1 and num_tokens == num_reqs:
         if num_splits is None:
@@ -291,7 +292,7 @@ def paged_attention(
         else:
             part_out = part_lse = out  # unused
         _decode_attn_kernel.on(query)[(num_reqs, num_kv_heads, num_splits)](
-            query, kv_cache, out, part_out, part_lse, attn.seq_lens, attn.block_tables,
+            query, kv_cache, out, part_out, part_lse, attn.seq_lens, tables,
             scale_log2, head_dim,
             query.stride(0), query.stride(1), out.stride(0), out.stride(1), *common,
             GROUP=group, BLOCK_G=max(16, next_pow2(group)),
@@ -310,7 +311,7 @@ def paged_attention(
     block_q = block_m // group
     grid = (num_tokens // block_q + num_reqs, num_kv_heads)
     _varlen_attn_kernel.on(query)[grid](
-        query, kv_cache, out, attn.query_start_loc, attn.seq_lens, attn.block_tables,
+        query, kv_cache, out, attn.query_start_loc, attn.seq_lens, tables,
         num_reqs, scale_log2, head_dim,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1), *common,
         GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m,
