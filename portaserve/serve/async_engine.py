@@ -74,6 +74,9 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._dead: BaseException | None = None
+        #: Guards ``_is_accepting``, so no command is queued after the thread's last drain.
+        self._accept_lock = threading.Lock()
+        self._is_accepting = True
 
     # ------------------------------------------------------------------------------------------
     # Event-loop side
@@ -117,7 +120,10 @@ class AsyncEngine:
             raise GenerationError(f"the engine is not running: {self._dead or 'not started'}")
         tracked = _Tracked(request_id, asyncio.Queue())
         added: concurrent.futures.Future[None] = concurrent.futures.Future()
-        self._commands.put(("add", tracked, prompt, params, priority, added))
+        with self._accept_lock:
+            if not self._is_accepting:
+                raise GenerationError("the engine is not running")
+            self._commands.put(("add", tracked, prompt, params, priority, added))
         try:
             await asyncio.wrap_future(added)
         except asyncio.CancelledError:
@@ -150,9 +156,22 @@ class AsyncEngine:
         except Exception as e:  # a bug outside step(): fail everyone, report unhealthy
             logger.exception("engine loop crashed")
             self._dead = e
-            self._fail_all(GenerationError(f"engine loop crashed: {e}"), "error")
+            self._close(GenerationError(f"engine loop crashed: {e}"), "error")
             return
-        self._fail_all(RequestAbortedError("the server is shutting down"), "abort")
+        self._close(RequestAbortedError("the server is shutting down"), "abort")
+
+    def _close(self, error: PortaserveError, status: str) -> None:
+        """Last act of the engine thread: fail what is in flight and what is still queued."""
+        with self._accept_lock:
+            self._is_accepting = False
+        self._fail_all(error, status)
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if command[0] == "add" and command[-1].set_running_or_notify_cancel():
+                command[-1].set_exception(error)
 
     def _drain_commands(self, *, wait: float | None) -> None:
         """Handle every queued command, first waiting up to ``wait`` seconds for one."""
