@@ -104,10 +104,11 @@ def test_online_quantization_of_a_dense_checkpoint(tmp_path, scheme, fmt):
 @pytest.mark.slow
 def test_smollm2_q4_1_stays_packed():
     """The SmolLM2 Q4_1 GGUF resident in packed form: weight bytes close to the file size."""
+    from quant_driver import weight_bytes
+
     from portaserve.core.loaders import load_model
     from portaserve.core.models.llama import LlamaForCausalLM
     from portaserve.plugins.manager import get_registry
-    from quant_driver import weight_bytes
 
     loaded = load_model("smollm2-135m", dtype=torch.float32, device=CPU, progress=False)
     formats = {w.format for w in loaded.weights.values() if isinstance(w, QuantizedWeight)}
