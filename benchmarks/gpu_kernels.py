@@ -143,6 +143,14 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() * src.element_size() / (ms * 1e-3)
 
 
+def matmul_rate() -> float:
+    """FLOP/s of a bf16 8192^3 matrix product on random data (the arithmetic ceiling)."""
+    n = 8192 if DEV == "cuda" else 256
+    a, b = (torch.randn(n, n, dtype=torch.bfloat16, device=DEV) for _ in range(2))
+    ms = bench(lambda i: a @ b, iters=20)
+    return 2.0 * n**3 / (ms * 1e-3)
+
+
 def sets(n: int, make: Callable[[], object]) -> list:
     return [make() for _ in range(n)]
 
@@ -374,17 +382,22 @@ def tune_rows() -> list[Row]:
     return rows
 
 
-def print_table(rows: list[Row], copy_bps: float) -> None:
+def print_table(rows: list[Row], copy_bps: float, flop_rate: float) -> None:
+    """One line per row; ``floor`` is max(bytes / copy bandwidth, flops / matmul rate), and
+    ``x floor`` how far the measured time is above it."""
     print()
-    print(f"copy bandwidth (device-to-device, read+write): {copy_bps / 1e12:.2f} TB/s")
-    head = f"{'case':44s} {'impl':28s} {'ms':>9s} {'GB/s':>8s} {'%copy':>6s} {'TFLOP/s':>8s} {'rel err':>8s}"
+    print(f"ceilings: copy {copy_bps / 1e12:.2f} TB/s (read+write), bf16 matmul {flop_rate / 1e12:.0f} TFLOP/s")
+    head = (f"{'case':44s} {'impl':28s} {'ms':>9s} {'floor ms':>9s} {'x floor':>7s} {'GB/s':>7s} "
+            f"{'%copy':>6s} {'TFLOP/s':>8s} {'rel err':>8s}")
     print(head)
     print("-" * len(head))
     for r in rows:
+        floor = max(r.bytes / copy_bps, r.flops / flop_rate) * 1e3
         pct = 100 * r.bytes / (r.ms * 1e-3) / copy_bps
         tf = f"{r.tflops():8.1f}" if r.flops else " " * 8
         err = f"{r.rel_err:8.1e}" if r.rel_err is not None else " " * 8
-        print(f"{r.name:44s} {r.impl:28s} {r.ms:9.4f} {r.gbps():8.0f} {pct:6.1f} {tf} {err}")
+        print(f"{r.name:44s} {r.impl:28s} {r.ms:9.4f} {floor:9.4f} {r.ms / floor:7.2f} {r.gbps():7.0f} "
+              f"{pct:6.1f} {tf} {err}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -407,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
         props = torch.cuda.get_device_properties(0)
         print(f"{props.name}, {props.multi_processor_count} SMs, {props.total_memory / 2**30:.0f} GiB; "
               f"torch {torch.__version__}, triton {triton.__version__}", flush=True)
-    copy_bps = copy_bandwidth()
+    copy_bps, flop_rate = copy_bandwidth(), matmul_rate()
     rows: list[Row] = []
     sections = [elementwise_rows, attention_rows] + ([] if args.skip_model else [model_rows])
     for section in sections + ([tune_rows] if args.tune else []):
@@ -416,11 +429,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{section.__name__}: {time.perf_counter() - start:.1f} s", flush=True)
         if DEV == "cuda":
             torch.cuda.empty_cache()
-    print_table(rows, copy_bps)
+    print_table(rows, copy_bps, flop_rate)
     bad = [r for r in rows if r.rel_err is not None and not (r.rel_err < 2e-2 and math.isfinite(r.rel_err))]
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"copy_bytes_per_s": copy_bps, "rows": [asdict(r) for r in rows]}, f, indent=1)
+            json.dump({"copy_bytes_per_s": copy_bps, "matmul_flops_per_s": flop_rate, "rows": [asdict(r) for r in rows]}, f, indent=1)
     if bad:
         print("WRONG RESULTS:", ", ".join(f"{r.name} [{r.impl}] rel err {r.rel_err:.2e}" for r in bad))
         return 1
