@@ -123,7 +123,7 @@ def worker_transformers(args: argparse.Namespace) -> dict[str, Any]:
     gguf = Path(args.gguf)
     t0 = time.perf_counter()
     model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(gguf.parent), gguf_file=gguf.name, torch_dtype=torch.float32
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
     )
     model.eval()
     load_s = time.perf_counter() - t0
@@ -244,11 +244,7 @@ def thread_env(threads: int) -> dict[str, str]:
 
 
 def run_worker(
-    kind: str,
-    python: str,
-    args: argparse.Namespace,
-    device: str | None = None,
-    timeout: float = 1200,
+    kind: str, python: str, args: argparse.Namespace, device: str | None = None
 ) -> dict[str, Any]:
     cmd = [
         python,
@@ -275,10 +271,14 @@ def run_worker(
     print(f"[cpu_peers] {kind} {device or ''}: offline decode/prefill ...", flush=True)
     try:
         proc = subprocess.run(
-            cmd, env=thread_env(args.threads), capture_output=True, text=True, timeout=timeout
+            cmd,
+            env=thread_env(args.threads),
+            capture_output=True,
+            text=True,
+            timeout=args.worker_timeout,
         )
     except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f} s"}
+        return {"error": f"timed out after {args.worker_timeout:.0f} s"}
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(RESULT_PREFIX):
             return json.loads(line[len(RESULT_PREFIX) :]) | {"loadavg_after": os.getloadavg()}
@@ -582,7 +582,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--serve-output-len", type=int, default=64)
     p.add_argument("--prompts-per-concurrency", type=int, default=2)
     p.add_argument("--min-prompts", type=int, default=4)
-    p.add_argument("--serve-timeout", type=float, default=600.0, help="s per concurrency level")
+    p.add_argument("--serve-timeout", type=float, default=300.0, help="s per concurrency level")
+    p.add_argument("--worker-timeout", type=float, default=900.0, help="s per offline worker")
     p.add_argument("--server-start-timeout", type=float, default=300.0)
     p.add_argument("--skip-serving", action="store_true")
     p.add_argument(

@@ -146,11 +146,18 @@ def _chunk_text(data: dict[str, Any], chat: bool) -> str:
     return choices[0].get("text") or ""
 
 
-async def send_request(client: Any, target: ServeTarget, req: SampleRequest) -> RequestResult:
-    """Stream one request; record TTFT, inter-chunk gaps, latency and the server's usage."""
+async def send_request(
+    client: Any, target: ServeTarget, req: SampleRequest, result: RequestResult | None = None
+) -> RequestResult:
+    """Stream one request; record TTFT, inter-chunk gaps, latency and the server's usage.
+
+    Timings go into ``result`` as they arrive (a new one when None), so a request cancelled
+    midway still shows what it received.
+    """
     import httpx
 
-    result = RequestResult(prompt_len=req.prompt_len, expected_output_len=req.expected_output_len)
+    if result is None:
+        result = RequestResult(req.prompt_len, req.expected_output_len)
     headers = {"Authorization": f"Bearer {target.api_key}"} if target.api_key else {}
     st = time.perf_counter()
     result.start_time = st
@@ -240,8 +247,13 @@ async def run_benchmark(
     num_warmups: int = 0,
     seed: int = 0,
     disable_tqdm: bool = True,
+    time_limit: float | None = None,
 ) -> tuple[list[RequestResult], float, float]:
-    """Send every request and return (results in dataset order, duration s, start time)."""
+    """Send every request and return (results in dataset order, duration s, start time).
+
+    With ``time_limit`` (s), requests still running then are cancelled and come back failed,
+    with whatever chunks they had received.
+    """
     import httpx
 
     if max_concurrency is not None and max_concurrency < 1:
@@ -260,20 +272,32 @@ async def run_benchmark(
                 )
         semaphore = asyncio.Semaphore(limit)
         pbar = _progress(len(requests), disable_tqdm)
+        results = [RequestResult(r.prompt_len, r.expected_output_len) for r in requests]
 
-        async def one(req: SampleRequest) -> RequestResult:
+        async def one(i: int, req: SampleRequest) -> None:
             async with semaphore:
-                out = await send_request(client, target, req)
+                await send_request(client, target, req, results[i])
             if pbar is not None:
                 pbar.update(1)
-            return out
+
+        async def send_all() -> None:
+            tasks, i = [], 0
+            async for req in arrivals(requests, request_rate, burstiness, seed):
+                tasks.append(asyncio.create_task(one(i, req)))
+                i += 1
+            await asyncio.gather(*tasks)
 
         start = time.perf_counter()
-        tasks = [
-            asyncio.create_task(one(req))
-            async for req in arrivals(requests, request_rate, burstiness, seed)
-        ]
-        results = list(await asyncio.gather(*tasks))
+        everything = asyncio.create_task(send_all())
+        done, _ = await asyncio.wait({everything}, timeout=time_limit)
+        if not done:  # cancelling the gather cancels every request still in flight
+            everything.cancel()
+            await asyncio.gather(everything, return_exceptions=True)
+            for r in results:
+                if not r.success and not r.error:
+                    r.error = f"stopped at the time limit ({time_limit:g} s)"
+        else:
+            everything.result()  # re-raise what a request task raised
         duration = time.perf_counter() - start
         if pbar is not None:
             pbar.close()

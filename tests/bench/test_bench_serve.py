@@ -56,18 +56,19 @@ def test_metrics_match_the_servers_delays():
         true_tpot = (last - first) / (out_len - 1)
         tpot_err.append(abs((r.latency - r.ttft) / (out_len - 1) - true_tpot))
     assert min(first_lag) >= 0.0 and min(last_lag) >= 0.0
-    assert np.median(first_lag) < 0.01 and np.median(last_lag) < 0.01
-    assert np.median(tpot_err) < 0.002
+    assert np.median(first_lag) < 0.015, first_lag
+    assert np.median(last_lag) < 0.015, last_lag
+    assert np.median(tpot_err) < 0.003, tpot_err
     # against what the server was told to do: never below it; above it by what a busy
     # 2-core machine adds (the server's own sleeps run late under load)
     s = m.stats
-    assert ttft * 1000 <= s["median_ttft_ms"] < ttft * 1000 * 3 + 30
-    assert tpot * 1000 <= s["median_tpot_ms"] < tpot * 1000 * 3 + 5
-    assert tpot * 1000 * 0.8 <= s["median_itl_ms"] < tpot * 1000 * 3 + 5
+    assert ttft * 1000 <= s["median_ttft_ms"] < ttft * 1000 * 3 + 30, s
+    assert tpot * 1000 <= s["median_tpot_ms"] < tpot * 1000 * 3 + 5, s
+    assert tpot * 1000 * 0.8 <= s["median_itl_ms"] < tpot * 1000 * 3 + 5, s
     expected_e2el = ttft + (out_len - 1) * tpot
-    assert expected_e2el * 1000 <= s["median_e2el_ms"] < expected_e2el * 1000 * 3 + 30
+    assert expected_e2el * 1000 <= s["median_e2el_ms"] < expected_e2el * 1000 * 3 + 30, s
     expected_duration = 2 * expected_e2el  # 8 requests, 4 at a time: two waves
-    assert expected_duration <= duration < expected_duration * 3 + 0.1
+    assert expected_duration <= duration < expected_duration * 3 + 0.1, duration
     assert m.output_throughput == pytest.approx(n * out_len / duration)
     assert m.request_throughput == pytest.approx(n / duration)
     assert m.max_concurrent_requests == conc
@@ -233,3 +234,17 @@ def test_cli_end_to_end_writes_result_and_plot(tokenizer, tmp_path, capsys):
     assert (tmp_path / "r.png").stat().st_size > 10_000
     text = capsys.readouterr().out
     assert "Serving Benchmark Result" in text and "Output token throughput (tok/s):" in text
+
+
+def test_time_limit_cancels_and_keeps_partial_chunks():
+    rng = np.random.default_rng()
+    cfg = FakeServerConfig(ttft=0.02, tpot=0.05)
+    limit = float(rng.uniform(0.4, 0.6))
+    with FakeOpenAIServer(cfg) as url:
+        results, duration, _ = _run(url, _requests(rng, 3, 40), time_limit=limit)
+    assert limit <= duration < limit + 0.5
+    for r in results:
+        assert not r.success and "time limit" in r.error
+        expected_chunks = (limit - cfg.ttft) / cfg.tpot + 1
+        assert expected_chunks * 0.5 <= len(r.chunk_times) <= expected_chunks + 1
+    assert calculate_metrics(results, duration).completed == 0
