@@ -1,0 +1,56 @@
+"""Kernels that are wrong on purpose, as portaserve plugins overriding the cpu device.
+
+The conformance suite must fail on each (tests/testing/test_conformance_suite.py).
+"""
+
+from __future__ import annotations
+
+import torch
+
+import portaserve
+from portaserve.devices import reference
+
+
+def gptj_rotary(positions, q, k, cos_sin_cache):
+    """Rotates interleaved pairs (GPT-J style) instead of halves (NeoX)."""
+    cos, sin = cos_sin_cache[positions].float().chunk(2, dim=-1)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+
+    def rotate(t):
+        even, odd = t.float()[..., ::2], t.float()[..., 1::2]
+        return torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1).flatten(-2).to(t.dtype)
+
+    return rotate(q), rotate(k)
+
+
+def leaky_attention(query, kv_cache, attn, scale):
+    """A causal off-by-one: each new token also sees the token after it."""
+    out = torch.empty_like(query)
+    starts, seq_lens = attn.query_start_loc_cpu, attn.seq_lens_cpu
+    for r, seq_len in enumerate(seq_lens):
+        q = query[starts[r] : starts[r + 1]].float()  # [Q, Hq, D]
+        k, v = reference.gather_kv(kv_cache, attn.block_tables[r], seq_len)
+        group = q.shape[1] // k.shape[1]
+        k, v = k.float().repeat_interleave(group, 1), v.float().repeat_interleave(group, 1)
+        scores = torch.einsum("qhd,shd->hqs", q, k) * scale
+        q_pos = torch.arange(seq_len - q.shape[0], seq_len)
+        scores = scores.masked_fill(torch.arange(seq_len)[None] > q_pos[:, None] + 1, float("-inf"))
+        out[starts[r] : starts[r + 1]] = torch.einsum("hqs,shd->qhd", scores.softmax(-1), v).to(query.dtype)
+    return out
+
+
+class CpuOverride:
+    """A plugin registering ``fn`` as the cpu device's ``op``."""
+
+    PORTASERVE_PLUGIN_API = "1.0"
+
+    def __init__(self, op: str, fn) -> None:
+        self.op, self.fn = op, fn
+
+    @portaserve.hookimpl
+    def portaserve_register_kernels(self, register):
+        register("cpu", self.op, self.fn)
+
+
+WRONG_ROTARY = CpuOverride("rotary", gptj_rotary)
+LEAKY_ATTENTION = CpuOverride("paged_attention", leaky_attention)
