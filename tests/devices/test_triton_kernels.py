@@ -209,3 +209,13 @@ def test_interpreter_flag_does_not_leak() -> None:
     x = torch.randn(2, 8)
     activation.silu_and_mul(x)
     assert os.environ.get("TRITON_INTERPRET") == before
+
+
+@pytest.mark.parametrize("max_query_len", [1, 5])
+def test_paged_attention_wide_group(max_query_len: int, gen: torch.Generator) -> None:
+    # 24 query heads on one KV head: the group is wider than the smallest tile (rows padded to 32).
+    lens = [(9, 1), (0, max_query_len), (20, 1)]
+    query, cache, attn = make_step(lens, 24, 1, 16, 8, torch.float32, "blocks_hnd", gen)
+    got = attention.paged_attention(query, cache, attn, 0.25)
+    want = ref.paged_attention(query, cache, attn, 0.25, kv_layout="blocks_hnd")
+    assert rel_err(got, want) <= RTOL[torch.float32]
