@@ -321,8 +321,7 @@ def serve_sweep(
     import asyncio
 
     from portaserve.bench.datasets import random_dataset
-    from portaserve.bench.metrics import calculate_metrics
-    from portaserve.bench.serve import ServeTarget, _first_model, run_benchmark
+    from portaserve.bench.serve import ServeTarget, first_model_id, run_benchmark
 
     base = f"http://127.0.0.1:{port}"
     results: dict[str, Any] = {}
@@ -334,7 +333,7 @@ def serve_sweep(
             wait_ready(base + ready_path, proc, timeout=args.server_start_timeout)
             target = ServeTarget(
                 url=base + "/v1/completions",
-                model=_first_model(base, None),
+                model=first_model_id(base, None),
                 chat=False,
                 ignore_eos=ignore_eos,
                 extra_body=extra_body,
@@ -351,33 +350,10 @@ def serve_sweep(
                     seed=conc,
                 )
                 print(f"[cpu_peers]   concurrency {conc}: {n} requests", flush=True)
-                try:
-                    out, duration, t0 = asyncio.run(
-                        asyncio.wait_for(
-                            run_benchmark(target, reqs, max_concurrency=conc),
-                            timeout=args.serve_timeout,
-                        )
-                    )
-                except TimeoutError:
-                    results[str(conc)] = {"error": f"timed out after {args.serve_timeout:.0f} s"}
-                    continue
-                m = calculate_metrics(
-                    out,
-                    duration,
-                    tokenizer=tokenizer,
-                    t0=t0,
-                    percentiles=[50, 99],
-                    metric_names=["ttft", "tpot"],
+                out, duration, t0 = asyncio.run(
+                    run_benchmark(target, reqs, max_concurrency=conc, time_limit=args.serve_timeout)
                 )
-                results[str(conc)] = {
-                    "completed": m.completed,
-                    "failed": m.failed,
-                    "output_throughput": m.output_throughput,
-                    "median_ttft_ms": m.stats["median_ttft_ms"],
-                    "median_tpot_ms": m.stats["median_tpot_ms"],
-                    "mean_output_len": m.total_output / max(1, m.completed),
-                    "duration": duration,
-                }
+                results[str(conc)] = serving_numbers(out, duration, t0, tokenizer)
         except RuntimeError as e:
             results["error"] = f"{e} (log: {log})"
         finally:
@@ -387,6 +363,36 @@ def serve_sweep(
             except subprocess.TimeoutExpired:
                 proc.kill()
     return results
+
+
+def serving_numbers(out: list[Any], duration: float, t0: float, tokenizer: Any) -> dict[str, Any]:
+    """Output tokens/s and median TTFT of one concurrency level.
+
+    When the time limit cut the run short (``partial``), throughput counts every streamed
+    chunk (one token per chunk on both servers here) over the time spent, and TTFT is over the
+    requests that got a first token.
+    """
+    from portaserve.bench.metrics import calculate_metrics
+
+    m = calculate_metrics(
+        out, duration, tokenizer=tokenizer, t0=t0, percentiles=[50], metric_names=["ttft", "tpot"]
+    )
+    partial = any("time limit" in r.error for r in out)
+    numbers = {
+        "completed": m.completed,
+        "failed": m.failed,
+        "partial": partial,
+        "output_throughput": m.output_throughput,
+        "median_ttft_ms": m.stats["median_ttft_ms"],
+        "median_tpot_ms": m.stats["median_tpot_ms"],
+        "mean_output_len": m.total_output / max(1, m.completed),
+        "duration": duration,
+    }
+    if partial:
+        ttfts = [r.ttft * 1000 for r in out if r.chunk_times]
+        numbers["output_throughput"] = sum(len(r.chunk_times) for r in out) / duration
+        numbers["median_ttft_ms"] = statistics.median(ttfts) if ttfts else float("nan")
+    return numbers
 
 
 def portaserve_devices() -> list[str]:
@@ -515,7 +521,8 @@ def markdown(report: dict[str, Any], concurrency: list[int]) -> str:
         for c in concurrency:
             s = serving.get(str(c)) or {}
             if "output_throughput" in s:
-                row.append(f"{s['output_throughput']:.1f} / {s['median_ttft_ms']:.0f}")
+                mark = " (cut at time limit)" if s.get("partial") else ""
+                row.append(f"{s['output_throughput']:.1f} / {s['median_ttft_ms']:.0f}{mark}")
             else:
                 row.append(s.get("error", serving.get("error", "—"))[:60] if s or serving else "—")
         lines.append("| " + " | ".join(row) + " |")

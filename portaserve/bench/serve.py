@@ -372,7 +372,7 @@ def print_report(rows: list[tuple[str, str]]) -> None:
 
 def _resolve_target(args: argparse.Namespace) -> ServeTarget:
     base = (args.base_url or f"http://{args.host}:{args.port}").rstrip("/")
-    model = args.model or _first_model(base, args.api_key)
+    model = args.model or first_model_id(base, args.api_key)
     extra = None
     if args.extra_body:
         try:
@@ -392,7 +392,7 @@ def _resolve_target(args: argparse.Namespace) -> ServeTarget:
     )
 
 
-def _first_model(base: str, api_key: str | None) -> str:
+def first_model_id(base: str, api_key: str | None) -> str:
     import httpx
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
