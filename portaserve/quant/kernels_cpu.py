@@ -10,9 +10,11 @@ Why not ATen's packed int4/int8 matmuls: ``_weight_int4pack_mm_for_cpu`` and
 ``_weight_int8pack_mm`` are vectorized for bfloat16 activations only (their float32 paths
 are scalar and 10-100x slower than dense), and in bfloat16 they round the scales and the
 output, so they are not exact against a float32 reference. They are used for bfloat16
-activations (``x.dtype == torch.bfloat16``) on the formats that map losslessly onto them
-(int8 per channel; int4, Q4_0, Q4_1 with 32-wide groups); the result then matches the
-reference within bfloat16 tolerance, not bit for bit.
+activations (``x.dtype == torch.bfloat16``) on the formats whose weights they express exactly
+up to the bf16 rounding of scales (int8 per channel; int4, Q4_0, Q4_1, Q4_K as
+``(q - 8) * scale + zero`` with 32-wide groups, repacked once and cached in ``weight.meta``,
+which adds about the packed size again); the result then matches the reference within
+bfloat16 tolerance, not bit for bit.
 """
 
 from __future__ import annotations
@@ -43,32 +45,54 @@ def _buffer(numel: int) -> torch.Tensor:
 # -- per-format dequantization of rows [r0, r1) into a float32 buffer -------------------------
 
 
+def _nibble_halves(qs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 [..., W] -> (low nibbles, high nibbles) uint8 [..., W], masked four bytes at a time."""
+    if qs.shape[-1] % 4 == 0 and qs.is_contiguous():
+        words = qs.view(torch.int32)
+        return ((words & 0x0F0F0F0F).view(torch.uint8),
+                ((words >> 4) & 0x0F0F0F0F).view(torch.uint8))
+    return qs & 0x0F, qs >> 4
+
+
 def _gguf_chunk(weight: QuantizedWeight, r0: int, r1: int) -> torch.Tensor:
+    """Rows [r0, r1) in float32, bit-identical to ``gguf_formats.dequantize_data``: the same
+    products and sums, with the code->float conversion fused into the first multiply."""
     fmt = weight.format
     data = {k: v[r0:r1] for k, v in weight.data.items()}
-    codes = gguf_formats.unpack_codes(fmt, data)  # [n, B, S, sub] uint8/int8
+    n = r1 - r0
+    if fmt in ("Q4_0", "Q4_1"):
+        lo, hi = _nibble_halves(data["qs"])  # [n, B, 16] each: elements 0..15 and 16..31
+        w = _buffer(lo.numel() * 2).view(*lo.shape[:2], 2, 16)
+        d = data["d"].float()[..., None]  # [n, B, 1]
+        if fmt == "Q4_0":  # d * (q - 8), with q - 8 exact in int8
+            torch.mul(lo.view(torch.int8) - 8, d, out=w[:, :, 0])
+            torch.mul(hi.view(torch.int8) - 8, d, out=w[:, :, 1])
+        else:  # d * q + m
+            torch.mul(lo, d, out=w[:, :, 0])
+            torch.mul(hi, d, out=w[:, :, 1])
+            w.add_(data["m"].float()[..., None, None])
+        return w.view(n, -1)  # [n, K]
+    if fmt == "Q8_0":
+        qs = data["qs"]  # [n, B, 32] int8
+        w = _buffer(qs.numel()).view(qs.shape)
+        return torch.mul(qs, data["d"].float()[..., None], out=w).view(n, -1)
+    codes = gguf_formats.unpack_codes(fmt, data)  # [n, B, S, sub] uint8
     w = _buffer(codes.numel()).view(codes.shape)
-    w.copy_(codes)
-    if fmt == "Q4_0":
-        w.sub_(8.0).mul_(data["d"].float()[..., None, None])
-    elif fmt == "Q4_1":
-        w.mul_(data["d"].float()[..., None, None]).add_(data["m"].float()[..., None, None])
-    elif fmt == "Q8_0":
-        w.mul_(data["d"].float()[..., None, None])
-    elif fmt in ("Q4_K", "Q5_K"):
+    if fmt in ("Q4_K", "Q5_K"):  # d*sc * q - dmin*m
         sc, mn = gguf_formats.k_scale_min(data["scales"])  # [n, B, 8]
-        w.mul_((data["d"].float()[..., None] * sc.float())[..., None])
+        torch.mul(codes, (data["d"].float()[..., None] * sc.float())[..., None], out=w)
         w.sub_((data["dmin"].float()[..., None] * mn.float())[..., None])
-    else:  # Q6_K: 16 sub-blocks of 16 per super-block
-        w = w.view(*codes.shape[:2], 16, 16)
-        w.sub_(32.0).mul_((data["d"].float()[..., None] * data["scales"].float())[..., None])
-    return w.view(r1 - r0, -1)  # [n, K]
+    else:  # Q6_K: d*sc * (q - 32), 16 sub-blocks of 16 per super-block
+        q = (codes.view(torch.int8) - 32).view(*codes.shape[:2], 16, 16)
+        w = w.view(q.shape)
+        torch.mul(q, (data["d"].float()[..., None] * data["scales"].float())[..., None], out=w)
+    return w.view(n, -1)  # [n, K]
 
 
 def _int8_chunk(weight: QuantizedWeight, r0: int, r1: int) -> torch.Tensor:
     q = weight.data["qweight"][r0:r1]
     w = _buffer(q.numel()).view(q.shape)
-    return w.copy_(q).mul_(weight.data["scales"][r0:r1].float()[:, None])
+    return torch.mul(q, weight.data["scales"][r0:r1].float()[:, None], out=w)
 
 
 def _int4_chunk(weight: QuantizedWeight, r0: int, r1: int) -> torch.Tensor:
@@ -106,8 +130,50 @@ def _dequant_linear(chunk_fn, x: torch.Tensor, weight: QuantizedWeight,
     return out.to(x.dtype).contiguous()
 
 
+# -- bfloat16 activations: ATen's int4 weight-packed matmul ------------------------------------
+
+_INT4PACK_FORMATS = ("Q4_0", "Q4_1", "Q4_K", "int4")
+
+
+def _int4pack(weight: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(packed weight, scales_and_zeros bf16 [K/G, N, 2], G) for ATen's int4 matmul, built once
+    and cached in ``weight.meta``. ATen computes ``w = (q - 8) * scale + zero``; each format's
+    ``w`` is rewritten in that form exactly (only the bf16 rounding of scale and zero differs)."""
+    cached = weight.meta.get("_cpu_int4pack")
+    if cached is not None:
+        return cached
+    n, k = weight.shape
+    data, fmt = weight.data, weight.format
+    if fmt == "int4":
+        codes, group = unpack_nibbles(data["qweight"]), weight.meta["group_size"]
+        scale = data["scales"].float()  # [N, G]
+        zero = (8.0 - data["zeros"].float()) * scale  # (q - z) s = (q - 8) s + (8 - z) s
+    else:
+        codes, group = gguf_formats.unpack_codes(fmt, data).reshape(n, k), 32
+        if fmt == "Q4_K":
+            sc, mn = gguf_formats.k_scale_min(data["scales"])  # [N, B, 8]
+            scale = (data["d"].float()[..., None] * sc.float()).reshape(n, -1)
+            zero = 8.0 * scale - (data["dmin"].float()[..., None] * mn.float()).reshape(n, -1)
+        else:
+            scale = data["d"].float()  # [N, K/32]
+            zero = torch.zeros_like(scale) if fmt == "Q4_0" else data["m"].float() + 8.0 * scale
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
+    scales_zeros = torch.stack((scale.t(), zero.t()), dim=-1).to(torch.bfloat16).contiguous()
+    weight.meta["_cpu_int4pack"] = (packed, scales_zeros, group)
+    return packed, scales_zeros, group
+
+
+def _int4pack_linear(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    packed, scales_zeros, group = _int4pack(weight)
+    out = torch.ops.aten._weight_int4pack_mm_for_cpu(
+        x.reshape(-1, weight.shape[1]), packed, group, scales_zeros)  # [T, N] bf16
+    return out if bias is None else out + bias.to(out.dtype)
+
+
 def gguf_linear(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [T, K] @ dequant(weight).T for the GGUF block formats -> [T, N]."""
+    if x.dtype == torch.bfloat16 and weight.format in _INT4PACK_FORMATS:
+        return _int4pack_linear(x, weight, bias)
     return _dequant_linear(_gguf_chunk, x, weight, bias)
 
 
@@ -120,6 +186,8 @@ def int8_linear(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | N
 
 
 def int4_linear(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    if x.dtype == torch.bfloat16 and weight.meta["group_size"] in (32, 64, 128, 256):
+        return _int4pack_linear(x, weight, bias)
     return _dequant_linear(_int4_chunk, x, weight, bias)
 
 

@@ -38,7 +38,7 @@ def test_cpu_kernel_matches_reference_fp32(scheme, num_tokens, monkeypatch):
         torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("scheme", ["Q4_1", "Q8_0", "int8", "int4"])
+@pytest.mark.parametrize("scheme", ["Q4_0", "Q4_1", "Q4_K", "Q8_0", "int8", "int4", "int4_sym"])
 def test_cpu_kernel_bfloat16(scheme):
     weight = make_weight(scheme, 64, 256, seed=3)
     x = torch.randn(3, 256, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
