@@ -355,7 +355,14 @@ class LLMEngine:
             parent, seq = entry
             self._process_token(seq, sampled.token_ids[i], sampled.logprobs[i], now)
             touched[parent.request_id] = parent
-        return [self._make_output(p) for p in touched.values()]
+        return [self._make_output(p) for p in touched.values() if self._should_report(p)]
+
+    @staticmethod
+    def _should_report(parent: _Parent) -> bool:
+        """final_only requests report once, when every child has finished."""
+        if parent.children[0].request.sampling_params.output_kind == "cumulative":
+            return True
+        return all(seq.request.status is RequestStatus.FINISHED for seq in parent.children)
 
     def _process_token(
         self, seq: _Sequence, token_id: int, logprobs: dict[int, float] | None, now: float

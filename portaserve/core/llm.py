@@ -92,6 +92,8 @@ class LLM:
     ) -> list[RequestOutput]:
         engine = self.llm_engine
         ids = [f"llm-{next(self._ids)}" for _ in prompts]
+        # offline callers only see finished outputs: skip building the per-step ones
+        params = [dataclasses.replace(p, output_kind="final_only") for p in params]
         added: list[str] = []
         try:
             for request_id, prompt, p in zip(ids, prompts, params):

@@ -33,6 +33,9 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    #: "cumulative": every step returns the text and token ids so far (streaming servers);
+    #: "final_only": only the finished output is returned (offline generation; cheaper).
+    output_kind: str = "cumulative"
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -62,6 +65,8 @@ class SamplingParams:
                self.prompt_logprobs, "must be in [0, 20]")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", self.stop,
                "must be non-empty strings")
+        _check(self.output_kind in ("cumulative", "final_only"), "output_kind", self.output_kind,
+               "must be 'cumulative' or 'final_only'")
 
     @property
     def is_greedy(self) -> bool:
