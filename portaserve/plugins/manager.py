@@ -190,8 +190,12 @@ class Registry:
     def temporary_plugin(self, plugin: object, name: str | None = None) -> Iterator[str]:
         """Register ``plugin`` for the duration of a ``with`` block (tests), then remove it.
 
-        The registry is re-collected on entry and on exit. Yields the plugin name.
+        The registry is re-collected on entry and on exit. Yields the plugin name. A plugin
+        that is already registered (e.g. installed through its entry point) is left as it is.
         """
+        if self.plugin_manager.is_registered(plugin):
+            yield str(self.plugin_manager.get_name(plugin))
+            return
         name = name or f"temporary-{id(plugin):x}"
         self._register_plugin(plugin, name)
         try:

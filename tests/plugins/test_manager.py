@@ -312,3 +312,11 @@ def test_example_vendor_plugin_through_an_entry_point(entry_points, example_devi
     assert table.sources["silu_and_mul"] == "plugin:example"
     assert table.fallback_ops == ["embedding", "linear", "quant_linear", "rotary", "write_kv",
                                   "paged_attention", "all_reduce"]
+
+
+def test_temporary_plugin_leaves_an_already_registered_plugin(entry_points, example_device_module):
+    entry_points("example", example_device_module)
+    registry = manager.load_registry()
+    with registry.temporary_plugin(example_device_module, "again") as name:
+        assert name == "example"
+    assert registry.plugin_manager.has_plugin("example") and "example" in registry.devices
