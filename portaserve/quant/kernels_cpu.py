@@ -12,7 +12,8 @@ are scalar and 10-100x slower than dense), and in bfloat16 they round the scales
 output, so they are not exact against a float32 reference. They are used for bfloat16
 activations (``x.dtype == torch.bfloat16``) on the formats whose weights they express exactly
 up to the bf16 rounding of scales (int8 per channel; int4, Q4_0, Q4_1, Q4_K as
-``(q - 8) * scale + zero`` with 32-wide groups, repacked once and cached in ``weight.meta``,
+``(q - 8) * scale + zero`` with 32-wide groups, Q8_0 as two such matmuls over its high and
+low nibbles; repacked once and cached in ``weight.meta``,
 which adds about the packed size again); the result then matches the reference within
 bfloat16 tolerance, not bit for bit.
 """
@@ -132,7 +133,7 @@ def _dequant_linear(chunk_fn, x: torch.Tensor, weight: QuantizedWeight,
 
 # -- bfloat16 activations: ATen's int4 weight-packed matmul ------------------------------------
 
-_INT4PACK_FORMATS = ("Q4_0", "Q4_1", "Q4_K", "int4")
+_INT4PACK_FORMATS = ("Q4_0", "Q4_1", "Q4_K", "Q8_0", "int4")
 
 
 def _int4pack(weight: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -163,10 +164,32 @@ def _int4pack(weight: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor, int]
     return packed, scales_zeros, group
 
 
+def _q8_0_int4pack(weight: QuantizedWeight) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+    """Q8_0 as two int4 matmuls: q = 16 * (q >> 4) + (q & 15), so with h = (q >> 4) + 8 and
+    l = q & 15 (both 0..15): ``d q = 16d (h - 8) + d (l - 8) + 8d``. Cached in ``weight.meta``."""
+    cached = weight.meta.get("_cpu_int4pack")
+    if cached is not None:
+        return cached
+    n, k = weight.shape
+    q = weight.data["qs"].reshape(n, k).to(torch.int32)  # [N, K], -128..127
+    d = weight.data["d"].float().t()  # [K/32, N]
+    halves = []
+    for codes, scale, zero in (((q >> 4) + 8, 16.0 * d, torch.zeros_like(d)), (q & 15, d, 8.0 * d)):
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+        halves.append((packed, torch.stack((scale, zero), dim=-1).to(torch.bfloat16).contiguous()))
+    weight.meta["_cpu_int4pack"] = tuple(halves)
+    return weight.meta["_cpu_int4pack"]
+
+
 def _int4pack_linear(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
-    packed, scales_zeros, group = _int4pack(weight)
-    out = torch.ops.aten._weight_int4pack_mm_for_cpu(
-        x.reshape(-1, weight.shape[1]), packed, group, scales_zeros)  # [T, N] bf16
+    x2 = x.reshape(-1, weight.shape[1])
+    if weight.format == "Q8_0":
+        (hi, hi_sz), (lo, lo_sz) = _q8_0_int4pack(weight)
+        out = (torch.ops.aten._weight_int4pack_mm_for_cpu(x2, hi, 32, hi_sz).float()
+               + torch.ops.aten._weight_int4pack_mm_for_cpu(x2, lo, 32, lo_sz).float()).to(x.dtype)
+    else:
+        packed, scales_zeros, group = _int4pack(weight)
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, group, scales_zeros)  # [T, N]
     return out if bias is None else out + bias.to(out.dtype)
 
 
