@@ -408,8 +408,9 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
     from portaserve.bench.datasets import load_tokenizer
 
     tokenizer = load_tokenizer(args.gguf)
-    eos_ids = sorted(set(getattr(tokenizer.impl, "eos_token_ids", ())) or {2})
-    ban_eos = {"logit_bias": {str(i): -100.0 for i in eos_ids}}
+    # llama-cpp-python's server has no ignore_eos: ban every end-of-generation candidate
+    stop_ids = set(getattr(tokenizer.impl, "eos_token_ids", ())) | set(tokenizer.special_ids)
+    ban_eos = {"logit_bias": {str(i): -100.0 for i in sorted(stop_ids)}}
     peers = args.peers
     report: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
