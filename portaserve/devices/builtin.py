@@ -20,5 +20,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = ("portaserve.devices.cuda", "portaserve.devic
 @hookimpl
 def portaserve_register_devices(register: Callable[[type], None]) -> None:
     from portaserve.devices.cpu import CPUDevice
+    from portaserve.devices.openvino import OpenVINODevice  # imports openvino only when used
 
     register(CPUDevice)
+    register(OpenVINODevice)

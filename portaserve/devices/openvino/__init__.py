@@ -21,7 +21,8 @@ Precision (``PORTASERVE_OPENVINO_PRECISION`` or ``OpenVINODevice(precision=...)`
   quantization of activations for compressed weights. Faster, not bit-exact.
 
 Weights (``PORTASERVE_OPENVINO_WEIGHTS`` or ``weight_format=``): ``f32`` (default), ``int8``
-(per output channel) or ``int4`` (groups of 32), re-quantized at compile time.
+(per output channel) or ``int4`` (groups of 32), re-quantized at compile time, or ``gguf``:
+GGUF Q4_0 / Q4_1 / Q8_0 blocks passed to OpenVINO as they are (other weights dense f32).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ logger = logging.getLogger(__name__)
 #: The CPU plugin pages its KV cache in blocks of 32 tokens (a static dimension it sets itself).
 CPU_BLOCK_SIZE = 32
 PRECISIONS = ("f32", "auto")
-WEIGHT_FORMATS = ("f32", "int8", "int4")
+WEIGHT_FORMATS = ("f32", "int8", "int4", "gguf")
 
 
 @functools.cache

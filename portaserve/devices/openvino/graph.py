@@ -50,7 +50,8 @@ PA_NUM_INPUTS = 28
 
 @dataclass(frozen=True, slots=True)
 class GraphOptions:
-    #: "f32" keeps weights dense; "int8" per output channel; "int4" per group (asymmetric).
+    #: "f32" keeps weights dense; "int8" per output channel; "int4" per group (asymmetric);
+    #: "gguf" keeps GGUF Q4_0/Q4_1/Q8_0 blocks as they are (codes + per-block scales), others f32.
     weight_format: str = "f32"
     int4_group_size: int = 32
 
@@ -119,6 +120,32 @@ def _compressed(w: np.ndarray, weight_format: str, group_size: int) -> Any:
     return ops.reshape(deq, _const(list(w.shape), np.int64), False)  # [N, K]
 
 
+def _gguf_block_weight(weight: Any) -> Any | None:
+    """A GGUF Q4_0 / Q4_1 / Q8_0 weight as its own codes and per-block scales, decompressed
+    in-graph (no re-quantization); None for other formats."""
+    fmt = getattr(weight, "format", None)
+    if fmt not in ("Q4_0", "Q4_1", "Q8_0"):
+        return None
+    from portaserve.quant.gguf_formats import unpack_codes
+
+    n, k = weight.shape
+    codes = unpack_codes(fmt, weight.data).reshape(n, -1, 32).numpy()  # [N, B, 32]
+    d = weight.data["d"].float().unsqueeze(-1).numpy()  # [N, B, 1]
+    if fmt == "Q8_0":  # w = d * q, q int8
+        values = ops.convert(ops.constant(codes.view(np.int8), dtype=ov.Type.i8), ov.Type.f32)
+    elif fmt == "Q4_0":  # w = d * (q - 8)
+        values = ops.subtract(ops.convert(ops.constant(codes, dtype=ov.Type.u4), ov.Type.f32),
+                              ops.convert(ops.constant(np.full_like(d, 8, dtype=np.uint8),
+                                                       dtype=ov.Type.u4), ov.Type.f32))
+    else:  # Q4_1: w = d * q + m = d * (q - zero) with zero = -m / d
+        m = weight.data["m"].float().unsqueeze(-1).numpy()
+        zero = np.divide(-m, d, out=np.zeros_like(m), where=d != 0).astype(np.float32)
+        values = ops.subtract(ops.convert(ops.constant(codes, dtype=ov.Type.u4), ov.Type.f32),
+                              ops.constant(zero))
+    deq = ops.multiply(values, ops.constant(d.astype(np.float32)))  # [N, B, 32]
+    return ops.reshape(deq, _const([n, k], np.int64), False)  # [N, K]
+
+
 class _Builder:
     def __init__(self, config: ModelConfig, weights: Mapping[str, Any], options: GraphOptions):
         self.config = config
@@ -134,10 +161,14 @@ class _Builder:
         return ops.constant(_dense(self.weight(name)).reshape(-1))
 
     def linear(self, x: Any, name: str, bias: str | None = None) -> Any:
-        if self.options.weight_format == "f32":
-            wnode = _dense_const(self.weight(name))  # [N, K]
+        weight = self.weight(name)
+        native = _gguf_block_weight(weight) if self.options.weight_format == "gguf" else None
+        if native is not None:
+            wnode = native
+        elif self.options.weight_format in ("f32", "gguf"):
+            wnode = _dense_const(weight)  # [N, K]
         else:
-            wnode = _compressed(_dense(self.weight(name)), self.options.weight_format,
+            wnode = _compressed(_dense(weight), self.options.weight_format,
                                 self.options.int4_group_size)
         y = ops.matmul(x, wnode, False, True)
         if bias is not None and bias in self.weights:
@@ -238,7 +269,9 @@ def build_llama_graph(
     hidden = b.rms(hidden, "model.norm.weight")
     if "lm_head.weight" in weights and not config.tie_word_embeddings:
         logits = b.linear(hidden, "lm_head.weight")
-    else:
+    elif options.weight_format == "f32":
         logits = ops.matmul(hidden, embed, False, True)  # tied: [L, V]
+    else:  # tied, with the head compressed like the other matmuls
+        logits = b.linear(hidden, "model.embed_tokens.weight")
     logits.output(0).get_tensor().set_names({"logits"})
     return ov.Model([logits], params, f"portaserve-{config.architecture}")
