@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+from typing import TYPE_CHECKING
 
 from portaserve import envs
+
+if TYPE_CHECKING:
+    from portaserve.core.config import EngineConfig
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +109,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def engine_config(args: argparse.Namespace):  # -> EngineConfig (imported lazily)
+def engine_config(args: argparse.Namespace) -> EngineConfig:
     from portaserve.core.config import EngineConfig
 
     return EngineConfig(
