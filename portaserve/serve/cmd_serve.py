@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-from typing import TYPE_CHECKING
 
 from portaserve import envs
-
-if TYPE_CHECKING:
-    from portaserve.core.config import EngineConfig
+from portaserve.core.config import EngineConfig
+from portaserve.serve.engine_args import add_engine_args, engine_config_from_args
 
 logger = logging.getLogger(__name__)
 
@@ -29,77 +27,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         f"{DEFAULT_MODEL}) over /v1/chat/completions, /v1/completions, "
         "/v1/messages, /v1/models, /health, /version and /metrics.",
     )
-    p.add_argument(
-        "model",
-        nargs="?",
-        default=DEFAULT_MODEL,
-        metavar="MODEL",
-        help=f"model to serve (default: {DEFAULT_MODEL})",
-    )
-    p.add_argument(
-        "--device",
-        default=None,
-        help="device, e.g. cpu or cuda:0 (default: PORTASERVE_DEVICE, else the best available)",
-    )
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port to bind (default 8000)")
-    p.add_argument(
+    add_engine_args(p)  # MODEL and the engine flags every command shares
+    server = p.add_argument_group("server")
+    server.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    server.add_argument("--port", type=int, default=8000, help="port to bind (default 8000)")
+    server.add_argument(
         "--api-key",
         default=None,
         help="require 'Authorization: Bearer KEY' on every route but /health "
         "(default: PORTASERVE_API_KEY)",
     )
-    p.add_argument(
+    server.add_argument(
         "--served-model-name",
         nargs="+",
         default=None,
         metavar="NAME",
         help="model name(s) clients use; the first is reported (default: the model's own name)",
     )
-    engine = p.add_argument_group("engine")
-    engine.add_argument(
-        "--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"]
-    )
-    engine.add_argument("--quantization", default=None, help="weight quantization method")
-    engine.add_argument(
-        "--max-model-len", type=int, default=None, help="context length (prompt + output tokens)"
-    )
-    engine.add_argument("--max-num-seqs", type=int, default=None, help="most requests in one batch")
-    engine.add_argument(
-        "--max-num-batched-tokens", type=int, default=None, help="token budget of one step"
-    )
-    engine.add_argument(
-        "--num-kv-blocks",
-        type=int,
-        default=None,
-        help="KV cache size in blocks (overrides memory utilization)",
-    )
-    engine.add_argument("--block-size", type=int, default=None, help="tokens per KV block")
-    engine.add_argument(
-        "--gpu-memory-utilization",
-        "--memory-utilization",
-        type=float,
-        default=None,
-        dest="memory_utilization",
-        help="fraction of device memory the engine may use (0, 1]",
-    )
-    engine.add_argument(
-        "--no-enable-prefix-caching",
-        action="store_false",
-        dest="enable_prefix_caching",
-        help="turn prefix caching off",
-    )
-    engine.add_argument(
-        "--scheduling-policy", default="fcfs", choices=["fcfs", "priority", "cache-aware"]
-    )
-    engine.add_argument(
+    server.add_argument(
         "--max-waiting-requests",
         type=int,
         default=None,
-        help="waiting-queue cap; requests beyond it get 503",
+        help="waiting-queue cap; requests beyond it get 503 (default: no cap)",
     )
-    engine.add_argument("--seed", type=int, default=0, help="engine random seed")
-    p.add_argument(
+    server.add_argument(
         "--shutdown-timeout",
         type=float,
         default=30.0,
@@ -110,24 +61,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
-    from portaserve.core.config import EngineConfig
-
-    return EngineConfig(
-        model=args.model,
-        device=args.device or envs.device(),
-        dtype=args.dtype,
-        max_model_len=args.max_model_len,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        block_size=args.block_size,
-        num_kv_blocks=args.num_kv_blocks,
-        memory_utilization=args.memory_utilization,
-        enable_prefix_caching=args.enable_prefix_caching,
-        scheduling_policy=args.scheduling_policy,
-        quantization=args.quantization,
-        seed=args.seed,
-        max_waiting_requests=args.max_waiting_requests,
-    )
+    # No --device leaves the choice (PORTASERVE_DEVICE, else the best) to the registry, which
+    # logs why it chose.
+    return engine_config_from_args(args, max_waiting_requests=args.max_waiting_requests)
 
 
 def api_key(args: argparse.Namespace) -> str | None:

@@ -79,9 +79,9 @@ def test_every_engine_flag_reaches_the_config():
     assert cmd_serve.engine_config(_parse("--memory-utilization", "0.5")).memory_utilization == 0.5
 
 
-def test_device_from_environment(monkeypatch):
-    monkeypatch.setenv("PORTASERVE_DEVICE", "cpu")
-    assert cmd_serve.engine_config(_parse()).device == "cpu"
+def test_device_left_to_the_registry_unless_given(monkeypatch):
+    monkeypatch.setenv("PORTASERVE_DEVICE", "cpu")  # read by the registry, which logs it
+    assert cmd_serve.engine_config(_parse()).device is None
     assert cmd_serve.engine_config(_parse("--device", "cuda:1")).device == "cuda:1"
 
 
