@@ -74,9 +74,10 @@ def main(argv: list[str]) -> int:
     launch.TritonKernel.on = on
     attention.is_interpreted = lambda tensor: False  # GPU tile sizes
     attention._num_sms = lambda index: 132
-    pytest.main(["-q", "--tb=no", "-p", "no:cacheprovider", "-W", "ignore",
+    pytest.main(["-q", "--tb=no", "-rN", "-p", "no:cacheprovider", "-W", "ignore",
                  "tests/devices/test_triton_kernels.py", "-k", "not leak"])
     _llama_bf16_calls()
+    print("(the test failures above are expected: kernels were compiled, not run)")
     print(f"target {target}: compiled variants {counts}")
     for error in errors:
         print("COMPILE ERROR", error)
