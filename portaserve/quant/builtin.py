@@ -2,11 +2,13 @@
 
 Loaded by the plugin manager after the device built-ins. Registers every built-in format
 (``registry.builtin_methods()``) and, per format, the ``cpu`` ``quant_linear`` kernel from
-``kernels_cpu``. Triton kernels for ``cuda`` register here too when Triton imports.
+``kernels_cpu``; when triton is installed, the Triton dequant-GEMMs of ``kernels_triton``
+for ``cuda`` (Q4_0, Q4_1, Q8_0, int4, int8; triton is imported at the first call).
 """
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 from typing import Any
 
@@ -29,3 +31,16 @@ def portaserve_register_kernels(register: Callable[..., None]) -> None:
 
     for fmt, fn in CPU_QUANT_KERNELS.items():
         register("cpu", "quant_linear", fn, quant_format=fmt)
+    if importlib.util.find_spec("triton") is not None:  # imported at the first call, not here
+        for fmt in TRITON_FORMATS:
+            register("cuda", "quant_linear", _triton_quant_linear, quant_format=fmt)
+
+
+#: formats ``kernels_triton`` serves (kept here so registering does not import triton)
+TRITON_FORMATS = ("Q4_0", "Q4_1", "Q8_0", "int4", "int8")
+
+
+def _triton_quant_linear(x: Any, weight: Any, bias: Any = None) -> Any:
+    from portaserve.quant.kernels_triton import triton_quant_linear
+
+    return triton_quant_linear(x, weight, bias)

@@ -1,0 +1,140 @@
+"""Triton dequant-fused GEMMs for ``cuda``: ``x [M, K] @ dequant(W)[N, K].T`` without ever
+writing the dense weight, for Q4_0, Q4_1, Q8_0 (GGUF blocks as ``gguf_formats`` stores them),
+int4 (group-wise, zero points) and int8 (per channel).
+
+Each program computes a ``[BLOCK_M, BLOCK_N]`` tile of the output; every K step loads the packed
+codes of a ``[BLOCK_N, BLOCK_K]`` weight tile, expands them in registers with the format's
+scales (float32 math, the reference's formula), casts to x's dtype and feeds ``tl.dot`` with a
+float32 accumulator (``ieee`` precision for float32 x). Small batches (decode) are the target:
+the weight bytes are read once per column tile. Formats without a kernel here (K-quants,
+fp8) use the cuda device's ``dequant_linear``. Registered through ``portaserve.quant.builtin``
+only when triton imports; the module is imported lazily.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from portaserve.quant.base import QuantizedWeight
+
+_FORMAT_IDS = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2, "int4": 3, "int8": 4}
+
+
+@triton.jit
+def _dequant_tile(q_ptr, s_ptr, z_ptr, n0, k0, N, K, FMT: tl.constexpr, GROUP: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """float32 [BLOCK_N, BLOCK_K] weights of rows n0.., columns k0.. (K % BLOCK_K == 0).
+
+    Packed bytes are loaded as contiguous row tiles and expanded in registers; scales are
+    loaded once per group and broadcast."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    n_ok = offs_n[:, None] < N
+    NB: tl.constexpr = BLOCK_K // 32
+    if FMT == 0 or FMT == 1:  # GGUF Q4_0 / Q4_1: qs [N, K/32, 16], d/m fp16 [N, K/32]
+        offs_b = tl.arange(0, NB * 16)
+        qs = tl.load(q_ptr + offs_n[:, None] * (K // 2) + k0 // 2 + offs_b[None, :], mask=n_ok,
+                     other=0)  # [BN, NB*16] bytes
+        qs = tl.reshape(qs, (BLOCK_N, NB, 16))
+        lo = (qs & 15).to(tl.float32)
+        hi = (qs >> 4).to(tl.float32)
+        q = tl.reshape(tl.permute(tl.join(lo, hi), (0, 1, 3, 2)), (BLOCK_N, NB, 32))
+        offs_g = k0 // 32 + tl.arange(0, NB)
+        d = tl.load(s_ptr + offs_n[:, None] * (K // 32) + offs_g[None, :], mask=n_ok, other=0.0)
+        d = d.to(tl.float32)[:, :, None]
+        if FMT == 0:
+            w = d * (q - 8.0)
+        else:
+            m = tl.load(z_ptr + offs_n[:, None] * (K // 32) + offs_g[None, :], mask=n_ok, other=0.0)
+            w = d * q + m.to(tl.float32)[:, :, None]
+        w = tl.reshape(w, (BLOCK_N, BLOCK_K))
+    elif FMT == 2:  # GGUF Q8_0: qs int8 [N, K], d fp16 [N, K/32]
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        q = tl.load(q_ptr + offs_n[:, None] * K + offs_k[None, :], mask=n_ok, other=0)
+        q = tl.reshape(q.to(tl.float32), (BLOCK_N, NB, 32))
+        offs_g = k0 // 32 + tl.arange(0, NB)
+        d = tl.load(s_ptr + offs_n[:, None] * (K // 32) + offs_g[None, :], mask=n_ok, other=0.0)
+        w = tl.reshape(q * d.to(tl.float32)[:, :, None], (BLOCK_N, BLOCK_K))
+    elif FMT == 3:  # int4: qweight [N, K/2] (even column low nibble), scales/zeros [N, K/G]
+        offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        qb = tl.load(q_ptr + offs_n[:, None] * (K // 2) + offs_b[None, :], mask=n_ok, other=0)
+        q = tl.reshape(tl.join((qb & 15).to(tl.float32), (qb >> 4).to(tl.float32)),
+                       (BLOCK_N, BLOCK_K // GROUP, GROUP))
+        offs_g = k0 // GROUP + tl.arange(0, BLOCK_K // GROUP)
+        gptr = offs_n[:, None] * (K // GROUP) + offs_g[None, :]
+        sc = tl.load(s_ptr + gptr, mask=n_ok, other=0.0).to(tl.float32)[:, :, None]
+        z = tl.load(z_ptr + gptr, mask=n_ok, other=0).to(tl.float32)[:, :, None]
+        w = tl.reshape((q - z) * sc, (BLOCK_N, BLOCK_K))
+    else:  # int8: qweight [N, K], scales [N]
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        q = tl.load(q_ptr + offs_n[:, None] * K + offs_k[None, :], mask=n_ok, other=0)
+        sc = tl.load(s_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+        w = q.to(tl.float32) * sc[:, None]
+    return w
+
+
+@triton.jit
+def _quant_gemm_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, M, N, K,
+                       stride_xm, stride_om,
+                       FMT: tl.constexpr, GROUP: tl.constexpr, IEEE: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                    mask=offs_m[:, None] < M, other=0.0)
+        w = _dequant_tile(q_ptr, s_ptr, z_ptr, pid_n * BLOCK_N, k0, N, K, FMT, GROUP,
+                          BLOCK_N, BLOCK_K).to(x.dtype)
+        if IEEE:
+            acc += tl.dot(x, tl.trans(w), input_precision="ieee")
+        else:
+            acc += tl.dot(x, tl.trans(w))
+    out_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :],
+             acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+def _operands(weight: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    data, fmt = weight.data, weight.format
+    if fmt in ("Q4_0", "Q4_1"):
+        return data["qs"], data["d"], data.get("m", data["d"]), 32
+    if fmt == "Q8_0":
+        return data["qs"], data["d"], data["d"], 32
+    if fmt == "int4":
+        return data["qweight"], data["scales"], data["zeros"], int(weight.meta["group_size"])
+    return data["qweight"], data["scales"], data["scales"], 1  # int8
+
+
+def triton_quant_linear(x: torch.Tensor, weight: QuantizedWeight,
+                        bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``quant_linear`` for Q4_0 / Q4_1 / Q8_0 / int4 / int8 on a Triton device -> [M, N]."""
+    n, k = weight.shape
+    x2 = x.reshape(-1, k).contiguous()
+    m = x2.shape[0]
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    q, s, z, group = _operands(weight)
+    block_k = 128 if k % 128 == 0 else 64
+    if weight.format == "int4":
+        block_k = max(block_k, group)
+    if k % block_k or block_k % group:  # shapes the tiles do not cover: dequantize, one GEMM
+        out = torch.nn.functional.linear(x2, weight.dequantize(x.dtype))
+        return out if bias is None else out + bias.to(out.dtype)
+    block_m = 16 if m <= 16 else 64
+    block_n = 32 if m <= 16 else 64
+    grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
+    _quant_gemm_kernel[grid](
+        x2, q, s, z, out, m, n, k, x2.stride(0), out.stride(0),
+        FMT=_FORMAT_IDS[weight.format], GROUP=group, IEEE=x.dtype == torch.float32,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
+    if bias is not None:
+        out = out + bias.to(out.dtype)
+    return out
+
+
+#: quant formats with a Triton kernel here
+TRITON_FORMATS = tuple(_FORMAT_IDS)
