@@ -95,8 +95,9 @@ def portaserve_select_device(
 
     Called once per ``Registry.select_device`` call in two cases: the user named no device
     (no argument, no ``PORTASERVE_DEVICE``), or named one that no plugin registered (a plugin
-    may resolve its own alias, e.g. ``"npu"`` to ``"acme-npu"``). Stops at first non-None
-    result. A name that is not among the candidates is ignored with a warning.
+    may resolve its own alias, e.g. ``"npu"`` to ``"acme-npu"``).
+    Stops at first non-None result. A name that is not among the candidates is ignored with a
+    warning.
 
     :param candidates: the available devices as ``(name, priority)``, highest priority first.
     :param requested: the unregistered device name the user asked for (without ``:index``),
