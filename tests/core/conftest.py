@@ -46,7 +46,16 @@ def smollm_path() -> Path:
 
 @pytest.fixture(scope="session")
 def smollm_loaded(smollm_path: Path) -> Any:
-    """``LoadedModel`` of the GGUF in float32 on the CPU."""
+    """``LoadedModel`` of the GGUF, dequantized to float32 on the CPU (what transformers runs)."""
+    from portaserve.core.loaders import load_model
+
+    return load_model(str(smollm_path), dtype=torch.float32, device=CPU, progress=False,
+                      keep_packed=False)
+
+
+@pytest.fixture(scope="session")
+def smollm_packed(smollm_path: Path) -> Any:
+    """``LoadedModel`` as the engine loads it: GGUF block formats kept packed."""
     from portaserve.core.loaders import load_model
 
     return load_model(str(smollm_path), dtype=torch.float32, device=CPU, progress=False)

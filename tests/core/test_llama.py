@@ -107,6 +107,23 @@ def test_batched_requests_of_mixed_phases_match_running_alone(
     assert out == [tokens[:12] for tokens in portaserve_greedy]
 
 
+def test_packed_gguf_weights_give_the_same_tokens(
+    smollm_packed: Any, chat_prompt_ids: list[list[int]], portaserve_greedy: list[list[int]],
+    reference_kernels: Any, greedy: Any,
+) -> None:
+    """The engine's default load keeps Q4_1/Q8_0 packed; the model runs them through
+    ``quant_linear`` and the packed embedding lookup, with the dense model's tokens."""
+    from portaserve.quant.base import QuantizedWeight
+
+    weights = smollm_packed.weights
+    assert isinstance(weights["model.layers.0.self_attn.q_proj.weight"], QuantizedWeight)
+    assert isinstance(weights["model.embed_tokens.weight"], QuantizedWeight)
+    model = get_model_class("llama")(smollm_packed.config, weights, reference_kernels,
+                                     dtype=torch.float32, device=CPU)
+    out = greedy(model, chat_prompt_ids[:1], 8, ())
+    assert out == [portaserve_greedy[0][:8]]
+
+
 def test_registry_names_every_supported_architecture() -> None:
     assert set(MODEL_REGISTRY) == {"llama", "mistral", "qwen2", "qwen3"}
     assert builtin_models() == MODEL_REGISTRY and builtin_models() is not MODEL_REGISTRY

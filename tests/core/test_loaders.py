@@ -109,9 +109,10 @@ def test_hf_folder_round_trip(hf_folder: Path, smollm_loaded: LoadedModel) -> No
 
 
 def test_unsharded_folder_and_untied_head(tmp_path: Path, smollm_loaded: LoadedModel) -> None:
-    cfg = replace(smollm_loaded.config, num_layers=1, tie_word_embeddings=False)
+    cfg = replace(smollm_loaded.config, num_layers=1, vocab_size=1000, tie_word_embeddings=False)
     keep = {k: v for k, v in smollm_loaded.weights.items()
             if not k.startswith("model.layers.") or k.startswith("model.layers.0.")}
+    keep["model.embed_tokens.weight"] = keep["model.embed_tokens.weight"][:1000]
     keep["lm_head.weight"] = torch.randn_like(keep["model.embed_tokens.weight"])
     save_hf_folder(tmp_path, cfg, keep, smollm_loaded.tokenizer)
     assert (tmp_path / "model.safetensors").is_file()
