@@ -14,13 +14,15 @@ from portaserve import hookimpl
 PORTASERVE_PLUGIN_API = "1.0"
 
 #: In-tree plugin modules loaded after this one (each in its own try).
-BUILTIN_PLUGINS: tuple[str, ...] = ("portaserve.devices.cuda", "portaserve.devices.rocm")
+BUILTIN_PLUGINS: tuple[str, ...] = (
+    "portaserve.devices.cuda",
+    "portaserve.devices.rocm",
+    "portaserve.devices.openvino",
+)
 
 
 @hookimpl
 def portaserve_register_devices(register: Callable[[type], None]) -> None:
     from portaserve.devices.cpu import CPUDevice
-    from portaserve.devices.openvino import OpenVINODevice  # imports openvino only when used
 
     register(CPUDevice)
-    register(OpenVINODevice)

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from portaserve import envs
+from portaserve import envs, hookimpl
 from portaserve.devices import reference
 from portaserve.errors import ConfigError, DeviceError
 from portaserve.plugins.device import (
@@ -221,3 +221,11 @@ def _unfuse(out: dict[str, Any], prefix: str, names: tuple[str, ...], proj: list
         out[f"{prefix}{name}.weight"] = weight
         if bias is not None:
             out[f"{prefix}{name}.bias"] = bias
+
+
+PORTASERVE_PLUGIN_API = "1.0"
+
+
+@hookimpl
+def portaserve_register_devices(register: Any) -> None:
+    register(OpenVINODevice)
