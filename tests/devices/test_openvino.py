@@ -288,7 +288,7 @@ def test_graph_plugin_default_precision_stays_close() -> None:
 # in one batched run (the cpu device dequantizes the GGUF weights at every step, so its steps
 # are the expensive part); each openvino test then runs its own scenario and compares.
 
-GREEDY_TOKENS = 16
+GREEDY_TOKENS = 10
 
 
 @pytest.fixture(scope="module")
