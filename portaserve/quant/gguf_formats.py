@@ -170,6 +170,12 @@ class GGUFMethod:
         n = next(iter(data.values())).shape[0]
         return QuantizedWeight(self.name, (n, weight.shape[1]), data, self, dict(weight.meta))
 
+    def concat_rows(self, weights: list[QuantizedWeight]) -> QuantizedWeight:
+        """Weights of this format stacked along output rows (a model's fused q/k/v, gate/up)."""
+        data = {k: torch.cat([w.data[k] for w in weights]) for k in weights[0].data}
+        n = sum(w.shape[0] for w in weights)
+        return QuantizedWeight(self.name, (n, weights[0].shape[1]), data, self)
+
     # -- bytes in and out --------------------------------------------------------------------
 
     def from_blocks(self, raw: np.ndarray | torch.Tensor, shape: tuple[int, int]) -> QuantizedWeight:

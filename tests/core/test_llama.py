@@ -120,6 +120,9 @@ def test_packed_gguf_weights_give_the_same_tokens(
     assert isinstance(weights["model.embed_tokens.weight"], QuantizedWeight)
     model = get_model_class("llama")(smollm_packed.config, weights, reference_kernels,
                                      dtype=torch.float32, device=CPU)
+    fused = model.layers[0]
+    assert len(fused.qkv) == 1 and len(fused.gate_up) == 1  # packed rows fused at load
+    assert isinstance(fused.qkv[0][0], QuantizedWeight) and fused.qkv[0][0].shape == (960, 576)
     out = greedy(model, chat_prompt_ids[:1], 8, ())
     assert out == [portaserve_greedy[0][:8]]
 

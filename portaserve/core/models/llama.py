@@ -2,8 +2,9 @@
 
 Written once for every device: each op is a call into ``KernelTable`` and nothing here knows
 which device runs it. Weights arrive under Hugging Face names (dense tensors or
-``QuantizedWeight``); at construction dense q/k/v are fused into one projection and gate/up into
-another, so a layer runs four GEMMs. Covers tied embeddings, q/k/v bias (Qwen2), per-head q/k
+``QuantizedWeight``); at construction q/k/v are fused into one projection and gate/up into
+another (dense weights, or packed ones whose format offers ``concat_rows``), so a layer runs
+four GEMMs. Covers tied embeddings, q/k/v bias (Qwen2), per-head q/k
 RMSNorm (Qwen3), and rotary scaling (linear, Llama 3, GGUF frequency factors) folded into one
 ``cos_sin_cache`` computed at construction. Rotary is NeoX style (rotate-half); GGUF loaders
 undo llama.cpp's interleaved Q/K layout before the weights reach this module.
@@ -98,11 +99,12 @@ class LlamaForCausalLM:
     def _proj(self, prefix: str, names: tuple[str, ...]) -> Proj:
         parts = [(self._take(f"{prefix}.{n}.weight"), self._take(f"{prefix}.{n}.bias", False))
                  for n in names]
-        dense = all(isinstance(w, torch.Tensor) for w, _ in parts)
-        if len(parts) == 1 or not dense:
+        if len(parts) == 1:
+            return parts
+        weight = _concat_rows([w for w, _ in parts])  # [sum N, K]
+        if weight is None:
             return parts
         has_bias = [b is not None for _, b in parts]
-        weight = torch.cat([w for w, _ in parts], dim=0)  # [sum N, K]
         if not any(has_bias):
             return [(weight, None)]
         biases = [b if b is not None else torch.zeros(w.shape[0], dtype=self.dtype,
@@ -180,6 +182,21 @@ class LlamaForCausalLM:
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``hidden`` [L, H] -> float32 logits [L, V]."""
         return self._linear(hidden, [(self.lm_head, None)]).float()
+
+
+def _concat_rows(weights: list[Weight]) -> Weight | None:
+    """One weight holding all rows of ``weights``, or None when they cannot be fused (mixed
+    kinds, or a packed format without ``concat_rows``: then each runs as its own GEMM)."""
+    if all(isinstance(w, torch.Tensor) for w in weights):
+        return torch.cat(weights, dim=0)  # type: ignore[arg-type]
+    first = weights[0]
+    if not all(isinstance(w, QuantizedWeight) for w in weights) or not isinstance(
+            first, QuantizedWeight):
+        return None
+    concat = getattr(first.method, "concat_rows", None)
+    same = all(w.format == first.format and w.shape[1] == first.shape[1]  # type: ignore[union-attr]
+               for w in weights)
+    return concat(weights) if concat is not None and same else None
 
 
 def rotary_inv_freq(config: ModelConfig) -> torch.Tensor:
