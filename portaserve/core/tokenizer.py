@@ -28,7 +28,7 @@ import jinja2
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 
-from portaserve.errors import ModelError
+from portaserve.errors import ModelError, RequestError
 
 logger = logging.getLogger(__name__)
 
@@ -193,10 +193,11 @@ class Tokenizer:
         """Render a conversation with the model's template (a plain one if it has none).
 
         Extra keyword arguments (``tools``, ``documents``, ...) are passed to the template.
+        Messages the template refuses raise ``RequestError(param="messages")``.
         """
         if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-            raise ModelError("messages must be a list of {'role': ..., 'content': ...} dicts",
-                             field="messages")
+            raise RequestError("messages must be a list of {'role': ..., 'content': ...} dicts",
+                               param="messages")
         template = _compile_template(self.chat_template or _FALLBACK_TEMPLATE)
         special = {
             "bos_token": self._token_text(self.bos_token_id),
@@ -206,8 +207,8 @@ class Tokenizer:
             return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                    **{**special, **kwargs})
         except (_TemplateError, jinja2.TemplateError) as e:
-            raise ModelError(f"the chat template of {self.name or 'the model'} refused the "
-                             f"messages: {e}", field="messages") from e
+            raise RequestError(f"the chat template of {self.name or 'the model'} refused the "
+                               f"messages: {e}", param="messages") from e
 
     def _token_text(self, token_id: int | None) -> str:
         if token_id is None:

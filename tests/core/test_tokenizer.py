@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from portaserve.core.tokenizer import IncrementalDetokenizer, Tokenizer, load_tokenizer
-from portaserve.errors import ModelError
+from portaserve.errors import ModelError, RequestError
 
 TEXTS = [
     "Hello, world!",
@@ -87,18 +87,23 @@ def test_plain_chat_template_when_the_model_has_none(tok: Tokenizer) -> None:
                                     add_generation_prompt=False) == "user: x\n\n"
 
 
-def test_chat_template_errors_become_model_errors(tok: Tokenizer) -> None:
+def test_chat_template_errors_are_request_errors(tok: Tokenizer) -> None:
     strict = Tokenizer(tok.backend, bos_token_id=None, eos_token_ids=(2,),
                        chat_template="{{ raise_exception('roles must alternate') }}")
-    with pytest.raises(ModelError, match="roles must alternate"):
+    with pytest.raises(RequestError, match="roles must alternate") as info:
         strict.apply_chat_template([{"role": "user", "content": "x"}])
-    with pytest.raises(ModelError, match="messages"):
+    assert info.value.param == "messages"
+    with pytest.raises(RequestError, match="messages"):
         tok.apply_chat_template("not a list")  # type: ignore[arg-type]
     # the sandbox refuses to reach into Python internals
     nosy = Tokenizer(tok.backend, bos_token_id=None, eos_token_ids=(2,),
                      chat_template="{{ messages.__class__.__mro__[1].__subclasses__() }}")
-    with pytest.raises(ModelError):
+    with pytest.raises(RequestError, match="unsafe|not safely"):
         nosy.apply_chat_template([{"role": "user", "content": "x"}])
+    broken = Tokenizer(tok.backend, bos_token_id=None, eos_token_ids=(2,),
+                       chat_template="{% for m in messages %}")
+    with pytest.raises(ModelError, match="does not compile"):
+        broken.apply_chat_template([{"role": "user", "content": "x"}])
 
 
 def _stream(tok: Tokenizer, prompt: list[int], ids: list[int], skip: bool = True) -> list[str]:
