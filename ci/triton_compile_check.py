@@ -24,6 +24,9 @@ from triton.runtime.driver import driver
 import portaserve.devices.cuda.attention as attention
 import portaserve.devices.cuda.launch as launch
 
+#: Shared memory a block may use: sm_90 227 KiB (opt-in), gfx942 64 KiB of LDS.
+SHARED_LIMIT = {"cuda": 232448, "hip": 65536}
+
 
 class _TargetDriver:
     """Just enough of a Triton driver for JITFunction.warmup to compile for ``target``."""
@@ -54,6 +57,7 @@ def main(argv: list[str]) -> int:
     driver.set_active(_TargetDriver(target))
     compiled: dict = {}
     counts: dict[str, int] = {}
+    largest: dict[str, int] = {}
     errors: list[str] = []
 
     def on(self: launch.TritonKernel, tensor: torch.Tensor):
@@ -63,8 +67,13 @@ def main(argv: list[str]) -> int:
             def __getitem__(_, grid):
                 def go(*args, **kwargs):
                     try:
-                        fn.warmup(*args, grid=grid, **kwargs)
+                        kernel = fn.warmup(*args, grid=grid, **kwargs)
                         counts[self.__name__] = counts.get(self.__name__, 0) + 1
+                        shared = int(getattr(kernel.metadata, "shared", 0) or 0)
+                        if shared > SHARED_LIMIT[backend]:
+                            errors.append(f"{self.__name__} {kwargs}: needs {shared} bytes of shared "
+                                          f"memory, the {spec} limit is {SHARED_LIMIT[backend]}")
+                        largest[self.__name__] = max(largest.get(self.__name__, 0), shared)
                     except Exception:  # report every failing variant, keep compiling the rest
                         errors.append(f"{self.__name__} {kwargs}:\n{traceback.format_exc()}")
                 return go
@@ -79,6 +88,7 @@ def main(argv: list[str]) -> int:
     _llama_bf16_calls()
     print("(the test failures above are expected: kernels were compiled, not run)")
     print(f"target {target}: compiled variants {counts}")
+    print(f"largest shared memory (bytes) per kernel: {largest}")
     for error in errors:
         print("COMPILE ERROR", error)
     return 1 if errors else 0
@@ -97,15 +107,16 @@ def _llama_bf16_calls() -> None:
     qkv = torch.randn(8, 48 * 128, dtype=dt)
     rotary.rotary(torch.arange(8), qkv[:, :4096].view(8, 32, 128), qkv[:, 4096:5120].view(8, 8, 128),
                   torch.randn(64, 128, dtype=dt))
-    cache = torch.randn(2, 64, 8, 16, 128, dtype=dt)
-    kv.write_kv(torch.randn(8, 8, 128, dtype=dt), torch.randn(8, 8, 128, dtype=dt), cache, torch.arange(8))
     decode = build_batch([(f"r{i}", [1], 30, [i, i + 8], True) for i in range(4)], 16)
-    attn = decode.attention_metadata(torch.device("cpu"))
-    for splits in (1, 2, 4, 8, 16, 32):
-        attention.paged_attention(torch.randn(4, 32, 128, dtype=dt), cache, attn, 0.08, num_splits=splits)
     prefill = build_batch([("a", [1] * 40, 0, [1, 2, 3], True), ("b", [1], 20, [4, 5], True)], 16)
-    attention.paged_attention(torch.randn(41, 32, 128, dtype=dt), cache,
-                              prefill.attention_metadata(torch.device("cpu")), 0.08)
+    for dt in (torch.bfloat16, torch.float32):  # fp32: IEEE dots, the largest tiles in bytes
+        cache = torch.randn(2, 64, 8, 16, 128, dtype=dt)
+        kv.write_kv(torch.randn(8, 8, 128, dtype=dt), torch.randn(8, 8, 128, dtype=dt), cache, torch.arange(8))
+        attn = decode.attention_metadata(torch.device("cpu"))
+        for splits in (1, 2, 4, 8, 16, 32):
+            attention.paged_attention(torch.randn(4, 32, 128, dtype=dt), cache, attn, 0.08, num_splits=splits)
+        attention.paged_attention(torch.randn(41, 32, 128, dtype=dt), cache,
+                                  prefill.attention_metadata(torch.device("cpu")), 0.08)
 
 
 if __name__ == "__main__":

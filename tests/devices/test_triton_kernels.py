@@ -219,3 +219,29 @@ def test_paged_attention_wide_group(max_query_len: int, gen: torch.Generator) ->
     got = attention.paged_attention(query, cache, attn, 0.25)
     want = ref.paged_attention(query, cache, attn, 0.25, kv_layout="blocks_hnd")
     assert rel_err(got, want) <= RTOL[torch.float32]
+
+
+def test_launch_shrinks_tiles_until_they_fit() -> None:
+    from triton.runtime.errors import OutOfResources
+
+    from portaserve.devices.cuda import launch
+
+    launches: list[tuple[int, int]] = []
+
+    def fake_kernel(*args, BLOCK_N: int, num_warps: int, num_stages: int) -> None:
+        launches.append((BLOCK_N, num_stages))
+        if num_stages > 1 or BLOCK_N > 32:
+            raise OutOfResources(BLOCK_N * num_stages * 1024, 65536, "shared memory")
+
+    class FakeKernel:
+        __name__ = "fake_kernel_for_fit_test"
+
+        def on(self, tensor: torch.Tensor):
+            return {(1,): fake_kernel}
+
+    x = torch.zeros(1)
+    launch.launch_fitting(FakeKernel(), x, (1,), (), {"BLOCK_N": 128}, num_warps=4, num_stages=3)
+    assert launches == [(128, 3), (128, 2), (128, 1), (64, 1), (32, 1)]
+    launches.clear()  # the fitted config is remembered: one launch next time
+    launch.launch_fitting(FakeKernel(), x, (1,), (), {"BLOCK_N": 128}, num_warps=4, num_stages=3)
+    assert launches == [(32, 1)]

@@ -32,7 +32,14 @@ import torch
 import triton.language as tl
 
 from portaserve.devices.cuda.kv import KV_LAYOUT, cache_geometry, cache_strides
-from portaserve.devices.cuda.launch import MAX, SUM, is_interpreted, next_pow2, triton_kernel
+from portaserve.devices.cuda.launch import (
+    MAX,
+    SUM,
+    is_interpreted,
+    launch_fitting,
+    next_pow2,
+    triton_kernel,
+)
 from portaserve.errors import DeviceError
 
 if TYPE_CHECKING:
@@ -45,7 +52,8 @@ _MAX_SPLITS = 32
 
 #: Tile configs on a GPU (the interpreter uses 16-wide tiles). BLOCK_M is the rows of a varlen
 #: program (query tokens x heads of the group). ``benchmarks/gpu_kernels.py --tune`` times
-#: alternatives; fp32 inputs use one pipeline stage less.
+#: alternatives; fp32 inputs (twice the bytes per element) use half the keys per tile and one
+#: pipeline stage less, which keeps them within 64 KiB of shared memory (AMD MI300's LDS).
 VARLEN_CONFIG: dict[str, int] = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
 DECODE_CONFIG: dict[str, int] = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
 
@@ -291,13 +299,13 @@ def paged_attention(
                                    dtype=torch.float32, device=query.device)
         else:
             part_out = part_lse = out  # unused
-        _decode_attn_kernel.on(query)[(num_reqs, num_kv_heads, num_splits)](
-            query, kv_cache, out, part_out, part_lse, attn.seq_lens, tables,
-            scale_log2, head_dim,
-            query.stride(0), query.stride(1), out.stride(0), out.stride(1), *common,
-            GROUP=group, BLOCK_G=max(16, next_pow2(group)),
-            BLOCK_N=16 if interp else DECODE_CONFIG["BLOCK_N"],
-            BLOCK_D=block_d, BLOCK_SIZE=block_size, NUM_SPLITS=num_splits, IEEE=ieee,
+        launch_fitting(
+            _decode_attn_kernel, query, (num_reqs, num_kv_heads, num_splits),
+            (query, kv_cache, out, part_out, part_lse, attn.seq_lens, tables, scale_log2, head_dim,
+             query.stride(0), query.stride(1), out.stride(0), out.stride(1), *common),
+            {"GROUP": group, "BLOCK_G": max(16, next_pow2(group)),
+             "BLOCK_N": 16 if interp else DECODE_CONFIG["BLOCK_N"] // (2 if ieee else 1),
+             "BLOCK_D": block_d, "BLOCK_SIZE": block_size, "NUM_SPLITS": num_splits, "IEEE": ieee},
             num_warps=DECODE_CONFIG["num_warps"], num_stages=DECODE_CONFIG["num_stages"],
         )
         if num_splits > 1:
@@ -310,13 +318,13 @@ def paged_attention(
     block_m = max(16 if interp else VARLEN_CONFIG["BLOCK_M"], next_pow2(group))
     block_q = block_m // group
     grid = (num_tokens // block_q + num_reqs, num_kv_heads)
-    _varlen_attn_kernel.on(query)[grid](
-        query, kv_cache, out, attn.query_start_loc, attn.seq_lens, tables,
-        num_reqs, scale_log2, head_dim,
-        query.stride(0), query.stride(1), out.stride(0), out.stride(1), *common,
-        GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m,
-        BLOCK_N=16 if interp else VARLEN_CONFIG["BLOCK_N"],
-        BLOCK_D=block_d, BLOCK_SIZE=block_size, IEEE=ieee,
+    launch_fitting(
+        _varlen_attn_kernel, query, grid,
+        (query, kv_cache, out, attn.query_start_loc, attn.seq_lens, tables, num_reqs, scale_log2,
+         head_dim, query.stride(0), query.stride(1), out.stride(0), out.stride(1), *common),
+        {"GROUP": group, "BLOCK_Q": block_q, "BLOCK_M": block_m,
+         "BLOCK_N": 16 if interp else VARLEN_CONFIG["BLOCK_N"] // (2 if ieee else 1),
+         "BLOCK_D": block_d, "BLOCK_SIZE": block_size, "IEEE": ieee},
         num_warps=VARLEN_CONFIG["num_warps"],
         num_stages=VARLEN_CONFIG["num_stages"] - (1 if ieee else 0),
     )

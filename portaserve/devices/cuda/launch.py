@@ -84,3 +84,41 @@ def is_interpreted(tensor: torch.Tensor) -> bool:
 
 def next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+#: (kernel, tensor dtype, constexprs, warps, stages) asked for -> (constexprs, stages) that fit.
+_FITTED: dict[tuple, tuple[dict[str, Any], int]] = {}
+
+
+def launch_fitting(
+    kernel: TritonKernel,
+    tensor: torch.Tensor,
+    grid: tuple[int, ...],
+    args: tuple[Any, ...],
+    constexprs: dict[str, Any],
+    *,
+    num_warps: int,
+    num_stages: int,
+) -> None:
+    """Launch, shrinking the tiles while the compiled kernel needs more shared memory than the
+    GPU has (Triton's ``OutOfResources``, raised before anything runs): first fewer pipeline
+    stages, then half the ``BLOCK_N`` keys per tile. The fitted config is remembered."""
+    from triton.runtime.errors import OutOfResources
+
+    key = (kernel.__name__, tensor.dtype, *constexprs.values(), num_warps, num_stages)
+    if key in _FITTED:
+        constexprs, num_stages = _FITTED[key]
+    fitted = dict(constexprs)
+    while True:
+        try:
+            kernel.on(tensor)[grid](*args, **fitted, num_warps=num_warps, num_stages=num_stages)
+        except OutOfResources:
+            if num_stages > 1:
+                num_stages -= 1
+            elif fitted.get("BLOCK_N", 0) > 16:
+                fitted["BLOCK_N"] //= 2
+            else:
+                raise
+            continue
+        _FITTED[key] = (fitted, num_stages)
+        return
