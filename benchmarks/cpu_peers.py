@@ -45,9 +45,33 @@ def _median_step(times: list[float]) -> float:
     return statistics.median(times) if times else float("nan")
 
 
+def budgeted_prefill(run_prefill: Any, full_len: int, budget_s: float, iters: int) -> dict:
+    """Prefill tokens/s at ``full_len``, or at the longest multiple of 64 tokens that fits
+    ``budget_s`` when the engine is too slow for the full length (reported as such).
+
+    ``run_prefill(n)`` times one fresh ``n``-token prompt and returns seconds.
+    """
+    probe_len = min(64, full_len)
+    probe = run_prefill(probe_len)
+    estimate = probe * full_len / probe_len
+    length = full_len
+    if estimate > budget_s:
+        length = max(probe_len, int(budget_s / probe * probe_len) // 64 * 64)
+    repeats = max(1, min(iters, int(budget_s / max(estimate, 1e-9))))
+    times = [run_prefill(length) for _ in range(repeats)]
+    return {"prefill_tok_s": length / statistics.median(times), "prefill_len_measured": length}
+
+
+def decode_deadline(budget_s: float) -> float:
+    return time.perf_counter() + budget_s
+
+
+MIN_DECODE_STEPS = 8
+
+
 def worker_portaserve(args: argparse.Namespace) -> dict[str, Any]:
     from portaserve.bench.conditions import engine_conditions, random_token_prompts
-    from portaserve.bench.latency import measure_latency, one_iteration
+    from portaserve.bench.latency import one_iteration
     from portaserve.bench.throughput import make_llm
 
     ns = argparse.Namespace(
@@ -64,31 +88,55 @@ def worker_portaserve(args: argparse.Namespace) -> dict[str, Any]:
     llm = make_llm(ns)
     load_s = time.perf_counter() - t0
     one_iteration(llm, random_token_prompts(llm, 1, 32, 99), 4, "warmup")
-    prefill = measure_latency(
-        llm,
-        input_len=args.prefill_len,
-        output_len=1,
-        num_iters=args.iters,
-        num_iters_warmup=0,
-        seed=1,
-    )
-    decode = measure_latency(
-        llm,
-        input_len=16,
-        output_len=args.decode_tokens,
-        num_iters=args.iters,
-        num_iters_warmup=0,
-        seed=2,
-    )
+    seeds = iter(range(1, 1000))
+
+    def run_prefill(n: int) -> float:
+        prompts = random_token_prompts(llm, 1, n, next(seeds))
+        return one_iteration(llm, prompts, 1, f"prefill-{n}-{time.perf_counter()}")[0]
+
+    prefill = budgeted_prefill(run_prefill, args.prefill_len, args.budget_s, args.iters)
+    step_medians, num_steps = [], 0
+    for it in range(args.iters):
+        steps = portaserve_decode_steps(llm, args.decode_tokens, decode_deadline(args.budget_s), it)
+        num_steps = max(num_steps, len(steps))
+        step_medians.append(_median_step(steps))
+        if len(steps) < args.decode_tokens - 1:
+            break  # out of time budget: one run is all we take
     result = {
         "load_s": load_s,
-        "prefill_tok_s": prefill["prefill_tokens_per_second"],
-        "decode_tok_s": decode["decode_tokens_per_second"],
+        **prefill,
+        "decode_tok_s": 1.0 / statistics.median(step_medians),
+        "decode_steps_measured": num_steps,
         "conditions": engine_conditions(llm),
     }
     if args.profile:
         result["profile"] = profile_decode(llm, args.decode_tokens)
     return result
+
+
+def portaserve_decode_steps(llm: Any, max_tokens: int, deadline: float, seed: int) -> list[float]:
+    """Step times of one batch-1 greedy decode after a 16-token prompt, stopped at the
+    deadline (after at least MIN_DECODE_STEPS steps)."""
+    from portaserve import SamplingParams
+    from portaserve.bench.conditions import random_token_prompts
+
+    engine = llm.llm_engine
+    request_id = f"decode-{seed}-{time.perf_counter()}"
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    engine.add_request(request_id, random_token_prompts(llm, 1, 16, 500 + seed)[0], params)
+    steps: list[float] = []
+    try:
+        while not any(out.outputs[0].token_ids for out in engine.step()):
+            pass  # prefill
+        while engine.has_unfinished_requests():
+            t = time.perf_counter()
+            engine.step()
+            steps.append(time.perf_counter() - t)
+            if t > deadline and len(steps) >= MIN_DECODE_STEPS:
+                break
+    finally:
+        engine.abort_request(request_id)
+    return steps
 
 
 def profile_decode(llm: Any, decode_tokens: int) -> dict[str, str]:
@@ -135,14 +183,17 @@ def worker_transformers(args: argparse.Namespace) -> dict[str, Any]:
 
     with torch.inference_mode():
         model(prompt(32))  # warmup
-        prefill_times = []
-        for _ in range(args.iters):
-            ids = prompt(args.prefill_len)
+
+        def run_prefill(n: int) -> float:
+            ids = prompt(n)
             t = time.perf_counter()
             model(ids, use_cache=True)
-            prefill_times.append(time.perf_counter() - t)
-        step_medians = []
+            return time.perf_counter() - t
+
+        prefill = budgeted_prefill(run_prefill, args.prefill_len, args.budget_s, args.iters)
+        step_medians, num_steps = [], 0
         for _ in range(args.iters):
+            deadline = decode_deadline(args.budget_s)
             out = model(prompt(16), use_cache=True)
             past, steps = out.past_key_values, []
             for _ in range(args.decode_tokens - 1):
@@ -151,11 +202,17 @@ def worker_transformers(args: argparse.Namespace) -> dict[str, Any]:
                 out = model(token, past_key_values=past, use_cache=True)
                 steps.append(time.perf_counter() - t)
                 past = out.past_key_values
+                if t > deadline and len(steps) >= MIN_DECODE_STEPS:
+                    break
             step_medians.append(_median_step(steps))
+            num_steps = max(num_steps, len(steps))
+            if len(steps) < args.decode_tokens - 1:
+                break
     return {
         "load_s": load_s,
-        "prefill_tok_s": args.prefill_len / statistics.median(prefill_times),
+        **prefill,
         "decode_tok_s": 1.0 / statistics.median(step_medians),
+        "decode_steps_measured": num_steps,
         "conditions": {
             "transformers": transformers.__version__,
             "torch": torch.__version__,
@@ -263,6 +320,8 @@ def run_worker(
         str(args.decode_tokens),
         "--prefill-len",
         str(args.prefill_len),
+        "--budget-s",
+        str(args.budget_s),
     ]
     if device:
         cmd += ["--device", device]
@@ -517,7 +576,14 @@ def markdown(report: dict[str, Any], concurrency: list[int]) -> str:
         if "error" in e and "decode_tok_s" not in e:
             lines.append(f"| {name} | error: {e['error'][:120]} |" + " |" * (len(head) - 2))
             continue
-        row = [name, _fmt(e.get("decode_tok_s")), _fmt(e.get("prefill_tok_s"))]
+        decode, prefill = _fmt(e.get("decode_tok_s")), _fmt(e.get("prefill_tok_s"))
+        steps = e.get("decode_steps_measured")
+        if steps and steps < report.get("decode_tokens", 128) - 1:
+            decode += f" ({steps} steps: time budget)"
+        measured = e.get("prefill_len_measured")
+        if measured and measured < report.get("prefill_len", 512):
+            prefill += f" (at {measured} tokens: time budget)"
+        row = [name, decode, prefill]
         serving = e.get("serving") or {}
         for c in concurrency:
             s = serving.get(str(c)) or {}
@@ -592,6 +658,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--min-prompts", type=int, default=4)
     p.add_argument("--serve-timeout", type=float, default=300.0, help="s per concurrency level")
     p.add_argument("--worker-timeout", type=float, default=900.0, help="s per offline worker")
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=120.0,
+        help="s an engine may spend on one prefill or one decode run; slower "
+        "engines are measured on fewer tokens (the report says how many)",
+    )
     p.add_argument("--server-start-timeout", type=float, default=300.0)
     p.add_argument("--skip-serving", action="store_true")
     p.add_argument(

@@ -70,3 +70,21 @@ def test_worker_script_imports_only_the_standard_library_at_top():
         }
         for line in top
     )
+
+
+def test_budgeted_prefill_shortens_only_when_too_slow(cpu_peers):
+    rng = np.random.default_rng()
+    per_token = float(rng.uniform(0.001, 0.01))
+    lengths = []
+
+    def run_prefill(n):
+        lengths.append(n)
+        return n * per_token
+
+    full = cpu_peers.budgeted_prefill(run_prefill, 512, budget_s=100.0, iters=2)
+    assert full["prefill_len_measured"] == 512 and lengths == [64, 512, 512]
+    assert full["prefill_tok_s"] == pytest.approx(1 / per_token)
+    lengths.clear()
+    budget = 64 * per_token * 3.5  # room for 224 tokens: measured at 192
+    short = cpu_peers.budgeted_prefill(run_prefill, 512, budget_s=budget, iters=3)
+    assert short["prefill_len_measured"] == 192 and lengths == [64, 192]
