@@ -67,6 +67,7 @@ def decode_deadline(budget_s: float) -> float:
 
 
 MIN_DECODE_STEPS = 8
+PROFILE_DECODE_TOKENS = 6  # a profile of a few steps shows where a step's time goes
 
 
 def worker_portaserve(args: argparse.Namespace) -> dict[str, Any]:
@@ -110,7 +111,7 @@ def worker_portaserve(args: argparse.Namespace) -> dict[str, Any]:
         "conditions": engine_conditions(llm),
     }
     if args.profile:
-        result["profile"] = profile_decode(llm, args.decode_tokens)
+        result["profile"] = profile_decode(llm, min(args.decode_tokens, PROFILE_DECODE_TOKENS))
     return result
 
 
@@ -275,10 +276,60 @@ def worker_llamacpp(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def worker_openvino_genai(args: argparse.Namespace) -> dict[str, Any]:
+    """openvino-genai's LLMPipeline reading the GGUF directly; times from its perf metrics."""
+    import random
+
+    import numpy as np
+    import openvino as ov
+    import openvino_genai
+
+    t0 = time.perf_counter()
+    pipe = openvino_genai.LLMPipeline(args.gguf, "CPU", INFERENCE_NUM_THREADS=args.threads)
+    load_s = time.perf_counter() - t0
+    rng = random.Random(0)
+    vocab = 49152 if "SmolLM2" in args.gguf else 32000
+
+    def inputs(n: int) -> Any:
+        ids = np.array([[rng.randrange(256, vocab) for _ in range(n)]], dtype=np.int64)  # [1, n]
+        return openvino_genai.TokenizedInputs(ov.Tensor(ids), ov.Tensor(np.ones_like(ids)))
+
+    def config(n: int) -> Any:
+        cfg = openvino_genai.GenerationConfig()
+        cfg.max_new_tokens = n
+        cfg.min_new_tokens = n
+        cfg.ignore_eos = True
+        return cfg
+
+    pipe.generate(inputs(32), config(4))  # warmup
+
+    def run_prefill(n: int) -> float:
+        result = pipe.generate(inputs(n), config(1))
+        return result.perf_metrics.get_ttft().mean / 1000.0
+
+    prefill = budgeted_prefill(run_prefill, args.prefill_len, args.budget_s, args.iters)
+    tpots = []
+    for _ in range(args.iters):
+        result = pipe.generate(inputs(16), config(args.decode_tokens))
+        tpots.append(result.perf_metrics.get_tpot().mean / 1000.0)
+    return {
+        "load_s": load_s,
+        **prefill,
+        "decode_tok_s": 1.0 / statistics.median(tpots),
+        "conditions": {
+            "openvino_genai": openvino_genai.__version__,
+            "threads": args.threads,
+            "weights": "GGUF read by openvino-genai",
+            "precision": "plugin default",
+        },
+    }
+
+
 WORKERS = {
     "portaserve": worker_portaserve,
     "transformers": worker_transformers,
     "llamacpp": worker_llamacpp,
+    "openvino-genai": worker_openvino_genai,
 }
 
 
@@ -397,7 +448,7 @@ def serve_sweep(
                 ignore_eos=ignore_eos,
                 extra_body=extra_body,
             )
-            warm = random_dataset(tokenizer, num_prompts=1, input_len=16, output_len=4, seed=7)
+            warm = random_dataset(tokenizer, num_prompts=1, input_len=16, output_len=2, seed=7)
             asyncio.run(run_benchmark(target, warm))
             for conc in args.concurrency:
                 n = max(args.min_prompts, args.prompts_per_concurrency * conc)
@@ -518,6 +569,8 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
             report["engines"][name] = entry
     if "transformers" in peers:
         report["engines"]["transformers fp32"] = run_worker("transformers", sys.executable, args)
+    if "openvino-genai" in peers:
+        report["engines"]["openvino-genai"] = run_worker("openvino-genai", sys.executable, args)
     if "llamacpp" in peers:
         python = args.llamacpp_python
         if not Path(python).exists():
@@ -636,7 +689,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument(
         "--peers",
-        default="portaserve,transformers,llamacpp",
+        default="portaserve,transformers,openvino-genai,llamacpp",
         type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
     )
     p.add_argument(
