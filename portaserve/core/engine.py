@@ -99,8 +99,11 @@ class LLMEngine:
         logger.info("device %s (%s), dtype %s", self.device.describe(), self.device_reason,
                     str(self.dtype).removeprefix("torch."))
 
+        keep_packed = config.keep_packed_weights
+        if keep_packed is None:
+            keep_packed = self.dtype != torch.float32
         loaded = load_model(config.model, dtype=self.dtype, device=self.device.torch_device,
-                            **({"quantization": config.quantization} if config.quantization else {}))
+                            quantization=config.quantization, keep_packed=keep_packed)
         self.model_config: ModelConfig = loaded.config
         self.tokenizer = loaded.tokenizer
         self.model_name = config.extra.get("served_model_name") or config.model

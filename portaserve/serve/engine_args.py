@@ -12,24 +12,45 @@ from portaserve.core.config import EngineConfig
 
 def add_engine_args(parser: argparse.ArgumentParser, *, model_positional: bool = True) -> None:
     if model_positional:
-        parser.add_argument("model", nargs="?", default="smollm2-135m",
-                            help="GGUF file, Hugging Face folder or alias (default smollm2-135m)")
+        parser.add_argument(
+            "model",
+            nargs="?",
+            default="smollm2-135m",
+            help="GGUF file, Hugging Face folder or alias (default smollm2-135m)",
+        )
     else:
         parser.add_argument("--model", default="smollm2-135m", help="model (default smollm2-135m)")
     g = parser.add_argument_group("engine")
-    g.add_argument("--device", default=None, help="device name, e.g. cpu, cuda:0 (default: best available)")
+    g.add_argument(
+        "--device", default=None, help="device name, e.g. cpu, cuda:0 (default: best available)"
+    )
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--max-num-seqs", type=int, default=None)
     g.add_argument("--max-num-batched-tokens", type=int, default=None)
     g.add_argument("--block-size", type=int, default=None)
     g.add_argument("--num-kv-blocks", type=int, default=None)
-    g.add_argument("--gpu-memory-utilization", "--memory-utilization", dest="memory_utilization",
-                   type=float, default=None, help="fraction of free device memory for the KV cache")
-    g.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching",
-                   action="store_false", default=True)
-    g.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority", "cache-aware"])
+    g.add_argument(
+        "--gpu-memory-utilization",
+        "--memory-utilization",
+        dest="memory_utilization",
+        type=float,
+        default=None,
+        help="fraction of free device memory for the KV cache",
+    )
+    g.add_argument(
+        "--no-enable-prefix-caching",
+        dest="enable_prefix_caching",
+        action="store_false",
+        default=True,
+    )
+    g.add_argument(
+        "--scheduling-policy", default="fcfs", choices=["fcfs", "priority", "cache-aware"]
+    )
     g.add_argument("--quantization", "-q", default=None, help="weight format, e.g. int8, int4, fp8")
+    g.add_argument("--keep-packed-weights", dest="keep_packed_weights", default=None,
+                   action=argparse.BooleanOptionalAction,
+                   help="keep GGUF block weights packed (default: yes in 16-bit, no in float32)")
     g.add_argument("--seed", type=int, default=0)
 
 
@@ -47,6 +68,7 @@ def engine_config_from_args(args: argparse.Namespace, **extra: object) -> Engine
         enable_prefix_caching=args.enable_prefix_caching,
         scheduling_policy=args.scheduling_policy,
         quantization=args.quantization,
+        keep_packed_weights=getattr(args, "keep_packed_weights", None),
         seed=args.seed,
         **extra,  # type: ignore[arg-type]
     )
