@@ -134,6 +134,7 @@ def _run_engine(key: str, model: str, threads: int) -> dict[str, Any]:
 
 
 def main() -> None:
+    global NEW_TOKENS
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="GGUF path (default: the fetched SmolLM2)")
     parser.add_argument("--threads", type=int, default=2)
@@ -148,7 +149,6 @@ def main() -> None:
         from portaserve.core.loaders.fetch import resolve_model
 
         args.model = str(resolve_model("smollm2-135m"))
-    global NEW_TOKENS
     NEW_TOKENS = args.new_tokens
     if args.worker:
         _worker(args)

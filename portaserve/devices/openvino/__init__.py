@@ -49,6 +49,8 @@ from portaserve.plugins.device import (
 if TYPE_CHECKING:
     import openvino as ov
 
+PORTASERVE_PLUGIN_API = "1.0"
+
 logger = logging.getLogger(__name__)
 
 #: The CPU plugin pages its KV cache in blocks of 32 tokens (a static dimension it sets itself).
@@ -175,8 +177,8 @@ def model_weights(model: Any) -> dict[str, Any]:
     """The model's weights under Hugging Face names (dense tensors or ``QuantizedWeight``).
 
     Reads a plain ``weights`` dict when the model has one; otherwise the core
-    ``LlamaForCausalLM``'s attributes, whose fused q/k/v and gate/up projections are split
-    back by rows (views, no copies).
+    ``LlamaForCausalLM``'s attributes. Its fused q/k/v and gate/up projections stay fused,
+    named ``...self_attn.q_proj+k_proj+v_proj.weight`` and ``...mlp.gate_proj+up_proj.weight``.
     """
     found = getattr(model, "weights", None)
     if isinstance(found, dict):
@@ -193,37 +195,34 @@ def model_weights(model: Any) -> dict[str, Any]:
         p = f"model.layers.{i}."
         w[p + "input_layernorm.weight"] = layer.input_norm
         w[p + "post_attention_layernorm.weight"] = layer.post_norm
-        _unfuse(w, p + "self_attn.", ("q_proj", "k_proj", "v_proj"), layer.qkv,
+        _name_projection(w, p + "self_attn.", ("q_proj", "k_proj", "v_proj"), layer.qkv,
                 (cfg.num_heads * d, cfg.num_kv_heads * d, cfg.num_kv_heads * d))
-        _unfuse(w, p + "self_attn.", ("o_proj",), layer.o, (cfg.hidden_size,))
-        _unfuse(w, p + "mlp.", ("gate_proj", "up_proj"), layer.gate_up,
+        _name_projection(w, p + "self_attn.", ("o_proj",), layer.o, (cfg.hidden_size,))
+        _name_projection(w, p + "mlp.", ("gate_proj", "up_proj"), layer.gate_up,
                 (cfg.intermediate_size, cfg.intermediate_size))
-        _unfuse(w, p + "mlp.", ("down_proj",), layer.down, (cfg.hidden_size,))
+        _name_projection(w, p + "mlp.", ("down_proj",), layer.down, (cfg.hidden_size,))
         if layer.q_norm is not None:
             w[p + "self_attn.q_norm.weight"] = layer.q_norm
             w[p + "self_attn.k_norm.weight"] = layer.k_norm
     return w
 
 
-def _unfuse(out: dict[str, Any], prefix: str, names: tuple[str, ...], proj: list[Any],
+def _name_projection(out: dict[str, Any], prefix: str, names: tuple[str, ...], proj: list[Any],
             rows: tuple[int, ...]) -> None:
-    """Name the parts of one projection: either one per name, or one fused dense [sum N, K]."""
+    """Name the parts of one projection: one per name, or one fused weight [sum N, K] kept
+    fused under ``<prefix><first>+<second>...`` (the graph splits its output)."""
     if len(proj) == len(names):
-        parts = [(weight, bias) for weight, bias in proj]
-    elif len(proj) == 1 and isinstance(proj[0][0], torch.Tensor):
-        weight, bias = proj[0]
-        weights = torch.split(weight, list(rows), dim=0)
-        biases = torch.split(bias, list(rows)) if bias is not None else [None] * len(rows)
-        parts = list(zip(weights, biases, strict=True))
+        parts = list(zip(names, proj, strict=True))
+    elif len(proj) == 1:
+        parts = [("+".join(names), proj[0])]
     else:
-        raise DeviceError(f"openvino: cannot split projection {prefix}{names} of {len(proj)} parts")
-    for name, (weight, bias) in zip(names, parts, strict=True):
+        raise DeviceError(f"openvino: cannot read projection {prefix}{names} of {len(proj)} parts")
+    for name, (weight, bias) in parts:
+        if tuple(weight.shape)[0] != (sum(rows) if "+" in name else rows[names.index(name)]):
+            raise DeviceError(f"openvino: projection {prefix}{name} has shape {tuple(weight.shape)}")
         out[f"{prefix}{name}.weight"] = weight
         if bias is not None:
             out[f"{prefix}{name}.bias"] = bias
-
-
-PORTASERVE_PLUGIN_API = "1.0"
 
 
 @hookimpl

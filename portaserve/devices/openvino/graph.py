@@ -175,6 +175,16 @@ class _Builder:
             y = ops.add(y, self.vector(bias))
         return y
 
+    def projections(self, x: Any, prefix: str, names: tuple[str, ...], rows: tuple[int, ...]
+                    ) -> list[Any]:
+        """The outputs of projections ``names``: one matmul per name, or one on their fused
+        weight (``prefix + "+".join(names)``) split by ``rows``."""
+        fused = prefix + "+".join(names)
+        if fused + ".weight" not in self.weights:
+            return [self.linear(x, f"{prefix}{n}.weight", f"{prefix}{n}.bias") for n in names]
+        y = self.linear(x, fused + ".weight", fused + ".bias")  # [T, sum rows]
+        return list(ops.variadic_split(y, np.int64(-1), _const(list(rows), np.int64)).outputs())
+
     def rms(self, x: Any, name: str) -> Any:
         mean = ops.reduce_mean(ops.multiply(x, x), _const([-1], np.int64), keep_dims=True)
         inv = ops.divide(np.float32(1.0), ops.sqrt(ops.add(mean, np.float32(self.config.rms_norm_eps))))
@@ -250,9 +260,10 @@ def build_llama_graph(
         value_cache = _param(ov.PartialShape.dynamic(4), ov.Type.dynamic, f"value_cache.{i}")
         params += [key_cache, value_cache]
         x = b.rms(hidden, p + "input_layernorm.weight")
-        q = ops.reshape(b.linear(x, p + "self_attn.q_proj.weight", p + "self_attn.q_proj.bias"), heads_q, True)
-        k = ops.reshape(b.linear(x, p + "self_attn.k_proj.weight", p + "self_attn.k_proj.bias"), heads_k, True)
-        v = b.linear(x, p + "self_attn.v_proj.weight", p + "self_attn.v_proj.bias")  # [T, Hk*D]
+        q, k, v = b.projections(x, p + "self_attn.", ("q_proj", "k_proj", "v_proj"),
+                                (hq * d, hk * d, hk * d))  # [T, Hq*D], [T, Hk*D] x2
+        q = ops.reshape(q, heads_q, True)  # [T, Hq, D]
+        k = ops.reshape(k, heads_k, True)  # [T, Hk, D]
         if config.qk_norm:
             q = b.rms(q, p + "self_attn.q_norm.weight")
             k = b.rms(k, p + "self_attn.k_norm.weight")
@@ -261,8 +272,9 @@ def build_llama_graph(
         attn = _paged_attention(q, k, v, key_cache, value_cache, step, hk, d)  # [T, Hq*D]
         hidden = ops.add(hidden, b.linear(attn, p + "self_attn.o_proj.weight"))
         x = b.rms(hidden, p + "post_attention_layernorm.weight")
-        gate = ops.swish(b.linear(x, p + "mlp.gate_proj.weight"))
-        up = b.linear(x, p + "mlp.up_proj.weight")
+        gate, up = b.projections(x, p + "mlp.", ("gate_proj", "up_proj"),
+                                 (config.intermediate_size,) * 2)  # [T, I] each
+        gate = ops.swish(gate)
         hidden = ops.add(hidden, b.linear(ops.multiply(gate, up), p + "mlp.down_proj.weight"))
 
     hidden = ops.gather(hidden, logits_indices, np.int64(0))  # [L, H]
