@@ -61,6 +61,8 @@ def variants(packed_weights: dict, dense: dict, only: set[str] | None):
         yield "bfloat16 (dense)", dense, torch.bfloat16
     if only is None or "Q4_1" in only:
         yield "Q4_1 (file) + Q8_0 emb", packed_weights, torch.float32
+    if only is None or "Q4_1-bf16" in only:  # bf16 activations: ATen's int4 packed matmuls
+        yield "Q4_1 (file), bf16 act", packed_weights, torch.bfloat16
     for scheme in SCHEMES:
         if only is not None and scheme not in only:
             continue
@@ -113,7 +115,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--steps", type=int, default=16, help="decode steps timed per batch size")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--formats", nargs="*", help="only these (float32 bfloat16 Q4_1 " + " ".join(SCHEMES) + ")")
+    parser.add_argument("--formats", nargs="*", help="only these (float32 bfloat16 Q4_1 Q4_1-bf16 " + " ".join(SCHEMES) + ")")
     parser.add_argument("--kernels", action="store_true", help="also time each kernel vs F.linear")
     parser.add_argument("--kernel-reps", type=int, default=10)
     args = parser.parse_args()
