@@ -11,15 +11,20 @@ from portaserve.serve.engine_args import add_engine_args, engine_config_from_arg
 def register(subparsers: argparse._SubParsersAction) -> None:
     gen = subparsers.add_parser("generate", help="complete prompts with a model")
     add_engine_args(gen)
-    gen.add_argument("--prompt", "-p", action="append", required=True,
-                     help="prompt text (repeat for a batch)")
+    gen.add_argument(
+        "--prompt", "-p", action="append", required=True, help="prompt text (repeat for a batch)"
+    )
     _add_sampling_args(gen)
     gen.set_defaults(func=run_generate)
 
     chat = subparsers.add_parser("chat", help="chat with a model (interactive without --message)")
     add_engine_args(chat)
-    chat.add_argument("--message", "-m", action="append",
-                      help="user message (repeat for several turns, answered one by one)")
+    chat.add_argument(
+        "--message",
+        "-m",
+        action="append",
+        help="user message (repeat for several turns, answered one by one)",
+    )
     chat.add_argument("--system", default=None, help="system prompt")
     _add_sampling_args(chat)
     chat.set_defaults(func=run_chat)
@@ -41,9 +46,14 @@ def _params(args: argparse.Namespace):  # -> SamplingParams
     from portaserve.core.sampling import SamplingParams
 
     return SamplingParams(
-        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-        top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-        seed=args.sampling_seed, stop=args.stop,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.sampling_seed,
+        stop=args.stop,
     )
 
 
