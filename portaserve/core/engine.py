@@ -347,7 +347,7 @@ class LLMEngine:
         except Exception as e:  # the step failed: fail its requests, keep the engine alive
             logger.exception("engine step failed for %d requests", batch.num_reqs)
             return self._fail([s.request for s in out.scheduled], e)
-        token_map = dict(zip(batch.logits_req_ids, sampled.token_ids)) if sampled else {}
+        token_map = dict(zip(batch.logits_req_ids, sampled.token_ids, strict=True)) if sampled else {}
         self.scheduler.update_from_output(out, token_map)
         touched: dict[str, _Parent] = {}
         now = time.monotonic()

@@ -96,7 +96,7 @@ class LLM:
         params = [dataclasses.replace(p, output_kind="final_only") for p in params]
         added: list[str] = []
         try:
-            for request_id, prompt, p in zip(ids, prompts, params):
+            for request_id, prompt, p in zip(ids, prompts, params, strict=True):
                 engine.add_request(request_id, prompt, p)
                 added.append(request_id)
             results: dict[str, RequestOutput] = {}

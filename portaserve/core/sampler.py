@@ -148,7 +148,7 @@ class Sampler:
             entry: dict[int, float] = {}
             if n > 0:
                 values, ids = raw[i].topk(n)
-                entry.update(zip(ids.tolist(), values.tolist()))
+                entry.update(zip(ids.tolist(), values.tolist(), strict=True))
             entry[token_ids[i]] = float(raw[i, token_ids[i]])
             result.append(entry)
         return result

@@ -125,11 +125,11 @@ def test_logprobs_are_reported_per_token(llm):
     out = llm.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=5,
                                                                   logprobs=3))[0].outputs[0]
     assert len(out.logprobs) == 5
-    for tok, entry in zip(out.token_ids, out.logprobs):
+    for tok, entry in zip(out.token_ids, out.logprobs, strict=True):
         assert tok in entry and len(entry) == 3  # greedy: the chosen token is the top-1
         assert entry[tok] == pytest.approx(max(entry.values()))
         assert all(v <= 0.0 for v in entry.values())
-    assert out.cumulative_logprob == pytest.approx(sum(e[t] for t, e in zip(out.token_ids, out.logprobs)))
+    assert out.cumulative_logprob == pytest.approx(sum(e[t] for t, e in zip(out.token_ids, out.logprobs, strict=True)))
 
 
 def test_bad_inputs_raise_clear_errors(llm):
@@ -146,7 +146,7 @@ def test_bad_inputs_raise_clear_errors(llm):
     with pytest.raises(ModelError):
         LLM("/no/such/model.gguf", device="cpu")
     with pytest.raises(ConfigError, match="max_num_seq"):
-        LLM(str("smollm2-135m"), device="cpu", max_num_seq=4)
+        LLM("smollm2-135m", device="cpu", max_num_seq=4)
     # the engine is still usable and holds nothing after the errors
     assert llm.generate("hi", GREEDY)[0].outputs[0].token_ids
     assert llm.llm_engine.stats().num_running == 0
