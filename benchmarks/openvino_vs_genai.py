@@ -64,7 +64,9 @@ def _portaserve_worker(model: str, device: str, threads: int) -> dict[str, Any]:
     from portaserve.core.sampling import SamplingParams
 
     t0 = time.perf_counter()
-    llm = LLM(model, device=device, dtype="float32", num_kv_blocks=4096 // (32 if device == "openvino" else 16) * 4)
+    packed = os.environ.get("PORTASERVE_OPENVINO_WEIGHTS") == "gguf"  # keep Q4_1 blocks packed
+    llm = LLM(model, device=device, dtype="float32", keep_packed_weights=packed or None,
+              num_kv_blocks=4096 // (32 if device == "openvino" else 16) * 4)
     load_s = time.perf_counter() - t0
     tok = llm.get_tokenizer()
     prompt_ids = [tok.encode(p)[:16] for p in PROMPTS]

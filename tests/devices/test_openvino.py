@@ -308,7 +308,10 @@ def ov_llm(smollm: str):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PORTASERVE_OPENVINO_PRECISION", "f32")
         mp.setenv("PORTASERVE_OPENVINO_WEIGHTS", "f32")
-        return LLM(smollm, device="openvino", dtype="float32", num_kv_blocks=64)
+        # packed GGUF blocks in the core model: the f32 graph dequantizes them at compile time,
+        # the "gguf" graph hands them to OpenVINO as they are
+        return LLM(smollm, device="openvino", dtype="float32", num_kv_blocks=64,
+                   keep_packed_weights=True)
 
 
 def _random_ids(n: int, seed: int, lo: int, hi: int, prefix: list[int] | None = None) -> list:
@@ -391,7 +394,10 @@ def test_plugin_default_precision_top1_agreement_on_real_model(ov_llm) -> None:
 def test_gguf_block_weights_match_dequantized_graph(ov_llm) -> None:
     """weight_format="gguf" (Q4_1 blocks handed to OpenVINO as codes + scales) gives the same
     logits as the dense f32 graph of the dequantized weights."""
+    from portaserve.quant.base import QuantizedWeight
+
     cfg = ov_llm.llm_engine.model_config
+    assert isinstance(ov_llm.llm_engine.model.layers[0].down[0][0], QuantizedWeight)
     batch = build_batch([("x", _random_ids(1, 6, 40, 40)[0], 0, [1, 0], True)], BS)
     spec = KVCacheSpec(cfg.num_layers, 2, BS, cfg.num_kv_heads, cfg.head_dim, torch.float32)
     logits = {}
