@@ -541,7 +541,7 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
         for device in args.devices or portaserve_devices():
             name = f"portaserve {device}"
             entry = run_worker("portaserve", sys.executable, args, device=device)
-            if not args.skip_serving:
+            if not args.skip_serving and "error" not in entry:
                 port = free_port()
                 cmd = [
                     sys.executable,
@@ -579,7 +579,7 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
             }
         else:
             entry = run_worker("llamacpp", python, args)
-            if not args.skip_serving:
+            if not args.skip_serving and "error" not in entry:
                 port = free_port()
                 cmd = [
                     python,
@@ -627,7 +627,8 @@ def markdown(report: dict[str, Any], concurrency: list[int]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, e in report["engines"].items():
         if "error" in e and "decode_tok_s" not in e:
-            lines.append(f"| {name} | error: {e['error'][:120]} |" + " |" * (len(head) - 2))
+            last = e["error"].strip().splitlines()[-1] if e["error"].strip() else "failed"
+            lines.append(f"| {name} | error: {last[:120]} |" + " |" * (len(head) - 2))
             continue
         decode, prefill = _fmt(e.get("decode_tok_s")), _fmt(e.get("prefill_tok_s"))
         steps = e.get("decode_steps_measured")
@@ -727,6 +728,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--log-dir", default="/tmp/cpu_peers_logs")
     p.add_argument("--json", default=None, help="write the full report here")
+    p.add_argument("--table-from", default=None, help="print the table of a saved --json report")
     p.add_argument("--markdown", default=None, help="write the table here")
     p.add_argument("--device", default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker", default=None, choices=sorted(WORKERS), help=argparse.SUPPRESS)
@@ -738,6 +740,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         result = WORKERS[args.worker](args)
         print(RESULT_PREFIX + json.dumps(result), flush=True)
+        return 0
+    if args.table_from:
+        saved = json.loads(Path(args.table_from).read_text())
+        print(markdown(saved, [int(c) for c in saved.get("concurrency", args.concurrency)]))
         return 0
     if args.gguf is None:
         sys.path.insert(0, str(REPO))
