@@ -103,9 +103,11 @@ def test_eos_ends_generation_unless_ignored(llm):
                                                 ignore_eos=True))[0].outputs[0]
     assert len(ignored.token_ids) == len(out.token_ids) + 5
     stop_id = out.token_ids[2]
+    first = out.token_ids.index(stop_id)  # generation stops at its first occurrence
     cut = llm.chat(messages, SamplingParams(temperature=0, max_tokens=200,
                                             stop_token_ids=[stop_id]))[0].outputs[0]
-    assert cut.token_ids == out.token_ids[:3] and cut.stop_reason == stop_id
+    assert cut.token_ids == out.token_ids[: first + 1] and cut.stop_reason == stop_id
+    assert cut.finish_reason is FinishReason.STOP
 
 
 def test_seeded_sampling_is_reproducible_and_n_shares_the_prompt(llm):
