@@ -81,15 +81,16 @@ def test_chunked_prefill_gives_identical_output(llm, smollm_path):
 def test_chat_stop_string_and_finish_reasons(llm):
     messages = [{"role": "user", "content": "Count from one to ten, in words, separated by commas."}]
     free = llm.chat(messages, SamplingParams(temperature=0, max_tokens=40))[0].outputs[0]
-    assert "," in free.text
-    stop_at = free.text.index(",")
-    stopped = llm.chat(messages, SamplingParams(temperature=0, max_tokens=40, stop=[","]))
+    assert len(free.text) > 14
+    stop = free.text[10:13]  # a stop string the greedy text is known to contain
+    stop_at = free.text.index(stop)  # generation stops at its first occurrence
+    stopped = llm.chat(messages, SamplingParams(temperature=0, max_tokens=40, stop=[stop]))
     out = stopped[0].outputs[0]
     assert out.text == free.text[:stop_at]
-    assert out.finish_reason is FinishReason.STOP and out.stop_reason == ","
-    kept = llm.chat(messages, SamplingParams(temperature=0, max_tokens=40, stop=[","],
+    assert out.finish_reason is FinishReason.STOP and out.stop_reason == stop
+    kept = llm.chat(messages, SamplingParams(temperature=0, max_tokens=40, stop=[stop],
                                              include_stop_str_in_output=True))
-    assert kept[0].outputs[0].text == free.text[: stop_at + 1]
+    assert kept[0].outputs[0].text == free.text[: stop_at + len(stop)]
     short = llm.chat(messages, SamplingParams(temperature=0, max_tokens=3))[0].outputs[0]
     assert short.finish_reason is FinishReason.LENGTH and len(short.token_ids) == 3
 
