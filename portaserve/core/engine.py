@@ -176,9 +176,8 @@ class LLMEngine:
     def _model_class(registry: Any, architecture: str) -> type:
         from portaserve.core.models import get_model_class
 
-        plugin_models = getattr(registry, "models", {}) or {}
-        if architecture in plugin_models:
-            return plugin_models[architecture]
+        if architecture in registry.models:
+            return registry.models[architecture]
         return get_model_class(architecture)
 
     @staticmethod

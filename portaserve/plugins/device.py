@@ -99,9 +99,7 @@ class KVCacheSpec:
     @property
     def bytes_per_block(self) -> int:
         """Bytes of K and V for one block across all layers."""
-        import torch
-
-        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        itemsize = self.dtype.itemsize
         return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * itemsize
 
 

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from portaserve import hookimpl
+from portaserve.devices import reference
 from portaserve.plugins.device import (
     Availability,
     Capabilities,
@@ -101,8 +102,7 @@ def triton_version() -> str | None:
 def allocate_blocks_hnd(spec: KVCacheSpec, device: torch.device) -> list[torch.Tensor]:
     """One ``[2, num_blocks, Hk, block_size, D]`` tensor per layer, zeroed (so padded reads of a
     captured graph never see NaN garbage)."""
-    shape = (2, spec.num_blocks, spec.num_kv_heads, spec.block_size, spec.head_dim)
-    return [torch.zeros(shape, dtype=spec.dtype, device=device) for _ in range(spec.num_layers)]
+    return reference.allocate_kv_cache(spec, device, KV_LAYOUT)
 
 
 class TritonGPUDevice(Device):
