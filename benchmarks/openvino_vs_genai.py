@@ -1,19 +1,22 @@
 #!/usr/bin/env python
-"""portaserve on OpenVINO against OpenVINO's own GenAI pipeline, same GGUF, same threads.
+"""portaserve's CPU devices against OpenVINO GenAI and transformers: same GGUF, same threads.
 
 Engines, each in a fresh subprocess (thread settings and memory do not leak between them):
 
 - ``portaserve openvino`` in the modes of the device: precision ``f32`` (exact) or ``auto``
   (the plugin's defaults: u8 KV cache), with f32 weights, the GGUF's own Q4_1 blocks, or int4;
-- ``portaserve cpu`` (the torch device);
-- ``openvino_genai.LLMPipeline`` loading the same GGUF file.
+- ``portaserve cpu`` (torch plus the native kernels and decode step of ``devices/cpu_native``;
+  ``cpu-torch`` is the same device with ``PORTASERVE_CPU_NATIVE=0``);
+- ``openvino_genai.LLMPipeline`` loading the same GGUF file;
+- Hugging Face ``transformers`` (``from_pretrained(gguf_file=...)``, float32, greedy
+  ``generate``).
 
 Per engine: batch-1 decode tokens/s (128 greedy tokens after a 16-token prompt; the time of a
 1-token run, i.e. the prefill, is subtracted) and batch-8 aggregate tokens/s (8 different
 16-token prompts, 128 new tokens each, submitted together; total new tokens / wall time). EOS
 is ignored everywhere, so every run produces exactly the tokens asked for.
 
-    python benchmarks/openvino_vs_genai.py --threads 2 [--engines ov-f32,cpu,genai] [--json out.json]
+    python benchmarks/openvino_vs_genai.py --threads 2 [--engines cpu,ov-f32,genai,hf] [--json out.json]
 """
 
 from __future__ import annotations
@@ -54,7 +57,9 @@ ENGINES: dict[str, tuple[str, str | None, dict[str, str]]] = {
     "ov-auto-int4": ("portaserve openvino auto (u8 KV), int4 weights", "openvino",
                      {"PORTASERVE_OPENVINO_PRECISION": "auto", "PORTASERVE_OPENVINO_WEIGHTS": "int4"}),
     "cpu": ("portaserve cpu", "cpu", {}),
+    "cpu-torch": ("portaserve cpu, torch only", "cpu", {"PORTASERVE_CPU_NATIVE": "0"}),
     "genai": ("openvino_genai.LLMPipeline (GGUF)", None, {}),
+    "hf": ("transformers float32 generate (GGUF)", None, {}),
 }
 
 
@@ -114,9 +119,46 @@ def _genai_worker(model: str, threads: int) -> dict[str, Any]:
             "batch8_tok_s": BATCH * NEW_TOKENS / batch}
 
 
+def _hf_worker(model: str, threads: int) -> dict[str, Any]:
+    import torch
+    import transformers
+
+    torch.set_num_threads(threads)
+    sys.path.insert(0, str(REPO))
+    from portaserve.core.loaders.gguf import read_gguf_metadata
+    from portaserve.core.tokenizer import Tokenizer  # the same 16-token prompts as portaserve's
+
+    gguf = Path(model)
+    t0 = time.perf_counter()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                           dtype=torch.float32).eval()
+    load_s = time.perf_counter() - t0
+    tok = Tokenizer.from_gguf_metadata(read_gguf_metadata(gguf), name=gguf.name)
+    ids = torch.tensor([tok.encode(p)[:16] for p in PROMPTS])  # [8, 16], no padding needed
+
+    def run(prompts: torch.Tensor, n: int) -> float:
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = hf.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=False,
+                              max_new_tokens=n, min_new_tokens=n, pad_token_id=0)
+        if out.shape[1] != prompts.shape[1] + n:
+            raise RuntimeError("an output has the wrong length")
+        return time.perf_counter() - start
+
+    run(ids[:1], 8)
+    prefill = min(run(ids[:1], 1) for _ in range(3))
+    decode = run(ids[:1], NEW_TOKENS + 1) - prefill
+    batch = run(ids, NEW_TOKENS)
+    return {"load_s": load_s, "batch1_tok_s": NEW_TOKENS / decode,
+            "batch8_tok_s": BATCH * NEW_TOKENS / batch,
+            "version": f"transformers {transformers.__version__}"}
+
+
 def _worker(args: argparse.Namespace) -> None:
     label, device, _ = ENGINES[args.worker]
-    if device is None:
+    if args.worker == "hf":
+        result = _hf_worker(args.model, args.threads)
+    elif device is None:
         result = _genai_worker(args.model, args.threads)
     else:
         result = _portaserve_worker(args.model, device, args.threads)

@@ -73,3 +73,14 @@ def cuda_graphs() -> bool:
     """``PORTASERVE_CUDA_GRAPHS``: replay decode steps from CUDA graphs on cuda (default on;
     ``0`` runs every step op by op)."""
     return os.environ.get("PORTASERVE_CUDA_GRAPHS", "1").strip().lower() not in {"0", "false", "no", "off"}
+
+
+def cpu_native() -> bool:
+    """``PORTASERVE_CPU_NATIVE``: build and use the cpu device's native small-batch kernels
+    (``portaserve.devices.cpu_native``; default on; ``0`` keeps the torch-only paths)."""
+    return os.environ.get("PORTASERVE_CPU_NATIVE", "1").strip().lower() not in {"0", "false", "no", "off"}
+
+
+def cc() -> str:
+    """``CC``: the C compiler that builds the native cpu kernels (default ``cc``)."""
+    return os.environ.get("CC", "").strip() or "cc"

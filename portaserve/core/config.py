@@ -67,9 +67,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     scheduling_policy: str = "fcfs"  # "fcfs", "priority", "cache-aware"
     quantization: str | None = None
-    #: Keep GGUF block formats packed in memory. None: packed when computing in 16 bits (where
-    #: the packed kernels are fast), expanded at load when computing in float32 (a float32
-    #: model multiplies float32 weights either way, and the dense copy is the fast path).
+    #: Keep GGUF block formats packed in memory. None: the device decides
+    #: (``Capabilities.keep_packed_weights``; the cpu device with its native kernels keeps them
+    #: packed), else packed when computing in 16 bits and expanded at load in float32.
     keep_packed_weights: bool | None = None
     seed: int = 0
     max_waiting_requests: int | None = None

@@ -149,6 +149,8 @@ class LLMEngine:
         self.sampler = Sampler(seed=config.seed)
         self._parents: dict[str, _Parent] = {}
         self._children: dict[str, tuple[_Parent, _Sequence]] = {}
+        if keep_packed is None:
+            keep_packed = caps.keep_packed_weights
         self._arrival = itertools.count()
 
     @classmethod

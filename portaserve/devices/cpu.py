@@ -3,9 +3,13 @@
 Native ops: ``F.linear``/``F.embedding`` (oneDNN/MKL), ``F.rms_norm`` with the residual add
 fused in front, rotary in float32, silu-and-mul, ``write_kv`` as one ``index_copy_`` on the
 flattened cache, and ``paged_attention`` over gathered blocks with torch SDPA (GQA through
-``enable_gqa``; decode batches go through one padded SDPA call). Quantized matmuls fall back to
-the reference dequant unless a quant plugin registers a cpu kernel. Limits: one process, no
-NUMA pinning; threads are set once, to ``PORTASERVE_NUM_THREADS`` or the physical cores.
+``enable_gqa``). Where ``portaserve.devices.cpu_native`` could be built (a C compiler is on
+PATH), one-token rows of ``paged_attention`` run natively over the block table (no gather), and
+small batches on Q4_0 / Q4_1 / Q8_0 GGUF weights run the native packed linears, so GGUF models
+stay packed in float32 too (``Capabilities.keep_packed_weights``); without it, decode batches go
+through one padded SDPA call. Other quantized matmuls use the quant plugin's cpu kernels.
+Limits: one process, no NUMA pinning; threads are set once, to ``PORTASERVE_NUM_THREADS`` or
+the physical cores.
 """
 
 from __future__ import annotations
@@ -13,12 +17,13 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from portaserve import envs
-from portaserve.devices import reference
+from portaserve.devices import cpu_native, reference
 from portaserve.plugins.device import (
     AttentionMetadata,
     Availability,
@@ -42,6 +47,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 def rms_norm(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    if (x.dtype == torch.float32 and x.dim() == 2 and x.is_contiguous()
+            and weight.dtype == torch.float32 and weight.is_contiguous()
+            and (residual is None or (residual.dtype == torch.float32 and residual.is_contiguous()
+                                      and residual.shape == x.shape))
+            and cpu_native.library() is not None):
+        return cpu_native.rms_norm(x, weight, eps, residual)
     if residual is not None:
         x = x + residual  # the new residual stream, in x's dtype
     y = F.rms_norm(x.float(), (x.shape[-1],), weight.float(), eps).to(x.dtype)
@@ -51,6 +62,11 @@ def rms_norm(
 def rotary(
     positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    if (q.dtype == k.dtype == cos_sin_cache.dtype == torch.float32 and positions.dtype == torch.int64
+            and cos_sin_cache.is_contiguous() and positions.is_contiguous()
+            and cpu_native._heads_dense(q) and cpu_native._heads_dense(k)
+            and cpu_native.library() is not None):
+        return cpu_native.rotary(positions, q, k, cos_sin_cache)
     cos, sin = cos_sin_cache.index_select(0, positions).float().unsqueeze(1).chunk(2, dim=-1)
 
     def rotate(t: torch.Tensor) -> torch.Tensor:  # [T, H, D], rotate-half in float32
@@ -68,6 +84,11 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 def write_kv(
     key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
+    if (key.dtype == value.dtype == kv_cache.dtype == torch.float32 and kv_cache.is_contiguous()
+            and slot_mapping.dtype == torch.int64 and slot_mapping.is_contiguous()
+            and cpu_native._heads_dense(key) and cpu_native._heads_dense(value)
+            and cpu_native.library() is not None):
+        return cpu_native.write_kv(key, value, kv_cache, slot_mapping)
     flat = kv_cache.view(2, -1, *kv_cache.shape[3:])  # [2, num_blocks * block_size, Hk, D]
     flat[0].index_copy_(0, slot_mapping, key.to(kv_cache.dtype))
     flat[1].index_copy_(0, slot_mapping, value.to(kv_cache.dtype))
@@ -78,13 +99,24 @@ def paged_attention(
 ) -> torch.Tensor:
     starts = attn.query_start_loc_cpu or tuple(attn.query_start_loc.tolist())
     seq_lens = attn.seq_lens_cpu or tuple(attn.seq_lens.tolist())
-    if len(seq_lens) > 1 and tuple(starts) == tuple(range(len(seq_lens) + 1)):  # all decode
-        return _decode_attention(query, kv_cache, attn.block_tables, seq_lens, scale)
+    native = _native_attention(query, kv_cache)
+    if tuple(starts) == tuple(range(len(seq_lens) + 1)):  # all decode
+        if native:
+            return cpu_native.paged_decode_attention(query, kv_cache, attn.block_tables,
+                                                     attn.seq_lens, scale)
+        if len(seq_lens) > 1:
+            return _decode_attention(query, kv_cache, attn.block_tables, seq_lens, scale)
     out = torch.empty_like(query)
     block_size = kv_cache.shape[2]
+    decode_rows = [r for r in range(len(seq_lens)) if starts[r + 1] - starts[r] == 1] if native else []
+    if decode_rows:  # the one-token rows of a mixed batch: one native call
+        rows = torch.tensor(decode_rows)
+        tokens = torch.tensor([starts[r] for r in decode_rows])
+        out[tokens] = cpu_native.paged_decode_attention(
+            query[tokens], kv_cache, attn.block_tables[rows], attn.seq_lens[rows], scale)
     for r, seq_len in enumerate(seq_lens):
         num_q = starts[r + 1] - starts[r]
-        if num_q == 0:
+        if num_q == 0 or (native and num_q == 1):
             continue
         num_blocks = -(-seq_len // block_size)
         blocks = kv_cache[:, attn.block_tables[r, :num_blocks].long()]  # [2, nb, BS, Hk, D]
@@ -99,6 +131,13 @@ def paged_attention(
             scale=scale, enable_gqa=True)  # [Hq, Q, D]
         out[starts[r] : starts[r + 1]] = o.transpose(0, 1)
     return out
+
+
+def _native_attention(query: torch.Tensor, kv_cache: torch.Tensor) -> bool:
+    """Decode rows go to ``cpu_native`` for float32 queries over a contiguous float32 cache."""
+    return (query.dtype == torch.float32 and kv_cache.dtype == torch.float32
+            and kv_cache.is_contiguous() and query.shape[1] % kv_cache.shape[3] == 0
+            and cpu_native.library() is not None)
 
 
 def _decode_attention(
@@ -199,6 +238,7 @@ class CPUDevice(Device):
         return Availability(True, f"torch {torch.__version__}, {physical_cores()} cores, {isa}")
 
     def capabilities(self) -> Capabilities:
+        native = cpu_native.library() is not None
         dtypes = (torch.float32, torch.bfloat16, torch.float16) if _supports_bf16() else (
             torch.float32, torch.float16)
         return Capabilities(
@@ -208,8 +248,12 @@ class CPUDevice(Device):
             default_max_num_seqs=64,
             default_max_num_batched_tokens=1024,
             default_kv_cache_bytes=4 << 30,  # the host's memory is shared with everything else
+            quant_formats=tuple(cpu_native.FORMATS) if native else (),
+            # packed GGUF weights beat dense float32 on the native kernels: keep them packed
+            keep_packed_weights=True if native else None,
             dist_backend="gloo",
-            extra={"isa": torch.backends.cpu.get_cpu_capability(), "threads": self.num_threads},
+            extra={"isa": torch.backends.cpu.get_cpu_capability(), "threads": self.num_threads,
+                   "native_kernels": "yes" if native else f"no ({cpu_native.unavailable_reason()})"},
         )
 
     def kernels(self) -> dict[str, KernelFn]:
@@ -217,3 +261,12 @@ class CPUDevice(Device):
 
     def allocate_kv_cache(self, spec: KVCacheSpec) -> list[torch.Tensor]:
         return reference.allocate_kv_cache(spec, torch.device("cpu"), "blocks_nhd")
+
+    def compile(self, model: Any, kv_caches: list[Any]) -> Any:
+        """The native decode executor (``cpu_native.executor``) where the model qualifies;
+        otherwise None, and every step runs op by op."""
+        from portaserve.devices.cpu_native.executor import build_executor
+
+        executor, reason = build_executor(model, kv_caches)
+        logger.info("cpu device: native decode step %s", "on" if executor else f"off ({reason})")
+        return executor

@@ -123,6 +123,10 @@ class Capabilities:
     kv_layout: str = "blocks_nhd"
     #: Quant formats with a native kernel (others fall back to reference dequant).
     quant_formats: tuple[str, ...] = ()
+    #: Whether packed weights (GGUF blocks, int8/int4) stay packed when the user does not say
+    #: (``EngineConfig.keep_packed_weights`` is None). None: packed only when computing in 16
+    #: bits; True: always (the device's packed kernels beat its dense float32 ones).
+    keep_packed_weights: bool | None = None
     #: Whether the device captures decode steps as graphs (CUDA graphs, HPU graphs).
     supports_graph_capture: bool = False
     #: Defaults for the scheduler when the user sets none.

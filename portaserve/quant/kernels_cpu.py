@@ -1,5 +1,10 @@
 """``quant_linear`` kernels for the ``cpu`` device, one per format, exact against the reference.
 
+Small batches (up to ``cpu_native.MAX_TOKENS`` tokens) of float32 activations on Q4_0, Q4_1 and
+Q8_0 go to the native kernels of ``portaserve.devices.cpu_native`` when they could be built:
+they expand each packed block in registers (the same ``d * q (+ m)`` values as the reference,
+up to FMA rounding) and read the weights once per step. Everything else takes the paths below.
+
 Every format uses dequant-in-the-loop: the packed rows are expanded a chunk at a time
 (``CHUNK_ELEMENTS`` weights, about 1 MiB of float32) into a per-thread buffer that is reused,
 and each chunk is one BLAS matmul. The expanded weights are bit-identical to the reference
@@ -24,6 +29,7 @@ import threading
 
 import torch
 
+from portaserve.devices import cpu_native
 from portaserve.quant import gguf_formats
 from portaserve.quant.base import QuantizedWeight
 from portaserve.quant.int_formats import unpack_nibbles
@@ -193,10 +199,25 @@ def _int4pack_linear(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tenso
     return out if bias is None else out + bias.to(out.dtype)
 
 
+def _native_ok(weight: QuantizedWeight) -> bool:
+    """Whether the native kernels serve this weight (format, contiguous arrays); cached."""
+    ok = weight.meta.get("_cpu_native")
+    if ok is None:
+        ok = (weight.format in cpu_native.FORMATS and weight.shape[1] % 32 == 0
+              and all(t.is_contiguous() and t.device.type == "cpu" for t in weight.data.values())
+              and cpu_native.library() is not None)
+        weight.meta["_cpu_native"] = ok
+    return ok
+
+
 def gguf_linear(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [T, K] @ dequant(weight).T for the GGUF block formats -> [T, N]."""
     if x.dtype == torch.bfloat16 and weight.format in _INT4PACK_FORMATS:
         return _int4pack_linear(x, weight, bias)
+    n, k = weight.shape
+    if x.dtype == torch.float32 and x.numel() <= cpu_native.MAX_TOKENS * k and _native_ok(weight):
+        out = cpu_native.gguf_linear(x.reshape(-1, k), weight.format, weight.data, n, bias)
+        return out.view(*x.shape[:-1], n)
     return _dequant_linear(_gguf_chunk, x, weight, bias)
 
 

@@ -1,0 +1,207 @@
+"""The cpu device's native kernels (``portaserve.devices.cpu_native``) against the reference.
+
+Every kernel runs on fresh random inputs and is compared with ``devices/reference.py``; the
+decode executor is compared with the op-by-op model on a small random Llama, float32 and GGUF,
+logits and KV cache both.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from portaserve.core.batch import build_batch
+from portaserve.core.config import ModelConfig
+from portaserve.core.loaders.synthetic import synthetic_weights
+from portaserve.core.models.llama import LlamaForCausalLM
+from portaserve.devices import cpu_native, reference
+from portaserve.devices.cpu import CPUDevice
+from portaserve.devices.cpu_native.executor import NativeDecodeExecutor, build_executor
+from portaserve.plugins.device import AttentionMetadata, KVCacheSpec
+from portaserve.plugins.manager import get_registry
+from portaserve.quant import registry as quant_registry
+
+pytestmark = pytest.mark.skipif(
+    cpu_native.library() is None,
+    reason=f"native cpu kernels unavailable: {cpu_native.unavailable_reason()}")
+
+FORMATS = tuple(cpu_native.FORMATS)
+
+
+def _close(out: torch.Tensor, ref: torch.Tensor, rel: float = 2e-5) -> None:
+    scale = ref.abs().max().item()
+    err = (out - ref).abs().max().item()
+    assert err <= rel * scale + 1e-6, f"max error {err:.3e} vs scale {scale:.3e}"
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("tokens", [1, 3, 8, 13, 32])
+def test_gguf_linear_matches_reference_dequant(fmt: str, tokens: int) -> None:
+    gen = torch.Generator().manual_seed(hash((fmt, tokens)) % 2**31)
+    n, k = 96, 320
+    weight = quant_registry.quantize(torch.randn(n, k, generator=gen) * 0.1, fmt)
+    x = torch.randn(tokens, k, generator=gen)
+    bias = torch.randn(n, generator=gen)
+    ref = reference.quant_linear(x, weight, bias)
+    out = cpu_native.gguf_linear(x, fmt, weight.data, n, bias)
+    assert out.shape == (tokens, n)
+    _close(out, ref)
+    # a strided input (a column slice of a wider activation) gives the same result
+    wide = torch.randn(tokens, k + 64, generator=gen)
+    _close(cpu_native.gguf_linear(wide[:, 32:32 + k], fmt, weight.data, n),
+           reference.quant_linear(wide[:, 32:32 + k].contiguous(), weight, None))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_gguf_rows_equal_reference_dequant_exactly(fmt: str) -> None:
+    gen = torch.Generator().manual_seed(7)
+    weight = quant_registry.quantize(torch.randn(50, 64, generator=gen), fmt)
+    ids = torch.tensor([3, 0, 49, 3, 17])
+    assert torch.equal(cpu_native.gguf_rows(ids, fmt, weight.data, 64),
+                       weight.dequantize(torch.float32)[ids])
+
+
+def _paged_inputs(seq_lens: list[int], hq: int, hk: int, d: int, block_size: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    blocks_per = [-(-s // block_size) for s in seq_lens]
+    num_blocks = sum(blocks_per) + 5
+    cache = torch.randn(2, num_blocks, block_size, hk, d, generator=gen)
+    order = torch.randperm(num_blocks, generator=gen)  # non-contiguous block tables
+    width = max(blocks_per)
+    tables = torch.zeros(len(seq_lens), width, dtype=torch.int32)
+    used = 0
+    for r, nb in enumerate(blocks_per):
+        tables[r, :nb] = order[used:used + nb].to(torch.int32)
+        used += nb
+    query = torch.randn(len(seq_lens), hq, d, generator=gen)
+    return query, cache, tables, torch.tensor(seq_lens, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("hq,hk", [(4, 4), (6, 2), (8, 1)])
+def test_paged_decode_attention_matches_reference(hq: int, hk: int) -> None:
+    seq_lens = [1, 15, 16, 17, 70]  # one token, partial and whole blocks
+    query, cache, tables, lens = _paged_inputs(seq_lens, hq, hk, 32, 16, seed=hq * 10 + hk)
+    attn = AttentionMetadata(
+        query_start_loc=torch.arange(len(seq_lens) + 1, dtype=torch.int32), seq_lens=lens,
+        context_lens=lens - 1, block_tables=tables,
+        slot_mapping=torch.zeros(len(seq_lens), dtype=torch.int64), max_query_len=1,
+        max_seq_len=max(seq_lens), block_size=16)
+    ref = reference.paged_attention(query, cache, attn, 0.125)
+    _close(cpu_native.paged_decode_attention(query, cache, tables, lens, 0.125), ref)
+
+
+def test_rms_norm_rotary_and_write_kv_match_reference() -> None:
+    gen = torch.Generator().manual_seed(3)
+    x, res, w = torch.randn(5, 96, generator=gen), torch.randn(5, 96, generator=gen), torch.randn(96, generator=gen)
+    ref_y, ref_res = reference.rms_norm(x, w, 1e-5, res)
+    y, new_res = cpu_native.rms_norm(x, w, 1e-5, res)
+    _close(y, ref_y)
+    assert torch.equal(new_res, ref_res)
+    _close(cpu_native.rms_norm(x, w, 1e-5), reference.rms_norm(x, w, 1e-5))
+
+    qkv = torch.randn(5, (6 + 2 + 2) * 16, generator=gen)  # q, k as strided views of one row
+    q, k = qkv[:, :96].view(5, 6, 16), qkv[:, 96:128].view(5, 2, 16)
+    positions = torch.tensor([0, 3, 9, 100, 2047])
+    cos_sin = torch.randn(2048, 16, generator=gen)
+    for out, ref in zip(cpu_native.rotary(positions, q, k, cos_sin),
+                        reference.rotary(positions, q, k, cos_sin), strict=True):
+        _close(out, ref)
+
+    v = qkv[:, 128:].view(5, 2, 16)
+    cache, ref_cache = torch.zeros(2, 4, 4, 2, 16), torch.zeros(2, 4, 4, 2, 16)
+    slots = torch.tensor([13, 0, 5, 6, 2])
+    cpu_native.write_kv(k, v, cache, slots)
+    reference.write_kv(k, v, ref_cache, slots)
+    assert torch.equal(cache, ref_cache)
+
+
+# -- the decode executor ------------------------------------------------------------------------
+
+SMALL = ModelConfig(architecture="llama", vocab_size=300, hidden_size=128, intermediate_size=192,
+                    num_layers=3, num_heads=4, num_kv_heads=2, head_dim=32,
+                    max_position_embeddings=512, tie_word_embeddings=True, name="small")
+
+
+def _model(fmt: str | None, cache_blocks: int = 40):
+    weights: dict = synthetic_weights(SMALL, dtype=torch.float32, device=torch.device("cpu"), seed=5)
+    gen = torch.Generator().manual_seed(11)
+    for name in list(weights):  # norms away from 1 so that they matter
+        if "norm" in name:
+            weights[name] = 1.0 + 0.3 * torch.randn(weights[name].shape, generator=gen)
+    if fmt is not None:
+        weights = {n: quant_registry.quantize(w, fmt) if w.dim() == 2 else w
+                   for n, w in weights.items()}
+    device = CPUDevice()
+    kernels = get_registry().kernel_table(device)
+    model = LlamaForCausalLM(SMALL, weights, kernels, dtype=torch.float32, device=torch.device("cpu"))
+    spec = KVCacheSpec(SMALL.num_layers, cache_blocks, 16, SMALL.num_kv_heads, SMALL.head_dim,
+                       torch.float32)
+    return model, device.allocate_kv_cache(spec)
+
+
+def _step(items: list[tuple], block_tables: dict[str, list[int]]):
+    """build_batch for (req_id, new token ids, num computed before)."""
+    return build_batch([(rid, ids, done, block_tables[rid], True) for rid, ids, done in items],
+                       block_size=16)
+
+
+@pytest.mark.parametrize("fmt", [None, "Q4_0", "Q4_1", "Q8_0"])
+def test_decode_executor_matches_op_by_op(fmt: str | None) -> None:
+    model, caches = _model(fmt)
+    executor, why = build_executor(model, caches)
+    assert isinstance(executor, NativeDecodeExecutor), why
+    gen = torch.Generator().manual_seed(1)
+    lens = {"a": 5, "b": 23, "c": 40}
+    tables = {"a": [7, 3], "b": [0, 12, 9], "c": [30, 2, 21, 4]}
+    prompts = {r: torch.randint(1, 300, (n,), generator=gen).tolist() for r, n in lens.items()}
+    prefill = _step([(r, prompts[r], 0) for r in lens], tables)
+    executor.execute(prefill)  # op by op (not decode): fills the caches
+    assert executor.native_steps == 0
+    ref_caches = [c.clone() for c in caches]
+    decode = _step([(r, [int(torch.randint(1, 300, (1,), generator=gen))], lens[r]) for r in lens],
+                   tables)
+    native = executor.execute(decode)
+    assert executor.native_steps == 1
+    native_caches = [c.clone() for c in caches]
+    for c, ref in zip(caches, ref_caches, strict=True):  # rerun op by op from the same state
+        c.copy_(ref)
+    attn = decode.attention_metadata(torch.device("cpu"))
+    hidden = model.forward(decode.token_ids, decode.positions, attn, caches)
+    expected = model.compute_logits(hidden[decode.logits_indices])
+    assert native.shape == expected.shape == (3, SMALL.vocab_size)
+    _close(native, expected, rel=1e-4)
+    assert torch.equal(native.argmax(-1), expected.argmax(-1))
+    for got, ref in zip(native_caches, caches, strict=True):
+        _close(got, ref, rel=1e-5)
+
+
+def test_executor_declines_what_it_cannot_run() -> None:
+    model, caches = _model("Q4_1")
+    model.layers[1].q_norm = torch.ones(SMALL.head_dim)
+    executor, why = build_executor(model, caches)
+    assert executor is None and "q/k norm" in why
+    model, caches = _model("int8")
+    executor, why = build_executor(model, caches)
+    assert executor is None and why == "layer 0 gate_up is not one fused weight"  # int8 does not fuse
+
+
+def test_without_a_compiler_the_cpu_device_keeps_its_torch_paths(tmp_path) -> None:
+    code = (
+        "import torch\n"
+        "from portaserve.devices import cpu_native\n"
+        "from portaserve.devices.cpu import CPUDevice, paged_attention\n"
+        "assert cpu_native.library() is None\n"
+        "print(cpu_native.unavailable_reason())\n"
+        "caps = CPUDevice().capabilities()\n"
+        "assert caps.keep_packed_weights is None and caps.quant_formats == ()\n"
+        "print(caps.extra['native_kernels'])\n")
+    env = {"PATH": "/usr/bin:/bin", "CC": "definitely-not-a-compiler",
+           "PORTASERVE_CACHE_DIR": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "no C compiler 'definitely-not-a-compiler'" in proc.stdout
+    assert proc.stdout.count("no C compiler") == 2  # the reason reaches `portaserve devices`
