@@ -205,3 +205,12 @@ def test_without_a_compiler_the_cpu_device_keeps_its_torch_paths(tmp_path) -> No
     assert proc.returncode == 0, proc.stderr
     assert "no C compiler 'definitely-not-a-compiler'" in proc.stdout
     assert proc.stdout.count("no C compiler") == 2  # the reason reaches `portaserve devices`
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_dequant_rows_equal_the_reference_exactly(fmt: str) -> None:
+    gen = torch.Generator().manual_seed(9)
+    weight = quant_registry.quantize(torch.randn(70, 96, generator=gen), fmt)
+    out = torch.empty(40, 96)
+    cpu_native.gguf_dequant_rows(fmt, weight.data, 96, 20, 60, out)
+    assert torch.equal(out, weight.dequantize(torch.float32)[20:60])

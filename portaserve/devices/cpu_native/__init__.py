@@ -93,6 +93,9 @@ def _declare(lib: ctypes.CDLL) -> None:
                                    _ptr, _ptr, _c_i64, _c_int]
     lib.ps_gguf_rows.restype = None
     lib.ps_gguf_rows.argtypes = [_c_int, _ptr, _c_i64, _c_i64, _ptr, _ptr, _ptr, _ptr]
+    lib.ps_gguf_dequant_rows.restype = None
+    lib.ps_gguf_dequant_rows.argtypes = [_c_int, _ptr, _ptr, _ptr, _c_i64, _c_i64, _c_i64, _ptr,
+                                         _c_int]
     lib.ps_rms_norm.restype = None
     lib.ps_rms_norm.argtypes = [_ptr, _ptr, _ptr, _c_float, _c_i64, _c_i64, _ptr, _ptr]
     lib.ps_rotary.restype = None
@@ -190,6 +193,16 @@ def gguf_rows(ids: torch.Tensor, fmt: str, data: dict[str, torch.Tensor], k: int
     out = torch.empty(ids.numel(), k, dtype=torch.float32)
     lib.ps_gguf_rows(FORMATS[fmt], ids.data_ptr(), ids.numel(), k, data["qs"].data_ptr(),
                      data["d"].data_ptr(), _p(data.get("m")), out.data_ptr())
+    return out
+
+
+def gguf_dequant_rows(fmt: str, data: dict[str, torch.Tensor], k: int, r0: int, r1: int,
+                      out: torch.Tensor) -> torch.Tensor:
+    """Rows [r0, r1) of a packed weight as float32 into ``out`` (contiguous [r1 - r0, k])."""
+    lib = _lib
+    assert lib is not None, "call library() first"
+    lib.ps_gguf_dequant_rows(FORMATS[fmt], data["qs"].data_ptr(), data["d"].data_ptr(),
+                             _p(data.get("m")), k, r0, r1, out.data_ptr(), torch.get_num_threads())
     return out
 
 

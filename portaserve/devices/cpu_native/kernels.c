@@ -306,6 +306,19 @@ void ps_gguf_rows(int fmt, const int64_t *ids, int64_t n_ids, int64_t K, const u
     }
 }
 
+/* Rows [r0, r1) of a packed weight expanded to float32 into out [r1 - r0, K], the values the
+ * reference dequantization gives (for prefill: the caller multiplies them with BLAS). */
+void ps_gguf_dequant_rows(int fmt, const uint8_t *qs, const uint16_t *d, const uint16_t *m,
+                          int64_t K, int64_t r0, int64_t r1, float *out, int nthreads) {
+    const int64_t nb = K / 32, qbytes = fmt == FMT_Q8_0 ? 32 : 16;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t n = r0; n < r1; n++)
+        for (int64_t blk = 0; blk < nb; blk++)
+            expand_block_scalar(fmt, qs + (n * nb + blk) * qbytes, half_to_float(d[n * nb + blk]),
+                                m ? half_to_float(m[n * nb + blk]) : 0.0f,
+                                out + (n - r0) * K + blk * 32);
+}
+
 /* ---- paged decode attention --------------------------------------------------------------
  * q: [R, Hq, D] float32 (row stride q_stride between requests); out: [R, Hq, D] contiguous.
  * kv: one layer's cache [2, num_blocks, block_size, Hk, D] float32.
