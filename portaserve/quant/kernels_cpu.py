@@ -45,7 +45,8 @@ def _buffer(numel: int) -> torch.Tensor:
     """A float32 scratch buffer of at least ``numel`` elements, reused per thread."""
     buf = getattr(_local, "buf", None)
     if buf is None or buf.numel() < numel:
-        buf = torch.empty(max(numel, CHUNK_ELEMENTS))
+        with torch.inference_mode(False):  # a normal tensor: usable in and out of inference mode
+            buf = torch.empty(max(numel, CHUNK_ELEMENTS))
         _local.buf = buf
     return buf[:numel]
 
