@@ -214,3 +214,32 @@ def test_dequant_rows_equal_the_reference_exactly(fmt: str) -> None:
     out = torch.empty(40, 96)
     cpu_native.gguf_dequant_rows(fmt, weight.data, 96, 20, 60, out)
     assert torch.equal(out, weight.dequantize(torch.float32)[20:60])
+
+
+def test_mixed_steps_split_into_native_decode_and_op_by_op_prefill() -> None:
+    model, caches = _model("Q4_1", cache_blocks=60)
+    executor, why = build_executor(model, caches)
+    assert executor is not None, why
+    gen = torch.Generator().manual_seed(2)
+    tables = {"a": [7, 3], "b": [0, 12, 9], "c": [30, 2, 21, 4], "d": [40, 41]}
+    lens = {"a": 5, "b": 23, "c": 40}
+    prompts = {r: torch.randint(1, 300, (n,), generator=gen).tolist() for r, n in lens.items()}
+    executor.execute(_step([(r, prompts[r], 0) for r in lens], tables))
+    new = torch.randint(1, 300, (20,), generator=gen).tolist()
+    # a, c decode; d's prompt arrives in two chunks (the first samples nothing); b decodes
+    items = [("a", [5], lens["a"]), ("d", new[:12], 0), ("b", [9], lens["b"]), ("c", [17], 40)]
+    batch = build_batch([(r, ids, done, tables[r], r != "d") for r, ids, done in items],
+                        block_size=16)
+    start = [c.clone() for c in caches]
+    native = executor.execute(batch)
+    assert executor.native_steps == 1
+    native_caches = [c.clone() for c in caches]
+    for c, s in zip(caches, start, strict=True):
+        c.copy_(s)
+    attn = batch.attention_metadata(torch.device("cpu"))
+    hidden = model.forward(batch.token_ids, batch.positions, attn, caches)
+    expected = model.compute_logits(hidden[batch.logits_indices])
+    assert batch.logits_req_ids == ["a", "b", "c"]
+    _close(native, expected, rel=1e-4)
+    for got, ref in zip(native_caches, caches, strict=True):
+        _close(got, ref, rel=1e-5)

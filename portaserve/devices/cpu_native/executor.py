@@ -17,6 +17,7 @@ float32 ``blocks_nhd`` KV cache.
 from __future__ import annotations
 
 import ctypes
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -79,8 +80,31 @@ class NativeDecodeExecutor:
     def execute(self, batch: ScheduledBatch) -> torch.Tensor:
         """Float32 logits [len(batch.logits_indices), vocab] of one step."""
         r = batch.num_reqs
-        if r == 0 or batch.num_tokens != r or r > MAX_DECODE_ROWS:
+        if r == 0:
             return self._op_by_op(batch)
+        if batch.num_tokens == r:
+            if r > MAX_DECODE_ROWS:
+                return self._op_by_op(batch)
+            logits = self._native(batch)
+            return logits if batch.logits_indices.numel() == r else logits[batch.logits_indices]
+        qlens = batch.query_start_loc[1:] - batch.query_start_loc[:-1]
+        ones = (qlens == 1).nonzero().flatten().tolist()
+        if not ones or len(ones) > MAX_DECODE_ROWS:
+            return self._op_by_op(batch)
+        # a mixed step (prefills joining running decodes): the one-token rows run natively,
+        # the rest op by op; requests never read each other's KV writes, so order is free
+        many = (qlens != 1).nonzero().flatten().tolist()
+        logits = torch.empty(batch.logits_indices.numel(), self.vocab_size, dtype=torch.float32)
+        for rows, run in ((ones, self._native), (many, self._op_by_op)):
+            part, where = _subset(batch, rows)
+            out = run(part)  # runs even when no row samples: the step writes their KV
+            if where.numel():
+                logits[where] = out[part.logits_indices] if run is self._native else out
+        return logits
+
+    def _native(self, batch: ScheduledBatch) -> torch.Tensor:
+        """A pure decode batch (one token per request, at most MAX_DECODE_ROWS)."""
+        r = batch.num_reqs
         hidden = self.model._embed(batch.token_ids).float().contiguous()  # [R, H]; scratch below
         logits = torch.empty(r, self.vocab_size, dtype=torch.float32)
         positions = batch.positions.to(torch.int64).contiguous()
@@ -94,17 +118,40 @@ class NativeDecodeExecutor:
         if rc != 0:
             raise MemoryError(f"the native decode step could not allocate scratch for {r} rows")
         self.native_steps += 1
-        if batch.logits_indices.numel() == r:
-            return logits
-        return logits[batch.logits_indices]
+        return logits  # every row's logits; callers pick batch.logits_indices
 
     @torch.inference_mode()
     def _op_by_op(self, batch: ScheduledBatch) -> torch.Tensor:
+        if batch.num_reqs == 0:
+            return torch.empty((0, self.vocab_size), dtype=torch.float32)
         attn = batch.attention_metadata(torch.device("cpu"))
         hidden = self.model.forward(batch.token_ids, batch.positions, attn, self.kv_caches)
         if batch.logits_indices.numel() == 0:
             return torch.empty((0, 0), dtype=torch.float32)
         return self.model.compute_logits(hidden[batch.logits_indices]).float()
+
+
+def _subset(batch: ScheduledBatch, rows: list[int]) -> tuple[ScheduledBatch, torch.Tensor]:
+    """The requests ``rows`` of ``batch`` as a batch of their own, and for each of its logits
+    rows the index of that row in ``batch``'s logits."""
+    qsl = batch.query_start_loc.tolist()
+    tokens = [t for r in rows for t in range(qsl[r], qsl[r + 1])]
+    tok = torch.tensor(tokens, dtype=torch.int64)
+    new_index = {t: i for i, t in enumerate(tokens)}
+    keep = [(i, new_index[t]) for i, t in enumerate(batch.logits_indices.tolist()) if t in new_index]
+    lens = torch.tensor([qsl[r + 1] - qsl[r] for r in rows], dtype=torch.int32)
+    starts = torch.zeros(len(rows) + 1, dtype=torch.int32)
+    starts[1:] = torch.cumsum(lens, 0)
+    idx = torch.tensor(rows, dtype=torch.int64)
+    part = replace(
+        batch, req_ids=[batch.req_ids[r] for r in rows], token_ids=batch.token_ids[tok],
+        positions=batch.positions[tok], query_start_loc=starts, seq_lens=batch.seq_lens[idx],
+        context_lens=batch.context_lens[idx], block_tables=batch.block_tables[idx],
+        slot_mapping=batch.slot_mapping[tok],
+        logits_indices=torch.tensor([j for _, j in keep], dtype=torch.int64),
+        logits_req_ids=[batch.logits_req_ids[i] for i, _ in keep],
+        prev_token_rows=None, prev_sample_rows=None)
+    return part, torch.tensor([i for i, _ in keep], dtype=torch.int64)
 
 
 def _linear(proj: Any, k: int, keep: list[Any], name: str) -> _Linear:
