@@ -593,6 +593,10 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
                     str(args.threads),
                     "--n_ctx",
                     "4096",
+                    # by default a new request cuts off the one being streamed (the server runs
+                    # one at a time); queue them instead, as every other server here does
+                    "--interrupt_requests",
+                    "false",
                     "--host",
                     "127.0.0.1",
                     "--port",

@@ -134,21 +134,24 @@ def _hf_worker(model: str, threads: int) -> dict[str, Any]:
                                                            dtype=torch.float32).eval()
     load_s = time.perf_counter() - t0
     tok = Tokenizer.from_gguf_metadata(read_gguf_metadata(gguf), name=gguf.name)
-    ids = torch.tensor([tok.encode(p)[:16] for p in PROMPTS])  # [8, 16], no padding needed
+    prompts = [tok.encode(p)[:16] for p in PROMPTS]
+    width = max(len(p) for p in prompts)  # left-padded batch, as generate expects
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
 
-    def run(prompts: torch.Tensor, n: int) -> float:
+    def run(rows: slice, n: int) -> float:
         start = time.perf_counter()
         with torch.inference_mode():
-            out = hf.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=False,
+            out = hf.generate(ids[rows], attention_mask=mask[rows], do_sample=False,
                               max_new_tokens=n, min_new_tokens=n, pad_token_id=0)
-        if out.shape[1] != prompts.shape[1] + n:
+        if out.shape[1] != width + n:
             raise RuntimeError("an output has the wrong length")
         return time.perf_counter() - start
 
-    run(ids[:1], 8)
-    prefill = min(run(ids[:1], 1) for _ in range(3))
-    decode = run(ids[:1], NEW_TOKENS + 1) - prefill
-    batch = run(ids, NEW_TOKENS)
+    run(slice(0, 1), 8)
+    prefill = min(run(slice(0, 1), 1) for _ in range(3))
+    decode = run(slice(0, 1), NEW_TOKENS + 1) - prefill
+    batch = run(slice(0, BATCH), NEW_TOKENS)
     return {"load_s": load_s, "batch1_tok_s": NEW_TOKENS / decode,
             "batch8_tok_s": BATCH * NEW_TOKENS / batch,
             "version": f"transformers {transformers.__version__}"}

@@ -243,3 +243,19 @@ def test_mixed_steps_split_into_native_decode_and_op_by_op_prefill() -> None:
     _close(native, expected, rel=1e-4)
     for got, ref in zip(native_caches, caches, strict=True):
         _close(got, ref, rel=1e-5)
+
+
+def test_the_step_profile_times_every_phase() -> None:
+    from portaserve.devices.cpu_native.executor import PHASES
+
+    assert cpu_native.library().ps_decode_num_phases() == len(PHASES)
+    model, caches = _model("Q8_0")
+    executor, why = build_executor(model, caches)
+    assert executor is not None, why
+    tables = {"a": [1, 2]}
+    executor.execute(_step([("a", [3, 4, 5], 0)], tables))
+    executor.profile = torch.zeros(len(PHASES), dtype=torch.float64)
+    for i in range(3):
+        executor.execute(_step([("a", [6 + i], 3 + i)], tables))
+    assert executor.native_steps == 3
+    assert bool((executor.profile > 0).all()), executor.profile

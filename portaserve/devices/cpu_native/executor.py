@@ -30,6 +30,10 @@ from portaserve.quant.base import QuantizedWeight
 #: tiled native linear re-expands each weight block once per 8 tokens; BLAS is better there).
 MAX_DECODE_ROWS = 32
 
+#: The phases ``NativeDecodeExecutor.profile`` times, in kernels.c's order.
+PHASES = ("norms", "qkv", "rotary + KV write", "attention", "o proj", "gate_up", "silu*up",
+          "down", "lm_head")
+
 _ptr, _i64, _i32, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float
 
 
@@ -60,7 +64,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         return
     lib.ps_decode_step.restype = ctypes.c_int
     lib.ps_decode_step.argtypes = [ctypes.POINTER(_Model), _i64, _ptr, _ptr, _ptr, _ptr, _i64,
-                                   _ptr, _ptr, ctypes.c_int]
+                                   _ptr, _ptr, ctypes.c_int, _ptr]
     lib._ps_decode_declared = True
 
 
@@ -76,6 +80,9 @@ class NativeDecodeExecutor:
         self._keep = keep  # every tensor and ctypes array the struct points into
         self.vocab_size = struct.lm_head.n
         self.native_steps = 0  # steps run natively (for tests and the step profiler)
+        #: When set to a float64 tensor of len(PHASES) zeros, native steps add the seconds
+        #: each phase took (measured by one thread between the barriers that end the phases).
+        self.profile: torch.Tensor | None = None
 
     def execute(self, batch: ScheduledBatch) -> torch.Tensor:
         """Float32 logits [len(batch.logits_indices), vocab] of one step."""
@@ -114,7 +121,8 @@ class NativeDecodeExecutor:
         rc = self._lib.ps_decode_step(
             ctypes.byref(self._struct), r, hidden.data_ptr(), positions.data_ptr(),
             slots.data_ptr(), tables.data_ptr(), tables.stride(0), seq_lens.data_ptr(),
-            logits.data_ptr(), torch.get_num_threads())
+            logits.data_ptr(), torch.get_num_threads(),
+            self.profile.data_ptr() if self.profile is not None else None)
         if rc != 0:
             raise MemoryError(f"the native decode step could not allocate scratch for {r} rows")
         self.native_steps += 1

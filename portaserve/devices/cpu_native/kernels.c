@@ -19,6 +19,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <omp.h>
+
 #define ALWAYS_INLINE_EARLY static inline __attribute__((always_inline))
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
@@ -507,11 +509,24 @@ static void rotate_heads(float *t, int64_t heads, int64_t D, const float *cs) {
     }
 }
 
+/* Phases of the decode step that ps_decode_step can time (``profile`` non-NULL: seconds per
+ * phase are added to profile[phase], measured by thread 0 between the barriers that end them). */
+enum { PH_NORM, PH_QKV, PH_ROPE, PH_ATTN, PH_O, PH_GATE_UP, PH_ACT, PH_DOWN, PH_LM_HEAD, PH_COUNT };
+int ps_decode_num_phases(void) { return PH_COUNT; }
+#define PROFILE_MARK(phase)                                                  \
+    do {                                                                     \
+        if (profile && omp_get_thread_num() == 0) {                         \
+            const double now_ = omp_get_wtime();                             \
+            profile[phase] += now_ - t_last;                                 \
+            t_last = now_;                                                   \
+        }                                                                    \
+    } while (0)
+
 /* hidden: [R, H] embeddings in, scratch after; logits: [R, vocab] out. Returns -1 when a
  * scratch buffer cannot be allocated (nothing is written to the caches in that case). */
 int ps_decode_step(const ps_model_t *M, int64_t R, float *hidden, const int64_t *positions,
                    const int64_t *slots, const int32_t *block_tables, int64_t bt_stride,
-                   const int32_t *seq_lens, float *logits, int nthreads) {
+                   const int32_t *seq_lens, float *logits, int nthreads, double *profile) {
     const int64_t H = M->hidden, D = M->head_dim, Hq = M->num_heads, Hk = M->num_kv_heads;
     const int64_t G = Hq / Hk, I = M->inter, QKV = (Hq + 2 * Hk) * D;
     const int64_t tok_stride = Hk * D, blk_stride = M->block_size * tok_stride;
@@ -533,6 +548,7 @@ int ps_decode_step(const ps_model_t *M, int64_t R, float *hidden, const int64_t 
             failed = 1;
         }
 #pragma omp barrier
+        double t_last = profile ? omp_get_wtime() : 0.0;
         if (!failed) {
             for (int64_t l = 0; l < M->num_layers; l++) {
                 const ps_layer_t *L = &M->layers[l];
@@ -544,8 +560,10 @@ int ps_decode_step(const ps_model_t *M, int64_t R, float *hidden, const int64_t 
                     rms_row(res, L->input_norm, M->eps, H, x + r * H);
                     block_sums(x, H, r, r + 1, H, xsum);
                 }
+                PROFILE_MARK(PH_NORM);
 #pragma omp for schedule(static)
                 for (int64_t n = 0; n < QKV; n++) linear_row(&L->qkv, n, x, H, R, xsum, qkv, QKV, dm);
+                PROFILE_MARK(PH_QKV);
 #pragma omp for schedule(static)
                 for (int64_t r = 0; r < R; r++) { /* rotary on q and k, then k and v to the cache */
                     float *row = qkv + r * QKV;
@@ -554,6 +572,7 @@ int ps_decode_step(const ps_model_t *M, int64_t R, float *hidden, const int64_t 
                     memcpy(L->kv_cache + slots[r] * tok_stride, row + Hq * D, sizeof(float) * (size_t)(Hk * D));
                     memcpy(vcache + slots[r] * tok_stride, row + (Hq + Hk) * D, sizeof(float) * (size_t)(Hk * D));
                 }
+                PROFILE_MARK(PH_ROPE);
 #pragma omp for schedule(dynamic, 1)
                 for (int64_t task = 0; task < R * Hk; task++) {
                     const int64_t r = task / Hk, h = task % Hk;
@@ -561,10 +580,13 @@ int ps_decode_step(const ps_model_t *M, int64_t R, float *hidden, const int64_t 
                            seq_lens[r], h, G, D, M->block_size, tok_stride, blk_stride, M->scale,
                            scores, att + r * Hq * D + h * G * D);
                 }
+                PROFILE_MARK(PH_ATTN);
 #pragma omp for schedule(static)
                 for (int64_t r = 0; r < R; r++) block_sums(att, Hq * D, r, r + 1, Hq * D, xsum);
+                PROFILE_MARK(PH_O);
 #pragma omp for schedule(static)
                 for (int64_t n = 0; n < H; n++) linear_row(&L->o, n, att, Hq * D, R, xsum, hidden, H, dm);
+                PROFILE_MARK(PH_O);
 #pragma omp for schedule(static)
                 for (int64_t r = 0; r < R; r++) { /* residual and post-attention norm */
                     float *res = resid + r * H, *h = hidden + r * H;
@@ -572,8 +594,10 @@ int ps_decode_step(const ps_model_t *M, int64_t R, float *hidden, const int64_t 
                     rms_row(res, L->post_norm, M->eps, H, x + r * H);
                     block_sums(x, H, r, r + 1, H, xsum);
                 }
+                PROFILE_MARK(PH_NORM);
 #pragma omp for schedule(static)
                 for (int64_t n = 0; n < 2 * I; n++) linear_row(&L->gate_up, n, x, H, R, xsum, gu, 2 * I, dm);
+                PROFILE_MARK(PH_GATE_UP);
 #pragma omp for schedule(static)
                 for (int64_t r = 0; r < R; r++) { /* silu(gate) * up */
                     const float *g = gu + r * 2 * I, *u = g + I;
@@ -581,8 +605,10 @@ int ps_decode_step(const ps_model_t *M, int64_t R, float *hidden, const int64_t 
                     for (int64_t i = 0; i < I; i++) a[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
                     block_sums(act, I, r, r + 1, I, xsum);
                 }
+                PROFILE_MARK(PH_ACT);
 #pragma omp for schedule(static)
                 for (int64_t n = 0; n < H; n++) linear_row(&L->down, n, act, I, R, xsum, hidden, H, dm);
+                PROFILE_MARK(PH_DOWN);
             }
 #pragma omp for schedule(static)
             for (int64_t r = 0; r < R; r++) { /* final norm */
@@ -591,9 +617,11 @@ int ps_decode_step(const ps_model_t *M, int64_t R, float *hidden, const int64_t 
                 rms_row(res, M->final_norm, M->eps, H, x + r * H);
                 block_sums(x, H, r, r + 1, H, xsum);
             }
+            PROFILE_MARK(PH_NORM);
 #pragma omp for schedule(static)
             for (int64_t n = 0; n < M->lm_head.n; n++)
                 linear_row(&M->lm_head, n, x, H, R, xsum, logits, M->lm_head.n, dm);
+            PROFILE_MARK(PH_LM_HEAD);
         }
         free(dm);
         free(scores);
