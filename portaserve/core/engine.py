@@ -101,6 +101,8 @@ class LLMEngine:
 
         keep_packed = config.keep_packed_weights
         if keep_packed is None:
+            keep_packed = caps.keep_packed_weights
+        if keep_packed is None:
             keep_packed = self.dtype != torch.float32
         loaded = load_model(config.model, dtype=self.dtype, device=self.device.torch_device,
                             quantization=config.quantization, keep_packed=keep_packed)
@@ -149,8 +151,6 @@ class LLMEngine:
         self.sampler = Sampler(seed=config.seed)
         self._parents: dict[str, _Parent] = {}
         self._children: dict[str, tuple[_Parent, _Sequence]] = {}
-        if keep_packed is None:
-            keep_packed = caps.keep_packed_weights
         self._arrival = itertools.count()
 
     @classmethod
