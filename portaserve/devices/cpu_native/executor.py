@@ -158,7 +158,8 @@ def _subset(batch: ScheduledBatch, rows: list[int]) -> tuple[ScheduledBatch, tor
         slot_mapping=batch.slot_mapping[tok],
         logits_indices=torch.tensor([j for _, j in keep], dtype=torch.int64),
         logits_req_ids=[batch.logits_req_ids[i] for i, _ in keep],
-        prev_token_rows=None, prev_sample_rows=None)
+        # the core filled any async-scheduling placeholders in before execute()
+        **{f: None for f in ("prev_token_rows", "prev_sample_rows") if hasattr(batch, f)})
     return part, torch.tensor([i for i, _ in keep], dtype=torch.int64)
 
 
