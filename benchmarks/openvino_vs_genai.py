@@ -48,6 +48,7 @@ PROMPTS = [
 
 #: engine key -> (label, portaserve device or None, environment for the device)
 ENGINES: dict[str, tuple[str, str | None, dict[str, str]]] = {
+    "ov": ("portaserve openvino, defaults (f32, GGUF blocks)", "openvino", {}),
     "ov-f32": ("portaserve openvino f32, f32 weights", "openvino",
                {"PORTASERVE_OPENVINO_PRECISION": "f32", "PORTASERVE_OPENVINO_WEIGHTS": "f32"}),
     "ov-f32-gguf": ("portaserve openvino f32, GGUF blocks", "openvino",

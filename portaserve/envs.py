@@ -65,8 +65,9 @@ def openvino_precision() -> str:
 
 
 def openvino_weights() -> str:
-    """``PORTASERVE_OPENVINO_WEIGHTS``: weight format of the openvino graph: f32, int8 or int4."""
-    return os.environ.get("PORTASERVE_OPENVINO_WEIGHTS", "").strip().lower() or "f32"
+    """``PORTASERVE_OPENVINO_WEIGHTS``: weight format of the openvino graph: gguf (default:
+    GGUF Q4_0/Q4_1/Q8_0 blocks as they are, other weights f32), f32, int8 or int4."""
+    return os.environ.get("PORTASERVE_OPENVINO_WEIGHTS", "").strip().lower() or "gguf"
 
 
 def cuda_graphs() -> bool:

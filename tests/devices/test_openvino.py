@@ -406,3 +406,11 @@ def test_gguf_block_weights_match_dequantized_graph(ov_llm) -> None:
         executor = device.compile(ov_llm.llm_engine.model, device.allocate_kv_cache(spec))
         logits[fmt] = executor.execute(batch)
     torch.testing.assert_close(logits["gguf"], logits["f32"], rtol=1e-3, atol=1e-3)
+
+
+def test_default_weights_are_the_gguf_blocks_kept_packed(monkeypatch) -> None:
+    monkeypatch.delenv("PORTASERVE_OPENVINO_WEIGHTS", raising=False)
+    device = OpenVINODevice(precision="f32")
+    assert device.weight_format == "gguf"
+    assert device.capabilities().keep_packed_weights is True
+    assert OpenVINODevice(precision="f32", weight_format="f32").capabilities().keep_packed_weights is None

@@ -20,9 +20,10 @@ Precision (``PORTASERVE_OPENVINO_PRECISION`` or ``OpenVINODevice(precision=...)`
   inference on CPUs with AVX-512 BF16 or AMX (f32 on others, like this AVX2 host), dynamic
   quantization of activations for compressed weights. Faster, not bit-exact.
 
-Weights (``PORTASERVE_OPENVINO_WEIGHTS`` or ``weight_format=``): ``f32`` (default), ``int8``
-(per output channel) or ``int4`` (groups of 32), re-quantized at compile time, or ``gguf``:
-GGUF Q4_0 / Q4_1 / Q8_0 blocks passed to OpenVINO as they are (other weights dense f32).
+Weights (``PORTASERVE_OPENVINO_WEIGHTS`` or ``weight_format=``): ``gguf`` (default): GGUF Q4_0 /
+Q4_1 / Q8_0 blocks passed to OpenVINO as they are (other weights dense f32; the device has the
+core keep GGUF weights packed), ``f32``, or ``int8`` (per output channel) / ``int4`` (groups of
+32) re-quantized at compile time.
 """
 
 from __future__ import annotations
@@ -132,6 +133,8 @@ class OpenVINODevice(Device):
             default_max_num_seqs=64,
             default_max_num_batched_tokens=1024,
             default_kv_cache_bytes=4 << 30,
+            # "gguf" hands GGUF blocks to OpenVINO as they are: they must arrive packed
+            keep_packed_weights=True if self.weight_format == "gguf" else None,
             extra={
                 "openvino": ov.__version__,
                 "devices": list(core.available_devices),
