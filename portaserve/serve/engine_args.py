@@ -50,7 +50,8 @@ def add_engine_args(parser: argparse.ArgumentParser, *, model_positional: bool =
     g.add_argument("--quantization", "-q", default=None, help="weight format, e.g. int8, int4, fp8")
     g.add_argument("--keep-packed-weights", dest="keep_packed_weights", default=None,
                    action=argparse.BooleanOptionalAction,
-                   help="keep GGUF block weights packed (default: yes in 16-bit, no in float32)")
+                   help="keep GGUF block weights packed (default: the device decides; yes on "
+                        "cpu and openvino, and in 16-bit everywhere)")
     g.add_argument("--seed", type=int, default=0)
 
 
