@@ -1,9 +1,10 @@
 """``quant_linear`` kernels for the ``cpu`` device, one per format, exact against the reference.
 
-Small batches (up to ``cpu_native.MAX_TOKENS`` tokens) of float32 activations on Q4_0, Q4_1 and
-Q8_0 go to the native kernels of ``portaserve.devices.cpu_native`` when they could be built:
-they expand each packed block in registers (the same ``d * q (+ m)`` values as the reference,
-up to FMA rounding) and read the weights once per step. Everything else takes the paths below.
+Small batches (up to ``cpu_native.MAX_TOKENS`` tokens) of float32 activations on the GGUF
+formats go to the native kernels of ``portaserve.devices.cpu_native`` when they could be built:
+they expand each packed block in registers or an L1 buffer (the reference's values) and read
+the weights once per step; larger batches expand chunks natively and multiply them with BLAS.
+Everything else takes the paths below.
 
 Every format uses dequant-in-the-loop: the packed rows are expanded a chunk at a time
 (``CHUNK_ELEMENTS`` weights, 4 MiB of float32) into a per-thread buffer that is reused,
@@ -69,8 +70,7 @@ def _gguf_chunk(weight: QuantizedWeight, r0: int, r1: int) -> torch.Tensor:
     fmt = weight.format
     if _native_ok(weight):  # the same values, expanded natively
         k = weight.shape[1]
-        return cpu_native.gguf_dequant_rows(fmt, weight.data, k, r0, r1,
-                                            _buffer((r1 - r0) * k).view(r1 - r0, k))
+        return cpu_native.dequant_rows(weight, r0, r1, _buffer((r1 - r0) * k).view(r1 - r0, k))
     data = {k: v[r0:r1] for k, v in weight.data.items()}
     n = r1 - r0
     if fmt in ("Q4_0", "Q4_1"):
@@ -222,7 +222,7 @@ def gguf_linear(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | N
         return _int4pack_linear(x, weight, bias)
     n, k = weight.shape
     if x.dtype == torch.float32 and x.numel() <= cpu_native.MAX_TOKENS * k and _native_ok(weight):
-        out = cpu_native.gguf_linear(x.reshape(-1, k), weight.format, weight.data, n, bias)
+        out = cpu_native.linear(x.reshape(-1, k), weight, bias)
         return out.view(*x.shape[:-1], n)
     return _dequant_linear(_gguf_chunk, x, weight, bias)
 

@@ -39,29 +39,20 @@ def _close(out: torch.Tensor, ref: torch.Tensor, rel: float = 2e-5) -> None:
 
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("tokens", [1, 3, 8, 13, 32])
-def test_gguf_linear_matches_reference_dequant(fmt: str, tokens: int) -> None:
+def test_linear_matches_reference_dequant(fmt: str, tokens: int) -> None:
     gen = torch.Generator().manual_seed(hash((fmt, tokens)) % 2**31)
-    n, k = 96, 320
+    n, k = 96, 512
     weight = quant_registry.quantize(torch.randn(n, k, generator=gen) * 0.1, fmt)
     x = torch.randn(tokens, k, generator=gen)
     bias = torch.randn(n, generator=gen)
     ref = reference.quant_linear(x, weight, bias)
-    out = cpu_native.gguf_linear(x, fmt, weight.data, n, bias)
+    out = cpu_native.linear(x, weight, bias)
     assert out.shape == (tokens, n)
     _close(out, ref)
     # a strided input (a column slice of a wider activation) gives the same result
     wide = torch.randn(tokens, k + 64, generator=gen)
-    _close(cpu_native.gguf_linear(wide[:, 32:32 + k], fmt, weight.data, n),
+    _close(cpu_native.linear(wide[:, 32:32 + k], weight),
            reference.quant_linear(wide[:, 32:32 + k].contiguous(), weight, None))
-
-
-@pytest.mark.parametrize("fmt", FORMATS)
-def test_gguf_rows_equal_reference_dequant_exactly(fmt: str) -> None:
-    gen = torch.Generator().manual_seed(7)
-    weight = quant_registry.quantize(torch.randn(50, 64, generator=gen), fmt)
-    ids = torch.tensor([3, 0, 49, 3, 17])
-    assert torch.equal(cpu_native.gguf_rows(ids, fmt, weight.data, 64),
-                       weight.dequantize(torch.float32)[ids])
 
 
 def _paged_inputs(seq_lens: list[int], hq: int, hk: int, d: int, block_size: int, seed: int):
@@ -125,8 +116,16 @@ SMALL = ModelConfig(architecture="llama", vocab_size=300, hidden_size=128, inter
                     max_position_embeddings=512, tie_word_embeddings=True, name="small")
 
 
+#: K formats need rows of whole 256-weight super-blocks
+SMALL_K = ModelConfig(architecture="llama", vocab_size=300, hidden_size=256,
+                      intermediate_size=512, num_layers=2, num_heads=4, num_kv_heads=2,
+                      head_dim=64, max_position_embeddings=512, tie_word_embeddings=True,
+                      name="small-k")
+
+
 def _model(fmt: str | None, cache_blocks: int = 40):
-    weights: dict = synthetic_weights(SMALL, dtype=torch.float32, device=torch.device("cpu"), seed=5)
+    cfg = SMALL_K if fmt in ("Q4_K", "Q5_K", "Q6_K") else SMALL
+    weights: dict = synthetic_weights(cfg, dtype=torch.float32, device=torch.device("cpu"), seed=5)
     gen = torch.Generator().manual_seed(11)
     for name in list(weights):  # norms away from 1 so that they matter
         if "norm" in name:
@@ -136,8 +135,8 @@ def _model(fmt: str | None, cache_blocks: int = 40):
                    for n, w in weights.items()}
     device = CPUDevice()
     kernels = get_registry().kernel_table(device)
-    model = LlamaForCausalLM(SMALL, weights, kernels, dtype=torch.float32, device=torch.device("cpu"))
-    spec = KVCacheSpec(SMALL.num_layers, cache_blocks, 16, SMALL.num_kv_heads, SMALL.head_dim,
+    model = LlamaForCausalLM(cfg, weights, kernels, dtype=torch.float32, device=torch.device("cpu"))
+    spec = KVCacheSpec(cfg.num_layers, cache_blocks, 16, cfg.num_kv_heads, cfg.head_dim,
                        torch.float32)
     return model, device.allocate_kv_cache(spec)
 
@@ -148,7 +147,7 @@ def _step(items: list[tuple], block_tables: dict[str, list[int]]):
                        block_size=16)
 
 
-@pytest.mark.parametrize("fmt", [None, "Q4_0", "Q4_1", "Q8_0"])
+@pytest.mark.parametrize("fmt", [None, *FORMATS])
 def test_decode_executor_matches_op_by_op(fmt: str | None) -> None:
     model, caches = _model(fmt)
     executor, why = build_executor(model, caches)
@@ -171,7 +170,7 @@ def test_decode_executor_matches_op_by_op(fmt: str | None) -> None:
     attn = decode.attention_metadata(torch.device("cpu"))
     hidden = model.forward(decode.token_ids, decode.positions, attn, caches)
     expected = model.compute_logits(hidden[decode.logits_indices])
-    assert native.shape == expected.shape == (3, SMALL.vocab_size)
+    assert native.shape == expected.shape == (3, model.config.vocab_size)
     _close(native, expected, rel=1e-4)
     assert torch.equal(native.argmax(-1), expected.argmax(-1))
     for got, ref in zip(native_caches, caches, strict=True):
@@ -210,9 +209,9 @@ def test_without_a_compiler_the_cpu_device_keeps_its_torch_paths(tmp_path) -> No
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_dequant_rows_equal_the_reference_exactly(fmt: str) -> None:
     gen = torch.Generator().manual_seed(9)
-    weight = quant_registry.quantize(torch.randn(70, 96, generator=gen), fmt)
-    out = torch.empty(40, 96)
-    cpu_native.gguf_dequant_rows(fmt, weight.data, 96, 20, 60, out)
+    weight = quant_registry.quantize(torch.randn(70, 512, generator=gen), fmt)
+    out = torch.empty(40, 512)
+    cpu_native.dequant_rows(weight, 20, 60, out)
     assert torch.equal(out, weight.dequantize(torch.float32)[20:60])
 
 

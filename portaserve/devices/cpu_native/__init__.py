@@ -25,6 +25,7 @@ import subprocess
 import tempfile
 import threading
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -34,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("kernels.c")
 #: GGUF formats the native linear serves -> the ``fmt`` code in kernels.c
-FORMATS = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2}
+FORMATS = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2, "Q4_K": 3, "Q5_K": 4, "Q6_K": 5}
 #: At most this many tokens go through the native linear; larger batches are compute bound
 #: and the chunked-dequant BLAS path is faster.
 MAX_TOKENS = 16
@@ -86,16 +87,35 @@ def _build(cc: str, target: Path) -> None:
             os.unlink(tmp)
 
 
+class Linear(ctypes.Structure):
+    """kernels.c's ``ps_linear_t``: one linear layer, float32 rows or a GGUF format."""
+
+    _fields_ = [("fmt", ctypes.c_int32), ("pad", ctypes.c_int32), ("n", _c_i64), ("k", _c_i64),
+                ("w", _ptr), ("d", _ptr), ("m", _ptr), ("bias", _ptr), ("scales", _ptr),
+                ("qh", _ptr)]
+
+
+def linear_struct(weight: Any, bias: torch.Tensor | None = None) -> Linear:
+    """The ``ps_linear_t`` of a float32 matrix or a packed QuantizedWeight (whose tensors must
+    be contiguous and outlive the struct; the caller keeps ``bias`` alive too)."""
+    b = _p(bias)
+    if isinstance(weight, torch.Tensor):
+        n, k = weight.shape
+        return Linear(-1, 0, n, k, weight.data_ptr(), None, None, b, None, None)
+    data, fmt = weight.data, weight.format
+    n, k = weight.shape
+    codes = data["ql"] if fmt == "Q6_K" else data["qs"]
+    second = data.get("m") if fmt in ("Q4_0", "Q4_1", "Q8_0") else data.get("dmin")
+    return Linear(FORMATS[fmt], 0, n, k, codes.data_ptr(), data["d"].data_ptr(), _p(second), b,
+                  _p(data.get("scales")), _p(data.get("qh")))
+
+
 def _declare(lib: ctypes.CDLL) -> None:
     lib.ps_has_avx2.restype = _c_int
-    lib.ps_gguf_linear.restype = _c_int
-    lib.ps_gguf_linear.argtypes = [_c_int, _ptr, _c_i64, _c_i64, _c_i64, _ptr, _ptr, _ptr, _c_i64,
-                                   _ptr, _ptr, _c_i64, _c_int]
-    lib.ps_gguf_rows.restype = None
-    lib.ps_gguf_rows.argtypes = [_c_int, _ptr, _c_i64, _c_i64, _ptr, _ptr, _ptr, _ptr]
-    lib.ps_gguf_dequant_rows.restype = None
-    lib.ps_gguf_dequant_rows.argtypes = [_c_int, _ptr, _ptr, _ptr, _c_i64, _c_i64, _c_i64, _ptr,
-                                         _c_int]
+    lib.ps_linear.restype = _c_int
+    lib.ps_linear.argtypes = [ctypes.POINTER(Linear), _ptr, _c_i64, _c_i64, _ptr, _c_i64, _c_int]
+    lib.ps_dequant_rows.restype = None
+    lib.ps_dequant_rows.argtypes = [ctypes.POINTER(Linear), _c_i64, _c_i64, _ptr, _c_int]
     lib.ps_rms_norm.restype = None
     lib.ps_rms_norm.argtypes = [_ptr, _ptr, _ptr, _c_float, _c_i64, _c_i64, _ptr, _ptr]
     lib.ps_rotary.restype = None
@@ -162,47 +182,39 @@ def _p(t: torch.Tensor | None) -> int | None:
 # -- ops ----------------------------------------------------------------------------------------
 
 
-def gguf_linear(x: torch.Tensor, fmt: str, data: dict[str, torch.Tensor], n: int,
-                bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x float32 [T, K] @ dequant(packed [n, K]).T (+ bias) -> float32 [T, n].
+def _struct(weight: Any) -> Linear:
+    """The weight's ``ps_linear_t``, built once and kept in ``weight.meta``."""
+    st = weight.meta.get("_cpu_native_struct")
+    if st is None:
+        st = weight.meta["_cpu_native_struct"] = linear_struct(weight)
+    return st
 
-    ``data`` is the format's struct of arrays (``qs`` and fp16 ``d``, plus ``m`` for Q4_1),
-    contiguous, rows first. The caller checks ``library()`` and the format first."""
+
+def linear(x: torch.Tensor, weight: Any, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x float32 [T, K] @ dequant(weight).T (+ bias) -> float32 [T, N] for a packed
+    ``QuantizedWeight`` of a ``FORMATS`` format (contiguous tensors, rows first). The caller
+    checks ``library()`` and the format first."""
     lib = _lib
     assert lib is not None, "call library() first"
-    t, k = x.shape
+    t = x.shape[0]
     if x.stride(1) != 1:
         x = x.contiguous()
+    n = weight.shape[0]
     out = torch.empty(t, n, dtype=torch.float32)
-    m = data.get("m")
-    if bias is not None:
-        bias = bias.float().contiguous()
-    rc = lib.ps_gguf_linear(FORMATS[fmt], x.data_ptr(), x.stride(0), t, k, data["qs"].data_ptr(),
-                            data["d"].data_ptr(), _p(m), n, _p(bias), out.data_ptr(), n,
-                            torch.get_num_threads())
+    rc = lib.ps_linear(ctypes.byref(_struct(weight)), x.data_ptr(), x.stride(0), t,
+                       out.data_ptr(), n, torch.get_num_threads())
     if rc != 0:
-        raise MemoryError(f"gguf_linear could not allocate {t} x {k} activation codes")
-    return out
+        raise MemoryError(f"linear could not allocate scratch for {t} tokens")
+    return out if bias is None else out.add_(bias.float())
 
 
-def gguf_rows(ids: torch.Tensor, fmt: str, data: dict[str, torch.Tensor], k: int) -> torch.Tensor:
-    """Rows ``ids`` of a packed table, expanded to float32 [len(ids), k]."""
+def dequant_rows(weight: Any, r0: int, r1: int, out: torch.Tensor) -> torch.Tensor:
+    """Rows [r0, r1) of a packed weight as float32 into ``out`` (contiguous [r1 - r0, K]),
+    equal to the reference dequantization."""
     lib = _lib
     assert lib is not None, "call library() first"
-    ids = ids.to(torch.int64).contiguous()
-    out = torch.empty(ids.numel(), k, dtype=torch.float32)
-    lib.ps_gguf_rows(FORMATS[fmt], ids.data_ptr(), ids.numel(), k, data["qs"].data_ptr(),
-                     data["d"].data_ptr(), _p(data.get("m")), out.data_ptr())
-    return out
-
-
-def gguf_dequant_rows(fmt: str, data: dict[str, torch.Tensor], k: int, r0: int, r1: int,
-                      out: torch.Tensor) -> torch.Tensor:
-    """Rows [r0, r1) of a packed weight as float32 into ``out`` (contiguous [r1 - r0, k])."""
-    lib = _lib
-    assert lib is not None, "call library() first"
-    lib.ps_gguf_dequant_rows(FORMATS[fmt], data["qs"].data_ptr(), data["d"].data_ptr(),
-                             _p(data.get("m")), k, r0, r1, out.data_ptr(), torch.get_num_threads())
+    lib.ps_dequant_rows(ctypes.byref(_struct(weight)), r0, r1, out.data_ptr(),
+                        torch.get_num_threads())
     return out
 
 

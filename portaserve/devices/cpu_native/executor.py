@@ -10,8 +10,8 @@ executor.
 
 ``build_executor`` says why a model does not qualify (``None, reason``): it takes float32
 Llama-family models (``LlamaForCausalLM``, SiLU MLP, no q/k norm, rotary over the whole head)
-whose linears are float32 or GGUF Q4_0 / Q4_1 / Q8_0 with fused q|k|v and gate|up, over a
-float32 ``blocks_nhd`` KV cache.
+whose linears are float32 or GGUF Q4_0 / Q4_1 / Q8_0 / Q4_K / Q5_K / Q6_K with fused q|k|v and
+gate|up, over a float32 ``blocks_nhd`` KV cache.
 """
 
 from __future__ import annotations
@@ -37,21 +37,17 @@ PHASES = ("norms", "qkv", "rotary + KV write", "attention", "o proj", "gate_up",
 _ptr, _i64, _i32, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float
 
 
-class _Linear(ctypes.Structure):
-    _fields_ = [("fmt", _i32), ("pad", _i32), ("n", _i64), ("k", _i64), ("w", _ptr), ("d", _ptr),
-                ("m", _ptr), ("bias", _ptr)]
-
-
 class _Layer(ctypes.Structure):
-    _fields_ = [("input_norm", _ptr), ("post_norm", _ptr), ("qkv", _Linear), ("o", _Linear),
-                ("gate_up", _Linear), ("down", _Linear), ("kv_cache", _ptr)]
+    _fields_ = [("input_norm", _ptr), ("post_norm", _ptr), ("qkv", cpu_native.Linear),
+                ("o", cpu_native.Linear), ("gate_up", cpu_native.Linear),
+                ("down", cpu_native.Linear), ("kv_cache", _ptr)]
 
 
 class _Model(ctypes.Structure):
     _fields_ = [("num_layers", _i64), ("hidden", _i64), ("num_heads", _i64),
                 ("num_kv_heads", _i64), ("head_dim", _i64), ("inter", _i64),
                 ("num_blocks", _i64), ("block_size", _i64), ("eps", _f32), ("scale", _f32),
-                ("cos_sin", _ptr), ("final_norm", _ptr), ("lm_head", _Linear),
+                ("cos_sin", _ptr), ("final_norm", _ptr), ("lm_head", cpu_native.Linear),
                 ("layers", ctypes.POINTER(_Layer))]
 
 
@@ -163,7 +159,7 @@ def _subset(batch: ScheduledBatch, rows: list[int]) -> tuple[ScheduledBatch, tor
     return part, torch.tensor([i for i, _ in keep], dtype=torch.int64)
 
 
-def _linear(proj: Any, k: int, keep: list[Any], name: str) -> _Linear:
+def _linear(proj: Any, k: int, keep: list[Any], name: str) -> cpu_native.Linear:
     if len(proj) != 1:
         raise _Unsupported(f"{name} is not one fused weight")
     weight, bias = proj[0]
@@ -173,24 +169,18 @@ def _linear(proj: Any, k: int, keep: list[Any], name: str) -> _Linear:
         bias = bias.contiguous()
         keep.append(bias)
     if isinstance(weight, QuantizedWeight):
-        fmt = weight.format
-        if fmt not in cpu_native.FORMATS:
-            raise _Unsupported(f"{name} is {fmt} (native formats: {', '.join(cpu_native.FORMATS)})")
-        n, wk = weight.shape
-        data = weight.data
-        if wk != k or wk % 32 or not all(t.is_contiguous() and t.device.type == "cpu"
-                                        for t in data.values()):
+        if weight.format not in cpu_native.FORMATS:
+            raise _Unsupported(f"{name} is {weight.format} (native formats: "
+                               f"{', '.join(cpu_native.FORMATS)})")
+        if weight.shape[1] != k or not all(t.is_contiguous() and t.device.type == "cpu"
+                                           for t in weight.data.values()):
             raise _Unsupported(f"{name} has an unexpected layout")
-        m = data.get("m")
-        return _Linear(cpu_native.FORMATS[fmt], 0, n, wk, data["qs"].data_ptr(),
-                       data["d"].data_ptr(), m.data_ptr() if m is not None else None,
-                       bias.data_ptr() if bias is not None else None)
+        return cpu_native.linear_struct(weight, bias)
     if not isinstance(weight, torch.Tensor) or weight.dtype != torch.float32 or weight.dim() != 2:
         raise _Unsupported(f"{name} is not a float32 matrix or a native GGUF format")
     if weight.shape[1] != k or not weight.is_contiguous() or weight.device.type != "cpu":
         raise _Unsupported(f"{name} has an unexpected layout")
-    return _Linear(-1, 0, weight.shape[0], k, weight.data_ptr(), None, None,
-                   bias.data_ptr() if bias is not None else None)
+    return cpu_native.linear_struct(weight, bias)
 
 
 def _vector(t: Any, size: int, name: str) -> torch.Tensor:

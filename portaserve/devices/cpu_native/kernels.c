@@ -1,10 +1,12 @@
 /* portaserve cpu_native: small-batch kernels for the `cpu` device, called through ctypes.
  *
- * 1. GGUF block-format linears (Q4_0, Q4_1, Q8_0) on the packed struct-of-arrays layout of
- *    portaserve.quant.gguf_formats, read once per step in their packed form and never written
- *    out dense: each block's codes are widened to float32 in registers and multiplied into the
- *    float32 activations with FMA, the scale applied once per block. Rows are split over
- *    OpenMP threads; up to eight tokens share each widened block.
+ * 1. GGUF linears on the packed struct-of-arrays layout of portaserve.quant.gguf_formats, read
+ *    once per step in their packed form and never written out dense. Q4_0 / Q4_1 / Q8_0: each
+ *    32-weight block's codes are widened to float32 in registers and multiplied into the
+ *    float32 activations with FMA, the scale applied once per block. Q4_K / Q5_K / Q6_K: each
+ *    256-weight super-block is expanded to float32 in an L1 buffer (the reference's values)
+ *    and dotted with the activations. Rows are split over OpenMP threads; up to eight tokens
+ *    share each expanded block.
  * 2. Paged decode attention (one query token per request) straight over the block table of a
  *    float32 KV cache in the `blocks_nhd` layout [2, num_blocks, block_size, Hk, D]: no gather,
  *    no padding, the query heads of one KV head share each key/value load (GQA).
@@ -58,7 +60,7 @@ static inline float half_to_float(uint16_t h) {
 
 /* ---- weights ----------------------------------------------------------------------------- */
 
-enum { FMT_Q4_0 = 0, FMT_Q4_1 = 1, FMT_Q8_0 = 2 };
+enum { FMT_Q4_0 = 0, FMT_Q4_1 = 1, FMT_Q8_0 = 2, FMT_Q4_K = 3, FMT_Q5_K = 4, FMT_Q6_K = 5 };
 
 /* Every format is w = d * c + m' for an integer code c: Q4_0 c = q, m' = -8 d; Q4_1 c = q,
  * m' = m; Q8_0 c = q, m' = 0. So a block's dot product with x is d * sum(c x) + m' * sum(x),
@@ -194,10 +196,155 @@ enum { FMT_F32 = -1 };
 typedef struct {
     int32_t fmt, pad;
     int64_t n, k;
-    const void *w;         /* float32 [n, k], or the codes [n, k/32, qbytes] */
-    const uint16_t *d, *m; /* fp16 bits [n, k/32] (GGUF) */
+    const void *w;         /* float32 [n, k], or the codes: qs (Q6_K: ql) */
+    const uint16_t *d, *m; /* fp16 bits per block: d, and m (Q4_1) or dmin (Q4_K, Q5_K) */
     const float *bias;     /* [n] or NULL */
+    const uint8_t *scales, *qh; /* K formats: packed scales, high bits (Q5_K, Q6_K) */
 } ps_linear_t;
+
+/* ---- K formats: 256-weight super-blocks, expanded to float32 exactly as the reference ---- */
+
+enum { QK_K = 256 };
+
+static inline int is_k_format(int fmt) { return fmt >= FMT_Q4_K; }
+
+#if PS_AVX2
+/* 32 bytes (unsigned or signed) as 4 x 8 float32, in order. */
+static inline void bytes_f32(__m256i v, int is_signed, __m256 out[4]) {
+    const __m128i lo = _mm256_castsi256_si128(v), hi = _mm256_extracti128_si256(v, 1);
+    const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+    for (int j = 0; j < 4; j++)
+        out[j] = _mm256_cvtepi32_ps(is_signed ? _mm256_cvtepi8_epi32(parts[j])
+                                              : _mm256_cvtepu8_epi32(parts[j]));
+}
+#endif
+
+/* Super-block blk of row n of L as 256 float32 weights (the reference's values: every
+ * product below is exact in float32 or rounded once, as in the reference). */
+static void expand_k(const ps_linear_t *L, int64_t n, int64_t blk, float *w) {
+    const int64_t nb = L->k / QK_K, b = n * nb + blk;
+    const float d = half_to_float(L->d[b]);
+#if PS_AVX2
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    __m256 f[4];
+    if (L->fmt == FMT_Q6_K) {
+        const uint8_t *ql = (const uint8_t *)L->w + b * 128, *qhp = L->qh + b * 64;
+        const int8_t *sc = (const int8_t *)L->scales + b * 16;
+        for (int j = 0; j < 8; j++) {
+            const int half = j >> 2, k = j & 3;
+            __m256i lo = _mm256_loadu_si256((const __m256i *)(ql + 64 * half + 32 * (k & 1)));
+            lo = (k >> 1) ? _mm256_and_si256(_mm256_srli_epi16(lo, 4), m4) : _mm256_and_si256(lo, m4);
+            __m256i hi = _mm256_loadu_si256((const __m256i *)(qhp + 32 * half));
+            hi = _mm256_and_si256(_mm256_srli_epi16(hi, 2 * k), _mm256_set1_epi8(3));
+            const __m256i code = _mm256_sub_epi8(_mm256_or_si256(lo, _mm256_slli_epi16(hi, 4)),
+                                                 _mm256_set1_epi8(32));
+            bytes_f32(code, 1, f);
+            const __m256 s0 = _mm256_set1_ps(d * (float)sc[2 * j]);
+            const __m256 s1 = _mm256_set1_ps(d * (float)sc[2 * j + 1]);
+            _mm256_storeu_ps(w + 32 * j, _mm256_mul_ps(s0, f[0]));
+            _mm256_storeu_ps(w + 32 * j + 8, _mm256_mul_ps(s0, f[1]));
+            _mm256_storeu_ps(w + 32 * j + 16, _mm256_mul_ps(s1, f[2]));
+            _mm256_storeu_ps(w + 32 * j + 24, _mm256_mul_ps(s1, f[3]));
+        }
+        return;
+    }
+    {
+        const float dmin = half_to_float(L->m[b]);
+        const uint8_t *sc12 = L->scales + b * 12, *qs = (const uint8_t *)L->w + b * 128;
+        const uint8_t *qhp = L->fmt == FMT_Q5_K ? L->qh + b * 32 : NULL;
+        const __m256i qh = qhp ? _mm256_loadu_si256((const __m256i *)qhp) : _mm256_setzero_si256();
+        for (int j = 0; j < 8; j++) {
+            int sc, mn;
+            if (j < 4) {
+                sc = sc12[j] & 0x3F;
+                mn = sc12[j + 4] & 0x3F;
+            } else {
+                sc = (sc12[j + 4] & 0x0F) | ((sc12[j - 4] >> 2) & 0x30);
+                mn = (sc12[j + 4] >> 4) | ((sc12[j] >> 2) & 0x30);
+            }
+            __m256i code = _mm256_loadu_si256((const __m256i *)(qs + 32 * (j >> 1)));
+            code = (j & 1) ? _mm256_and_si256(_mm256_srli_epi16(code, 4), m4) : _mm256_and_si256(code, m4);
+            if (qhp) /* bit j of each qh byte is the code's bit 4 */
+                code = _mm256_or_si256(code, _mm256_slli_epi16(
+                    _mm256_and_si256(_mm256_srli_epi16(qh, j), _mm256_set1_epi8(1)), 4));
+            bytes_f32(code, 0, f);
+            const __m256 dj = _mm256_set1_ps(d * (float)sc), mj = _mm256_set1_ps(dmin * (float)mn);
+            for (int q = 0; q < 4; q++) /* d*sc*code is exact, so the FMA rounds once, as the reference */
+                _mm256_storeu_ps(w + 32 * j + 8 * q, _mm256_fmsub_ps(dj, f[q], mj));
+        }
+        return;
+    }
+#endif
+    if (L->fmt == FMT_Q6_K) { /* ql [128], qh [64], scales int8 [16]: w = d * sc * (code - 32) */
+        const uint8_t *ql = (const uint8_t *)L->w + b * 128, *qh = L->qh + b * 64;
+        const int8_t *sc = (const int8_t *)L->scales + b * 16;
+        for (int j = 0; j < 8; j++) {
+            const int half = j >> 2, k = j & 3, hi_nib = k >> 1, s = k & 1;
+            for (int i = 0; i < 32; i++) {
+                const uint8_t lb = ql[64 * half + 32 * s + i];
+                const int lo = hi_nib ? lb >> 4 : lb & 0x0F;
+                const int hi = (qh[32 * half + i] >> (2 * k)) & 3;
+                const int f = 32 * j + i;
+                w[f] = (d * (float)sc[f >> 4]) * (float)((lo | (hi << 4)) - 32);
+            }
+        }
+        return;
+    }
+    /* Q4_K / Q5_K: qs [128], scales [12] (six-bit scale and min per 32), Q5_K qh [32] */
+    const float dmin = half_to_float(L->m[b]);
+    const uint8_t *sc12 = L->scales + b * 12, *qs = (const uint8_t *)L->w + b * 128;
+    const uint8_t *qh = L->fmt == FMT_Q5_K ? L->qh + b * 32 : NULL;
+    for (int j = 0; j < 8; j++) {
+        int sc, mn;
+        if (j < 4) {
+            sc = sc12[j] & 0x3F;
+            mn = sc12[j + 4] & 0x3F;
+        } else {
+            sc = (sc12[j + 4] & 0x0F) | ((sc12[j - 4] >> 2) & 0x30);
+            mn = (sc12[j + 4] >> 4) | ((sc12[j] >> 2) & 0x30);
+        }
+        const float dj = d * (float)sc, mj = dmin * (float)mn;
+        const uint8_t *g = qs + 32 * (j >> 1);
+        for (int i = 0; i < 32; i++) {
+            int code = (j & 1) ? g[i] >> 4 : g[i] & 0x0F;
+            if (qh) code |= ((qh[i] >> j) & 1) << 4;
+            w[32 * j + i] = dj * (float)code - mj;
+        }
+    }
+}
+
+/* Row n of a K-format L against T tokens: each super-block is expanded once into a buffer
+ * (L1-resident) and dotted with every token. */
+static void k_row(const ps_linear_t *L, int64_t n, const float *x, int64_t x_stride, int64_t T,
+                  float *out, int64_t out_stride, float *w) {
+    const int64_t nb = L->k / QK_K;
+    const float b = L->bias ? L->bias[n] : 0.0f;
+    for (int64_t t0 = 0; t0 < T; t0 += 8) {
+        const int tt = T - t0 < 8 ? (int)(T - t0) : 8;
+        float acc[8] = {0};
+        for (int64_t blk = 0; blk < nb; blk++) {
+            expand_k(L, n, blk, w);
+            for (int t = 0; t < tt; t++) {
+                const float *xb = x + (t0 + t) * x_stride + blk * QK_K;
+#if PS_AVX2
+                __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+                for (int i = 0; i < QK_K; i += 32) {
+                    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i), _mm256_loadu_ps(xb + i), a0);
+                    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 8), _mm256_loadu_ps(xb + i + 8), a1);
+                    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 16), _mm256_loadu_ps(xb + i + 16), a2);
+                    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 24), _mm256_loadu_ps(xb + i + 24), a3);
+                }
+                acc[t] += hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+#else
+                float s = 0.0f;
+                for (int i = 0; i < QK_K; i++) s += w[i] * xb[i];
+                acc[t] += s;
+#endif
+            }
+        }
+        for (int t = 0; t < tt; t++) out[(t0 + t) * out_stride + n] = acc[t] + b;
+    }
+}
 
 #if PS_AVX2
 /* One float32 row against TT tokens. */
@@ -241,6 +388,10 @@ static void linear_row(const ps_linear_t *L, int64_t n, const float *x, int64_t 
 #endif
         return;
     }
+    if (is_k_format(L->fmt)) {
+        k_row(L, n, x, x_stride, T, out, out_stride, dm);
+        return;
+    }
     const int fmt = L->fmt;
     const int64_t nb = L->k / 32, qbytes = fmt == FMT_Q8_0 ? 32 : 16;
     const uint8_t *row_q = (const uint8_t *)L->w + n * nb * qbytes;
@@ -271,54 +422,47 @@ static void block_sums(const float *x, int64_t x_stride, int64_t t0, int64_t t1,
         }
 }
 
-int ps_gguf_linear(int fmt, const float *x, int64_t x_stride, int64_t T, int64_t K,
-                   const uint8_t *qs, const uint16_t *d, const uint16_t *m, int64_t N,
-                   const float *bias, float *out, int64_t out_stride, int nthreads) {
-    const ps_linear_t L = {fmt, 0, N, K, qs, d, m, bias};
-    const int64_t nb = K / 32;
+/* out[t, n] = sum_k x[t, k] * W[n, k] (+ bias) for any format of L; -1 if out of memory. */
+int ps_linear(const ps_linear_t *L, const float *x, int64_t x_stride, int64_t T, float *out,
+              int64_t out_stride, int nthreads) {
+    const int64_t nb = L->k / 32;
     float *xsum = malloc(sizeof(float) * (size_t)(T * nb + 1));
     if (!xsum) return -1;
-    block_sums(x, x_stride, 0, T, K, xsum);
+    if (L->fmt == FMT_Q4_0 || L->fmt == FMT_Q4_1) block_sums(x, x_stride, 0, T, L->k, xsum);
     int failed = 0;
 #pragma omp parallel num_threads(nthreads)
     {
-        float *dm = malloc(sizeof(float) * 2 * (size_t)(nb + 1)); /* this row's d and m' */
+        float *dm = malloc(sizeof(float) * (size_t)(2 * (nb + 1) + QK_K)); /* per-row scratch */
         if (!dm) {
 #pragma omp atomic write
             failed = 1;
         }
 #pragma omp for schedule(static)
-        for (int64_t n = 0; n < N; n++)
-            if (dm) linear_row(&L, n, x, x_stride, T, xsum, out, out_stride, dm);
+        for (int64_t n = 0; n < L->n; n++)
+            if (dm) linear_row(L, n, x, x_stride, T, xsum, out, out_stride, dm);
         free(dm);
     }
     free(xsum);
     return failed ? -1 : 0;
 }
 
-/* Rows of a packed table expanded to float32: out[i, :] = W[ids[i], :] (embedding lookup). */
-void ps_gguf_rows(int fmt, const int64_t *ids, int64_t n_ids, int64_t K, const uint8_t *qs,
-                  const uint16_t *d, const uint16_t *m, float *out) {
-    const int64_t nb = K / 32, qbytes = fmt == FMT_Q8_0 ? 32 : 16;
-    for (int64_t i = 0; i < n_ids; i++) {
-        const int64_t n = ids[i];
-        for (int64_t blk = 0; blk < nb; blk++)
-            expand_block_scalar(fmt, qs + (n * nb + blk) * qbytes, half_to_float(d[n * nb + blk]),
-                                m ? half_to_float(m[n * nb + blk]) : 0.0f, out + i * K + blk * 32);
-    }
-}
-
-/* Rows [r0, r1) of a packed weight expanded to float32 into out [r1 - r0, K], the values the
+/* Rows [r0, r1) of a packed L expanded to float32 into out [r1 - r0, k], the values the
  * reference dequantization gives (for prefill: the caller multiplies them with BLAS). */
-void ps_gguf_dequant_rows(int fmt, const uint8_t *qs, const uint16_t *d, const uint16_t *m,
-                          int64_t K, int64_t r0, int64_t r1, float *out, int nthreads) {
-    const int64_t nb = K / 32, qbytes = fmt == FMT_Q8_0 ? 32 : 16;
+void ps_dequant_rows(const ps_linear_t *L, int64_t r0, int64_t r1, float *out, int nthreads) {
+    const int64_t K = L->k;
 #pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int64_t n = r0; n < r1; n++)
+    for (int64_t n = r0; n < r1; n++) {
+        float *o = out + (n - r0) * K;
+        if (is_k_format(L->fmt)) {
+            for (int64_t blk = 0; blk < K / QK_K; blk++) expand_k(L, n, blk, o + blk * QK_K);
+            continue;
+        }
+        const int64_t nb = K / 32, qbytes = L->fmt == FMT_Q8_0 ? 32 : 16;
         for (int64_t blk = 0; blk < nb; blk++)
-            expand_block_scalar(fmt, qs + (n * nb + blk) * qbytes, half_to_float(d[n * nb + blk]),
-                                m ? half_to_float(m[n * nb + blk]) : 0.0f,
-                                out + (n - r0) * K + blk * 32);
+            expand_block_scalar(L->fmt, (const uint8_t *)L->w + (n * nb + blk) * qbytes,
+                                half_to_float(L->d[n * nb + blk]),
+                                L->m ? half_to_float(L->m[n * nb + blk]) : 0.0f, o + blk * 32);
+    }
 }
 
 /* ---- paged decode attention --------------------------------------------------------------
@@ -541,7 +685,7 @@ int ps_decode_step(const ps_model_t *M, int64_t R, float *hidden, const int64_t 
     int failed = 0;
 #pragma omp parallel num_threads(nthreads)
     {
-        float *dm = malloc(sizeof(float) * (size_t)(2 * (kmax / 32 + 1)));
+        float *dm = malloc(sizeof(float) * (size_t)(2 * (kmax / 32 + 1) + QK_K));
         float *scores = malloc(sizeof(float) * (size_t)(G * max_len));
         if (!dm || !scores) {
 #pragma omp atomic write
