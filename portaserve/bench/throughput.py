@@ -26,6 +26,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     add("--max-num-batched-tokens", type=int, default=None)
     add("--max-model-len", type=int, default=None)
     add("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
+    add("--async-scheduling", default=None, action=argparse.BooleanOptionalAction,
+        help="overlap scheduling with the device (default: the device's choice)")
     add("--seed", type=int, default=0)
     add("--output-json", default=None, help="write the results (and conditions) to this file")
 
@@ -45,8 +47,9 @@ def make_llm(args: argparse.Namespace) -> Any:
         "seed": args.seed,
         "enable_prefix_caching": args.enable_prefix_caching,
     }
-    for name in ("device", "max_num_seqs", "max_num_batched_tokens", "max_model_len"):
-        value = getattr(args, name)
+    for name in ("device", "max_num_seqs", "max_num_batched_tokens", "max_model_len",
+                 "async_scheduling"):
+        value = getattr(args, name, None)
         if value is not None:
             options[name] = value
     return LLM(args.model, **options)

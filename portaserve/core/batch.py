@@ -2,16 +2,24 @@
 
 The scheduler decides which requests advance by how many tokens; the engine flattens that into
 this batch on the host; the runner moves it to the device (or a graph executor reads it as is).
-Every backend consumes exactly this. Host tensors only; nothing here touches a device.
+Every backend consumes exactly this. Host tensors only, until ``to_device`` moves them all in
+one copy (packed into one pinned host buffer, so the copy never waits for the device).
+
+Async scheduling: a token sampled by the step still in flight is not on the host yet. The batch
+holds a 0 in its row of ``token_ids`` and names it in ``prev_token_rows``, with the row of the
+previous step's sampled ids it comes from in ``prev_sample_rows``; ``DeviceBatch.input_ids``
+fills those rows in on the device.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from portaserve.errors import PortaserveError
 from portaserve.plugins.device import AttentionMetadata
 
 
@@ -32,6 +40,14 @@ class ScheduledBatch:
     logits_indices: torch.Tensor  # [L] int64
     logits_req_ids: list[str]  # [L]
     block_size: int
+    #: Rows of ``token_ids`` whose id the previous step sampled on the device (async
+    #: scheduling), and the row of that step's sampled ids each one takes. None when none.
+    prev_token_rows: torch.Tensor | None = None  # [P] int64
+    prev_sample_rows: torch.Tensor | None = None  # [P] int64
+
+    @property
+    def num_placeholders(self) -> int:
+        return 0 if self.prev_token_rows is None else int(self.prev_token_rows.shape[0])
 
     @property
     def num_reqs(self) -> int:
@@ -51,12 +67,45 @@ class ScheduledBatch:
 
     def attention_metadata(self, device: torch.device) -> AttentionMetadata:
         """The attention inputs on ``device`` (host copies kept for host-side kernels)."""
-        return AttentionMetadata(
-            query_start_loc=self.query_start_loc.to(device, non_blocking=True),
-            seq_lens=self.seq_lens.to(device, non_blocking=True),
-            context_lens=self.context_lens.to(device, non_blocking=True),
-            block_tables=self.block_tables.to(device, non_blocking=True),
-            slot_mapping=self.slot_mapping.to(device, non_blocking=True),
+        return self.to_device(device).attn
+
+    def with_host_token_ids(self, prev_sampled: torch.Tensor | None) -> ScheduledBatch:
+        """This batch with its placeholders filled in on the host (waits for ``prev_sampled``).
+
+        For consumers that read ``token_ids`` on the host (a graph runtime's executor).
+        """
+        if not self.num_placeholders:
+            return self
+        if prev_sampled is None:
+            raise PortaserveError("the batch has placeholders but no previous sampled ids were given")
+        token_ids = self.token_ids.clone()
+        token_ids[self.prev_token_rows] = prev_sampled.cpu()[self.prev_sample_rows]
+        return ScheduledBatch(
+            self.req_ids, token_ids, self.positions, self.query_start_loc, self.seq_lens,
+            self.context_lens, self.block_tables, self.slot_mapping, self.logits_indices,
+            self.logits_req_ids, self.block_size)
+
+    def to_device(self, device: torch.device, *, pack: bool | None = None) -> DeviceBatch:
+        """The batch's tensors on ``device``.
+
+        ``pack`` (default: whenever ``device`` is not the CPU) copies every tensor into one
+        host buffer (pinned when an accelerator is present) and moves that in one
+        non-blocking copy, then views it on the device: one transfer per step instead of
+        eight, and none that waits for the device (a copy from pageable memory may).
+        """
+        tensors = [self.token_ids, self.positions, self.query_start_loc, self.seq_lens,
+                   self.context_lens, self.block_tables, self.slot_mapping, self.logits_indices]
+        if self.num_placeholders:
+            tensors += [self.prev_token_rows, self.prev_sample_rows]
+        if pack is None:
+            pack = device.type != "cpu"
+        moved = _packed_copy(tensors, device) if pack else [t.to(device) for t in tensors]
+        attn = AttentionMetadata(
+            query_start_loc=moved[2],
+            seq_lens=moved[3],
+            context_lens=moved[4],
+            block_tables=moved[5],
+            slot_mapping=moved[6],
             max_query_len=self.max_query_len,
             max_seq_len=self.max_seq_len,
             block_size=self.block_size,
@@ -64,17 +113,67 @@ class ScheduledBatch:
             seq_lens_cpu=tuple(self.seq_lens.tolist()),
             context_lens_cpu=tuple(self.context_lens.tolist()),
         )
+        prev = (moved[8], moved[9]) if self.num_placeholders else None
+        return DeviceBatch(moved[0], moved[1], attn, moved[7], prev)
+
+
+@dataclass(slots=True)
+class DeviceBatch:
+    """A ``ScheduledBatch``'s tensors on the device (``ScheduledBatch.to_device``)."""
+
+    token_ids: torch.Tensor  # [T] int64, placeholders still 0
+    positions: torch.Tensor  # [T] int64
+    attn: AttentionMetadata
+    logits_indices: torch.Tensor  # [L] int64
+    #: (prev_token_rows [P], prev_sample_rows [P]) when the batch has placeholders.
+    prev_rows: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def input_ids(self, prev_sampled: torch.Tensor | None) -> torch.Tensor:
+        """Token ids [T] with the placeholders read from the previous step's sampled ids
+        (on the device, queued after that step: the host does not wait)."""
+        if self.prev_rows is None:
+            return self.token_ids
+        if prev_sampled is None:
+            raise PortaserveError("the batch has placeholders but no previous sampled ids were given")
+        token_rows, sample_rows = self.prev_rows
+        ids = self.token_ids.clone()
+        ids[token_rows] = prev_sampled[sample_rows]
+        return ids
+
+
+_ALIGN = 16  # bytes: every packed tensor starts aligned for any dtype's view
+
+
+def _packed_copy(tensors: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """Copy host ``tensors`` to ``device`` through one (pinned) buffer and one transfer."""
+    sizes = [t.numel() * t.element_size() for t in tensors]
+    offsets, total = [], 0
+    for size in sizes:
+        offsets.append(total)
+        total += -(-size // _ALIGN) * _ALIGN
+    pin = device.type != "cpu" and torch.accelerator.is_available()
+    host = torch.empty(max(total, _ALIGN), dtype=torch.uint8, pin_memory=pin)
+    flat = host.numpy()
+    for t, off, size in zip(tensors, offsets, sizes, strict=True):
+        if size:
+            flat[off : off + size] = t.contiguous().numpy().reshape(-1).view(np.uint8)
+    moved = host.to(device, non_blocking=True)
+    return [moved[off : off + size].view(t.dtype).view(t.shape)
+            for t, off, size in zip(tensors, offsets, sizes, strict=True)]
 
 
 def build_batch(
     items: list[tuple[str, list[int], int, list[int], bool]],
     block_size: int,
+    placeholders: Sequence[tuple[int, int]] = (),
 ) -> ScheduledBatch:
     """Flatten scheduled work into a ``ScheduledBatch``.
 
     Each item is ``(req_id, new_token_ids, num_computed_tokens, block_ids, needs_logits)``:
     the tokens to run this step, how many of the request's tokens are already in the cache,
     the request's block table, and whether its last new token must be sampled from.
+    ``placeholders`` lists ``(item index, row of the previous step's sampled ids)`` for items
+    whose last new token is that sampled id (its entry in ``new_token_ids`` is ignored).
     Vectorized with numpy: this runs every step, for hundreds of requests.
     """
     num_reqs = len(items)
@@ -97,6 +196,11 @@ def build_batch(
     slots = tables[rows, positions // block_size].astype(np.int64) * block_size + positions % block_size
     needs = np.fromiter((item[4] for item in items), dtype=bool, count=num_reqs)
     logits_indices = starts[1:][needs] - 1
+    prev_token_rows = prev_sample_rows = None
+    if placeholders:
+        index = np.fromiter((p[0] for p in placeholders), dtype=np.int64, count=len(placeholders))
+        prev_token_rows = torch.from_numpy(starts[index + 1] - 1)
+        prev_sample_rows = torch.tensor([p[1] for p in placeholders], dtype=torch.int64)
     return ScheduledBatch(
         req_ids=[item[0] for item in items],
         token_ids=torch.from_numpy(token_ids),
@@ -109,4 +213,6 @@ def build_batch(
         logits_indices=torch.from_numpy(logits_indices),
         logits_req_ids=[item[0] for item in items if item[4]],
         block_size=block_size,
+        prev_token_rows=prev_token_rows,
+        prev_sample_rows=prev_sample_rows,
     )

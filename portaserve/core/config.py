@@ -71,6 +71,9 @@ class EngineConfig:
     #: (``Capabilities.keep_packed_weights``; the cpu device with its native kernels keeps them
     #: packed), else packed when computing in 16 bits and expanded at load in float32.
     keep_packed_weights: bool | None = None
+    #: Schedule step N+1 while the device runs step N (see core/engine.py). None: the
+    #: device's ``Capabilities.async_scheduling``; True/False forces it on any device.
+    async_scheduling: bool | None = None
     seed: int = 0
     max_waiting_requests: int | None = None
     tensor_parallel_size: int = 1

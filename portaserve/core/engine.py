@@ -2,9 +2,19 @@
 
 The engine owns the device, the model, the KV cache, the scheduler and the sampler, and turns
 sampled tokens into outputs: incremental detokenization, stop tokens, stop strings, length
-limits. It is synchronous and single-threaded; the server's ``AsyncEngine`` drives it from a
-background thread. Nothing is ever dropped: every request finishes, is aborted, or fails with a
-reason.
+limits. It is single-threaded; the server's ``AsyncEngine`` drives it from a background thread.
+Nothing is ever dropped: every request finishes, is aborted, or fails with a reason.
+
+Async scheduling (``EngineConfig.async_scheduling``, by default the device's
+``Capabilities.async_scheduling``): one step stays in flight. ``step()`` schedules and launches
+step N+1 while the device still runs step N (decoding requests read their N+1 input token from
+N's sampled ids on the device), then waits for N's ids (one device-to-host copy, started when
+N was launched), appends them and does the stop checks and detokenization, so the host's work
+hides behind the device's. A request that stopped at N ran one token too many at N+1; that
+token is dropped. Requests with repetition/presence/frequency penalties or logprobs need the
+previous token on the host before sampling, so while any is unfinished the engine completes
+each step before scheduling the next (the synchronous path, which is also what devices
+without async scheduling run).
 """
 
 from __future__ import annotations
@@ -29,6 +39,7 @@ from portaserve.core.request import (
 from portaserve.core.runner import ModelRunner
 from portaserve.core.sampler import Sampler
 from portaserve.core.sampling import SamplingParams
+from portaserve.core.scheduler import SchedulerOutput
 from portaserve.errors import ConfigError, RequestError
 
 logger = logging.getLogger(__name__)
@@ -48,6 +59,44 @@ class EngineStats:
     prefix_cache_hits: int  # tokens found
     num_preemptions: int
     num_kv_blocks: int
+
+
+@dataclass(slots=True)
+class _LaunchedStep:
+    """A step whose work is queued on the device; its sampled ids reach the host later."""
+
+    out: SchedulerOutput
+    #: Sampled ids [L] on the device (read by the next step's placeholders); None once known.
+    sampled: torch.Tensor | None
+    #: Host copy of ``sampled`` being filled (pinned) and the event that says it is done.
+    host_ids: torch.Tensor | None = None
+    event: Any = None
+    token_ids: list[int] | None = None
+    logprobs: list[dict[int, float] | None] | None = None
+
+    def wait_token_ids(self) -> list[int]:
+        if self.token_ids is None:
+            if self.event is not None:
+                self.event.synchronize()
+            self.token_ids = self.host_ids.tolist() if self.host_ids is not None else []
+        return self.token_ids
+
+
+def _needs_sync(params: SamplingParams) -> bool:
+    """Whether sampling this request's next token needs its previous token on the host."""
+    return (params.logprobs is not None or params.repetition_penalty != 1.0
+            or params.presence_penalty != 0.0 or params.frequency_penalty != 0.0)
+
+
+def _copy_to_host(ids: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """Start copying ``ids`` to (pinned) host memory; returns (host tensor, event or None)."""
+    if ids.device.type == "cpu":
+        return ids, None
+    host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
+    host.copy_(ids, non_blocking=True)
+    event = torch.Event(device=ids.device)
+    event.record()
+    return host, event
 
 
 class _Sequence:
@@ -149,6 +198,12 @@ class LLMEngine:
             max_waiting_requests=config.max_waiting_requests,
         ))
         self.sampler = Sampler(seed=config.seed)
+        self.async_scheduling = (caps.async_scheduling if config.async_scheduling is None
+                                 else config.async_scheduling)
+        logger.info("async scheduling: %s", "on" if self.async_scheduling else "off")
+        self._in_flight: _LaunchedStep | None = None
+        #: Parents with a request that cannot be overlapped (penalties, logprobs).
+        self._sync_parents: set[str] = set()
         self._parents: dict[str, _Parent] = {}
         self._children: dict[str, tuple[_Parent, _Sequence]] = {}
         self._arrival = itertools.count()
@@ -259,6 +314,8 @@ class LLMEngine:
             parent.children.append(seq)
             self._children[request.request_id] = (parent, seq)
         self._parents[request_id] = parent
+        if _needs_sync(params):
+            self._sync_parents.add(request_id)
 
     def _tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
@@ -306,6 +363,7 @@ class LLMEngine:
         parent = self._parents.pop(request_id, None)
         if parent is None:
             return
+        self._sync_parents.discard(request_id)
         for seq in parent.children:
             self.scheduler.finish_request(seq.request.request_id, FinishReason.ABORT)
             self._children.pop(seq.request.request_id, None)
@@ -313,6 +371,10 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._parents)
+
+    def has_step_in_flight(self) -> bool:
+        """Whether a launched step's results are still to be read (async scheduling)."""
+        return self._in_flight is not None
 
     def num_unfinished_requests(self) -> int:
         return len(self._parents)
@@ -332,32 +394,85 @@ class LLMEngine:
     # -- the step --------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Run one engine step; return outputs of every user request that progressed."""
+        """Run one engine step; return outputs of every user request that progressed.
+
+        With async scheduling, the step launched here completes in the next call, and the
+        outputs returned are those of the step launched in the previous call.
+        """
+        prev, self._in_flight = self._in_flight, None
+        overlap = self.async_scheduling and not self._sync_parents
+        outputs: list[RequestOutput] = []
+        if prev is not None and not overlap:  # drain, then run this step synchronously
+            outputs, prev = self._complete(prev), None
         out = self.scheduler.schedule()
-        batch = out.batch
-        if batch is None or batch.num_reqs == 0:
-            return []
-        now = time.monotonic()
-        for sched in out.scheduled:
-            if sched.request.metrics.first_scheduled_time is None:
-                sched.request.metrics.first_scheduled_time = now
+        launched: _LaunchedStep | None = None
+        if out.batch is not None and out.batch.num_reqs:
+            now = time.monotonic()
+            for sched in out.scheduled:
+                if sched.request.metrics.first_scheduled_time is None:
+                    sched.request.metrics.first_scheduled_time = now
+            try:
+                launched = self._launch(out, prev, overlap)
+            except Exception as e:  # the step failed: fail its requests, keep the engine alive
+                logger.exception("engine step failed for %d requests", out.batch.num_reqs)
+                if prev is not None:
+                    outputs += self._complete(prev)
+                return outputs + self._fail([s.request for s in out.scheduled], e)
+        if prev is not None:
+            outputs += self._complete(prev)
+        if launched is not None:
+            if overlap:
+                self._in_flight = launched
+            else:
+                outputs += self._complete(launched)
+        return outputs
+
+    def _launch(
+        self, out: SchedulerOutput, prev: _LaunchedStep | None, overlap: bool
+    ) -> _LaunchedStep:
+        """Queue the step's forward pass and sampling on the device; wait for nothing unless
+        the step is not overlapped (then read its ids at once: one plain copy, no event)."""
+        prev_sampled = prev.sampled if prev is not None else None
+        logits = self.runner.execute(out.batch, prev_sampled)
+        requests = [s.request for s in out.scheduled if s.needs_logits]  # logits row order
+        if not requests:
+            return _LaunchedStep(out, None, token_ids=[])
+        # tokens generated before this one: the outputs so far and the placeholders in flight,
+        # less this step's own placeholder
+        num_generated = [r.num_output_tokens + r.num_output_placeholders - 1 for r in requests]
+        if any(r.sampling_params.logprobs is not None for r in requests):
+            sampled = self.sampler.sample(logits, requests, num_generated)
+            return _LaunchedStep(out, None, token_ids=sampled.token_ids,
+                                 logprobs=sampled.logprobs)
+        ids = self.sampler.sample_ids(logits, requests, num_generated)  # [L] on the device
+        if not overlap:
+            return _LaunchedStep(out, ids, token_ids=ids.tolist())
+        host_ids, event = _copy_to_host(ids)
+        return _LaunchedStep(out, ids, host_ids, event)
+
+    def _complete(self, step: _LaunchedStep) -> list[RequestOutput]:
+        """Read a launched step's sampled ids and turn them into outputs."""
         try:
-            logits = self.runner.execute(batch)
-            requests = [self.scheduler.get_request(rid) for rid in batch.logits_req_ids]
-            sampled = self.sampler.sample(logits, requests) if requests else None
-        except Exception as e:  # the step failed: fail its requests, keep the engine alive
-            logger.exception("engine step failed for %d requests", batch.num_reqs)
-            return self._fail([s.request for s in out.scheduled], e)
-        token_map = dict(zip(batch.logits_req_ids, sampled.token_ids, strict=True)) if sampled else {}
-        self.scheduler.update_from_output(out, token_map)
+            token_ids = step.wait_token_ids()
+            batch = step.out.batch
+            token_map = dict(zip(batch.logits_req_ids, token_ids, strict=True))
+            appended = self.scheduler.update_from_output(step.out, token_map)
+        except Exception as e:
+            logger.exception("engine step failed for %d requests", step.out.batch.num_reqs)
+            return self._fail([s.request for s in step.out.scheduled], e)
+        rows = None
+        if step.logprobs is not None:
+            rows = {rid: i for i, rid in enumerate(batch.logits_req_ids)}
         touched: dict[str, _Parent] = {}
         now = time.monotonic()
-        for i, rid in enumerate(batch.logits_req_ids):
-            entry = self._children.get(rid)
-            if entry is None:
+        for sched in appended:
+            request = sched.request
+            entry = self._children.get(request.request_id)
+            if entry is None or entry[1].request is not request:
                 continue
             parent, seq = entry
-            self._process_token(seq, sampled.token_ids[i], sampled.logprobs[i], now)
+            logprobs = step.logprobs[rows[request.request_id]] if rows is not None else None
+            self._process_token(seq, request.output_token_ids[-1], logprobs, now)
             touched[parent.request_id] = parent
         return [self._make_output(p) for p in touched.values() if self._should_report(p)]
 
@@ -408,6 +523,8 @@ class LLMEngine:
     def _fail(self, requests: list[Request], error: Exception) -> list[RequestOutput]:
         touched: dict[str, _Parent] = {}
         for request in requests:
+            if request.status is RequestStatus.FINISHED:
+                continue  # it finished (or was aborted) before the step failed
             entry = self._children.get(request.request_id)
             self.scheduler.finish_request(request.request_id, FinishReason.ERROR)
             request.error = f"{type(error).__name__}: {error}"
@@ -434,6 +551,7 @@ class LLMEngine:
         first = parent.children[0].request
         if finished:
             self._parents.pop(parent.request_id, None)
+            self._sync_parents.discard(parent.request_id)
             for seq in parent.children:
                 self._children.pop(seq.request.request_id, None)
         metrics = first.metrics

@@ -52,6 +52,10 @@ class Request:
     cache_salt: str | None = None
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
+    #: Output tokens already sampled on the device by a step whose results the host has not
+    #: read yet (async scheduling): the scheduler counts them as known tokens, the next step
+    #: reads them from the device, and ``output_token_ids`` gets them when the step completes.
+    num_output_placeholders: int = 0
     #: Prompt tokens found in the prefix cache when the request was first scheduled.
     num_cached_tokens: int = 0
     status: RequestStatus = RequestStatus.WAITING

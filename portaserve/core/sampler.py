@@ -4,6 +4,10 @@ Device-agnostic torch on whatever device the logits live on. Greedy rows are one
 whole batch; rows with penalties or random sampling are processed in vectorized groups. Seeded
 requests own a ``torch.Generator`` so their draws do not depend on the rest of the batch;
 unseeded ones share the engine's generator.
+
+``sample_ids`` never waits for the device (no ``.item()``, no ``.tolist()``): its result stays
+on the device, so the engine can launch the next step before it reads the ids (async
+scheduling). ``sample`` adds the host lists and logprobs, which wait.
 """
 
 from __future__ import annotations
@@ -33,27 +37,48 @@ class Sampler:
         for key in [k for k in self._generators if k[0] == request_id]:
             del self._generators[key]
 
-    def sample(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
-        """``logits`` [L, V] float32, one row per request in ``requests`` order."""
+    def sample(
+        self,
+        logits: torch.Tensor,
+        requests: list[Request],
+        num_generated: list[int] | None = None,
+    ) -> SamplerOutput:
+        """``logits`` [L, V] float32, one row per request in ``requests`` order.
+
+        ``num_generated``: tokens each request generated before this one (for min_tokens);
+        defaults to ``len(request.output_token_ids)``.
+        """
         logits = logits.float()
         raw_logprobs = None
         if any(r.sampling_params.logprobs is not None for r in requests):
             raw_logprobs = torch.log_softmax(logits, dim=-1)  # [L, V]
-        logits = self._apply_penalties(logits, requests)
-        logits = self._mask_min_tokens(logits, requests)
-
-        greedy = torch.tensor([r.sampling_params.is_greedy for r in requests])
-        chosen = torch.empty(len(requests), dtype=torch.long, device=logits.device)
-        if bool(greedy.all()):
-            chosen = logits.argmax(dim=-1)
-        else:
-            if bool(greedy.any()):
-                idx = greedy.nonzero().squeeze(1).to(logits.device)
-                chosen[idx] = logits[idx].argmax(dim=-1)
-            for row in (~greedy).nonzero().squeeze(1).tolist():
-                chosen[row] = self._sample_row(logits[row], requests[row])
-        token_ids = chosen.tolist()
+        token_ids = self.sample_ids(logits, requests, num_generated).tolist()
         return SamplerOutput(token_ids, self._logprobs(raw_logprobs, token_ids, requests))
+
+    def sample_ids(
+        self,
+        logits: torch.Tensor,
+        requests: list[Request],
+        num_generated: list[int] | None = None,
+    ) -> torch.Tensor:
+        """The chosen ids [L] int64, on the logits' device, without waiting for the device."""
+        logits = logits.float()
+        if num_generated is None:
+            num_generated = [len(r.output_token_ids) for r in requests]
+        logits = self._apply_penalties(logits, requests)
+        logits = self._mask_min_tokens(logits, requests, num_generated)
+        greedy = [r.sampling_params.is_greedy for r in requests]
+        if all(greedy):
+            return logits.argmax(dim=-1)
+        chosen = torch.empty(len(requests), dtype=torch.long, device=logits.device)
+        rows = [i for i, g in enumerate(greedy) if g]
+        if rows:
+            idx = torch.tensor(rows, dtype=torch.long).to(logits.device, non_blocking=True)
+            chosen[idx] = logits[idx].argmax(dim=-1)
+        for row, is_greedy in enumerate(greedy):
+            if not is_greedy:
+                chosen[row] = self._sample_row(logits[row], requests[row])
+        return chosen
 
     # -- steps -----------------------------------------------------------------------------
 
@@ -89,11 +114,13 @@ class Sampler:
                     row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
         return logits
 
-    def _mask_min_tokens(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    def _mask_min_tokens(
+        self, logits: torch.Tensor, requests: list[Request], num_generated: list[int]
+    ) -> torch.Tensor:
         cloned = False
         for i, r in enumerate(requests):
             p = r.sampling_params
-            if p.min_tokens and len(r.output_token_ids) < p.min_tokens:
+            if p.min_tokens and num_generated[i] < p.min_tokens:
                 banned = [t for t in (*r.eos_token_ids, *p.stop_token_ids) if t < logits.shape[1]]
                 if banned:
                     if not cloned:
@@ -114,7 +141,8 @@ class Sampler:
             gen = self._generators[key] = torch.Generator(device=device).manual_seed(seed)
         return gen
 
-    def _sample_row(self, row: torch.Tensor, request: Request) -> int:
+    def _sample_row(self, row: torch.Tensor, request: Request) -> torch.Tensor:
+        """One draw for one row: a 0-d int64 tensor on the row's device (no host sync)."""
         p = request.sampling_params
         row = row / p.temperature  # [V]
         if p.top_k > 0 and p.top_k < row.shape[0]:
@@ -131,7 +159,7 @@ class Sampler:
             sorted_probs = sorted_probs.masked_fill(drop, 0.0)
             probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
         gen = self._generator(request, probs.device)
-        return int(torch.multinomial(probs, 1, generator=gen).item())
+        return torch.multinomial(probs, 1, generator=gen)[0]
 
     @staticmethod
     def _logprobs(

@@ -30,6 +30,19 @@ Policies (order of the waiting queue):
 
 The scheduler never finishes a request on its own: the engine decides (EOS, stop, length) and
 calls ``finish_request``, which frees the blocks at once (also for aborts).
+
+A step is committed when it is scheduled: each scheduled request's ``num_computed_tokens``
+advances then, and a request whose last known token runs gains an output *placeholder*
+(``Request.num_output_placeholders``) for the token the step will sample. ``update_from_output``
+later replaces the placeholder with the real id and enters the newly full blocks in the prefix
+cache (hashing needs real ids, so it waits for them). This is what lets the engine schedule step
+N+1 while the device still runs step N (async scheduling): a request decoding in both steps gets
+its N+1 input token from N's sampled ids on the device (``ScheduledBatch.prev_token_rows`` /
+``prev_sample_rows``). A request whose length limit its placeholders already reach is not
+scheduled again; one that turns out to have stopped at N (EOS, stop string) ran one extra token
+at N+1, which the engine discards (its blocks are freed when it finishes, as always). A request
+preempted while its token is in flight keeps the placeholder and is not re-admitted until the
+token arrives.
 """
 
 from __future__ import annotations
@@ -109,6 +122,8 @@ class ScheduledRequest:
     #: Whether this step's last token of the request is sampled (the chunk reaches the end of
     #: the request's known tokens).
     needs_logits: bool
+    #: The request's computed tokens before this step (the step covers the next num_new_tokens).
+    num_computed_before: int = 0
 
 
 @dataclass(slots=True)
@@ -149,6 +164,8 @@ class _Entry:
     num_cached_blocks: int = 0  # leading blocks of block_ids already in the prefix-cache map
     waiting_since: int = 0  # step count when it (re)entered the waiting queue
     extra_keys: ExtraKeys = ()
+    #: Row of the last scheduled step's sampled ids that holds this request's placeholder.
+    sample_row: int = 0
 
 
 class SchedulerError(PortaserveError, RuntimeError):
@@ -270,6 +287,8 @@ class Scheduler:
             self.waiting.remove(request)
         self.block_pool.free(entry.block_ids)
         entry.block_ids = []
+        request.num_computed_tokens = 0  # its KV is gone with its blocks
+        request.num_output_placeholders = 0
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
         request.metrics.finished_time = time.monotonic()
@@ -287,8 +306,11 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
+            if self._reaches_length_limit(request):
+                i += 1  # its last token is in flight: the engine finishes it when it lands
+                continue
             num_new = min(
-                request.num_tokens - request.num_computed_tokens,
+                request.num_tokens + request.num_output_placeholders - request.num_computed_tokens,
                 budget,
                 self.config.max_model_len - request.num_computed_tokens,
             )
@@ -318,21 +340,7 @@ class Scheduler:
         if not preempted:
             budget = self._admit_waiting(budget, scheduled)
 
-        items = [
-            (
-                s.request.request_id,
-                _token_slice(
-                    s.request,
-                    s.request.num_computed_tokens,
-                    s.request.num_computed_tokens + s.num_new_tokens,
-                ),
-                s.request.num_computed_tokens,
-                self._entries[s.request.request_id].block_ids,
-                s.needs_logits,
-            )
-            for s in scheduled.values()
-        ]
-        batch = build_batch(items, self.block_size)
+        batch = self._build_batch(list(scheduled.values()))
         return SchedulerOutput(
             batch=batch,
             scheduled=list(scheduled.values()),
@@ -340,24 +348,23 @@ class Scheduler:
             num_batched_tokens=self.config.max_num_batched_tokens - budget,
         )
 
-    def update_from_output(self, output: SchedulerOutput, sampled: dict[str, int]) -> None:
-        """Advance each scheduled request by its tokens and append its sampled token.
+    def update_from_output(
+        self, output: SchedulerOutput, sampled: dict[str, int]
+    ) -> list[ScheduledRequest]:
+        """Append each scheduled request's sampled token in place of its placeholder.
 
         ``sampled`` maps request id -> token id for every scheduled request with
         ``needs_logits`` that is still unfinished. Requests finished or aborted since
-        ``schedule`` are skipped. Newly full blocks enter the prefix cache.
+        ``schedule`` are skipped; a request preempted since then still gets its token. Newly
+        full blocks of running requests enter the prefix cache. Returns the scheduled requests
+        that received a token (the ones whose stop conditions the engine must check).
         """
+        appended: list[ScheduledRequest] = []
         for sched in output.scheduled:
             request = sched.request
             entry = self._entries.get(request.request_id)
-            if (
-                entry is None
-                or entry.request is not request
-                or request.status is not RequestStatus.RUNNING
-            ):
-                continue
-            request.num_computed_tokens += sched.num_new_tokens
-            self._cache_blocks(entry)
+            if entry is None or entry.request is not request:
+                continue  # finished or aborted since it was scheduled
             if sched.needs_logits:
                 token = sampled.get(request.request_id)
                 if token is None:
@@ -365,21 +372,67 @@ class Scheduler:
                         f"no sampled token for request {request.request_id!r}, which needed logits"
                     )
                 request.output_token_ids.append(int(token))
+                request.num_output_placeholders -= 1
+                appended.append(sched)
+            if request.status is RequestStatus.RUNNING:
+                self._cache_blocks(entry, sched.num_computed_before + sched.num_new_tokens)
+        return appended
 
     # -- internals ----------------------------------------------------------------------------
 
     def _scheduled(self, request: Request, num_new: int) -> ScheduledRequest:
-        reaches_end = request.num_computed_tokens + num_new == request.num_tokens
-        return ScheduledRequest(request, num_new, needs_logits=reaches_end)
+        num_known = request.num_tokens + request.num_output_placeholders
+        reaches_end = request.num_computed_tokens + num_new == num_known
+        return ScheduledRequest(request, num_new, reaches_end, request.num_computed_tokens)
+
+    def _reaches_length_limit(self, request: Request) -> bool:
+        """Whether the tokens in flight already take the request to max_tokens / max_model_len."""
+        if not request.num_output_placeholders:
+            return False
+        max_tokens = request.sampling_params.max_tokens
+        num_out = request.num_output_tokens + request.num_output_placeholders
+        return (max_tokens is not None and num_out >= max_tokens) or (
+            request.num_tokens + request.num_output_placeholders >= self.config.max_model_len
+        )
+
+    def _build_batch(self, scheduled: list[ScheduledRequest]) -> ScheduledBatch:
+        """Flatten the step and commit it (computed counts, placeholders, sample rows)."""
+        items = []
+        placeholders: list[tuple[int, int]] = []  # (item, row of the previous step's samples)
+        num_rows = 0  # logits rows so far (they follow item order)
+        for index, s in enumerate(scheduled):
+            request = s.request
+            entry = self._entries[request.request_id]
+            start = request.num_computed_tokens
+            end = start + s.num_new_tokens
+            num_known = request.num_tokens
+            if end <= num_known:
+                tokens = _token_slice(request, start, end)
+            else:  # its last token was sampled by the step in flight
+                if end - num_known != 1 or request.num_output_placeholders != 1:
+                    raise SchedulerError(
+                        f"request {request.request_id!r} would run {end - num_known} "
+                        "unknown tokens; only one step may be in flight"
+                    )
+                tokens = [*_token_slice(request, start, num_known), 0]  # filled on the device
+                placeholders.append((index, entry.sample_row))
+            items.append((request.request_id, tokens, start, entry.block_ids, s.needs_logits))
+            request.num_computed_tokens = end
+            if s.needs_logits:
+                request.num_output_placeholders += 1
+                entry.sample_row = num_rows
+                num_rows += 1
+        return build_batch(items, self.block_size, placeholders)
 
     def _blocks_needed(self, entry: _Entry, num_tokens: int) -> int:
         return max(0, -(-num_tokens // self.block_size) - len(entry.block_ids))
 
-    def _cache_blocks(self, entry: _Entry) -> None:
+    def _cache_blocks(self, entry: _Entry, num_computed: int) -> None:
+        """Cache the full blocks of the first ``num_computed`` tokens whose ids are known."""
         if not self.block_pool.enable_prefix_caching:
             return
         request = entry.request
-        num_full = request.num_computed_tokens // self.block_size
+        num_full = min(num_computed, request.num_tokens) // self.block_size
         if num_full <= entry.num_cached_blocks:
             return
         self._hash_blocks(entry, num_full)
@@ -473,6 +526,8 @@ class Scheduler:
             if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
                 break
             entry = self._entries[request.request_id]
+            if request.num_output_placeholders:
+                continue  # preempted while its last token was in flight: wait for the token
             cached = self._lookup_prefix(entry)
             max_blocks = (request.num_tokens - 1) // self.block_size
             if pending and len(cached) < max_blocks and entry.block_hashes[len(cached)] in pending:

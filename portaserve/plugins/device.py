@@ -129,6 +129,13 @@ class Capabilities:
     keep_packed_weights: bool | None = None
     #: Whether the device captures decode steps as graphs (CUDA graphs, HPU graphs).
     supports_graph_capture: bool = False
+    #: (optional) Whether the engine schedules step N+1 while the device still runs step N
+    #: (async scheduling). True only for a device whose work is queued in order (a stream), so
+    #: that a step launched early reads the previous step's sampled ids and KV only after that
+    #: step wrote them, and whose device-to-host copies are awaited by ``torch.Event``.
+    #: Defaults to False: each step completes before the next is scheduled.
+    #: ``EngineConfig.async_scheduling`` overrides it either way.
+    async_scheduling: bool = False
     #: Defaults for the scheduler when the user sets none.
     default_max_num_seqs: int = 256
     default_max_num_batched_tokens: int = 2048
@@ -145,7 +152,14 @@ class Capabilities:
 
 
 class Executor(Protocol):
-    """(optional) A whole-model executor from ``Device.compile``; graph runtimes supply one."""
+    """(optional) A whole-model executor from ``Device.compile``; graph runtimes supply one.
+
+    (optional) ``accepts_device_input_ids: bool`` [False]: when True, ``execute`` is called as
+    ``execute(batch, prev_sampled)`` and must fill the batch's placeholders on the device
+    (``batch.to_device(dev).input_ids(prev_sampled)``; see ``ScheduledBatch.prev_token_rows``).
+    Otherwise the core fills them in on the host first (waiting for the previous step), so an
+    executor that reads ``batch.token_ids`` stays correct under async scheduling.
+    """
 
     def execute(self, batch: ScheduledBatch) -> torch.Tensor:
         """Run one step. Returns float32 logits [len(batch.logits_indices), vocab] on host or device."""

@@ -238,7 +238,8 @@ class AsyncEngine:
                 self._record_end(tracked, _status_of(output))
             deliveries.append((tracked.queue, output))
         self._deliver(deliveries)
-        return bool(outputs)
+        # a step that only launched work (async scheduling) made progress too
+        return bool(outputs) or self.engine.has_step_in_flight()
 
     def _fail_all(self, error: BaseException, status: str) -> None:
         deliveries = []

@@ -52,6 +52,10 @@ def add_engine_args(parser: argparse.ArgumentParser, *, model_positional: bool =
                    action=argparse.BooleanOptionalAction,
                    help="keep GGUF block weights packed (default: the device decides; yes on "
                         "cpu and openvino, and in 16-bit everywhere)")
+    g.add_argument("--async-scheduling", dest="async_scheduling", default=None,
+                   action=argparse.BooleanOptionalAction,
+                   help="schedule the next step while the device runs this one (default: when "
+                        "the device says it can, e.g. cuda)")
     g.add_argument("--seed", type=int, default=0)
 
 
@@ -70,6 +74,7 @@ def engine_config_from_args(args: argparse.Namespace, **extra: object) -> Engine
         scheduling_policy=args.scheduling_policy,
         quantization=args.quantization,
         keep_packed_weights=getattr(args, "keep_packed_weights", None),
+        async_scheduling=getattr(args, "async_scheduling", None),
         seed=args.seed,
         **extra,  # type: ignore[arg-type]
     )

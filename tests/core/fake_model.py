@@ -173,3 +173,84 @@ def drive(
         if on_step is not None:
             on_step(step)
     raise AssertionError(f"requests still unfinished after {max_steps} steps")
+
+
+def reference_generate_until(
+    prompt: Sequence[int], max_tokens: int, stop: Callable[[int], bool]
+) -> list[int]:
+    """``reference_generate`` that also ends after the first token ``stop`` accepts."""
+    out: list[int] = []
+    for token in reference_generate(prompt, max_tokens):
+        out.append(token)
+        if stop(token):
+            break
+    return out
+
+
+def drive_overlapped(
+    scheduler: Scheduler,
+    model: FakeModel,
+    requests: Sequence[Request] = (),
+    *,
+    arrivals: dict[int, list[Request]] | None = None,
+    stop: Callable[[int], bool] = lambda token: False,
+    abort_at: dict[int, list[str]] | None = None,
+    max_steps: int = 100_000,
+) -> tuple[dict[str, list[int]], int]:
+    """``drive`` with one step in flight, as the engine's async scheduling runs it.
+
+    Step N+1 is scheduled before step N's tokens are appended; its placeholders take N's
+    sampled ids (the fake model runs steps in launch order, as a device stream does). A request
+    finishes (STOP) after a token ``stop`` accepts, or (LENGTH) at max_tokens; ``abort_at``
+    aborts request ids before given step numbers. Returns (request id -> output ids of the
+    finished ones, number of discarded tokens: sampled for requests already finished).
+    """
+    for request in requests:
+        scheduler.add_request(request)
+    arrivals = dict(arrivals or {})
+    abort_at = dict(abort_at or {})
+    finished: dict[str, list[int]] = {}
+    in_flight: tuple[object, dict[str, int]] | None = None
+    prev_ids: list[int] = []
+    num_discarded = 0
+    for step in range(max_steps):
+        for request in arrivals.pop(step, []):
+            scheduler.add_request(request)
+        for req_id in abort_at.pop(step, []):
+            scheduler.finish_request(req_id, FinishReason.ABORT)
+        if not scheduler.has_unfinished_requests() and not arrivals and in_flight is None:
+            return finished, num_discarded
+        out = scheduler.schedule()
+        launched = None
+        if out.scheduled:
+            import torch
+
+            batch = out.batch.with_host_token_ids(torch.tensor(prev_ids, dtype=torch.int64))
+            sampled = model.step(batch)
+            needed = sorted(s.request.request_id for s in out.scheduled if s.needs_logits)
+            if sorted(sampled) != needed:
+                raise AssertionError("the fake model sampled for other requests than needed logits")
+            launched = (out, sampled)
+            prev_ids = [sampled[rid] for rid in batch.logits_req_ids]
+        if in_flight is not None:
+            done_out, done_sampled = in_flight
+            appended = scheduler.update_from_output(done_out, done_sampled)  # type: ignore[arg-type]
+            num_discarded += len(done_sampled) - len(appended)
+            for sched in appended:
+                request = sched.request
+                token = request.output_token_ids[-1]
+                max_tokens = request.sampling_params.max_tokens or 0
+                if stop(token):
+                    reason = FinishReason.STOP
+                elif (request.num_output_tokens >= max_tokens
+                      or request.num_tokens >= scheduler.config.max_model_len):
+                    reason = FinishReason.LENGTH
+                else:
+                    continue
+                done = scheduler.finish_request(request.request_id, reason)
+                if done is None or request.request_id in finished:
+                    raise AssertionError(f"{request.request_id} finished twice or not at all")
+                finished[request.request_id] = list(done.output_token_ids)
+        in_flight = launched
+        check_pool_invariants(scheduler)
+    raise AssertionError(f"requests still unfinished after {max_steps} steps")
