@@ -4,7 +4,8 @@
 to the compute dtype right before the GEMM); Triton kernels for attention,
 ``write_kv``, fused residual + RMSNorm, rotary and silu-and-mul (modules beside this one);
 the KV cache in layout ``blocks_hnd`` (``kv.py``); decode steps replayed from CUDA graphs
-(``graphs.py``, off with ``PORTASERVE_CUDA_GRAPHS=0``). The ``rocm`` device
+(``graphs.py``, off with ``PORTASERVE_CUDA_GRAPHS=0``); async scheduling on (the engine
+schedules step N+1 while the GPU runs step N; ``--no-async-scheduling`` turns it off). The ``rocm`` device
 (``portaserve/devices/rocm.py``) shares all of this through ``TritonGPUDevice``.
 
 ``triton-interpret``: the same Triton kernels run by Triton's interpreter on CPU tensors, so the
@@ -111,6 +112,9 @@ class TritonGPUDevice(Device):
 
     #: Whether decode steps are captured as graphs on this device family.
     graph_capture: bool = False
+    #: Whether the engine overlaps its host work with the device's (``Capabilities``): work is
+    #: queued on one stream and sampled ids come back through a pinned copy and an event.
+    async_scheduling: bool = False
 
     def __init__(self, index: int = 0) -> None:
         super().__init__(index)
@@ -129,6 +133,7 @@ class TritonGPUDevice(Device):
             kv_block_sizes=(16, 32, 64),
             kv_layout=KV_LAYOUT,
             supports_graph_capture=self.graph_capture,
+            async_scheduling=self.async_scheduling,
             default_max_num_seqs=256,
             default_max_num_batched_tokens=8192,
             default_memory_utilization=0.9,
@@ -208,6 +213,7 @@ class CudaDevice(TritonGPUDevice):
     name = "cuda"
     priority = 100
     graph_capture = True
+    async_scheduling = True
 
     @classmethod
     def probe(cls) -> Availability:

@@ -3,7 +3,9 @@
 A decode step of a small batch is dominated by launch overhead (a Llama layer is ~10 kernel
 launches; 32 layers of them at batch 1 cost more than the ~15 GB of weights take to stream).
 ``GraphExecutor`` captures ``model.forward`` once per batch size of a ladder
-(1, 2, 4, 8, then steps of 8, 16, 32 up to ``max_batch``), over static input buffers, and
+(1, 2, 4, 8, then steps of 8, 16, 32 up to ``max_batch``, 512 by default, since the Llama-3-8B
+benchmark decodes at batch 512; there the sizes above 256 captured within the memory left
+beside a KV cache sized at 0.9 of free memory), over static input buffers, and
 replays the smallest graph that fits each pure-decode step (every request has one new token),
 padding the batch: padded rows attend to one key of block 0 and write no KV (slot -1, which
 ``write_kv`` skips). Everything else (prefill, mixed steps, bigger batches, contexts longer than
@@ -12,6 +14,9 @@ the captured block-table width) runs op by op, exactly as the core's runner woul
 The decode attention's split count is fixed at capture from the largest context the graph
 allows; each request's chunks are sized from its own length at run time, so short contexts
 only leave empty splits. Logits are computed outside the graph from the graph's hidden states.
+A step's inputs arrive in one packed host-to-device copy (``ScheduledBatch.to_device``) and are
+copied into the static buffers on the device; token ids the previous step sampled (async
+scheduling) are read there from its sampled ids, so the host never waits for them.
 
 Guards: graphs are used only when the model's ``write_kv`` and ``paged_attention`` are this
 package's Triton kernels (a reference fallback reads host copies of the metadata, which a
@@ -30,7 +35,7 @@ from typing import Any
 import torch
 
 from portaserve import envs
-from portaserve.core.batch import ScheduledBatch
+from portaserve.core.batch import DeviceBatch, ScheduledBatch
 from portaserve.plugins.device import AttentionMetadata
 
 logger = logging.getLogger(__name__)
@@ -56,6 +61,9 @@ def is_pure_decode(batch: ScheduledBatch) -> bool:
 
 class GraphExecutor:
     """``Executor`` replaying captured decode graphs (see the module docstring)."""
+
+    #: Placeholder token ids (async scheduling) are filled in on the device.
+    accepts_device_input_ids = True
 
     def __init__(
         self,
@@ -153,20 +161,27 @@ class GraphExecutor:
         return next(size for size in self.sizes if size >= batch.num_reqs)
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> torch.Tensor:
-        """Logits [len(batch.logits_indices), vocab] float32, on the device."""
+    def execute(
+        self, batch: ScheduledBatch, prev_sampled: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Logits [len(batch.logits_indices), vocab] float32, on the device.
+
+        ``prev_sampled``: the previous step's sampled ids, read for the batch's placeholders.
+        """
         size = self.graph_size_for(batch)
+        moved = batch.to_device(self.device)  # one packed host-to-device copy
         if size is None:
             self.num_eager += 1
-            return self._execute_eager(batch)
+            return self._execute_eager(moved, prev_sampled)
         self.num_replays += 1
         r = batch.num_reqs
         width = min(batch.block_tables.shape[1], self.max_blocks_per_seq)
-        self.input_ids[:r].copy_(batch.token_ids, non_blocking=True)
-        self.positions[:r].copy_(batch.positions, non_blocking=True)
-        self.seq_lens[:r].copy_(batch.seq_lens, non_blocking=True)
-        self.slot_mapping[:r].copy_(batch.slot_mapping, non_blocking=True)
-        self.block_tables[:r, :width].copy_(batch.block_tables[:, :width], non_blocking=True)
+        attn = moved.attn
+        self.input_ids[:r].copy_(moved.input_ids(prev_sampled))
+        self.positions[:r].copy_(moved.positions)
+        self.seq_lens[:r].copy_(attn.seq_lens)
+        self.slot_mapping[:r].copy_(attn.slot_mapping)
+        self.block_tables[:r, :width].copy_(attn.block_tables[:, :width])
         if size > r:  # padding rows: one key of block 0, no KV write
             self.seq_lens[r:size].fill_(1)
             self.slot_mapping[r:size].fill_(-1)
@@ -175,18 +190,15 @@ class GraphExecutor:
         replay()
         if batch.logits_indices.numel() == 0:
             return torch.empty((0, 0), dtype=torch.float32, device=self.device)
-        rows = hidden[batch.logits_indices.to(self.device, non_blocking=True)]  # [L, H]
+        rows = hidden[moved.logits_indices]  # [L, H]
         return self.model.compute_logits(rows).float()
 
-    def _execute_eager(self, batch: ScheduledBatch) -> torch.Tensor:
-        dev = self.device
-        input_ids = batch.token_ids.to(dev, non_blocking=True)  # [T]
-        positions = batch.positions.to(dev, non_blocking=True)  # [T]
-        hidden = self.model.forward(input_ids, positions, batch.attention_metadata(dev),
+    def _execute_eager(self, moved: DeviceBatch, prev_sampled: torch.Tensor | None) -> torch.Tensor:
+        hidden = self.model.forward(moved.input_ids(prev_sampled), moved.positions, moved.attn,
                                     self.kv_caches)  # [T, H]
-        if batch.logits_indices.numel() == 0:
-            return torch.empty((0, 0), dtype=torch.float32, device=dev)
-        hidden = hidden[batch.logits_indices.to(dev, non_blocking=True)]  # [L, H]
+        if moved.logits_indices.numel() == 0:
+            return torch.empty((0, 0), dtype=torch.float32, device=self.device)
+        hidden = hidden[moved.logits_indices]  # [L, H]
         return self.model.compute_logits(hidden).float()
 
 
@@ -204,7 +216,7 @@ def graph_executor_for(
     kv_caches: list[Any],
     device: torch.device,
     *,
-    max_batch: int = 256,
+    max_batch: int = 512,
     eager_replay: bool = False,
 ) -> GraphExecutor | None:
     """A captured ``GraphExecutor`` for ``model``, or None when graphs are off or unsafe."""
