@@ -107,8 +107,10 @@ def bench_hf(args: argparse.Namespace) -> dict[str, float]:
     return {"decode_ms": ms_per_token, "ttft_ms": ttft, "throughput": tput}
 
 
-def make_llm(**kw: object) -> LLM:
-    return LLM(f"random:{PRESET}", device="cuda", dtype="bfloat16", **kw)
+def make_llm(args: argparse.Namespace, **kw: object) -> LLM:
+    return LLM(f"random:{PRESET}", device="cuda", dtype="bfloat16",
+               async_scheduling=args.async_scheduling, max_num_seqs=args.max_num_seqs,
+               max_num_batched_tokens=args.max_batched_tokens, **kw)
 
 
 def random_ids(rng: random.Random, n: int, vocab: int) -> list[int]:
@@ -143,33 +145,81 @@ def bench_portaserve(args: argparse.Namespace, deadline: float) -> dict[str, flo
     rng = random.Random(0)
     vocab = PRESETS[PRESET].vocab_size
     res: dict[str, float] = {}
-    llm = make_llm(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_batched_tokens)
+    llm = make_llm(args)
     engine = llm.llm_engine
     log(f"portaserve engine ready: {engine.device_description}, KV {engine.kv_capacity_tokens} tokens, "
-        f"executor {type(engine.runner.executor).__name__ if engine.runner.executor else 'none'}")
+        f"executor {type(engine.runner.executor).__name__ if engine.runner.executor else 'none'}, "
+        f"async scheduling {'on' if engine.async_scheduling else 'off'}")
+    res["async_scheduling"] = engine.async_scheduling
+    parts = set(args.parts.split(","))
     greedy = SamplingParams(temperature=0, max_tokens=args.decode_tokens, ignore_eos=True)
     llm.generate(random_ids(rng, 128, vocab), SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
-    # 1. batch-1 decode
+    # 1. batch-1 decode: the window holds the decode_tokens - 1 forward passes after the
+    # prefill (with async scheduling it also reads the prefill's token, computed before it)
     engine.add_request("lat", random_ids(rng, 128, vocab), greedy)
-    engine.step()  # prefill + first token
+    engine.step()  # prefill + first token (async: launched; its token is read next step)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    steps = 0
     while engine.has_unfinished_requests():
         engine.step()
-        steps += 1
     torch.cuda.synchronize()
-    res["decode_ms"] = (time.perf_counter() - t0) / steps * 1e3
+    res["decode_ms"] = (time.perf_counter() - t0) / (args.decode_tokens - 1) * 1e3
+    res["gpu_step_ms"] = gpu_step_ms(engine, 128 + args.decode_tokens // 2)
     # 2. TTFT, 1000-token prompt (fresh tokens: no prefix-cache hit)
     ttfts = []
-    for _ in range(3):
+    for _ in range(3 if "ttft" in parts else 0):
         prompt = random_ids(rng, 1000, vocab)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         llm.generate(prompt, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
         ttfts.append((time.perf_counter() - t0) * 1e3)
-    res["ttft_ms"] = min(ttfts)
-    # 3. offline throughput
+    res["ttft_ms"] = min(ttfts) if ttfts else float("nan")
+    res["throughput"] = res["prefix_on"] = res["prefix_off"] = res["prefix_hit_rate"] = float("nan")
+    res["throughput_done"] = res["throughput_s"] = 0
+    if "throughput" in parts:
+        bench_throughput(args, llm, rng, res, deadline)
+    if "prefix" not in parts:
+        return res
+    sp_prompts, sp_params = bench_prefix_on(args, llm, rng, res, deadline)
+    del llm, engine
+    gc.collect()
+    torch.cuda.empty_cache()
+    log("shared prefix, caching off")
+    off = make_llm(args, enable_prefix_caching=False)
+    tokens, secs, _ = run_all(off, sp_prompts, sp_params, deadline)
+    res["prefix_off"] = tokens / secs
+    del off
+    gc.collect()
+    torch.cuda.empty_cache()
+    return res
+
+
+def gpu_step_ms(engine: object, context: int, iters: int = 100) -> float:
+    """The device's time for one batch-1 decode step (forward + logits + argmax) when steps are
+    queued back to back with no host work between them: the floor for ``decode_ms``."""
+    from portaserve.core.batch import build_batch
+
+    block_size = engine.kv_spec.block_size
+    blocks = list(range(1, context // block_size + 2))  # free blocks after the decode above
+    batch = build_batch([("gpu-step", [100], context, blocks, True)], block_size)
+
+    def step() -> None:
+        engine.runner.execute(batch).argmax(dim=-1)
+
+    for _ in range(5):
+        step()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        step()
+    torch.cuda.synchronize()
+    engine.scheduler.block_pool.reset_prefix_cache()  # the blocks' contents were overwritten
+    return (time.perf_counter() - t0) / iters * 1e3
+
+
+def bench_throughput(args: argparse.Namespace, llm: LLM, rng: random.Random, res: dict[str, float],
+                     deadline: float) -> None:
+    vocab = PRESETS[PRESET].vocab_size
     log(f"throughput: {args.num_prompts} prompts x {args.input_len} in / {args.output_len} out")
     prompts = [random_ids(rng, args.input_len, vocab) for _ in range(args.num_prompts)]
     params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True,
@@ -178,7 +228,12 @@ def bench_portaserve(args: argparse.Namespace, deadline: float) -> dict[str, flo
     res["throughput"] = tokens / secs
     res["throughput_done"] = done
     res["throughput_s"] = secs
-    # 4. shared prefix, caching on
+
+
+def bench_prefix_on(args: argparse.Namespace, llm: LLM, rng: random.Random, res: dict[str, float],
+                    deadline: float) -> tuple[list[list[int]], SamplingParams]:
+    vocab = PRESETS[PRESET].vocab_size
+    engine = llm.llm_engine
     shared = random_ids(rng, args.prefix_len, vocab)
     sp_prompts = [shared + random_ids(rng, args.suffix_len, vocab) for _ in range(args.prefix_prompts)]
     sp_params = SamplingParams(temperature=0, max_tokens=args.prefix_output_len, ignore_eos=True,
@@ -187,18 +242,7 @@ def bench_portaserve(args: argparse.Namespace, deadline: float) -> dict[str, flo
     tokens, secs, _ = run_all(llm, sp_prompts, sp_params, deadline - 60)
     res["prefix_on"] = tokens / secs
     res["prefix_hit_rate"] = engine.stats().prefix_cache_hits / max(engine.stats().prefix_cache_queries, 1)
-    del llm, engine
-    gc.collect()
-    torch.cuda.empty_cache()
-    log("shared prefix, caching off")
-    off = make_llm(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_batched_tokens,
-                   enable_prefix_caching=False)
-    tokens, secs, _ = run_all(off, sp_prompts, sp_params, deadline)
-    res["prefix_off"] = tokens / secs
-    del off
-    gc.collect()
-    torch.cuda.empty_cache()
-    return res
+    return sp_prompts, sp_params
 
 
 def main() -> None:
@@ -217,6 +261,10 @@ def main() -> None:
     p.add_argument("--hf-input-len", type=int, default=1000)
     p.add_argument("--hf-output-len", type=int, default=256)
     p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--async-scheduling", default=None, action=argparse.BooleanOptionalAction,
+                   help="force async scheduling on or off (default: the device's choice)")
+    p.add_argument("--parts", default="decode,ttft,throughput,prefix",
+                   help="which portaserve measurements to run (batch-1 decode always runs)")
     p.add_argument("--budget-s", type=float, default=540, help="stop measuring after this long")
     p.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "gpu_llama8b.json"))
     args = p.parse_args()
@@ -249,7 +297,8 @@ def main() -> None:
 
     rows = [
         ("batch-1 decode ms/token (128 in, 512 out)", fmt(roof_ms, ".2f"), fmt(hf.get("decode_ms"), ".2f"),
-         fmt(ps["decode_ms"], ".2f"), f"{roof_ms / ps['decode_ms'] * 100:.0f}% of roofline"),
+         fmt(ps["decode_ms"], ".2f"), f"{roof_ms / ps['decode_ms'] * 100:.0f}% of roofline; "
+         f"device-only step {ps['gpu_step_ms']:.2f} ms"),
         ("TTFT ms, 1000-token prompt", "-", fmt(hf.get("ttft_ms"), ".1f"), fmt(ps["ttft_ms"], ".1f"), ""),
         (f"offline output tok/s ({args.input_len}/{args.output_len}, {args.num_prompts} prompts)", "-",
          fmt(hf.get("throughput"), ".0f") + (f" (HF batch {args.hf_batch}, {args.hf_input_len}/{args.hf_output_len})" if hf else ""),

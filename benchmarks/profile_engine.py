@@ -1,7 +1,11 @@
 """Where an engine step's time goes: schedule / execute / sample / update, per kind of step.
 
-Wraps the engine's parts with timers (the device is synchronized around ``execute`` so GPU time
-is attributed to it) and cProfiles a window of steady-state decode steps.
+Wraps the engine's parts with timers and cProfiles a window of steady-state decode steps.
+Synchronous engine (``--no-async-scheduling``): the device is synchronized around ``execute``
+and ``sample`` so GPU time is attributed to them. Async scheduling (the device's default on
+cuda): nothing is synchronized, because that would undo the overlap; ``launch`` is the host's
+time to queue a step's forward pass and sampling, ``wait`` the time the host sat waiting for the
+previous step's sampled ids (the device-bound share), and ``step wall`` the whole ``step()``.
 
     PYTHONPATH=. python3 benchmarks/profile_engine.py --model random:llama3-8b --device cuda \\
         --num-prompts 512 --input-len 1000 --output-len 300
@@ -31,11 +35,14 @@ def main() -> None:
     p.add_argument("--max-num-seqs", type=int, default=512)
     p.add_argument("--max-batched-tokens", type=int, default=8192)
     p.add_argument("--profile-steps", type=int, default=30)
+    p.add_argument("--async-scheduling", default=None, action=argparse.BooleanOptionalAction)
     args = p.parse_args()
 
     llm = LLM(args.model, device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
-              max_num_batched_tokens=args.max_batched_tokens)
+              max_num_batched_tokens=args.max_batched_tokens,
+              async_scheduling=args.async_scheduling)
     engine = llm.llm_engine
+    overlapped = engine.async_scheduling
     device = engine.device
     totals: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     counts: dict[str, int] = defaultdict(int)
@@ -65,8 +72,19 @@ def main() -> None:
         return out
 
     engine.scheduler.schedule = schedule
-    engine.runner.execute = timed("execute", engine.runner.execute, sync=True)
-    engine.sampler.sample = timed("sample", engine.sampler.sample, sync=True)
+    if overlapped:
+        columns = ("schedule+build", "launch", "wait", "update", "process_token", "make_output",
+                   "step wall")
+        from portaserve.core import engine as engine_module
+
+        engine._launch = timed("launch", engine._launch)
+        wait = engine_module._LaunchedStep.wait_token_ids
+        engine_module._LaunchedStep.wait_token_ids = timed("wait", wait)
+    else:
+        columns = ("schedule+build", "execute", "sample", "update", "process_token", "make_output",
+                   "step wall")
+        engine.runner.execute = timed("execute", engine.runner.execute, sync=True)
+        engine.sampler.sample_ids = timed("sample", engine.sampler.sample_ids, sync=True)
     engine.scheduler.update_from_output = timed("update", engine.scheduler.update_from_output)
     engine._process_token = timed("process_token", engine._process_token)
     engine._make_output = timed("make_output", engine._make_output)
@@ -86,23 +104,24 @@ def main() -> None:
         on = kind["now"].startswith("decode") and steps > 5 and profiled < args.profile_steps
         if on:
             profiler.enable()
+        t0 = time.perf_counter()
         for out in engine.step():
             if out.finished:
                 tokens += len(out.outputs[0].token_ids)
+        totals[kind["now"]]["step wall"] += time.perf_counter() - t0
         if on:
             profiler.disable()
             profiled += 1
         steps += 1
     wall = time.perf_counter() - start
-    print(f"{engine.device_description}; {args.num_prompts} x {args.input_len}/{args.output_len}; "
+    print(f"{engine.device_description}; async scheduling {'on' if overlapped else 'off'}; "
+          f"{args.num_prompts} x {args.input_len}/{args.output_len}; "
           f"{steps} steps in {wall:.1f} s; {tokens / wall:.0f} output tok/s")
-    print(f"{'step kind':<18}{'steps':>7}" + "".join(f"{n:>16}" for n in
-          ("schedule+build", "execute", "sample", "update", "process_token", "make_output")) + "   (ms/step)")
+    print(f"{'step kind':<18}{'steps':>7}" + "".join(f"{n:>16}" for n in columns) + "   (ms/step)")
     for k in sorted(totals):
         row = totals[k]
         print(f"{k:<18}{counts[k]:>7}" + "".join(
-            f"{row[n] / counts[k] * 1e3:>16.2f}" for n in
-            ("schedule+build", "execute", "sample", "update", "process_token", "make_output")))
+            f"{row[n] / max(counts[k], 1) * 1e3:>16.2f}" for n in columns))
     s = io.StringIO()
     pstats.Stats(profiler, stream=s).sort_stats("tottime").print_stats(22)
     print(s.getvalue()[-6000:])
