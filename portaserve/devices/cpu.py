@@ -5,8 +5,8 @@ fused in front, rotary in float32, silu-and-mul, ``write_kv`` as one ``index_cop
 flattened cache, and ``paged_attention`` over gathered blocks with torch SDPA (GQA through
 ``enable_gqa``). Where ``portaserve.devices.cpu_native`` could be built (a C compiler is on
 PATH), one-token rows of ``paged_attention`` run natively over the block table (no gather), and
-small batches on GGUF weights (Q4_0 / Q4_1 / Q8_0 / Q4_K / Q5_K / Q6_K) run the native packed
-linears, so GGUF models stay packed in float32 too (``Capabilities.keep_packed_weights``);
+small batches on GGUF (Q4_0 / Q4_1 / Q8_0 / Q4_K / Q5_K / Q6_K), int8 and int4 weights run the
+native packed linears, so GGUF models stay packed in float32 too (``Capabilities.keep_packed_weights``);
 without it, decode batches go through one padded SDPA call. Other quantized matmuls use the quant plugin's cpu kernels.
 Limits: one process, no NUMA pinning; threads are set once, to ``PORTASERVE_NUM_THREADS`` or
 the physical cores.

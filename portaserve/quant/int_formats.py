@@ -53,6 +53,11 @@ class Int8Method:
         return QuantizedWeight(self.name, (data["qweight"].shape[0], weight.shape[1]), data, self,
                                dict(weight.meta))
 
+    def concat_rows(self, weights: list[QuantizedWeight]) -> QuantizedWeight:
+        """Weights stacked along output rows (a model's fused q/k/v, gate/up)."""
+        data = {k: torch.cat([w.data[k] for w in weights]) for k in ("qweight", "scales")}
+        return QuantizedWeight(self.name, (data["qweight"].shape[0], weights[0].shape[1]), data, self)
+
     def quantize(self, w: torch.Tensor) -> QuantizedWeight:
         """Symmetric per-channel: scale = max|w_row| / 127, q = round(w / scale)."""
         _check_2d(self.name, w)
@@ -118,6 +123,18 @@ class Int4Method:
         data = _select(weight, rows)
         return QuantizedWeight(self.name, (data["qweight"].shape[0], weight.shape[1]), data, self,
                                dict(weight.meta))
+
+    def concat_rows(self, weights: list[QuantizedWeight]) -> QuantizedWeight | None:
+        """Weights stacked along output rows (fused q/k/v, gate/up); None when their group
+        sizes differ (the model then runs them as separate GEMMs)."""
+        group = weights[0].meta["group_size"]
+        if any(w.meta["group_size"] != group for w in weights):
+            return None
+        data = {k: torch.cat([w.data[k] for w in weights]) for k in ("qweight", "scales", "zeros")}
+        meta = {"group_size": group,
+                "symmetric": all(w.meta.get("symmetric", False) for w in weights)}
+        return QuantizedWeight(self.name, (data["qweight"].shape[0], weights[0].shape[1]), data,
+                               self, meta)
 
     def quantize(self, w: torch.Tensor, group_size: int = 128, symmetric: bool = False) -> QuantizedWeight:
         """Round-to-nearest per group: asymmetric (min/max over 0..15) or symmetric (zero 8)."""

@@ -69,8 +69,7 @@ def _gguf_chunk(weight: QuantizedWeight, r0: int, r1: int) -> torch.Tensor:
     products and sums, with the code->float conversion fused into the first multiply."""
     fmt = weight.format
     if _native_ok(weight):  # the same values, expanded natively
-        k = weight.shape[1]
-        return cpu_native.dequant_rows(weight, r0, r1, _buffer((r1 - r0) * k).view(r1 - r0, k))
+        return _native_chunk(weight, r0, r1)
     data = {k: v[r0:r1] for k, v in weight.data.items()}
     n = r1 - r0
     if fmt in ("Q4_0", "Q4_1"):
@@ -102,13 +101,22 @@ def _gguf_chunk(weight: QuantizedWeight, r0: int, r1: int) -> torch.Tensor:
     return w.view(n, -1)  # [n, K]
 
 
+def _native_chunk(weight: QuantizedWeight, r0: int, r1: int) -> torch.Tensor:
+    k = weight.shape[1]
+    return cpu_native.dequant_rows(weight, r0, r1, _buffer((r1 - r0) * k).view(r1 - r0, k))
+
+
 def _int8_chunk(weight: QuantizedWeight, r0: int, r1: int) -> torch.Tensor:
+    if _native_ok(weight):
+        return _native_chunk(weight, r0, r1)
     q = weight.data["qweight"][r0:r1]
     w = _buffer(q.numel()).view(q.shape)
     return torch.mul(q, weight.data["scales"][r0:r1].float()[:, None], out=w)
 
 
 def _int4_chunk(weight: QuantizedWeight, r0: int, r1: int) -> torch.Tensor:
+    if _native_ok(weight):
+        return _native_chunk(weight, r0, r1)
     g = weight.meta["group_size"]
     codes = unpack_nibbles(weight.data["qweight"][r0:r1])  # [n, K]
     n, k = codes.shape
@@ -210,6 +218,7 @@ def _native_ok(weight: QuantizedWeight) -> bool:
     ok = weight.meta.get("_cpu_native")
     if ok is None:
         ok = (weight.format in cpu_native.FORMATS and weight.shape[1] % 32 == 0
+              and weight.meta.get("group_size", 32) % 32 == 0
               and all(t.is_contiguous() and t.device.type == "cpu" for t in weight.data.values())
               and cpu_native.library() is not None)
         weight.meta["_cpu_native"] = ok
@@ -220,14 +229,25 @@ def gguf_linear(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | N
     """x [T, K] @ dequant(weight).T for the GGUF block formats -> [T, N]."""
     if x.dtype == torch.bfloat16 and weight.format in _INT4PACK_FORMATS:
         return _int4pack_linear(x, weight, bias)
-    n, k = weight.shape
-    if x.dtype == torch.float32 and x.numel() <= cpu_native.MAX_TOKENS * k and _native_ok(weight):
-        out = cpu_native.linear(x.reshape(-1, k), weight, bias)
-        return out.view(*x.shape[:-1], n)
+    out = _native_linear(x, weight, bias)
+    if out is not None:
+        return out
     return _dequant_linear(_gguf_chunk, x, weight, bias)
 
 
+def _native_linear(x: torch.Tensor, weight: QuantizedWeight,
+                   bias: torch.Tensor | None) -> torch.Tensor | None:
+    """The native kernel's result for small float32 batches, or None (take another path)."""
+    n, k = weight.shape
+    if x.dtype != torch.float32 or x.numel() > cpu_native.MAX_TOKENS * k or not _native_ok(weight):
+        return None
+    return cpu_native.linear(x.reshape(-1, k), weight, bias).view(*x.shape[:-1], n)
+
+
 def int8_linear(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    out = _native_linear(x, weight, bias)
+    if out is not None:
+        return out
     if x.dtype == torch.bfloat16:
         out = torch.ops.aten._weight_int8pack_mm(
             x.reshape(-1, weight.shape[1]), weight.data["qweight"], weight.data["scales"].to(x.dtype))
@@ -236,6 +256,9 @@ def int8_linear(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | N
 
 
 def int4_linear(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    out = _native_linear(x, weight, bias)
+    if out is not None:
+        return out
     if x.dtype == torch.bfloat16 and weight.meta["group_size"] in (32, 64, 128, 256):
         return _int4pack_linear(x, weight, bias)
     return _dequant_linear(_int4_chunk, x, weight, bias)

@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("kernels.c")
 #: GGUF formats the native linear serves -> the ``fmt`` code in kernels.c
-FORMATS = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2, "Q4_K": 3, "Q5_K": 4, "Q6_K": 5}
+FORMATS = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2, "Q4_K": 3, "Q5_K": 4, "Q6_K": 5, "int8": 6, "int4": 7}
 #: At most this many tokens go through the native linear; larger batches are compute bound
 #: and the chunked-dequant BLAS path is faster.
 MAX_TOKENS = 16
@@ -92,7 +92,7 @@ class Linear(ctypes.Structure):
 
     _fields_ = [("fmt", ctypes.c_int32), ("pad", ctypes.c_int32), ("n", _c_i64), ("k", _c_i64),
                 ("w", _ptr), ("d", _ptr), ("m", _ptr), ("bias", _ptr), ("scales", _ptr),
-                ("qh", _ptr)]
+                ("qh", _ptr), ("fscales", _ptr), ("zeros", _ptr), ("group", _c_i64)]
 
 
 def linear_struct(weight: Any, bias: torch.Tensor | None = None) -> Linear:
@@ -104,6 +104,13 @@ def linear_struct(weight: Any, bias: torch.Tensor | None = None) -> Linear:
         return Linear(-1, 0, n, k, weight.data_ptr(), None, None, b, None, None)
     data, fmt = weight.data, weight.format
     n, k = weight.shape
+    if fmt in ("int8", "int4"):  # float32 scales, kept alive by the weight
+        fscales = weight.meta.get("_cpu_native_fscales")
+        if fscales is None:
+            fscales = weight.meta["_cpu_native_fscales"] = data["scales"].float().contiguous()
+        return Linear(FORMATS[fmt], 0, n, k, data["qweight"].data_ptr(), None, None, b, None,
+                      None, fscales.data_ptr(), _p(data.get("zeros")),
+                      weight.meta.get("group_size", k))
     codes = data["ql"] if fmt == "Q6_K" else data["qs"]
     second = data.get("m") if fmt in ("Q4_0", "Q4_1", "Q8_0") else data.get("dmin")
     return Linear(FORMATS[fmt], 0, n, k, codes.data_ptr(), data["d"].data_ptr(), _p(second), b,
@@ -183,11 +190,14 @@ def _p(t: torch.Tensor | None) -> int | None:
 
 
 def _struct(weight: Any) -> Linear:
-    """The weight's ``ps_linear_t``, built once and kept in ``weight.meta``."""
-    st = weight.meta.get("_cpu_native_struct")
-    if st is None:
-        st = weight.meta["_cpu_native_struct"] = linear_struct(weight)
-    return st
+    """The weight's ``ps_linear_t``, built once and kept in ``weight.meta`` (rebuilt when the
+    meta was copied to a weight with other tensors, e.g. by ``select_rows``)."""
+    codes = next(iter(weight.data.values()))
+    cached = weight.meta.get("_cpu_native_struct")
+    if cached is None or cached[0] != codes.data_ptr():
+        weight.meta.pop("_cpu_native_fscales", None)
+        cached = weight.meta["_cpu_native_struct"] = (codes.data_ptr(), linear_struct(weight))
+    return cached[1]
 
 
 def linear(x: torch.Tensor, weight: Any, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -10,8 +10,8 @@ executor.
 
 ``build_executor`` says why a model does not qualify (``None, reason``): it takes float32
 Llama-family models (``LlamaForCausalLM``, SiLU MLP, no q/k norm, rotary over the whole head)
-whose linears are float32 or GGUF Q4_0 / Q4_1 / Q8_0 / Q4_K / Q5_K / Q6_K with fused q|k|v and
-gate|up, over a float32 ``blocks_nhd`` KV cache.
+whose linears are float32, GGUF Q4_0 / Q4_1 / Q8_0 / Q4_K / Q5_K / Q6_K, int8 or int4, with
+fused q|k|v and gate|up, over a float32 ``blocks_nhd`` KV cache.
 """
 
 from __future__ import annotations

@@ -5,8 +5,9 @@
  *    32-weight block's codes are widened to float32 in registers and multiplied into the
  *    float32 activations with FMA, the scale applied once per block. Q4_K / Q5_K / Q6_K: each
  *    256-weight super-block is expanded to float32 in an L1 buffer (the reference's values)
- *    and dotted with the activations. Rows are split over OpenMP threads; up to eight tokens
- *    share each expanded block.
+ *    and dotted with the activations. int8 (a scale per row) and int4 (interleaved nibbles,
+ *    a scale and zero point per group) reuse the 32-block path. Rows are split over OpenMP
+ *    threads; up to eight tokens share each expanded block.
  * 2. Paged decode attention (one query token per request) straight over the block table of a
  *    float32 KV cache in the `blocks_nhd` layout [2, num_blocks, block_size, Hk, D]: no gather,
  *    no padding, the query heads of one KV head share each key/value load (GQA).
@@ -60,7 +61,8 @@ static inline float half_to_float(uint16_t h) {
 
 /* ---- weights ----------------------------------------------------------------------------- */
 
-enum { FMT_Q4_0 = 0, FMT_Q4_1 = 1, FMT_Q8_0 = 2, FMT_Q4_K = 3, FMT_Q5_K = 4, FMT_Q6_K = 5 };
+enum { FMT_Q4_0 = 0, FMT_Q4_1 = 1, FMT_Q8_0 = 2, FMT_Q4_K = 3, FMT_Q5_K = 4, FMT_Q6_K = 5,
+       FMT_INT8 = 6, FMT_INT4 = 7 };
 
 /* Every format is w = d * c + m' for an integer code c: Q4_0 c = q, m' = -8 d; Q4_1 c = q,
  * m' = m; Q8_0 c = q, m' = 0. So a block's dot product with x is d * sum(c x) + m' * sum(x),
@@ -84,9 +86,11 @@ static inline void expand_block_scalar(int fmt, const uint8_t *qs, float d, floa
     }
 }
 
-/* The code c of element j (0..31) of a block: low nibbles are elements 0..15, high 16..31. */
+/* The code c of element j (0..31) of a block: GGUF puts low nibbles at elements 0..15 and high
+ * nibbles at 16..31; int4 interleaves them (element 2i low, 2i + 1 high nibble of byte i). */
 static inline float code_scalar(int fmt, const uint8_t *qs, int j) {
     if (fmt == FMT_Q8_0) return (float)((const int8_t *)qs)[j];
+    if (fmt == FMT_INT4) return (float)((j & 1) ? qs[j >> 1] >> 4 : qs[j >> 1] & 0x0F);
     return (float)(j < 16 ? (qs[j] & 0x0F) : (qs[j - 16] >> 4));
 }
 
@@ -96,6 +100,16 @@ ALWAYS_INLINE_EARLY void codes_f32(int fmt, const uint8_t *qs, __m256 c[4]) {
     if (fmt == FMT_Q8_0) {
         for (int j = 0; j < 4; j++)
             c[j] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(qs + 8 * j))));
+        return;
+    }
+    if (fmt == FMT_INT4) { /* interleaved: byte i holds elements 2i (low) and 2i + 1 (high) */
+        const __m128i raw = _mm_loadu_si128((const __m128i *)qs), m4 = _mm_set1_epi8(0x0F);
+        const __m128i lo = _mm_and_si128(raw, m4), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), m4);
+        const __m128i e0 = _mm_unpacklo_epi8(lo, hi), e1 = _mm_unpackhi_epi8(lo, hi);
+        c[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(e0));
+        c[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(e0, 8)));
+        c[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(e1));
+        c[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(e1, 8)));
         return;
     }
     /* bytes 0..7 and 8..15 widened to int32 (straight from memory); the low nibbles are
@@ -200,13 +214,16 @@ typedef struct {
     const uint16_t *d, *m; /* fp16 bits per block: d, and m (Q4_1) or dmin (Q4_K, Q5_K) */
     const float *bias;     /* [n] or NULL */
     const uint8_t *scales, *qh; /* K formats: packed scales, high bits (Q5_K, Q6_K) */
+    const float *fscales;       /* int8: [n]; int4: [n, k / group] (float32) */
+    const uint8_t *zeros;       /* int4: [n, k / group] integer zero points */
+    int64_t group;              /* int4: group size (a multiple of 32) */
 } ps_linear_t;
 
 /* ---- K formats: 256-weight super-blocks, expanded to float32 exactly as the reference ---- */
 
 enum { QK_K = 256 };
 
-static inline int is_k_format(int fmt) { return fmt >= FMT_Q4_K; }
+static inline int is_k_format(int fmt) { return fmt >= FMT_Q4_K && fmt <= FMT_Q6_K; }
 
 #if PS_AVX2
 /* 32 bytes (unsigned or signed) as 4 x 8 float32, in order. */
@@ -393,9 +410,24 @@ static void linear_row(const ps_linear_t *L, int64_t n, const float *x, int64_t 
         return;
     }
     const int fmt = L->fmt;
-    const int64_t nb = L->k / 32, qbytes = fmt == FMT_Q8_0 ? 32 : 16;
+    const int64_t nb = L->k / 32, qbytes = (fmt == FMT_Q8_0 || fmt == FMT_INT8) ? 32 : 16;
     const uint8_t *row_q = (const uint8_t *)L->w + n * nb * qbytes;
     float *dr = dm, *mr = dm + nb;
+    if (fmt == FMT_INT8) { /* w = q * s: Q8_0's codes with the row's scale in every block */
+        for (int64_t blk = 0; blk < nb; blk++) dr[blk] = L->fscales[n], mr[blk] = 0.0f;
+        row_all(FMT_Q8_0, row_q, nb, dr, mr, x, x_stride, T, xsum, o, out_stride, b);
+        return;
+    }
+    if (fmt == FMT_INT4) { /* w = (q - z) s = s q + (-z s), per group of 32-blocks */
+        const int64_t per = L->group / 32, ng = L->k / L->group;
+        for (int64_t blk = 0; blk < nb; blk++) {
+            const int64_t g = n * ng + blk / per;
+            dr[blk] = L->fscales[g];
+            mr[blk] = -(float)L->zeros[g] * L->fscales[g];
+        }
+        row_all(FMT_INT4, row_q, nb, dr, mr, x, x_stride, T, xsum, o, out_stride, b);
+        return;
+    }
     for (int64_t blk = 0; blk < nb; blk++) {
         dr[blk] = half_to_float(L->d[n * nb + blk]);
         mr[blk] = fmt == FMT_Q4_1 ? half_to_float(L->m[n * nb + blk])
@@ -428,7 +460,8 @@ int ps_linear(const ps_linear_t *L, const float *x, int64_t x_stride, int64_t T,
     const int64_t nb = L->k / 32;
     float *xsum = malloc(sizeof(float) * (size_t)(T * nb + 1));
     if (!xsum) return -1;
-    if (L->fmt == FMT_Q4_0 || L->fmt == FMT_Q4_1) block_sums(x, x_stride, 0, T, L->k, xsum);
+    if (L->fmt == FMT_Q4_0 || L->fmt == FMT_Q4_1 || L->fmt == FMT_INT4)
+        block_sums(x, x_stride, 0, T, L->k, xsum);
     int failed = 0;
 #pragma omp parallel num_threads(nthreads)
     {
@@ -455,6 +488,21 @@ void ps_dequant_rows(const ps_linear_t *L, int64_t r0, int64_t r1, float *out, i
         float *o = out + (n - r0) * K;
         if (is_k_format(L->fmt)) {
             for (int64_t blk = 0; blk < K / QK_K; blk++) expand_k(L, n, blk, o + blk * QK_K);
+            continue;
+        }
+        if (L->fmt == FMT_INT8) { /* q * s */
+            const int8_t *q = (const int8_t *)L->w + n * K;
+            for (int64_t j = 0; j < K; j++) o[j] = (float)q[j] * L->fscales[n];
+            continue;
+        }
+        if (L->fmt == FMT_INT4) { /* (q - z) * s */
+            const uint8_t *q = (const uint8_t *)L->w + n * (K / 2);
+            const int64_t ng = K / L->group;
+            for (int64_t j = 0; j < K; j++) {
+                const int64_t g = n * ng + j / L->group;
+                const int c = (j & 1) ? q[j >> 1] >> 4 : q[j >> 1] & 0x0F;
+                o[j] = (float)(c - L->zeros[g]) * L->fscales[g];
+            }
             continue;
         }
         const int64_t nb = K / 32, qbytes = L->fmt == FMT_Q8_0 ? 32 : 16;
