@@ -260,9 +260,18 @@ def prefix_repetition_dataset(
     for _ in range(num_prefixes):
         prefix, _ = exact_length_text(tokenizer, rng, allowed, prefix_len)
         for _ in range(num_prompts // num_prefixes):
-            suffix, _ = exact_length_text(tokenizer, rng, allowed, suffix_len)
-            prompt = prefix + suffix
-            requests.append(SampleRequest(prompt, len(tokenizer.encode(prompt)), output_len))
+            # tokens can merge across the seam: draw suffixes until prefix + suffix re-encodes
+            # to exactly prefix_len + suffix_len tokens (or keep the closest of a few draws)
+            best: tuple[int, str] | None = None
+            for _ in range(8):
+                suffix, _ = exact_length_text(tokenizer, rng, allowed, suffix_len)
+                n = len(tokenizer.encode(prefix + suffix))
+                if best is None or abs(n - prefix_len - suffix_len) < abs(best[0] - prefix_len - suffix_len):
+                    best = (n, prefix + suffix)
+                if n == prefix_len + suffix_len:
+                    break
+            assert best is not None
+            requests.append(SampleRequest(best[1], best[0], output_len))
     order = rng.permutation(len(requests))
     return [requests[i] for i in order]
 
