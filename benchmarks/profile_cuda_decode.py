@@ -1,0 +1,153 @@
+#!/usr/bin/env python
+"""Which GPU kernels a batch-1 decode step of the Llama-3-8B shape spends its time in.
+
+Builds ``random:llama3-8b`` (bf16) on ``cuda`` with CUDA graphs off (so the profiler sees each
+kernel; a kernel's duration is the same inside a graph), prefills one 128-token prompt, then
+profiles ``--steps`` decode steps with torch.profiler and prints, per kernel family, the GPU
+time per step, its share, and the bytes-over-time bandwidth of the GEMMs; beside it the step's
+wall time with graphs on (from the same engine rebuilt) and the weight-bytes roofline.
+
+    PYTHONPATH=. python3 benchmarks/profile_cuda_decode.py --steps 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import re
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+FAMILIES = (  # (label, regex on the kernel name), first match wins
+    ("GEMM / GEMV (cuBLAS, nvjet, cutlass)", r"gemm|gemv|nvjet|cutlass|sm90_xmma|splitK"),
+    ("attention (Triton)", r"attn|attention"),
+    ("rms_norm (+ residual)", r"rms|norm"),
+    ("rotary", r"rotary|rope"),
+    ("write_kv", r"write_kv|kv_write|reshape_and_cache"),
+    ("silu_and_mul", r"silu"),
+    ("sampling / argmax / softmax", r"argmax|softmax|topk|sort|max|reduce"),
+    ("copies, casts, indexing", r"copy|cast|index|gather|fill|elementwise|vectorized"),
+)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=20)
+    args = p.parse_args()
+    from portaserve import LLM, SamplingParams
+
+    os.environ["PORTASERVE_CUDA_GRAPHS"] = "0"
+    llm = LLM("random:llama3-8b", device="cuda", dtype="bfloat16", max_model_len=2048,
+              max_num_seqs=8, enable_prefix_caching=False, memory_utilization=0.3)
+    engine = llm.llm_engine
+    weight_bytes = sum(t.numel() * t.element_size() for t in _tensors(engine.model))
+    prompt = list(range(1000, 1128))
+    engine.add_request("p", prompt, SamplingParams(max_tokens=args.steps + 8, ignore_eos=True,
+                                                    temperature=0))
+    for _ in range(4):  # prefill and warm-up decode steps
+        engine.step()
+    torch.cuda.synchronize()
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(args.steps):
+            engine.step()
+        torch.cuda.synchronize()
+    while engine.has_unfinished_requests():
+        engine.step()
+    totals: dict[str, float] = defaultdict(float)
+    other: dict[str, float] = defaultdict(float)
+    members: dict[str, dict[str, float]] = defaultdict(dict)
+    for evt in prof.key_averages():
+        dev_us = getattr(evt, "device_time_total", 0.0) or getattr(evt, "cuda_time_total", 0.0)
+        if dev_us <= 0 or evt.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        name = evt.key.lower()
+        for label, pattern in FAMILIES:
+            if re.search(pattern, name):
+                totals[label] += dev_us
+                members[label][evt.key[:90]] = dev_us
+                break
+        else:
+            other[evt.key[:70]] += dev_us
+    kernels_ms = sum(totals.values()) / 1e3 / args.steps + sum(other.values()) / 1e3 / args.steps
+    bw = _copy_bandwidth()
+    print(f"random:llama3-8b bf16 on {torch.cuda.get_device_name(0)}; torch {torch.__version__}; "
+          f"weights {weight_bytes / 1e9:.2f} GB; copy bandwidth {bw / 1e12:.2f} TB/s -> roofline "
+          f"{weight_bytes / bw * 1e3:.2f} ms/step")
+    print(f"GPU kernel time per decode step (graphs off, {args.steps} steps): {kernels_ms:.3f} ms")
+    print("| kernel family | ms / step | share | largest kernels (ms / step) |")
+    print("|---|---|---|---|")
+    for label, _ in FAMILIES:
+        if totals.get(label):
+            ms = totals[label] / 1e3 / args.steps
+            top = sorted(members[label].items(), key=lambda kv: -kv[1])[:2]
+            names = "; ".join(f"{n} {us / 1e3 / args.steps:.3f}" for n, us in top)
+            print(f"| {label} | {ms:.3f} | {ms / kernels_ms:.0%} | {names} |")
+    rest = sum(other.values()) / 1e3 / args.steps
+    print(f"| other | {rest:.3f} | {rest / kernels_ms:.0%} | |")
+    gemm_ms = totals.get(FAMILIES[0][0], 0.0) / 1e3 / args.steps
+    if gemm_ms:
+        print(f"GEMM bandwidth: {weight_bytes / (gemm_ms / 1e3) / 1e12:.2f} TB/s "
+              f"({weight_bytes / (gemm_ms / 1e3) / bw:.0%} of copy)")
+    for name, us in sorted(other.items(), key=lambda kv: -kv[1])[:6]:
+        print(f"  other: {name}: {us / 1e3 / args.steps:.3f} ms/step")
+    del llm, engine, prof
+    gc.collect()
+    torch.cuda.empty_cache()
+    os.environ["PORTASERVE_CUDA_GRAPHS"] = "1"
+    llm = LLM("random:llama3-8b", device="cuda", dtype="bfloat16", max_model_len=2048,
+              max_num_seqs=8, enable_prefix_caching=False, memory_utilization=0.3)
+    params = SamplingParams(max_tokens=129, ignore_eos=True, temperature=0)
+    llm.generate([prompt], SamplingParams(max_tokens=8, ignore_eos=True, temperature=0))
+    t = time.perf_counter()
+    llm.generate([prompt], SamplingParams(max_tokens=1, ignore_eos=True, temperature=0))
+    prefill = time.perf_counter() - t
+    t = time.perf_counter()
+    llm.generate([prompt], params)
+    step_ms = (time.perf_counter() - t - prefill) / 128 * 1e3
+    print(f"decode step with graphs on (async scheduling as configured): {step_ms:.3f} ms")
+
+
+def _tensors(model):
+    seen = set()
+    for layer in model.layers:
+        for proj in (layer.qkv, layer.o, layer.gate_up, layer.down):
+            for w, b in proj:
+                for t in (w, b):
+                    if isinstance(t, torch.Tensor) and id(t) not in seen:
+                        seen.add(id(t))
+                        yield t
+        for t in (layer.input_norm, layer.post_norm):
+            seen.add(id(t))
+            yield t
+    for t in (model.lm_head, model.norm):
+        if id(t) not in seen:
+            seen.add(id(t))
+            yield t
+
+
+def _copy_bandwidth() -> float:
+    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        b.copy_(a)
+    end.record()
+    torch.cuda.synchronize()
+    return 2 * a.numel() * 10 / (start.elapsed_time(end) / 1e3)
+
+
+if __name__ == "__main__":
+    main()
