@@ -159,9 +159,13 @@ class LLMEngine:
         self.tokenizer = loaded.tokenizer
         self.model_name = config.extra.get("served_model_name") or config.model
         kernels = registry.kernel_table(self.device)
-        if kernels.fallback_ops:
+        fallback = list(kernels.fallback_ops)
+        if "quant_linear" in fallback and kernels.quant_ops:  # per-format kernels cover the rest
+            fallback[fallback.index("quant_linear")] = (
+                f"quant_linear of formats other than {', '.join(sorted(kernels.quant_ops))}")
+        if fallback:
             logger.info("device %s falls back to the reference for: %s", self.device.name,
-                        ", ".join(kernels.fallback_ops))
+                        ", ".join(fallback))
         model_cls = self._model_class(registry, loaded.config.architecture)
         self.model = model_cls(loaded.config, loaded.weights, kernels, dtype=self.dtype,
                                device=self.device.torch_device)
