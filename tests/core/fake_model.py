@@ -13,6 +13,8 @@ block pool's invariants after every step.
 
 from __future__ import annotations
 
+import os
+import random
 import zlib
 from array import array
 from collections.abc import Callable, Sequence
@@ -20,7 +22,7 @@ from collections.abc import Callable, Sequence
 from portaserve.core.batch import ScheduledBatch
 from portaserve.core.request import FinishReason, Request, RequestStatus
 from portaserve.core.sampling import SamplingParams
-from portaserve.core.scheduler import Scheduler
+from portaserve.core.scheduler import Scheduler, SchedulerConfig
 
 VOCAB = 997
 EMPTY = -1
@@ -254,3 +256,23 @@ def drive_overlapped(
         in_flight = launched
         check_pool_invariants(scheduler)
     raise AssertionError(f"requests still unfinished after {max_steps} steps")
+
+
+def fresh_rng() -> tuple[random.Random, int]:
+    """A generator with a fresh seed, and the seed (for failure messages)."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    return random.Random(seed), seed
+
+
+def make_scheduler(num_blocks: int, block_size: int, **kw: object) -> tuple[Scheduler, FakeModel]:
+    """A scheduler over ``num_blocks`` blocks and the fake model of the same cache."""
+    defaults: dict[str, object] = dict(
+        max_num_seqs=16, max_num_batched_tokens=64, max_model_len=num_blocks * block_size
+    )
+    defaults.update(kw)
+    config = SchedulerConfig(block_size=block_size, num_blocks=num_blocks, **defaults)  # type: ignore[arg-type]
+    return Scheduler(config), FakeModel(num_blocks, block_size)
+
+
+def random_tokens(rng: random.Random, n: int) -> list[int]:
+    return [rng.randrange(1, VOCAB) for _ in range(n)]

@@ -11,56 +11,37 @@ every block.
 
 from __future__ import annotations
 
-import os
 import random
 
 import pytest
 import torch
 from fake_model import (
-    FakeModel,
     drive,
     drive_overlapped,
+    fresh_rng,
     make_request,
+    make_scheduler,
+    random_tokens,
     reference_generate,
     reference_generate_until,
 )
 
 from portaserve.core.batch import build_batch
-from portaserve.core.scheduler import Scheduler, SchedulerConfig
-
-
-def _rng() -> tuple[random.Random, int]:
-    seed = int.from_bytes(os.urandom(4), "little")
-    return random.Random(seed), seed
-
-
-def _make(num_blocks: int, block_size: int, **kw: object) -> tuple[Scheduler, FakeModel]:
-    defaults: dict[str, object] = dict(
-        max_num_seqs=16, max_num_batched_tokens=64, max_model_len=num_blocks * block_size
-    )
-    defaults.update(kw)
-    config = SchedulerConfig(block_size=block_size, num_blocks=num_blocks, **defaults)  # type: ignore[arg-type]
-    return Scheduler(config), FakeModel(num_blocks, block_size)
-
-
-def _tokens(rng: random.Random, n: int) -> list[int]:
-    return [rng.randrange(1, 997) for _ in range(n)]
-
 
 # -- the scheduler with one step in flight (fake model) ----------------------------------------
 
 
 @pytest.mark.parametrize("policy", ["fcfs", "priority", "cache-aware"])
 def test_overlapped_preemption_storm_matches_the_reference(policy: str) -> None:
-    rng, seed = _rng()
-    prefixes = [_tokens(rng, 20) for _ in range(3)]
+    rng, seed = fresh_rng()
+    prefixes = [random_tokens(rng, 20) for _ in range(3)]
     requests, expected = [], {}
     for i in range(64):
-        prompt = (rng.choice(prefixes) if i % 2 else []) + _tokens(rng, rng.randrange(8, 40))
+        prompt = (rng.choice(prefixes) if i % 2 else []) + random_tokens(rng, rng.randrange(8, 40))
         max_tokens = rng.randrange(4, 30)
         requests.append(make_request(f"r{i}", prompt, max_tokens, priority=rng.randrange(3)))
         expected[f"r{i}"] = reference_generate(prompt, max_tokens)
-    sched, model = _make(48, 4, max_model_len=96, policy=policy)
+    sched, model = make_scheduler(48, 4, max_model_len=96, policy=policy)
     got, num_discarded = drive_overlapped(sched, model, requests)
     assert sched.num_preemptions >= 10, f"seed {seed}: only {sched.num_preemptions} preemptions"
     assert got == expected, f"seed {seed}"
@@ -70,15 +51,15 @@ def test_overlapped_preemption_storm_matches_the_reference(policy: str) -> None:
 
 
 def test_overlapped_stops_discard_the_extra_token_and_free_everything() -> None:
-    rng, seed = _rng()
+    rng, seed = fresh_rng()
 
     def stop(token: int) -> bool:
         return token % 7 == 0
 
-    prompts = [_tokens(rng, rng.randrange(3, 50)) for _ in range(40)]
+    prompts = [random_tokens(rng, rng.randrange(3, 50)) for _ in range(40)]
     expected = {f"s{i}": reference_generate_until(p, 40, stop) for i, p in enumerate(prompts)}
     assert sum(len(v) < 40 for v in expected.values()) >= 20  # most stop early
-    sched, model = _make(64, 4, max_num_batched_tokens=48, max_model_len=128)
+    sched, model = make_scheduler(64, 4, max_num_batched_tokens=48, max_model_len=128)
     requests = [make_request(f"s{i}", p, 40) for i, p in enumerate(prompts)]
     got, num_discarded = drive_overlapped(sched, model, requests, stop=stop)
     assert got == expected, f"seed {seed}"
@@ -89,11 +70,11 @@ def test_overlapped_stops_discard_the_extra_token_and_free_everything() -> None:
 
 def test_overlapped_prefix_sharing_and_chunked_prefill() -> None:
     """Blocks are hashed from real ids only once those ids have landed; sharing still works."""
-    rng, seed = _rng()
-    system = _tokens(rng, 400)
-    prompts = [system + _tokens(rng, rng.randrange(5, 30)) for _ in range(8)]
+    rng, seed = fresh_rng()
+    system = random_tokens(rng, 400)
+    prompts = [system + random_tokens(rng, rng.randrange(5, 30)) for _ in range(8)]
     expected = {f"q{i}": reference_generate(p, 24) for i, p in enumerate(prompts)}
-    sched, model = _make(256, 16, max_num_batched_tokens=96)
+    sched, model = make_scheduler(256, 16, max_num_batched_tokens=96)
     first = make_request("q0", prompts[0], 24)
     rest = [make_request(f"q{i}", p, 24) for i, p in enumerate(prompts) if i]
     got, _ = drive_overlapped(sched, model, [first], arrivals={12: rest})
@@ -109,11 +90,11 @@ def test_overlapped_prefix_sharing_and_chunked_prefill() -> None:
 
 
 def test_overlapped_aborts_mid_stream_leak_nothing() -> None:
-    rng, seed = _rng()
-    prompts = [_tokens(rng, rng.randrange(3, 40)) for _ in range(20)]
+    rng, seed = fresh_rng()
+    prompts = [random_tokens(rng, rng.randrange(3, 40)) for _ in range(20)]
     requests = [make_request(f"a{i}", p, 30) for i, p in enumerate(prompts)]
     aborts = {5: ["a0", "a3"], 9: ["a7", "a12"], 14: ["a1", "a19"]}
-    sched, model = _make(40, 4, max_num_batched_tokens=40, max_model_len=80)
+    sched, model = make_scheduler(40, 4, max_num_batched_tokens=40, max_model_len=80)
     got, _ = drive_overlapped(sched, model, requests, abort_at=aborts)
     aborted = {rid for ids in aborts.values() for rid in ids}
     for i, p in enumerate(prompts):
@@ -124,11 +105,11 @@ def test_overlapped_aborts_mid_stream_leak_nothing() -> None:
 
 
 def test_overlapped_and_synchronous_schedules_give_the_same_tokens() -> None:
-    rng, seed = _rng()
-    prompts = [_tokens(rng, rng.randrange(3, 90)) for _ in range(30)]
+    rng, seed = fresh_rng()
+    prompts = [random_tokens(rng, rng.randrange(3, 90)) for _ in range(30)]
     outs = []
     for overlapped in (False, True):
-        sched, model = _make(64, 8, max_num_batched_tokens=64, max_model_len=256)
+        sched, model = make_scheduler(64, 8, max_num_batched_tokens=64, max_model_len=256)
         requests = [make_request(f"m{i}", p, 20) for i, p in enumerate(prompts)]
         if overlapped:
             outs.append(drive_overlapped(sched, model, requests)[0])

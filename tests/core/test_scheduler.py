@@ -6,56 +6,39 @@ wrong block table, slot or cached prefix shows up as a wrong token.
 
 from __future__ import annotations
 
-import os
 import random
 
 import pytest
 from fake_model import (
-    FakeModel,
     check_pool_invariants,
     drive,
+    fresh_rng,
     make_request,
+    make_scheduler,
+    random_tokens,
     reference_generate,
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from portaserve.core.request import FinishReason, RequestStatus
-from portaserve.core.scheduler import Scheduler, SchedulerConfig, SchedulerError
+from portaserve.core.scheduler import SchedulerConfig, SchedulerError
 from portaserve.errors import ConfigError, EngineOverloadedError, RequestError
-
-
-def _rng() -> tuple[random.Random, int]:
-    seed = int.from_bytes(os.urandom(4), "little")
-    return random.Random(seed), seed
-
-
-def _make(num_blocks: int, block_size: int, **kw: object) -> tuple[Scheduler, FakeModel]:
-    defaults: dict[str, object] = dict(
-        max_num_seqs=16, max_num_batched_tokens=64, max_model_len=num_blocks * block_size
-    )
-    defaults.update(kw)
-    config = SchedulerConfig(block_size=block_size, num_blocks=num_blocks, **defaults)  # type: ignore[arg-type]
-    return Scheduler(config), FakeModel(num_blocks, block_size)
-
-
-def _tokens(rng: random.Random, n: int) -> list[int]:
-    return [rng.randrange(1, 997) for _ in range(n)]
 
 
 @pytest.mark.parametrize("policy", ["fcfs", "priority", "cache-aware"])
 def test_preemption_storm_loses_and_repeats_nothing(policy: str) -> None:
-    rng, seed = _rng()
-    prefixes = [_tokens(rng, 20) for _ in range(3)]
+    rng, seed = fresh_rng()
+    prefixes = [random_tokens(rng, 20) for _ in range(3)]
     requests, expected = [], {}
     for i in range(64):
-        prompt = (rng.choice(prefixes) if i % 2 else []) + _tokens(rng, rng.randrange(8, 40))
+        prompt = (rng.choice(prefixes) if i % 2 else []) + random_tokens(rng, rng.randrange(8, 40))
         max_tokens = rng.randrange(4, 30)
         rid = f"r{i}"
         requests.append(make_request(rid, prompt, max_tokens, priority=rng.randrange(3)))
         expected[rid] = reference_generate(prompt, max_tokens)
     # 48 blocks of 4 = 192 tokens of KV for 64 requests of up to 90 tokens each
-    sched, model = _make(48, 4, max_model_len=96, policy=policy)
+    sched, model = make_scheduler(48, 4, max_model_len=96, policy=policy)
     got = drive(sched, model, requests)
     assert sched.num_preemptions >= 10, f"seed {seed}: only {sched.num_preemptions} preemptions"
     assert sorted(got) == sorted(expected), f"seed {seed}"
@@ -67,14 +50,14 @@ def test_preemption_storm_loses_and_repeats_nothing(policy: str) -> None:
 
 
 def test_shared_prefix_hits_the_cache_and_keeps_outputs() -> None:
-    rng, seed = _rng()
-    system = _tokens(rng, 400)
-    prompts = [system + _tokens(rng, rng.randrange(5, 30)) for _ in range(8)]
+    rng, seed = fresh_rng()
+    system = random_tokens(rng, 400)
+    prompts = [system + random_tokens(rng, rng.randrange(5, 30)) for _ in range(8)]
     first = make_request("q0", prompts[0], 10)
     rest = {3: [make_request(f"q{i}", p, 10) for i, p in enumerate(prompts) if i]}
     expected = {f"q{i}": reference_generate(p, 10) for i, p in enumerate(prompts)}
 
-    sched_on, model_on = _make(256, 16, max_num_batched_tokens=256)
+    sched_on, model_on = make_scheduler(256, 16, max_num_batched_tokens=256)
     got_on = drive(sched_on, model_on, [first], arrivals={30: rest[3]})
     stats = sched_on.block_pool.stats
     assert stats.hit_tokens == 7 * 400, f"seed {seed}"
@@ -83,7 +66,7 @@ def test_shared_prefix_hits_the_cache_and_keeps_outputs() -> None:
     for request in rest[3]:
         assert request.num_cached_tokens == 400
 
-    sched_off, model_off = _make(256, 16, max_num_batched_tokens=256, enable_prefix_caching=False)
+    sched_off, model_off = make_scheduler(256, 16, max_num_batched_tokens=256, enable_prefix_caching=False)
     first_off = make_request("q0", prompts[0], 10)
     rest_off = [make_request(f"q{i}", p, 10) for i, p in enumerate(prompts) if i]
     got_off = drive(sched_off, model_off, [first_off], arrivals={30: rest_off})
@@ -94,13 +77,13 @@ def test_shared_prefix_hits_the_cache_and_keeps_outputs() -> None:
 
 def test_shared_prefix_all_at_once_under_pressure() -> None:
     """Hits land once the first request's prefix is computed; eviction keeps outputs right."""
-    rng, seed = _rng()
-    system = _tokens(rng, 400)
-    prompts = [system + _tokens(rng, rng.randrange(1, 40)) for _ in range(12)]
+    rng, seed = fresh_rng()
+    system = random_tokens(rng, 400)
+    prompts = [system + random_tokens(rng, rng.randrange(1, 40)) for _ in range(12)]
     expected = {f"q{i}": reference_generate(p, 12) for i, p in enumerate(prompts)}
     results = []
     for caching in (True, False):
-        sched, model = _make(64, 16, max_num_batched_tokens=128, enable_prefix_caching=caching)
+        sched, model = make_scheduler(64, 16, max_num_batched_tokens=128, enable_prefix_caching=caching)
         got = drive(sched, model, [make_request(f"q{i}", p, 12) for i, p in enumerate(prompts)])
         assert got == expected, f"seed {seed} caching={caching}"
         results.append(sched.block_pool.stats.hit_tokens)
@@ -110,12 +93,12 @@ def test_shared_prefix_all_at_once_under_pressure() -> None:
 @pytest.mark.parametrize("policy", ["fcfs", "cache-aware"])
 def test_burst_sharing_a_prefix_computes_it_once(policy: str) -> None:
     """Requests arriving together wait for the first one's prefix instead of recomputing it."""
-    rng, seed = _rng()
-    system = _tokens(rng, 400)
-    prompts = [system + _tokens(rng, rng.randrange(1, 30)) for _ in range(8)]
+    rng, seed = fresh_rng()
+    system = random_tokens(rng, 400)
+    prompts = [system + random_tokens(rng, rng.randrange(1, 30)) for _ in range(8)]
     prompts.append(list(prompts[0]))  # an identical prompt (as n > 1 fans out)
     expected = {f"q{i}": reference_generate(p, 6) for i, p in enumerate(prompts)}
-    sched, model = _make(256, 16, max_num_batched_tokens=2048, policy=policy)
+    sched, model = make_scheduler(256, 16, max_num_batched_tokens=2048, policy=policy)
     got = drive(sched, model, [make_request(f"q{i}", p, 6) for i, p in enumerate(prompts)])
     assert got == expected, f"seed {seed}"
     cached_in_q0 = (len(prompts[0]) - 1) // 16 * 16  # the copy leaves its last token to compute
@@ -126,9 +109,9 @@ def test_burst_sharing_a_prefix_computes_it_once(policy: str) -> None:
 
 
 def test_cache_salt_isolates_prefixes() -> None:
-    rng, _ = _rng()
-    prompt = _tokens(rng, 64)
-    sched, model = _make(32, 16)
+    rng, _ = fresh_rng()
+    prompt = random_tokens(rng, 64)
+    sched, model = make_scheduler(32, 16)
     drive(sched, model, [make_request("a", prompt, 2, cache_salt="alice")])
     b = make_request("b", prompt, 2, cache_salt="bob")
     c = make_request("c", prompt, 2, cache_salt="alice")
@@ -138,10 +121,10 @@ def test_cache_salt_isolates_prefixes() -> None:
 
 
 def test_long_prompt_is_chunked_with_identical_output() -> None:
-    rng, seed = _rng()
-    prompt = _tokens(rng, 300)
-    other = _tokens(rng, 10)
-    sched, model = _make(64, 8, max_num_batched_tokens=32, max_model_len=400)
+    rng, seed = fresh_rng()
+    prompt = random_tokens(rng, 300)
+    other = random_tokens(rng, 10)
+    sched, model = make_scheduler(64, 8, max_num_batched_tokens=32, max_model_len=400)
     long_req = make_request("long", prompt, 5)
     short_req = make_request("short", other, 20)
     seen: list[tuple[int, bool]] = []
@@ -176,11 +159,11 @@ def test_long_prompt_is_chunked_with_identical_output() -> None:
     ],
 )
 def test_policy_order(policy: str, expected: list[str]) -> None:
-    rng, _ = _rng()
-    sched, model = _make(64, 8, max_num_seqs=1, policy=policy)
+    rng, _ = fresh_rng()
+    sched, model = make_scheduler(64, 8, max_num_seqs=1, policy=policy)
     priorities = {"a": 5, "b": 0, "c": 2, "d": 0, "e": 9}
     requests = [
-        make_request(rid, _tokens(rng, 12), 3, priority=p, arrival_seq=i)
+        make_request(rid, random_tokens(rng, 12), 3, priority=p, arrival_seq=i)
         for i, (rid, p) in enumerate(priorities.items())
     ]
     got = drive(sched, model, requests)
@@ -190,11 +173,11 @@ def test_policy_order(policy: str, expected: list[str]) -> None:
 
 
 def test_priority_preempts_lowest_priority_first() -> None:
-    rng, _ = _rng()
+    rng, _ = fresh_rng()
     # 8 blocks of 4: three requests of 8-token prompts growing to 20 tokens cannot all fit
-    sched, model = _make(8, 4, max_model_len=32, policy="priority")
+    sched, model = make_scheduler(8, 4, max_model_len=32, policy="priority")
     reqs = [
-        make_request(rid, _tokens(rng, 8), 12, priority=p)
+        make_request(rid, random_tokens(rng, 8), 12, priority=p)
         for rid, p in (("low", 7), ("high", 0), ("mid", 3))
     ]
     victims: list[str] = []
@@ -216,14 +199,14 @@ def test_priority_preempts_lowest_priority_first() -> None:
 
 
 def test_cache_aware_prefers_cached_prefix() -> None:
-    rng, _ = _rng()
-    shared = _tokens(rng, 64)
-    sched, model = _make(
+    rng, _ = fresh_rng()
+    shared = random_tokens(rng, 64)
+    sched, model = make_scheduler(
         64, 16, max_num_seqs=1, policy="cache-aware", cache_aware_max_wait_steps=1000
     )
     drive(sched, model, [make_request("warm", shared + [1], 1)])
-    cold = [make_request(f"cold{i}", _tokens(rng, 66), 2) for i in range(2)]
-    hot = [make_request(f"hot{i}", shared + _tokens(rng, 2), 2) for i in range(2)]
+    cold = [make_request(f"cold{i}", random_tokens(rng, 66), 2) for i in range(2)]
+    hot = [make_request(f"hot{i}", shared + random_tokens(rng, 2), 2) for i in range(2)]
     got = drive(sched, model, [cold[0], hot[0], cold[1], hot[1]])
     assert list(got) == ["hot0", "hot1", "cold0", "cold1"]
     assert hot[0].num_cached_tokens == 64 and cold[0].num_cached_tokens == 0
@@ -232,14 +215,14 @@ def test_cache_aware_prefers_cached_prefix() -> None:
 @pytest.mark.parametrize("max_wait,bound", [(5, 30), (10_000, None)])
 def test_cache_aware_does_not_starve(max_wait: int, bound: int | None) -> None:
     """A stream of cache-hitting requests must not hold a cold request back for ever."""
-    rng, _ = _rng()
-    shared = _tokens(rng, 32)
-    sched, model = _make(
+    rng, _ = fresh_rng()
+    shared = random_tokens(rng, 32)
+    sched, model = make_scheduler(
         64, 16, max_num_seqs=1, policy="cache-aware", cache_aware_max_wait_steps=max_wait
     )
     drive(sched, model, [make_request("warm", shared + [7], 1)])
-    cold = make_request("cold", _tokens(rng, 40), 2)
-    stream = {s: [make_request(f"hot{s}", shared + _tokens(rng, 3), 2)] for s in range(150)}
+    cold = make_request("cold", random_tokens(rng, 40), 2)
+    stream = {s: [make_request(f"hot{s}", shared + random_tokens(rng, 3), 2)] for s in range(150)}
     stream[1].append(cold)
     started: list[int] = []
 
@@ -256,10 +239,10 @@ def test_cache_aware_does_not_starve(max_wait: int, bound: int | None) -> None:
 
 
 def test_abort_frees_blocks_immediately() -> None:
-    rng, _ = _rng()
-    sched, model = _make(32, 4, max_num_batched_tokens=256)
-    running = make_request("run", _tokens(rng, 30), 50)
-    waiting = make_request("wait", _tokens(rng, 90), 5)
+    rng, _ = fresh_rng()
+    sched, model = make_scheduler(32, 4, max_num_batched_tokens=256)
+    running = make_request("run", random_tokens(rng, 30), 50)
+    waiting = make_request("wait", random_tokens(rng, 90), 5)
     sched.add_request(running)
     out = sched.schedule()
     sched.update_from_output(out, model.step(out.batch))
@@ -277,7 +260,7 @@ def test_abort_frees_blocks_immediately() -> None:
     assert sched.get_request("wait") is None
     assert sched.finish_request("wait", FinishReason.ABORT) is None
     check_pool_invariants(sched)
-    queued = make_request("queued", _tokens(rng, 5), 5)
+    queued = make_request("queued", random_tokens(rng, 5), 5)
     sched.add_request(queued)
     assert sched.finish_request("queued", FinishReason.ABORT) is queued
     assert sched.num_waiting == 0
@@ -287,7 +270,7 @@ def test_abort_frees_blocks_immediately() -> None:
 
 
 def test_add_request_rejects_what_can_never_run() -> None:
-    sched, _ = _make(16, 4, max_model_len=32, max_waiting_requests=2)
+    sched, _ = make_scheduler(16, 4, max_model_len=32, max_waiting_requests=2)
     with pytest.raises(RequestError) as err:
         sched.add_request(make_request("big", list(range(1, 34)), 1))
     assert err.value.param == "prompt" and "33" in str(err.value)
@@ -331,7 +314,7 @@ def test_config_validation_names_the_field() -> None:
 
 
 def test_update_requires_a_token_for_every_logits_row() -> None:
-    sched, model = _make(16, 4)
+    sched, model = make_scheduler(16, 4)
     sched.add_request(make_request("a", [5, 6, 7], 3))
     out = sched.schedule()
     with pytest.raises(SchedulerError, match="no sampled token"):
@@ -362,7 +345,7 @@ def test_random_operations_keep_invariants(
 ) -> None:
     rng = random.Random(seed)
     num_blocks = -(-96 // block_size) + 2
-    sched, model = _make(
+    sched, model = make_scheduler(
         num_blocks,
         block_size,
         max_num_seqs=6,
@@ -371,7 +354,7 @@ def test_random_operations_keep_invariants(
         policy=policy,
         enable_prefix_caching=caching,
     )
-    prefixes = [_tokens(rng, 24) for _ in range(3)]
+    prefixes = [random_tokens(rng, 24) for _ in range(3)]
     live: list[str] = []
     done: dict[str, object] = {}
     n = 0
@@ -392,7 +375,7 @@ def test_random_operations_keep_invariants(
     for op in ops:
         if op[0] == "add":
             _, length, max_tokens, shared = op
-            prompt = (prefixes[shared] if shared < 3 else []) + _tokens(rng, length)
+            prompt = (prefixes[shared] if shared < 3 else []) + random_tokens(rng, length)
             rid = f"r{n}"
             n += 1
             sched.add_request(make_request(rid, prompt, max_tokens, priority=rng.randrange(3)))
@@ -419,11 +402,11 @@ def test_random_operations_keep_invariants(
 
 
 def test_request_held_for_a_shared_prefix_runs_when_its_owner_is_aborted() -> None:
-    rng, seed = _rng()
-    system = _tokens(rng, 200)
+    rng, seed = fresh_rng()
+    system = random_tokens(rng, 200)
     owner = make_request("owner", system + [1], 4)
     follower = make_request("follower", system + [2, 3], 4)
-    sched, model = _make(64, 8, max_num_batched_tokens=256)
+    sched, model = make_scheduler(64, 8, max_num_batched_tokens=256)
     sched.add_request(owner)
     sched.add_request(follower)
     out = sched.schedule()  # budget is left, but the follower waits for the owner's blocks
