@@ -126,15 +126,14 @@ def _hf_worker(model: str, threads: int) -> dict[str, Any]:
 
     torch.set_num_threads(threads)
     sys.path.insert(0, str(REPO))
-    from portaserve.core.loaders.gguf import read_gguf_metadata
-    from portaserve.core.tokenizer import Tokenizer  # the same 16-token prompts as portaserve's
+    from portaserve.core.tokenizer import load_tokenizer  # the same prompts as portaserve's
 
     gguf = Path(model)
     t0 = time.perf_counter()
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
                                                            dtype=torch.float32).eval()
     load_s = time.perf_counter() - t0
-    tok = Tokenizer.from_gguf_metadata(read_gguf_metadata(gguf), name=gguf.name)
+    tok = load_tokenizer(gguf)
     prompts = [tok.encode(p)[:16] for p in PROMPTS]
     width = max(len(p) for p in prompts)  # left-padded batch, as generate expects
     ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])

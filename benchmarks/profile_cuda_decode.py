@@ -24,6 +24,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from gpu_llama8b import copy_bandwidth  # noqa: E402  (the same roofline as the 8B benchmark)
 
 FAMILIES = (  # (label, regex on the kernel name), first match wins
     ("GEMM / GEMV (cuBLAS, nvjet, cutlass)", r"gemm|gemv|nvjet|cutlass|sm90_xmma|splitK"),
@@ -78,7 +81,7 @@ def main() -> None:
         else:
             other[evt.key[:70]] += dev_us
     kernels_ms = sum(totals.values()) / 1e3 / args.steps + sum(other.values()) / 1e3 / args.steps
-    bw = _copy_bandwidth()
+    bw = copy_bandwidth()
     print(f"random:llama3-8b bf16 on {torch.cuda.get_device_name(0)}; torch {torch.__version__}; "
           f"weights {weight_bytes / 1e9:.2f} GB; copy bandwidth {bw / 1e12:.2f} TB/s -> roofline "
           f"{weight_bytes / bw * 1e3:.2f} ms/step")
@@ -132,21 +135,6 @@ def _tensors(model):
         if id(t) not in seen:
             seen.add(id(t))
             yield t
-
-
-def _copy_bandwidth() -> float:
-    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    for _ in range(3):
-        b.copy_(a)
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(10):
-        b.copy_(a)
-    end.record()
-    torch.cuda.synchronize()
-    return 2 * a.numel() * 10 / (start.elapsed_time(end) / 1e3)
 
 
 if __name__ == "__main__":
