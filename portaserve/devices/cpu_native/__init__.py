@@ -118,7 +118,6 @@ def linear_struct(weight: Any, bias: torch.Tensor | None = None) -> Linear:
 
 
 def _declare(lib: ctypes.CDLL) -> None:
-    lib.ps_has_avx2.restype = _c_int
     lib.ps_linear.restype = _c_int
     lib.ps_linear.argtypes = [ctypes.POINTER(Linear), _ptr, _c_i64, _c_i64, _ptr, _c_i64, _c_int]
     lib.ps_dequant_rows.restype = None
@@ -129,6 +128,10 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ps_rotary.argtypes = [_ptr, _ptr, _c_i64, _c_i64, _c_i64, _c_i64, _ptr, _c_i64, _ptr]
     lib.ps_write_kv.restype = None
     lib.ps_write_kv.argtypes = [_ptr, _c_i64, _ptr, _c_i64, _c_i64, _c_i64, _ptr, _c_i64, _ptr]
+    lib.ps_decode_step.restype = _c_int  # (ps_model_t *, R, hidden, positions, slots, tables,
+    lib.ps_decode_step.argtypes = [_ptr, _c_i64, _ptr, _ptr, _ptr, _ptr, _c_i64,  # stride,
+                                   _ptr, _ptr, _c_int, _ptr]  # seq_lens, logits, threads, profile)
+    lib.ps_decode_num_phases.restype = _c_int
     lib.ps_paged_decode_attention.restype = _c_int
     lib.ps_paged_decode_attention.argtypes = [_ptr, _c_i64, _ptr, _c_i64, _c_i64, _c_i64, _c_i64,
                                               _c_i64, _ptr, _c_i64, _ptr, _c_i64, _c_float, _ptr,

@@ -55,15 +55,6 @@ class _Unsupported(Exception):
     pass
 
 
-def _declare(lib: ctypes.CDLL) -> None:
-    if getattr(lib, "_ps_decode_declared", False):
-        return
-    lib.ps_decode_step.restype = ctypes.c_int
-    lib.ps_decode_step.argtypes = [ctypes.POINTER(_Model), _i64, _ptr, _ptr, _ptr, _ptr, _i64,
-                                   _ptr, _ptr, ctypes.c_int, _ptr]
-    lib._ps_decode_declared = True
-
-
 class NativeDecodeExecutor:
     """``Executor`` for the cpu device. Build with ``build_executor``."""
 
@@ -115,7 +106,7 @@ class NativeDecodeExecutor:
         tables = batch.block_tables.to(torch.int32).contiguous()
         seq_lens = batch.seq_lens.to(torch.int32).contiguous()
         rc = self._lib.ps_decode_step(
-            ctypes.byref(self._struct), r, hidden.data_ptr(), positions.data_ptr(),
+            ctypes.addressof(self._struct), r, hidden.data_ptr(), positions.data_ptr(),
             slots.data_ptr(), tables.data_ptr(), tables.stride(0), seq_lens.data_ptr(),
             logits.data_ptr(), torch.get_num_threads(),
             self.profile.data_ptr() if self.profile is not None else None)
@@ -199,7 +190,6 @@ def build_executor(model: Any, kv_caches: list[Any]) -> tuple[NativeDecodeExecut
         struct, keep = _describe(model, kv_caches)
     except _Unsupported as e:
         return None, str(e)
-    _declare(lib)
     return NativeDecodeExecutor(model, kv_caches, lib, struct, keep), "ok"
 
 

@@ -33,7 +33,6 @@
 #define PS_AVX2 0
 #endif
 
-int ps_has_avx2(void) { return PS_AVX2; }
 
 static inline float half_to_float(uint16_t h) {
 #if PS_AVX2
@@ -225,6 +224,17 @@ enum { QK_K = 256 };
 
 static inline int is_k_format(int fmt) { return fmt >= FMT_Q4_K && fmt <= FMT_Q6_K; }
 
+/* The six-bit scale and min of sub-block j (0..7) from a Q4_K/Q5_K super-block's 12 bytes. */
+static inline void k_scale_min(const uint8_t *sc12, int j, int *sc, int *mn) {
+    if (j < 4) {
+        *sc = sc12[j] & 0x3F;
+        *mn = sc12[j + 4] & 0x3F;
+    } else {
+        *sc = (sc12[j + 4] & 0x0F) | ((sc12[j - 4] >> 2) & 0x30);
+        *mn = (sc12[j + 4] >> 4) | ((sc12[j] >> 2) & 0x30);
+    }
+}
+
 #if PS_AVX2
 /* 32 bytes (unsigned or signed) as 4 x 8 float32, in order. */
 static inline void bytes_f32(__m256i v, int is_signed, __m256 out[4]) {
@@ -272,13 +282,7 @@ static void expand_k(const ps_linear_t *L, int64_t n, int64_t blk, float *w) {
         const __m256i qh = qhp ? _mm256_loadu_si256((const __m256i *)qhp) : _mm256_setzero_si256();
         for (int j = 0; j < 8; j++) {
             int sc, mn;
-            if (j < 4) {
-                sc = sc12[j] & 0x3F;
-                mn = sc12[j + 4] & 0x3F;
-            } else {
-                sc = (sc12[j + 4] & 0x0F) | ((sc12[j - 4] >> 2) & 0x30);
-                mn = (sc12[j + 4] >> 4) | ((sc12[j] >> 2) & 0x30);
-            }
+            k_scale_min(sc12, j, &sc, &mn);
             __m256i code = _mm256_loadu_si256((const __m256i *)(qs + 32 * (j >> 1)));
             code = (j & 1) ? _mm256_and_si256(_mm256_srli_epi16(code, 4), m4) : _mm256_and_si256(code, m4);
             if (qhp) /* bit j of each qh byte is the code's bit 4 */
@@ -313,13 +317,7 @@ static void expand_k(const ps_linear_t *L, int64_t n, int64_t blk, float *w) {
     const uint8_t *qh = L->fmt == FMT_Q5_K ? L->qh + b * 32 : NULL;
     for (int j = 0; j < 8; j++) {
         int sc, mn;
-        if (j < 4) {
-            sc = sc12[j] & 0x3F;
-            mn = sc12[j + 4] & 0x3F;
-        } else {
-            sc = (sc12[j + 4] & 0x0F) | ((sc12[j - 4] >> 2) & 0x30);
-            mn = (sc12[j + 4] >> 4) | ((sc12[j] >> 2) & 0x30);
-        }
+        k_scale_min(sc12, j, &sc, &mn);
         const float dj = d * (float)sc, mj = dmin * (float)mn;
         const uint8_t *g = qs + 32 * (j >> 1);
         for (int i = 0; i < 32; i++) {
