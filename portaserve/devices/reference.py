@@ -100,6 +100,9 @@ def write_kv(
 ) -> None:
     cache = _as_nhd(kv_cache, kv_layout)  # [2, NB, BS, Hk, D]
     block_size = cache.shape[2]
+    if bool((slot_mapping < 0).any()):  # padding rows write nothing
+        keep = slot_mapping >= 0
+        key, value, slot_mapping = key[keep], value[keep], slot_mapping[keep]
     blocks = slot_mapping // block_size
     offsets = slot_mapping % block_size
     cache[0, blocks, offsets] = key.to(cache.dtype)
@@ -150,6 +153,25 @@ def paged_attention(
         probs = torch.softmax(scores, dim=-1)
         out[starts[r] : starts[r + 1]] = torch.einsum("hqs,shd->qhd", probs, v).to(query.dtype)
     return out
+
+
+def rotary_write_kv(
+    positions: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    *,
+    kv_layout: str = "blocks_nhd",
+) -> torch.Tensor:
+    """The fused op ``rotary_write_kv`` by definition: ``rotary``, then ``write_kv`` of the
+    rotated keys; returns the rotated queries. (Kernel tables compose it from the device's own
+    ops; this is what conformance compares a native fused kernel with.)"""
+    q, k = rotary(positions, q, k, cos_sin_cache)
+    write_kv(k, v, kv_cache, slot_mapping, kv_layout=kv_layout)
+    return q
 
 
 def all_reduce(x: torch.Tensor, group: object | None = None) -> torch.Tensor:

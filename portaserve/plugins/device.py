@@ -18,9 +18,16 @@ Op signatures (the reference in ``portaserve/devices/reference.py`` is the defin
     rotate-half (NeoX) style; ``cos_sin_cache[p] = cat(cos[p, :D/2], sin[p, :D/2])``.
 ``silu_and_mul(x [T, 2I]) -> [T, I]``: ``silu(x[:, :I]) * x[:, I:]``.
 ``write_kv(key [T, Hk, D], value [T, Hk, D], kv_cache, slot_mapping [T]) -> None``
+    a negative slot (a padding row) writes nothing.
 ``paged_attention(query [T, Hq, D], kv_cache, attn: AttentionMetadata, scale: float) -> [T, Hq, D]``
     varlen, causal, GQA, over the cached prefix plus the new tokens (already written).
 ``all_reduce(x, group) -> x``: sum over the tensor-parallel group (identity for one rank).
+
+Fused ops (``FUSED_OPS``) are optional: a device that implements one saves launches and memory
+traffic; one it leaves out is composed from the table's own resolved ops (never from the
+reference behind the device's back), so a fused op is always exactly its parts:
+``rotary_write_kv(positions, q, k, v, cos_sin_cache, kv_cache, slot_mapping) -> q'``
+    ``rotary`` of q and k, then ``write_kv`` of the rotated k and v; returns the rotated q.
 """
 
 from __future__ import annotations
@@ -49,6 +56,11 @@ OP_NAMES: tuple[str, ...] = (
     "paged_attention",
     "all_reduce",
 )
+
+#: Optional fused ops -> the ops they stand for, in order (see the module docstring).
+FUSED_OPS: dict[str, tuple[str, ...]] = {
+    "rotary_write_kv": ("rotary", "write_kv"),
+}
 
 #: KV layouts the reference ops understand. A device with another layout must implement
 #: ``write_kv`` and ``paged_attention`` natively (checked when its kernel table is built).
@@ -198,7 +210,8 @@ class Device:
         raise NotImplementedError
 
     def kernels(self) -> dict[str, KernelFn]:
-        """(optional) Native ops by name (see ``OP_NAMES``). Defaults to none."""
+        """(optional) Native ops by name (``OP_NAMES``, and any of ``FUSED_OPS``). Defaults to
+        none."""
         return {}
 
     def quant_kernels(self) -> dict[str, KernelFn]:

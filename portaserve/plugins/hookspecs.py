@@ -47,9 +47,9 @@ def portaserve_register_kernels(register: Callable[..., None]) -> None:
     registered here win over the device's own native kernels when its kernel table is built.
 
     :param register: call ``register(device_name, op_name, fn, *, quant_format=None)``.
-        ``op_name`` is one of ``portaserve.plugins.device.OP_NAMES``; for ``"quant_linear"``
-        pass ``quant_format=<format name>`` to register the kernel for that weight format on
-        that device. The device need not be registered yet (its plugin may load later or not
+        ``op_name`` is one of ``portaserve.plugins.device.OP_NAMES`` or ``FUSED_OPS``; for
+        ``"quant_linear"`` pass ``quant_format=<format name>`` to register the kernel for that
+        weight format on that device. The device need not be registered yet (its plugin may load later or not
         at all); the kernel is used once a device of that name builds its kernel table.
     :returns: None.
 

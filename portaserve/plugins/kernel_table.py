@@ -4,6 +4,10 @@ Resolution order per op: a kernel registered for this device through
 ``portaserve_register_kernels`` (a vendor overriding one op), then the device's own native
 kernel, then the reference. ``sources`` records which one won, so ``portaserve devices`` and
 the logs show every fallback. The model calls ops as attributes: ``kernels.linear(x, w, b)``.
+
+Fused ops (``FUSED_OPS``) resolve the same way, except that the last resort is not the
+reference but the composition of the table's own ops (source ``"composed"``): a device with
+native ``rotary`` and ``write_kv`` but no fused kernel keeps running its own kernels.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from portaserve.errors import DeviceError
-from portaserve.plugins.device import OP_NAMES, REFERENCE_KV_LAYOUTS
+from portaserve.plugins.device import FUSED_OPS, OP_NAMES, REFERENCE_KV_LAYOUTS
 
 KernelFn = Callable[..., Any]
 _LAYOUT_OPS = ("write_kv", "paged_attention")
@@ -27,6 +31,8 @@ class KernelTable:
     ops: dict[str, KernelFn]
     #: op -> "native", "plugin:<name>" or "reference"
     sources: dict[str, str]
+    #: fused op -> "native", "plugin:<name>" or "composed"
+    fused_sources: dict[str, str] = field(default_factory=dict)
     #: quant format -> kernel, and format -> source
     quant_ops: dict[str, KernelFn] = field(default_factory=dict)
     quant_sources: dict[str, str] = field(default_factory=dict)
@@ -40,12 +46,15 @@ class KernelTable:
     write_kv: KernelFn = field(init=False, repr=False)
     paged_attention: KernelFn = field(init=False, repr=False)
     all_reduce: KernelFn = field(init=False, repr=False)
+    rotary_write_kv: KernelFn = field(init=False, repr=False)
     _reference_quant: KernelFn = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         for name in OP_NAMES:
             if name != "quant_linear":
                 object.__setattr__(self, name, self.ops[name])
+        for name in FUSED_OPS:
+            object.__setattr__(self, name, self.ops[name])
         self._reference_quant = self.ops["quant_linear"]
 
     def quant_linear(self, x: Any, weight: Any, bias: Any = None) -> Any:
@@ -73,9 +82,10 @@ def build_kernel_table(
 ) -> KernelTable:
     """Resolve every op for a device. ``overrides`` maps op -> (plugin name, kernel)."""
     overrides = overrides or {}
-    unknown = sorted(set(native) - set(OP_NAMES))
+    unknown = sorted(set(native) - set(OP_NAMES) - set(FUSED_OPS))
     if unknown:
-        raise DeviceError(f"device {device_name!r} declares unknown ops {unknown}; ops are {list(OP_NAMES)}")
+        raise DeviceError(f"device {device_name!r} declares unknown ops {unknown}; ops are "
+                          f"{list(OP_NAMES)} and the optional fused {list(FUSED_OPS)}")
     ops: dict[str, KernelFn] = {}
     sources: dict[str, str] = {}
     for name in OP_NAMES:
@@ -94,10 +104,38 @@ def build_kernel_table(
                         f"must implement {name} natively")
                 fn = functools.partial(fn, kv_layout=kv_layout)
             ops[name], sources[name] = fn, "reference"
+    fused_sources: dict[str, str] = {}
+    for name in FUSED_OPS:
+        if name in overrides:
+            plugin, fn = overrides[name]
+            ops[name], fused_sources[name] = fn, f"plugin:{plugin}"
+        elif name in native:
+            ops[name], fused_sources[name] = native[name], "native"
+        else:
+            ops[name], fused_sources[name] = _COMPOSE[name](ops), "composed"
     quant_ops: dict[str, KernelFn] = {}
     quant_sources: dict[str, str] = {}
     for fmt, fn in (native_quant or {}).items():
         quant_ops[fmt], quant_sources[fmt] = fn, "native"
     for fmt, (plugin, fn) in (quant_overrides or {}).items():
         quant_ops[fmt], quant_sources[fmt] = fn, f"plugin:{plugin}"
-    return KernelTable(device_name, kv_layout, ops, sources, quant_ops, quant_sources)
+    return KernelTable(device_name, kv_layout, ops, sources, fused_sources, quant_ops,
+                       quant_sources)
+
+
+def _compose_rotary_write_kv(ops: Mapping[str, KernelFn]) -> KernelFn:
+    rotary, write_kv = ops["rotary"], ops["write_kv"]
+
+    def rotary_write_kv(positions: Any, q: Any, k: Any, v: Any, cos_sin_cache: Any,
+                        kv_cache: Any, slot_mapping: Any) -> Any:
+        q, k = rotary(positions, q, k, cos_sin_cache)
+        write_kv(k, v, kv_cache, slot_mapping)
+        return q
+
+    return rotary_write_kv
+
+
+#: fused op -> builds it from the resolved ops it stands for
+_COMPOSE: dict[str, Callable[[Mapping[str, KernelFn]], KernelFn]] = {
+    "rotary_write_kv": _compose_rotary_write_kv,
+}

@@ -31,7 +31,7 @@ import pluggy
 from portaserve import envs
 from portaserve.errors import DeviceError, PluginError
 from portaserve.plugins import hookspecs
-from portaserve.plugins.device import OP_NAMES, PLUGIN_API_VERSION, Availability, Device
+from portaserve.plugins.device import FUSED_OPS, OP_NAMES, PLUGIN_API_VERSION, Availability, Device
 from portaserve.plugins.kernel_table import KernelFn, KernelTable, build_kernel_table
 
 logger = logging.getLogger(__name__)
@@ -262,8 +262,9 @@ class Registry:
 
     def _kernel_registrar(self, plugin: str) -> Callable[..., None]:
         def register(device_name: str, op_name: str, fn: KernelFn, *, quant_format: str | None = None) -> None:
-            if op_name not in OP_NAMES:
-                raise PluginError(f"plugin {plugin!r}: unknown op {op_name!r}; ops are {list(OP_NAMES)}")
+            if op_name not in OP_NAMES and op_name not in FUSED_OPS:
+                raise PluginError(f"plugin {plugin!r}: unknown op {op_name!r}; ops are "
+                                  f"{list(OP_NAMES)} and the optional fused {list(FUSED_OPS)}")
             if not callable(fn):
                 raise PluginError(f"plugin {plugin!r}: kernel for {device_name}/{op_name} is not callable")
             if (op_name == "quant_linear") != (quant_format is not None):

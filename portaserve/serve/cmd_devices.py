@@ -56,6 +56,8 @@ def _kernels(registry: Any, entry: Any) -> dict[str, Any]:
                 "dtypes": [], "kv_layout": None, "kernel_error": f"{type(e).__name__}: {e}"}
     native = [op if table.sources[op] == "native" else f"{op} ({table.sources[op]})"
               for op in table.native_ops]
+    native += [op if source == "native" else f"{op} ({source})"  # optional fused ops it has
+               for op, source in table.fused_sources.items() if source != "composed"]
     quant = sorted(set(table.quant_ops) | set(caps.quant_formats))
     return {
         "native_ops": native,

@@ -12,7 +12,13 @@ import pytest
 import torch
 
 from portaserve.devices import reference
-from portaserve.plugins.device import OP_NAMES, REFERENCE_KV_LAYOUTS, AttentionMetadata, KVCacheSpec
+from portaserve.plugins.device import (
+    FUSED_OPS,
+    OP_NAMES,
+    REFERENCE_KV_LAYOUTS,
+    AttentionMetadata,
+    KVCacheSpec,
+)
 from portaserve.testing.conformance import (
     PAGED_SCENARIOS,
     PagedRequest,
@@ -47,6 +53,9 @@ def test_kernel_table_is_complete(portaserve_kernels):
     for op in OP_NAMES:
         assert callable(portaserve_kernels.ops[op]), op
     assert set(portaserve_kernels.native_ops) | set(portaserve_kernels.fallback_ops) == set(OP_NAMES)
+    assert set(portaserve_kernels.fused_sources) == set(FUSED_OPS)
+    for op in FUSED_OPS:
+        assert callable(getattr(portaserve_kernels, op)), op
 
 
 # -- elementwise and dense ops ----------------------------------------------------------------
@@ -246,6 +255,42 @@ def test_paged_attention(portaserve_device, portaserve_kernels, portaserve_dtype
             assert_close(got, expected, portaserve_dtype,
                          f"paged_attention[{scenario}] request {r} ({req}, block size {block_size})")
             start += req.num_new
+
+
+@pytest.mark.parametrize("num_tokens,heads", [(1, (8, 2, 64)), (7, (4, 4, 64)), (5, (4, 1, 128))])
+def test_rotary_write_kv(portaserve_device, portaserve_kernels, portaserve_dtype, portaserve_gen, num_tokens, heads):
+    """The fused op (native or composed) equals reference rotary + write_kv: the rotated queries,
+    and the whole cache afterwards (scattered slots written, a padding slot -1 skipped, every
+    other slot untouched)."""
+    layout = portaserve_device.capabilities().kv_layout
+    if layout not in REFERENCE_KV_LAYOUTS:
+        pytest.skip(f"layout {layout!r} is opaque; the attention tests read it back through the device")
+    num_q_heads, num_kv_heads, head_dim = heads
+    block_size = _block_sizes(portaserve_device)[0]
+    num_blocks = 2 * num_tokens // block_size + 3
+    max_pos = 2048
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    freqs = torch.outer(torch.arange(max_pos).float(), inv_freq)
+    cos_sin = torch.cat((freqs.cos(), freqs.sin()), dim=-1).to(portaserve_dtype)
+    positions = torch.randint(0, max_pos, (num_tokens,), generator=portaserve_gen)
+    q = randn(portaserve_gen, num_tokens, num_q_heads, head_dim).to(portaserve_dtype)
+    k = randn(portaserve_gen, num_tokens, num_kv_heads, head_dim).to(portaserve_dtype)
+    v = randn(portaserve_gen, num_tokens, num_kv_heads, head_dim).to(portaserve_dtype)
+    slot_ids = torch.randperm(num_blocks * block_size, generator=portaserve_gen)[:num_tokens]
+    if num_tokens > 1:
+        slot_ids[num_tokens // 2] = -1  # a padding row
+    spec = KVCacheSpec(1, num_blocks, block_size, num_kv_heads, head_dim, portaserve_dtype)
+    cache = portaserve_device.allocate_kv_cache(spec)[0]
+    before = randn(portaserve_gen, *cache.shape).to(portaserve_dtype)
+    cache.copy_(on(portaserve_device, before))
+    written = slot_ids >= 0
+    expected_cache = before.clone()
+    exp_q, exp_k = reference.rotary(positions, q, k, cos_sin)
+    reference.write_kv(exp_k[written], v[written], expected_cache, slot_ids[written], kv_layout=layout)
+    out_q = portaserve_kernels.rotary_write_kv(*on(portaserve_device, positions, q, k, v, cos_sin),
+                                               cache, on(portaserve_device, slot_ids))
+    assert_close(out_q, exp_q, portaserve_dtype, "rotary_write_kv q")
+    assert_close(cache, expected_cache, portaserve_dtype, "rotary_write_kv cache")
 
 
 def test_paged_attention_chunked_prefill(portaserve_device, portaserve_kernels, portaserve_dtype, portaserve_gen):

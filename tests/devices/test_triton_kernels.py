@@ -114,6 +114,38 @@ def test_write_kv(dtype: torch.dtype, layout: str, gen: torch.Generator) -> None
     assert torch.equal(cache, before)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["blocks_hnd", "blocks_nhd"])
+def test_rotary_write_kv_from_fused_qkv(dtype: torch.dtype, layout: str, gen: torch.Generator) -> None:
+    """The fused kernel on q/k/v as the model hands them over (strided views of one qkv row)
+    equals reference rotary + write_kv; a padding slot writes nothing."""
+    hq, hk, d, tokens = 6, 2, 32, 9
+    qkv = randn(tokens, (hq + 2 * hk) * d, dtype=dtype, gen=gen)
+    q = qkv[:, : hq * d].view(tokens, hq, d)
+    k = qkv[:, hq * d : (hq + hk) * d].view(tokens, hk, d)
+    v = qkv[:, (hq + hk) * d :].view(tokens, hk, d)
+    cos_sin = randn(64, d, dtype=dtype, gen=gen)
+    positions = torch.randint(0, 64, (tokens,), generator=gen).to(DEVICE)
+    spec = KVCacheSpec(num_layers=1, num_blocks=6, block_size=4, num_kv_heads=hk, head_dim=d, dtype=dtype)
+    cache = ref.allocate_kv_cache(spec, DEVICE, layout)[0]
+    cache.copy_(randn(*cache.shape, dtype=dtype, gen=gen))
+    expected = cache.clone()
+    slots = torch.randperm(24, generator=gen)[:tokens].to(DEVICE)
+    slots[3] = -1
+    out_q = rotary.rotary_write_kv(positions, q, k, v, cos_sin, cache, slots, kv_layout=layout)
+    exp_q, exp_k = ref.rotary(positions, q, k, cos_sin)
+    keep = slots >= 0
+    ref.write_kv(exp_k[keep], v[keep], expected, slots[keep], kv_layout=layout)
+    assert rel_err(out_q, exp_q) < RTOL[dtype]
+    assert rel_err(cache, expected) < RTOL[dtype]
+    untouched = torch.ones(24, dtype=torch.bool)
+    untouched[slots[keep].cpu()] = False  # slots nobody wrote keep their old bits
+    nhd = cache if layout == "blocks_nhd" else cache.transpose(2, 3)
+    exp_nhd = expected if layout == "blocks_nhd" else expected.transpose(2, 3)
+    assert torch.equal(nhd.reshape(2, 24, -1)[:, untouched.to(DEVICE)],
+                       exp_nhd.reshape(2, 24, -1)[:, untouched.to(DEVICE)])
+
+
 # --- paged_attention ---------------------------------------------------------------------
 
 

@@ -83,9 +83,22 @@ def test_suite_fails_for_wrong_rotary(pytester, monkeypatch):
     outcomes = result.parseoutcomes()
     assert result.ret == 1
     num_dtypes = len(CPUDevice().capabilities().dtypes)
-    assert outcomes["failed"] == 3 * num_dtypes  # every rotary shape in every dtype
+    # every rotary shape in every dtype, and the fused rotary_write_kv, which the cpu device
+    # does not implement: the table composes it from its own (here: wrong) rotary
+    assert outcomes["failed"] == (3 + 3) * num_dtypes
     assert outcomes["passed"] == 2 * num_dtypes  # silu_and_mul is untouched
     result.stdout.fnmatch_lines(["*rotary q*"])
+
+
+def test_suite_fails_for_wrong_fused_rotary_write_kv(pytester, monkeypatch):
+    result = run_suite(pytester, monkeypatch, "cpu", "-k", "rotary", "-rf",
+                       plugin=("wrong_kernels", "UNROTATED_KEYS", "unrotated-keys"))
+    outcomes = result.parseoutcomes()
+    assert result.ret == 1
+    num_dtypes = len(CPUDevice().capabilities().dtypes)
+    assert outcomes["failed"] == 3 * num_dtypes  # the fused op, in every shape and dtype
+    assert outcomes["passed"] == 3 * num_dtypes  # the device's own rotary is untouched
+    result.stdout.fnmatch_lines(["*rotary_write_kv cache*"])
 
 
 def test_suite_fails_for_causal_off_by_one(pytester, monkeypatch):

@@ -39,6 +39,12 @@ def leaky_attention(query, kv_cache, attn, scale):
     return out
 
 
+def unrotated_keys_write(positions, q, k, v, cos_sin_cache, kv_cache, slot_mapping):
+    """A fused rotary + write_kv that stores the keys before rotating them."""
+    reference.write_kv(k, v, kv_cache, slot_mapping)
+    return reference.rotary(positions, q, k, cos_sin_cache)[0]
+
+
 class CpuOverride:
     """A plugin registering ``fn`` as the cpu device's ``op``."""
 
@@ -54,3 +60,4 @@ class CpuOverride:
 
 WRONG_ROTARY = CpuOverride("rotary", gptj_rotary)
 LEAKY_ATTENTION = CpuOverride("paged_attention", leaky_attention)
+UNROTATED_KEYS = CpuOverride("rotary_write_kv", unrotated_keys_write)

@@ -167,8 +167,8 @@ class LlamaForCausalLM:
                 q = k.rms_norm(q.reshape(-1, self.head_dim), layer.q_norm, self.eps).view_as(q)
                 key = k.rms_norm(key.reshape(-1, self.head_dim), layer.k_norm,
                                  self.eps).view_as(key)
-            q, key = k.rotary(positions, q, key, self.cos_sin_cache)
-            k.write_kv(key, value, kv_cache, attn.slot_mapping)
+            q = k.rotary_write_kv(positions, q, key, value, self.cos_sin_cache, kv_cache,
+                                  attn.slot_mapping)
             out = k.paged_attention(q, kv_cache, attn, self.scale)  # [T, Hq, D]
             hidden = self._linear(out.reshape(num_tokens, q_size), layer.o)  # [T, H]
             x, residual = k.rms_norm(hidden, layer.post_norm, self.eps, residual)

@@ -652,6 +652,7 @@ void ps_write_kv(const float *k, int64_t k_stride, const float *v, int64_t v_str
                  int64_t row, float *kv, int64_t num_slots, const int64_t *slots) {
     float *vcache = kv + num_slots * row;
     for (int64_t t = 0; t < T; t++) {
+        if (slots[t] < 0) continue; /* a padding row: nothing to store */
         memcpy(kv + slots[t] * row, k + t * k_stride, sizeof(float) * (size_t)row);
         memcpy(vcache + slots[t] * row, v + t * v_stride, sizeof(float) * (size_t)row);
     }

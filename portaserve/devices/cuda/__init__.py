@@ -75,7 +75,7 @@ def triton_kernels() -> dict[str, KernelFn]:
     from portaserve.devices.cuda.attention import paged_attention
     from portaserve.devices.cuda.kv import write_kv
     from portaserve.devices.cuda.norm import rms_norm
-    from portaserve.devices.cuda.rotary import rotary
+    from portaserve.devices.cuda.rotary import rotary, rotary_write_kv
 
     return {
         "embedding": embedding,
@@ -85,6 +85,7 @@ def triton_kernels() -> dict[str, KernelFn]:
         "silu_and_mul": silu_and_mul,
         "write_kv": write_kv,
         "paged_attention": paged_attention,
+        "rotary_write_kv": rotary_write_kv,
     }
 
 

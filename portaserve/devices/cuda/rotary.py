@@ -1,9 +1,15 @@
-"""Rotary position embedding (NeoX / rotate-half) of q and k, as one Triton kernel.
+"""Rotary position embedding (NeoX / rotate-half) of q and k as one Triton kernel, and the
+fused ``rotary_write_kv`` that also stores the rotated keys and the values in the paged cache.
 
 Semantics are ``portaserve.devices.reference.rotary``: ``cos_sin_cache[p] = cat(cos, sin)`` of
 width D (the head dim, rotated in full); the rotation is computed in float32 and rounded to the
 input dtype. Returns new tensors; q and k may be strided views (e.g. slices of a fused qkv
 projection) as long as the head dim is contiguous.
+
+``rotary_write_kv`` is ``rotary`` then ``write_kv`` (``reference.rotary_write_kv``) in one
+launch instead of two: the rotated keys go straight to the cache (rounded to k's dtype first,
+as the two-op path does), and are never written to memory on their own. At batch 1 on the
+8B shape that is 32 launches fewer per decode step.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import torch
 import triton.language as tl
 
+from portaserve.devices.cuda.kv import KV_LAYOUT, cache_geometry, cache_store_limit, cache_strides
 from portaserve.devices.cuda.launch import next_pow2, triton_kernel
 from portaserve.errors import DeviceError
 
@@ -85,3 +92,111 @@ def rotary(
         BLOCK_HALF=next_pow2(half), num_warps=4,
     )
     return q_out, k_out
+
+
+@triton_kernel
+def _rotary_write_kv_kernel(
+    pos_ptr, cs_ptr, slot_ptr,
+    q_ptr, k_ptr, v_ptr, q_out_ptr, cache_ptr,
+    num_q_heads, num_k_heads, half, block_size,
+    stride_cs, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_qot, stride_qoh,
+    stride_c_kv, stride_c_block, stride_c_head, stride_c_off,
+    STORE_LIMIT: tl.constexpr,
+    BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr,
+):
+    """Grid ``(T,)``: one program per token rotates its q heads (to q_out) and its k heads
+    (to the cache at the token's slot, with its v heads beside them). A negative slot (a
+    padding row of a captured graph) writes nothing to the cache."""
+    t = tl.program_id(0).to(tl.int64)
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    d = tl.arange(0, BLOCK_HALF)
+    d_mask = d < half
+    cos = tl.load(cs_ptr + pos * stride_cs + d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+    sin = tl.load(cs_ptr + pos * stride_cs + half + d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+
+    hq = tl.arange(0, BLOCK_HQ)
+    mask = (hq[:, None] < num_q_heads) & d_mask[None, :]
+    src = q_ptr + t * stride_qt + hq[:, None] * stride_qh + d[None, :]
+    x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(src + half, mask=mask, other=0.0).to(tl.float32)
+    dst = q_out_ptr + t * stride_qot + hq[:, None] * stride_qoh + d[None, :]
+    tl.store(dst, (x1 * cos - x2 * sin).to(q_out_ptr.dtype.element_ty), mask=mask)
+    tl.store(dst + half, (x2 * cos + x1 * sin).to(q_out_ptr.dtype.element_ty), mask=mask)
+
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    if slot >= 0:
+        hk = tl.arange(0, BLOCK_HK)
+        mask = (hk[:, None] < num_k_heads) & d_mask[None, :]
+        src = k_ptr + t * stride_kt + hk[:, None] * stride_kh + d[None, :]
+        x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(src + half, mask=mask, other=0.0).to(tl.float32)
+        # rounded to k's dtype first: the same values the two-op path writes
+        k1 = (x1 * cos - x2 * sin).to(k_ptr.dtype.element_ty)
+        k2 = (x2 * cos + x1 * sin).to(k_ptr.dtype.element_ty)
+        vsrc = v_ptr + t * stride_vt + hk[:, None] * stride_vh + d[None, :]
+        v1 = tl.load(vsrc, mask=mask, other=0.0)
+        v2 = tl.load(vsrc + half, mask=mask, other=0.0)
+        if STORE_LIMIT > 0:  # a narrow (fp8) cache: saturate instead of overflowing to NaN
+            k1 = tl.minimum(tl.maximum(k1.to(tl.float32), -STORE_LIMIT), STORE_LIMIT)
+            k2 = tl.minimum(tl.maximum(k2.to(tl.float32), -STORE_LIMIT), STORE_LIMIT)
+            v1 = tl.minimum(tl.maximum(v1.to(tl.float32), -STORE_LIMIT), STORE_LIMIT)
+            v2 = tl.minimum(tl.maximum(v2.to(tl.float32), -STORE_LIMIT), STORE_LIMIT)
+        dst = (cache_ptr + (slot // block_size) * stride_c_block + (slot % block_size) * stride_c_off
+               + hk[:, None] * stride_c_head + d[None, :])
+        elem = cache_ptr.dtype.element_ty
+        tl.store(dst, k1.to(elem), mask=mask)
+        tl.store(dst + half, k2.to(elem), mask=mask)
+        tl.store(dst + stride_c_kv, v1.to(elem), mask=mask)
+        tl.store(dst + stride_c_kv + half, v2.to(elem), mask=mask)
+
+
+def rotary_write_kv(
+    positions: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    *,
+    kv_layout: str = KV_LAYOUT,
+) -> torch.Tensor:
+    """positions [T]; q [T, Hq, D]; k, v [T, Hk, D] -> rotated q; rotated k and v go to the
+    cache at ``slot_mapping`` [T] (negative slots skipped)."""
+    if q.dim() != 3 or k.dim() != 3 or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
+        raise DeviceError(
+            f"cuda rotary_write_kv: q {tuple(q.shape)} and k {tuple(k.shape)} must be [T, H, D] alike")
+    num_tokens, num_q_heads, head_dim = q.shape
+    block_size, num_heads, cache_head_dim = cache_geometry(kv_cache, kv_layout)
+    if v.shape != k.shape or k.shape[1:] != (num_heads, cache_head_dim):
+        raise DeviceError(
+            f"cuda rotary_write_kv: key {tuple(k.shape)} / value {tuple(v.shape)} do not match "
+            f"the cache's {num_heads} heads x {cache_head_dim} dims")
+    if head_dim % 2 or cos_sin_cache.shape[-1] != head_dim:
+        raise DeviceError(
+            f"cuda rotary_write_kv: head dim {head_dim} must be even and match cos_sin_cache "
+            f"{tuple(cos_sin_cache.shape)}")
+    if slot_mapping.shape[0] < num_tokens:
+        raise DeviceError(f"cuda rotary_write_kv: slot_mapping has {slot_mapping.shape[0]} "
+                          f"slots for {num_tokens} tokens")
+    if kv_cache.stride(-1) != 1:
+        raise DeviceError("cuda rotary_write_kv: the cache's head dim must be contiguous")
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    cos_sin_cache = cos_sin_cache if cos_sin_cache.stride(-1) == 1 else cos_sin_cache.contiguous()
+    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if num_tokens == 0:
+        return q_out
+    s_kv, s_block, s_head, s_off, _ = cache_strides(kv_cache, kv_layout)
+    half = head_dim // 2
+    _rotary_write_kv_kernel.on(q)[(num_tokens,)](
+        positions, cos_sin_cache, slot_mapping, q, k, v, q_out, kv_cache,
+        num_q_heads, num_heads, half, block_size,
+        cos_sin_cache.stride(0), q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        v.stride(0), v.stride(1), q_out.stride(0), q_out.stride(1),
+        s_kv, s_block, s_head, s_off,
+        STORE_LIMIT=cache_store_limit(kv_cache),
+        BLOCK_HQ=next_pow2(num_q_heads), BLOCK_HK=next_pow2(num_heads),
+        BLOCK_HALF=next_pow2(half), num_warps=4,
+    )
+    return q_out
