@@ -19,7 +19,7 @@ pytest.importorskip("triton")
 
 from portaserve.core.batch import build_batch  # noqa: E402
 from portaserve.devices import reference as ref  # noqa: E402
-from portaserve.devices.cuda import activation, attention, kv, norm, rotary  # noqa: E402
+from portaserve.devices.cuda import activation, attention, gemv, kv, norm, rotary  # noqa: E402
 from portaserve.plugins.device import KVCacheSpec  # noqa: E402
 
 # Which torch device the kernels run on: "cpu" (interpreter, the CI default) or "cuda".
@@ -144,6 +144,25 @@ def test_rotary_write_kv_from_fused_qkv(dtype: torch.dtype, layout: str, gen: to
     exp_nhd = expected if layout == "blocks_nhd" else expected.transpose(2, 3)
     assert torch.equal(nhd.reshape(2, 24, -1)[:, untouched.to(DEVICE)],
                        exp_nhd.reshape(2, 24, -1)[:, untouched.to(DEVICE)])
+
+
+@pytest.mark.parametrize("dtype", [d for d in DTYPES if d != torch.float32])
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_gemv(dtype: torch.dtype, rows: int, gen: torch.Generator) -> None:
+    """The decode GEMV on ragged shapes (N and K not multiples of the tiles, strided x rows)."""
+    n, k = 77, 200
+    x = randn(rows, 2 * k, dtype=dtype, gen=gen)[:, :k]
+    w = randn(n, k, dtype=dtype, gen=gen) * k**-0.5
+    assert gemv.supports(x, w)
+    out = gemv.gemv(x, w)
+    assert out.shape == (rows, n) and out.dtype == dtype
+    assert rel_err(out, x.float() @ w.float().t()) < RTOL[dtype]
+    from portaserve.devices.cuda import linear  # the device's linear routes small batches here
+
+    bias = randn(n, dtype=dtype, gen=gen)
+    assert rel_err(linear(x, w, bias), x.float() @ w.float().t() + bias.float()) < RTOL[dtype]
+    assert not gemv.supports(randn(gemv.MAX_ROWS + 1, k, dtype=dtype, gen=gen), w)
+    assert not gemv.supports(x.float(), w.float())
 
 
 # --- paged_attention ---------------------------------------------------------------------

@@ -50,7 +50,14 @@ def embedding(ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    return F.linear(x, weight, bias)  # [T, N], cuBLAS / hipBLASLt on GPU tensors
+    """[T, N]: a decode batch of a few rows through the Triton GEMV (``gemv.py``: faster than
+    cuBLAS's pick for these shapes on the H200), anything larger through cuBLAS / hipBLASLt."""
+    from portaserve.devices.cuda import gemv
+
+    if gemv.supports(x, weight):
+        out = gemv.gemv(x, weight)
+        return out if bias is None else out + bias
+    return F.linear(x, weight, bias)
 
 
 def dequant_linear(x: torch.Tensor, weight: Any, bias: torch.Tensor | None = None) -> torch.Tensor:

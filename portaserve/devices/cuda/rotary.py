@@ -127,28 +127,28 @@ def _rotary_write_kv_kernel(
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot >= 0:
         hk = tl.arange(0, BLOCK_HK)
-        mask = (hk[:, None] < num_k_heads) & d_mask[None, :]
-        src = k_ptr + t * stride_kt + hk[:, None] * stride_kh + d[None, :]
-        x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(src + half, mask=mask, other=0.0).to(tl.float32)
+        k_mask = (hk[:, None] < num_k_heads) & d_mask[None, :]
+        k_src = k_ptr + t * stride_kt + hk[:, None] * stride_kh + d[None, :]
+        y1 = tl.load(k_src, mask=k_mask, other=0.0).to(tl.float32)
+        y2 = tl.load(k_src + half, mask=k_mask, other=0.0).to(tl.float32)
         # rounded to k's dtype first: the same values the two-op path writes
-        k1 = (x1 * cos - x2 * sin).to(k_ptr.dtype.element_ty)
-        k2 = (x2 * cos + x1 * sin).to(k_ptr.dtype.element_ty)
-        vsrc = v_ptr + t * stride_vt + hk[:, None] * stride_vh + d[None, :]
-        v1 = tl.load(vsrc, mask=mask, other=0.0)
-        v2 = tl.load(vsrc + half, mask=mask, other=0.0)
+        k1 = (y1 * cos - y2 * sin).to(k_ptr.dtype.element_ty)
+        k2 = (y2 * cos + y1 * sin).to(k_ptr.dtype.element_ty)
+        v_src = v_ptr + t * stride_vt + hk[:, None] * stride_vh + d[None, :]
+        v1 = tl.load(v_src, mask=k_mask, other=0.0)
+        v2 = tl.load(v_src + half, mask=k_mask, other=0.0)
         if STORE_LIMIT > 0:  # a narrow (fp8) cache: saturate instead of overflowing to NaN
             k1 = tl.minimum(tl.maximum(k1.to(tl.float32), -STORE_LIMIT), STORE_LIMIT)
             k2 = tl.minimum(tl.maximum(k2.to(tl.float32), -STORE_LIMIT), STORE_LIMIT)
             v1 = tl.minimum(tl.maximum(v1.to(tl.float32), -STORE_LIMIT), STORE_LIMIT)
             v2 = tl.minimum(tl.maximum(v2.to(tl.float32), -STORE_LIMIT), STORE_LIMIT)
-        dst = (cache_ptr + (slot // block_size) * stride_c_block + (slot % block_size) * stride_c_off
-               + hk[:, None] * stride_c_head + d[None, :])
+        c_dst = (cache_ptr + (slot // block_size) * stride_c_block
+                 + (slot % block_size) * stride_c_off + hk[:, None] * stride_c_head + d[None, :])
         elem = cache_ptr.dtype.element_ty
-        tl.store(dst, k1.to(elem), mask=mask)
-        tl.store(dst + half, k2.to(elem), mask=mask)
-        tl.store(dst + stride_c_kv, v1.to(elem), mask=mask)
-        tl.store(dst + stride_c_kv + half, v2.to(elem), mask=mask)
+        tl.store(c_dst, k1.to(elem), mask=k_mask)
+        tl.store(c_dst + half, k2.to(elem), mask=k_mask)
+        tl.store(c_dst + stride_c_kv, v1.to(elem), mask=k_mask)
+        tl.store(c_dst + stride_c_kv + half, v2.to(elem), mask=k_mask)
 
 
 def rotary_write_kv(
