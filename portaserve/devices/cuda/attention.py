@@ -11,12 +11,16 @@ Two paths, both with float32 online softmax (exp2) and float32 accumulation:
 - varlen (``_varlen_attn_kernel``): any batch, including mixed prefill + decode and prefill
   over a cached prefix. A program takes up to BLOCK_Q query tokens of one request times the
   GROUP heads of one KV head, as BLOCK_M = BLOCK_Q * GROUP (padded) rows of one tile.
-- decode (``_decode_attn_kernel`` + ``_decode_reduce_kernel``): every request has exactly one
-  new token. Flash-decoding: the context of each (request, KV head) is cut into NUM_SPLITS
-  chunks sized from that request's own length, each program keeps a partial softmax (output
-  and log-sum-exp), and a reduce kernel merges the splits. With one split the partials are
-  skipped. Grids depend only on (requests, KV heads, NUM_SPLITS), never on lengths read from
-  the device, so the launch can be captured in a CUDA graph.
+- decode (``_decode_attn_kernel``): every request has exactly one new token. Flash-decoding:
+  the context of each (request, KV head) is cut into NUM_SPLITS chunks sized from that
+  request's own length, each program keeps a partial softmax (output and log-sum-exp), and the
+  last program of a (request, KV head) to finish merges the partials: each program bumps a
+  counter after storing its partial (a CTA barrier, then an acq_rel atomic at GPU scope, the
+  release pattern of a split-K semaphore), and the one that sees NUM_SPLITS - 1 reads the
+  others' partials (past L1) and resets the counter for the next launch: one launch a layer
+  instead of a decode kernel plus a reduce kernel. With one split the partials are skipped. Grids depend only on (requests,
+  KV heads, NUM_SPLITS), never on lengths read from the device, so the launch can be captured
+  in a CUDA graph.
 
 Limits: head_dim up to 256 (padded to a power of two inside); block_size a power of two;
 float32 inputs use IEEE dots (no TF32). The cache layout is given by ``kv_layout``
@@ -140,7 +144,7 @@ def _varlen_attn_kernel(
 
 @triton_kernel
 def _decode_attn_kernel(
-    q_ptr, cache_ptr, out_ptr, part_out_ptr, part_lse_ptr,
+    q_ptr, cache_ptr, out_ptr, part_out_ptr, part_lse_ptr, counter_ptr,
     seq_lens_ptr, block_tables_ptr,
     scale_log2, head_dim,
     stride_qt, stride_qh, stride_ot, stride_oh,
@@ -154,7 +158,9 @@ def _decode_attn_kernel(
     Chunk size is ``cdiv(cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N`` keys, so split 0 always
     has keys; a split without keys writes lse = -inf. With NUM_SPLITS == 1 the output is final;
     otherwise partial outputs go to part_out [R, Hq, NUM_SPLITS, D] (normalised) and
-    part_lse [R, Hq, NUM_SPLITS] (log2 domain) for ``_decode_reduce_kernel``.
+    part_lse [R, Hq, NUM_SPLITS] (log2 domain), and the last of the NUM_SPLITS programs of this
+    (request, KV head) to arrive (counted in counter [R, Hk], zero between launches) merges the
+    splits that have keys into out.
     """
     req = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
@@ -207,32 +213,51 @@ def _decode_attn_kernel(
         tl.store(out_ptr + req * stride_ot + head[:, None] * stride_oh + d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=mask)
     else:
-        part = (req * (GROUP * tl.num_programs(1)) + head) * NUM_SPLITS + split  # [BLOCK_G]
-        tl.store(part_out_ptr + part[:, None] * head_dim + d[None, :], out, mask=mask)
+        base = (req * (GROUP * tl.num_programs(1)) + head) * NUM_SPLITS  # [BLOCK_G]
+        tl.store(part_out_ptr + (base + split)[:, None] * head_dim + d[None, :], out, mask=mask)
         lse = tl.where(l_i > 0.0, m_i + tl.log2(safe_l), float("-inf"))
-        tl.store(part_lse_ptr + part, lse, mask=g_ok)
+        tl.store(part_lse_ptr + base + split, lse, mask=g_ok)
+        # every thread's partial is stored before one thread announces it (release at GPU scope)
+        tl.debug_barrier()
+        counter = counter_ptr + req * tl.num_programs(1) + kv_head
+        arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+        if arrived == NUM_SPLITS - 1:  # the last one: the others' partials are visible now
+            tl.store(counter, 0)
+            num_active = (seq_len + chunk - 1) // chunk  # splits with keys; their lse is finite
+            m_run = tl.full([BLOCK_G], -1.0e30, dtype=tl.float32)
+            w_sum = tl.full([BLOCK_G], 0.0, dtype=tl.float32)
+            merged = tl.full([BLOCK_G, BLOCK_D], 0.0, dtype=tl.float32)
+            for s in range(0, num_active):
+                lse_s = tl.load(part_lse_ptr + base + s, mask=g_ok, other=0.0, cache_modifier=".cg")
+                part = tl.load(part_out_ptr + (base + s)[:, None] * head_dim + d[None, :],
+                               mask=mask, other=0.0, cache_modifier=".cg")
+                m_new = tl.maximum(m_run, lse_s)
+                rescale = tl.exp2(m_run - m_new)
+                w = tl.exp2(lse_s - m_new)
+                merged = merged * rescale[:, None] + part * w[:, None]
+                w_sum = w_sum * rescale + w
+                m_run = m_new
+            final = merged / tl.where(w_sum > 0.0, w_sum, 1.0)[:, None]
+            tl.store(out_ptr + req * stride_ot + head[:, None] * stride_oh + d[None, :],
+                     final.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton_kernel
-def _decode_reduce_kernel(
-    part_out_ptr, part_lse_ptr, out_ptr,
-    head_dim, stride_ot, stride_oh,
-    NUM_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """Grid ``(R, Hq)``: merge the NUM_SPLITS partial softmaxes of one (request, head)."""
-    req = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1).to(tl.int64)
-    base = (req * tl.num_programs(1) + head) * NUM_SPLITS
-    s = tl.arange(0, NUM_SPLITS)
-    d = tl.arange(0, BLOCK_D)
-    d_ok = d < head_dim
-    lse = tl.load(part_lse_ptr + base + s)  # [NUM_SPLITS]
-    weight = tl.exp2(lse - tl.reduce(lse, 0, MAX))
-    parts = tl.load(part_out_ptr + (base + s)[:, None] * head_dim + d[None, :],
-                    mask=d_ok[None, :], other=0.0)  # [NUM_SPLITS, BLOCK_D]
-    out = tl.reduce(parts * weight[:, None], 0, SUM) / tl.reduce(weight, 0, SUM)
-    tl.store(out_ptr + req * stride_ot + head * stride_oh + d, out.to(out_ptr.dtype.element_ty),
-             mask=d_ok)
+#: device -> the split counters of ``_decode_attn_kernel`` (int32, zero between launches).
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _split_counters(device: torch.device, count: int) -> torch.Tensor:
+    """At least ``count`` zeroed counters on ``device``, grown (outside graph capture) when a
+    bigger batch needs more; the kernel leaves them at zero, so one buffer serves every launch
+    on the device's stream (and every captured graph, which holds its address)."""
+    counters = _COUNTERS.get(device)
+    if counters is None or counters.numel() < count:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise DeviceError("cuda paged_attention: decode split counters must be allocated "
+                              "before graph capture (run the batch size once eagerly first)")
+        counters = torch.zeros(max(count, 1024), dtype=torch.int32, device=device)
+        _COUNTERS[device] = counters
+    return counters
 
 
 @functools.lru_cache(maxsize=8)
@@ -297,22 +322,19 @@ def paged_attention(
                                    dtype=torch.float32, device=query.device)
             part_lse = torch.empty((num_reqs, num_q_heads, num_splits),
                                    dtype=torch.float32, device=query.device)
+            counters = _split_counters(query.device, num_reqs * num_kv_heads)
         else:
-            part_out = part_lse = out  # unused
+            part_out = part_lse = counters = out  # unused
         launch_fitting(
             _decode_attn_kernel, query, (num_reqs, num_kv_heads, num_splits),
-            (query, kv_cache, out, part_out, part_lse, attn.seq_lens, tables, scale_log2, head_dim,
+            (query, kv_cache, out, part_out, part_lse, counters, attn.seq_lens, tables, scale_log2,
+             head_dim,
              query.stride(0), query.stride(1), out.stride(0), out.stride(1), *common),
             {"GROUP": group, "BLOCK_G": max(16, next_pow2(group)),
              "BLOCK_N": 16 if interp else DECODE_CONFIG["BLOCK_N"] // (2 if ieee else 1),
              "BLOCK_D": block_d, "BLOCK_SIZE": block_size, "NUM_SPLITS": num_splits, "IEEE": ieee},
             num_warps=DECODE_CONFIG["num_warps"], num_stages=DECODE_CONFIG["num_stages"],
         )
-        if num_splits > 1:
-            _decode_reduce_kernel.on(query)[(num_reqs, num_q_heads)](
-                part_out, part_lse, out, head_dim, out.stride(0), out.stride(1),
-                NUM_SPLITS=num_splits, BLOCK_D=block_d, num_warps=4,
-            )
         return out
 
     block_m = max(16 if interp else VARLEN_CONFIG["BLOCK_M"], next_pow2(group))
