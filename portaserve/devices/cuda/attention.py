@@ -42,6 +42,7 @@ from portaserve.devices.cuda.launch import (
     is_interpreted,
     launch_fitting,
     next_pow2,
+    split_counters,
     triton_kernel,
 )
 from portaserve.errors import DeviceError
@@ -242,24 +243,6 @@ def _decode_attn_kernel(
                      final.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-#: device -> the split counters of ``_decode_attn_kernel`` (int32, zero between launches).
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-
-
-def _split_counters(device: torch.device, count: int) -> torch.Tensor:
-    """At least ``count`` zeroed counters on ``device``, grown (outside graph capture) when a
-    bigger batch needs more; the kernel leaves them at zero, so one buffer serves every launch
-    on the device's stream (and every captured graph, which holds its address)."""
-    counters = _COUNTERS.get(device)
-    if counters is None or counters.numel() < count:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise DeviceError("cuda paged_attention: decode split counters must be allocated "
-                              "before graph capture (run the batch size once eagerly first)")
-        counters = torch.zeros(max(count, 1024), dtype=torch.int32, device=device)
-        _COUNTERS[device] = counters
-    return counters
-
-
 @functools.lru_cache(maxsize=8)
 def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -322,7 +305,7 @@ def paged_attention(
                                    dtype=torch.float32, device=query.device)
             part_lse = torch.empty((num_reqs, num_q_heads, num_splits),
                                    dtype=torch.float32, device=query.device)
-            counters = _split_counters(query.device, num_reqs * num_kv_heads)
+            counters = split_counters(query.device, num_reqs * num_kv_heads, "decode_attn")
         else:
             part_out = part_lse = counters = out  # unused
         launch_fitting(

@@ -122,3 +122,26 @@ def launch_fitting(
             continue
         _FITTED[key] = (fitted, num_stages)
         return
+
+
+#: (device, user) -> zeroed int32 counters of a kernel whose last program merges the others'.
+_COUNTERS: dict[tuple[torch.device, str], torch.Tensor] = {}
+
+
+def split_counters(device: torch.device, count: int, user: str) -> torch.Tensor:
+    """At least ``count`` zeroed int32 counters on ``device`` for kernel family ``user``.
+
+    For kernels whose work units are split over programs that each store a partial result
+    and bump a counter, the last to arrive merging the rest and resetting the counter to zero.
+    So the counters are zero between launches, and one buffer serves every launch on the
+    device's stream, captured graphs included (they hold its address). It only grows outside
+    graph capture (a warm-up run at each captured size allocates it first)."""
+    key = (device, user)
+    counters = _COUNTERS.get(key)
+    if counters is None or counters.numel() < count:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"{user}: split counters must be allocated before graph capture "
+                               "(run the same shapes once eagerly first)")
+        counters = torch.zeros(max(count, 1024), dtype=torch.int32, device=device)
+        _COUNTERS[key] = counters
+    return counters
