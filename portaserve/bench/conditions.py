@@ -51,6 +51,7 @@ def engine_conditions(llm: Any) -> dict[str, Any]:
         "model": engine.config.model,
         "architecture": mc.architecture,
         "dtype": str(engine.dtype).removeprefix("torch."),
+        "kv_cache_dtype": str(engine.kv_cache_dtype).removeprefix("torch."),
         "max_num_seqs": engine.scheduler.config.max_num_seqs
         if hasattr(engine.scheduler, "config")
         else engine.config.max_num_seqs,

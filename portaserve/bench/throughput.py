@@ -22,6 +22,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     add("--model", default="smollm2-135m", help="model name, GGUF file or folder")
     add("--device", default=None, help="device, e.g. cpu (default: the best available)")
     add("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"))
+    add("--kv-cache-dtype", default="auto",
+        help="KV cache element type: auto (the compute dtype), fp8 (= fp8_e4m3) or fp8_e5m2")
     add("--max-num-seqs", type=int, default=None)
     add("--max-num-batched-tokens", type=int, default=None)
     add("--max-model-len", type=int, default=None)
@@ -48,7 +50,7 @@ def make_llm(args: argparse.Namespace) -> Any:
         "enable_prefix_caching": args.enable_prefix_caching,
     }
     for name in ("device", "max_num_seqs", "max_num_batched_tokens", "max_model_len",
-                 "async_scheduling"):
+                 "async_scheduling", "kv_cache_dtype"):
         value = getattr(args, name, None)
         if value is not None:
             options[name] = value

@@ -67,6 +67,10 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     scheduling_policy: str = "fcfs"  # "fcfs", "priority", "cache-aware"
     quantization: str | None = None
+    #: Element type of the KV cache: "auto" (the compute dtype) or an fp8 format ("fp8" is
+    #: "fp8_e4m3"; names and dtypes in ``portaserve.quant.fp8.KV_CACHE_DTYPES``). The device
+    #: must declare the format in ``Capabilities.kv_cache_dtypes``.
+    kv_cache_dtype: str = "auto"
     #: Keep GGUF block formats packed in memory. None: the device decides
     #: (``Capabilities.keep_packed_weights``; the cpu device with its native kernels keeps them
     #: packed), else packed when computing in 16 bits and expanded at load in float32.
@@ -86,6 +90,12 @@ class EngineConfig:
             raise ConfigError(
                 f"dtype must be one of auto, float32, float16, bfloat16; got {self.dtype!r}",
                 field="dtype")
+        if self.kv_cache_dtype != "auto":
+            from portaserve.quant.fp8 import KV_CACHE_DTYPES  # imports torch: only when asked
+
+            if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+                raise ConfigError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}; "
+                                  f"got {self.kv_cache_dtype!r}", field="kv_cache_dtype")
         if self.memory_utilization is not None and not 0.0 < self.memory_utilization <= 1.0:
             raise ConfigError(
                 f"memory_utilization must be in (0, 1]; got {self.memory_utilization!r}",

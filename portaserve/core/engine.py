@@ -145,6 +145,8 @@ class LLMEngine:
         caps = self.device.capabilities()
         self.capabilities = caps
         self.dtype = self._resolve_dtype(config.dtype, caps.dtypes)
+        #: Element type of the KV cache: the compute dtype, or an fp8 format the device declares.
+        self.kv_cache_dtype = self._resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype)
         logger.info("device %s (%s), dtype %s", self.device.describe(), self.device_reason,
                     str(self.dtype).removeprefix("torch."))
 
@@ -176,7 +178,8 @@ class LLMEngine:
         block_size = config.block_size or caps.kv_block_sizes[0]
         max_num_seqs = config.max_num_seqs or caps.default_max_num_seqs
         max_batched = config.max_num_batched_tokens or caps.default_max_num_batched_tokens
-        spec = KVCacheSpec(mc.num_layers, 1, block_size, mc.num_kv_heads, mc.head_dim, self.dtype)
+        spec = KVCacheSpec(mc.num_layers, 1, block_size, mc.num_kv_heads, mc.head_dim,
+                           self.kv_cache_dtype)
         num_blocks = config.num_kv_blocks or self._size_kv_cache(spec, max_num_seqs)
         spec = replace(spec, num_blocks=num_blocks)
         if config.max_model_len is None and num_blocks * block_size < self.max_model_len:
@@ -186,8 +189,9 @@ class LLMEngine:
         self.kv_caches = self.device.allocate_kv_cache(spec)
         self.kv_spec = spec
         self.kv_capacity_tokens = num_blocks * block_size
-        logger.info("KV cache: %d blocks of %d tokens = %d tokens, %.1f MiB", num_blocks,
-                    block_size, self.kv_capacity_tokens, num_blocks * spec.bytes_per_block / 2**20)
+        logger.info("KV cache: %d blocks of %d tokens = %d tokens, %s, %.1f MiB", num_blocks,
+                    block_size, self.kv_capacity_tokens,
+                    str(spec.dtype).removeprefix("torch."), num_blocks * spec.bytes_per_block / 2**20)
 
         executor = self.device.compile(self.model, self.kv_caches)
         self.runner = ModelRunner(self.model, self.device, self.kv_caches, executor)
@@ -232,6 +236,21 @@ class LLMEngine:
             raise ConfigError(f"dtype {name!r} is not supported by this device (it supports "
                               f"{names})", field="dtype")
         return dtype
+
+    def _resolve_kv_cache_dtype(self, name: str, dtype: torch.dtype) -> torch.dtype:
+        """The cache dtype for ``EngineConfig.kv_cache_dtype``; refused unless it is the compute
+        dtype or the device declares it (``Capabilities.kv_cache_dtypes``)."""
+        from portaserve.quant.fp8 import kv_cache_dtype
+
+        cache_dtype = kv_cache_dtype(name, dtype)
+        if cache_dtype == dtype or cache_dtype in self.capabilities.kv_cache_dtypes:
+            return cache_dtype
+        offered = "".join(f" or {str(d).removeprefix('torch.')}"
+                          for d in self.capabilities.kv_cache_dtypes)
+        raise ConfigError(
+            f"kv_cache_dtype {name!r} ({str(cache_dtype).removeprefix('torch.')}) is not supported "
+            f"by device {self.device.describe()}: it keeps the KV cache in the compute dtype "
+            f"('auto'){offered}", field="kv_cache_dtype")
 
     @staticmethod
     def _model_class(registry: Any, architecture: str) -> type:

@@ -8,6 +8,9 @@ PATH), one-token rows of ``paged_attention`` run natively over the block table (
 small batches on GGUF (Q4_0 / Q4_1 / Q8_0 / Q4_K / Q5_K / Q6_K), int8 and int4 weights run the
 native packed linears, so GGUF models stay packed in float32 too (``Capabilities.keep_packed_weights``);
 without it, decode batches go through one padded SDPA call. Other quantized matmuls use the quant plugin's cpu kernels.
+An fp8 KV cache (e4m3fn or e5m2, ``Capabilities.kv_cache_dtypes``) is written through ``uint8``
+views and upcast to the query's dtype after the gather; the native decode step and native
+attention read only float32 caches, so with fp8 every step runs op by op.
 Limits: one process, no NUMA pinning; threads are set once, to ``PORTASERVE_NUM_THREADS`` or
 the physical cores.
 """
@@ -90,8 +93,12 @@ def write_kv(
             and cpu_native.library() is not None):
         return cpu_native.write_kv(key, value, kv_cache, slot_mapping)
     flat = kv_cache.view(2, -1, *kv_cache.shape[3:])  # [2, num_blocks * block_size, Hk, D]
-    flat[0].index_copy_(0, slot_mapping, key.to(kv_cache.dtype))
-    flat[1].index_copy_(0, slot_mapping, value.to(kv_cache.dtype))
+    key = reference.to_cache_dtype(key, kv_cache.dtype)
+    value = reference.to_cache_dtype(value, kv_cache.dtype)
+    if reference.is_fp8(kv_cache.dtype):  # index_copy_ has no fp8 CPU kernel: copy the bytes
+        flat, key, value = flat.view(torch.uint8), key.view(torch.uint8), value.view(torch.uint8)
+    flat[0].index_copy_(0, slot_mapping, key)
+    flat[1].index_copy_(0, slot_mapping, value)
 
 
 def paged_attention(
@@ -120,7 +127,7 @@ def paged_attention(
             continue
         num_blocks = -(-seq_len // block_size)
         blocks = kv_cache[:, attn.block_tables[r, :num_blocks].long()]  # [2, nb, BS, Hk, D]
-        kv = blocks.flatten(1, 2)[:, :seq_len].transpose(1, 2)  # [2, Hk, S, D]
+        kv = blocks.flatten(1, 2)[:, :seq_len].transpose(1, 2).to(query.dtype)  # [2, Hk, S, D]
         q = query[starts[r] : starts[r + 1]].transpose(0, 1)  # [Hq, Q, D]
         mask = None
         if num_q > 1 and num_q != seq_len:  # causal with a cached prefix: bottom-right aligned
@@ -152,7 +159,7 @@ def _decode_attention(
     max_len = max(seq_lens)
     num_blocks = -(-max_len // block_size)
     blocks = kv_cache[:, block_tables[:, :num_blocks].long()]  # [2, R, nb, BS, Hk, D]
-    kv = blocks.flatten(2, 3)[:, :, :max_len].transpose(2, 3)  # [2, R, Hk, S, D]
+    kv = blocks.flatten(2, 3)[:, :, :max_len].transpose(2, 3).to(query.dtype)  # [2, R, Hk, S, D]
     lens = torch.tensor(seq_lens, device=query.device)
     mask = torch.arange(max_len, device=query.device)[None, :] < lens[:, None]  # [R, S]
     q = query.unsqueeze(2)  # [R, Hq, 1, D]
@@ -243,6 +250,7 @@ class CPUDevice(Device):
             torch.float32, torch.float16)
         return Capabilities(
             dtypes=dtypes,
+            kv_cache_dtypes=(torch.float8_e4m3fn, torch.float8_e5m2),
             kv_block_sizes=(16,),
             kv_layout="blocks_nhd",
             default_max_num_seqs=64,

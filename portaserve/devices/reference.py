@@ -3,6 +3,10 @@
 Written for clarity, not speed: plain torch, float32 accumulation, Python loops over requests
 where that is the clearest statement of the semantics. It runs on any torch device, so an op a
 device lacks falls back to this on the device's own tensors.
+
+The KV cache may hold a narrower type than the compute dtype (an fp8 cache,
+``EngineConfig.kv_cache_dtype``): ``write_kv`` stores ``to_cache_dtype(x)`` (fp8: scale 1.0,
+saturated, rounded to nearest even) and ``paged_attention`` upcasts what it reads to float32.
 """
 
 from __future__ import annotations
@@ -81,6 +85,22 @@ def allocate_kv_cache(spec: KVCacheSpec, device: torch.device, layout: str) -> l
     return [torch.zeros(shape, dtype=spec.dtype, device=device) for _ in range(spec.num_layers)]
 
 
+def is_fp8(dtype: torch.dtype) -> bool:
+    """Whether ``dtype`` is a one-byte float (an fp8 KV cache format)."""
+    return dtype.is_floating_point and dtype.itemsize == 1
+
+
+def to_cache_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` as a KV cache of ``dtype`` stores it. fp8 has no scale (1.0) and saturates: values
+    beyond the format's largest finite value (448 for e4m3fn, 57344 for e5m2) are stored as
+    that value. The clamp comes before the cast because a cast alone may give NaN (e4m3fn has
+    no infinity) or inf (e5m2)."""
+    if is_fp8(dtype):
+        bound = torch.finfo(dtype).max
+        return x.clamp(-bound, bound).to(dtype)
+    return x.to(dtype)
+
+
 def _as_nhd(kv_cache: torch.Tensor, kv_layout: str) -> torch.Tensor:
     """View the cache as [2, num_blocks, block_size, Hk, D] (writes go through the view)."""
     if kv_layout == "blocks_nhd":
@@ -105,8 +125,11 @@ def write_kv(
         key, value, slot_mapping = key[keep], value[keep], slot_mapping[keep]
     blocks = slot_mapping // block_size
     offsets = slot_mapping % block_size
-    cache[0, blocks, offsets] = key.to(cache.dtype)
-    cache[1, blocks, offsets] = value.to(cache.dtype)
+    key, value = to_cache_dtype(key, cache.dtype), to_cache_dtype(value, cache.dtype)
+    if is_fp8(cache.dtype):  # indexed stores into fp8 lack CPU kernels in some torch releases
+        cache, key, value = cache.view(torch.uint8), key.view(torch.uint8), value.view(torch.uint8)
+    cache[0, blocks, offsets] = key
+    cache[1, blocks, offsets] = value
 
 
 def gather_kv(
@@ -141,7 +164,7 @@ def paged_attention(
         num_q = q.shape[0]
         if num_q == 0:
             continue
-        k, v = gather_kv(kv_cache, attn.block_tables[r], seq_len, kv_layout)
+        k, v = gather_kv(kv_cache, attn.block_tables[r], seq_len, kv_layout)  # cache dtype
         k = k.float().repeat_interleave(group, dim=1)  # [S, Hq, D]
         v = v.float().repeat_interleave(group, dim=1)
         scores = torch.einsum("qhd,shd->hqs", q, k) * scale  # [Hq, Q, S]

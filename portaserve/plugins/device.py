@@ -129,6 +129,11 @@ class Capabilities:
 
     #: Compute dtypes the device supports; the first is the default.
     dtypes: tuple[torch.dtype, ...]
+    #: (optional) KV cache element types the device stores and reads besides its compute dtypes
+    #: (``EngineConfig.kv_cache_dtype``), e.g. ``(torch.float8_e4m3fn,)``: its ``write_kv``
+    #: saturates and rounds to them and its ``paged_attention`` upcasts what it reads. Defaults
+    #: to none: the engine refuses any other cache dtype on this device.
+    kv_cache_dtypes: tuple[torch.dtype, ...] = ()
     #: Preferred KV block sizes; the first is the default.
     kv_block_sizes: tuple[int, ...] = (16,)
     #: The KV layout ``allocate_kv_cache`` produces (see ``REFERENCE_KV_LAYOUTS``).

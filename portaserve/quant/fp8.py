@@ -11,12 +11,13 @@ W8A8 computation through ``torch._scaled_mm`` (the fp8 tensor-core matmul on sm_
 has a CPU implementation); ``fp8_linear_emulated`` states the same numerics in plain torch, so a
 W8A8 kernel is checked against it, and it against the reference within fp8 tolerance.
 
-KV cache: ``kv_cache_dtype("fp8_e4m3")`` is ``torch.float8_e4m3fn``. What the engine must do to
-use it: allocate the cache with that dtype (``KVCacheSpec.dtype``; half the bytes of bf16, so
-twice the blocks); ``write_kv`` casts new K/V to the cache dtype (scale 1.0, values beyond
-+-448 saturate; ``index_copy_`` has no fp8 CPU kernel, so write through a ``uint8`` view of
-both sides); attention upcasts what it reads (the reference ``paged_attention`` already does
-``.float()``); prefix caching is unchanged (hashes are over token ids).
+KV cache (``EngineConfig.kv_cache_dtype``, ``--kv-cache-dtype``): ``kv_cache_dtype(name)`` maps
+the option to a dtype ("fp8" and "fp8_e4m3" are ``torch.float8_e4m3fn``). The engine refuses a
+format the device does not list in ``Capabilities.kv_cache_dtypes``, then allocates the cache in
+it (``KVCacheSpec.dtype``: half the bytes of bf16 per token, so twice the blocks in the same
+memory). ``write_kv`` stores ``reference.to_cache_dtype(x)`` (scale 1.0, saturated at +-448 for
+e4m3, rounded to nearest even) and ``paged_attention`` upcasts what it reads. Prefix caching is
+unchanged (block hashes are over token ids).
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ KV_CACHE_DTYPES = {"auto": None, "fp8": FP8_DTYPE, "fp8_e4m3": FP8_DTYPE,
 
 
 def kv_cache_dtype(name: str, model_dtype: torch.dtype | None = None) -> torch.dtype | None:
-    """The KV cache dtype for ``--kv-cache-dtype NAME`` ("auto" -> ``model_dtype``)."""
+    """The KV cache dtype for ``--kv-cache-dtype NAME`` ("auto" -> ``model_dtype``). Raises
+    ``ConfigError`` (field ``kv_cache_dtype``) for an unknown name."""
     if name not in KV_CACHE_DTYPES:
         raise ConfigError(f"kv_cache_dtype must be one of {list(KV_CACHE_DTYPES)}; got {name!r}",
                           field="kv_cache_dtype")

@@ -1,8 +1,9 @@
 """``portaserve devices``: every registered device, whether it can run here, and failed plugins.
 
 For each device: the plugin that registered it, availability with the probe's reason, priority,
-which ops are native (or overridden by a plugin) and which fall back to the reference, and the
-quant formats with a native kernel. Then every plugin that failed to load, with its error.
+which ops are native (or overridden by a plugin) and which fall back to the reference, the
+quant formats with a native kernel, and the KV cache dtypes it offers besides the compute
+dtype (fp8). Then every plugin that failed to load, with its error.
 ``--json`` prints the same data for machines.
 """
 
@@ -53,7 +54,8 @@ def _kernels(registry: Any, entry: Any) -> dict[str, Any]:
         caps = device.capabilities()
     except Exception as e:  # a device that cannot build its table is reported, not fatal
         return {"native_ops": [], "fallback_ops": [], "quant_formats": [],
-                "dtypes": [], "kv_layout": None, "kernel_error": f"{type(e).__name__}: {e}"}
+                "dtypes": [], "kv_cache_dtypes": [], "kv_layout": None,
+                "kernel_error": f"{type(e).__name__}: {e}"}
     native = [op if table.sources[op] == "native" else f"{op} ({table.sources[op]})"
               for op in table.native_ops]
     native += [op if source == "native" else f"{op} ({source})"  # optional fused ops it has
@@ -64,6 +66,7 @@ def _kernels(registry: Any, entry: Any) -> dict[str, Any]:
         "fallback_ops": table.fallback_ops,
         "quant_formats": quant,
         "dtypes": [str(d).removeprefix("torch.") for d in caps.dtypes],
+        "kv_cache_dtypes": [str(d).removeprefix("torch.") for d in caps.kv_cache_dtypes],
         "kv_layout": caps.kv_layout,
     }
 
@@ -73,7 +76,7 @@ def _declared(registry: Any, entry: Any) -> dict[str, Any]:
     overrides = sorted(registry.kernel_overrides.get(entry.name, {}))
     quant = sorted(registry.quant_kernel_overrides.get(entry.name, {}))
     return {"native_ops": [f"{op} (plugin)" for op in overrides], "fallback_ops": [],
-            "quant_formats": quant, "dtypes": [], "kv_layout": None}
+            "quant_formats": quant, "dtypes": [], "kv_cache_dtypes": [], "kv_layout": None}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -87,13 +90,21 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quant_cell(d: dict[str, Any]) -> str:
+    cell = ", ".join(d["quant_formats"]) or "-"
+    if d.get("kv_cache_dtypes"):
+        cell += f"\nKV cache: {', '.join(d['kv_cache_dtypes'])}"
+    return cell
+
+
 def _print_table(report: dict[str, Any], show_traceback: bool) -> None:
     from rich.console import Console
     from rich.table import Table
 
     console = Console()
     table = Table(title="portaserve devices", show_lines=True)
-    for column in ("device", "plugin", "available", "priority", "native ops", "fallback ops", "quant formats"):
+    for column in ("device", "plugin", "available", "priority", "native ops", "fallback ops",
+                   "quant formats / KV cache"):
         table.add_column(column, overflow="fold")
     for d in report["devices"]:
         state = f"[green]yes[/green]: {d['reason']}" if d["available"] else f"[red]no[/red]: {d['reason']}"
@@ -102,7 +113,7 @@ def _print_table(report: dict[str, Any], show_traceback: bool) -> None:
         table.add_row(
             d["name"], d["plugin"], state, str(d["priority"]),
             ", ".join(d["native_ops"]) or "-", ", ".join(d["fallback_ops"]) or "-",
-            ", ".join(d["quant_formats"]) or "-",
+            _quant_cell(d),
         )
     console.print(table)
     console.print(f"default device: {report['selected']}")

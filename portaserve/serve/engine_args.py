@@ -48,6 +48,9 @@ def add_engine_args(parser: argparse.ArgumentParser, *, model_positional: bool =
         "--scheduling-policy", default="fcfs", choices=["fcfs", "priority", "cache-aware"]
     )
     g.add_argument("--quantization", "-q", default=None, help="weight format, e.g. int8, int4, fp8")
+    g.add_argument("--kv-cache-dtype", default="auto",
+                   help="KV cache element type: auto (the compute dtype), fp8 (= fp8_e4m3) or "
+                        "fp8_e5m2; half the bytes of bf16 per token, where the device supports it")
     g.add_argument("--keep-packed-weights", dest="keep_packed_weights", default=None,
                    action=argparse.BooleanOptionalAction,
                    help="keep GGUF block weights packed (default: the device decides; yes on "
@@ -73,6 +76,7 @@ def engine_config_from_args(args: argparse.Namespace, **extra: object) -> Engine
         enable_prefix_caching=args.enable_prefix_caching,
         scheduling_policy=args.scheduling_policy,
         quantization=args.quantization,
+        kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"),
         keep_packed_weights=getattr(args, "keep_packed_weights", None),
         async_scheduling=getattr(args, "async_scheduling", None),
         seed=args.seed,

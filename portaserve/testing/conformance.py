@@ -27,6 +27,20 @@ def tolerance(dtype: torch.dtype) -> tuple[float, float]:
     return TOLERANCES.get(dtype, (1e-1, 1e-1))
 
 
+#: fp8 KV cache formats the suite checks on devices that declare them
+#: (``Capabilities.kv_cache_dtypes``), by test id.
+FP8_KV_DTYPES: dict[str, torch.dtype] = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+
+
+def fp8_rounding_bound(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """How far an fp8 ``dtype`` value stored for ``x`` (float32, already saturated) may lie from
+    it when rounded to nearest: half a unit in the last place. That is ``eps / 2`` relative for
+    normal values (e4m3: 3 mantissa bits, eps = 2^-3, so 2^-4 = 6.25%; e5m2: 12.5%) and half
+    the subnormal step, ``eps * smallest_normal / 2``, absolute below the normal range."""
+    info = torch.finfo(dtype)
+    return torch.maximum(x.abs() * (info.eps / 2), torch.tensor(info.eps * info.smallest_normal / 2))
+
+
 def generator(nodeid: str, seed: int = 0) -> torch.Generator:
     """A host generator seeded from the test id (reproducible, different per test)."""
     return torch.Generator().manual_seed(zlib.crc32(nodeid.encode()) ^ seed)

@@ -20,10 +20,12 @@ from portaserve.plugins.device import (
     KVCacheSpec,
 )
 from portaserve.testing.conformance import (
+    FP8_KV_DTYPES,
     PAGED_SCENARIOS,
     PagedRequest,
     assert_close,
     dense_causal_attention,
+    fp8_rounding_bound,
     randn,
     scattered_block_tables,
     slots,
@@ -46,6 +48,8 @@ def test_probe_and_capabilities(portaserve_device):
     assert caps.dtypes, "a device declares at least one dtype"
     assert all(isinstance(d, torch.dtype) for d in caps.dtypes)
     assert caps.kv_block_sizes and all(b > 0 for b in caps.kv_block_sizes)
+    assert all(isinstance(d, torch.dtype) and d not in caps.dtypes for d in caps.kv_cache_dtypes), \
+        "kv_cache_dtypes lists cache dtypes beyond the compute dtypes"
 
 
 def test_kernel_table_is_complete(portaserve_kernels):
@@ -156,10 +160,11 @@ def test_quant_linear_native_formats(portaserve_device, portaserve_kernels, port
 class PagedStep:
     """A paged-attention step on the device: cache allocated, prefix written, metadata built."""
 
-    def __init__(self, device, kernels, dtype, gen, requests, num_q_heads, num_kv_heads, head_dim, block_size):
+    def __init__(self, device, kernels, dtype, gen, requests, num_q_heads, num_kv_heads, head_dim, block_size,
+                 cache_dtype=None):
         self.requests, self.block_size, self.dtype = requests, block_size, dtype
         self.tables, num_blocks = scattered_block_tables(gen, requests, block_size)
-        spec = KVCacheSpec(1, num_blocks, block_size, num_kv_heads, head_dim, dtype)
+        spec = KVCacheSpec(1, num_blocks, block_size, num_kv_heads, head_dim, cache_dtype or dtype)
         self.cache = device.allocate_kv_cache(spec)[0]
         # per request: every key/value of the sequence, and the queries of the new tokens
         self.keys = [randn(gen, r.seq_len, num_kv_heads, head_dim).to(dtype) for r in requests]
@@ -310,6 +315,89 @@ def test_paged_attention_chunked_prefill(portaserve_device, portaserve_kernels, 
                                           step.values[0][: done + chunk], 0.125)
         assert_close(out, expected, portaserve_dtype, f"paged_attention chunk at {done}+{chunk}")
         done += chunk
+
+
+# -- fp8 KV cache (devices that declare it in Capabilities.kv_cache_dtypes) --------------------
+
+
+def _fp8_cache(device, name: str) -> torch.dtype:
+    cache_dtype = FP8_KV_DTYPES[name]
+    if cache_dtype not in device.capabilities().kv_cache_dtypes:
+        pytest.skip(f"{device.name} does not declare a {cache_dtype} KV cache "
+                    "(Capabilities.kv_cache_dtypes)")
+    layout = device.capabilities().kv_layout
+    if layout not in REFERENCE_KV_LAYOUTS:
+        pytest.skip(f"layout {layout!r} is opaque; the fp8 checks read the cache back")
+    return cache_dtype
+
+
+def _read_back(step: PagedStep, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Request r's keys and values as the device stored them, upcast to float32 on the host."""
+    layout = step.device.capabilities().kv_layout
+    table = torch.tensor(step.tables[r], dtype=torch.int32)
+    k, v = reference.gather_kv(step.cache.to("cpu"), table, step.requests[r].seq_len, layout)
+    return k.float(), v.float()
+
+
+@pytest.mark.parametrize("fp8", sorted(FP8_KV_DTYPES))
+def test_write_kv_fp8_cache(portaserve_device, portaserve_kernels, portaserve_dtype, portaserve_gen, fp8):
+    """write_kv into an fp8 cache stores each value saturated at the format's largest finite
+    value and rounded to nearest: within half a unit in the last place (``fp8_rounding_bound``).
+    Inputs span the subnormals to beyond the largest finite value."""
+    cache_dtype = _fp8_cache(portaserve_device, fp8)
+    bound = torch.finfo(cache_dtype).max
+    big = min(2.5 * bound, torch.finfo(portaserve_dtype).max)  # past fp8's range, finite here
+    step = PagedStep(portaserve_device, portaserve_kernels, portaserve_dtype, portaserve_gen,
+                     PAGED_SCENARIOS["cached_prefix"], 4, 2, 64, _block_sizes(portaserve_device)[0],
+                     cache_dtype)
+    for r, keys in enumerate(step.keys):  # magnitudes from 2^-14 to 2^12 times normal values
+        exponents = torch.randint(-14, 13, keys.shape, generator=portaserve_gen).float()
+        wide = keys.float() * torch.exp2(exponents)
+        wide.view(-1)[:2] = torch.tensor([big, -big])  # must saturate, never NaN/inf
+        step.keys[r] = wide.to(portaserve_dtype)
+    step.write("cached")
+    step.write("new")
+    for r in range(len(step.requests)):
+        got_k, got_v = _read_back(step, r)
+        for name, got, sent in (("keys", got_k, step.keys[r]), ("values", got_v, step.values[r])):
+            assert got.isfinite().all(), f"write_kv[{fp8}] stored NaN/inf {name} (request {r})"
+            want = sent.float().clamp(-bound, bound)
+            err = (got - want).abs()
+            over = err > fp8_rounding_bound(want, cache_dtype)
+            assert not over.any(), (
+                f"write_kv[{fp8}] {name} of request {r}: {int(over.sum())} of {over.numel()} "
+                f"values off by more than half an fp8 step, e.g. {want[over][:3].tolist()} "
+                f"stored as {got[over][:3].tolist()}")
+
+
+@pytest.mark.parametrize("fp8", sorted(FP8_KV_DTYPES))
+@pytest.mark.parametrize("scenario", sorted(PAGED_SCENARIOS))
+def test_paged_attention_fp8_cache(portaserve_device, portaserve_kernels, portaserve_dtype, portaserve_gen,
+                                   scenario, fp8):
+    """paged_attention over an fp8 cache equals the reference fed the same fp8 cache.
+
+    The expected output is dense attention over the values the device stored (read back through
+    the reference layout, upcast). Every e4m3/e5m2 value is exact in bf16, fp16 and fp32, so
+    upcasting K/V loses nothing and the compute dtype's tolerance applies, not fp8's 2^-4: what
+    fp8 costs in accuracy is decided by write_kv (checked above), not by the attention kernel.
+    """
+    cache_dtype = _fp8_cache(portaserve_device, fp8)
+    num_q_heads, num_kv_heads, head_dim = HEADS[1]
+    scale = head_dim**-0.5
+    step = PagedStep(portaserve_device, portaserve_kernels, portaserve_dtype, portaserve_gen,
+                     PAGED_SCENARIOS[scenario], num_q_heads, num_kv_heads, head_dim,
+                     _block_sizes(portaserve_device)[0], cache_dtype)
+    step.write("cached")
+    step.write("new")
+    query = on(portaserve_device, torch.cat(step.queries))  # [T, Hq, D]
+    out = portaserve_kernels.paged_attention(query, step.cache, step.metadata(), scale).to("cpu")
+    start = 0
+    for r, req in enumerate(step.requests):
+        k, v = _read_back(step, r)
+        expected = dense_causal_attention(step.queries[r], k, v, scale)
+        assert_close(out[start : start + req.num_new], expected, portaserve_dtype,
+                     f"paged_attention[{scenario}, {fp8} cache] request {r} ({req})")
+        start += req.num_new
 
 
 # -- end to end --------------------------------------------------------------------------------

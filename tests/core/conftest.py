@@ -109,16 +109,18 @@ def greedy_generate(
     *,
     block_size: int = 16,
     prefill_chunk: int | None = None,
+    kv_cache_dtype: torch.dtype | None = None,
 ) -> list[list[int]]:
     """Greedy decoding of all prompts together, through the paged KV cache.
 
     A tiny engine loop: every step runs each unfinished request's next tokens (its prompt, in
     chunks of ``prefill_chunk`` if given, then one token at a time) in one ``ScheduledBatch``.
+    The cache holds ``kv_cache_dtype`` (default: the model's dtype).
     """
     config = model.config
     blocks_per_seq = -(-(max(map(len, prompts)) + max_new_tokens) // block_size)
     spec = KVCacheSpec(config.num_layers, blocks_per_seq * len(prompts) + 1, block_size,
-                       config.num_kv_heads, config.head_dim, model.dtype)
+                       config.num_kv_heads, config.head_dim, kv_cache_dtype or model.dtype)
     kv_caches = allocate_kv_cache(spec, model.device, "blocks_nhd")
     # block 0 is left unused so a wrong (zero-padded) block table read shows up
     tables = [list(range(1 + r * blocks_per_seq, 1 + (r + 1) * blocks_per_seq))

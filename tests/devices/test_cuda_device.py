@@ -299,15 +299,16 @@ def test_gpu_graph_replay_matches_eager(dtype: torch.dtype, monkeypatch: pytest.
         assert same >= 0.9 * sum(len(w) for w in want)
 
 
-def check_greedy_matches_cpu(device_name: str, num_new: int, eager_replay: bool) -> None:
+def check_greedy_matches_cpu(device_name: str, num_new: int, eager_replay: bool,
+                             cache_dtype: torch.dtype = torch.float32) -> None:
     """Greedy tokens of a random tiny Llama (float32) on ``device_name`` through its graph
-    executor equal those of the cpu device."""
+    executor equal those of the cpu device, both over a ``cache_dtype`` KV cache."""
     from portaserve.devices.cuda.graphs import graph_executor_for
 
     registry = get_registry()
     device, _ = registry.select_device(device_name)
     cpu, _ = registry.select_device("cpu")
-    spec = KVCacheSpec(2, 48, 16, 2, 8, torch.float32)
+    spec = KVCacheSpec(2, 48, 16, 2, 8, cache_dtype)
     cpu_model = tiny_llama(registry.kernel_table(cpu), torch.float32, torch.Generator().manual_seed(5))
     model = tiny_llama(registry.kernel_table(device), torch.float32, torch.Generator().manual_seed(5),
                        device.torch_device)
@@ -328,12 +329,32 @@ def test_triton_interpret_greedy_matches_cpu_device(monkeypatch: pytest.MonkeyPa
     check_greedy_matches_cpu("triton-interpret", num_new=5, eager_replay=True)
 
 
+def test_triton_interpret_greedy_over_fp8_cache_matches_cpu_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("triton")
+    monkeypatch.delenv("PORTASERVE_CUDA_GRAPHS", raising=False)
+    check_greedy_matches_cpu("triton-interpret", num_new=5, eager_replay=True,
+                             cache_dtype=torch.float8_e4m3fn)
+
+
 @needs_gpu
 @pytest.mark.gpu
 def test_gpu_greedy_matches_cpu_device_float32(monkeypatch: pytest.MonkeyPatch) -> None:
     # The whole model on cuda (Triton kernels, cuBLAS fp32, captured graphs) vs the cpu device.
     monkeypatch.delenv("PORTASERVE_CUDA_GRAPHS", raising=False)
     check_greedy_matches_cpu("cuda", num_new=24, eager_replay=False)
+
+
+@needs_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("cache_dtype", [torch.float8_e4m3fn, torch.float8_e5m2], ids=["e4m3", "e5m2"])
+def test_gpu_greedy_over_fp8_cache_matches_cpu_device(cache_dtype: torch.dtype,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # fp8 K/V written and read by the Triton kernels inside captured graphs, vs the cpu device's
+    # torch path over the same fp8 format (skips e4m3 on GPUs before compute capability 8.9).
+    if cache_dtype not in CudaDevice(0).capabilities().kv_cache_dtypes:
+        pytest.skip(f"this GPU does not read {cache_dtype} in Triton")
+    monkeypatch.delenv("PORTASERVE_CUDA_GRAPHS", raising=False)
+    check_greedy_matches_cpu("cuda", num_new=24, eager_replay=False, cache_dtype=cache_dtype)
 
 
 @pytest.mark.parametrize("fmt", ["Q4_1", "int8"])
@@ -352,3 +373,16 @@ def test_quant_linear_unpacks_then_gemm(fmt: str, dtype: torch.dtype) -> None:
     assert got.dtype == dtype and got.shape == (5, 48)
     tol = 1e-5 if dtype == torch.float32 else 5e-3
     torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("major,minor,has_e4m3", [(9, 0, True), (8, 9, True), (8, 0, False)])
+def test_fp8_kv_cache_dtypes_follow_the_gpu(monkeypatch: pytest.MonkeyPatch, major: int, minor: int,
+                                            has_e4m3: bool) -> None:
+    # Triton converts e4m3 (fp8e4nv) on NVIDIA from compute capability 8.9; e5m2 everywhere.
+    fake_gpu(monkeypatch, hip=None, cuda="13.0", name="NVIDIA GPU")
+    props = SimpleNamespace(major=major, minor=minor)
+    cuda_fp8 = CudaDevice(0).fp8_kv_cache_dtypes(props)
+    assert (torch.float8_e4m3fn in cuda_fp8) == has_e4m3 and torch.float8_e5m2 in cuda_fp8
+    assert RocmDevice(0).fp8_kv_cache_dtypes(props) == (torch.float8_e4m3fn, torch.float8_e5m2)
+    caps = CudaDevice(0).capabilities()  # fake_gpu's H200-like props: cc 9.0
+    assert caps.kv_cache_dtypes == (torch.float8_e4m3fn, torch.float8_e5m2)

@@ -177,9 +177,11 @@ def make_step(
     dtype: torch.dtype,
     layout: str,
     gen: torch.Generator,
+    cache_dtype: torch.dtype | None = None,
 ):
     """A random step: per request (cached tokens, new tokens); blocks drawn from a shuffled
-    pool so block tables are not contiguous; cache filled with random K/V, new K/V written."""
+    pool so block tables are not contiguous; cache filled with random K/V, new K/V written.
+    ``cache_dtype`` (default ``dtype``) may be an fp8 format."""
     num_blocks = sum(-(-(c + q) // block_size) for c, q in lens) + 4
     pool = torch.randperm(num_blocks, generator=gen).tolist()
     items = []
@@ -187,9 +189,10 @@ def make_step(
         blocks = [pool.pop() for _ in range(-(-(cached + new) // block_size))]
         items.append((f"r{i}", list(range(new)), cached, blocks, True))
     batch = build_batch(items, block_size)
-    spec = KVCacheSpec(1, num_blocks, block_size, num_kv_heads, head_dim, dtype)
+    cache_dtype = cache_dtype or dtype
+    spec = KVCacheSpec(1, num_blocks, block_size, num_kv_heads, head_dim, cache_dtype)
     cache = ref.allocate_kv_cache(spec, DEVICE, layout)[0]
-    cache.copy_(randn(*cache.shape, dtype=dtype, gen=gen))
+    cache.copy_(ref.to_cache_dtype(randn(*cache.shape, dtype=dtype, gen=gen), cache_dtype))
     attn = batch.attention_metadata(DEVICE)
     tokens = batch.num_tokens
     query = randn(tokens, num_q_heads, head_dim, dtype=dtype, gen=gen)
@@ -310,3 +313,96 @@ def test_launch_shrinks_tiles_until_they_fit() -> None:
     launches.clear()  # the fitted config is remembered: one launch next time
     launch.launch_fitting(FakeKernel(), x, (1,), (), {"BLOCK_N": 128}, num_warps=4, num_stages=3)
     assert launches == [(32, 1)]
+
+
+# --- fp8 KV cache ------------------------------------------------------------------------
+# write_kv encodes fp8 itself (kv.py says why); attention loads fp8 and converts each tile.
+
+FP8 = [torch.float8_e4m3fn, torch.float8_e5m2]
+FP8_IDS = ["e4m3", "e5m2"]
+
+
+def fp8_probe_values(cache_dtype: torch.dtype) -> torch.Tensor:
+    """float32 values that pin the encoding down: every float16 value (all exponents, the
+    subnormals of both formats, the overflow range), and every midpoint between neighbouring
+    fp8 values (a tie: rounds to the even code) with its float32 neighbours on either side."""
+    halves = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    halves = halves[~halves.isnan()].float()
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(cache_dtype).float()
+    grid = codes[codes.isfinite()].unique()  # sorted, -max..max
+    mids = (grid[1:] + grid[:-1]) / 2  # exact in float32
+    up, down = torch.nextafter(mids, mids + 1), torch.nextafter(mids, mids - 1)
+    return torch.cat((halves, mids, up, down, torch.tensor([float("inf"), -float("inf")])))
+
+
+@pytest.mark.parametrize("cache_dtype", FP8, ids=FP8_IDS)
+def test_write_kv_fp8_encodes_every_value_as_torch_does(cache_dtype: torch.dtype) -> None:
+    values = fp8_probe_values(cache_dtype)
+    head_dim, num_heads = 128, 4
+    per_token = head_dim * num_heads
+    num_tokens = -(-values.numel() // per_token)
+    values = torch.cat((values, torch.zeros(num_tokens * per_token - values.numel())))
+    key = values.view(num_tokens, num_heads, head_dim).to(DEVICE)
+    value = -key  # the other half of the cache gets the mirrored values
+    block_size = 16
+    spec = KVCacheSpec(1, -(-num_tokens // block_size), block_size, num_heads, head_dim, cache_dtype)
+    cache = ref.allocate_kv_cache(spec, DEVICE, "blocks_hnd")[0]
+    slots = torch.arange(num_tokens, device=DEVICE)
+    kv.write_kv(key, value, cache, slots)
+    stored = ref.gather_kv(cache, torch.arange(spec.num_blocks, device=DEVICE), num_tokens, "blocks_hnd")
+    for got, x in zip(stored, (key, value), strict=True):
+        want = ref.to_cache_dtype(x, cache_dtype)
+        bad = got.view(torch.uint8) != want.view(torch.uint8)
+        assert not bad.any(), (f"{int(bad.sum())} values encoded wrongly, e.g. {x[bad][:4].tolist()} "
+                               f"-> {got[bad][:4].float().tolist()}, want {want[bad][:4].float().tolist()}")
+    nan = torch.full((1, num_heads, head_dim), float("nan"), device=DEVICE)
+    kv.write_kv(nan, nan, cache, slots[:1])
+    assert cache[:, 0, :, 0].float().isnan().all()  # NaN stays NaN (never a finite value)
+
+
+@pytest.mark.parametrize("cache_dtype", FP8, ids=FP8_IDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["blocks_hnd", "blocks_nhd"])
+def test_write_kv_fp8_matches_reference(cache_dtype: torch.dtype, dtype: torch.dtype, layout: str,
+                                        gen: torch.Generator) -> None:
+    spec = KVCacheSpec(num_layers=1, num_blocks=9, block_size=4, num_kv_heads=3, head_dim=20,
+                       dtype=cache_dtype)
+    cache = ref.allocate_kv_cache(spec, DEVICE, layout)[0]
+    cache.copy_(ref.to_cache_dtype(randn(*cache.shape, dtype=torch.float32, gen=gen), cache_dtype))
+    expected = cache.clone()
+    scale = 2.0 ** torch.randint(-14, 12, (11, 3, 20), generator=gen).to(DEVICE)  # from subnormal to saturated
+    key = (randn(11, 3, 20, dtype=torch.float32, gen=gen) * scale).to(dtype)
+    value = randn(11, 3, 20, dtype=dtype, gen=gen)
+    slots = torch.randperm(36, generator=gen)[:11].to(DEVICE)
+    kv.write_kv(key, value, cache, slots, kv_layout=layout)
+    ref.write_kv(key, value, expected, slots, kv_layout=layout)
+    assert torch.equal(cache.view(torch.uint8), expected.view(torch.uint8))
+    before = cache.clone()
+    kv.write_kv(key[:2], value[:2], cache, torch.tensor([-1, -1], device=DEVICE), kv_layout=layout)
+    assert torch.equal(cache.view(torch.uint8), before.view(torch.uint8))
+
+
+@pytest.mark.parametrize("cache_dtype", FP8, ids=FP8_IDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["blocks_hnd", "blocks_nhd"])
+def test_paged_attention_fp8_cache_mixed(cache_dtype: torch.dtype, dtype: torch.dtype, layout: str,
+                                         gen: torch.Generator) -> None:
+    # Prefill, chunked prefill over a cached prefix and decode rows in one varlen batch (GQA 3),
+    # against the reference reading the same fp8 cache: upcasting is exact, so the compute
+    # dtype's tolerance applies.
+    query, cache, attn = make_step(MIXED, 6, 2, 32, 4, dtype, layout, gen, cache_dtype)
+    got = attention.paged_attention(query, cache, attn, 0.2, kv_layout=layout)
+    want = ref.paged_attention(query, cache, attn, 0.2, kv_layout=layout)
+    assert rel_err(got, want) <= RTOL[dtype]
+
+
+@pytest.mark.parametrize("cache_dtype", FP8, ids=FP8_IDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_paged_attention_fp8_cache_decode(cache_dtype: torch.dtype, dtype: torch.dtype,
+                                          num_splits: int, gen: torch.Generator) -> None:
+    lens = [(0, 1), (6, 1), (37, 1), (70, 1), (15, 1)]  # partial last blocks, block boundaries
+    query, cache, attn = make_step(lens, 8, 2, 32, 8, dtype, "blocks_hnd", gen, cache_dtype)
+    got = attention.paged_attention(query, cache, attn, 0.17, num_splits=num_splits)
+    want = ref.paged_attention(query, cache, attn, 0.17, kv_layout="blocks_hnd")
+    assert rel_err(got, want) <= RTOL[dtype]

@@ -11,7 +11,8 @@ executor.
 ``build_executor`` says why a model does not qualify (``None, reason``): it takes float32
 Llama-family models (``LlamaForCausalLM``, SiLU MLP, no q/k norm, rotary over the whole head)
 whose linears are float32, GGUF Q4_0 / Q4_1 / Q8_0 / Q4_K / Q5_K / Q6_K, int8 or int4, with
-fused q|k|v and gate|up, over a float32 ``blocks_nhd`` KV cache.
+fused q|k|v and gate|up, over a float32 ``blocks_nhd`` KV cache (an fp8 cache,
+``EngineConfig.kv_cache_dtype``, runs op by op: the C kernels read float32 caches only).
 """
 
 from __future__ import annotations
@@ -218,7 +219,9 @@ def _describe(model: Any, kv_caches: list[Any]) -> tuple[_Model, list[Any]]:
         if not (isinstance(cache, torch.Tensor) and cache.dtype == torch.float32
                 and cache.is_contiguous() and cache.dim() == 5 and cache.shape[0] == 2
                 and tuple(cache.shape[3:]) == (hk, d)):
-            raise _Unsupported("the KV cache is not a float32 blocks_nhd tensor")
+            what = cache.dtype if isinstance(cache, torch.Tensor) else type(cache).__name__
+            raise _Unsupported(f"the KV cache is {what} (native: a contiguous float32 blocks_nhd "
+                               "tensor)")
         gate_up = _linear(layer.gate_up, h, keep, f"layer {i} gate_up")
         if gate_up.n % 2 or (inter is not None and gate_up.n // 2 != inter):
             raise _Unsupported(f"layer {i} gate_up has {gate_up.n} rows")

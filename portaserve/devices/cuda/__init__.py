@@ -3,8 +3,9 @@
 ``cuda``: GEMMs through torch (cuBLAS) in bf16/fp16/fp32 (packed quant formats are unpacked
 to the compute dtype right before the GEMM); Triton kernels for attention,
 ``write_kv``, fused residual + RMSNorm, rotary and silu-and-mul (modules beside this one);
-the KV cache in layout ``blocks_hnd`` (``kv.py``); decode steps replayed from CUDA graphs
-(``graphs.py``, off with ``PORTASERVE_CUDA_GRAPHS=0``); async scheduling on (the engine
+the KV cache in layout ``blocks_hnd`` (``kv.py``), in the compute dtype or in fp8 (e5m2, and
+e4m3 from compute capability 8.9; ``Capabilities.kv_cache_dtypes``); decode steps replayed
+from CUDA graphs (``graphs.py``, off with ``PORTASERVE_CUDA_GRAPHS=0``); async scheduling on (the engine
 schedules step N+1 while the GPU runs step N; ``--no-async-scheduling`` turns it off). The ``rocm`` device
 (``portaserve/devices/rocm.py``) shares all of this through ``TritonGPUDevice``.
 
@@ -138,6 +139,7 @@ class TritonGPUDevice(Device):
             else (torch.float16, torch.float32)
         return Capabilities(
             dtypes=dtypes,
+            kv_cache_dtypes=self.fp8_kv_cache_dtypes(props),
             kv_block_sizes=(16, 32, 64),
             kv_layout=KV_LAYOUT,
             supports_graph_capture=self.graph_capture,
@@ -155,6 +157,11 @@ class TritonGPUDevice(Device):
                 "triton": triton_version(),
             },
         )
+
+    def fp8_kv_cache_dtypes(self, props: Any) -> tuple[torch.dtype, ...]:
+        """fp8 KV cache formats the Triton kernels read on this GPU (kv.py writes both; AMD's
+        Triton backend converts OCP fp8 natively on CDNA4 and in software before)."""
+        return (torch.float8_e4m3fn, torch.float8_e5m2)
 
     def kernels(self) -> dict[str, KernelFn]:
         return triton_kernels()
@@ -227,6 +234,12 @@ class CudaDevice(TritonGPUDevice):
     def probe(cls) -> Availability:
         return probe_gpu("cuda")
 
+    def fp8_kv_cache_dtypes(self, props: Any) -> tuple[torch.dtype, ...]:
+        """e4m3 (Triton's fp8e4nv) from compute capability 8.9 (Ada, Hopper) on; e5m2 on all."""
+        if (props.major, props.minor) >= (8, 9):
+            return (torch.float8_e4m3fn, torch.float8_e5m2)
+        return (torch.float8_e5m2,)
+
 
 class TritonInterpretDevice(Device):
     """The Triton kernels of the GPU devices, run by Triton's interpreter on the host CPU."""
@@ -244,6 +257,7 @@ class TritonInterpretDevice(Device):
     def capabilities(self) -> Capabilities:
         return Capabilities(
             dtypes=(torch.float32, torch.float16),
+            kv_cache_dtypes=(torch.float8_e4m3fn, torch.float8_e5m2),
             kv_block_sizes=(16,),
             kv_layout=KV_LAYOUT,
             default_max_num_seqs=16,

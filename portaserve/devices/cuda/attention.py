@@ -25,6 +25,12 @@ Two paths, both with float32 online softmax (exp2) and float32 accumulation:
 Limits: head_dim up to 256 (padded to a power of two inside); block_size a power of two;
 float32 inputs use IEEE dots (no TF32). The cache layout is given by ``kv_layout``
 (``blocks_hnd`` by default; ``blocks_nhd`` works too).
+
+An fp8 cache (e4m3fn or e5m2; ``kv.py`` writes it) is loaded as fp8, half the bytes of a bf16
+cache, and each K/V tile is converted to the query's dtype before the dots (KV_FP8). The
+conversion goes through float32: exact both ways (every fp8 value is a bf16/fp16 value), and
+Triton's interpreter converts e5m2 -> float16 directly with errors but e5m2 -> float32 exactly.
+fp8 e4m3 needs an NVIDIA GPU of compute capability 8.9 or newer (Triton's fp8e4nv).
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from typing import TYPE_CHECKING
 import torch
 import triton.language as tl
 
-from portaserve.devices.cuda.kv import KV_LAYOUT, cache_geometry, cache_strides
+from portaserve.devices.cuda.kv import FP8_FORMATS, KV_LAYOUT, cache_geometry, cache_strides
 from portaserve.devices.cuda.launch import (
     MAX,
     SUM,
@@ -72,7 +78,7 @@ def _varlen_attn_kernel(
     stride_c_kv, stride_c_block, stride_c_head, stride_c_off, stride_bt,
     GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    IEEE: tl.constexpr,
+    IEEE: tl.constexpr, KV_FP8: tl.constexpr,
 ):
     """Grid ``(T // BLOCK_Q + R, Hk)``.
 
@@ -122,6 +128,9 @@ def _varlen_attn_kernel(
             kv_mask = n_ok[:, None] & d_ok[None, :]
             k = tl.load(head_base + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
             v = tl.load(head_base + stride_c_kv + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            if KV_FP8:  # [BLOCK_N, BLOCK_D] fp8 -> the query's dtype
+                k = k.to(tl.float32).to(q.dtype)
+                v = v.to(tl.float32).to(q.dtype)
             if IEEE:  # float32 inputs: exact products, not TF32
                 s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2  # [BLOCK_M, BLOCK_N]
             else:
@@ -151,7 +160,7 @@ def _decode_attn_kernel(
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_c_kv, stride_c_block, stride_c_head, stride_c_off, stride_bt,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr, KV_FP8: tl.constexpr,
 ):
     """Grid ``(R, Hk, NUM_SPLITS)``: one new token of request r, the GROUP query heads of one
     KV head (padded to BLOCK_G >= 16 rows), and one chunk of its context.
@@ -193,6 +202,9 @@ def _decode_attn_kernel(
         kv_mask = n_ok[:, None] & d_ok[None, :]
         k = tl.load(head_base + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(head_base + stride_c_kv + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        if KV_FP8:  # [BLOCK_N, BLOCK_D] fp8 -> the query's dtype
+            k = k.to(tl.float32).to(q.dtype)
+            v = v.to(tl.float32).to(q.dtype)
         if IEEE:
             s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2  # [BLOCK_G, BLOCK_N]
         else:
@@ -289,6 +301,9 @@ def paged_attention(
     s_kv, s_block, s_head, s_off, _ = cache_strides(kv_cache, kv_layout)
     interp = is_interpreted(query)
     ieee = query.dtype == torch.float32
+    kv_fp8 = kv_cache.dtype.itemsize == 1
+    if kv_fp8 and kv_cache.dtype not in FP8_FORMATS:
+        raise DeviceError(f"cuda paged_attention: cannot read a {kv_cache.dtype} cache")
     block_d = max(16, next_pow2(head_dim))
     scale_log2 = float(scale) * _LOG2E
     tables = attn.block_tables if attn.block_tables.stride(-1) == 1 else attn.block_tables.contiguous()
@@ -315,7 +330,8 @@ def paged_attention(
              query.stride(0), query.stride(1), out.stride(0), out.stride(1), *common),
             {"GROUP": group, "BLOCK_G": max(16, next_pow2(group)),
              "BLOCK_N": 16 if interp else DECODE_CONFIG["BLOCK_N"] // (2 if ieee else 1),
-             "BLOCK_D": block_d, "BLOCK_SIZE": block_size, "NUM_SPLITS": num_splits, "IEEE": ieee},
+             "BLOCK_D": block_d, "BLOCK_SIZE": block_size, "NUM_SPLITS": num_splits, "IEEE": ieee,
+             "KV_FP8": kv_fp8},
             num_warps=DECODE_CONFIG["num_warps"], num_stages=DECODE_CONFIG["num_stages"],
         )
         return out
@@ -329,7 +345,7 @@ def paged_attention(
          head_dim, query.stride(0), query.stride(1), out.stride(0), out.stride(1), *common),
         {"GROUP": group, "BLOCK_Q": block_q, "BLOCK_M": block_m,
          "BLOCK_N": 16 if interp else VARLEN_CONFIG["BLOCK_N"] // (2 if ieee else 1),
-         "BLOCK_D": block_d, "BLOCK_SIZE": block_size, "IEEE": ieee},
+         "BLOCK_D": block_d, "BLOCK_SIZE": block_size, "IEEE": ieee, "KV_FP8": kv_fp8},
         num_warps=VARLEN_CONFIG["num_warps"],
         num_stages=VARLEN_CONFIG["num_stages"] - (1 if ieee else 0),
     )

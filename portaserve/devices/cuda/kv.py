@@ -7,6 +7,15 @@ with unit stride. The kernels take strides, so ``blocks_nhd`` works as well.
 
 ``write_kv`` scatters each new token's K and V to ``slot = block_id * block_size + offset``;
 a negative slot is skipped (padding rows of a captured CUDA graph use -1).
+
+fp8 caches (``torch.float8_e4m3fn``, ``torch.float8_e5m2``; ``EngineConfig.kv_cache_dtype``):
+``write_kv`` saturates at the format's largest finite value and rounds to nearest even, as
+``reference.to_cache_dtype`` does, and stores the bytes through a ``uint8`` view of the cache.
+It encodes them itself with integer arithmetic on the float32 bits rather than by
+``.to(float8)``: Triton's interpreter rounds float32 -> fp8 wrongly near and below the smallest
+normal value (Triton 3.9), and this way the interpreter checks the exact code the GPU runs.
+Encoding costs a few integer ops per element of a kernel that is all memory traffic. Attention
+reads the fp8 cache with plain loads (``attention.py``).
 """
 
 from __future__ import annotations
@@ -49,6 +58,26 @@ def cache_geometry(kv_cache: torch.Tensor, kv_layout: str) -> tuple[int, int, in
     raise DeviceError(f"cuda kv cache: unknown KV layout {kv_layout!r}")
 
 
+#: fp8 cache formats: torch dtype -> (exponent bits, mantissa bits). Both are IEEE-like
+#: (bias 2^(E-1) - 1, subnormals); e4m3fn has no infinity and one NaN code per sign.
+FP8_FORMATS: dict[torch.dtype, tuple[int, int]] = {
+    torch.float8_e4m3fn: (4, 3),
+    torch.float8_e5m2: (5, 2),
+}
+
+
+def _fp8_constexprs(cache_dtype: torch.dtype) -> dict[str, int | float]:
+    """The constants ``_write_kv_kernel`` encodes a cache dtype with (FP8_MANT 0: not fp8)."""
+    if cache_dtype not in FP8_FORMATS:
+        return {"FP8_MANT": 0, "FP8_BIAS": 0, "FP8_MAX": 0.0, "FP8_MAGIC": 0.0}
+    exp_bits, mant = FP8_FORMATS[cache_dtype]
+    bias = (1 << (exp_bits - 1)) - 1
+    # A float32 whose unit in the last place is fp8's smallest subnormal, 2^(1 - bias - mant).
+    magic = 2.0 ** (24 - mant - bias)
+    return {"FP8_MANT": mant, "FP8_BIAS": bias, "FP8_MAX": float(torch.finfo(cache_dtype).max),
+            "FP8_MAGIC": magic}
+
+
 @triton_kernel
 def _write_kv_kernel(
     key_ptr, value_ptr, cache_ptr, slot_ptr,
@@ -56,8 +85,13 @@ def _write_kv_kernel(
     stride_kt, stride_kh, stride_vt, stride_vh,
     stride_c_kv, stride_c_block, stride_c_head, stride_c_off,
     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    FP8_MANT: tl.constexpr, FP8_BIAS: tl.constexpr, FP8_MAX: tl.constexpr, FP8_MAGIC: tl.constexpr,
 ):
-    """Grid ``(T, cdiv(Hk, BLOCK_H))``: one program stores BLOCK_H heads of one token's K and V."""
+    """Grid ``(T, cdiv(Hk, BLOCK_H))``: one program stores BLOCK_H heads of one token's K and V.
+
+    With FP8_MANT > 0 the cache is an fp8 cache seen as uint8: K, then V [BLOCK_H, BLOCK_D],
+    are encoded to fp8 bytes (FP8_* from ``_fp8_constexprs``).
+    """
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot >= 0:
@@ -69,8 +103,32 @@ def _write_kv_kernel(
         k = tl.load(key_ptr + t * stride_kt + h[:, None] * stride_kh + d[None, :], mask=mask)
         v = tl.load(value_ptr + t * stride_vt + h[:, None] * stride_vh + d[None, :], mask=mask)
         dst = cache_ptr + block * stride_c_block + h[:, None] * stride_c_head + off * stride_c_off + d[None, :]
-        tl.store(dst, k.to(cache_ptr.dtype.element_ty), mask=mask)
-        tl.store(dst + stride_c_kv, v.to(cache_ptr.dtype.element_ty), mask=mask)
+        if FP8_MANT > 0:
+            for which in tl.static_range(2):  # 0: key, 1: value
+                if which == 0:
+                    x = k.to(tl.float32)
+                else:
+                    x = v.to(tl.float32)
+                # fp8 bits of x: saturate, round to nearest even, keep the sign; NaN stays NaN.
+                bits = x.to(tl.int32, bitcast=True)
+                sign = ((bits >> 31) & 1) << 7
+                mag = tl.minimum(tl.abs(x), FP8_MAX)  # inf saturates too
+                mag_bits = mag.to(tl.int32, bitcast=True)
+                # Normal results: rebias the exponent and drop 23 - FP8_MANT mantissa bits,
+                # adding just under half of the dropped unit plus the kept last bit (ties to even).
+                shift = 23 - FP8_MANT
+                normal = (mag_bits + ((FP8_BIAS - 127) << 23) + ((1 << (shift - 1)) - 1)
+                          + ((mag_bits >> shift) & 1)) >> shift
+                # Subnormal results (below 2^(1 - bias)): a float32 add rounds mag to a multiple of
+                # fp8's smallest subnormal; the low bits of the sum are then the fp8 code.
+                magic_bits = (127 + 24 - FP8_MANT - FP8_BIAS) << 23
+                subnormal = (mag + FP8_MAGIC).to(tl.int32, bitcast=True) - magic_bits
+                code = tl.where(mag_bits < ((128 - FP8_BIAS) << 23), subnormal, normal)
+                code = tl.where(x != x, 0x7F, code) | sign
+                tl.store(dst + which * stride_c_kv, code.to(tl.uint8), mask=mask)
+        else:
+            tl.store(dst, k.to(cache_ptr.dtype.element_ty), mask=mask)
+            tl.store(dst + stride_c_kv, v.to(cache_ptr.dtype.element_ty), mask=mask)
 
 
 def write_kv(
@@ -95,16 +153,21 @@ def write_kv(
         raise DeviceError("cuda write_kv: the cache's head dim must be contiguous")
     if num_tokens == 0:
         return
+    if kv_cache.dtype.itemsize == 1 and kv_cache.dtype not in FP8_FORMATS:
+        raise DeviceError(f"cuda write_kv: no encoder for a {kv_cache.dtype} cache "
+                          f"(fp8 formats: {', '.join(map(str, FP8_FORMATS))})")
     key = key if key.stride(-1) == 1 else key.contiguous()
     value = value if value.stride(-1) == 1 else value.contiguous()
     s_kv, s_block, s_head, s_off, _ = cache_strides(kv_cache, kv_layout)
     block_d = next_pow2(head_dim)
     block_h = max(1, min(next_pow2(num_heads), 4096 // block_d))
     grid = (num_tokens, (num_heads + block_h - 1) // block_h)
+    fp8 = _fp8_constexprs(kv_cache.dtype)
+    target = kv_cache.view(torch.uint8) if fp8["FP8_MANT"] else kv_cache  # same strides
     _write_kv_kernel.on(key)[grid](
-        key, value, kv_cache, slot_mapping,
+        key, value, target, slot_mapping,
         num_heads, head_dim, block_size,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         s_kv, s_block, s_head, s_off,
-        BLOCK_H=block_h, BLOCK_D=block_d, num_warps=4,
+        BLOCK_H=block_h, BLOCK_D=block_d, **fp8, num_warps=4,
     )
