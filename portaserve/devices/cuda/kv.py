@@ -41,14 +41,6 @@ def cache_strides(kv_cache: torch.Tensor, kv_layout: str) -> tuple[int, int, int
     raise DeviceError(f"cuda kv cache: unknown KV layout {kv_layout!r}")
 
 
-def cache_store_limit(kv_cache: torch.Tensor) -> float:
-    """The largest magnitude a store into this cache keeps (0.0: no clamp needed). fp8 casts
-    of out-of-range values give NaN (e4m3fn) or inf (e5m2); kernels saturate instead."""
-    if kv_cache.dtype.is_floating_point and kv_cache.dtype.itemsize == 1:
-        return float(torch.finfo(kv_cache.dtype).max)
-    return 0.0
-
-
 def cache_geometry(kv_cache: torch.Tensor, kv_layout: str) -> tuple[int, int, int]:
     """(block_size, num_kv_heads, head_dim) of a layer's cache."""
     if kv_layout == "blocks_hnd":

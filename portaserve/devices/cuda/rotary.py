@@ -9,7 +9,8 @@ projection) as long as the head dim is contiguous.
 ``rotary_write_kv`` is ``rotary`` then ``write_kv`` (``reference.rotary_write_kv``) in one
 launch instead of two: the rotated keys go straight to the cache (rounded to k's dtype first,
 as the two-op path does), and are never written to memory on their own. At batch 1 on the
-8B shape that is 32 launches fewer per decode step.
+8B shape that is 32 launches fewer per decode step. An fp8 cache takes the two kernels
+(``write_kv`` has the fp8 encoder).
 """
 
 from __future__ import annotations
@@ -17,7 +18,13 @@ from __future__ import annotations
 import torch
 import triton.language as tl
 
-from portaserve.devices.cuda.kv import KV_LAYOUT, cache_geometry, cache_store_limit, cache_strides
+from portaserve.devices.cuda.kv import (
+    FP8_FORMATS,
+    KV_LAYOUT,
+    cache_geometry,
+    cache_strides,
+    write_kv,
+)
 from portaserve.devices.cuda.launch import next_pow2, triton_kernel
 from portaserve.errors import DeviceError
 
@@ -102,7 +109,6 @@ def _rotary_write_kv_kernel(
     stride_cs, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_qot, stride_qoh,
     stride_c_kv, stride_c_block, stride_c_head, stride_c_off,
-    STORE_LIMIT: tl.constexpr,
     BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr,
 ):
     """Grid ``(T,)``: one program per token rotates its q heads (to q_out) and its k heads
@@ -137,11 +143,6 @@ def _rotary_write_kv_kernel(
         v_src = v_ptr + t * stride_vt + hk[:, None] * stride_vh + d[None, :]
         v1 = tl.load(v_src, mask=k_mask, other=0.0)
         v2 = tl.load(v_src + half, mask=k_mask, other=0.0)
-        if STORE_LIMIT > 0:  # a narrow (fp8) cache: saturate instead of overflowing to NaN
-            k1 = tl.minimum(tl.maximum(k1.to(tl.float32), -STORE_LIMIT), STORE_LIMIT)
-            k2 = tl.minimum(tl.maximum(k2.to(tl.float32), -STORE_LIMIT), STORE_LIMIT)
-            v1 = tl.minimum(tl.maximum(v1.to(tl.float32), -STORE_LIMIT), STORE_LIMIT)
-            v2 = tl.minimum(tl.maximum(v2.to(tl.float32), -STORE_LIMIT), STORE_LIMIT)
         c_dst = (cache_ptr + (slot // block_size) * stride_c_block
                  + (slot % block_size) * stride_c_off + hk[:, None] * stride_c_head + d[None, :])
         elem = cache_ptr.dtype.element_ty
@@ -182,6 +183,10 @@ def rotary_write_kv(
                           f"slots for {num_tokens} tokens")
     if kv_cache.stride(-1) != 1:
         raise DeviceError("cuda rotary_write_kv: the cache's head dim must be contiguous")
+    if kv_cache.dtype in FP8_FORMATS:  # write_kv's own fp8 encoder: not fused (yet)
+        q, k = rotary(positions, q, k, cos_sin_cache)
+        write_kv(k, v, kv_cache, slot_mapping, kv_layout=kv_layout)
+        return q
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     cos_sin_cache = cos_sin_cache if cos_sin_cache.stride(-1) == 1 else cos_sin_cache.contiguous()
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -195,7 +200,6 @@ def rotary_write_kv(
         cos_sin_cache.stride(0), q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         v.stride(0), v.stride(1), q_out.stride(0), q_out.stride(1),
         s_kv, s_block, s_head, s_off,
-        STORE_LIMIT=cache_store_limit(kv_cache),
         BLOCK_HQ=next_pow2(num_q_heads), BLOCK_HK=next_pow2(num_heads),
         BLOCK_HALF=next_pow2(half), num_warps=4,
     )
