@@ -110,7 +110,8 @@ def bench_hf(args: argparse.Namespace) -> dict[str, float]:
 def make_llm(args: argparse.Namespace, **kw: object) -> LLM:
     return LLM(f"random:{PRESET}", device="cuda", dtype="bfloat16",
                async_scheduling=args.async_scheduling, max_num_seqs=args.max_num_seqs,
-               max_num_batched_tokens=args.max_batched_tokens, **kw)
+               max_num_batched_tokens=args.max_batched_tokens,
+               kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization, **kw)
 
 
 def random_ids(rng: random.Random, n: int, vocab: int) -> list[int]:
@@ -263,6 +264,9 @@ def main() -> None:
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--async-scheduling", default=None, action=argparse.BooleanOptionalAction,
                    help="force async scheduling on or off (default: the device's choice)")
+    p.add_argument("--kv-cache-dtype", default="auto", help="auto (bf16) or fp8 (e4m3)")
+    p.add_argument("--quantization", default=None,
+                   help="online weight format of the decoder's linears (fp8, int8, int4, ...)")
     p.add_argument("--parts", default="decode,ttft,throughput,prefix",
                    help="which portaserve measurements to run (batch-1 decode always runs)")
     p.add_argument("--budget-s", type=float, default=540, help="stop measuring after this long")
@@ -280,7 +284,8 @@ def main() -> None:
         f"CUDA graphs {'off' if os.environ.get('PORTASERVE_CUDA_GRAPHS') == '0' else 'on'}")
     c = PRESETS[PRESET]
     log(f"model: {c.name}: hidden {c.hidden_size}, {c.num_layers} layers, {c.num_heads} heads / "
-        f"{c.num_kv_heads} KV heads, MLP {c.intermediate_size}, vocab {c.vocab_size}, bf16")
+        f"{c.num_kv_heads} KV heads, MLP {c.intermediate_size}, vocab {c.vocab_size}, bf16; "
+        f"linears {args.quantization or 'bf16'}, KV cache {args.kv_cache_dtype}")
     bw = copy_bandwidth()
     wb = weight_bytes()
     roof_ms = wb / bw * 1e3

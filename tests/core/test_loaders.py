@@ -220,3 +220,18 @@ def test_gguf_with_unknown_tensor_and_truncated_file(tmp_path: Path) -> None:
 def test_load_model_bad_path() -> None:
     with pytest.raises(ModelError, match="no such file or folder"):
         load_model("/definitely/not/here.gguf", dtype=torch.float32, device=CPU)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "fp8"])
+def test_synthetic_model_quantizes_online(scheme: str) -> None:
+    # ``random:`` models take ``quantization`` like a 16-bit checkpoint (benchmarks use it):
+    # the decoder's linears come back packed, everything else stays dense.
+    from portaserve.core.loaders import load_model
+    from portaserve.quant.base import QuantizedWeight
+
+    loaded = load_model("random:tiny", dtype=torch.float32, device=torch.device("cpu"),
+                        quantization=scheme)
+    packed = {n for n, w in loaded.weights.items() if isinstance(w, QuantizedWeight)}
+    assert packed and all(n.endswith(("proj.weight")) for n in packed)
+    assert {w.format for n, w in loaded.weights.items() if n in packed} == {scheme}
+    assert isinstance(loaded.weights["lm_head.weight"], torch.Tensor)
