@@ -80,10 +80,10 @@ def configs(n: int, k: int, sweep: bool) -> list[dict[str, int]]:
     out = [gemv.tile_config(n, k)]
     if not sweep:
         return out
-    for bn, bk, warps, stages in itertools.product((16, 32, 64), (128, 256, 512), (4, 8), (3, 5)):
-        if bn * bk <= 64 * 256 and {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps,
-                                     "num_stages": stages} != out[0]:
-            out.append({"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps, "num_stages": stages})
+    for bn, bk, stages, split in itertools.product((16, 32, 64), (128, 256, 512), (3, 5), (1, 2, 4)):
+        cfg = {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": 4, "num_stages": stages, "SPLIT_K": split}
+        if bn * bk <= 64 * 256 and cfg != out[0]:
+            out.append(cfg)
     return out
 
 
@@ -126,7 +126,8 @@ def main() -> None:
     for label, m, tc, tt, tb, nbytes, err, cfg in rows_out:
         print(f"| {label} | {m} | {tc * 1e6:.1f} | {100 * nbytes / tc / bw:.0f}% "
               f"| {tt * 1e6:.1f} | {100 * nbytes / tt / bw:.0f}% | {tb * 1e6:.1f} "
-              f"| {cfg['BLOCK_N']}x{cfg['BLOCK_K']} w{cfg['num_warps']} s{cfg['num_stages']} | {err:.1e} |")
+              f"| {cfg['BLOCK_N']}x{cfg['BLOCK_K']} w{cfg['num_warps']} s{cfg['num_stages']} "
+              f"k{cfg.get('SPLIT_K', 1)} | {err:.1e} |")
     total_c = sum(r[2] for r in rows_out if r[1] == 1 and "lm_head" not in r[0])
     total_t = sum(r[3] for r in rows_out if r[1] == 1 and "lm_head" not in r[0])
     print(f"\none layer's four GEMVs at batch 1: cuBLAS {total_c * 1e6:.1f} us, Triton "

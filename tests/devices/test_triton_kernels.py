@@ -163,6 +163,11 @@ def test_gemv(dtype: torch.dtype, rows: int, gen: torch.Generator) -> None:
     assert rel_err(linear(x, w, bias), x.float() @ w.float().t() + bias.float()) < RTOL[dtype]
     assert not gemv.supports(randn(gemv.MAX_ROWS + 1, k, dtype=dtype, gen=gen), w)
     assert not gemv.supports(x.float(), w.float())
+    # K split over programs (the last split's range ragged), the last to finish summing: twice,
+    # so the counters must be back at zero after the first call
+    split = {"BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2, "SPLIT_K": 3}
+    for _ in range(2):
+        assert rel_err(gemv.gemv(x, w, config=split), x.float() @ w.float().t()) < RTOL[dtype]
 
 
 # --- paged_attention ---------------------------------------------------------------------

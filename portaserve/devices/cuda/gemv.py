@@ -5,7 +5,9 @@ bandwidth behind: on the H200 (``benchmarks/gpu_gemv.py``) it read the 8B shape'
 at 60% of the copy bandwidth and q|k|v at 75%, where this kernel reaches 69% and 80% (gate|up
 95% vs 89%, down 89% vs 84%, lm_head slightly ahead), about 0.25 ms of a 4.6 ms step.
 
-Each program owns BLOCK_N output columns and streams their weight rows over K. The weight tile
+Each program owns BLOCK_N output columns and streams their weight rows over K (or over one of
+SPLIT_K ranges of K, when there are too few column blocks to keep every SM streaming; the
+last split to finish sums the float32 partials, so it is still one launch). The weight tile
 is the left operand of ``tl.dot`` ("swap AB": ``out^T = W x^T``), so the rows of x only pad the
 16-wide right operand, and Triton pipelines the weight loads (``num_stages``) as it does for any
 dot operand. Accumulation is float32; the tile config is picked per weight shape from the sweep.
@@ -21,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from portaserve.devices.cuda.launch import is_interpreted, triton_kernel
+from portaserve.devices.cuda.launch import is_interpreted, split_counters, triton_kernel
 from portaserve.errors import DeviceError
 
 #: Most rows of x the GEMV takes (the right operand of the dot is 16 wide). Larger batches go
@@ -31,38 +33,66 @@ MAX_ROWS = 8
 
 @triton_kernel
 def _gemv_kernel(
-    x_ptr, w_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    x_ptr, w_ptr, out_ptr, part_ptr, counter_ptr, M, N, K, k_per_split,
+    stride_xm, stride_wn, stride_om,
+    SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Grid ``(cdiv(N, BLOCK_N),)``: output columns n0..n0+BLOCK_N of all M (<= BLOCK_M) rows."""
+    """Grid ``(cdiv(N, BLOCK_N), SPLIT_K)``: output columns n0..n0+BLOCK_N of all M (<= BLOCK_M)
+    rows, over the K range ``[split * k_per_split, ...)``.
+
+    With SPLIT_K > 1 each program stores its float32 partial to part [SPLIT_K, BLOCK_M, N] and
+    bumps the column block's counter; the last to arrive sums the partials into out and resets
+    the counter (the release pattern of ``attention._decode_attn_kernel``)."""
     pid = tl.program_id(0)
+    split = tl.program_id(1)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     m_ok = offs_m < M
     n_ok = offs_n < N
     x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
     w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
+    k_start = split * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
     acc = tl.full([BLOCK_N, BLOCK_M], 0.0, dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < K
+        k_ok = offs_k < k_end
         w = tl.load(w_rows + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
         x = tl.load(x_rows + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         acc += tl.dot(w, tl.trans(x))
-    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :],
-             tl.trans(acc).to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    out_mask = m_ok[:, None] & n_ok[None, :]
+    out_off = offs_m[:, None] * stride_om + offs_n[None, :]
+    if SPLIT_K == 1:
+        tl.store(out_ptr + out_off, tl.trans(acc).to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        part_off = offs_m[:, None] * N + offs_n[None, :]  # [BLOCK_M, BLOCK_N] of one split
+        tl.store(part_ptr + split * BLOCK_M * N + part_off, tl.trans(acc), mask=out_mask)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(counter_ptr + pid, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT_K - 1:
+            tl.store(counter_ptr + pid, 0)
+            total = tl.full([BLOCK_M, BLOCK_N], 0.0, dtype=tl.float32)
+            for s in tl.static_range(SPLIT_K):
+                total += tl.load(part_ptr + s * BLOCK_M * N + part_off, mask=out_mask, other=0.0,
+                                 cache_modifier=".cg")
+            tl.store(out_ptr + out_off, total.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
 def tile_config(n: int, k: int) -> dict[str, int]:
-    """(BLOCK_N, BLOCK_K, warps, stages) for a weight [N, K], from the H200 sweep of
+    """(BLOCK_N, BLOCK_K, warps, stages, SPLIT_K) for a weight [N, K], from the H200 sweeps of
     ``benchmarks/gpu_gemv.py --sweep`` on the Llama-3-8B shapes: narrow tiles and deeper
     pipelines for few output rows or long rows (o, down), 64-row tiles for q|k|v, short
-    pipelines for the wide gate|up and lm_head (plenty of programs already)."""
+    pipelines for the wide gate|up and lm_head (plenty of programs already). Fewer column
+    blocks than about two per SM split K in two (while each split keeps >= 1024 columns)."""
     if n <= 4096 or k > 8192:
-        return {"BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4, "num_stages": 5}
-    if n < 16384:
-        return {"BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 5}
-    return {"BLOCK_N": 64 if n > 65536 else 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}
+        cfg = {"BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4, "num_stages": 5}
+    elif n < 16384:
+        cfg = {"BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 5}
+    else:
+        cfg = {"BLOCK_N": 64 if n > 65536 else 32, "BLOCK_K": 128, "num_warps": 4,
+               "num_stages": 3}
+    cfg["SPLIT_K"] = 2 if -(-n // cfg["BLOCK_N"]) < 256 and k >= 2048 else 1
+    return cfg
 
 
 def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -87,8 +117,19 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, config: dict[str, int] | None = 
     if is_interpreted(x):
         cfg.update(BLOCK_N=16, BLOCK_K=32, num_stages=1)
     block_n, block_k = cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
-    _gemv_kernel.on(x)[(triton.cdiv(n, block_n),)](
-        x, weight, out, num_rows, n, k, x.stride(0), weight.stride(0), out.stride(0),
-        BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, **cfg,
+    split_k = cfg.pop("SPLIT_K", 1)
+    # each split's K range is whole tiles, so only the last split has a ragged end
+    k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
+    split_k = triton.cdiv(k, k_per_split)
+    num_blocks = triton.cdiv(n, block_n)
+    if split_k > 1:
+        part = torch.empty((split_k, 16, n), dtype=torch.float32, device=x.device)
+        counters = split_counters(x.device, num_blocks, "gemv")
+    else:
+        part = counters = out  # unused
+    _gemv_kernel.on(x)[(num_blocks, split_k)](
+        x, weight, out, part, counters, num_rows, n, k, k_per_split,
+        x.stride(0), weight.stride(0), out.stride(0),
+        SPLIT_K=split_k, BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, **cfg,
     )
     return out
