@@ -23,6 +23,7 @@ from portaserve.devices.cpu_native.executor import NativeDecodeExecutor, build_e
 from portaserve.plugins.device import AttentionMetadata, KVCacheSpec
 from portaserve.plugins.manager import get_registry
 from portaserve.quant import registry as quant_registry
+from portaserve.quant.base import QuantizedWeight
 
 pytestmark = pytest.mark.skipif(
     cpu_native.library() is None,
@@ -124,7 +125,9 @@ SMALL_K = ModelConfig(architecture="llama", vocab_size=300, hidden_size=256,
                       name="small-k")
 
 
-def _model(fmt: str | None, cache_blocks: int = 40):
+def _model(fmt: str | None, cache_blocks: int = 40, scales_dtype: torch.dtype | None = None):
+    """A small random Llama in ``fmt``; ``scales_dtype`` recasts int8/int4 scales (GPTQ
+    checkpoints keep them in float16)."""
     cfg = SMALL_K if fmt in ("Q4_K", "Q5_K", "Q6_K") else SMALL
     weights: dict = synthetic_weights(cfg, dtype=torch.float32, device=torch.device("cpu"), seed=5)
     gen = torch.Generator().manual_seed(11)
@@ -134,6 +137,10 @@ def _model(fmt: str | None, cache_blocks: int = 40):
     if fmt is not None:
         weights = {n: quant_registry.quantize(w, fmt) if w.dim() == 2 else w
                    for n, w in weights.items()}
+    if scales_dtype is not None:
+        for w in weights.values():
+            if isinstance(w, QuantizedWeight):
+                w.data["scales"] = w.data["scales"].to(scales_dtype)
     device = CPUDevice()
     kernels = get_registry().kernel_table(device)
     model = LlamaForCausalLM(cfg, weights, kernels, dtype=torch.float32, device=torch.device("cpu"))
@@ -150,7 +157,17 @@ def _step(items: list[tuple], block_tables: dict[str, list[int]]):
 
 @pytest.mark.parametrize("fmt", [None, *FORMATS])
 def test_decode_executor_matches_op_by_op(fmt: str | None) -> None:
-    model, caches = _model(fmt)
+    _check_executor_against_op_by_op(*_model(fmt))
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_decode_executor_with_float16_scales(fmt: str) -> None:
+    """The step's float32 copies of the scales outlive the op-by-op prefill that runs first
+    (and makes copies of its own)."""
+    _check_executor_against_op_by_op(*_model(fmt, scales_dtype=torch.float16))
+
+
+def _check_executor_against_op_by_op(model, caches) -> None:
     executor, why = build_executor(model, caches)
     assert isinstance(executor, NativeDecodeExecutor), why
     gen = torch.Generator().manual_seed(1)
@@ -205,6 +222,16 @@ def test_without_a_compiler_the_cpu_device_keeps_its_torch_paths(tmp_path) -> No
     assert proc.returncode == 0, proc.stderr
     assert "no C compiler 'definitely-not-a-compiler'" in proc.stdout
     assert proc.stdout.count("no C compiler") == 2  # the reason reaches `portaserve devices`
+
+
+def test_a_weights_first_rows_get_their_own_struct() -> None:
+    """``select_rows`` copies the meta, and the first rows start at the same address."""
+    gen = torch.Generator().manual_seed(8)
+    weight = quant_registry.quantize(torch.randn(64, 256, generator=gen), "int8")
+    x = torch.randn(2, 256, generator=gen)
+    cpu_native.linear(x, weight)  # builds and caches the whole weight's struct
+    top = weight.method.select_rows(weight, slice(0, 16))
+    _close(cpu_native.linear(x, top), reference.quant_linear(x, top, None))
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

@@ -95,19 +95,20 @@ class Linear(ctypes.Structure):
                 ("qh", _ptr), ("fscales", _ptr), ("zeros", _ptr), ("group", _c_i64)]
 
 
-def linear_struct(weight: Any, bias: torch.Tensor | None = None) -> Linear:
+def linear_struct(weight: Any, bias: torch.Tensor | None, keep: list[Any]) -> Linear:
     """The ``ps_linear_t`` of a float32 matrix or a packed QuantizedWeight (whose tensors must
-    be contiguous and outlive the struct; the caller keeps ``bias`` alive too)."""
+    be contiguous). The struct points into the weight's tensors, ``bias``, and any tensor made
+    here (float32 copies of scales), which is appended to ``keep``: the caller keeps all of
+    them alive for as long as the struct."""
     b = _p(bias)
     if isinstance(weight, torch.Tensor):
         n, k = weight.shape
         return Linear(-1, 0, n, k, weight.data_ptr(), None, None, b, None, None)
     data, fmt = weight.data, weight.format
     n, k = weight.shape
-    if fmt in ("int8", "int4"):  # float32 scales, kept alive by the weight
-        fscales = weight.meta.get("_cpu_native_fscales")
-        if fscales is None:
-            fscales = weight.meta["_cpu_native_fscales"] = data["scales"].float().contiguous()
+    if fmt in ("int8", "int4"):  # float32 scales (a copy where the checkpoint's are fp16)
+        fscales = data["scales"].float().contiguous()
+        keep.append(fscales)
         return Linear(FORMATS[fmt], 0, n, k, data["qweight"].data_ptr(), None, None, b, None,
                       None, fscales.data_ptr(), _p(data.get("zeros")),
                       weight.meta.get("group_size", k))
@@ -193,13 +194,15 @@ def _p(t: torch.Tensor | None) -> int | None:
 
 
 def _struct(weight: Any) -> Linear:
-    """The weight's ``ps_linear_t``, built once and kept in ``weight.meta`` (rebuilt when the
-    meta was copied to a weight with other tensors, e.g. by ``select_rows``)."""
-    codes = next(iter(weight.data.values()))
+    """The weight's ``ps_linear_t``, built once and kept in ``weight.meta`` with the tensors it
+    points to (rebuilt when the meta was copied to a weight with other tensors, e.g. by
+    ``select_rows``: the first rows of a weight start at the same address, hence the shape)."""
+    key = (next(iter(weight.data.values())).data_ptr(), tuple(weight.shape))
     cached = weight.meta.get("_cpu_native_struct")
-    if cached is None or cached[0] != codes.data_ptr():
-        weight.meta.pop("_cpu_native_fscales", None)
-        cached = weight.meta["_cpu_native_struct"] = (codes.data_ptr(), linear_struct(weight))
+    if cached is None or cached[0] != key:
+        keep: list[Any] = []
+        struct = linear_struct(weight, None, keep)
+        cached = weight.meta["_cpu_native_struct"] = (key, struct, keep)
     return cached[1]
 
 

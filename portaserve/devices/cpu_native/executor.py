@@ -166,12 +166,12 @@ def _linear(proj: Any, k: int, keep: list[Any], name: str) -> cpu_native.Linear:
         if weight.shape[1] != k or not all(t.is_contiguous() and t.device.type == "cpu"
                                            for t in weight.data.values()):
             raise _Unsupported(f"{name} has an unexpected layout")
-        return cpu_native.linear_struct(weight, bias)
+        return cpu_native.linear_struct(weight, bias, keep)
     if not isinstance(weight, torch.Tensor) or weight.dtype != torch.float32 or weight.dim() != 2:
         raise _Unsupported(f"{name} is not a float32 matrix or a native GGUF format")
     if weight.shape[1] != k or not weight.is_contiguous() or weight.device.type != "cpu":
         raise _Unsupported(f"{name} has an unexpected layout")
-    return cpu_native.linear_struct(weight, bias)
+    return cpu_native.linear_struct(weight, bias, keep)
 
 
 def _vector(t: Any, size: int, name: str) -> torch.Tensor:
