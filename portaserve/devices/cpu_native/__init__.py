@@ -3,8 +3,9 @@
 Decode on a CPU reads every weight once per step, so its speed is the bytes it reads and how
 few instructions it spends per byte. Torch alone either reads float32 weights (4x the packed
 GGUF bytes) or expands packed blocks through memory first; these kernels read the packed GGUF
-blocks (Q4_0, Q4_1, Q8_0) and expand them in registers, and run decode attention straight over
-the block table. Prefill-sized batches stay on the torch paths (BLAS is faster there).
+blocks (Q4_0, Q4_1, Q8_0, the K formats), int8, int4 and fp8 e4m3 codes and expand them in
+registers, and run decode attention straight over the block table. Prefill-sized batches stay
+on the torch paths (BLAS is faster there).
 
 The shared library is compiled once per machine with the host C compiler (``CC``, default
 ``cc``; ``-O3 -march=native -fopenmp``) into ``<cache dir>/kernels/`` under a name that hashes
@@ -34,8 +35,9 @@ from portaserve import envs
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("kernels.c")
-#: GGUF formats the native linear serves -> the ``fmt`` code in kernels.c
-FORMATS = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2, "Q4_K": 3, "Q5_K": 4, "Q6_K": 5, "int8": 6, "int4": 7}
+#: Packed formats the native linear serves -> the ``fmt`` code in kernels.c
+FORMATS = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2, "Q4_K": 3, "Q5_K": 4, "Q6_K": 5, "int8": 6, "int4": 7,
+           "fp8": 8}
 #: At most this many tokens go through the native linear; larger batches are compute bound
 #: and the chunked-dequant BLAS path is faster.
 MAX_TOKENS = 16
@@ -88,7 +90,7 @@ def _build(cc: str, target: Path) -> None:
 
 
 class Linear(ctypes.Structure):
-    """kernels.c's ``ps_linear_t``: one linear layer, float32 rows or a GGUF format."""
+    """kernels.c's ``ps_linear_t``: one linear layer, float32 rows or a packed format."""
 
     _fields_ = [("fmt", ctypes.c_int32), ("pad", ctypes.c_int32), ("n", _c_i64), ("k", _c_i64),
                 ("w", _ptr), ("d", _ptr), ("m", _ptr), ("bias", _ptr), ("scales", _ptr),
@@ -106,6 +108,11 @@ def linear_struct(weight: Any, bias: torch.Tensor | None, keep: list[Any]) -> Li
         return Linear(-1, 0, n, k, weight.data_ptr(), None, None, b, None, None)
     data, fmt = weight.data, weight.format
     n, k = weight.shape
+    if fmt == "fp8":  # e4m3 bytes and a float32 scale per row (a per-tensor scale repeated)
+        fscales = data["weight_scale"].float().expand(n).contiguous()
+        keep.append(fscales)
+        return Linear(FORMATS[fmt], 0, n, k, data["weight"].data_ptr(), None, None, b, None, None,
+                      fscales.data_ptr(), None, 0)
     if fmt in ("int8", "int4"):  # float32 scales (a copy where the checkpoint's are fp16)
         fscales = data["scales"].float().contiguous()
         keep.append(fscales)
