@@ -5,7 +5,9 @@ Formats: the dense float32 and bfloat16 models (the SmolLM2 Q4_1 GGUF dequantize
 it is (Q4_1 linears + Q8_0 embedding / tied lm_head), and the file's float32 weights
 re-quantized to Q4_0, Q8_0, Q4_K, Q5_K, Q6_K, int8, int4 and fp8 (what ``quantization=`` does
 at load; rows of 576 take a K-quant's llama.cpp-style fallback). Quantized models run float32
-activations through the ``cpu`` quant kernels (``portaserve.quant.kernels_cpu``).
+activations through the ``cpu`` quant kernels (``portaserve.quant.kernels_cpu``), which send
+decode-sized batches of every format here, fp8 (weight-only) included, to the native kernels
+(``portaserve.devices.cpu_native``). The model runs op by op (not the native decode step).
 
 For each: weight bytes the model holds; greedy decode tokens/s at batch 1 and batch 8 (after
 a 16-token prompt, prefill not timed; wall clock, plus process CPU seconds per step, which
@@ -44,13 +46,13 @@ SHAPES = ((576, 576), (1536, 576), (576, 1536), (49152, 576))  # (N, K) of SmolL
 CPU = torch.device("cpu")
 
 
-def conditions(threads: int) -> str:
+def conditions() -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
                 if line.startswith("model name")), platform.processor())
     load = " ".join(f"{x:.1f}" for x in os.getloadavg())
     return (f"conditions: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}; torch {torch.__version__}; "
-            f"{cpu}; {os.cpu_count()} logical cpus; torch threads {threads}; ATen capability "
-            f"{torch.backends.cpu.get_cpu_capability()}; load average {load}")
+            f"{cpu}; {os.cpu_count()} logical cpus; torch threads {torch.get_num_threads()}; "
+            f"ATen capability {torch.backends.cpu.get_cpu_capability()}; load average {load}")
 
 
 def variants(packed_weights: dict, dense: dict, only: set[str] | None):
@@ -119,10 +121,10 @@ def main() -> None:
     parser.add_argument("--kernels", action="store_true", help="also time each kernel vs F.linear")
     parser.add_argument("--kernel-reps", type=int, default=10)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    print(conditions(args.threads))
     reg = get_registry()
     device, _ = reg.select_device("cpu")
+    torch.set_num_threads(args.threads)  # after the device, which sets its own default count
+    print(conditions())
     table = reg.kernel_table(device)
     loaded = load_model("smollm2-135m", dtype=torch.float32, device=CPU, progress=False)
     dense = {k: (w.dequantize(torch.float32) if isinstance(w, QuantizedWeight) else w)
@@ -145,7 +147,7 @@ def main() -> None:
         del model
     if args.kernels:
         bench_kernels(args.kernel_reps)
-    print("\n" + conditions(args.threads))
+    print("\n" + conditions())
 
 
 if __name__ == "__main__":

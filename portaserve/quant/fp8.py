@@ -84,6 +84,30 @@ class FP8Method:
         return QuantizedWeight(self.name, (data["weight"].shape[0], weight.shape[1]), data, self,
                                dict(weight.meta))
 
+    def concat_rows(self, weights: list[QuantizedWeight]) -> QuantizedWeight | None:
+        """Weights stacked along output rows (a model's fused q|k|v, gate|up). Their scales
+        become one per row (a per-tensor scale repeated over its rows: the same dequantized
+        values) unless all are the same per-tensor scale. None when the activation schemes or
+        the static input scales differ: a W8A8 kernel quantizes x once for the fused weight, so
+        fusing would change its numerics."""
+        scheme = weights[0].meta.get("activation", "dynamic_per_token")
+        if any(w.meta.get("activation", "dynamic_per_token") != scheme for w in weights):
+            return None
+        data = {"weight": torch.cat([w.data["weight"] for w in weights])}
+        scales = [w.data["weight_scale"] for w in weights]
+        if all(s.dim() == 0 and torch.equal(s, scales[0]) for s in scales):
+            data["weight_scale"] = scales[0].clone()
+        else:
+            data["weight_scale"] = torch.cat([s.float().expand(w.shape[0])
+                                              for s, w in zip(scales, weights, strict=True)])
+        if scheme == "static":
+            inputs = [w.data["input_scale"] for w in weights]
+            if not all(torch.equal(i, inputs[0]) for i in inputs):
+                return None
+            data["input_scale"] = inputs[0].clone()
+        return QuantizedWeight(self.name, (data["weight"].shape[0], weights[0].shape[1]), data,
+                               self, {"activation": scheme})
+
     def quantize(self, w: torch.Tensor, per_channel: bool = True,
                  activation: str = "dynamic_per_token") -> QuantizedWeight:
         """Online: scale = amax / 448 per output channel (or per tensor)."""

@@ -1,10 +1,10 @@
 """``quant_linear`` kernels for the ``cpu`` device, one per format, exact against the reference.
 
 Small batches (up to ``cpu_native.MAX_TOKENS`` tokens) of float32 activations on the GGUF
-formats go to the native kernels of ``portaserve.devices.cpu_native`` when they could be built:
-they expand each packed block in registers or an L1 buffer (the reference's values) and read
-the weights once per step; larger batches expand chunks natively and multiply them with BLAS.
-Everything else takes the paths below.
+formats, int8, int4 and fp8 go to the native kernels of ``portaserve.devices.cpu_native`` when
+they could be built: they expand each packed block in registers or an L1 buffer (the
+reference's values) and read the weights once per step; larger batches expand chunks natively
+and multiply them with BLAS. Everything else takes the paths below.
 
 Every format uses dequant-in-the-loop: the packed rows are expanded a chunk at a time
 (``CHUNK_ELEMENTS`` weights, 4 MiB of float32) into a per-thread buffer that is reused,
@@ -128,6 +128,8 @@ def _int4_chunk(weight: QuantizedWeight, r0: int, r1: int) -> torch.Tensor:
 
 
 def _fp8_chunk(weight: QuantizedWeight, r0: int, r1: int) -> torch.Tensor:
+    if _native_ok(weight):
+        return _native_chunk(weight, r0, r1)
     q = weight.data["weight"][r0:r1]
     w = _buffer(q.numel()).view(q.shape)
     w.copy_(q)
@@ -266,6 +268,9 @@ def int4_linear(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | N
 
 def fp8_linear(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Weight-only on cpu (the reference numerics); W8A8 is ``quant.fp8.fp8_linear``."""
+    out = _native_linear(x, weight, bias)
+    if out is not None:
+        return out
     return _dequant_linear(_fp8_chunk, x, weight, bias)
 
 

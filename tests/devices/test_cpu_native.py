@@ -1,8 +1,8 @@
 """The cpu device's native kernels (``portaserve.devices.cpu_native``) against the reference.
 
 Every kernel runs on fresh random inputs and is compared with ``devices/reference.py``; the
-decode executor is compared with the op-by-op model on a small random Llama, float32 and GGUF,
-logits and KV cache both.
+decode executor is compared with the op-by-op model on a small random Llama, float32 and every
+packed format, logits and KV cache both.
 """
 
 from __future__ import annotations
@@ -23,13 +23,15 @@ from portaserve.devices.cpu_native.executor import NativeDecodeExecutor, build_e
 from portaserve.plugins.device import AttentionMetadata, KVCacheSpec
 from portaserve.plugins.manager import get_registry
 from portaserve.quant import registry as quant_registry
+from portaserve.quant.base import QuantizedWeight
+from portaserve.quant.fp8 import FP8_DTYPE, FP8Method
 
 pytestmark = pytest.mark.skipif(
     cpu_native.library() is None,
     reason=f"native cpu kernels unavailable: {cpu_native.unavailable_reason()}")
 
 FORMATS = tuple(cpu_native.FORMATS)
-GGUF = tuple(f for f in FORMATS if not f.startswith("int"))
+GGUF = tuple(f for f in FORMATS if f.startswith("Q"))
 
 
 def _close(out: torch.Tensor, ref: torch.Tensor, rel: float = 2e-5) -> None:
@@ -54,6 +56,67 @@ def test_linear_matches_reference_dequant(fmt: str, tokens: int) -> None:
     wide = torch.randn(tokens, k + 64, generator=gen)
     _close(cpu_native.linear(wide[:, 32:32 + k], weight),
            reference.quant_linear(wide[:, 32:32 + k].contiguous(), weight, None))
+
+
+def _fp8_weight(n: int, k: int, per_channel: bool, gen: torch.Generator) -> QuantizedWeight:
+    """Uniformly random e4m3 codes, so every finite value from the subnormals to +-448 occurs
+    (the NaN codes 0x7f / 0xff become +-448), and a per-row or a per-tensor scale."""
+    codes = torch.randint(0, 256, (n, k), dtype=torch.uint8, generator=gen)
+    codes[(codes & 0x7F) == 0x7F] -= 1
+    scale = (torch.rand(n, generator=gen) + 0.05) * 1e-2 if per_channel else torch.tensor(3e-3)
+    return FP8Method().from_tensors(codes.view(FP8_DTYPE), scale)
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+@pytest.mark.parametrize("tokens", [1, 3, 8, 13, 32])
+def test_fp8_linear_over_every_code_matches_reference_dequant(per_channel: bool, tokens: int) -> None:
+    gen = torch.Generator().manual_seed(tokens * 2 + per_channel)
+    n, k = 80, 512
+    weight = _fp8_weight(n, k, per_channel, gen)
+    dense = weight.dequantize(torch.float32)
+    assert dense.abs().max() == 448 * weight.data["weight_scale"].max()
+    assert ((dense != 0) & (weight.data["weight"].view(torch.uint8) & 0x78 == 0)).any()  # subnormals
+    wide = torch.randn(tokens, k + 64, generator=gen)
+    x = wide[:, 32:32 + k]  # strided: a column slice of a wider activation
+    bias = torch.randn(n, generator=gen)
+    out = cpu_native.linear(x, weight, bias)
+    assert out.shape == (tokens, n)
+    _close(out, reference.quant_linear(x.contiguous(), weight, bias))
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_fp8_dequant_of_every_code_is_torchs_bit_for_bit(per_channel: bool) -> None:
+    """All 256 codes, NaN (0x7f, 0xff) and -0.0 included, in every row."""
+    codes = torch.arange(256, dtype=torch.uint8).roll(7).repeat(6, 2)  # [6, 512]
+    scale = torch.tensor([1.0, 3e-3, 17.0, 2.0**-20, 0.7, 5e3]) if per_channel else torch.tensor(0.37)
+    weight = FP8Method().from_tensors(codes.view(FP8_DTYPE), scale)
+    out = torch.empty(4, 512)
+    cpu_native.dequant_rows(weight, 1, 5, out)
+    ref = weight.dequantize(torch.float32)[1:5]
+    nan = ref.isnan()
+    assert int(nan.sum()) == 4 * 4 and torch.equal(out.isnan(), nan)
+    assert torch.equal(out[~nan].view(torch.int32), ref[~nan].view(torch.int32))  # signs of zero too
+    # a NaN weight makes its row NaN, as in the reference
+    x = torch.randn(2, 512, generator=torch.Generator().manual_seed(4))
+    assert bool(cpu_native.linear(x, weight).isnan().all())
+
+
+def test_fp8_fused_rows_match_each_part() -> None:
+    """q|k|v as one weight from ``concat_rows``: parts with different per-tensor scales and a
+    per-channel part give, row for row, what each part gives alone."""
+    gen = torch.Generator().manual_seed(21)
+    method = FP8Method()
+    parts = [method.quantize(torch.randn(n, 256, generator=gen) * s, per_channel=pc)
+             for n, s, pc in ((128, 0.5, False), (64, 0.02, False), (64, 3.0, True))]
+    fused = method.concat_rows(parts)
+    assert fused is not None and fused.shape == (256, 256)
+    assert fused.data["weight_scale"].shape == (256,)
+    x = torch.randn(5, 256, generator=gen)
+    expected = torch.cat([reference.quant_linear(x, p) for p in parts], dim=1)
+    _close(cpu_native.linear(x, fused), expected)
+    out = torch.empty(256, 256)
+    cpu_native.dequant_rows(fused, 0, 256, out)
+    assert torch.equal(out, torch.cat([p.dequantize(torch.float32) for p in parts]))
 
 
 def _paged_inputs(seq_lens: list[int], hq: int, hk: int, d: int, block_size: int, seed: int):
@@ -124,7 +187,9 @@ SMALL_K = ModelConfig(architecture="llama", vocab_size=300, hidden_size=256,
                       name="small-k")
 
 
-def _model(fmt: str | None, cache_blocks: int = 40):
+def _model(fmt: str | None, cache_blocks: int = 40, scales_dtype: torch.dtype | None = None):
+    """A small random Llama in ``fmt``; ``scales_dtype`` recasts int8/int4 scales (GPTQ
+    checkpoints keep them in float16)."""
     cfg = SMALL_K if fmt in ("Q4_K", "Q5_K", "Q6_K") else SMALL
     weights: dict = synthetic_weights(cfg, dtype=torch.float32, device=torch.device("cpu"), seed=5)
     gen = torch.Generator().manual_seed(11)
@@ -134,6 +199,10 @@ def _model(fmt: str | None, cache_blocks: int = 40):
     if fmt is not None:
         weights = {n: quant_registry.quantize(w, fmt) if w.dim() == 2 else w
                    for n, w in weights.items()}
+    if scales_dtype is not None:
+        for w in weights.values():
+            if isinstance(w, QuantizedWeight):
+                w.data["scales"] = w.data["scales"].to(scales_dtype)
     device = CPUDevice()
     kernels = get_registry().kernel_table(device)
     model = LlamaForCausalLM(cfg, weights, kernels, dtype=torch.float32, device=torch.device("cpu"))
@@ -148,9 +217,19 @@ def _step(items: list[tuple], block_tables: dict[str, list[int]]):
                        block_size=16)
 
 
-@pytest.mark.parametrize("fmt", [None, *FORMATS])
+@pytest.mark.parametrize("fmt", [None, *FORMATS, "fp8_per_tensor"])
 def test_decode_executor_matches_op_by_op(fmt: str | None) -> None:
-    model, caches = _model(fmt)
+    _check_executor_against_op_by_op(*_model(fmt))
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_decode_executor_with_float16_scales(fmt: str) -> None:
+    """The step's float32 copies of the scales outlive the op-by-op prefill that runs first
+    (and makes copies of its own)."""
+    _check_executor_against_op_by_op(*_model(fmt, scales_dtype=torch.float16))
+
+
+def _check_executor_against_op_by_op(model, caches) -> None:
     executor, why = build_executor(model, caches)
     assert isinstance(executor, NativeDecodeExecutor), why
     gen = torch.Generator().manual_seed(1)
@@ -183,9 +262,13 @@ def test_executor_declines_what_it_cannot_run() -> None:
     model.layers[1].q_norm = torch.ones(SMALL.head_dim)
     executor, why = build_executor(model, caches)
     assert executor is None and "q/k norm" in why
-    model, caches = _model("fp8")
+    model, caches = _model("Q4_1")
+    (fused, _), = model.layers[0].gate_up  # run gate and up as two weights
+    half = fused.shape[0] // 2
+    model.layers[0].gate_up = [(fused.method.select_rows(fused, rows), None)
+                               for rows in (slice(0, half), slice(half, None))]
     executor, why = build_executor(model, caches)
-    assert executor is None and why == "layer 0 gate_up is not one fused weight"  # fp8 does not fuse
+    assert executor is None and why == "layer 0 gate_up is not one fused weight"
 
 
 def test_without_a_compiler_the_cpu_device_keeps_its_torch_paths(tmp_path) -> None:
@@ -205,6 +288,16 @@ def test_without_a_compiler_the_cpu_device_keeps_its_torch_paths(tmp_path) -> No
     assert proc.returncode == 0, proc.stderr
     assert "no C compiler 'definitely-not-a-compiler'" in proc.stdout
     assert proc.stdout.count("no C compiler") == 2  # the reason reaches `portaserve devices`
+
+
+def test_a_weights_first_rows_get_their_own_struct() -> None:
+    """``select_rows`` copies the meta, and the first rows start at the same address."""
+    gen = torch.Generator().manual_seed(8)
+    weight = quant_registry.quantize(torch.randn(64, 256, generator=gen), "int8")
+    x = torch.randn(2, 256, generator=gen)
+    cpu_native.linear(x, weight)  # builds and caches the whole weight's struct
+    top = weight.method.select_rows(weight, slice(0, 16))
+    _close(cpu_native.linear(x, top), reference.quant_linear(x, top, None))
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

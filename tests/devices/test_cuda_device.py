@@ -330,7 +330,7 @@ def test_triton_interpret_greedy_matches_cpu_device(monkeypatch: pytest.MonkeyPa
 
 
 def test_triton_interpret_greedy_over_fp8_cache_matches_cpu_device(monkeypatch: pytest.MonkeyPatch) -> None:
-    pytest.importorskip("triton")
+    skip_if_interpreter_cannot_index()
     monkeypatch.delenv("PORTASERVE_CUDA_GRAPHS", raising=False)
     check_greedy_matches_cpu("triton-interpret", num_new=5, eager_replay=True,
                              cache_dtype=torch.float8_e4m3fn)

@@ -128,6 +128,33 @@ def test_fp8_w8a8_scaled_mm_matches_emulation(activation):
     torch.testing.assert_close(fp8_linear(x, q), emulated, atol=1e-4, rtol=1e-4)
 
 
+def test_fp8_concat_rows():
+    """Fused q|k|v: per-tensor scales become per-row unless all equal; the weight-only and the
+    W8A8 results are the parts' side by side; differing schemes or static input scales do not
+    fuse."""
+    method = FP8Method()
+    parts = [method.quantize(torch.randn(n, 64, generator=gen(n)) * s, per_channel=pc)
+             for n, s, pc in ((32, 1.0, False), (16, 0.01, False), (16, 5.0, True))]
+    fused = method.concat_rows(parts)
+    assert fused.shape == (64, 64) and fused.data["weight_scale"].shape == (64,)
+    assert torch.equal(fused.dequantize(), torch.cat([p.dequantize() for p in parts]))
+    x = torch.randn(3, 64, generator=gen(9))
+    torch.testing.assert_close(fp8_linear_emulated(x, fused),
+                               torch.cat([fp8_linear_emulated(x, p) for p in parts], dim=1))
+    same = [method.from_tensors(p.data["weight"], torch.tensor(0.5)) for p in parts[:2]]
+    assert method.concat_rows(same).data["weight_scale"].dim() == 0
+
+    def static(p, input_scale):
+        return method.from_tensors(p.data["weight"], p.data["weight_scale"],
+                                   input_scale=torch.tensor(input_scale))
+
+    assert method.concat_rows([static(parts[0], 0.1), static(parts[1], 0.2)]) is None
+    assert method.concat_rows([static(parts[0], 0.1), parts[1]]) is None
+    both = method.concat_rows([static(parts[0], 0.1), static(parts[1], 0.1)])
+    assert both.meta["activation"] == "static" and torch.equal(both.data["input_scale"],
+                                                              torch.tensor(0.1))
+
+
 def test_fp8_errors():
     with pytest.raises(ModelError, match="weight_scale has 3 values"):
         FP8Method().from_tensors(torch.zeros(4, 8).to(FP8_DTYPE), torch.ones(3))

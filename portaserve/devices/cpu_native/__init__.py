@@ -3,8 +3,9 @@
 Decode on a CPU reads every weight once per step, so its speed is the bytes it reads and how
 few instructions it spends per byte. Torch alone either reads float32 weights (4x the packed
 GGUF bytes) or expands packed blocks through memory first; these kernels read the packed GGUF
-blocks (Q4_0, Q4_1, Q8_0) and expand them in registers, and run decode attention straight over
-the block table. Prefill-sized batches stay on the torch paths (BLAS is faster there).
+blocks (Q4_0, Q4_1, Q8_0, the K formats), int8, int4 and fp8 e4m3 codes and expand them in
+registers, and run decode attention straight over the block table. Prefill-sized batches stay
+on the torch paths (BLAS is faster there).
 
 The shared library is compiled once per machine with the host C compiler (``CC``, default
 ``cc``; ``-O3 -march=native -fopenmp``) into ``<cache dir>/kernels/`` under a name that hashes
@@ -34,8 +35,9 @@ from portaserve import envs
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("kernels.c")
-#: GGUF formats the native linear serves -> the ``fmt`` code in kernels.c
-FORMATS = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2, "Q4_K": 3, "Q5_K": 4, "Q6_K": 5, "int8": 6, "int4": 7}
+#: Packed formats the native linear serves -> the ``fmt`` code in kernels.c
+FORMATS = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2, "Q4_K": 3, "Q5_K": 4, "Q6_K": 5, "int8": 6, "int4": 7,
+           "fp8": 8}
 #: At most this many tokens go through the native linear; larger batches are compute bound
 #: and the chunked-dequant BLAS path is faster.
 MAX_TOKENS = 16
@@ -88,26 +90,32 @@ def _build(cc: str, target: Path) -> None:
 
 
 class Linear(ctypes.Structure):
-    """kernels.c's ``ps_linear_t``: one linear layer, float32 rows or a GGUF format."""
+    """kernels.c's ``ps_linear_t``: one linear layer, float32 rows or a packed format."""
 
     _fields_ = [("fmt", ctypes.c_int32), ("pad", ctypes.c_int32), ("n", _c_i64), ("k", _c_i64),
                 ("w", _ptr), ("d", _ptr), ("m", _ptr), ("bias", _ptr), ("scales", _ptr),
                 ("qh", _ptr), ("fscales", _ptr), ("zeros", _ptr), ("group", _c_i64)]
 
 
-def linear_struct(weight: Any, bias: torch.Tensor | None = None) -> Linear:
+def linear_struct(weight: Any, bias: torch.Tensor | None, keep: list[Any]) -> Linear:
     """The ``ps_linear_t`` of a float32 matrix or a packed QuantizedWeight (whose tensors must
-    be contiguous and outlive the struct; the caller keeps ``bias`` alive too)."""
+    be contiguous). The struct points into the weight's tensors, ``bias``, and any tensor made
+    here (float32 copies of scales), which is appended to ``keep``: the caller keeps all of
+    them alive for as long as the struct."""
     b = _p(bias)
     if isinstance(weight, torch.Tensor):
         n, k = weight.shape
         return Linear(-1, 0, n, k, weight.data_ptr(), None, None, b, None, None)
     data, fmt = weight.data, weight.format
     n, k = weight.shape
-    if fmt in ("int8", "int4"):  # float32 scales, kept alive by the weight
-        fscales = weight.meta.get("_cpu_native_fscales")
-        if fscales is None:
-            fscales = weight.meta["_cpu_native_fscales"] = data["scales"].float().contiguous()
+    if fmt == "fp8":  # e4m3 bytes and a float32 scale per row (a per-tensor scale repeated)
+        fscales = data["weight_scale"].float().expand(n).contiguous()
+        keep.append(fscales)
+        return Linear(FORMATS[fmt], 0, n, k, data["weight"].data_ptr(), None, None, b, None, None,
+                      fscales.data_ptr(), None, 0)
+    if fmt in ("int8", "int4"):  # float32 scales (a copy where the checkpoint's are fp16)
+        fscales = data["scales"].float().contiguous()
+        keep.append(fscales)
         return Linear(FORMATS[fmt], 0, n, k, data["qweight"].data_ptr(), None, None, b, None,
                       None, fscales.data_ptr(), _p(data.get("zeros")),
                       weight.meta.get("group_size", k))
@@ -193,13 +201,15 @@ def _p(t: torch.Tensor | None) -> int | None:
 
 
 def _struct(weight: Any) -> Linear:
-    """The weight's ``ps_linear_t``, built once and kept in ``weight.meta`` (rebuilt when the
-    meta was copied to a weight with other tensors, e.g. by ``select_rows``)."""
-    codes = next(iter(weight.data.values()))
+    """The weight's ``ps_linear_t``, built once and kept in ``weight.meta`` with the tensors it
+    points to (rebuilt when the meta was copied to a weight with other tensors, e.g. by
+    ``select_rows``: the first rows of a weight start at the same address, hence the shape)."""
+    key = (next(iter(weight.data.values())).data_ptr(), tuple(weight.shape))
     cached = weight.meta.get("_cpu_native_struct")
-    if cached is None or cached[0] != codes.data_ptr():
-        weight.meta.pop("_cpu_native_fscales", None)
-        cached = weight.meta["_cpu_native_struct"] = (codes.data_ptr(), linear_struct(weight))
+    if cached is None or cached[0] != key:
+        keep: list[Any] = []
+        struct = linear_struct(weight, None, keep)
+        cached = weight.meta["_cpu_native_struct"] = (key, struct, keep)
     return cached[1]
 
 

@@ -10,9 +10,10 @@ executor.
 
 ``build_executor`` says why a model does not qualify (``None, reason``): it takes float32
 Llama-family models (``LlamaForCausalLM``, SiLU MLP, no q/k norm, rotary over the whole head)
-whose linears are float32, GGUF Q4_0 / Q4_1 / Q8_0 / Q4_K / Q5_K / Q6_K, int8 or int4, with
-fused q|k|v and gate|up, over a float32 ``blocks_nhd`` KV cache (an fp8 cache,
-``EngineConfig.kv_cache_dtype``, runs op by op: the C kernels read float32 caches only).
+whose linears are float32, GGUF Q4_0 / Q4_1 / Q8_0 / Q4_K / Q5_K / Q6_K, int8, int4 or fp8
+e4m3 (weight-only), with fused q|k|v and gate|up, over a float32 ``blocks_nhd`` KV cache (an
+fp8 cache, ``EngineConfig.kv_cache_dtype``, runs op by op: the C kernels read float32 caches
+only).
 """
 
 from __future__ import annotations
@@ -167,12 +168,12 @@ def _linear(proj: Any, k: int, keep: list[Any], name: str) -> cpu_native.Linear:
         if weight.shape[1] != k or not all(t.is_contiguous() and t.device.type == "cpu"
                                            for t in weight.data.values()):
             raise _Unsupported(f"{name} has an unexpected layout")
-        return cpu_native.linear_struct(weight, bias)
+        return cpu_native.linear_struct(weight, bias, keep)
     if not isinstance(weight, torch.Tensor) or weight.dtype != torch.float32 or weight.dim() != 2:
-        raise _Unsupported(f"{name} is not a float32 matrix or a native GGUF format")
+        raise _Unsupported(f"{name} is not a float32 matrix or a native packed format")
     if weight.shape[1] != k or not weight.is_contiguous() or weight.device.type != "cpu":
         raise _Unsupported(f"{name} has an unexpected layout")
-    return cpu_native.linear_struct(weight, bias)
+    return cpu_native.linear_struct(weight, bias, keep)
 
 
 def _vector(t: Any, size: int, name: str) -> torch.Tensor:
