@@ -51,11 +51,12 @@ def embedding(ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """[T, N]: a decode batch of a few rows through the Triton GEMV (``gemv.py``: faster than
-    cuBLAS's pick for these shapes on the H200), anything larger through cuBLAS / hipBLASLt."""
+    """[T, N]: a decode batch of a few rows through the Triton GEMV (``gemv.py``) for weight
+    shapes where it measured faster than cuBLAS on this GPU, the rest through cuBLAS /
+    hipBLASLt."""
     from portaserve.devices.cuda import gemv
 
-    if gemv.supports(x, weight):
+    if gemv.supports(x, weight) and gemv.faster_than_cublas(x, weight):
         out = gemv.gemv(x, weight)
         return out if bias is None else out + bias
     return F.linear(x, weight, bias)
