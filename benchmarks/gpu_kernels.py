@@ -243,6 +243,12 @@ def attention_rows() -> list[Row]:
         splits = attention.decode_num_splits(num_reqs, KV_HEADS, ctx, _num_sms())
         n = len(setups)
         rows.append(Row(name, f"triton (splits={splits})", bench(lambda i: attention.paged_attention(*setups[i % n][:3], scale)), nbytes, rel_err=err))
+        if DEV != "cpu" and num_reqs >= 32:  # the same step over an fp8 (e4m3) cache: half the bytes
+            fp8 = [(q_, c_.to(torch.float8_e4m3fn), a_) for q_, c_, a_, _ in setups]
+            want8 = ref.paged_attention(fp8[0][0], fp8[0][1], fp8[0][2], scale, kv_layout="blocks_hnd")
+            err8 = rel_err(attention.paged_attention(*fp8[0], scale), want8)
+            rows.append(Row(name, "triton, fp8 e4m3 cache", bench(lambda i: attention.paged_attention(*fp8[i % n], scale)), nbytes // 2, rel_err=err8))
+            del fp8
         if num_reqs * ctx <= 64 * 1024:
             rows.append(Row(name, "torch reference", bench(lambda i: ref.paged_attention(query, cache, attn, scale, kv_layout="blocks_hnd"), iters=5), nbytes))
         k = torch.randn(num_reqs, KV_HEADS, ctx, HEAD_DIM, dtype=DTYPE, device=DEV)
