@@ -50,7 +50,7 @@ BLOCK = 16
 DEV = "cuda"
 #: Sizes of each section (scaled down by --dry-run).
 TOKENS = 8192
-DECODE_CASES = ((1, 8192), (1, 32768), (32, 2048), (128, 1024), (256, 1024))
+DECODE_CASES = ((1, 8192), (1, 32768), (32, 2048), (128, 1024), (256, 1024), (512, 1536))
 PREFILL_CASES = (([(0, 2048)] * 4, "4 x 2048 new"), ([(6144, 2048)], "2048 new over 6144 cached"))
 MODEL_BATCHES, MODEL_CTX, MODEL_MAX_POS = (1, 16, 64), 1024, 8192
 
@@ -365,7 +365,7 @@ def tune_rows() -> list[Row]:
     attention.VARLEN_CONFIG.update(saved)
 
     saved = dict(attention.DECODE_CONFIG)
-    for num_reqs, ctx in (DECODE_CASES[1], DECODE_CASES[-2]):
+    for num_reqs, ctx in (DECODE_CASES[1], DECODE_CASES[-1]):
         nbytes = 2 * num_reqs * ctx * KV_HEADS * HEAD_DIM * e
         setups = [paged_setup([(ctx - 1, 1)] * num_reqs, seed) for seed in range(min(8, 1 + (256 << 20) // nbytes))]
         n = len(setups)
@@ -379,6 +379,11 @@ def tune_rows() -> list[Row]:
                 print(f"{name} {label}: {type(e).__name__}: {str(e)[:120]}")
                 continue
             rows.append(Row(name, label, ms, nbytes))
+            if num_reqs >= 32:  # and over an fp8 cache (the throughput setting)
+                fp8 = [(q_, c_.to(torch.float8_e4m3fn), a_) for q_, c_, a_, _ in setups]
+                ms = bench(lambda i: attention.paged_attention(*fp8[i % n], scale), budget_s=1.0)
+                rows.append(Row(name, label + " fp8 cache", ms, nbytes // 2))
+                del fp8
         attention.DECODE_CONFIG.update(saved)
         for splits in (1, 2, 4, 8, 16, 32):
             if splits * 64 > ctx:
