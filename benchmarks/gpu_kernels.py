@@ -364,7 +364,7 @@ def tune_rows() -> list[Row]:
         rows.append(Row(f"tune prefill {PREFILL_CASES[0][1]}", label, ms, nbytes, flops))
     attention.VARLEN_CONFIG.update(saved)
 
-    saved = dict(attention.DECODE_CONFIG)
+    saved, saved_fp8 = dict(attention.DECODE_CONFIG), dict(attention.DECODE_CONFIG_FP8)
     for num_reqs, ctx in (DECODE_CASES[1], DECODE_CASES[-1]):
         nbytes = 2 * num_reqs * ctx * KV_HEADS * HEAD_DIM * e
         setups = [paged_setup([(ctx - 1, 1)] * num_reqs, seed) for seed in range(min(8, 1 + (256 << 20) // nbytes))]
@@ -372,6 +372,7 @@ def tune_rows() -> list[Row]:
         name = f"tune decode B={num_reqs} ctx={ctx}"
         for bn, warps, stages in DECODE_TRIALS:
             attention.DECODE_CONFIG.update(BLOCK_N=bn, num_warps=warps, num_stages=stages)
+            attention.DECODE_CONFIG_FP8.update(BLOCK_N=bn, num_warps=warps, num_stages=stages)
             label = f"BN={bn} w={warps} s={stages}"
             try:
                 ms = bench(lambda i: attention.paged_attention(*setups[i % n][:3], scale), budget_s=1.0)
@@ -385,6 +386,7 @@ def tune_rows() -> list[Row]:
                 rows.append(Row(name, label + " fp8 cache", ms, nbytes // 2))
                 del fp8
         attention.DECODE_CONFIG.update(saved)
+        attention.DECODE_CONFIG_FP8.update(saved_fp8)
         for splits in (1, 2, 4, 8, 16, 32):
             if splits * 64 > ctx:
                 break

@@ -162,9 +162,19 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, config: dict[str, int] | None = 
         counters = split_counters(x.device, num_blocks, "gemv")
     else:
         part = counters = out  # unused
-    _gemv_kernel.on(x)[(num_blocks, split_k)](
-        x, weight, out, part, counters, num_rows, n, k, k_per_split,
-        x.stride(0), weight.stride(0), out.stride(0),
-        SPLIT_K=split_k, BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, **cfg,
-    )
-    return out
+    from triton.runtime.errors import OutOfResources
+
+    stages = cfg.pop("num_stages")
+    while True:  # fewer pipeline stages where shared memory is smaller (MI300: 64 KiB)
+        try:
+            _gemv_kernel.on(x)[(num_blocks, split_k)](
+                x, weight, out, part, counters, num_rows, n, k, k_per_split,
+                x.stride(0), weight.stride(0), out.stride(0),
+                SPLIT_K=split_k, BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k,
+                num_stages=stages, **cfg,
+            )
+            return out
+        except OutOfResources:
+            if stages <= 1:
+                raise
+            stages -= 1
