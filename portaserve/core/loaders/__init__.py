@@ -57,7 +57,8 @@ def load_model(
         from portaserve.core.loaders import synthetic
 
         config = synthetic.synthetic_config(model)
-        weights = synthetic.synthetic_weights(config, dtype=dtype, device=device)
+        weights = synthetic.synthetic_weights(config, dtype=dtype, device=device,
+                                              quantization=quantization)
         return LoadedModel(config=config, weights=weights,
                            tokenizer=synthetic.synthetic_tokenizer(config), path=Path(model),
                            format="synthetic")
