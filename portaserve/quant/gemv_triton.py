@@ -17,8 +17,7 @@ When the row tiles alone give too few programs to keep every SM streaming, K is 
 arrive (an atomic counter per tile, which that program resets) adds them in split order and
 writes the output. One launch, deterministic, no host synchronization (CUDA-graph safe).
 
-Tile sizes per format (``CONFIGS``) were chosen by ``benchmarks/gpu_quant.py --kernels`` on an
-H200. The kernel runs compiled on GPU tensors and in Triton's interpreter on CPU tensors
+Tile sizes per format and M are in ``CONFIGS``. The kernel runs compiled on GPU tensors and in Triton's interpreter on CPU tensors
 (``devices.cuda.launch``), which is how CI tests it.
 """
 
@@ -53,10 +52,22 @@ class GemvConfig:
     num_stages: int = 1
 
 
-CONFIGS: dict[str, GemvConfig] = {
-    "Q4_0": GemvConfig(16, 512), "Q4_1": GemvConfig(16, 512), "int4": GemvConfig(16, 512),
-    "Q8_0": GemvConfig(16, 256), "int8": GemvConfig(16, 256), "fp8": GemvConfig(16, 256),
+#: Per format: (largest M, config) pairs, the first whose M covers the call's is used. Chosen
+#: without a GPU from the compiled sm_90 code (``benchmarks/gemv_sass.py``: instructions per
+#: weight in the main loop, at most 128 registers so that 4 programs of 4 warps fit an SM):
+#: tall tiles while the registers allow, since a thread holding more rows reuses each x value
+#: more. Not yet measured: retune with ``benchmarks/gpu_quant.py --kernels --sweep``.
+CONFIGS: dict[str, tuple[tuple[int, GemvConfig], ...]] = {
+    **dict.fromkeys(("Q4_0", "Q4_1", "int4"), (
+        (2, GemvConfig(32, 512)), (MAX_M, GemvConfig(16, 512)))),
+    **dict.fromkeys(("Q8_0", "int8"), ((2, GemvConfig(32, 256)), (MAX_M, GemvConfig(16, 256)))),
+    "fp8": ((2, GemvConfig(16, 256)), (MAX_M, GemvConfig(8, 256))),
 }
+
+
+def config_for(fmt: str, m: int) -> GemvConfig:
+    """The tuned ``GemvConfig`` of format ``fmt`` at ``m`` rows of x."""
+    return next(cfg for max_m, cfg in CONFIGS[fmt] if m <= max_m)
 
 
 @triton_kernel
@@ -70,6 +81,9 @@ def _gemv_kernel(
     """Grid ``(cdiv(N, BLOCK_N), SPLIT_K)``. A K step covers ``NB`` blocks of ``GROUP`` columns
     (one scale each; int8/fp8: one block, scales per row) of ``WPB`` words of ``CODES`` codes.
     ``SPLIT_K`` is a run-time value (Triton specializes the value 1: no split, no counters)."""
+    # One row of x: two FMAs per code become one (a and c applied once per word), as fewer
+    # instructions per byte is what bounds a 4-bit GEMV; with more rows, expanding w once wins.
+    FOLD: tl.constexpr = M_ROWS == 1 and FMT != 5
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -88,8 +102,8 @@ def _gemv_kernel(
     acc3 = acc0
     for step in tl.range(step_begin, step_end, num_stages=NUM_STAGES):
         k0 = step * BLOCK_K
-        words = tl.load(q_ptr + rows * stride_qn + k0 // CODES + blk * WPB + wrd, mask=row_ok,
-                        other=0)  # [BN, NB, WPB] int32
+        # [BN, NB, WPB] int32 (fp8: e4m3 values); rows past N load anything and are not stored
+        words = tl.load(q_ptr + rows * stride_qn + k0 // CODES + blk * WPB + wrd, mask=row_ok)
         if FMT <= 3:  # a scale (and zero / min) per block of GROUP columns: [BN, NB, 1]
             sc_off = offs_n[:, None] * stride_sn + k0 // GROUP + tl.arange(0, NB)[None, :]
             sc_ok = n_ok[:, None]
@@ -104,35 +118,40 @@ def _gemv_kernel(
             else:  # int4: s (q - zero)
                 z = tl.load(z_ptr + sc_off, mask=sc_ok, other=0)[:, :, None].to(tl.float32)
                 c = -(z + 16.0) * d
+        if FMT == 4:  # int8: the code is 256 v - 384; the row's scale comes at the end
+            a = 256.0
+            c = -384.0
         for i in tl.static_range(CODES):
             if CODES == 8:  # nibble i (bits 4i..4i+3) -> mantissa bits 19..22 of 1.0
                 moved = words << (19 - 4 * i) if 4 * i <= 19 else words >> (4 * i - 19)
                 v = ((moved & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
-            elif FMT == 5:  # e4m3 byte i: magnitude to bits 20..26, sign to bit 31
-                moved = words << (20 - 8 * i) if 8 * i <= 20 else words >> (8 * i - 20)
-                sign = words << (24 - 8 * i)
-                v = ((moved & 0x07F00000) | (sign & -2147483648)).to(tl.float32, bitcast=True)
+            elif FMT == 5:  # fp8: one e4m3 per "word" (CODES 1), converted by the hardware
+                v = words.to(tl.float32)
             else:  # signed byte i, flipped to offset binary -> mantissa bits 15..22 of 1.0
                 moved = words << (15 - 8 * i) if 8 * i <= 15 else words >> (8 * i - 15)
                 v = ((moved & 0x7F8000) ^ 0x3FC00000).to(tl.float32, bitcast=True)
-            if FMT == 4:  # int8: the code; the row's scale comes at the end
-                w = v * 256.0 - 384.0
-            elif FMT == 5:  # fp8: the e4m3 value (float32 keeps its subnormals)
-                w = v * 1.329227995784916e36  # 2^120
-            else:
-                w = v * a + c
             if FMT == 0 or FMT == 1:  # GGUF 4-bit: byte t of a block holds columns t and t + 16
                 col = blk * 32 + wrd * 4 + (i // 2) + 16 * (i % 2)
             else:  # code i of word j is column CODES * j + i
                 col = (blk * WPB + wrd) * CODES + i
-            xp = x_ptr + k0 + col  # [1, NB, WPB]
-            acc0 += w * tl.load(xp).to(tl.float32)
-            if M_ROWS > 1:
-                acc1 += w * tl.load(xp + stride_xm).to(tl.float32)
-            if M_ROWS > 2:
-                acc2 += w * tl.load(xp + 2 * stride_xm).to(tl.float32)
-            if M_ROWS > 3:
-                acc3 += w * tl.load(xp + 3 * stride_xm).to(tl.float32)
+            xp = x_ptr + k0 + col  # [1, NB, WPB]: shared by the tile's rows
+            if FOLD:  # per word: p = sum of v x over its codes, s = sum of those x
+                x0 = tl.load(xp).to(tl.float32)
+                if i == 0:
+                    p0, s0 = v * x0, x0
+                else:
+                    p0, s0 = p0 + v * x0, s0 + x0
+            else:  # the weight expanded once, for every row of x
+                w = v if FMT == 5 else v * a + c
+                acc0 += w * tl.load(xp).to(tl.float32)
+                if M_ROWS > 1:
+                    acc1 += w * tl.load(xp + stride_xm).to(tl.float32)
+                if M_ROWS > 2:
+                    acc2 += w * tl.load(xp + 2 * stride_xm).to(tl.float32)
+                if M_ROWS > 3:
+                    acc3 += w * tl.load(xp + 3 * stride_xm).to(tl.float32)
+        if FOLD:  # sum of w x over a word = a p + c s (w = a v + c, a and c per block)
+            acc0 += p0 * a + s0 * c
     for m in tl.static_range(M_ROWS):
         if m == 0:
             acc = acc0
@@ -193,6 +212,8 @@ def _operands(weight: QuantizedWeight) -> tuple[torch.Tensor, ...] | None:
         q, s, z, group = data["weight"], data["weight_scale"], data["weight_scale"], 0
     if not all(_row_major(t) for t in (q, s, z) if t.dim() > 0):
         return None
+    if fmt == "fp8":
+        return q, s, z, group
     try:
         words = q.view(torch.int32)
     except RuntimeError:  # a row not a whole number of words, or not aligned
@@ -233,7 +254,7 @@ def plan(weight: QuantizedWeight, m: int, config: GemvConfig | None = None) -> t
     if ops is None:
         return None
     k = weight.shape[1]
-    cfg = config or CONFIGS[weight.format]
+    cfg = config or config_for(weight.format, m)
     group = ops[3]
     smallest = max(group, 32)  # a K step holds whole blocks, and at least 8 words of a row
     block_k = max(cfg.block_k, smallest)
@@ -252,13 +273,13 @@ def gemv(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None = N
     scalar) and give ``out_dtype``; ``config`` / ``split_k`` override the tuned choice."""
     m, k = x.shape
     n = weight.shape[0]
-    cfg = config or CONFIGS.get(weight.format)
-    planned = plan(weight, m, cfg)
+    planned = plan(weight, m, config)
+    cfg = config or (config_for(weight.format, m) if planned is not None else None)
     if planned is None or x.stride(1) != 1:
         return None
     (words, s, z, _), block_k, group = planned
     fmt = FORMAT_IDS[weight.format]
-    codes = 8 if fmt <= 1 or fmt == 3 else 4
+    codes = 8 if fmt <= 1 or fmt == 3 else (1 if fmt == 5 else 4)
     num_tiles = triton.cdiv(n, cfg.block_n)
     if split_k is None:
         split_k, target = 1, _num_sms(x) * cfg.programs_per_sm

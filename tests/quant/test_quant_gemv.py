@@ -119,6 +119,13 @@ def test_fp8_gemv_matches_the_w8a8_emulation(scheme: str, m: int, per_channel: b
         assert rel_err(got, want) <= 1e-6
 
 
+@pytest.mark.parametrize("fmt", ["Q4_0", "Q4_1", "Q8_0", "int8", "int4"])
+def test_gemv_with_the_tuned_tiles(fmt: str, gen: torch.Generator) -> None:
+    weight = packed(fmt, 72, 1024, gen)
+    for m in (1, 2, 4):  # each row count's own tiles (gemv_triton.CONFIGS)
+        check(weight, m, torch.float32, gen, config=None)
+
+
 def test_gemv_declines_what_it_does_not_serve(gen: torch.Generator) -> None:
     weight = packed("Q8_0", 16, 256, gen)
     assert gemv_triton.gemv(torch.randn(5, 256).to(DEVICE), weight.to(DEVICE)) is None  # M > MAX_M
