@@ -33,7 +33,8 @@ import portaserve.devices.cuda.launch as launch  # noqa: E402
 from portaserve.quant import gemv_triton, registry  # noqa: E402
 
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-BYTES_PER_WEIGHT = {"int4": 0.5, "Q4_0": 0.5625, "Q4_1": 0.625, "Q8_0": 1.0625, "int8": 1.0, "fp8": 1.0}
+BYTES_PER_WEIGHT = {"int4": 0.5, "Q4_0": 0.5625, "Q4_1": 0.625, "Q8_0": 1.0625, "int8": 1.0, "fp8": 1.0,
+                    "Q4_K": 0.5625, "Q5_K": 0.6875, "Q6_K": 0.8203}
 
 
 def compile_one(fmt: str, m: int, cfg: gemv_triton.GemvConfig | None) -> tuple[bytes, dict]:

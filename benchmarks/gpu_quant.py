@@ -7,7 +7,7 @@
         --num-prompts 1000 --input-len 1000 --output-len 1000 --budget-s 500   # fp8 at 1000/1000
     python benchmarks/gpu_quant.py --dry-run --kernels --sweep         # CPU: checks the script
 
-Model mode, per format of ``--formats`` (bf16 fp8 int8 int4 Q4_0 Q8_0): ``random:llama3-8b``
+Model mode, per format of ``--formats`` (bf16 fp8 int8 int4 Q4_0 Q8_0 Q4_K Q6_K): ``random:llama3-8b``
 built with ``quantization=<format>``, packed on the GPU (int8 / int4 / fp8 quantized from random
 bf16 tensors there, GGUF formats as random blocks: ``core.loaders.synthetic``); embeddings and
 lm_head stay bf16, as with online quantization. Then:
@@ -57,7 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "quant
 
 from gpu_llama8b import copy_bandwidth, gpu_step_ms, log, random_ids, run_all  # noqa: E402
 
-FORMATS = ("bf16", "fp8", "int8", "int4", "Q4_0", "Q8_0")
+FORMATS = ("bf16", "fp8", "int8", "int4", "Q4_0", "Q8_0", "Q4_K", "Q6_K")
 SHAPES = {"o": (4096, 4096), "qkv": (6144, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 KERNEL_MS = (1, 2, 4, 16, 64, 256)
 L2_BYTES = 60 * 2**20
@@ -259,7 +259,7 @@ def print_kernel_table(rows: list[dict]) -> None:
 def sweep_configs(fmt: str) -> list:
     from portaserve.quant.gemv_triton import GemvConfig as C
 
-    if fmt in ("int4", "Q4_0", "Q4_1"):
+    if fmt in ("int4", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K"):
         return [C(16, 512), C(32, 512), C(16, 512, programs_per_sm=8), C(16, 512, num_stages=3),
                 C(8, 1024), C(64, 256), C(16, 1024, num_warps=8)]
     return [C(16, 256), C(32, 256), C(16, 256, programs_per_sm=8), C(16, 256, num_stages=3),
@@ -431,10 +431,10 @@ def main() -> None:
     p.add_argument("--sweep", action="store_true", help="with --kernels: the GEMV tile sweep")
     p.add_argument("--kernel-ms", default=",".join(map(str, KERNEL_MS)))
     p.add_argument("--parts", default="decode,throughput", help="model mode: decode[,throughput]")
-    p.add_argument("--decode-tokens", type=int, default=256)
+    p.add_argument("--decode-tokens", type=int, default=128)
     p.add_argument("--num-prompts", type=int, default=256)
-    p.add_argument("--input-len", type=int, default=256)
-    p.add_argument("--output-len", type=int, default=256)
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-batched-tokens", type=int, default=8192)
     p.add_argument("--max-model-len", type=int, default=4096)

@@ -128,7 +128,7 @@ def _quant_calls() -> None:
     from portaserve.quant.fp8 import FP8Method
 
     gemv_triton._num_sms = lambda x: 132
-    for fmt in ("Q4_0", "Q4_1", "Q8_0", "int4", "int8", "fp8"):
+    for fmt in ("Q4_0", "Q4_1", "Q8_0", "int4", "int8", "fp8", "Q4_K", "Q5_K", "Q6_K"):
         weight = registry.quantize(torch.randn(64, 4096) * 0.02, fmt)
         for dt in (torch.bfloat16, torch.float16, torch.float32):
             for m in range(1, gemv_triton.MAX_M + 1):

@@ -3,8 +3,8 @@
 Loaded by the plugin manager after the device built-ins. Registers every built-in format
 (``registry.builtin_methods()``) and, per format, the ``cpu`` ``quant_linear`` kernel from
 ``kernels_cpu``; when triton is installed, the Triton kernels of ``kernels_triton`` for ``cuda``
-(dequant-GEMMs for Q4_0, Q4_1, Q8_0, int4, int8, and fp8 W8A8; triton is imported at the first
-call). On ``cpu`` fp8 stays weight-only (the reference's numerics).
+(dequant-GEMMs for Q4_0, Q4_1, Q8_0, int4, int8, a decode GEMV for Q4_K, Q5_K, Q6_K too, and
+fp8 W8A8; triton is imported at the first call). On ``cpu`` fp8 stays weight-only (the reference's numerics).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def portaserve_register_kernels(register: Callable[..., None]) -> None:
 
 
 #: formats ``kernels_triton`` serves (kept here so registering does not import triton)
-TRITON_FORMATS = ("Q4_0", "Q4_1", "Q8_0", "int4", "int8")
+TRITON_FORMATS = ("Q4_0", "Q4_1", "Q8_0", "int4", "int8", "Q4_K", "Q5_K", "Q6_K")
 
 
 def _triton_quant_linear(x: Any, weight: Any, bias: Any = None) -> Any:

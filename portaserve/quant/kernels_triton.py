@@ -13,7 +13,8 @@ accumulator (``ieee`` precision for float32 x).
 ``fp8.fp8_linear_emulated``): one Triton kernel quantizes x per token (or with the weight's
 static / per-tensor scale), then up to ``FP8_GEMV_MAX_M`` rows the fp8 GEMV, else
 ``torch._scaled_mm`` on the tensor cores. No host synchronization, so decode steps capture in
-CUDA graphs. K-quants use the cuda device's ``dequant_linear``. Registered through
+CUDA graphs. K-quants (Q4_K, Q5_K, Q6_K) have the GEMV; larger M unpacks them for cuBLAS, as
+the cuda device's ``dequant_linear`` does. Registered through
 ``portaserve.quant.builtin`` only when triton imports; the module is imported lazily.
 """
 
@@ -121,7 +122,8 @@ def _operands(weight: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor, torc
 
 def triton_quant_linear(x: torch.Tensor, weight: QuantizedWeight,
                         bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``quant_linear`` for Q4_0 / Q4_1 / Q8_0 / int4 / int8 on a Triton device -> [M, N]."""
+    """``quant_linear`` for the weight-only formats of ``TRITON_FORMATS`` on a Triton device
+    -> [M, N]. K formats have the GEMV only; above ``MAX_M`` rows they are unpacked for cuBLAS."""
     n, k = weight.shape
     x2 = x.reshape(-1, k).contiguous()
     m = x2.shape[0]
@@ -129,6 +131,8 @@ def triton_quant_linear(x: torch.Tensor, weight: QuantizedWeight,
         out = gemv_triton.gemv(x2, weight, bias)
         if out is not None:
             return out
+    if weight.format not in _FORMAT_IDS:
+        return torch.nn.functional.linear(x2, weight.dequantize(x.dtype), bias)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     q, s, z, group = _operands(weight)
     block_k = 128 if k % 128 == 0 else 64
@@ -149,8 +153,8 @@ def triton_quant_linear(x: torch.Tensor, weight: QuantizedWeight,
     return out
 
 
-#: quant formats with a weight-only Triton kernel here (fp8 has ``fp8_quant_linear``)
-TRITON_FORMATS = tuple(_FORMAT_IDS)
+#: weight-only formats ``triton_quant_linear`` serves (fp8 has ``fp8_quant_linear``)
+TRITON_FORMATS = (*_FORMAT_IDS, "Q4_K", "Q5_K", "Q6_K")
 
 # -- fp8 W8A8 --------------------------------------------------------------------------------
 

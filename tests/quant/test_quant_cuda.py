@@ -26,6 +26,7 @@ pytestmark = [
 
 FUSED = [(fmt, torch.bfloat16, m) for fmt in ("int4", "int8", "Q4_0", "Q4_1", "Q8_0") for m in (1, 3, 37)]
 FUSED += [(fmt, torch.float32, m) for fmt in ("int4", "Q8_0") for m in (1, 37)]
+FUSED += [(fmt, torch.bfloat16, m) for fmt in ("Q4_K", "Q5_K", "Q6_K") for m in (1, 4, 37)]
 
 
 @pytest.mark.parametrize("fmt,dtype,m", FUSED)

@@ -2,10 +2,11 @@
 
 Without a GPU the kernel runs in Triton's interpreter on CPU tensors (float32, float16); with
 ``PORTASERVE_TEST_DEVICE=cuda`` the same tests run compiled on the GPU and add bfloat16. Cases:
-every format it serves, M = 1..4, row counts that do not fill the last tile, K split over
-programs (the policy's choice, none, and an uneven split), bias, fused q|k|v weights
-(``concat_rows``), int4 group sizes 32/64/128 symmetric and asymmetric, and fp8 W8A8 against
-``fp8_linear_emulated`` in each activation scheme.
+every format it serves (GGUF blocks incl. Q4_K / Q5_K / Q6_K, also on random bytes), M = 1..4,
+row counts that do not fill the last tile, K split over programs (the policy's choice, none,
+and an uneven split), bias, fused q|k|v weights (``concat_rows``), int4 group sizes 32/64/128
+symmetric and asymmetric, and fp8 W8A8 against ``fp8_linear_emulated`` in each activation
+scheme.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ pytest.importorskip("triton")
 from portaserve.devices import reference  # noqa: E402
 from portaserve.quant import gemv_triton, registry  # noqa: E402
 from portaserve.quant.fp8 import FP8Method, fp8_linear_emulated, quantize_activation  # noqa: E402
+from portaserve.quant.gguf_formats import GGUFMethod  # noqa: E402
 from portaserve.quant.int_formats import Int4Method  # noqa: E402
 
 DEVICE = torch.device(os.environ.get("PORTASERVE_TEST_DEVICE", "cpu"))
@@ -68,7 +70,8 @@ def check(weight, m: int, dtype: torch.dtype, gen: torch.Generator, *, bias: boo
 
 
 WEIGHT_ONLY = [("Q4_0", 32), ("Q4_1", 32), ("Q8_0", 32), ("int8", 0), ("int4", 32),
-               ("int4_sym", 64), ("int4", 128), ("int4_sym", 128)]
+               ("int4_sym", 64), ("int4", 128), ("int4_sym", 128), ("Q4_K", 256), ("Q5_K", 256),
+               ("Q6_K", 256)]
 
 
 @pytest.mark.parametrize("fmt,group", WEIGHT_ONLY, ids=[f"{f}-g{g}" for f, g in WEIGHT_ONLY])
@@ -82,7 +85,7 @@ def test_gemv_matches_the_reference(fmt: str, group: int, m: int, dtype: torch.d
     check(weight, m, dtype, gen, split_k=3)  # 4 K steps over 3 programs: 2, 2 and none
 
 
-@pytest.mark.parametrize("fmt", ["Q4_0", "Q4_1", "Q8_0", "int8", "int4", "int4_sym"])
+@pytest.mark.parametrize("fmt", ["Q4_0", "Q4_1", "Q8_0", "int8", "int4", "int4_sym", "Q4_K", "Q6_K"])
 def test_gemv_on_fused_qkv(fmt: str, gen: torch.Generator) -> None:
     parts = [packed(fmt, n, 256, gen, 64) for n in (64, 16, 16)]  # q | k | v
     fused = parts[0].method.concat_rows(parts)
@@ -119,17 +122,30 @@ def test_fp8_gemv_matches_the_w8a8_emulation(scheme: str, m: int, per_channel: b
         assert rel_err(got, want) <= 1e-6
 
 
-@pytest.mark.parametrize("fmt", ["Q4_0", "Q4_1", "Q8_0", "int8", "int4"])
+@pytest.mark.parametrize("fmt", ["Q4_0", "Q4_1", "Q8_0", "int8", "int4", "Q4_K", "Q5_K", "Q6_K"])
 def test_gemv_with_the_tuned_tiles(fmt: str, gen: torch.Generator) -> None:
     weight = packed(fmt, 72, 1024, gen)
     for m in (1, 2, 4):  # each row count's own tiles (gemv_triton.CONFIGS)
         check(weight, m, torch.float32, gen, config=None)
 
 
+@pytest.mark.parametrize("fmt", ["Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"])
+def test_gemv_on_random_gguf_blocks(fmt: str, gen: torch.Generator) -> None:
+    """Random bytes in every field: every bit of the packed scales and high bits is read."""
+    weight = GGUFMethod(fmt).random(24, 768, device=torch.device("cpu"), generator=gen)
+    for m in (1, 4):
+        check(weight, m, torch.float32, gen, split_k=3)
+
+
+def test_cuda_registers_every_format_the_kernels_serve() -> None:
+    from portaserve.quant import builtin, kernels_triton
+
+    assert set(builtin.TRITON_FORMATS) == set(kernels_triton.TRITON_FORMATS)
+    assert set(kernels_triton.TRITON_FORMATS) | {"fp8"} == set(gemv_triton.FORMAT_IDS)
+
+
 def test_gemv_declines_what_it_does_not_serve(gen: torch.Generator) -> None:
     weight = packed("Q8_0", 16, 256, gen)
     assert gemv_triton.gemv(torch.randn(5, 256).to(DEVICE), weight.to(DEVICE)) is None  # M > MAX_M
-    k_quant = registry.quantize(torch.randn(16, 256, generator=gen), "Q4_K")
-    assert gemv_triton.gemv(torch.randn(1, 256).to(DEVICE), k_quant.to(DEVICE)) is None
     odd = packed("int8", 16, 200, gen)  # K = 200: no whole 32-column step
     assert gemv_triton.gemv(torch.randn(1, 200).to(DEVICE), odd.to(DEVICE)) is None
