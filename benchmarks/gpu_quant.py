@@ -1,8 +1,8 @@
 """H200: the Llama-3-8B-shaped random model in each quant format beside bf16, and the kernels.
 
     PYTHONPATH=. python3 benchmarks/gpu_quant.py                       # model table, ~4 min
-    PYTHONPATH=. python3 benchmarks/gpu_quant.py --kernels             # kernel table, ~1 min
-    PYTHONPATH=. python3 benchmarks/gpu_quant.py --kernels --sweep     # + GEMV tile sweep
+    PYTHONPATH=. python3 benchmarks/gpu_quant.py --kernels             # kernel table, ~2-3 min
+    PYTHONPATH=. python3 benchmarks/gpu_quant.py --kernels --sweep --formats bf16,int4,Q4_K,Q8_0,fp8
     PYTHONPATH=. python3 benchmarks/gpu_quant.py --formats fp8 --parts throughput \\
         --num-prompts 1000 --input-len 1000 --output-len 1000 --budget-s 500   # fp8 at 1000/1000
     python benchmarks/gpu_quant.py --dry-run --kernels --sweep         # CPU: checks the script
@@ -195,7 +195,7 @@ def kernel_kinds(fmt: str, m: int) -> list[str]:
     kinds = ["kernel"]
     if fmt == "fp8":
         kinds += ["scaled_mm"] if m <= 16 else []
-    elif m <= 4:
+    elif m <= 4 and not fmt.endswith("_K"):  # (K formats have no tiled kernel)
         kinds += ["tiled"]
     if m >= 16:
         kinds += ["dequant"]
