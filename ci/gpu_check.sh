@@ -8,6 +8,8 @@
 #   1. kernels:     tests/devices/test_triton_kernels.py compiled on the GPU, in bf16, fp16, fp32
 #   2. device:      tests/devices/test_cuda_device.py (probe, CUDA-graph replay vs eager, greedy
 #                   tokens of a random tiny Llama on cuda through graphs == the cpu device)
+#      quant:       tests/quant/test_quant_gemv.py and test_quant_cuda.py compiled on the GPU (the
+#                   quant GEMV, fp8 W8A8 vs its emulation, quant kernels in CUDA graphs)
 #   3. conformance: the portaserve.testing suite on --portaserve-device cuda, every dtype the device
 #                   declares (bf16, fp16, fp32), including greedy SmolLM2 cuda vs cpu when the model
 #                   and the gguf package are there (else that one test is deselected, and said so)
@@ -68,6 +70,8 @@ run_step() {  # name, command...
 run_step kernels env PORTASERVE_TEST_DEVICE=cuda "$PY" -m pytest -q -p no:cacheprovider \
     tests/devices/test_triton_kernels.py
 run_step device "$PY" -m pytest -q -p no:cacheprovider -rs tests/devices/test_cuda_device.py
+run_step quant env PORTASERVE_TEST_DEVICE=cuda "$PY" -m pytest -q -p no:cacheprovider -rs \
+    tests/quant/test_quant_gemv.py tests/quant/test_quant_cuda.py
 run_step conformance "$PY" -m pytest -q -p no:cacheprovider -rs "${PLUGIN_ARGS[@]}" "${E2E_ARGS[@]}" \
     --portaserve-device cuda --pyargs portaserve.testing
 

@@ -1,4 +1,5 @@
-"""Compile every Triton kernel variant of the cuda/rocm devices for a GPU target, without a GPU.
+"""Compile every Triton kernel variant of the cuda/rocm devices (and the quant GEMVs) for a GPU
+target, without a GPU.
 
     PYTHONPATH=. python ci/triton_compile_check.py cuda:90      # Hopper (sm_90), cubin via ptxas
     PYTHONPATH=. python ci/triton_compile_check.py hip:gfx942   # MI300
@@ -98,6 +99,7 @@ def main(argv: list[str]) -> int:
                  "tests/devices/test_triton_kernels.py", "-k", "not leak"])
     try:
         _llama_bf16_calls()
+        _quant_calls()
     except OutOfResources:
         pass  # the variant is in ``oversized``
     errors.extend(oversized)
@@ -146,6 +148,30 @@ def _llama_bf16_calls() -> None:
                                       decode.attention_metadata(torch.device("cpu")), 0.08, num_splits=splits)
         attention.paged_attention(torch.randn(41, 32, 128, dtype=dt), cache8,
                                   prefill.attention_metadata(torch.device("cpu")), 0.08)
+
+
+def _quant_calls() -> None:
+    """The quant GEMV of every format at M = 1..4 (split K and not) in each activation dtype,
+    and the fp8 activation quantizer in each scheme, at Llama-3-8B widths."""
+    from portaserve.quant import gemv_triton, kernels_triton, registry
+    from portaserve.quant.fp8 import FP8Method
+
+    gemv_triton._num_sms = lambda x: 132
+    for fmt in ("Q4_0", "Q4_1", "Q8_0", "int4", "int8", "fp8", "Q4_K", "Q5_K", "Q6_K"):
+        weight = registry.quantize(torch.randn(64, 4096) * 0.02, fmt)
+        for dt in (torch.bfloat16, torch.float16, torch.float32):
+            for m in range(1, gemv_triton.MAX_M + 1):
+                x = torch.randn(m, 4096, dtype=dt)
+                for split_k in (1, 4):
+                    if fmt == "fp8":
+                        gemv_triton.gemv(x.to(torch.float8_e4m3fn), weight, x_scale=torch.ones(m),
+                                         out_dtype=dt, split_k=split_k)
+                    else:
+                        gemv_triton.gemv(x, weight, split_k=split_k)
+    for scheme in ("dynamic_per_token", "dynamic_per_tensor"):
+        weight = FP8Method().quantize(torch.randn(64, 4096), activation=scheme)
+        for dt in (torch.bfloat16, torch.float16, torch.float32):
+            kernels_triton.quantize_fp8_activation(torch.randn(3, 4096, dtype=dt), weight)
 
 
 if __name__ == "__main__":

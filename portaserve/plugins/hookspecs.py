@@ -49,8 +49,11 @@ def portaserve_register_kernels(register: Callable[..., None]) -> None:
     :param register: call ``register(device_name, op_name, fn, *, quant_format=None)``.
         ``op_name`` is one of ``portaserve.plugins.device.OP_NAMES`` or ``FUSED_OPS``; for
         ``"quant_linear"`` pass ``quant_format=<format name>`` to register the kernel for that
-        weight format on that device. The device need not be registered yet (its plugin may load later or not
-        at all); the kernel is used once a device of that name builds its kernel table.
+        weight format on that device; a quant kernel whose numerics are not the weight-only
+        reference's (fp8 W8A8) says so with a ``quant_numerics`` attribute
+        (``portaserve.quant.base``). The device need not be registered yet (its plugin may load
+        later or not at all); the kernel is used once a device of that name builds its kernel
+        table.
     :returns: None.
 
     .. versionadded:: 0.1

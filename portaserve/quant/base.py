@@ -3,14 +3,43 @@
 A ``QuantizedWeight`` keeps a linear layer's weight packed (the format decides how) and knows
 its logical shape ``[out_features, in_features]``. Its quant method provides the reference
 dequantization; fast kernels are registered per (format, device) and read ``data`` directly.
+
+Numerics: a ``quant_linear`` kernel computes, by default, what the reference does (x in its
+dtype times the dequantized weight: "weight only"). A kernel that computes something else on
+purpose (fp8 W8A8 quantizes the activations too) says so with a ``quant_numerics`` attribute
+naming one of its format's ``QuantMethod.numerics``; that entry holds a plain-torch statement
+of those numerics, the oracle the conformance suite checks the kernel against, and the error
+allowed against the weight-only reference.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
+
+#: What the reference ``quant_linear`` computes: x in its dtype @ dequantize(w).T
+WEIGHT_ONLY = "weight_only"
+
+
+@dataclass(frozen=True, slots=True)
+class Numerics:
+    """A way other than weight-only in which a kernel may compute a format's linear.
+
+    ``emulate(x, weight, bias)`` states it in plain torch (the oracle such a kernel is checked
+    against, tightly); ``max_rel_error`` bounds ``|emulate - reference| / |reference|``
+    (Frobenius) on random inputs: the accuracy the scheme itself gives up."""
+
+    emulate: Callable[..., torch.Tensor]
+    max_rel_error: float
+
+
+def kernel_numerics(fn: Callable[..., Any]) -> str:
+    """The numerics a ``quant_linear`` kernel declares (its ``quant_numerics`` attribute);
+    ``WEIGHT_ONLY`` when it declares none."""
+    return getattr(fn, "quant_numerics", WEIGHT_ONLY)
 
 
 class QuantMethod(Protocol):
@@ -27,6 +56,10 @@ class QuantMethod(Protocol):
     ) -> torch.Tensor:
         """(optional) Rows ``[len(rows), in]`` only: an embedding lookup on packed weights."""
         ...
+
+    #: (optional) numerics other than weight-only that kernels of this format may declare,
+    #: by name (see the module docstring). Defaults to none.
+    numerics: dict[str, Numerics]
 
 
 @dataclass(slots=True)

@@ -2,8 +2,9 @@
 
 Loaded by the plugin manager after the device built-ins. Registers every built-in format
 (``registry.builtin_methods()``) and, per format, the ``cpu`` ``quant_linear`` kernel from
-``kernels_cpu``; when triton is installed, the Triton dequant-GEMMs of ``kernels_triton``
-for ``cuda`` (Q4_0, Q4_1, Q8_0, int4, int8; triton is imported at the first call).
+``kernels_cpu``; when triton is installed, the Triton kernels of ``kernels_triton`` for ``cuda``
+(dequant-GEMMs for Q4_0, Q4_1, Q8_0, int4, int8, a decode GEMV for Q4_K, Q5_K, Q6_K too, and
+fp8 W8A8; triton is imported at the first call). On ``cpu`` fp8 stays weight-only (the reference's numerics).
 """
 
 from __future__ import annotations
@@ -34,13 +35,23 @@ def portaserve_register_kernels(register: Callable[..., None]) -> None:
     if importlib.util.find_spec("triton") is not None:  # imported at the first call, not here
         for fmt in TRITON_FORMATS:
             register("cuda", "quant_linear", _triton_quant_linear, quant_format=fmt)
+        register("cuda", "quant_linear", _fp8_quant_linear, quant_format="fp8")
 
 
 #: formats ``kernels_triton`` serves (kept here so registering does not import triton)
-TRITON_FORMATS = ("Q4_0", "Q4_1", "Q8_0", "int4", "int8")
+TRITON_FORMATS = ("Q4_0", "Q4_1", "Q8_0", "int4", "int8", "Q4_K", "Q5_K", "Q6_K")
 
 
 def _triton_quant_linear(x: Any, weight: Any, bias: Any = None) -> Any:
     from portaserve.quant.kernels_triton import triton_quant_linear
 
     return triton_quant_linear(x, weight, bias)
+
+
+def _fp8_quant_linear(x: Any, weight: Any, bias: Any = None) -> Any:
+    from portaserve.quant.kernels_triton import fp8_quant_linear
+
+    return fp8_quant_linear(x, weight, bias)
+
+
+_fp8_quant_linear.quant_numerics = "w8a8"  # type: ignore[attr-defined]  # see quant.base

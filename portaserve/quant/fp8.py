@@ -8,8 +8,11 @@ checkpoint (the ``compressed-tensors`` / ``fbgemm_fp8`` / vLLM "fp8" layouts all
 
 The reference (``dequantize``) is weight-only: x stays in its dtype. ``fp8_linear`` is the
 W8A8 computation through ``torch._scaled_mm`` (the fp8 tensor-core matmul on sm_89+; torch also
-has a CPU implementation); ``fp8_linear_emulated`` states the same numerics in plain torch, so a
-W8A8 kernel is checked against it, and it against the reference within fp8 tolerance.
+has a CPU implementation); ``fp8_linear_emulated`` states the same numerics in plain torch. The
+method declares them as ``numerics["w8a8"]`` (``quant.base.Numerics``): a kernel with
+``quant_numerics = "w8a8"`` is checked against the emulation, and the emulation against the
+reference within ``W8A8_MAX_REL_ERROR``. Fused projections (q|k|v, gate|up) concatenate rows;
+per-tensor weight scales become per-channel then (the same products).
 
 KV cache (``EngineConfig.kv_cache_dtype``, ``--kv-cache-dtype``): ``kv_cache_dtype(name)`` maps
 the option to a dtype ("fp8" and "fp8_e4m3" are ``torch.float8_e4m3fn``). The engine refuses a
@@ -25,13 +28,17 @@ from __future__ import annotations
 import torch
 
 from portaserve.errors import ConfigError, ModelError
-from portaserve.quant.base import QuantizedWeight
+from portaserve.quant.base import Numerics, QuantizedWeight
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448.0
 ACTIVATION_SCHEMES = ("dynamic_per_token", "dynamic_per_tensor", "static")
 KV_CACHE_DTYPES = {"auto": None, "fp8": FP8_DTYPE, "fp8_e4m3": FP8_DTYPE,
                    "fp8_e5m2": torch.float8_e5m2}
+#: W8A8 against the weight-only reference, relative Frobenius error on random normal inputs:
+#: e4m3 keeps 3 mantissa bits, so each quantized activation is off by up to 2^-4 of itself;
+#: over a dot product that is about 3% (3.4% the worst seen over shapes, dtypes and schemes).
+W8A8_MAX_REL_ERROR = 0.05
 
 
 def kv_cache_dtype(name: str, model_dtype: torch.dtype | None = None) -> torch.dtype | None:
@@ -43,7 +50,8 @@ def kv_cache_dtype(name: str, model_dtype: torch.dtype | None = None) -> torch.d
     return KV_CACHE_DTYPES[name] or model_dtype
 
 
-def _scale_of(amax: torch.Tensor) -> torch.Tensor:
+def amax_scale(amax: torch.Tensor) -> torch.Tensor:
+    """The scale that maps ``amax`` to 448 (1 where amax is 0)."""
     scale = amax.float() / FP8_MAX
     return torch.where(scale > 0, scale, torch.ones_like(scale))
 
@@ -57,6 +65,11 @@ class FP8Method:
     """fp8 e4m3 weights, per-tensor or per-channel scales."""
 
     name = "fp8"
+
+    @property
+    def numerics(self) -> dict[str, Numerics]:
+        """W8A8 (``fp8_linear_emulated``), which fp8 kernels may declare."""
+        return {"w8a8": Numerics(emulate=fp8_linear_emulated, max_rel_error=W8A8_MAX_REL_ERROR)}
 
     def dequantize(self, weight: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
         return self._dequant(weight.data["weight"], weight.data["weight_scale"], dtype)
@@ -114,7 +127,7 @@ class FP8Method:
         if w.dim() != 2:
             raise ConfigError(f"fp8: expected a 2-D weight; got shape {tuple(w.shape)}", field="weight")
         wf = w.detach().float()
-        scale = _scale_of(wf.abs().amax(dim=1) if per_channel else wf.abs().amax())
+        scale = amax_scale(wf.abs().amax(dim=1) if per_channel else wf.abs().amax())
         q = quantize_fp8(wf, scale[:, None] if per_channel else scale)
         return self.from_tensors(q, scale, activation=activation)
 
@@ -150,9 +163,9 @@ def quantize_activation(x: torch.Tensor, weight: QuantizedWeight) -> tuple[torch
     if scheme == "static":
         scale = weight.data["input_scale"].to(x.device)
     elif scheme == "dynamic_per_tensor":
-        scale = _scale_of(x.abs().amax())
+        scale = amax_scale(x.abs().amax())
     else:
-        scale = _scale_of(x.abs().amax(dim=1, keepdim=True))  # [T, 1]
+        scale = amax_scale(x.abs().amax(dim=1, keepdim=True))  # [T, 1]
     return quantize_fp8(x, scale), scale
 
 
@@ -168,17 +181,35 @@ def fp8_linear_emulated(x: torch.Tensor, weight: QuantizedWeight,
     return out.to(x.dtype)
 
 
+def scaled_mm(xq: torch.Tensor, x_scale: torch.Tensor, weight: QuantizedWeight,
+              out_dtype: torch.dtype) -> torch.Tensor:
+    """fp8 ``xq`` [T, K] times the fp8 weight through ``torch._scaled_mm`` -> [T, N] in
+    ``out_dtype``; ``x_scale`` is a scalar or [T, 1]. Host-sync free (CUDA-graph safe).
+
+    bfloat16 output takes the scales inside the matmul (row-wise when either is a vector);
+    float16 / float32 output (which row-wise scaling does not offer) takes the unscaled float32
+    product and applies the scales after."""
+    ws = weight.data["weight_scale"].float()
+    wq = weight.data["weight"].t()  # [K, N], column-major as _scaled_mm wants
+    rows = xq.shape[0]
+    if out_dtype == torch.bfloat16:
+        if x_scale.dim() == 0 and ws.dim() == 0:
+            return torch._scaled_mm(xq, wq, scale_a=x_scale, scale_b=ws, out_dtype=out_dtype)
+        xs = x_scale.reshape(-1, 1).expand(rows, 1).contiguous()  # [T, 1]
+        ws = ws.reshape(1, -1).expand(1, weight.shape[0]).contiguous()  # [1, N]
+        return torch._scaled_mm(xq, wq, scale_a=xs, scale_b=ws, out_dtype=out_dtype)
+    one = torch.ones((), dtype=torch.float32, device=xq.device)
+    out = torch._scaled_mm(xq, wq, scale_a=one, scale_b=one, out_dtype=torch.float32)
+    out = out * x_scale.reshape(-1, 1) * (ws if ws.dim() == 0 else ws[None, :])
+    return out.to(out_dtype)
+
+
 def fp8_linear(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """W8A8 through ``torch._scaled_mm`` (row-wise scales when per-token / per-channel)."""
     xq, xs = quantize_activation(x, weight)
-    ws = weight.data["weight_scale"].float()
-    rowwise = xs.dim() > 0 or ws.dim() > 0
-    if rowwise:  # _scaled_mm wants both scales row-wise then: [T, 1] and [1, N]
-        xs = xs.expand(x.shape[0], 1).contiguous() if xs.dim() > 0 else xs.reshape(1, 1).expand(x.shape[0], 1).contiguous()
-        ws = ws.reshape(1, -1).expand(1, weight.shape[0]).contiguous()
     out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.float32
-    out = torch._scaled_mm(xq, weight.data["weight"].t(), scale_a=xs, scale_b=ws, bias=None,
-                           out_dtype=out_dtype)
+    out = scaled_mm(xq, xs, weight, out_dtype)
     if bias is not None:
         out = out + bias.to(out.dtype)
     return out  # [T, N]
+

@@ -215,6 +215,32 @@ class GGUFMethod:
 
     # -- producing packed data ---------------------------------------------------------------
 
+    def random(self, n: int, k: int, *, device: torch.device, generator: torch.Generator,
+               std: float = 0.02) -> QuantizedWeight:
+        """Random blocks made on ``device`` (no host work): random code bytes, 16-bit scales
+        set for weights of about ``std``. For speed work (synthetic models), where values do
+        not matter but their bytes do."""
+        if k % self.block_size:
+            raise ConfigError(f"{self.name}: row length {k} is not a multiple of the block size "
+                              f"{self.block_size}", field="shape")
+        blocks = k // self.block_size
+        # std of the dequantized weight per unit of d with random bytes (measured once)
+        spread = {"Q4_0": 4.6, "Q4_1": 4.6, "Q8_0": 74.0, "Q4_K": 225.0, "Q5_K": 440.0,
+                  "Q6_K": 1400.0}[self.name]
+        data: dict[str, torch.Tensor] = {}
+        for f in _LAYOUTS[self.name][1]:
+            shape = (n, blocks, *f.shape)
+            if f.dtype == torch.float16:
+                data[f.name] = torch.full(shape, std / spread, dtype=f.dtype, device=device)
+            else:
+                raw = torch.randint(0, 256, shape, dtype=torch.uint8, device=device, generator=generator)
+                data[f.name] = raw.view(f.dtype)
+        if "m" in data:  # Q4_1: centre the codes (d q + m with m = -8 d)
+            data["m"] = -8 * data["d"]
+        if "dmin" in data:
+            data["dmin"] = data["d"] * 4
+        return QuantizedWeight(self.name, (n, k), data, self)
+
     def quantize(self, w: torch.Tensor) -> QuantizedWeight:
         """Quantize a dense [N, K] weight into this format."""
         if w.dim() != 2:

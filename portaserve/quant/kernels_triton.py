@@ -1,14 +1,21 @@
-"""Triton dequant-fused GEMMs for ``cuda``: ``x [M, K] @ dequant(W)[N, K].T`` without ever
-writing the dense weight, for Q4_0, Q4_1, Q8_0 (GGUF blocks as ``gguf_formats`` stores them),
-int4 (group-wise, zero points) and int8 (per channel).
+"""Triton kernels of the quant formats on ``cuda``: dequant-fused GEMMs for Q4_0, Q4_1, Q8_0,
+int4 and int8, and fp8 W8A8 (activation quantization + ``torch._scaled_mm``).
 
-Each program computes a ``[BLOCK_M, BLOCK_N]`` tile of the output; every K step loads the packed
-codes of a ``[BLOCK_N, BLOCK_K]`` weight tile, expands them in registers with the format's
-scales (float32 math, the reference's formula), casts to x's dtype and feeds ``tl.dot`` with a
-float32 accumulator (``ieee`` precision for float32 x). Small batches (decode) are the target:
-the weight bytes are read once per column tile. Formats without a kernel here (K-quants,
-fp8) use the cuda device's ``dequant_linear``. Registered through ``portaserve.quant.builtin``
-only when triton imports; the module is imported lazily.
+``triton_quant_linear`` computes ``x [M, K] @ dequant(W)[N, K].T`` without ever writing the
+dense weight. Up to ``gemv_triton.MAX_M`` rows it runs the GEMV of ``gemv_triton`` (decode:
+weight bytes streamed once, no padding of M). Larger M runs ``_quant_gemm_kernel``: each program
+computes a ``[BLOCK_M, BLOCK_N]`` output tile; every K step loads the packed codes of a
+``[BLOCK_N, BLOCK_K]`` weight tile, expands them in registers with the format's scales (float32
+math, the reference's formula), casts to x's dtype and feeds ``tl.dot`` with a float32
+accumulator (``ieee`` precision for float32 x).
+
+``fp8_quant_linear`` is W8A8 (``quant_numerics = "w8a8"``, checked against
+``fp8.fp8_linear_emulated``): one Triton kernel quantizes x per token (or with the weight's
+static / per-tensor scale), then up to ``FP8_GEMV_MAX_M`` rows the fp8 GEMV, else
+``torch._scaled_mm`` on the tensor cores. No host synchronization, so decode steps capture in
+CUDA graphs. K-quants (Q4_K, Q5_K, Q6_K) have the GEMV; larger M unpacks them for cuBLAS, as
+the cuda device's ``dequant_linear`` does. Registered through
+``portaserve.quant.builtin`` only when triton imports; the module is imported lazily.
 """
 
 from __future__ import annotations
@@ -17,7 +24,10 @@ import torch
 import triton
 import triton.language as tl
 
+from portaserve.devices.cuda.launch import MAX, triton_kernel
+from portaserve.quant import gemv_triton
 from portaserve.quant.base import QuantizedWeight
+from portaserve.quant.fp8 import FP8_DTYPE, amax_scale, fp8_linear_emulated, scaled_mm
 
 _FORMAT_IDS = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2, "int4": 3, "int8": 4}
 
@@ -112,10 +122,17 @@ def _operands(weight: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor, torc
 
 def triton_quant_linear(x: torch.Tensor, weight: QuantizedWeight,
                         bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``quant_linear`` for Q4_0 / Q4_1 / Q8_0 / int4 / int8 on a Triton device -> [M, N]."""
+    """``quant_linear`` for the weight-only formats of ``TRITON_FORMATS`` on a Triton device
+    -> [M, N]. K formats have the GEMV only; above ``MAX_M`` rows they are unpacked for cuBLAS."""
     n, k = weight.shape
     x2 = x.reshape(-1, k).contiguous()
     m = x2.shape[0]
+    if m <= gemv_triton.MAX_M:
+        out = gemv_triton.gemv(x2, weight, bias)
+        if out is not None:
+            return out
+    if weight.format not in _FORMAT_IDS:
+        return torch.nn.functional.linear(x2, weight.dequantize(x.dtype), bias)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     q, s, z, group = _operands(weight)
     block_k = 128 if k % 128 == 0 else 64
@@ -136,5 +153,74 @@ def triton_quant_linear(x: torch.Tensor, weight: QuantizedWeight,
     return out
 
 
-#: quant formats with a Triton kernel here
-TRITON_FORMATS = tuple(_FORMAT_IDS)
+#: weight-only formats ``triton_quant_linear`` serves (fp8 has ``fp8_quant_linear``)
+TRITON_FORMATS = (*_FORMAT_IDS, "Q4_K", "Q5_K", "Q6_K")
+
+# -- fp8 W8A8 --------------------------------------------------------------------------------
+
+#: Rows of x up to which fp8 runs the Triton GEMV rather than _scaled_mm (measured on an H200).
+FP8_GEMV_MAX_M = 4
+
+
+@triton_kernel
+def _fp8_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm,
+                      STATIC: tl.constexpr, BLOCK: tl.constexpr):
+    """Grid ``(M,)``: row m of x -> e4m3 codes ``clamp(x / scale, +-448)``; the scale is the
+    row's ``amax / 448`` (1 for a zero row), stored at ``s_ptr[m]``, or with ``STATIC`` the
+    one scale at ``s_ptr``. IEEE division, as torch's, so the codes equal ``fp8.quantize_fp8``'s."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    if STATIC:
+        scale = tl.load(s_ptr).to(tl.float32)
+    else:
+        amax = tl.full((BLOCK,), 0.0, tl.float32)
+        for k0 in range(0, K, BLOCK):
+            x = tl.load(x_ptr + row * stride_xm + k0 + offs, mask=k0 + offs < K, other=0.0)
+            amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
+        scale = tl.math.div_rn(tl.reduce(amax, 0, MAX), 448.0)  # fp8.FP8_MAX
+        scale = tl.where(scale > 0.0, scale, 1.0)
+        tl.store(s_ptr + row, scale)
+    for k0 in range(0, K, BLOCK):
+        mask = k0 + offs < K
+        x = tl.load(x_ptr + row * stride_xm + k0 + offs, mask=mask, other=0.0).to(tl.float32)
+        q = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -448.0), 448.0)
+        tl.store(q_ptr + row * stride_qm + k0 + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
+
+
+def quantize_fp8_activation(x: torch.Tensor, weight: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] (last dim contiguous) -> (e4m3 [M, K], float32 scale [M] or a scalar) by the
+    weight's activation scheme; the same values as ``fp8.quantize_activation``."""
+    m, k = x.shape
+    scheme = weight.meta.get("activation", "dynamic_per_token")
+    xq = torch.empty(m, k, dtype=FP8_DTYPE, device=x.device)
+    if scheme == "dynamic_per_token":
+        scale = torch.empty(m, dtype=torch.float32, device=x.device)
+    elif scheme == "static":
+        scale = weight.data["input_scale"]
+    else:  # dynamic_per_tensor: one amax over the batch first
+        scale = amax_scale(x.abs().amax())
+    block = min(triton.next_power_of_2(k), 4096)
+    _fp8_quant_kernel.on(x)[(m,)](x, xq, scale, k, x.stride(0), xq.stride(0),
+                                  STATIC=scheme != "dynamic_per_token", BLOCK=block,
+                                  num_warps=4 if block >= 1024 else 1)
+    return xq, scale
+
+
+def fp8_quant_linear(x: torch.Tensor, weight: QuantizedWeight,
+                     bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``quant_linear`` for fp8 on ``cuda``: W8A8 (see the module docstring) -> [M, N]."""
+    n, k = weight.shape
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if n % 16 or k % 16:  # shapes _scaled_mm does not take: the same numerics in torch
+        return fp8_linear_emulated(x2, weight, bias)
+    xq, scale = quantize_fp8_activation(x2, weight)
+    out = None
+    if x2.shape[0] <= FP8_GEMV_MAX_M:
+        out = gemv_triton.gemv(xq, weight, bias, x_scale=scale, out_dtype=x.dtype)
+    if out is None:
+        out = scaled_mm(xq, scale, weight, x.dtype)
+        if bias is not None:
+            out = out + bias.to(out.dtype)
+    return out

@@ -63,6 +63,13 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
         msg=lambda m: f"{what} ({dtype}, atol={atol}, rtol={rtol}): {m}")
 
 
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """``|actual - expected| / |expected|`` (Frobenius), in float32 on the host."""
+    actual = actual.detach().to("cpu", torch.float32)
+    expected = expected.detach().to("cpu", torch.float32)
+    return float((actual - expected).norm() / expected.norm().clamp_min(1e-12))
+
+
 def dense_causal_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
 ) -> torch.Tensor:

@@ -27,6 +27,7 @@ from portaserve.testing.conformance import (
     dense_causal_attention,
     fp8_rounding_bound,
     randn,
+    rel_err,
     scattered_block_tables,
     slots,
 )
@@ -132,7 +133,11 @@ def test_all_reduce_single_rank(portaserve_device, portaserve_kernels, portaserv
 
 @pytest.mark.parametrize("num_tokens", [1, 6])
 def test_quant_linear_native_formats(portaserve_device, portaserve_kernels, portaserve_dtype, portaserve_gen, num_tokens):
+    """Each native quant kernel against the weight-only reference; a kernel that declares other
+    numerics (``quant.base``: fp8 W8A8) against that format's emulation of them, with the
+    dtype's tolerance, and against the reference within the error the format states."""
     from portaserve.plugins.manager import get_registry
+    from portaserve.quant.base import WEIGHT_ONLY, kernel_numerics
 
     formats = sorted(portaserve_kernels.quant_ops)
     if not formats:
@@ -148,7 +153,20 @@ def test_quant_linear_native_formats(portaserve_device, portaserve_kernels, port
         x = randn(portaserve_gen, num_tokens, k).to(portaserve_dtype)
         expected = reference.quant_linear(x, weight, None)
         out = portaserve_kernels.quant_linear(on(portaserve_device, x), weight.to(portaserve_device.torch_device), None)
-        assert_close(out, expected, portaserve_dtype, f"quant_linear[{fmt}]")
+        numerics = kernel_numerics(portaserve_kernels.quant_ops[fmt])
+        if numerics != WEIGHT_ONLY:
+            declared = getattr(method, "numerics", {}).get(numerics)
+            assert declared is not None, (
+                f"quant_linear[{fmt}] declares numerics {numerics!r}, which format {fmt} does not "
+                f"define (it defines {sorted(getattr(method, 'numerics', {}))})")
+            for what, value in (("its emulation", declared.emulate(x, weight, None)), ("the kernel", out)):
+                err = rel_err(value, expected)
+                assert err <= declared.max_rel_error, (
+                    f"quant_linear[{fmt}] ({numerics}, {portaserve_dtype}): {what} is {err:.4f} "
+                    f"(relative) from the weight-only reference; {fmt} states at most "
+                    f"{declared.max_rel_error}")
+            expected = declared.emulate(x, weight, None)
+        assert_close(out, expected, portaserve_dtype, f"quant_linear[{fmt}] ({numerics})")
         checked.append(fmt)
     if not checked:
         pytest.skip(f"native quant formats {formats} have no quantize() to build test weights")

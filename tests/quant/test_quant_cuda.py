@@ -1,7 +1,10 @@
-"""Triton dequant-GEMMs on fused (row-concatenated) packed weights, on a CUDA GPU.
+"""The cuda quant kernels (``quant.kernels_triton``, ``quant.gemv_triton``) on a CUDA GPU.
 
 Models fuse q|k|v and gate|up through each format's ``concat_rows``; the cuda ``quant_linear``
-must give the reference result on such weights in float32 and bfloat16.
+must give the reference result on such weights in float32 and bfloat16, at decode sizes (the
+GEMV) and prefill sizes (the tiled GEMM). fp8 is W8A8: its activation codes equal torch's
+``quantize_activation`` bit for bit, its output equals ``fp8_linear_emulated``. Both capture in
+a CUDA graph (no host synchronization; the split-K GEMV's counters reset themselves).
 """
 
 from __future__ import annotations
@@ -11,6 +14,9 @@ import torch
 
 from portaserve.devices import reference
 from portaserve.quant import registry
+from portaserve.quant.fp8 import FP8Method, fp8_linear_emulated, quantize_activation
+
+CUDA = torch.device("cuda")
 
 pytestmark = [
     pytest.mark.gpu,
@@ -18,9 +24,13 @@ pytestmark = [
 ]
 
 
-@pytest.mark.parametrize("fmt", ["int4", "int8", "Q4_1", "Q8_0"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_weights_match_the_reference(fmt: str, dtype: torch.dtype) -> None:
+FUSED = [(fmt, torch.bfloat16, m) for fmt in ("int4", "int8", "Q4_0", "Q4_1", "Q8_0") for m in (1, 3, 37)]
+FUSED += [(fmt, torch.float32, m) for fmt in ("int4", "Q8_0") for m in (1, 37)]
+FUSED += [(fmt, torch.bfloat16, m) for fmt in ("Q4_K", "Q5_K", "Q6_K") for m in (1, 4, 37)]
+
+
+@pytest.mark.parametrize("fmt,dtype,m", FUSED)
+def test_fused_weights_match_the_reference(fmt: str, dtype: torch.dtype, m: int) -> None:
     pytest.importorskip("triton")
     from portaserve.quant.kernels_triton import triton_quant_linear
 
@@ -29,8 +39,76 @@ def test_fused_weights_match_the_reference(fmt: str, dtype: torch.dtype) -> None
              for n in (4096, 1024, 1024)]
     fused = parts[0].method.concat_rows(parts)
     assert fused is not None and fused.shape == (6144, 4096)
-    x = torch.randn(3, 4096, generator=gen)
+    x = torch.randn(m, 4096, generator=gen)
     ref = reference.quant_linear(x, fused, None)
     out = triton_quant_linear(x.to("cuda", dtype), fused.to(torch.device("cuda"))).float().cpu()
     err = ((out - ref).abs().max() / ref.abs().max()).item()
     assert err < (1e-4 if dtype == torch.float32 else 2e-2), err
+
+
+def fp8_weight(n: int, k: int, scheme: str, per_channel: bool, gen: torch.Generator):
+    method = FP8Method()
+    w = torch.randn(n, k, generator=gen) * k**-0.5
+    if scheme != "static":
+        return method.quantize(w, per_channel=per_channel, activation=scheme)
+    q = method.quantize(w, per_channel=per_channel).data
+    return method.from_tensors(q["weight"], q["weight_scale"], input_scale=torch.tensor(0.02))
+
+
+@pytest.mark.parametrize("scheme", ["dynamic_per_token", "dynamic_per_tensor", "static"])
+@pytest.mark.parametrize("m", [1, 4, 7, 300])
+def test_fp8_activation_codes_equal_torchs(scheme: str, m: int) -> None:
+    from portaserve.quant.kernels_triton import quantize_fp8_activation
+
+    gen = torch.Generator().manual_seed(m)
+    weight = fp8_weight(64, 4096, scheme, True, gen).to(CUDA)
+    x = (torch.randn(m, 4096, generator=gen) * torch.rand(m, 1, generator=gen) * 8).to(CUDA, torch.bfloat16)
+    xq, xs = quantize_fp8_activation(x, weight)
+    want_q, want_s = quantize_activation(x, weight)
+    assert torch.equal(xs.reshape(-1), want_s.reshape(-1))
+    assert torch.equal(xq.view(torch.uint8), want_q.view(torch.uint8))
+
+
+W8A8 = [(s, pc, torch.bfloat16, m) for s in ("dynamic_per_token", "dynamic_per_tensor", "static")
+        for pc in (True, False) for m in (1, 4, 7, 300)]
+W8A8 += [("dynamic_per_token", True, dt, m) for dt in (torch.float32, torch.float16) for m in (1, 300)]
+
+
+@pytest.mark.parametrize("scheme,per_channel,dtype,m", W8A8)
+def test_fp8_w8a8_matches_the_emulation(scheme: str, per_channel: bool, dtype: torch.dtype, m: int) -> None:
+    from portaserve.quant.kernels_triton import fp8_quant_linear
+
+    gen = torch.Generator().manual_seed(m + 1000 * per_channel)
+    weight = fp8_weight(1024, 4096, scheme, per_channel, gen)
+    x = torch.randn(m, 4096, generator=gen).to(dtype)
+    bias = torch.randn(1024, generator=gen).to(dtype)
+    want = fp8_linear_emulated(x, weight, bias).float()
+    got = fp8_quant_linear(x.to(CUDA), weight.to(CUDA), bias.to(CUDA))
+    assert got.dtype == dtype
+    err = ((got.float().cpu() - want).norm() / want.norm()).item()
+    assert err < {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype], err
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "int4", "Q4_0"])
+@pytest.mark.parametrize("m", [1, 4, 16])
+def test_quant_linear_replays_in_a_cuda_graph(fmt: str, m: int) -> None:
+    from portaserve.quant.kernels_triton import fp8_quant_linear, triton_quant_linear
+
+    fn = fp8_quant_linear if fmt == "fp8" else triton_quant_linear
+    gen = torch.Generator().manual_seed(7)
+    weight = registry.quantize(torch.randn(4096, 4096, generator=gen) * 0.02, fmt).to(CUDA)
+    x = torch.randn(m, 4096, generator=gen).to(CUDA, torch.bfloat16)
+    fn(x, weight)  # compile and allocate outside the capture
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn(x, weight)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn(x, weight)
+    for _ in range(3):  # fresh inputs each replay
+        x.copy_(torch.randn(m, 4096, generator=gen).to(CUDA, torch.bfloat16))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, fn(x, weight))

@@ -189,3 +189,19 @@ def test_fp8_kv_cache_with_reference_ops():
     assert spec.bytes_per_block * 4 == KVCacheSpec(1, 4, 4, hk, d, torch.float32).bytes_per_block
     assert rel_err(outs[1], outs[0]) < 0.08
     assert not torch.equal(outs[1], outs[0])
+
+
+def test_fp8_concat_rows_keeps_each_products():
+    """Fused q|k|v of fp8 weights: scales per channel (a per-tensor one is repeated), and the
+    fused W8A8 output is the parts' outputs side by side."""
+    method = FP8Method()
+    parts = [method.quantize(torch.randn(n, 64, generator=gen(20 + n)), per_channel=n != 16)
+             for n in (32, 16, 8)]
+    fused = method.concat_rows(parts)
+    assert fused.shape == (56, 64) and fused.data["weight_scale"].shape == (56,)
+    x = torch.randn(3, 64, generator=gen(4))
+    each = torch.cat([fp8_linear_emulated(x, p) for p in parts], dim=1)
+    assert torch.allclose(fp8_linear_emulated(x, fused), each, rtol=1e-6, atol=1e-6)
+    assert torch.equal(fused.dequantize(), torch.cat([p.dequantize() for p in parts]))
+    other = method.quantize(torch.randn(8, 64, generator=gen(5)), activation="dynamic_per_tensor")
+    assert method.concat_rows([parts[0], other]) is None  # activation schemes differ

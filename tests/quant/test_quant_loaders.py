@@ -121,3 +121,17 @@ def test_smollm2_q4_1_stays_packed():
     file_size = loaded.path.stat().st_size
     assert 0.9 * file_size < resident < 1.05 * file_size, (resident, file_size)
     assert resident < 0.25 * 540e6  # not the ~540 MB of float32
+
+
+@pytest.mark.parametrize("quantization", ["int4", "int8", "fp8", "Q4_0", "Q8_0", "Q4_K"])
+def test_synthetic_model_packed_on_the_device(quantization):
+    """``random:<preset>`` with ``quantization=`` packs the decoder's linears where the weights
+    are made (GGUF formats as random blocks); the rest stays dense."""
+    from portaserve.core.loaders import load_model
+
+    loaded = load_model("random:tiny", dtype=torch.float32, device=CPU, quantization=quantization)
+    down = loaded.weights["model.layers.1.mlp.down_proj.weight"]
+    assert isinstance(down, QuantizedWeight)
+    assert down.format == (quantization if quantization != "Q4_K" else "Q4_1")  # K = 128: fallback
+    assert 0.01 < float(down.dequantize().std()) < 0.04  # about the dense weights' 0.02
+    assert isinstance(loaded.weights["model.embed_tokens.weight"], torch.Tensor)

@@ -8,6 +8,7 @@ from ``wrong_kernels.py``) in that process's registry for the session.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -111,3 +112,30 @@ def test_suite_fails_for_causal_off_by_one(pytester, monkeypatch):
         assert f"test_paged_attention[float32-{scenario}-" in summary
     assert "test_paged_attention[float32-decode-" not in summary  # decode cannot see the future
     assert outcomes["failed"] == 3 * 3 + 1  # 3 scenarios x 3 head layouts + chunked prefill
+
+
+# The wrong fp8 kernels go on the triton-interpret device (see wrong_kernels.py). Checked without
+# importing triton here: the suite runs in a subprocess.
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+
+
+@needs_triton
+def test_suite_holds_an_undeclared_w8a8_kernel_to_the_reference(pytester, monkeypatch):
+    result = run_suite(pytester, monkeypatch, "triton-interpret", "-k", "quant_linear", "--portaserve-dtype", "float32",
+                       plugin=("wrong_kernels", "UNDECLARED_W8A8", "undeclared-w8a8"))
+    outcomes = result.parseoutcomes()
+    assert result.ret == 1
+    assert outcomes["failed"] == 2  # 1 and 6 tokens: fp8 activations are ~3% off weight-only
+    result.stdout.fnmatch_lines(["*quant_linear[[]fp8[]] (weight_only)*"])
+
+
+@needs_triton
+def test_suite_fails_a_w8a8_kernel_with_the_wrong_activation_scales(pytester, monkeypatch):
+    result = run_suite(pytester, monkeypatch, "triton-interpret", "-k", "quant_linear", "--portaserve-dtype", "float32",
+                       "-rf", plugin=("wrong_kernels", "PER_TENSOR_W8A8", "per-tensor-w8a8"))
+    outcomes = result.parseoutcomes()
+    assert result.ret == 1
+    summary = result.stdout.str().split("short test summary")[-1]
+    assert "test_quant_linear_native_formats[float32-6]" in summary  # one scale for 6 tokens
+    assert outcomes["failed"] == 1 and outcomes["passed"] == 1  # one token: the same scale
+    result.stdout.fnmatch_lines(["*quant_linear[[]fp8[]] (w8a8)*"])

@@ -9,6 +9,7 @@ import torch
 
 import portaserve
 from portaserve.devices import reference
+from portaserve.quant import fp8
 
 
 def gptj_rotary(positions, q, k, cos_sin_cache):
@@ -45,6 +46,24 @@ def unrotated_keys_write(positions, q, k, v, cos_sin_cache, kv_cache, slot_mappi
     return reference.rotary(positions, q, k, cos_sin_cache)[0]
 
 
+def undeclared_w8a8(x, weight, bias=None):
+    """fp8 W8A8 numerics (activations quantized too) without saying so: the suite then holds
+    it to the weight-only reference, which it misses by the fp8 rounding of x (~3%)."""
+    return fp8.fp8_linear_emulated(x, weight, bias)
+
+
+def per_tensor_w8a8(x, weight, bias=None):
+    """Declares W8A8 but quantizes x with one scale for the batch where the weight asks for
+    one per token: right for a single token, off for several."""
+    xq, xs = fp8.quantize_fp8(x, fp8.amax_scale(x.abs().amax())), fp8.amax_scale(x.abs().amax())
+    ws = weight.data["weight_scale"].float()
+    out = (xq.float() @ weight.data["weight"].float().t()) * xs * ws
+    return (out if bias is None else out + bias.float()).to(x.dtype)
+
+
+per_tensor_w8a8.quant_numerics = "w8a8"
+
+
 class CpuOverride:
     """A plugin registering ``fn`` as the cpu device's ``op``."""
 
@@ -61,3 +80,22 @@ class CpuOverride:
 WRONG_ROTARY = CpuOverride("rotary", gptj_rotary)
 LEAKY_ATTENTION = CpuOverride("paged_attention", leaky_attention)
 UNROTATED_KEYS = CpuOverride("rotary_write_kv", unrotated_keys_write)
+
+
+class QuantOverride:
+    """A plugin registering ``fn`` as ``device``'s ``quant_linear`` for format ``fmt``. (The
+    built-in quant plugin registers cpu's kernels first, and the first registration wins, so
+    these wrong fp8 kernels go on ``triton-interpret``, whose own is dequantize + F.linear.)"""
+
+    PORTASERVE_PLUGIN_API = "1.0"
+
+    def __init__(self, device: str, fmt: str, fn) -> None:
+        self.device, self.fmt, self.fn = device, fmt, fn
+
+    @portaserve.hookimpl
+    def portaserve_register_kernels(self, register):
+        register(self.device, "quant_linear", self.fn, quant_format=self.fmt)
+
+
+UNDECLARED_W8A8 = QuantOverride("triton-interpret", "fp8", undeclared_w8a8)
+PER_TENSOR_W8A8 = QuantOverride("triton-interpret", "fp8", per_tensor_w8a8)

@@ -57,12 +57,8 @@ def load_model(
         from portaserve.core.loaders import synthetic
 
         config = synthetic.synthetic_config(model)
-        weights = synthetic.synthetic_weights(config, dtype=dtype, device=device)
-        if quantization is not None:  # online, on the device, as for a 16-bit checkpoint
-            from portaserve.quant.registry import quantize_checkpoint_tensor
-
-            weights = {name: quantize_checkpoint_tensor(name, t, quantization)
-                       for name, t in weights.items()}
+        weights = synthetic.synthetic_weights(config, dtype=dtype, device=device,
+                                              quantization=quantization)
         return LoadedModel(config=config, weights=weights,
                            tokenizer=synthetic.synthetic_tokenizer(config), path=Path(model),
                            format="synthetic")

@@ -4,6 +4,10 @@
 and normal(0, 0.02) weights directly on the target device, with a word-level tokenizer whose
 tokens are ``t0``, ``t1``, ... Speed does not depend on the weights' values, so benchmarks use
 these instead of downloading checkpoints; correctness is checked on real models.
+
+With ``quantization=`` the decoder's linear weights come packed, still made on the device:
+int8 / int4 / fp8 by quantizing each random tensor there (``quant.registry.quantize``), GGUF
+block formats as random blocks (``GGUFMethod.random``; their quantizer runs on the host).
 """
 
 from __future__ import annotations
@@ -15,6 +19,9 @@ from tokenizers import models, pre_tokenizers
 from portaserve.core.config import ModelConfig
 from portaserve.core.tokenizer import Tokenizer
 from portaserve.errors import ModelError
+from portaserve.quant import registry
+from portaserve.quant.base import QuantizedWeight
+from portaserve.quant.gguf_formats import GGUF_FORMATS, GGUFMethod
 
 PREFIX = "random:"
 
@@ -49,15 +56,27 @@ def synthetic_config(model: str) -> ModelConfig:
 
 
 def synthetic_weights(
-    config: ModelConfig, *, dtype: torch.dtype, device: torch.device, seed: int = 0
-) -> dict[str, torch.Tensor]:
-    """Hugging Face-named weights, normal(0, 0.02), norms at 1, generated on ``device``."""
+    config: ModelConfig, *, dtype: torch.dtype, device: torch.device, seed: int = 0,
+    quantization: str | None = None,
+) -> dict[str, torch.Tensor | QuantizedWeight]:
+    """Hugging Face-named weights, normal(0, 0.02), norms at 1, generated on ``device``; the
+    linear layers packed in ``quantization`` when given (see the module docstring)."""
     gen = torch.Generator(device=device).manual_seed(seed)
     h, i = config.hidden_size, config.intermediate_size
     q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
 
     def rand(*shape: int) -> torch.Tensor:
         return (torch.randn(shape, generator=gen, device=device, dtype=torch.float32) * 0.02).to(dtype)
+
+    def linear(name: str, n: int, k: int) -> torch.Tensor | QuantizedWeight:
+        if quantization is None or not registry.is_quantized_linear(name):
+            return rand(n, k)
+        scheme = quantization
+        if not registry.can_quantize((n, k), scheme):
+            scheme = registry.K_QUANT_FALLBACK.get(scheme, scheme)
+        if scheme in GGUF_FORMATS:
+            return GGUFMethod(scheme).random(n, k, device=device, generator=gen)
+        return registry.quantize_checkpoint_tensor(name, rand(n, k), scheme)
 
     weights = {"model.embed_tokens.weight": rand(config.vocab_size, h),
                "model.norm.weight": torch.ones(h, dtype=dtype, device=device)}
@@ -68,13 +87,13 @@ def synthetic_weights(
         weights.update({
             p + "input_layernorm.weight": torch.ones(h, dtype=dtype, device=device),
             p + "post_attention_layernorm.weight": torch.ones(h, dtype=dtype, device=device),
-            p + "self_attn.q_proj.weight": rand(q, h),
-            p + "self_attn.k_proj.weight": rand(kv, h),
-            p + "self_attn.v_proj.weight": rand(kv, h),
-            p + "self_attn.o_proj.weight": rand(h, q),
-            p + "mlp.gate_proj.weight": rand(i, h),
-            p + "mlp.up_proj.weight": rand(i, h),
-            p + "mlp.down_proj.weight": rand(h, i),
+            p + "self_attn.q_proj.weight": linear(p + "self_attn.q_proj.weight", q, h),
+            p + "self_attn.k_proj.weight": linear(p + "self_attn.k_proj.weight", kv, h),
+            p + "self_attn.v_proj.weight": linear(p + "self_attn.v_proj.weight", kv, h),
+            p + "self_attn.o_proj.weight": linear(p + "self_attn.o_proj.weight", h, q),
+            p + "mlp.gate_proj.weight": linear(p + "mlp.gate_proj.weight", i, h),
+            p + "mlp.up_proj.weight": linear(p + "mlp.up_proj.weight", i, h),
+            p + "mlp.down_proj.weight": linear(p + "mlp.down_proj.weight", h, i),
         })
     return weights
 

@@ -1,0 +1,486 @@
+"""H200: the Llama-3-8B-shaped random model in each quant format beside bf16, and the kernels.
+
+    PYTHONPATH=. python3 benchmarks/gpu_quant.py                       # model table, ~4 min
+    PYTHONPATH=. python3 benchmarks/gpu_quant.py --kernels             # kernel table, ~2-3 min
+    PYTHONPATH=. python3 benchmarks/gpu_quant.py --kernels --sweep --formats bf16,int4,Q4_K,Q8_0,fp8
+    PYTHONPATH=. python3 benchmarks/gpu_quant.py --formats fp8 --parts throughput \\
+        --num-prompts 1000 --input-len 1000 --output-len 1000 --budget-s 500   # fp8 at 1000/1000
+    python benchmarks/gpu_quant.py --dry-run --kernels --sweep         # CPU: checks the script
+
+Model mode, per format of ``--formats`` (bf16 fp8 int8 int4 Q4_0 Q8_0 Q4_K Q6_K): ``random:llama3-8b``
+built with ``quantization=<format>``, packed on the GPU (int8 / int4 / fp8 quantized from random
+bf16 tensors there, GGUF formats as random blocks: ``core.loaders.synthetic``); embeddings and
+lm_head stay bf16, as with online quantization. Then:
+
+- weight memory: bytes of every weight the model holds, and the bytes a decode step reads
+  (all but the embedding table);
+- batch-1 decode ms/token (128-token prompt, ``--decode-tokens`` greedy tokens, CUDA graphs)
+  and the device-only step (100 steps queued back to back); % of roofline = (bytes read per
+  step / copy bandwidth) / ms per token;
+- offline throughput: ``--num-prompts`` prompts of ``--input-len`` random tokens and
+  ``--output-len`` new ones, ignore EOS (output tokens/s).
+
+Kernel mode (``--kernels``): the cuda ``quant_linear`` of each format on the 8B shapes (o 4096x4096,
+qkv 6144x4096, gate_up 28672x4096, down 4096x14336) at M = 1, 2, 4, 16 (and 64, 256: the tiled
+GEMM and dequantize + cuBLAS): weight GB/s beside the bf16 cuBLAS GEMV, and the relative error
+against the reference. Each time is one call's share of a CUDA graph of back-to-back calls over
+rotating weight copies (more bytes than the 60 MB L2), median of replays. ``--sweep`` times
+candidate GEMV tiles per format (sum over the four shapes = one layer's GEMVs) for tuning
+``gemv_triton.CONFIGS``. Triton variants are compiled first by ``--compile-workers`` processes
+into Triton's disk cache.
+
+Conditions (GPU, versions, shapes) print first; a table prints last; JSON goes to ``--json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "quant"))
+
+from gpu_llama8b import copy_bandwidth, gpu_step_ms, log, random_ids, run_all  # noqa: E402
+
+FORMATS = ("bf16", "fp8", "int8", "int4", "Q4_0", "Q8_0", "Q4_K", "Q6_K")
+SHAPES = {"o": (4096, 4096), "qkv": (6144, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+KERNEL_MS = (1, 2, 4, 16, 64, 256)
+L2_BYTES = 60 * 2**20
+PRESET = "llama3-8b"
+DEV = "cuda"
+
+# -- weights and timing ----------------------------------------------------------------------
+
+
+def make_weight(fmt: str, n: int, k: int, gen: torch.Generator):
+    """A random [n, k] weight in ``fmt`` on DEV ("bf16": a dense tensor)."""
+    from portaserve.quant import registry
+    from portaserve.quant.gguf_formats import GGUF_FORMATS, GGUFMethod
+
+    dtype = torch.bfloat16 if DEV == "cuda" else torch.float32
+    if fmt in GGUF_FORMATS:
+        return GGUFMethod(fmt).random(n, k, device=torch.device(DEV), generator=gen)
+    w = torch.randn(n, k, device=DEV, generator=gen) * 0.02
+    return w.to(dtype) if fmt == "bf16" else registry.quantize(w, fmt)
+
+
+def nbytes(w) -> int:
+    return w.numel() * w.element_size() if isinstance(w, torch.Tensor) else w.nbytes
+
+
+def copies_for(weight_bytes: int) -> int:
+    """Weight copies to rotate over so one pass reads several times the L2."""
+    return 1 if DEV != "cuda" else max(2, math.ceil(4 * L2_BYTES / weight_bytes))
+
+
+def time_calls(calls: list[Callable[[], object]], reps: int = 15) -> float:
+    """ms per call: the calls captured back to back in one CUDA graph, median of replays (on
+    CPU: host time of one pass)."""
+    for fn in calls:  # compile, allocate
+        fn()
+    if DEV != "cuda":
+        t0 = time.perf_counter()
+        for fn in calls:
+            fn()
+        return (time.perf_counter() - t0) * 1e3 / len(calls)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for fn in calls:
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for fn in calls:
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    del graph
+    return statistics.median(times) / len(calls)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.float() - ref.float()).norm() / ref.float().norm())
+
+
+# -- precompiling Triton variants in parallel ------------------------------------------------
+
+
+def _compile_task(task: tuple) -> str:
+    """Run one GEMV / quant_linear variant once (in a worker process) so Triton caches it."""
+    kind, fmt, m, n, k, cfg = task
+    try:
+        gen = torch.Generator(device=DEV).manual_seed(0)
+        w = make_weight(fmt, n, k, gen)
+        x = torch.randn(m, k, device=DEV).to(torch.bfloat16)
+        run_variant(kind, fmt, x, w, cfg)
+        torch.cuda.synchronize()
+        return ""
+    except Exception as e:  # reported, then compiled again (serially) when timed
+        return f"{task}: {type(e).__name__}: {e}"
+
+
+def precompile(tasks: list[tuple], workers: int) -> None:
+    if DEV != "cuda" or workers <= 1 or not tasks:
+        return
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    t0 = time.perf_counter()
+    unique = list(dict.fromkeys(tasks))
+    with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+        errors = [e for e in pool.map(_compile_task, unique) if e]
+    log(f"precompiled {len(unique)} variants in {time.perf_counter() - t0:.0f} s with {workers} "
+        f"processes{'; failures: ' + '; '.join(errors[:5]) if errors else ''}")
+
+
+def run_variant(kind: str, fmt: str, x: torch.Tensor, w, cfg=None) -> torch.Tensor:
+    """One call of the kernel ``kind`` measures: "kernel" (the cuda quant_linear of ``fmt``),
+    "gemv" (gemv_triton with ``cfg``), "tiled" (the tiled GEMM), "dequant" (dequantize +
+    cuBLAS), "scaled_mm" (fp8 quantize + _scaled_mm), "bf16" (cuBLAS)."""
+    from portaserve.quant import gemv_triton, kernels_triton
+    from portaserve.quant.fp8 import scaled_mm
+
+    if kind == "bf16" or fmt == "bf16":
+        return F.linear(x, w)
+    if kind == "dequant":
+        return F.linear(x, w.dequantize(x.dtype))
+    if fmt == "fp8":
+        if kind == "kernel":
+            return kernels_triton.fp8_quant_linear(x, w)
+        xq, xs = kernels_triton.quantize_fp8_activation(x, w)
+        if kind == "scaled_mm":
+            return scaled_mm(xq, xs, w, x.dtype)
+        return gemv_triton.gemv(xq, w, x_scale=xs, out_dtype=x.dtype, config=cfg)  # gemv
+    if kind == "gemv":
+        return gemv_triton.gemv(x, w, config=cfg)
+    if kind == "tiled":
+        saved, gemv_triton.MAX_M = gemv_triton.MAX_M, 0
+        try:
+            return kernels_triton.triton_quant_linear(x, w)
+        finally:
+            gemv_triton.MAX_M = saved
+    return kernels_triton.triton_quant_linear(x, w)
+
+
+# -- kernel mode -----------------------------------------------------------------------------
+
+
+def kernel_kinds(fmt: str, m: int) -> list[str]:
+    if fmt == "bf16":
+        return ["bf16"]
+    kinds = ["kernel"]
+    if fmt == "fp8":
+        kinds += ["scaled_mm"] if m <= 16 else []
+    elif m <= 4 and not fmt.endswith("_K"):  # (K formats have no tiled kernel)
+        kinds += ["tiled"]
+    if m >= 16:
+        kinds += ["dequant"]
+    return kinds
+
+
+def bench_kernels(formats: list[str], ms: tuple[int, ...], copy_bps: float) -> list[dict]:
+    from portaserve.devices import reference
+    from portaserve.quant.fp8 import fp8_linear_emulated
+
+    rows = []
+    gen = torch.Generator(device=DEV).manual_seed(0)
+    for shape_name, (n, k) in SHAPES.items():
+        for fmt in formats:
+            first = make_weight(fmt, n, k, gen)
+            ws = [first] + [make_weight(fmt, n, k, gen) for _ in range(copies_for(nbytes(first)) - 1)]
+            for m in ms:
+                xs = [torch.randn(m, k, device=DEV, generator=gen).to(torch.bfloat16 if DEV == "cuda"
+                                                                      else torch.float32)
+                      for _ in ws]
+                if fmt == "bf16":
+                    ref = None
+                elif fmt == "fp8":
+                    ref = fp8_linear_emulated(xs[0].float(), first)
+                else:
+                    ref = reference.quant_linear(xs[0].float(), first, None)
+                for kind in kernel_kinds(fmt, m):
+                    try:
+                        ms_call = time_calls([partial(run_variant, kind, fmt, x, w)
+                                              for x, w in zip(xs, ws, strict=True)])
+                        err = rel_err(run_variant(kind, fmt, xs[0], first), ref) if ref is not None else 0.0
+                    except Exception as e:  # a variant that fails is reported, the rest go on
+                        log(f"{fmt} {kind} {shape_name} M={m}: {type(e).__name__}: {e}")
+                        continue
+                    gbps = nbytes(first) / ms_call / 1e6
+                    log(f"{shape_name} {fmt} {kind} M={m}: {ms_call * 1e3:.1f} us, {gbps:.0f} GB/s, "
+                        f"err {err:.1e}")
+                    rows.append({"shape": shape_name, "n": n, "k": k, "format": fmt, "kind": kind,
+                                 "m": m, "us": ms_call * 1e3, "weight_gbps": gbps,
+                                 "pct_copy_bw": gbps * 1e9 / copy_bps * 100, "rel_err": err,
+                                 "weight_mb": nbytes(first) / 1e6})
+            del ws, first
+            torch.cuda.empty_cache() if DEV == "cuda" else None
+    return rows
+
+
+def print_kernel_table(rows: list[dict]) -> None:
+    bf16 = {(r["shape"], r["m"]): r["us"] for r in rows if r["format"] == "bf16"}
+    print("\n| shape | format | kernel | M | us | weight GB/s | % copy BW | bf16 cuBLAS us | vs bf16 | rel err |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        base = bf16.get((r["shape"], r["m"]))
+        print(f"| {r['shape']} {r['n']}x{r['k']} | {r['format']} | {r['kind']} | {r['m']} | {r['us']:.1f} | "
+              f"{r['weight_gbps']:.0f} | {r['pct_copy_bw']:.0f}% | {base or float('nan'):.1f} | "
+              f"{(base / r['us']) if base else float('nan'):.2f}x | {r['rel_err']:.1e} |")
+
+
+# -- GEMV sweep ------------------------------------------------------------------------------
+
+
+def sweep_configs(fmt: str) -> list:
+    from portaserve.quant.gemv_triton import GemvConfig as C
+
+    if fmt in ("int4", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K"):
+        return [C(16, 512), C(32, 512), C(16, 512, programs_per_sm=8), C(16, 512, num_stages=3),
+                C(8, 1024), C(64, 256), C(16, 1024, num_warps=8)]
+    return [C(16, 256), C(32, 256), C(16, 256, programs_per_sm=8), C(16, 256, num_stages=3),
+            C(8, 512), C(32, 128), C(64, 256, num_warps=8)]
+
+
+def bench_sweep(formats: list[str], copy_bps: float) -> list[dict]:
+    rows = []
+    gen = torch.Generator(device=DEV).manual_seed(1)
+    for fmt in formats:
+        if fmt == "bf16":
+            continue
+        sets = {}
+        for shape_name, (n, k) in SHAPES.items():
+            first = make_weight(fmt, n, k, gen)
+            ws = [first] + [make_weight(fmt, n, k, gen) for _ in range(copies_for(nbytes(first)) - 1)]
+            sets[shape_name] = ws
+        layer_bytes = sum(nbytes(ws[0]) for ws in sets.values())
+        for m in (1, 4):
+            for cfg in sweep_configs(fmt)[: (None if m == 1 else 2)]:
+                per_shape = {}
+                for shape_name, ws in sets.items():
+                    k = ws[0].shape[1]
+                    xs = [torch.randn(m, k, device=DEV, generator=gen).to(torch.bfloat16 if DEV == "cuda"
+                                                                          else torch.float32)
+                          for _ in ws]
+                    try:
+                        per_shape[shape_name] = time_calls(
+                            [partial(run_variant, "gemv", fmt, x, w, cfg) for x, w in zip(xs, ws, strict=True)]) * 1e3
+                    except Exception as e:
+                        log(f"sweep {fmt} {cfg} M={m} {shape_name}: {type(e).__name__}: {e}")
+                        per_shape[shape_name] = float("nan")
+                total = sum(per_shape.values())
+                log(f"sweep {fmt} M={m} {cfg}: {per_shape} -> layer {total:.1f} us")
+                rows.append({"format": fmt, "m": m, "config": repr(cfg), "us": per_shape,
+                             "layer_us": total, "gbps": layer_bytes / total / 1e3,
+                             "pct_copy_bw": layer_bytes / total / 1e3 * 1e9 / copy_bps * 100})
+        del sets
+        torch.cuda.empty_cache() if DEV == "cuda" else None
+    return rows
+
+
+def print_sweep(rows: list[dict]) -> None:
+    print("\nGEMV sweep: us per shape, and one layer's four GEMVs (o + qkv + gate_up + down)")
+    print("| format | M | config | o | qkv | gate_up | down | layer us | GB/s | % copy BW |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in sorted(rows, key=lambda r: (r["format"], r["m"], r["layer_us"])):
+        u = r["us"]
+        print(f"| {r['format']} | {r['m']} | {r['config']} | {u['o']:.1f} | {u['qkv']:.1f} | "
+              f"{u['gate_up']:.1f} | {u['down']:.1f} | {r['layer_us']:.1f} | {r['gbps']:.0f} | "
+              f"{r['pct_copy_bw']:.0f}% |")
+
+
+def compile_tasks(formats: list[str], ms: tuple[int, ...], sweep: bool) -> list[tuple]:
+    tasks = []
+    for fmt in formats:
+        if fmt == "bf16":
+            continue
+        for n, k in SHAPES.values():
+            for m in ms:
+                for kind in kernel_kinds(fmt, m):
+                    if kind in ("kernel", "tiled", "scaled_mm"):
+                        tasks.append(("tiled" if kind == "tiled" else "kernel", fmt, m, n, k, None))
+            if sweep:
+                for m in (1, 4):
+                    for cfg in sweep_configs(fmt)[: (None if m == 1 else 2)]:
+                        tasks.append(("gemv", fmt, m, n, k, cfg))
+    return tasks
+
+
+# -- model mode ------------------------------------------------------------------------------
+
+
+def model_bytes(model) -> tuple[int, int]:
+    """(bytes of every weight the model holds, bytes a decode step reads: all but embeddings)."""
+    import quant_driver
+
+    total = quant_driver.weight_bytes(model)
+    emb = model.embed_tokens
+    return total, total - nbytes(emb) if emb is not model.lm_head else total
+
+
+def bench_model(fmt: str, args: argparse.Namespace, copy_bps: float, deadline: float) -> dict:
+    from portaserve import LLM, SamplingParams
+    from portaserve.core.loaders.synthetic import PRESETS
+
+    vocab = PRESETS[PRESET].vocab_size
+    t0 = time.perf_counter()
+    llm = LLM(f"random:{PRESET}", device=DEV, dtype="bfloat16" if DEV == "cuda" else "float32",
+              quantization=None if fmt == "bf16" else fmt, max_num_seqs=args.max_num_seqs,
+              max_num_batched_tokens=args.max_batched_tokens, max_model_len=args.max_model_len)
+    engine = llm.llm_engine
+    total, per_step = model_bytes(engine.model)
+    res = {"format": fmt, "weights_gb": total / 1e9, "step_read_gb": per_step / 1e9,
+           "build_s": time.perf_counter() - t0, "quant_kernels": dict(engine.kernels.quant_sources)}
+    log(f"{fmt}: built in {res['build_s']:.0f} s, weights {total / 1e9:.2f} GB, KV "
+        f"{engine.kv_capacity_tokens} tokens, async {engine.async_scheduling}")
+    rng = random.Random(0)
+    greedy = SamplingParams(temperature=0, max_tokens=args.decode_tokens, ignore_eos=True)
+    llm.generate(random_ids(rng, 128, vocab), SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    engine.add_request("lat", random_ids(rng, 128, vocab), greedy)
+    engine.step()
+    sync()
+    t1 = time.perf_counter()
+    while engine.has_unfinished_requests():
+        engine.step()
+    sync()
+    res["decode_ms"] = (time.perf_counter() - t1) / (args.decode_tokens - 1) * 1e3
+    res["gpu_step_ms"] = gpu_step_ms(engine, 128 + args.decode_tokens // 2) if DEV == "cuda" else float("nan")
+    res["roofline_ms"] = per_step / copy_bps * 1e3
+    res["pct_roofline"] = res["roofline_ms"] / res["decode_ms"] * 100
+    res["throughput"], res["throughput_done"] = float("nan"), 0
+    if "throughput" in args.parts and args.num_prompts > 0:
+        prompts = [random_ids(rng, args.input_len, vocab) for _ in range(args.num_prompts)]
+        params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True,
+                                output_kind="final_only")
+        tokens, secs, done = run_all(llm, prompts, params, deadline)
+        res["throughput"], res["throughput_done"], res["throughput_s"] = tokens / secs, done, secs
+    log(f"{fmt}: {res}")
+    del llm, engine
+    gc.collect()
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
+    return res
+
+
+def sync() -> None:
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
+def print_model_table(results: list[dict], args: argparse.Namespace) -> None:
+    print(f"\n| format | weights GB | read per step GB | decode ms/token (b=1) | GPU-only step ms | "
+          f"roofline ms | % of roofline | offline tok/s ({args.num_prompts} x {args.input_len}/"
+          f"{args.output_len}) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in results:
+        tput = f"{r['throughput']:.0f} ({r['throughput_done']} done)" if r["throughput_done"] else "-"
+        print(f"| {r['format']} | {r['weights_gb']:.2f} | {r['step_read_gb']:.2f} | {r['decode_ms']:.2f} | "
+              f"{r['gpu_step_ms']:.2f} | {r['roofline_ms']:.2f} | {r['pct_roofline']:.0f}% | {tput} |")
+
+
+# -- main ------------------------------------------------------------------------------------
+
+
+def conditions() -> str:
+    import triton
+
+    if DEV == "cuda":
+        p = torch.cuda.get_device_properties(0)
+        gpu = f"{p.name}, {p.total_memory / 2**30:.0f} GiB, {p.multi_processor_count} SMs"
+    else:
+        gpu = "none (dry run: CPU, Triton interpreter)"
+    from portaserve.core.loaders.synthetic import PRESETS
+
+    c = PRESETS[PRESET]
+    return (f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}; GPU {gpu}; torch {torch.__version__}, "
+            f"triton {triton.__version__}, python {platform.python_version()}; model {PRESET}: "
+            f"hidden {c.hidden_size}, {c.num_layers} layers, {c.num_heads} heads / {c.num_kv_heads} "
+            f"KV heads, MLP {c.intermediate_size}, vocab {c.vocab_size}; GEMV shapes (N x K) "
+            f"{', '.join(f'{k} {n}x{kk}' for k, (n, kk) in SHAPES.items())}")
+
+
+def main() -> None:
+    global SHAPES, DEV, KERNEL_MS, PRESET
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--formats", default=",".join(FORMATS))
+    p.add_argument("--kernels", action="store_true", help="the kernel table instead of the model")
+    p.add_argument("--sweep", action="store_true", help="with --kernels: the GEMV tile sweep")
+    p.add_argument("--kernel-ms", default=",".join(map(str, KERNEL_MS)))
+    p.add_argument("--parts", default="decode,throughput", help="model mode: decode[,throughput]")
+    p.add_argument("--decode-tokens", type=int, default=128)
+    p.add_argument("--num-prompts", type=int, default=256)
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-batched-tokens", type=int, default=8192)
+    p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--compile-workers", type=int, default=min(12, os.cpu_count() or 1))
+    p.add_argument("--budget-s", type=float, default=230, help="model mode: stop throughput runs after this")
+    p.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU (checks the script)")
+    p.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "gpu_quant.json"))
+    args = p.parse_args()
+    deadline = time.perf_counter() + args.budget_s
+    formats = args.formats.split(",")
+    if args.dry_run:
+        DEV, PRESET = "cpu", "tiny"
+        SHAPES = {"o": (48, 256), "qkv": (80, 256), "gate_up": (96, 256), "down": (48, 512)}
+        args.kernel_ms, args.max_model_len = "1,4", 512
+        torch.cuda.synchronize = lambda *a, **k: None  # run_all (shared with gpu_llama8b) syncs
+    ms = tuple(int(v) for v in args.kernel_ms.split(","))
+    log("conditions: " + conditions())
+    copy_bps = copy_bandwidth() if DEV == "cuda" else 50e9
+    log(f"copy bandwidth {copy_bps / 1e12:.2f} TB/s (bytes read + written per second)")
+    out: dict = {"conditions": conditions(), "copy_bw": copy_bps, "args": vars(args)}
+    if args.kernels:
+        precompile(compile_tasks(formats, ms, args.sweep), args.compile_workers)
+        if args.sweep:
+            out["sweep"] = bench_sweep(formats, copy_bps)
+            print_sweep(out["sweep"])
+            save(out, args.json)
+        out["kernels"] = bench_kernels(formats, ms, copy_bps)
+        if args.sweep:
+            print_sweep(out["sweep"])
+        print_kernel_table(out["kernels"])
+    else:
+        out["models"] = []
+        for fmt in formats:
+            try:
+                out["models"].append(bench_model(fmt, args, copy_bps, deadline))
+            except Exception as e:  # one format failing leaves the others' numbers
+                log(f"{fmt}: FAILED {type(e).__name__}: {e}")
+        print_model_table(out["models"], args)
+    print(f"\nconditions: {out['conditions']}; copy bandwidth {copy_bps / 1e12:.2f} TB/s")
+    save(out, args.json)
+
+
+def save(out: dict, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(out, f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main()

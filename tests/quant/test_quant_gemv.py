@@ -1,0 +1,151 @@
+"""The small-M Triton GEMV (``quant.gemv_triton``) against the reference, on fresh random inputs.
+
+Without a GPU the kernel runs in Triton's interpreter on CPU tensors (float32, float16); with
+``PORTASERVE_TEST_DEVICE=cuda`` the same tests run compiled on the GPU and add bfloat16. Cases:
+every format it serves (GGUF blocks incl. Q4_K / Q5_K / Q6_K, also on random bytes), M = 1..4,
+row counts that do not fill the last tile, K split over programs (the policy's choice, none,
+and an uneven split), bias, fused q|k|v weights (``concat_rows``), int4 group sizes 32/64/128
+symmetric and asymmetric, and fp8 W8A8 against ``fp8_linear_emulated`` in each activation
+scheme.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from portaserve.devices import reference  # noqa: E402
+from portaserve.quant import gemv_triton, registry  # noqa: E402
+from portaserve.quant.fp8 import FP8Method, fp8_linear_emulated, quantize_activation  # noqa: E402
+from portaserve.quant.gguf_formats import GGUFMethod  # noqa: E402
+from portaserve.quant.int_formats import Int4Method  # noqa: E402
+
+DEVICE = torch.device(os.environ.get("PORTASERVE_TEST_DEVICE", "cpu"))
+if DEVICE.type != "cpu" and not torch.cuda.is_available():
+    pytest.skip(f"PORTASERVE_TEST_DEVICE={DEVICE} but no GPU is visible", allow_module_level=True)
+
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE.type != "cpu" else [])
+#: Relative (Frobenius) error allowed against the float32 reference, per dtype of x and out.
+RTOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+#: Small tiles, so the interpreter stays quick and K spans several steps.
+SMALL = gemv_triton.GemvConfig(block_n=16, block_k=128)
+
+
+@pytest.fixture
+def gen(request: pytest.FixtureRequest) -> torch.Generator:
+    return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+def rel_err(out: torch.Tensor, expected: torch.Tensor) -> float:
+    out, expected = out.double().cpu(), expected.double().cpu()
+    assert torch.isfinite(out).all(), "kernel output has NaN/inf"
+    return ((out - expected).norm() / expected.norm()).item()
+
+
+def packed(fmt: str, n: int, k: int, gen: torch.Generator, group: int = 128):
+    """A random [n, k] weight (an offset, so asymmetric zeros matter) packed as ``fmt``."""
+    w = torch.randn(n, k, generator=gen) * k**-0.5 + 0.01
+    if fmt.startswith("int4"):
+        return Int4Method().quantize(w, group_size=group, symmetric=fmt == "int4_sym")
+    return registry.quantize(w, fmt)
+
+
+def check(weight, m: int, dtype: torch.dtype, gen: torch.Generator, *, bias: bool = False,
+          split_k: int | None = None, config=SMALL) -> None:
+    n, k = weight.shape
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    b = torch.randn(n, generator=gen).to(dtype) if bias else None
+    want = reference.quant_linear(x, weight, b)
+    got = gemv_triton.gemv(x.to(DEVICE), weight.to(DEVICE), None if b is None else b.to(DEVICE),
+                           config=config, split_k=split_k)
+    assert got is not None, f"{weight.format}: the GEMV declined {m}x{k} -> {n}"
+    assert got.dtype == dtype and got.shape == (m, n)
+    err = rel_err(got, want)
+    assert err <= RTOL[dtype], f"{weight.format} m={m} split_k={split_k}: {err:.2e}"
+
+
+WEIGHT_ONLY = [("Q4_0", 32), ("Q4_1", 32), ("Q8_0", 32), ("int8", 0), ("int4", 32),
+               ("int4_sym", 64), ("int4", 128), ("int4_sym", 128), ("Q4_K", 256), ("Q5_K", 256),
+               ("Q6_K", 256)]
+
+
+@pytest.mark.parametrize("fmt,group", WEIGHT_ONLY, ids=[f"{f}-g{g}" for f, g in WEIGHT_ONLY])
+@pytest.mark.parametrize("m", [1, 4])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gemv_matches_the_reference(fmt: str, group: int, m: int, dtype: torch.dtype,
+                                    gen: torch.Generator) -> None:
+    weight = packed(fmt, 40, 512, gen, group)  # 40 rows: the last 16-row tile is partial
+    check(weight, m, dtype, gen)  # the policy's split of K (the interpreter "has 2 SMs")
+    check(weight, m, dtype, gen, split_k=1, bias=True)
+    check(weight, m, dtype, gen, split_k=3)  # 4 K steps over 3 programs: 2, 2 and none
+
+
+@pytest.mark.parametrize("fmt", ["Q4_0", "Q4_1", "Q8_0", "int8", "int4", "int4_sym", "Q4_K", "Q6_K"])
+def test_gemv_on_fused_qkv(fmt: str, gen: torch.Generator) -> None:
+    parts = [packed(fmt, n, 256, gen, 64) for n in (64, 16, 16)]  # q | k | v
+    fused = parts[0].method.concat_rows(parts)
+    assert fused is not None and fused.shape == (96, 256)
+    for m in (1, 3):
+        check(fused, m, torch.float32, gen)
+    # the fused output is the three outputs side by side
+    x = torch.randn(2, 256, generator=gen)
+    whole = gemv_triton.gemv(x.to(DEVICE), fused.to(DEVICE), config=SMALL).cpu()
+    each = torch.cat([gemv_triton.gemv(x.to(DEVICE), p.to(DEVICE), config=SMALL).cpu() for p in parts], 1)
+    assert rel_err(whole, each) <= 1e-6
+
+
+@pytest.mark.parametrize("scheme", ["dynamic_per_token", "dynamic_per_tensor", "static"])
+@pytest.mark.parametrize("m", [1, 4])
+@pytest.mark.parametrize("per_channel", [True, False], ids=["per_channel", "per_tensor"])
+def test_fp8_gemv_matches_the_w8a8_emulation(scheme: str, m: int, per_channel: bool,
+                                             gen: torch.Generator) -> None:
+    w = torch.randn(48, 256, generator=gen) * 0.06
+    method = FP8Method()
+    weight = method.quantize(w, per_channel=per_channel,
+                             activation="dynamic_per_token" if scheme == "static" else scheme)
+    if scheme == "static":
+        q = weight.data
+        weight = method.from_tensors(q["weight"], q["weight_scale"], input_scale=torch.tensor(0.01))
+    x = torch.randn(m, 256, generator=gen) * 2
+    xq, xs = quantize_activation(x, weight)  # the fp8 activations (torch's rounding)
+    want = fp8_linear_emulated(x, weight)
+    for split_k in (1, 2):
+        got = gemv_triton.gemv(xq.to(DEVICE), weight.to(DEVICE), x_scale=xs.reshape(-1).to(DEVICE)
+                               if xs.dim() else xs.to(DEVICE), out_dtype=torch.float32,
+                               config=gemv_triton.GemvConfig(16, 64), split_k=split_k)
+        assert got is not None
+        assert rel_err(got, want) <= 1e-6
+
+
+@pytest.mark.parametrize("fmt", ["Q4_0", "Q4_1", "Q8_0", "int8", "int4", "Q4_K", "Q5_K", "Q6_K"])
+def test_gemv_with_the_tuned_tiles(fmt: str, gen: torch.Generator) -> None:
+    weight = packed(fmt, 72, 1024, gen)
+    for m in (1, 2, 4):  # each row count's own tiles (gemv_triton.CONFIGS)
+        check(weight, m, torch.float32, gen, config=None)
+
+
+@pytest.mark.parametrize("fmt", ["Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"])
+def test_gemv_on_random_gguf_blocks(fmt: str, gen: torch.Generator) -> None:
+    """Random bytes in every field: every bit of the packed scales and high bits is read."""
+    weight = GGUFMethod(fmt).random(24, 768, device=torch.device("cpu"), generator=gen)
+    for m in (1, 4):
+        check(weight, m, torch.float32, gen, split_k=3)
+
+
+def test_cuda_registers_every_format_the_kernels_serve() -> None:
+    from portaserve.quant import builtin, kernels_triton
+
+    assert set(builtin.TRITON_FORMATS) == set(kernels_triton.TRITON_FORMATS)
+    assert set(kernels_triton.TRITON_FORMATS) | {"fp8"} == set(gemv_triton.FORMAT_IDS)
+
+
+def test_gemv_declines_what_it_does_not_serve(gen: torch.Generator) -> None:
+    weight = packed("Q8_0", 16, 256, gen)
+    assert gemv_triton.gemv(torch.randn(5, 256).to(DEVICE), weight.to(DEVICE)) is None  # M > MAX_M
+    odd = packed("int8", 16, 200, gen)  # K = 200: no whole 32-column step
+    assert gemv_triton.gemv(torch.randn(1, 200).to(DEVICE), odd.to(DEVICE)) is None
