@@ -92,6 +92,9 @@ def write_kv(
             and cpu_native._heads_dense(key) and cpu_native._heads_dense(value)
             and cpu_native.library() is not None):
         return cpu_native.write_kv(key, value, kv_cache, slot_mapping)
+    if bool((slot_mapping < 0).any()):  # padding rows write nothing
+        keep = slot_mapping >= 0
+        key, value, slot_mapping = key[keep], value[keep], slot_mapping[keep]
     flat = kv_cache.view(2, -1, *kv_cache.shape[3:])  # [2, num_blocks * block_size, Hk, D]
     key = reference.to_cache_dtype(key, kv_cache.dtype)
     value = reference.to_cache_dtype(value, kv_cache.dtype)
