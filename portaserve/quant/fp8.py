@@ -51,8 +51,12 @@ def kv_cache_dtype(name: str, model_dtype: torch.dtype | None = None) -> torch.d
 
 
 def amax_scale(amax: torch.Tensor) -> torch.Tensor:
-    """The scale that maps ``amax`` to 448 (1 where amax is 0)."""
-    scale = amax.float() / FP8_MAX
+    """The scale that maps ``amax`` to 448 (1 where amax is 0): ``amax * fp32(1/448)``.
+
+    A multiply by the reciprocal, not a division: torch divides a CUDA tensor by a Python
+    scalar that way (so a division here would differ between CPU and GPU in the last bit),
+    and the Triton activation quantizer computes the very same product."""
+    scale = amax.float() * (1.0 / FP8_MAX)
     return torch.where(scale > 0, scale, torch.ones_like(scale))
 
 

@@ -166,8 +166,9 @@ FP8_GEMV_MAX_M = 4
 def _fp8_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm,
                       STATIC: tl.constexpr, BLOCK: tl.constexpr):
     """Grid ``(M,)``: row m of x -> e4m3 codes ``clamp(x / scale, +-448)``; the scale is the
-    row's ``amax / 448`` (1 for a zero row), stored at ``s_ptr[m]``, or with ``STATIC`` the
-    one scale at ``s_ptr``. IEEE division, as torch's, so the codes equal ``fp8.quantize_fp8``'s."""
+    row's ``amax * fp32(1/448)`` (1 for a zero row; ``fp8.amax_scale``), stored at ``s_ptr[m]``,
+    or with ``STATIC`` the one scale at ``s_ptr``. The codes divide with IEEE rounding, as
+    torch's tensor division does, so they equal ``fp8.quantize_fp8``'s."""
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     if STATIC:
@@ -177,7 +178,7 @@ def _fp8_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm,
         for k0 in range(0, K, BLOCK):
             x = tl.load(x_ptr + row * stride_xm + k0 + offs, mask=k0 + offs < K, other=0.0)
             amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
-        scale = tl.math.div_rn(tl.reduce(amax, 0, MAX), 448.0)  # fp8.FP8_MAX
+        scale = tl.reduce(amax, 0, MAX) * (1.0 / 448.0)  # fp8.amax_scale: times fp32(1/448)
         scale = tl.where(scale > 0.0, scale, 1.0)
         tl.store(s_ptr + row, scale)
     for k0 in range(0, K, BLOCK):

@@ -86,7 +86,11 @@ def test_fp8_w8a8_matches_the_emulation(scheme: str, per_channel: bool, dtype: t
     got = fp8_quant_linear(x.to(CUDA), weight.to(CUDA), bias.to(CUDA))
     assert got.dtype == dtype
     err = ((got.float().cpu() - want).norm() / want.norm()).item()
-    assert err < {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype], err
+    # float32 output: beyond 4 rows this is torch._scaled_mm, whose fp8 tensor-core products
+    # accumulate with fewer bits than float32 on Hopper (measured 9e-5 at 300 x 4096 on the
+    # H200, against 1e-7-level for the GEMV's float32 FMAs); a wrong scale or code is ~1e-2.
+    tol = {torch.float32: 1e-5 if m <= 4 else 3e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+    assert err < tol[dtype], err
 
 
 @pytest.mark.parametrize("fmt", ["fp8", "int4", "Q4_0"])
