@@ -11,10 +11,9 @@ step N+1 while the device still runs step N (decoding requests read their N+1 in
 N's sampled ids on the device), then waits for N's ids (one device-to-host copy, started when
 N was launched), appends them and does the stop checks and detokenization, so the host's work
 hides behind the device's. A request that stopped at N ran one token too many at N+1; that
-token is dropped. Requests with repetition/presence/frequency penalties or logprobs need the
-previous token on the host before sampling, so while any is unfinished the engine completes
-each step before scheduling the next (the synchronous path, which is also what devices
-without async scheduling run).
+token is dropped. Penalties count the token still in flight from the device (the sampler's
+``pending``), and logprobs are computed on the device and copied back with the ids, so every
+request overlaps; devices without async scheduling complete each step before the next.
 """
 
 from __future__ import annotations
@@ -37,7 +36,7 @@ from portaserve.core.request import (
     RequestStatus,
 )
 from portaserve.core.runner import ModelRunner
-from portaserve.core.sampler import Sampler
+from portaserve.core.sampler import Sampler, logprob_dicts
 from portaserve.core.sampling import SamplingParams
 from portaserve.core.scheduler import SchedulerOutput
 from portaserve.errors import ConfigError, RequestError
@@ -72,6 +71,9 @@ class _LaunchedStep:
     host_ids: torch.Tensor | None = None
     event: Any = None
     token_ids: list[int] | None = None
+    #: Host copies (being filled) of ``Sampler.logprob_tensors``, and the rows' requests.
+    host_logprobs: tuple[torch.Tensor, ...] | None = None
+    requests: list[Request] | None = None
     logprobs: list[dict[int, float] | None] | None = None
 
     def wait_token_ids(self) -> list[int]:
@@ -79,24 +81,54 @@ class _LaunchedStep:
             if self.event is not None:
                 self.event.synchronize()
             self.token_ids = self.host_ids.tolist() if self.host_ids is not None else []
+        if self.logprobs is None and self.host_logprobs is not None:
+            self.logprobs = logprob_dicts(self.host_logprobs, self.token_ids, self.requests or [])
         return self.token_ids
 
 
-def _needs_sync(params: SamplingParams) -> bool:
-    """Whether sampling this request's next token needs its previous token on the host."""
-    return (params.logprobs is not None or params.repetition_penalty != 1.0
-            or params.presence_penalty != 0.0 or params.frequency_penalty != 0.0)
-
-
-def _copy_to_host(ids: torch.Tensor) -> tuple[torch.Tensor, Any]:
-    """Start copying ``ids`` to (pinned) host memory; returns (host tensor, event or None)."""
-    if ids.device.type == "cpu":
-        return ids, None
-    host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
-    host.copy_(ids, non_blocking=True)
-    event = torch.Event(device=ids.device)
+def _copy_to_host(*tensors: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], Any]:
+    """Start copying ``tensors`` to (pinned) host memory; returns (host tensors, one event
+    that says all are done, or None on a CPU device)."""
+    if tensors[0].device.type == "cpu":
+        return tensors, None
+    hosts = []
+    for t in tensors:
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host.copy_(t, non_blocking=True)
+        hosts.append(host)
+    event = torch.Event(device=tensors[0].device)
     event.record()
-    return host, event
+    return tuple(hosts), event
+
+
+def _pending_tokens(
+    batch: Any, prev_sampled: torch.Tensor | None, requests: list[Request]
+) -> dict[int, torch.Tensor] | None:
+    """Logits row -> the token still in flight for that row's request (a 1-element device
+    tensor), for rows whose request has penalties: the sampler counts it from the device.
+
+    A row's in-flight token is its batch placeholder (its last input token this step, the
+    previous step's sample ``prev_sampled[prev_sample_rows[j]]``); the placeholder's token
+    position is the row's logits index, which finds the row."""
+    if prev_sampled is None or batch.prev_token_rows is None:
+        return None
+    penalized = [i for i, r in enumerate(requests) if _has_penalties(r.sampling_params)]
+    if not penalized:
+        return None
+    row_of_position = {int(p): i for i, p in enumerate(batch.logits_indices.tolist())}
+    pending: dict[int, torch.Tensor] = {}
+    wanted = set(penalized)
+    for position, sample_row in zip(batch.prev_token_rows.tolist(),
+                                    batch.prev_sample_rows.tolist(), strict=True):
+        row = row_of_position.get(int(position))
+        if row in wanted:
+            pending[row] = prev_sampled[sample_row : sample_row + 1]
+    return pending
+
+
+def _has_penalties(params: SamplingParams) -> bool:
+    return (params.repetition_penalty != 1.0 or params.presence_penalty != 0.0
+            or params.frequency_penalty != 0.0)
 
 
 class _Sequence:
@@ -210,8 +242,6 @@ class LLMEngine:
                                  else config.async_scheduling)
         logger.info("async scheduling: %s", "on" if self.async_scheduling else "off")
         self._in_flight: _LaunchedStep | None = None
-        #: Parents with a request that cannot be overlapped (penalties, logprobs).
-        self._sync_parents: set[str] = set()
         self._parents: dict[str, _Parent] = {}
         self._children: dict[str, tuple[_Parent, _Sequence]] = {}
         self._arrival = itertools.count()
@@ -337,8 +367,6 @@ class LLMEngine:
             parent.children.append(seq)
             self._children[request.request_id] = (parent, seq)
         self._parents[request_id] = parent
-        if _needs_sync(params):
-            self._sync_parents.add(request_id)
 
     def _tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
@@ -386,7 +414,6 @@ class LLMEngine:
         parent = self._parents.pop(request_id, None)
         if parent is None:
             return
-        self._sync_parents.discard(request_id)
         for seq in parent.children:
             self.scheduler.finish_request(seq.request.request_id, FinishReason.ABORT)
             self._children.pop(seq.request.request_id, None)
@@ -423,7 +450,7 @@ class LLMEngine:
         outputs returned are those of the step launched in the previous call.
         """
         prev, self._in_flight = self._in_flight, None
-        overlap = self.async_scheduling and not self._sync_parents
+        overlap = self.async_scheduling
         outputs: list[RequestOutput] = []
         if prev is not None and not overlap:  # drain, then run this step synchronously
             outputs, prev = self._complete(prev), None
@@ -463,15 +490,18 @@ class LLMEngine:
         # tokens generated before this one: the outputs so far and the placeholders in flight,
         # less this step's own placeholder
         num_generated = [r.num_output_tokens + r.num_output_placeholders - 1 for r in requests]
-        if any(r.sampling_params.logprobs is not None for r in requests):
-            sampled = self.sampler.sample(logits, requests, num_generated)
-            return _LaunchedStep(out, None, token_ids=sampled.token_ids,
-                                 logprobs=sampled.logprobs)
-        ids = self.sampler.sample_ids(logits, requests, num_generated)  # [L] on the device
+        pending = _pending_tokens(out.batch, prev_sampled, requests)
+        ids = self.sampler.sample_ids(logits, requests, num_generated, pending)  # [L] on the device
+        lp = self.sampler.logprob_tensors(logits, ids, requests)
         if not overlap:
-            return _LaunchedStep(out, ids, token_ids=ids.tolist())
-        host_ids, event = _copy_to_host(ids)
-        return _LaunchedStep(out, ids, host_ids, event)
+            token_ids = ids.tolist()
+            logprobs = None if lp is None else logprob_dicts(tuple(t.cpu() for t in lp), token_ids,
+                                                            requests)
+            return _LaunchedStep(out, ids, token_ids=token_ids, logprobs=logprobs)
+        hosts, event = _copy_to_host(ids, *(lp or ()))
+        return _LaunchedStep(out, ids, hosts[0], event,
+                             host_logprobs=hosts[1:] if lp is not None else None,
+                             requests=requests)
 
     def _complete(self, step: _LaunchedStep) -> list[RequestOutput]:
         """Read a launched step's sampled ids and turn them into outputs."""
@@ -574,7 +604,6 @@ class LLMEngine:
         first = parent.children[0].request
         if finished:
             self._parents.pop(parent.request_id, None)
-            self._sync_parents.discard(parent.request_id)
             for seq in parent.children:
                 self._children.pop(seq.request.request_id, None)
         metrics = first.metrics

@@ -5,9 +5,12 @@ whole batch; rows with penalties or random sampling are processed in vectorized 
 requests own a ``torch.Generator`` so their draws do not depend on the rest of the batch;
 unseeded ones share the engine's generator.
 
-``sample_ids`` never waits for the device (no ``.item()``, no ``.tolist()``): its result stays
-on the device, so the engine can launch the next step before it reads the ids (async
-scheduling). ``sample`` adds the host lists and logprobs, which wait.
+``sample_ids`` and ``logprob_tensors`` never wait for the device (no ``.item()``, no
+``.tolist()``, host lists reach the device through pinned copies): their results stay on the
+device, so the engine can launch the next step before it reads them (async scheduling). A
+request whose previous token is still in flight on the device (a placeholder) passes it as
+``pending``: penalties count it from the device tensor. ``sample`` adds the host lists and
+logprobs, which wait.
 """
 
 from __future__ import annotations
@@ -49,23 +52,27 @@ class Sampler:
         defaults to ``len(request.output_token_ids)``.
         """
         logits = logits.float()
-        raw_logprobs = None
-        if any(r.sampling_params.logprobs is not None for r in requests):
-            raw_logprobs = torch.log_softmax(logits, dim=-1)  # [L, V]
-        token_ids = self.sample_ids(logits, requests, num_generated).tolist()
-        return SamplerOutput(token_ids, self._logprobs(raw_logprobs, token_ids, requests))
+        ids = self.sample_ids(logits, requests, num_generated)
+        tensors = self.logprob_tensors(logits, ids, requests)
+        token_ids = ids.tolist()
+        host = None if tensors is None else tuple(t.cpu() for t in tensors)
+        return SamplerOutput(token_ids, logprob_dicts(host, token_ids, requests))
 
     def sample_ids(
         self,
         logits: torch.Tensor,
         requests: list[Request],
         num_generated: list[int] | None = None,
+        pending: dict[int, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """The chosen ids [L] int64, on the logits' device, without waiting for the device."""
+        """The chosen ids [L] int64, on the logits' device, without waiting for the device.
+
+        ``pending``: logits row -> that request's token still in flight (a 1-element int64
+        tensor on the device), which ``request.output_token_ids`` does not hold yet."""
         logits = logits.float()
         if num_generated is None:
             num_generated = [len(r.output_token_ids) for r in requests]
-        logits = self._apply_penalties(logits, requests)
+        logits = self._apply_penalties(logits, requests, pending or {})
         logits = self._mask_min_tokens(logits, requests, num_generated)
         greedy = [r.sampling_params.is_greedy for r in requests]
         if all(greedy):
@@ -73,7 +80,7 @@ class Sampler:
         chosen = torch.empty(len(requests), dtype=torch.long, device=logits.device)
         rows = [i for i, g in enumerate(greedy) if g]
         if rows:
-            idx = torch.tensor(rows, dtype=torch.long).to(logits.device, non_blocking=True)
+            idx = _to_device(rows, logits.device)
             chosen[idx] = logits[idx].argmax(dim=-1)
         for row, is_greedy in enumerate(greedy):
             if not is_greedy:
@@ -82,7 +89,28 @@ class Sampler:
 
     # -- steps -----------------------------------------------------------------------------
 
-    def _apply_penalties(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    def logprob_tensors(
+        self, logits: torch.Tensor, ids: torch.Tensor, requests: list[Request]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """On the device, for the rows that asked for logprobs (None when none did): the
+        log-softmax of the raw logits (before penalties, as vLLM reports them) at the chosen
+        ids [L], and the top-n values and ids [L, n_max] (``logprob_dicts`` makes the dicts)."""
+        wanted = [r.sampling_params.logprobs for r in requests]
+        if all(n is None for n in wanted):
+            return None
+        raw = torch.log_softmax(logits.float(), dim=-1)  # [L, V]
+        chosen = raw.gather(1, ids.view(-1, 1)).view(-1)
+        top = max(n or 0 for n in wanted)
+        if top:
+            values, top_ids = raw.topk(top, dim=-1)
+        else:
+            values = raw.new_empty((raw.shape[0], 0))
+            top_ids = ids.new_empty((raw.shape[0], 0))
+        return chosen, values, top_ids
+
+    def _apply_penalties(
+        self, logits: torch.Tensor, requests: list[Request], pending: dict[int, torch.Tensor]
+    ) -> torch.Tensor:
         rows = [
             i
             for i, r in enumerate(requests)
@@ -97,20 +125,25 @@ class Sampler:
         for i in rows:
             p = requests[i].sampling_params
             row = logits[i]
+            extra = pending.get(i)  # the token in flight (sampled from these logits: < vocab)
             if p.repetition_penalty != 1.0:
                 # as in vLLM / HF: every token seen in the prompt or the output
-                seen = torch.tensor(sorted(set(requests[i].all_token_ids)), dtype=torch.long,
-                                    device=row.device)
-                seen = seen[seen < vocab]
+                known = sorted(t for t in set(requests[i].all_token_ids) if t < vocab)
+                seen = _to_device(known, row.device)
+                if extra is not None:
+                    seen = torch.cat((seen, extra))  # a repeat is harmless: same value written
                 vals = row[seen]
                 row[seen] = torch.where(vals > 0, vals / p.repetition_penalty,
                                         vals * p.repetition_penalty)
             if p.presence_penalty != 0.0 or p.frequency_penalty != 0.0:
-                out = requests[i].output_token_ids
-                if out:
-                    counts = torch.bincount(
-                        torch.tensor(out, dtype=torch.long, device=row.device), minlength=vocab
-                    )[:vocab].to(row.dtype)
+                out = [t for t in requests[i].output_token_ids if t < vocab]
+                if out or extra is not None:
+                    counts = torch.zeros(vocab, dtype=row.dtype, device=row.device)
+                    if out:
+                        counts.index_add_(0, _to_device(out, row.device),
+                                          torch.ones(len(out), dtype=row.dtype, device=row.device))
+                    if extra is not None:
+                        counts.index_add_(0, extra, torch.ones(1, dtype=row.dtype, device=row.device))
                     row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
         return logits
 
@@ -161,22 +194,34 @@ class Sampler:
         gen = self._generator(request, probs.device)
         return torch.multinomial(probs, 1, generator=gen)[0]
 
-    @staticmethod
-    def _logprobs(
-        raw: torch.Tensor | None, token_ids: list[int], requests: list[Request]
-    ) -> list[dict[int, float] | None]:
-        if raw is None:
-            return [None] * len(requests)
-        result: list[dict[int, float] | None] = []
-        for i, r in enumerate(requests):
-            n = r.sampling_params.logprobs
-            if n is None:
-                result.append(None)
-                continue
-            entry: dict[int, float] = {}
-            if n > 0:
-                values, ids = raw[i].topk(n)
-                entry.update(zip(ids.tolist(), values.tolist(), strict=True))
-            entry[token_ids[i]] = float(raw[i, token_ids[i]])
-            result.append(entry)
-        return result
+
+
+def logprob_dicts(
+    host: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+    token_ids: list[int],
+    requests: list[Request],
+) -> list[dict[int, float] | None]:
+    """Per row, {token_id: logprob} for its top-n and the chosen token, from the host copies
+    of ``Sampler.logprob_tensors``; None for rows that did not ask."""
+    if host is None:
+        return [None] * len(requests)
+    chosen, values, ids = (t.tolist() for t in host)
+    result: list[dict[int, float] | None] = []
+    for i, r in enumerate(requests):
+        n = r.sampling_params.logprobs
+        if n is None:
+            result.append(None)
+            continue
+        entry = dict(zip(ids[i][:n], values[i][:n], strict=True))
+        entry[token_ids[i]] = chosen[i]
+        result.append(entry)
+    return result
+
+
+def _to_device(values: list[int], device: torch.device) -> torch.Tensor:
+    """int64 ids on ``device`` through pinned memory, so the copy queues behind the device's
+    work instead of waiting for it (a pageable copy would wait)."""
+    host = torch.tensor(values, dtype=torch.long)
+    if device.type == "cpu":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)

@@ -262,7 +262,7 @@ def test_engine_aborts_mid_stream_leak_no_blocks(engines):
 
 
 @pytest.mark.slow
-def test_engine_seeds_n_and_sync_only_features(engines):
+def test_engine_seeds_n_penalties_and_logprobs_overlap(engines):
     from portaserve import SamplingParams as Params
 
     sync, overlapped = engines
@@ -270,12 +270,31 @@ def test_engine_seeds_n_and_sync_only_features(engines):
     seeded = Params(temperature=1.0, top_p=0.9, top_k=50, seed=42, max_tokens=16, n=3)
     a, b = sync.generate(prompt, seeded)[0], overlapped.generate(prompt, seeded)[0]
     assert [c.token_ids for c in a.outputs] == [c.token_ids for c in b.outputs]
-    # penalties and logprobs fall back to the synchronous step, with the same results
-    for params in (Params(temperature=0, max_tokens=10, repetition_penalty=1.3,
-                          frequency_penalty=0.5),
-                   Params(temperature=0, max_tokens=5, logprobs=2)):
-        want, got = sync.generate(prompt, params)[0].outputs[0], overlapped.generate(prompt, params)[0].outputs[0]
-        assert got.token_ids == want.token_ids
-        assert got.logprobs == want.logprobs
-    assert not overlapped.llm_engine._sync_parents
+    # penalties count the token still in flight from the device, logprobs come back with the
+    # ids: same results as the synchronous engine, with the steps overlapped
+    runner = overlapped.llm_engine.runner
+    placeholders: list[int] = []
+    execute = runner.execute
+
+    def counting(batch, prev_sampled=None):
+        placeholders.append(batch.num_placeholders)
+        return execute(batch, prev_sampled)
+
+    prompts = _prompts(sync, 4, seed=15) + [prompt]
+    for params in (Params(temperature=0, max_tokens=30, repetition_penalty=1.5,
+                          frequency_penalty=0.8, presence_penalty=0.4, ignore_eos=True),
+                   Params(temperature=0, max_tokens=12, logprobs=3, ignore_eos=True),
+                   Params(temperature=0, max_tokens=12, logprobs=1, frequency_penalty=1.0,
+                          ignore_eos=True)):
+        want = [o.outputs[0] for o in sync.generate(prompts, params)]
+        placeholders.clear()
+        runner.execute = counting
+        try:
+            got = [o.outputs[0] for o in overlapped.generate(prompts, params)]
+        finally:
+            del runner.execute
+        assert sum(n > 0 for n in placeholders) >= params.max_tokens - 2  # overlapped
+        assert [g.token_ids for g in got] == [w.token_ids for w in want]
+        assert [g.logprobs for g in got] == [w.logprobs for w in want]
+        assert [g.cumulative_logprob for g in got] == [w.cumulative_logprob for w in want]
     _assert_idle(overlapped)

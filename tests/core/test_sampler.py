@@ -122,6 +122,37 @@ def test_presence_and_frequency_penalties_use_output_counts():
     assert out.token_ids[0] == 3
 
 
+def test_a_pending_token_counts_like_a_known_one():
+    # Async scheduling: the previous token is still on the device; penalties must treat it
+    # exactly as if it were already in output_token_ids (fresh random logits, all penalties).
+    gen = torch.Generator().manual_seed(7)
+    logits = torch.randn(4, V, generator=gen)
+    kw = dict(temperature=0, repetition_penalty=1.7, frequency_penalty=0.6, presence_penalty=0.4)
+    outs = [[3, 8, 3], [], [11], [2, 2]]
+    flight = [int(logits[i].argmax()) for i in range(4)]  # strongly affected tokens
+    known = [req(str(i), out=o + [flight[i]], **kw) for i, o in enumerate(outs)]
+    waiting = [req(str(i), out=o, **kw) for i, o in enumerate(outs)]
+    pending = {i: torch.tensor([flight[i]]) for i in range(4)}
+    want = Sampler().sample_ids(logits, known, [len(o) + 1 for o in outs])
+    got = Sampler().sample_ids(logits, waiting, [len(o) + 1 for o in outs], pending)
+    assert torch.equal(got, want)
+    assert not torch.equal(Sampler().sample_ids(logits, waiting, [len(o) for o in outs]), want)
+
+
+def test_logprob_tensors_match_the_dicts():
+    logits = torch.randn(3, V)
+    reqs = [req("a", temperature=0, logprobs=2), req("b", temperature=0), req("c", temperature=0, logprobs=0)]
+    s = Sampler()
+    out = s.sample(logits, reqs)
+    raw = torch.log_softmax(logits, -1)
+    top_a = raw[0].topk(2)
+    want_a = dict(zip(top_a.indices.tolist(), top_a.values.tolist(), strict=True))
+    want_a[out.token_ids[0]] = float(raw[0, out.token_ids[0]])
+    assert out.logprobs[0] == want_a
+    assert out.logprobs[1] is None
+    assert out.logprobs[2] == {out.token_ids[2]: float(raw[2, out.token_ids[2]])}
+
+
 def test_min_tokens_bans_eos_until_reached():
     logits = torch.zeros(1, V)
     logits[0, 2] = 5.0  # eos is the argmax
