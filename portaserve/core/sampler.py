@@ -158,7 +158,7 @@ class Sampler:
                 if banned:
                     if not cloned:
                         logits, cloned = logits.clone(), True
-                    logits[i, banned] = float("-inf")
+                    logits[i].index_fill_(0, _to_device(banned, logits.device), float("-inf"))
         return logits
 
     def _generator(self, request: Request, device: torch.device) -> torch.Generator:
