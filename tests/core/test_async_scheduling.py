@@ -11,6 +11,7 @@ every block.
 
 from __future__ import annotations
 
+import contextlib
 import random
 
 import pytest
@@ -164,6 +165,25 @@ def _ids(outputs) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in outputs]
 
 
+@contextlib.contextmanager
+def _counting_placeholders(llm):
+    """The number of placeholders (tokens read from the previous step's samples on the
+    device) of every step the engine runs inside the block."""
+    runner = llm.llm_engine.runner
+    counts: list[int] = []
+    execute = runner.execute
+
+    def counting(batch, prev_sampled=None):
+        counts.append(batch.num_placeholders)
+        return execute(batch, prev_sampled)
+
+    runner.execute = counting
+    try:
+        yield counts
+    finally:
+        del runner.execute
+
+
 def _assert_idle(llm) -> None:
     engine = llm.llm_engine
     assert not engine.has_unfinished_requests()
@@ -176,19 +196,8 @@ def test_engine_mixed_batch_same_tokens_as_sync(engines):
     prompts = _prompts(sync, 12, seed=11)
     params = [_greedy(max_tokens=4 + i % 9) for i in range(12)]  # finishing at different steps
     want = _ids(sync.generate(prompts, params))
-    runner = overlapped.llm_engine.runner
-    placeholders: list[int] = []
-    execute = runner.execute
-
-    def counting(batch, prev_sampled=None):
-        placeholders.append(batch.num_placeholders)
-        return execute(batch, prev_sampled)
-
-    runner.execute = counting
-    try:
+    with _counting_placeholders(overlapped) as placeholders:
         got = _ids(overlapped.generate(prompts, params))
-    finally:
-        del runner.execute
     # the decode steps really read their input ids from the previous step's samples
     assert sum(n > 0 for n in placeholders) >= 8 and max(placeholders) == 12
     assert got == want
@@ -272,14 +281,6 @@ def test_engine_seeds_n_penalties_and_logprobs_overlap(engines):
     assert [c.token_ids for c in a.outputs] == [c.token_ids for c in b.outputs]
     # penalties count the token still in flight from the device, logprobs come back with the
     # ids: same results as the synchronous engine, with the steps overlapped
-    runner = overlapped.llm_engine.runner
-    placeholders: list[int] = []
-    execute = runner.execute
-
-    def counting(batch, prev_sampled=None):
-        placeholders.append(batch.num_placeholders)
-        return execute(batch, prev_sampled)
-
     prompts = _prompts(sync, 4, seed=15) + [prompt]
     for params in (Params(temperature=0, max_tokens=30, repetition_penalty=1.5,
                           frequency_penalty=0.8, presence_penalty=0.4, ignore_eos=True),
@@ -287,12 +288,8 @@ def test_engine_seeds_n_penalties_and_logprobs_overlap(engines):
                    Params(temperature=0, max_tokens=12, logprobs=1, frequency_penalty=1.0,
                           ignore_eos=True)):
         want = [o.outputs[0] for o in sync.generate(prompts, params)]
-        placeholders.clear()
-        runner.execute = counting
-        try:
+        with _counting_placeholders(overlapped) as placeholders:
             got = [o.outputs[0] for o in overlapped.generate(prompts, params)]
-        finally:
-            del runner.execute
         assert sum(n > 0 for n in placeholders) >= params.max_tokens - 2  # overlapped
         assert [g.token_ids for g in got] == [w.token_ids for w in want]
         assert [g.logprobs for g in got] == [w.logprobs for w in want]

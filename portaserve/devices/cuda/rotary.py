@@ -31,14 +31,20 @@ from portaserve.errors import DeviceError
 
 @triton_kernel
 def _rotary_kernel(
-    pos_ptr, cs_ptr,
-    q_ptr, k_ptr, q_out_ptr, k_out_ptr,
-    num_q_heads, num_k_heads, half,
-    stride_cs, stride_qt, stride_qh, stride_kt, stride_kh,
-    stride_qot, stride_qoh, stride_kot, stride_koh,
+    pos_ptr, cs_ptr, slot_ptr,
+    q_ptr, k_ptr, v_ptr, q_out_ptr, k_dst_ptr,
+    num_q_heads, num_k_heads, half, block_size,
+    stride_cs, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_qot, stride_qoh,
+    stride_dt, stride_dh, stride_c_kv, stride_c_block, stride_c_off,
+    WRITE_CACHE: tl.constexpr,
     BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr,
 ):
-    """Grid ``(T,)``: one program per token rotates all its q and k heads (heads x D/2 tiles)."""
+    """Grid ``(T,)``: one program per token rotates all its q heads (to q_out) and k heads
+    (heads x D/2 tiles). The rotated keys go to ``k_dst`` [T, Hk, D] (strides dt, dh), or with
+    WRITE_CACHE to the paged cache ``k_dst`` at the token's slot with its values beside them
+    (strides c_kv, c_block, dh = head, c_off); a negative slot (a padding row of a captured
+    graph) writes nothing to the cache."""
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
     d = tl.arange(0, BLOCK_HALF)
@@ -55,14 +61,32 @@ def _rotary_kernel(
     tl.store(dst, (x1 * cos - x2 * sin).to(q_out_ptr.dtype.element_ty), mask=mask)
     tl.store(dst + half, (x2 * cos + x1 * sin).to(q_out_ptr.dtype.element_ty), mask=mask)
 
-    hk = tl.arange(0, BLOCK_HK)
-    mask = (hk[:, None] < num_k_heads) & d_mask[None, :]
-    src = k_ptr + t * stride_kt + hk[:, None] * stride_kh + d[None, :]
-    x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(src + half, mask=mask, other=0.0).to(tl.float32)
-    dst = k_out_ptr + t * stride_kot + hk[:, None] * stride_koh + d[None, :]
-    tl.store(dst, (x1 * cos - x2 * sin).to(k_out_ptr.dtype.element_ty), mask=mask)
-    tl.store(dst + half, (x2 * cos + x1 * sin).to(k_out_ptr.dtype.element_ty), mask=mask)
+    if WRITE_CACHE:
+        slot = tl.load(slot_ptr + t).to(tl.int64)
+        row = (slot // block_size) * stride_c_block + (slot % block_size) * stride_c_off
+        write = slot >= 0
+    else:
+        row = t * stride_dt
+        write = t >= 0
+    if write:
+        hk = tl.arange(0, BLOCK_HK)
+        k_mask = (hk[:, None] < num_k_heads) & d_mask[None, :]
+        k_src = k_ptr + t * stride_kt + hk[:, None] * stride_kh + d[None, :]
+        y1 = tl.load(k_src, mask=k_mask, other=0.0).to(tl.float32)
+        y2 = tl.load(k_src + half, mask=k_mask, other=0.0).to(tl.float32)
+        # rounded to k's dtype (what ``rotary`` returns, so a cache gets the same values the
+        # two-op path writes), then to the destination's
+        k1 = (y1 * cos - y2 * sin).to(k_ptr.dtype.element_ty).to(k_dst_ptr.dtype.element_ty)
+        k2 = (y2 * cos + y1 * sin).to(k_ptr.dtype.element_ty).to(k_dst_ptr.dtype.element_ty)
+        k_dst = k_dst_ptr + row + hk[:, None] * stride_dh + d[None, :]
+        tl.store(k_dst, k1, mask=k_mask)
+        tl.store(k_dst + half, k2, mask=k_mask)
+        if WRITE_CACHE:
+            v_src = v_ptr + t * stride_vt + hk[:, None] * stride_vh + d[None, :]
+            v1 = tl.load(v_src, mask=k_mask, other=0.0)
+            v2 = tl.load(v_src + half, mask=k_mask, other=0.0)
+            tl.store(k_dst + stride_c_kv, v1.to(k_dst_ptr.dtype.element_ty), mask=k_mask)
+            tl.store(k_dst + stride_c_kv + half, v2.to(k_dst_ptr.dtype.element_ty), mask=k_mask)
 
 
 def rotary(
@@ -91,65 +115,14 @@ def rotary(
         return q_out, k_out
     half = head_dim // 2
     _rotary_kernel.on(q)[(num_tokens,)](
-        positions, cos_sin_cache, q, k, q_out, k_out,
-        num_q_heads, k.shape[1], half,
-        cos_sin_cache.stride(0), q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-        q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1),
-        BLOCK_HQ=next_pow2(num_q_heads), BLOCK_HK=next_pow2(k.shape[1]),
+        positions, cos_sin_cache, positions, q, k, k, q_out, k_out,
+        num_q_heads, k.shape[1], half, 1,
+        cos_sin_cache.stride(0), q.stride(0), q.stride(1), k.stride(0), k.stride(1), 0, 0,
+        q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1), 0, 0, 0,
+        WRITE_CACHE=False, BLOCK_HQ=next_pow2(num_q_heads), BLOCK_HK=next_pow2(k.shape[1]),
         BLOCK_HALF=next_pow2(half), num_warps=4,
     )
     return q_out, k_out
-
-
-@triton_kernel
-def _rotary_write_kv_kernel(
-    pos_ptr, cs_ptr, slot_ptr,
-    q_ptr, k_ptr, v_ptr, q_out_ptr, cache_ptr,
-    num_q_heads, num_k_heads, half, block_size,
-    stride_cs, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-    stride_qot, stride_qoh,
-    stride_c_kv, stride_c_block, stride_c_head, stride_c_off,
-    BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr,
-):
-    """Grid ``(T,)``: one program per token rotates its q heads (to q_out) and its k heads
-    (to the cache at the token's slot, with its v heads beside them). A negative slot (a
-    padding row of a captured graph) writes nothing to the cache."""
-    t = tl.program_id(0).to(tl.int64)
-    pos = tl.load(pos_ptr + t).to(tl.int64)
-    d = tl.arange(0, BLOCK_HALF)
-    d_mask = d < half
-    cos = tl.load(cs_ptr + pos * stride_cs + d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
-    sin = tl.load(cs_ptr + pos * stride_cs + half + d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
-
-    hq = tl.arange(0, BLOCK_HQ)
-    mask = (hq[:, None] < num_q_heads) & d_mask[None, :]
-    src = q_ptr + t * stride_qt + hq[:, None] * stride_qh + d[None, :]
-    x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(src + half, mask=mask, other=0.0).to(tl.float32)
-    dst = q_out_ptr + t * stride_qot + hq[:, None] * stride_qoh + d[None, :]
-    tl.store(dst, (x1 * cos - x2 * sin).to(q_out_ptr.dtype.element_ty), mask=mask)
-    tl.store(dst + half, (x2 * cos + x1 * sin).to(q_out_ptr.dtype.element_ty), mask=mask)
-
-    slot = tl.load(slot_ptr + t).to(tl.int64)
-    if slot >= 0:
-        hk = tl.arange(0, BLOCK_HK)
-        k_mask = (hk[:, None] < num_k_heads) & d_mask[None, :]
-        k_src = k_ptr + t * stride_kt + hk[:, None] * stride_kh + d[None, :]
-        y1 = tl.load(k_src, mask=k_mask, other=0.0).to(tl.float32)
-        y2 = tl.load(k_src + half, mask=k_mask, other=0.0).to(tl.float32)
-        # rounded to k's dtype first: the same values the two-op path writes
-        k1 = (y1 * cos - y2 * sin).to(k_ptr.dtype.element_ty)
-        k2 = (y2 * cos + y1 * sin).to(k_ptr.dtype.element_ty)
-        v_src = v_ptr + t * stride_vt + hk[:, None] * stride_vh + d[None, :]
-        v1 = tl.load(v_src, mask=k_mask, other=0.0)
-        v2 = tl.load(v_src + half, mask=k_mask, other=0.0)
-        c_dst = (cache_ptr + (slot // block_size) * stride_c_block
-                 + (slot % block_size) * stride_c_off + hk[:, None] * stride_c_head + d[None, :])
-        elem = cache_ptr.dtype.element_ty
-        tl.store(c_dst, k1.to(elem), mask=k_mask)
-        tl.store(c_dst + half, k2.to(elem), mask=k_mask)
-        tl.store(c_dst + stride_c_kv, v1.to(elem), mask=k_mask)
-        tl.store(c_dst + stride_c_kv + half, v2.to(elem), mask=k_mask)
 
 
 def rotary_write_kv(
@@ -194,13 +167,13 @@ def rotary_write_kv(
         return q_out
     s_kv, s_block, s_head, s_off, _ = cache_strides(kv_cache, kv_layout)
     half = head_dim // 2
-    _rotary_write_kv_kernel.on(q)[(num_tokens,)](
+    _rotary_kernel.on(q)[(num_tokens,)](
         positions, cos_sin_cache, slot_mapping, q, k, v, q_out, kv_cache,
         num_q_heads, num_heads, half, block_size,
         cos_sin_cache.stride(0), q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         v.stride(0), v.stride(1), q_out.stride(0), q_out.stride(1),
-        s_kv, s_block, s_head, s_off,
-        BLOCK_HQ=next_pow2(num_q_heads), BLOCK_HK=next_pow2(num_heads),
+        0, s_head, s_kv, s_block, s_off,
+        WRITE_CACHE=True, BLOCK_HQ=next_pow2(num_q_heads), BLOCK_HK=next_pow2(num_heads),
         BLOCK_HALF=next_pow2(half), num_warps=4,
     )
     return q_out
