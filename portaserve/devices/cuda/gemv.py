@@ -113,20 +113,31 @@ def faster_than_cublas(x: torch.Tensor, weight: torch.Tensor) -> bool:
         return True
     import torch.nn.functional as F
 
-    def best_of(fn) -> float:
+    # In a decode step every weight streams from HBM once; timing one weight over and over
+    # would time the L2 cache instead (o, q|k|v fit in it). So each timed call follows a
+    # write over more bytes than the L2 holds, which also keeps the GPU busy while the host
+    # launches the call, so launch latency stays out of the time.
+    try:
+        flush = torch.empty(256 * 2**20, dtype=torch.uint8, device=x.device)
+    except torch.OutOfMemoryError:
+        flush = None
+
+    def best_of(fn, flush: torch.Tensor | None) -> float:
         fn()
         times = []
         for _ in range(5):
+            if flush is not None:
+                flush.zero_()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            for _ in range(4):
-                fn()
+            fn()
             end.record()
             end.synchronize()
             times.append(start.elapsed_time(end))
         return min(times)
 
-    _FASTER[key] = best_of(lambda: gemv(x, weight)) < best_of(lambda: F.linear(x, weight))
+    _FASTER[key] = (best_of(lambda: gemv(x, weight), flush)
+                    < best_of(lambda: F.linear(x, weight), flush))
     return _FASTER[key]
 
 
