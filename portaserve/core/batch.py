@@ -182,11 +182,16 @@ def build_batch(
     starts = np.zeros(num_reqs + 1, dtype=np.int64)
     np.cumsum(num_new, out=starts[1:])
     num_tokens = int(starts[-1])
-    max_blocks = max((len(item[3]) for item in items), default=0)
-    tables = np.zeros((num_reqs, max(max_blocks, 1)), dtype=np.int32)
-    for row, item in enumerate(items):
-        if item[3]:
-            tables[row, : len(item[3])] = item[3]
+    # block tables: one concatenation and one scatter (a row-by-row fill of 512 Python lists
+    # was 1.7 ms a step); the scheduler hands numpy mirrors of its lists (no conversion here)
+    blocks = [np.asarray(item[3], dtype=np.int32) for item in items]
+    lens = np.fromiter((len(b) for b in blocks), dtype=np.int64, count=num_reqs)
+    tables = np.zeros((num_reqs, max(int(lens.max(initial=0)), 1)), dtype=np.int32)
+    total_blocks = int(lens.sum())
+    if total_blocks:
+        table_rows = np.repeat(np.arange(num_reqs), lens)
+        table_cols = np.arange(total_blocks) - np.repeat(np.cumsum(lens) - lens, lens)
+        tables[table_rows, table_cols] = np.concatenate(blocks)
     token_ids = np.fromiter(
         (t for item in items for t in item[1]), dtype=np.int64, count=num_tokens
     )

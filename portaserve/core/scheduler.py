@@ -51,6 +51,8 @@ import bisect
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from portaserve.core.batch import ScheduledBatch, build_batch
 from portaserve.core.block_pool import BlockHash, BlockPool, ExtraKeys, hash_block_tokens
 from portaserve.core.request import FinishReason, Request, RequestStatus
@@ -166,6 +168,21 @@ class _Entry:
     extra_keys: ExtraKeys = ()
     #: Row of the last scheduled step's sampled ids that holds this request's placeholder.
     sample_row: int = 0
+    #: ``block_table()``'s numpy mirror of ``block_ids`` and the list it mirrors.
+    table: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int32))
+    table_of: list[int] | None = None
+
+    def block_table(self) -> np.ndarray:
+        """``block_ids`` as int32 numpy for the batch builder, kept up to date incrementally:
+        the list is only ever extended or replaced by another list (never edited in place),
+        so a mirror of the same list object is current up to its length."""
+        ids = self.block_ids
+        if self.table_of is not ids:
+            self.table, self.table_of = np.asarray(ids, dtype=np.int32), ids
+        elif len(self.table) != len(ids):
+            tail = np.asarray(ids[len(self.table):], dtype=np.int32)
+            self.table = np.concatenate((self.table, tail))
+        return self.table
 
 
 class SchedulerError(PortaserveError, RuntimeError):
@@ -416,7 +433,7 @@ class Scheduler:
                     )
                 tokens = [*_token_slice(request, start, num_known), 0]  # filled on the device
                 placeholders.append((index, entry.sample_row))
-            items.append((request.request_id, tokens, start, entry.block_ids, s.needs_logits))
+            items.append((request.request_id, tokens, start, entry.block_table(), s.needs_logits))
             request.num_computed_tokens = end
             if s.needs_logits:
                 request.num_output_placeholders += 1

@@ -422,3 +422,22 @@ def test_request_held_for_a_shared_prefix_runs_when_its_owner_is_aborted() -> No
     assert follower.num_cached_tokens == 0
     assert got["follower"] == reference_generate(follower.prompt_token_ids, 4), f"seed {seed}"
     assert sched.block_pool.num_free_blocks == 64
+
+
+def test_entry_block_table_mirrors_extends_and_replacements() -> None:
+    # The batch builder reads numpy mirrors of the block lists: extended in place, or replaced
+    # by another list (preemption frees and clears, admission assigns a new one).
+    from portaserve.core.request import Request
+    from portaserve.core.sampling import SamplingParams
+    from portaserve.core.scheduler import _Entry
+
+    entry = _Entry(Request("r", [1, 2, 3], SamplingParams()), add_seq=0)
+    assert entry.block_table().tolist() == []
+    entry.block_ids.extend([7, 3])
+    assert entry.block_table().tolist() == [7, 3]
+    entry.block_ids.extend([9])
+    assert entry.block_table().tolist() == [7, 3, 9]
+    entry.block_ids = [4, 5, 6]  # same length, other list: must not be taken for the old one
+    assert entry.block_table().tolist() == [4, 5, 6]
+    entry.block_ids = []
+    assert entry.block_table().tolist() == []
