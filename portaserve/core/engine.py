@@ -112,7 +112,7 @@ def _pending_tokens(
     position is the row's logits index, which finds the row."""
     if prev_sampled is None or batch.prev_token_rows is None:
         return None
-    penalized = [i for i, r in enumerate(requests) if _has_penalties(r.sampling_params)]
+    penalized = [i for i, r in enumerate(requests) if r.sampling_params.has_penalties]
     if not penalized:
         return None
     row_of_position = {int(p): i for i, p in enumerate(batch.logits_indices.tolist())}
@@ -124,11 +124,6 @@ def _pending_tokens(
         if row in wanted:
             pending[row] = prev_sampled[sample_row : sample_row + 1]
     return pending
-
-
-def _has_penalties(params: SamplingParams) -> bool:
-    return (params.repetition_penalty != 1.0 or params.presence_penalty != 0.0
-            or params.frequency_penalty != 0.0)
 
 
 class _Sequence:
@@ -449,11 +444,8 @@ class LLMEngine:
         With async scheduling, the step launched here completes in the next call, and the
         outputs returned are those of the step launched in the previous call.
         """
-        prev, self._in_flight = self._in_flight, None
-        overlap = self.async_scheduling
+        prev, self._in_flight = self._in_flight, None  # only ever set with async scheduling
         outputs: list[RequestOutput] = []
-        if prev is not None and not overlap:  # drain, then run this step synchronously
-            outputs, prev = self._complete(prev), None
         out = self.scheduler.schedule()
         launched: _LaunchedStep | None = None
         if out.batch is not None and out.batch.num_reqs:
@@ -462,7 +454,7 @@ class LLMEngine:
                 if sched.request.metrics.first_scheduled_time is None:
                     sched.request.metrics.first_scheduled_time = now
             try:
-                launched = self._launch(out, prev, overlap)
+                launched = self._launch(out, prev)
             except Exception as e:  # the step failed: fail its requests, keep the engine alive
                 logger.exception("engine step failed for %d requests", out.batch.num_reqs)
                 if prev is not None:
@@ -471,17 +463,15 @@ class LLMEngine:
         if prev is not None:
             outputs += self._complete(prev)
         if launched is not None:
-            if overlap:
+            if self.async_scheduling:
                 self._in_flight = launched
             else:
                 outputs += self._complete(launched)
         return outputs
 
-    def _launch(
-        self, out: SchedulerOutput, prev: _LaunchedStep | None, overlap: bool
-    ) -> _LaunchedStep:
+    def _launch(self, out: SchedulerOutput, prev: _LaunchedStep | None) -> _LaunchedStep:
         """Queue the step's forward pass and sampling on the device; wait for nothing unless
-        the step is not overlapped (then read its ids at once: one plain copy, no event)."""
+        scheduling is synchronous (then read its ids at once: one plain copy, no event)."""
         prev_sampled = prev.sampled if prev is not None else None
         logits = self.runner.execute(out.batch, prev_sampled)
         requests = [s.request for s in out.scheduled if s.needs_logits]  # logits row order
@@ -493,7 +483,7 @@ class LLMEngine:
         pending = _pending_tokens(out.batch, prev_sampled, requests)
         ids = self.sampler.sample_ids(logits, requests, num_generated, pending)  # [L] on the device
         lp = self.sampler.logprob_tensors(logits, ids, requests)
-        if not overlap:
+        if not self.async_scheduling:
             token_ids = ids.tolist()
             logprobs = None if lp is None else logprob_dicts(tuple(t.cpu() for t in lp), token_ids,
                                                             requests)

@@ -111,13 +111,7 @@ class Sampler:
     def _apply_penalties(
         self, logits: torch.Tensor, requests: list[Request], pending: dict[int, torch.Tensor]
     ) -> torch.Tensor:
-        rows = [
-            i
-            for i, r in enumerate(requests)
-            if r.sampling_params.repetition_penalty != 1.0
-            or r.sampling_params.presence_penalty != 0.0
-            or r.sampling_params.frequency_penalty != 0.0
-        ]
+        rows = [i for i, r in enumerate(requests) if r.sampling_params.has_penalties]
         if not rows:
             return logits
         logits = logits.clone()

@@ -72,6 +72,12 @@ class SamplingParams:
     def is_greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def has_penalties(self) -> bool:
+        """Whether any of the repetition / presence / frequency penalties is set."""
+        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
+                or self.frequency_penalty != 0.0)
+
 
 def _check(ok: bool, name: str, value: object, rule: str) -> None:
     if not ok:
