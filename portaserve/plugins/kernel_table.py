@@ -86,15 +86,19 @@ def build_kernel_table(
     if unknown:
         raise DeviceError(f"device {device_name!r} declares unknown ops {unknown}; ops are "
                           f"{list(OP_NAMES)} and the optional fused {list(FUSED_OPS)}")
+
+    def own(name: str) -> tuple[KernelFn, str] | None:
+        """A plugin's kernel for ``name``, else the device's native one, else None."""
+        if name in overrides:
+            plugin, fn = overrides[name]
+            return fn, f"plugin:{plugin}"
+        return (native[name], "native") if name in native else None
+
     ops: dict[str, KernelFn] = {}
     sources: dict[str, str] = {}
     for name in OP_NAMES:
-        if name in overrides:
-            plugin, fn = overrides[name]
-            ops[name], sources[name] = fn, f"plugin:{plugin}"
-        elif name in native:
-            ops[name], sources[name] = native[name], "native"
-        else:
+        found = own(name)
+        if found is None:
             fn = reference[name]
             if name in _LAYOUT_OPS:
                 if kv_layout not in REFERENCE_KV_LAYOUTS:
@@ -103,16 +107,11 @@ def build_kernel_table(
                         f"{name} cannot read (it reads {list(REFERENCE_KV_LAYOUTS)}); the device "
                         f"must implement {name} natively")
                 fn = functools.partial(fn, kv_layout=kv_layout)
-            ops[name], sources[name] = fn, "reference"
+            found = fn, "reference"
+        ops[name], sources[name] = found
     fused_sources: dict[str, str] = {}
     for name in FUSED_OPS:
-        if name in overrides:
-            plugin, fn = overrides[name]
-            ops[name], fused_sources[name] = fn, f"plugin:{plugin}"
-        elif name in native:
-            ops[name], fused_sources[name] = native[name], "native"
-        else:
-            ops[name], fused_sources[name] = _COMPOSE[name](ops), "composed"
+        ops[name], fused_sources[name] = own(name) or (_COMPOSE[name](ops), "composed")
     quant_ops: dict[str, KernelFn] = {}
     quant_sources: dict[str, str] = {}
     for fmt, fn in (native_quant or {}).items():
