@@ -30,10 +30,14 @@ class Numerics:
 
     ``emulate(x, weight, bias)`` states it in plain torch (the oracle such a kernel is checked
     against, tightly); ``max_rel_error`` bounds ``|emulate - reference| / |reference|``
-    (Frobenius) on random inputs: the accuracy the scheme itself gives up."""
+    (Frobenius) on random inputs: the accuracy the scheme itself gives up.
+    ``accumulation_rel_error`` is how far (same measure) a kernel may lie from ``emulate``
+    because the hardware sums its products with fewer bits than float32 (Hopper's fp8 tensor
+    cores); a kernel within it passes even where the dtype's elementwise tolerance is tighter."""
 
     emulate: Callable[..., torch.Tensor]
     max_rel_error: float
+    accumulation_rel_error: float = 0.0
 
 
 def kernel_numerics(fn: Callable[..., Any]) -> str:

