@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from profile_cuda_decode import FAMILIES  # noqa: E402
 
 from portaserve import LLM, SamplingParams  # noqa: E402
+from portaserve.core.engine import _LaunchedStep  # noqa: E402
 from portaserve.core.loaders.synthetic import PRESETS  # noqa: E402
 
 
@@ -61,14 +62,56 @@ def kernel_families(prof: object, steps: int) -> list[tuple[str, float, str]]:
     return rows
 
 
+def idle_gaps(prof: object, steps: int) -> str:
+    """Where the GPU sat idle between kernels in the profiled window: the idle time per step by
+    gap length, and the longest gaps with the kernels around them."""
+    spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start)
+    if len(spans) < 2:
+        return ""
+    gaps, end, last = [], spans[0][1], spans[0][2]
+    for start, stop, name in spans[1:]:
+        if start > end:
+            gaps.append((start - end, last, name))
+        if stop > end:
+            end, last = stop, name
+    buckets = {"< 5 us": 0.0, "5-50 us": 0.0, "50-500 us": 0.0, ">= 500 us": 0.0}
+    for us, _, _ in gaps:
+        key = "< 5 us" if us < 5 else "5-50 us" if us < 50 else "50-500 us" if us < 500 else ">= 500 us"
+        buckets[key] += us
+    lines = ["GPU idle per step by gap length: " + ", ".join(
+        f"{k} {v / 1e3 / steps:.2f} ms" for k, v in buckets.items())]
+    for us, before, after in sorted(gaps, reverse=True)[:6]:
+        lines.append(f"  idle {us / 1e3:.2f} ms after {before[:60]} before {after[:60]}")
+    return "\n".join(lines)
+
+
 def print_profile(title: str, prof: object, steps: int, wall_ms: float) -> None:
     rows = kernel_families(prof, steps)
     total = sum(ms for _, ms, _ in rows)
     print(f"\n{title}: GPU kernels {total:.2f} ms/step, wall {wall_ms:.2f} ms/step")
+    if torch.cuda.is_available():
+        print(idle_gaps(prof, steps))
     print("| kernel family | ms / step | share | largest kernels (ms / step) |")
     print("|---|---|---|---|")
     for label, ms, top in rows:
         print(f"| {label} | {ms:.2f} | {ms / total:.0%} | {top} |")
+
+
+def host_profile(engine: object, steps: int) -> str:
+    """cProfile of ``steps`` engine steps: the host functions that take the most time."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(steps):
+        engine.step()
+    prof.disable()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(22)
+    return f"\nhost profile of {steps} decode steps (cProfile, by own time):\n" + buf.getvalue()[-4000:]
 
 
 def main() -> None:
@@ -82,6 +125,7 @@ def main() -> None:
     p.add_argument("--quantization", default=None)
     p.add_argument("--decode-profile-after", type=int, default=1500, help="steps before the decode profile")
     p.add_argument("--profile-steps", type=int, default=6)
+    p.add_argument("--host-profile", action="store_true", help="cProfile a few full decode steps")
     p.add_argument("--preset", default="llama3-8b", help="a random: preset (tiny: a CPU dry run)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--budget-s", type=float, default=400, help="stop the run after this long")
@@ -100,25 +144,45 @@ def main() -> None:
           flush=True)
     llm.generate([list(range(100, 228))], SamplingParams(max_tokens=8, ignore_eos=True))  # warm up
 
-    steps: list[tuple[int, int, int]] = []  # (prompt tokens, decode rows, requests) per step
-    schedule = engine.scheduler.schedule
+    #: per step: (prompt tokens, decode rows, requests, tokens in cache after it)
+    steps: list[tuple[int, int, int, int]] = []
+    phases: dict[str, float] = defaultdict(float)  # host seconds of the current step, by phase
+    host: list[dict[str, float]] = []  # per step
+    schedule, launch, complete = engine.scheduler.schedule, engine._launch, engine._complete
+    wait_token_ids = _LaunchedStep.wait_token_ids
+
+    def timed(name, fn):  # noqa: ANN001, ANN202
+        def call(*a, **kw):  # noqa: ANN002, ANN003, ANN202
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                phases[name] += time.perf_counter() - t0
+        return call
 
     def recording_schedule():  # noqa: ANN202
-        out = schedule()
+        out = timed("schedule", schedule)()
         decode = sum(1 for s in out.scheduled if s.num_new_tokens == 1)
-        steps.append((out.num_batched_tokens - decode, decode, len(out.scheduled)))
+        context = sum(s.num_computed_before + s.num_new_tokens for s in out.scheduled)
+        steps.append((out.num_batched_tokens - decode, decode, len(out.scheduled), context))
         return out
 
     engine.scheduler.schedule = recording_schedule
+    engine._launch = timed("launch", launch)
+    engine._complete = timed("complete", complete)
+    _LaunchedStep.wait_token_ids = timed("wait", wait_token_ids)  # inside complete
     rng = random.Random(0)
     vocab = PRESETS[args.preset].vocab_size
+    cfg = PRESETS[args.preset]
+    kv_itemsize = 1 if args.kv_cache_dtype.startswith("fp8") else 2
+    kv_token_bytes = cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * kv_itemsize
     params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True,
                             output_kind="final_only")
     for i in range(args.num_prompts):
         engine.add_request(f"t{i}", [rng.randrange(100, vocab) for _ in range(args.input_len)], params)
     sync()
     walls: list[float] = []
-    profiled: dict[str, tuple[object, float, list[tuple[int, int, int]]]] = {}
+    profiled: dict[str, tuple[object, float, list[tuple[int, int, int, int]]]] = {}
     tokens = 0
     start = last = time.perf_counter()
     while engine.has_unfinished_requests() and last - start < args.budget_s:
@@ -141,12 +205,16 @@ def main() -> None:
             walls += [(now - last) / args.profile_steps] * args.profile_steps
             last = now
             continue
+        phases.clear()
         for out in engine.step():
             if out.finished:
                 tokens += sum(len(c.token_ids) for c in out.outputs)
         now = time.perf_counter()
         walls.append(now - last)
+        host.append(dict(phases))
         last = now
+        if args.host_profile and "host" not in profiled and "decode" in profiled:
+            profiled["host"] = host_profile(engine, args.profile_steps * 2)
     elapsed = last - start
     steps = steps[: len(walls)]
     print(f"\n{tokens} output tokens in {elapsed:.1f} s = {tokens / elapsed:,.0f} tok/s over "
@@ -170,9 +238,29 @@ def main() -> None:
         ws = buckets[lo]
         ms = sum(ws) / len(ws) * 1e3
         print(f"| {lo}-{lo + 63} | {len(ws)} | {sum(ws):.1f} | {ms:.2f} | {(lo + 32) / ms:.1f} |")
+    full = [h for (s, _), h in zip(decode, (h for s, h in zip(steps, host, strict=False) if s[0] == 0),
+                                     strict=False) if s[1] >= 0.9 * args.max_num_seqs]
+    if full:
+        print(f"\nhost time of full decode steps (ms / step, {len(full)} steps; 'wait' is the part of "
+              "'complete' spent waiting for the previous step's ids):")
+        print("| " + " | ".join(("schedule", "launch", "complete", "wait", "host busy")) + " |")
+        print("|---|---|---|---|---|")
+        mean = {k: sum(h.get(k, 0.0) for h in full) / len(full) * 1e3 for k in ("schedule", "launch", "complete", "wait")}
+        busy = mean["schedule"] + mean["launch"] + mean["complete"] - mean["wait"]
+        print(f"| {mean['schedule']:.2f} | {mean['launch']:.2f} | {mean['complete']:.2f} | "
+              f"{mean['wait']:.2f} | {busy:.2f} |")
+    if "host" in profiled:
+        print(profiled.pop("host"))
     for kind, (prof, wall, window) in profiled.items():
-        desc = ", ".join(f"{pt} prompt tok + {dr} decode" for pt, dr, _ in window[:2])
+        desc = ", ".join(f"{pt} prompt tok + {dr} decode" for pt, dr, _, _ in window[:2])
         print_profile(f"{kind} steps ({desc}, ...)", prof, args.profile_steps, wall)
+        kv_bytes = sum(w[3] for w in window) / len(window) * kv_token_bytes
+        attn_ms = next((ms for label, ms, _ in kernel_families(prof, args.profile_steps)
+                        if label.startswith("attention")), 0.0)
+        if attn_ms and torch.cuda.is_available():
+            print(f"attention: {kv_bytes / 1e9:.1f} GB of KV in cache per step (mean context "
+                  f"{sum(w[3] for w in window) / max(sum(w[2] for w in window), 1):.0f}) over "
+                  f"{attn_ms:.2f} ms = {kv_bytes / attn_ms / 1e9:.2f} TB/s")
 
 
 if __name__ == "__main__":
