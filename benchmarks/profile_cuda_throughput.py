@@ -19,6 +19,7 @@ import random
 import re
 import sys
 import time
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
@@ -125,6 +126,8 @@ def main() -> None:
     p.add_argument("--quantization", default=None)
     p.add_argument("--decode-profile-after", type=int, default=1500, help="steps before the decode profile")
     p.add_argument("--profile-steps", type=int, default=6)
+    p.add_argument("--sync-debug", action="store_true",
+                   help="report host calls that wait for the GPU in steps 3-8 (torch sync debug mode)")
     p.add_argument("--host-profile", action="store_true", help="cProfile a few full decode steps")
     p.add_argument("--preset", default="llama3-8b", help="a random: preset (tiny: a CPU dry run)")
     p.add_argument("--device", default="cuda")
@@ -184,6 +187,7 @@ def main() -> None:
     walls: list[float] = []
     profiled: dict[str, tuple[object, float, list[tuple[int, int, int, int]]]] = {}
     tokens = 0
+    syncs: dict[str, int] = defaultdict(int)
     start = last = time.perf_counter()
     while engine.has_unfinished_requests() and last - start < args.budget_s:
         kind = None
@@ -203,12 +207,23 @@ def main() -> None:
             profiled[kind] = (prof, wall, steps[-args.profile_steps:])
             now = time.perf_counter()
             walls += [(now - last) / args.profile_steps] * args.profile_steps
+            host += [{}] * args.profile_steps
             last = now
             continue
         phases.clear()
-        for out in engine.step():
-            if out.finished:
-                tokens += sum(len(c.token_ids) for c in out.outputs)
+        watch = args.sync_debug and torch.cuda.is_available() and 3 <= len(walls) < 9
+        if watch:  # which host calls wait for the GPU in these (mixed) steps, and from where
+            torch.cuda.set_sync_debug_mode("warn")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for out in engine.step():
+                if out.finished:
+                    tokens += sum(len(c.token_ids) for c in out.outputs)
+        if watch:
+            torch.cuda.set_sync_debug_mode(0)
+        for w in caught:
+            if "synchroniz" in str(w.message):
+                syncs[f"{w.filename}:{w.lineno} {str(w.message)[:60]}"] += 1
         now = time.perf_counter()
         walls.append(now - last)
         host.append(dict(phases))
@@ -238,17 +253,27 @@ def main() -> None:
         ws = buckets[lo]
         ms = sum(ws) / len(ws) * 1e3
         print(f"| {lo}-{lo + 63} | {len(ws)} | {sum(ws):.1f} | {ms:.2f} | {(lo + 32) / ms:.1f} |")
-    full = [h for (s, _), h in zip(decode, (h for s, h in zip(steps, host, strict=False) if s[0] == 0),
-                                     strict=False) if s[1] >= 0.9 * args.max_num_seqs]
-    if full:
-        print(f"\nhost time of full decode steps (ms / step, {len(full)} steps; 'wait' is the part of "
-              "'complete' spent waiting for the previous step's ids):")
-        print("| " + " | ".join(("schedule", "launch", "complete", "wait", "host busy")) + " |")
-        print("|---|---|---|---|---|")
-        mean = {k: sum(h.get(k, 0.0) for h in full) / len(full) * 1e3 for k in ("schedule", "launch", "complete", "wait")}
+    print("\nhost time by phase, ms / step ('wait': the part of 'complete' spent waiting for the "
+          "previous step's ids; host busy = the rest):")
+    print("| steps | count | wall | schedule | launch | complete | wait | host busy |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, pick in (("with prompt tokens", lambda s: s[0] > 0),
+                       ("full decode", lambda s: s[0] == 0 and s[1] >= 0.9 * args.max_num_seqs)):
+        chosen = [(h, w) for s, h, w in zip(steps, host, walls, strict=False) if pick(s) and h]
+        if not chosen:
+            continue
+        mean = {k: sum(h.get(k, 0.0) for h, _ in chosen) / len(chosen) * 1e3
+                for k in ("schedule", "launch", "complete", "wait")}
         busy = mean["schedule"] + mean["launch"] + mean["complete"] - mean["wait"]
-        print(f"| {mean['schedule']:.2f} | {mean['launch']:.2f} | {mean['complete']:.2f} | "
-              f"{mean['wait']:.2f} | {busy:.2f} |")
+        wall = sum(w for _, w in chosen) / len(chosen) * 1e3
+        print(f"| {name} | {len(chosen)} | {wall:.2f} | {mean['schedule']:.2f} | {mean['launch']:.2f} | "
+              f"{mean['complete']:.2f} | {mean['wait']:.2f} | {busy:.2f} |")
+    if torch.cuda.is_available():
+        stats = torch.cuda.memory_stats()
+        print("allocator: " + ", ".join(f"{k} {stats.get(k, 0)}" for k in (
+            "num_alloc_retries", "num_sync_all_streams", "num_device_alloc", "num_device_free", "num_ooms")))
+    for where, count in sorted(syncs.items(), key=lambda kv: -kv[1])[:8]:
+        print(f"synchronizing call x{count}: {where}")
     if "host" in profiled:
         print(profiled.pop("host"))
     for kind, (prof, wall, window) in profiled.items():
