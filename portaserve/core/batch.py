@@ -65,6 +65,12 @@ class ScheduledBatch:
     def max_seq_len(self) -> int:
         return int(self.seq_lens.max().item()) if self.req_ids else 0
 
+    @property
+    def num_decodes(self) -> int:
+        """Leading requests with exactly one new token (the scheduler puts running decodes first)."""
+        one = (self.query_start_loc[1:] - self.query_start_loc[:-1]) == 1
+        return len(one) if bool(one.all()) else int(one.to(torch.int8).argmin())
+
     def attention_metadata(self, device: torch.device) -> AttentionMetadata:
         """The attention inputs on ``device`` (host copies kept for host-side kernels)."""
         return self.to_device(device).attn
@@ -109,6 +115,7 @@ class ScheduledBatch:
             max_query_len=self.max_query_len,
             max_seq_len=self.max_seq_len,
             block_size=self.block_size,
+            num_decodes=self.num_decodes,
             query_start_loc_cpu=tuple(self.query_start_loc.tolist()),
             seq_lens_cpu=tuple(self.seq_lens.tolist()),
             context_lens_cpu=tuple(self.context_lens.tolist()),

@@ -91,6 +91,9 @@ class AttentionMetadata:
     max_query_len: int
     max_seq_len: int
     block_size: int
+    #: The first ``num_decodes`` requests have exactly one new token each (0: not counted). A
+    #: device may run them through its decode kernel and the rest through its prefill kernel.
+    num_decodes: int = 0
     # Host copies, so host-side kernels need no device sync.
     query_start_loc_cpu: tuple[int, ...] = ()
     seq_lens_cpu: tuple[int, ...] = ()

@@ -228,6 +228,7 @@ class PagedStep:
             max_query_len=max(r.num_new for r in reqs),
             max_seq_len=max(r.seq_len for r in reqs),
             block_size=self.block_size,
+            num_decodes=next((i for i, r in enumerate(reqs) if r.num_new != 1), len(reqs)),
             query_start_loc_cpu=tuple(starts),
             seq_lens_cpu=tuple(r.seq_len for r in reqs),
             context_lens_cpu=tuple(r.num_cached for r in reqs),

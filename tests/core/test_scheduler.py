@@ -139,6 +139,8 @@ def test_long_prompt_is_chunked_with_identical_output() -> None:
         assert (
             by_id["short"].num_new_tokens == 1 and by_id["short"].needs_logits
         )  # decode rides along
+        # ... first: the batch says so, and a device may run that row through its decode kernel
+        assert out.batch.req_ids[0] == "short" and out.batch.num_decodes == 1
         if "long" in by_id:
             seen.append((by_id["long"].num_new_tokens, by_id["long"].needs_logits))
         sched.update_from_output(out, model.step(out.batch))

@@ -9,6 +9,7 @@ slow.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import zlib
 
@@ -223,6 +224,30 @@ def test_paged_attention_mixed(dtype: torch.dtype, group: int, layout: str, gen:
     got = attention.paged_attention(query, cache, attn, scale, kv_layout=layout)
     want = ref.paged_attention(query, cache, attn, scale, kv_layout=layout)
     assert rel_err(got, want) <= RTOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("group", [1, 4])
+def test_paged_attention_mixed_decodes_first(dtype: torch.dtype, group: int, gen: torch.Generator,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A mixed step as the scheduler orders it (running decodes, then prompt chunks): the
+    leading decode rows go through the decode kernel (split over the context), the rest through
+    varlen; both parts, and the all-varlen path, match the reference."""
+    lens = [(13, 1), (40, 1), (0, 1), (70, 1), (5, 3), (9, 12), (30, 1)]
+    num_kv_heads, head_dim, block_size = 2, 32, 4
+    query, cache, attn = make_step(lens, group * num_kv_heads, num_kv_heads, head_dim, block_size,
+                                   dtype, "blocks_hnd", gen)
+    assert attn.num_decodes == 4
+    scale = head_dim**-0.5
+    want = ref.paged_attention(query, cache, attn, scale, kv_layout="blocks_hnd")
+    decoded: list[int] = []
+    decode = attention._decode
+    monkeypatch.setattr(attention, "_decode", lambda q, *a: decoded.append(q.shape[0]) or decode(q, *a))
+    for num_decodes in (4, 0):
+        got = attention.paged_attention(query, cache, dataclasses.replace(attn, num_decodes=num_decodes),
+                                        scale, kv_layout="blocks_hnd", num_splits=4 if num_decodes else None)
+        assert rel_err(got, want) <= RTOL[dtype], num_decodes
+    assert decoded == [4]  # the decode kernel took the 4 leading rows once, not the varlen-only call
 
 
 @pytest.mark.parametrize("dtype", DTYPES[1:])

@@ -11,7 +11,9 @@ Two paths, both with float32 online softmax (exp2) and float32 accumulation:
 - varlen (``_varlen_attn_kernel``): any batch, including mixed prefill + decode and prefill
   over a cached prefix. A program takes up to BLOCK_Q query tokens of one request times the
   GROUP heads of one KV head, as BLOCK_M = BLOCK_Q * GROUP (padded) rows of one tile.
-- decode (``_decode_attn_kernel``): every request has exactly one new token. Flash-decoding:
+- decode (``_decode_attn_kernel``): every request has exactly one new token (a whole decode
+  step, or the leading ``attn.num_decodes`` requests of a mixed step, whose varlen programs
+  would each walk a long context alone for one query row). Flash-decoding:
   the context of each (request, KV head) is cut into NUM_SPLITS chunks sized from that
   request's own length, each program keeps a partial softmax (output and log-sum-exp), and the
   last program of a (request, KV head) to finish merges the partials: each program bumps a
@@ -40,6 +42,7 @@ exactly. fp8 e4m3 needs an NVIDIA GPU of compute capability 8.9 or newer (Triton
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -323,50 +326,89 @@ def paged_attention(
         raise DeviceError(f"cuda paged_attention: cannot read a {kv_cache.dtype} cache")
     if kv_fp8:  # 1: fp16 dots (GPU, 16-bit queries); 2: through float32 (see the docstring)
         kv_fp8 = 2 if interp or ieee else 1
-    decode_cfg = DECODE_CONFIG_FP8 if kv_fp8 else DECODE_CONFIG
     block_d = max(16, next_pow2(head_dim))
     scale_log2 = float(scale) * _LOG2E
     tables = attn.block_tables if attn.block_tables.stride(-1) == 1 else attn.block_tables.contiguous()
-    common = (s_kv, s_block, s_head, s_off, tables.stride(0))
 
+    args = _LaunchArgs(kv_cache, scale_log2, head_dim, group, block_d, block_size, ieee, kv_fp8,
+                       interp, (s_kv, s_block, s_head, s_off, tables.stride(0)))
     if attn.max_query_len == 1 and num_tokens == num_reqs:
-        if num_splits is None:
-            sms = 4 if interp else _num_sms(query.device.index or 0)
-            num_splits = decode_num_splits(num_reqs, num_kv_heads, attn.max_seq_len, sms)
-        if num_splits < 1 or num_splits & (num_splits - 1):
-            raise DeviceError(f"cuda paged_attention: num_splits {num_splits} must be a power of two")
-        if num_splits > 1:
-            part_out = torch.empty((num_reqs, num_q_heads, num_splits, head_dim),
-                                   dtype=torch.float32, device=query.device)
-            part_lse = torch.empty((num_reqs, num_q_heads, num_splits),
-                                   dtype=torch.float32, device=query.device)
-            counters = split_counters(query.device, num_reqs * num_kv_heads, "decode_attn")
-        else:
-            part_out = part_lse = counters = out  # unused
-        launch_fitting(
-            _decode_attn_kernel, query, (num_reqs, num_kv_heads, num_splits),
-            (query, kv_cache, out, part_out, part_lse, counters, attn.seq_lens, tables, scale_log2,
-             head_dim,
-             query.stride(0), query.stride(1), out.stride(0), out.stride(1), *common),
-            {"GROUP": group, "BLOCK_G": max(16, next_pow2(group)),
-             "BLOCK_N": 16 if interp else decode_cfg["BLOCK_N"] // (2 if ieee else 1),
-             "BLOCK_D": block_d, "BLOCK_SIZE": block_size, "NUM_SPLITS": num_splits, "IEEE": ieee,
-             "KV_FP8": kv_fp8},
-            num_warps=decode_cfg["num_warps"], num_stages=decode_cfg["num_stages"],
-        )
+        _decode(query, out, attn.seq_lens, tables, attn.max_seq_len, args, num_splits)
         return out
+    decodes = attn.num_decodes
+    if 0 < decodes < num_reqs:  # mixed step: the leading decode rows through the decode kernel
+        _decode(query[:decodes], out[:decodes], attn.seq_lens[:decodes], tables[:decodes],
+                attn.max_seq_len, args, num_splits)
+        _varlen(query[decodes:], out[decodes:], attn.query_start_loc[decodes:] - decodes,
+                attn.seq_lens[decodes:], tables[decodes:], args)
+    else:
+        _varlen(query, out, attn.query_start_loc, attn.seq_lens, tables, args)
+    return out
 
-    block_m = max(16 if interp else VARLEN_CONFIG["BLOCK_M"], next_pow2(group))
-    block_q = block_m // group
+
+@dataclass(frozen=True, slots=True)
+class _LaunchArgs:
+    """What the decode and varlen launches of one ``paged_attention`` call share."""
+
+    kv_cache: torch.Tensor
+    scale_log2: float
+    head_dim: int
+    group: int
+    block_d: int
+    block_size: int
+    ieee: bool
+    kv_fp8: int
+    interp: bool
+    cache_strides: tuple[int, ...]  # kv, block, head, offset, block table row
+
+
+def _decode(query: torch.Tensor, out: torch.Tensor, seq_lens: torch.Tensor, tables: torch.Tensor,
+            max_seq_len: int, a: _LaunchArgs, num_splits: int | None) -> None:
+    """Flash-decoding over requests with one query token each (rows of query = requests)."""
+    num_reqs, num_q_heads, head_dim = query.shape
+    num_kv_heads = num_q_heads // a.group
+    cfg = DECODE_CONFIG_FP8 if a.kv_fp8 else DECODE_CONFIG
+    if num_splits is None:
+        sms = 4 if a.interp else _num_sms(query.device.index or 0)
+        num_splits = decode_num_splits(num_reqs, num_kv_heads, max_seq_len, sms)
+    if num_splits < 1 or num_splits & (num_splits - 1):
+        raise DeviceError(f"cuda paged_attention: num_splits {num_splits} must be a power of two")
+    if num_splits > 1:
+        part_out = torch.empty((num_reqs, num_q_heads, num_splits, head_dim),
+                               dtype=torch.float32, device=query.device)
+        part_lse = torch.empty((num_reqs, num_q_heads, num_splits),
+                               dtype=torch.float32, device=query.device)
+        counters = split_counters(query.device, num_reqs * num_kv_heads, "decode_attn")
+    else:
+        part_out = part_lse = counters = out  # unused
+    launch_fitting(
+        _decode_attn_kernel, query, (num_reqs, num_kv_heads, num_splits),
+        (query, a.kv_cache, out, part_out, part_lse, counters, seq_lens, tables, a.scale_log2,
+         head_dim, query.stride(0), query.stride(1), out.stride(0), out.stride(1), *a.cache_strides),
+        {"GROUP": a.group, "BLOCK_G": max(16, next_pow2(a.group)),
+         "BLOCK_N": 16 if a.interp else cfg["BLOCK_N"] // (2 if a.ieee else 1),
+         "BLOCK_D": a.block_d, "BLOCK_SIZE": a.block_size, "NUM_SPLITS": num_splits, "IEEE": a.ieee,
+         "KV_FP8": a.kv_fp8},
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+
+
+def _varlen(query: torch.Tensor, out: torch.Tensor, query_start_loc: torch.Tensor,
+            seq_lens: torch.Tensor, tables: torch.Tensor, a: _LaunchArgs) -> None:
+    """Any mix of query lengths (``query_start_loc`` indexes the rows of ``query``)."""
+    num_tokens, _, head_dim = query.shape
+    num_reqs = seq_lens.shape[0]
+    num_kv_heads = query.shape[1] // a.group
+    block_m = max(16 if a.interp else VARLEN_CONFIG["BLOCK_M"], next_pow2(a.group))
+    block_q = block_m // a.group
     grid = (num_tokens // block_q + num_reqs, num_kv_heads)
     launch_fitting(
         _varlen_attn_kernel, query, grid,
-        (query, kv_cache, out, attn.query_start_loc, attn.seq_lens, tables, num_reqs, scale_log2,
-         head_dim, query.stride(0), query.stride(1), out.stride(0), out.stride(1), *common),
-        {"GROUP": group, "BLOCK_Q": block_q, "BLOCK_M": block_m,
-         "BLOCK_N": 16 if interp else VARLEN_CONFIG["BLOCK_N"] // (2 if ieee else 1),
-         "BLOCK_D": block_d, "BLOCK_SIZE": block_size, "IEEE": ieee, "KV_FP8": kv_fp8},
+        (query, a.kv_cache, out, query_start_loc, seq_lens, tables, num_reqs, a.scale_log2,
+         head_dim, query.stride(0), query.stride(1), out.stride(0), out.stride(1), *a.cache_strides),
+        {"GROUP": a.group, "BLOCK_Q": block_q, "BLOCK_M": block_m,
+         "BLOCK_N": 16 if a.interp else VARLEN_CONFIG["BLOCK_N"] // (2 if a.ieee else 1),
+         "BLOCK_D": a.block_d, "BLOCK_SIZE": a.block_size, "IEEE": a.ieee, "KV_FP8": a.kv_fp8},
         num_warps=VARLEN_CONFIG["num_warps"],
-        num_stages=VARLEN_CONFIG["num_stages"] - (1 if ieee else 0),
+        num_stages=VARLEN_CONFIG["num_stages"] - (1 if a.ieee else 0),
     )
-    return out
