@@ -194,8 +194,9 @@ def main() -> None:
         if steps and len(walls) == 8 and "mixed" not in profiled:
             kind = "mixed"  # early steps: full prompt chunks beside the first decodes
         elif (steps and steps[-1][0] == 0 and steps[-1][1] >= 0.9 * args.max_num_seqs
-              and "decode" not in profiled and len(walls) > args.decode_profile_after):
-            kind = "decode"  # deep into the run: a full decode batch at long contexts
+              and "decode" not in profiled and len(walls) > args.decode_profile_after
+              and engine.stats().num_waiting == 0):
+            kind = "decode"  # deep into the run, every prompt admitted: full decode batches
         if kind:
             with profile(activities=[ProfilerActivity.CUDA if torch.cuda.is_available() else ProfilerActivity.CPU]) as prof:
                 t0 = time.perf_counter()
