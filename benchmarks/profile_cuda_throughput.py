@@ -111,8 +111,9 @@ def host_profile(engine: object, steps: int) -> str:
         engine.step()
     prof.disable()
     buf = io.StringIO()
-    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(22)
-    return f"\nhost profile of {steps} decode steps (cProfile, by own time):\n" + buf.getvalue()[-4000:]
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(16)
+    pstats.Stats(prof, stream=buf).sort_stats("cumulative").print_stats(16)
+    return f"\nhost profile of {steps} steps (cProfile, by own time, then cumulative):\n" + buf.getvalue()
 
 
 def main() -> None:
@@ -229,8 +230,10 @@ def main() -> None:
         walls.append(now - last)
         host.append(dict(phases))
         last = now
-        if args.host_profile and "host" not in profiled and "decode" in profiled:
-            profiled["host"] = host_profile(engine, args.profile_steps * 2)
+        if args.host_profile and "host mixed" not in profiled and len(walls) == 16:
+            profiled["host mixed"] = host_profile(engine, 3)
+        if args.host_profile and "host decode" not in profiled and "decode" in profiled:
+            profiled["host decode"] = host_profile(engine, args.profile_steps * 2)
     elapsed = last - start
     steps = steps[: len(walls)]
     print(f"\n{tokens} output tokens in {elapsed:.1f} s = {tokens / elapsed:,.0f} tok/s over "
@@ -275,8 +278,9 @@ def main() -> None:
             "num_alloc_retries", "num_sync_all_streams", "num_device_alloc", "num_device_free", "num_ooms")))
     for where, count in sorted(syncs.items(), key=lambda kv: -kv[1])[:8]:
         print(f"synchronizing call x{count}: {where}")
-    if "host" in profiled:
-        print(profiled.pop("host"))
+    for key in ("host mixed", "host decode"):
+        if key in profiled:
+            print(f"\n{key} steps:" + profiled.pop(key))
     for kind, (prof, wall, window) in profiled.items():
         desc = ", ".join(f"{pt} prompt tok + {dr} decode" for pt, dr, _, _ in window[:2])
         print_profile(f"{kind} steps ({desc}, ...)", prof, args.profile_steps, wall)
