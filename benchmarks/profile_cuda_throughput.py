@@ -99,6 +99,22 @@ def print_profile(title: str, prof: object, steps: int, wall_ms: float) -> None:
         print(f"| {label} | {ms:.2f} | {ms / total:.0%} | {top} |")
 
 
+def compiled_variants() -> str:
+    """Per Triton kernel of the cuda device and the quant kernels: how many specializations
+    were compiled (each one is a compile, ~1 s, the first time its argument pattern shows up)."""
+    import gc as _gc
+
+    from portaserve.devices.cuda.launch import TritonKernel
+
+    counts = []
+    for obj in _gc.get_objects():
+        if isinstance(obj, TritonKernel) and obj._compiled is not None:
+            caches = getattr(obj._compiled, "device_caches", {})
+            n = sum(len(c[0]) for c in caches.values()) if caches else len(getattr(obj._compiled, "cache", {}))
+            counts.append(f"{obj.__name__} {n}")
+    return ", ".join(sorted(counts))
+
+
 def host_profile(engine: object, steps: int) -> str:
     """cProfile of ``steps`` engine steps: the host functions that take the most time."""
     import cProfile
@@ -276,6 +292,7 @@ def main() -> None:
         stats = torch.cuda.memory_stats()
         print("allocator: " + ", ".join(f"{k} {stats.get(k, 0)}" for k in (
             "num_alloc_retries", "num_sync_all_streams", "num_device_alloc", "num_device_free", "num_ooms")))
+    print("Triton variants compiled in this process: " + compiled_variants())
     for where, count in sorted(syncs.items(), key=lambda kv: -kv[1])[:8]:
         print(f"synchronizing call x{count}: {where}")
     for key in ("host mixed", "host decode"):
