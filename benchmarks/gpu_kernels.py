@@ -339,7 +339,7 @@ def model_rows() -> list[Row]:
 VARLEN_TRIALS = [(64, 64, 4, 3), (64, 32, 4, 3), (64, 128, 4, 2), (64, 64, 8, 3), (64, 64, 4, 2),
                  (128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3)]
 DECODE_TRIALS = [(64, 4, 2), (32, 4, 2), (128, 4, 2), (64, 2, 2), (64, 8, 2), (64, 4, 3), (64, 4, 4),
-                 (128, 8, 3), (32, 2, 3)]
+                 (128, 8, 3), (32, 2, 3), (64, 2, 3), (64, 2, 4), (128, 2, 2), (128, 4, 3), (32, 2, 4)]
 
 
 def tune_rows() -> list[Row]:
@@ -418,6 +418,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-model", action="store_true", help="skip the 8B-shaped decode step")
     parser.add_argument("--tune", action="store_true",
                         help="also time alternative attention tile configs and split counts")
+    parser.add_argument("--sections", default=None,
+                        help="comma list of elementwise, attention, model, tune (default: all but "
+                             "tune, which --tune adds)")
     parser.add_argument("--json", default=None, help="also write the rows as JSON here")
     parser.add_argument("--dry-run", action="store_true",
                         help="tiny shapes on the CPU through the Triton interpreter (checks the script)")
@@ -436,7 +439,12 @@ def main(argv: list[str] | None = None) -> int:
     copy_bps, flop_rate = copy_bandwidth(), matmul_rate()
     rows: list[Row] = []
     sections = [elementwise_rows, attention_rows] + ([] if args.skip_model else [model_rows])
-    for section in sections + ([tune_rows] if args.tune else []):
+    sections += [tune_rows] if args.tune else []
+    if args.sections:
+        named = {"elementwise": elementwise_rows, "attention": attention_rows, "model": model_rows,
+                 "tune": tune_rows}
+        sections = [named[name] for name in args.sections.split(",")]
+    for section in sections:
         start = time.perf_counter()
         rows += section()
         print(f"{section.__name__}: {time.perf_counter() - start:.1f} s", flush=True)
