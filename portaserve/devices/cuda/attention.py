@@ -74,12 +74,14 @@ _MAX_SPLITS = 32
 #: pipeline stage less, which keeps them within 64 KiB of shared memory (AMD MI300's LDS).
 VARLEN_CONFIG: dict[str, int] = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
 DECODE_CONFIG: dict[str, int] = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
-#: Decode over an fp8 cache: two warps did best in the H200 sweep at batch 512 (0.62 ms vs
-#: 0.87-1.07 ms a layer with four or eight, when the tiles went through float32).
-DECODE_CONFIG_FP8: dict[str, int] = {"BLOCK_N": 64, "num_warps": 2, "num_stages": 2}
+#: Decode over an fp8 cache: two warps did best in the H200 sweeps at batch 512 x 1536 (0.62 ms vs
+#: 0.87-1.07 ms a layer with four or eight, when the tiles went through float32; with fp16 tiles,
+#: 2026-11-29: 0.552 ms with three stages vs 0.579 with two, 0.69-1.03 ms for BLOCK_N 128 or
+#: 4-8 warps: 2.9 TB/s, 71% of the copy bandwidth, where the bf16 cache reaches ~100%).
+DECODE_CONFIG_FP8: dict[str, int] = {"BLOCK_N": 64, "num_warps": 2, "num_stages": 3}
 
 
-@triton_kernel
+@triton_kernel(no_specialize=("qsl_ptr", "seq_lens_ptr", "block_tables_ptr", "num_reqs", "stride_bt"))
 def _varlen_attn_kernel(
     q_ptr, cache_ptr, out_ptr,
     qsl_ptr, seq_lens_ptr, block_tables_ptr,
@@ -167,7 +169,7 @@ def _varlen_attn_kernel(
                  out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
-@triton_kernel
+@triton_kernel(no_specialize=("seq_lens_ptr", "block_tables_ptr", "stride_bt"))
 def _decode_attn_kernel(
     q_ptr, cache_ptr, out_ptr, part_out_ptr, part_lse_ptr, counter_ptr,
     seq_lens_ptr, block_tables_ptr,

@@ -16,6 +16,7 @@ these combine functions and runs them as numpy reductions) and use ``tl.full`` f
 
 from __future__ import annotations
 
+import inspect
 import os
 import threading
 from collections.abc import Callable
@@ -32,13 +33,24 @@ SUM = tl.standard._sum_combine
 MAX = tl.standard._elementwise_max
 
 
-def _jit_interpreted(fn: Callable[..., Any]) -> Any:
+def _jit(fn: Callable[..., Any], no_specialize: tuple[str, ...]) -> Any:
+    """``triton.jit``, telling it not to specialize the arguments ``no_specialize`` (on the
+    value 1, on divisibility by 16, on pointer alignment) where this Triton knows how."""
+    if not no_specialize:
+        return triton.jit(fn)
+    known = inspect.signature(triton.jit).parameters
+    kw = {name: list(no_specialize) for name in ("do_not_specialize", "do_not_specialize_on_alignment")
+          if name in known}
+    return triton.jit(fn, **kw)
+
+
+def _jit_interpreted(fn: Callable[..., Any], no_specialize: tuple[str, ...]) -> Any:
     """``triton.jit`` with the interpreter forced on (Triton reads the flag at decoration)."""
     with _ENV_LOCK:
         old = os.environ.get("TRITON_INTERPRET")
         os.environ["TRITON_INTERPRET"] = "1"
         try:
-            return triton.jit(fn)
+            return _jit(fn, no_specialize)
         finally:
             if old is None:
                 del os.environ["TRITON_INTERPRET"]
@@ -52,8 +64,9 @@ class TritonKernel:
     ``kernel.on(tensor)[grid](*args, **constexprs)`` launches it for ``tensor``'s device.
     """
 
-    def __init__(self, fn: Callable[..., Any]) -> None:
+    def __init__(self, fn: Callable[..., Any], no_specialize: tuple[str, ...] = ()) -> None:
         self.fn = fn
+        self.no_specialize = no_specialize
         self.__name__ = fn.__name__
         self.__doc__ = fn.__doc__
         self._compiled: Any = None
@@ -62,16 +75,24 @@ class TritonKernel:
     def on(self, tensor: torch.Tensor) -> Any:
         if tensor.device.type == "cpu":
             if self._interpreted is None:
-                self._interpreted = _jit_interpreted(self.fn)
+                self._interpreted = _jit_interpreted(self.fn, self.no_specialize)
             return self._interpreted
         if self._compiled is None:
-            self._compiled = triton.jit(self.fn)
+            self._compiled = _jit(self.fn, self.no_specialize)
         return self._compiled
 
 
-def triton_kernel(fn: Callable[..., Any]) -> TritonKernel:
-    """Decorator: make ``fn`` a ``TritonKernel`` (see the module docstring)."""
-    return TritonKernel(fn)
+def triton_kernel(fn: Callable[..., Any] | None = None, *, no_specialize: tuple[str, ...] = ()) -> Any:
+    """Decorator: make ``fn`` a ``TritonKernel`` (see the module docstring).
+
+    ``no_specialize`` names arguments whose value changes from step to step in ways Triton
+    would otherwise compile a variant for (a count that is sometimes 1 or a multiple of 16, a
+    pointer into a slice that is not 16-byte aligned): each variant is a compile of about a
+    second the first time it shows up, mid-run. Only for arguments whose specialization buys
+    nothing (scalar loads, loop bounds)."""
+    if fn is None:
+        return lambda f: TritonKernel(f, no_specialize)
+    return TritonKernel(fn, no_specialize)
 
 
 def is_interpreted(tensor: torch.Tensor) -> bool:
