@@ -3,6 +3,7 @@
     PYTHONPATH=. python3 benchmarks/gpu_quant.py                       # model table, ~4 min
     PYTHONPATH=. python3 benchmarks/gpu_quant.py --kernels             # kernel table, ~2-3 min
     PYTHONPATH=. python3 benchmarks/gpu_quant.py --kernels --sweep --formats bf16,int4,Q4_K,Q8_0,fp8
+    PYTHONPATH=. python3 benchmarks/gpu_quant.py --kernels --lm-head --formats bf16,int4 --kernel-ms 1
     PYTHONPATH=. python3 benchmarks/gpu_quant.py --formats fp8 --parts throughput \\
         --num-prompts 1000 --input-len 1000 --output-len 1000 --budget-s 500   # fp8 at 1000/1000
     python benchmarks/gpu_quant.py --dry-run --kernels --sweep         # CPU: checks the script
@@ -21,7 +22,8 @@ lm_head stay bf16, as with online quantization. Then:
   ``--output-len`` new ones, ignore EOS (output tokens/s).
 
 Kernel mode (``--kernels``): the cuda ``quant_linear`` of each format on the 8B shapes (o 4096x4096,
-qkv 6144x4096, gate_up 28672x4096, down 4096x14336) at M = 1, 2, 4, 16 (and 64, 256: the tiled
+qkv 6144x4096, gate_up 28672x4096, down 4096x14336; ``--lm-head`` adds the 128256x4096 lm_head)
+at M = 1, 2, 4, 16 (and 64, 256: the tiled
 GEMM and dequantize + cuBLAS): weight GB/s beside the bf16 cuBLAS GEMV, and the relative error
 against the reference. Each time is one call's share of a CUDA graph of back-to-back calls over
 rotating weight copies (more bytes than the 60 MB L2), median of replays. ``--sweep`` times
@@ -60,6 +62,7 @@ from gpu_llama8b import copy_bandwidth, gpu_step_ms, log, random_ids, run_all  #
 FORMATS = ("bf16", "fp8", "int8", "int4", "Q4_0", "Q8_0", "Q4_K", "Q6_K")
 SHAPES = {"o": (4096, 4096), "qkv": (6144, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 KERNEL_MS = (1, 2, 4, 16, 64, 256)
+SWEEP_MS = (1, 4)
 L2_BYTES = 60 * 2**20
 PRESET = "llama3-8b"
 DEV = "cuda"
@@ -257,13 +260,24 @@ def print_kernel_table(rows: list[dict]) -> None:
 
 
 def sweep_configs(fmt: str) -> list:
+    """GEMV tiles to time per format: the FMA kernel's former choices, then the tensor-core
+    kernel's candidates (``dot``) for the formats it serves. The first two also run at M = 4."""
+    from portaserve.quant.gemv_triton import DOT_FORMATS
     from portaserve.quant.gemv_triton import GemvConfig as C
 
-    if fmt in ("int4", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K"):
-        return [C(16, 512), C(32, 512), C(16, 512, programs_per_sm=8), C(16, 512, num_stages=3),
-                C(8, 1024), C(64, 256), C(16, 1024, num_warps=8)]
-    return [C(16, 256), C(32, 256), C(16, 256, programs_per_sm=8), C(16, 256, num_stages=3),
-            C(8, 512), C(32, 128), C(64, 256, num_warps=8)]
+    four_bit = fmt in ("int4", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
+    fma = [C(32, 512), C(16, 512)] if four_bit else [C(32, 256), C(16, 256)]
+    if fmt not in DOT_FORMATS:
+        return fma + [C(16, 512, programs_per_sm=8), C(16, 512, num_stages=3), C(8, 1024)]
+    dot = [C(128, 128, programs_per_sm=3, num_stages=4, dot=True),
+           C(128, 128, programs_per_sm=2, num_stages=4, dot=True),
+           C(128, 128, programs_per_sm=1, num_stages=6, dot=True),
+           C(128, 128, num_warps=8, programs_per_sm=2, num_stages=4, dot=True),
+           C(128, 256, programs_per_sm=2, num_stages=3, dot=True),
+           C(64, 128, programs_per_sm=4, num_stages=4, dot=True),
+           C(64, 256, programs_per_sm=3, num_stages=4, dot=True),
+           C(64, 128, programs_per_sm=2, num_stages=6, dot=True)]
+    return [dot[0], fma[0]] + dot[1:] + fma[1:]
 
 
 def bench_sweep(formats: list[str], copy_bps: float) -> list[dict]:
@@ -274,11 +288,13 @@ def bench_sweep(formats: list[str], copy_bps: float) -> list[dict]:
             continue
         sets = {}
         for shape_name, (n, k) in SHAPES.items():
+            if shape_name == "lm_head":  # (the sweep times one layer's four GEMVs)
+                continue
             first = make_weight(fmt, n, k, gen)
             ws = [first] + [make_weight(fmt, n, k, gen) for _ in range(copies_for(nbytes(first)) - 1)]
             sets[shape_name] = ws
         layer_bytes = sum(nbytes(ws[0]) for ws in sets.values())
-        for m in (1, 4):
+        for m in SWEEP_MS:
             for cfg in sweep_configs(fmt)[: (None if m == 1 else 2)]:
                 per_shape = {}
                 for shape_name, ws in sets.items():
@@ -318,13 +334,13 @@ def compile_tasks(formats: list[str], ms: tuple[int, ...], sweep: bool) -> list[
     for fmt in formats:
         if fmt == "bf16":
             continue
-        for n, k in SHAPES.values():
+        for shape_name, (n, k) in SHAPES.items():
             for m in ms:
                 for kind in kernel_kinds(fmt, m):
                     if kind in ("kernel", "tiled", "scaled_mm"):
                         tasks.append(("tiled" if kind == "tiled" else "kernel", fmt, m, n, k, None))
-            if sweep:
-                for m in (1, 4):
+            if sweep and shape_name != "lm_head":
+                for m in SWEEP_MS:
                     for cfg in sweep_configs(fmt)[: (None if m == 1 else 2)]:
                         tasks.append(("gemv", fmt, m, n, k, cfg))
     return tasks
@@ -424,12 +440,14 @@ def conditions() -> str:
 
 
 def main() -> None:
-    global SHAPES, DEV, KERNEL_MS, PRESET
+    global SHAPES, DEV, KERNEL_MS, PRESET, SWEEP_MS
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--formats", default=",".join(FORMATS))
     p.add_argument("--kernels", action="store_true", help="the kernel table instead of the model")
     p.add_argument("--sweep", action="store_true", help="with --kernels: the GEMV tile sweep")
     p.add_argument("--kernel-ms", default=",".join(map(str, KERNEL_MS)))
+    p.add_argument("--sweep-ms", default="1,4", help="with --sweep: rows of x (beyond 1: two configs)")
+    p.add_argument("--lm-head", action="store_true", help="with --kernels: also the 128256x4096 lm_head")
     p.add_argument("--parts", default="decode,throughput", help="model mode: decode[,throughput]")
     p.add_argument("--decode-tokens", type=int, default=128)
     p.add_argument("--num-prompts", type=int, default=256)
@@ -451,6 +469,9 @@ def main() -> None:
         args.kernel_ms, args.max_model_len = "1,4", 512
         torch.cuda.synchronize = lambda *a, **k: None  # run_all (shared with gpu_llama8b) syncs
     ms = tuple(int(v) for v in args.kernel_ms.split(","))
+    SWEEP_MS = tuple(int(v) for v in args.sweep_ms.split(","))
+    if args.lm_head:
+        SHAPES = {**SHAPES, "lm_head": (128256, 4096) if not args.dry_run else (96, 256)}
     log("conditions: " + conditions())
     copy_bps = copy_bandwidth() if DEV == "cuda" else 50e9
     log(f"copy bandwidth {copy_bps / 1e12:.2f} TB/s (bytes read + written per second)")

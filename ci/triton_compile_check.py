@@ -157,17 +157,22 @@ def _quant_calls() -> None:
     from portaserve.quant.fp8 import FP8Method
 
     gemv_triton._num_sms = lambda x: 132
+    gemv_triton.is_interpreted = lambda tensor: False  # fp8 tiles: the GPU's fp16 dots
     for fmt in ("Q4_0", "Q4_1", "Q8_0", "int4", "int8", "fp8", "Q4_K", "Q5_K", "Q6_K"):
         weight = registry.quantize(torch.randn(64, 4096) * 0.02, fmt)
         for dt in (torch.bfloat16, torch.float16, torch.float32):
             for m in range(1, gemv_triton.MAX_M + 1):
                 x = torch.randn(m, 4096, dtype=dt)
-                for split_k in (1, 4):
+                # the tuned kernel, and the other one where the format has both
+                configs = [None, gemv_triton.FMA_FALLBACK]
+                if fmt in gemv_triton.DOT_FORMATS:
+                    configs.append(gemv_triton.GemvConfig(128, 128, num_stages=4, dot=True))
+                for split_k, config in ((1, None), (4, None), *((1, c) for c in configs[1:])):
                     if fmt == "fp8":
                         gemv_triton.gemv(x.to(torch.float8_e4m3fn), weight, x_scale=torch.ones(m),
-                                         out_dtype=dt, split_k=split_k)
+                                         out_dtype=dt, split_k=split_k, config=config)
                     else:
-                        gemv_triton.gemv(x, weight, split_k=split_k)
+                        gemv_triton.gemv(x, weight, split_k=split_k, config=config)
     for scheme in ("dynamic_per_token", "dynamic_per_tensor"):
         weight = FP8Method().quantize(torch.randn(64, 4096), activation=scheme)
         for dt in (torch.bfloat16, torch.float16, torch.float32):

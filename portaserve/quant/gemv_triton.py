@@ -1,27 +1,42 @@
-"""Small-batch (decode) GEMVs on packed weights: one Triton kernel for int4, int8, Q4_0, Q4_1,
-Q8_0, Q4_K, Q5_K, Q6_K (weight-only, x in its dtype) and fp8 (W8A8: x already quantized to fp8
-with its scales).
+"""Small-batch (decode) GEMVs on packed weights, as two Triton kernels: an FMA kernel for int4,
+int8, Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K (weight-only, x in its dtype) and fp8 (W8A8: x already
+quantized to fp8 with its scales), and a tensor-core kernel for int4, int8, Q4_0, Q4_1, Q8_0 and
+fp8. ``CONFIGS`` picks one per format and number of rows, from H200 measurements.
 
-``out[m, n] = sum_k x[m, k] * w[n, k]`` for ``M <= MAX_M`` rows of x, with no padding of M to a
-matrix tile: each program owns ``BLOCK_N`` weight rows, streams their packed bytes once as 32-bit
-words (coalesced, vectorized) and multiplies every row of x against them (x is tiny and stays in
-L1/L2). Codes are expanded with integer bit operations rather than int-to-float conversions,
-whose rate on Hopper (16 per SM per clock) is below what the memory delivers at 4 bits a
-weight: a ``b``-bit code ``q`` goes into the mantissa of 1.0, which gives ``v = 1 + q / 2^b``
-exactly, and the weight is ``v * a + c`` with per-block ``a, c`` (int4: ``a = 2^b s``,
-``c = -(2^b + zero) s``; K formats: from the super-block's d, dmin and 6-bit scales, the
-5th / 5th-6th bits of Q5_K / Q6_K joined in from their high-bit planes). With one row of x the
-kernel sums ``v x`` and ``x`` per word and applies ``a, c`` once a word. fp8 e4m3 goes through
-the hardware's conversion. Products accumulate in float32 per word position; the sum over the
-tile is taken once, at the end.
+``out[m, n] = sum_k x[m, k] * w[n, k]`` for ``M <= MAX_M`` rows of x.
+
+The FMA kernel (``_gemv_kernel``) pads nothing: each program owns ``BLOCK_N`` weight rows,
+streams their packed bytes once as 32-bit words (coalesced, vectorized) and multiplies every row
+of x against them (x is tiny and stays in L1/L2). Codes are expanded with integer bit operations
+rather than int-to-float conversions, whose rate on Hopper (16 per SM per clock) is below what
+the memory delivers at 4 bits a weight: a ``b``-bit code ``q`` goes into the mantissa of 1.0,
+which gives ``v = 1 + q / 2^b`` exactly, and the weight is ``v * a + c`` with per-block ``a, c``
+(int4: ``a = 2^b s``, ``c = -(2^b + zero) s``; K formats: from the super-block's d, dmin and
+6-bit scales, the 5th / 5th-6th bits of Q5_K / Q6_K joined in from their high-bit planes). With
+one row of x the kernel sums ``v x`` and ``x`` per word and applies ``a, c`` once a word. fp8
+e4m3 goes through the hardware's conversion. Products accumulate in float32 per word position;
+the sum over the tile is taken once, at the end. Each extra row of x costs its own FMAs.
+
+The tensor-core kernel (``_dot_gemv_kernel``) feeds the unpacked weight tile as the left
+operand of ``tl.dot`` against x padded to 16 columns ("swap AB", as ``devices.cuda.gemv`` does
+for bf16), so Triton stages the packed tiles, x, scales and zero points in shared memory with
+asynchronous copies (``num_stages``), and 2-4 rows of x cost what one does. Unpacking takes a
+shift and a mask per pair of codes (see its docstring).
+
+Measured on the H200 (docs/benchmarks.md, section 4, 2026-11-29): at one row the FMA kernel is
+as fast as or faster than the tensor-core one for int4, Q4_0, Q8_0 and int8, and neither reads
+more than ~30% (4-bit) / ~50% (8-bit) of the copy bandwidth; at 2-4 rows the tensor-core kernel
+is 1.4-2.6x faster for the 4-bit formats, Q8_0 and fp8. Both stay well below the bf16 GEMV's
+74-106%, for a reason not yet found (not the instruction count: the compiled tensor-core loop
+issues ~3 instructions a weight, and the bf16 kernel pipelines the same way).
 
 When the row tiles alone give too few programs to keep every SM streaming, K is split over
 ``SPLIT_K`` programs per row tile: each stores its float32 partial sums, and the last one to
 arrive (an atomic counter per tile, which that program resets) adds them in split order and
 writes the output. One launch, deterministic, no host synchronization (CUDA-graph safe).
 
-Tile sizes per format and M are in ``CONFIGS``. The kernel runs compiled on GPU tensors and in
-Triton's interpreter on CPU tensors (``devices.cuda.launch``), which is how CI tests it.
+Both kernels run compiled on GPU tensors and in Triton's interpreter on CPU tensors
+(``devices.cuda.launch``), which is how CI tests them.
 """
 
 from __future__ import annotations
@@ -32,7 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
-from portaserve.devices.cuda.launch import SUM, triton_kernel
+from portaserve.devices.cuda.launch import SUM, is_interpreted, triton_kernel
 from portaserve.quant.base import QuantizedWeight
 
 #: Largest number of rows of x the GEMV serves (more rows: the tiled GEMM, or _scaled_mm).
@@ -47,32 +62,52 @@ _MAX_SPLIT_K = 16
 class GemvConfig:
     """Tiles of one format's GEMV: ``block_n`` rows and ``block_k`` columns per step;
     K is split until the grid has about ``programs_per_sm`` programs per SM; ``num_stages`` > 1
-    lets Triton prefetch the next steps' words into shared memory."""
+    lets Triton prefetch the next steps' words into shared memory; ``dot`` picks the
+    tensor-core kernel (formats of ``DOT_FORMATS``; its step is whole groups of the format)."""
 
     block_n: int
     block_k: int
     num_warps: int = 4
     programs_per_sm: int = 4
     num_stages: int = 1
+    dot: bool = False
 
 
-#: Per format: (largest M, config) pairs, the first whose M covers the call's is used. Chosen
-#: without a GPU from the compiled sm_90 code (``benchmarks/gemv_sass.py``: instructions per
-#: weight in the main loop, at most 128 registers so that 4 programs of 4 warps fit an SM):
-#: tall tiles while the registers allow, since a thread holding more rows reuses each x value
-#: more. Not yet measured: retune with ``benchmarks/gpu_quant.py --kernels --sweep``.
-CONFIGS: dict[str, tuple[tuple[int, GemvConfig], ...]] = {
-    **dict.fromkeys(("Q4_0", "Q4_1", "int4", "Q4_K"), (
-        (2, GemvConfig(32, 512)), (MAX_M, GemvConfig(16, 512)))),
+#: Per format: (largest M, config) pairs, the first whose M covers the call's is used. From
+#: H200 sweeps (``benchmarks/gpu_quant.py --kernels --sweep``, the four Llama-3-8B layer GEMVs,
+#: 2026-11-29; us per layer, FMA vs tensor-core kernel): one row keeps the FMA kernel for int4
+#: (104.5 vs 107.4), Q4_0 (105.7 vs 159.6), Q8_0 (123.6 vs 244.4) and int8 (99.7 vs 191.3);
+#: fp8 takes the dot (111.4 vs 117.8). At two rows the dot wins for int4 (116.7 vs 165.8) and
+#: fp8 (142.2 vs 204.2), not for Q4_0 (198.6 vs 154.8), Q8_0 (252.3 vs 183.6) or int8 (226.7
+#: vs 108.9); at four for int4 (128.8 vs 303.5), Q4_0 (185.9 vs 265.3), Q8_0 (237.3 vs 335.1)
+#: and fp8 (141.5 vs 336.8), not for int8 (225.2 vs 168.6). The tiled GEMM of
+#: ``kernels_triton`` (the caller's fallback: a ``None`` config here) beats both for Q8_0 from
+#: two rows (~159 us a layer at any M <= 4) and int8 beyond two (~133). Three rows (not
+#: measured) go with four. Q4_1 follows Q4_0; the K formats have only the FMA kernel (tiles
+#: from the compiled code's instruction counts, ``benchmarks/gemv_sass.py``).
+_DOT = GemvConfig(128, 128, programs_per_sm=3, num_stages=4, dot=True)
+CONFIGS: dict[str, tuple[tuple[int, GemvConfig | None], ...]] = {
+    "int4": ((1, GemvConfig(32, 512)), (MAX_M, _DOT)),
+    **dict.fromkeys(("Q4_0", "Q4_1"), ((1, GemvConfig(16, 512)), (2, GemvConfig(32, 512)),
+                                       (MAX_M, _DOT))),
+    "Q8_0": ((1, GemvConfig(16, 256)), (MAX_M, None)),
+    "int8": ((2, GemvConfig(32, 256)), (MAX_M, None)),
+    "fp8": ((MAX_M, GemvConfig(64, 128, programs_per_sm=4, num_stages=4, dot=True)),),
+    "Q4_K": ((2, GemvConfig(32, 512)), (MAX_M, GemvConfig(16, 512))),
     "Q5_K": ((MAX_M, GemvConfig(16, 512)),),
     "Q6_K": ((MAX_M, GemvConfig(16, 256)),),
-    **dict.fromkeys(("Q8_0", "int8"), ((2, GemvConfig(32, 256)), (MAX_M, GemvConfig(16, 256)))),
-    "fp8": ((2, GemvConfig(16, 256)), (MAX_M, GemvConfig(8, 256))),
 }
 
 
-def config_for(fmt: str, m: int) -> GemvConfig:
-    """The tuned ``GemvConfig`` of format ``fmt`` at ``m`` rows of x."""
+#: Formats with the tensor-core kernel (``_dot_gemv_kernel``); a config with ``dot`` picks it.
+DOT_FORMATS = frozenset({"int4", "int8", "Q4_0", "Q4_1", "Q8_0", "fp8"})
+#: The FMA kernel's tiles for a weight the dot kernel does not take (scales not in whole words).
+FMA_FALLBACK = GemvConfig(16, 256)
+
+
+def config_for(fmt: str, m: int) -> GemvConfig | None:
+    """The tuned ``GemvConfig`` of format ``fmt`` at ``m`` rows of x; None where the caller's
+    other kernel is faster (the GEMV declines then)."""
     return next(cfg for max_m, cfg in CONFIGS[fmt] if m <= max_m)
 
 
@@ -266,6 +301,151 @@ def _gemv_kernel(
             tl.atomic_xchg(lock_ptr + pid_n, 0)  # ready for the next launch
 
 
+@triton_kernel
+def _dot_gemv_kernel(
+    x_ptr, q_ptr, s_ptr, z_ptr, xs_ptr, bias_ptr, out_ptr, part_ptr, lock_ptr,
+    M, N, K, SPLIT_K, stride_xm, stride_qn, stride_sn, stride_zn, stride_xs, stride_om,
+    FMT: tl.constexpr, GROUP: tl.constexpr, NG: tl.constexpr, M_ROWS: tl.constexpr, DOT_T: tl.constexpr,
+    MAGIC: tl.constexpr, OFFSET: tl.constexpr, S_T: tl.constexpr, S_BITS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr,
+):
+    """Grid ``(cdiv(N, BLOCK_N), SPLIT_K)``; int4, int8, Q4_0, Q4_1, Q8_0 and fp8 on the tensor
+    cores. A K step is ``NG`` groups of ``GROUP`` columns (int8 / fp8: one "group", the step).
+
+    Per group the weight tile is the left operand of ``tl.dot`` against x padded to 16 columns
+    (``out^T = W x^T``), so Triton stages the packed tiles in shared memory ``NUM_STAGES`` deep.
+    A 32-bit word of codes becomes pairs of ``DOT_T`` values with one shift and one mask each:
+    ``(word >> 4i) & 0x000F000F`` holds codes i and i + 4 (8-bit: bytes i and i + 2), and OR-ing
+    ``MAGIC`` into both halves makes them ``OFFSET + code`` exactly (fp16 0x6400: 1024 + code;
+    bf16 0x4300: 128 + code; float32 converts plainly, ``OFFSET`` 0). The rows of x are loaded
+    in that same column order, so the dot needs no shuffles. With ``D = dot(tile, x)`` and ``xs``
+    the group's sums of x, the group adds ``a D + c xs``: ``a`` the scale, ``c`` what the zero
+    point, minimum and ``OFFSET`` contribute (w = a (OFFSET + code) + c). fp8 tiles convert to
+    ``DOT_T`` by the hardware (exact). Scales and zero points are read as 32-bit words, so that
+    they are staged too (``S_T``: the scales' dtype inside the words)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    offs_m = tl.arange(0, 16)
+    m_ok = offs_m < M
+    CODES: tl.constexpr = 8 if (FMT == 0 or FMT == 1 or FMT == 3) else (4 if FMT != 5 else 1)
+    PAIRS: tl.constexpr = CODES // 2  # pairs of codes per word
+    WORDS: tl.constexpr = GROUP // CODES  # per row and group
+    # x is loaded in its own order ([16, GROUP], contiguous, so Triton stages it like the
+    # weights) and permuted to the tile's: word j, pair i, half p hold code i + PAIRS p
+    x_rows = x_ptr + offs_m[:, None] * stride_xm + tl.arange(0, GROUP)[None, :]  # [16, GROUP]
+    rows = offs_n[:, None]
+    num_steps = K // (GROUP * NG)
+    per_split = (num_steps + SPLIT_K - 1) // SPLIT_K
+    step_begin = pid_k * per_split
+    step_end = tl.minimum(step_begin + per_split, num_steps)
+    acc = tl.full((BLOCK_N, 16), 0.0, tl.float32)
+    ONE_ROW: tl.constexpr = M_ROWS == 1
+    corr = tl.full((BLOCK_N,), 0.0, tl.float32)  # one row of x: the zero points' part of acc
+    for step in tl.range(step_begin, step_end, num_stages=NUM_STAGES):
+        for g in tl.static_range(NG):
+            gi = step * NG + g  # group index along the row
+            k0 = gi * GROUP
+            xg = tl.load(x_rows + k0, mask=m_ok[:, None], other=0.0)  # [16, GROUP]
+            if FMT <= 1:  # GGUF 4-bit: column 16 i0 + 4 j + 2 p + i1 of a block, code 2 i1 + i0
+                xg = tl.reshape(xg, (16, GROUP // 32, 2, 4, 2, 2))
+                xg = tl.permute(xg, (0, 1, 3, 5, 2, 4))
+            elif FMT != 5:  # column CODES j + code
+                xg = tl.permute(tl.reshape(xg, (16, WORDS, 2, PAIRS)), (0, 1, 3, 2))
+            xg = tl.trans(tl.reshape(xg, (16, GROUP)))  # [GROUP, 16]
+            if FMT == 5:  # fp8: [BN, GROUP] e4m3 -> DOT_T
+                w8 = tl.load(q_ptr + rows * stride_qn + k0 + tl.arange(0, GROUP)[None, :],
+                             mask=n_ok[:, None])
+                if DOT_T == tl.float32:  # (the interpreter converts through float32 only)
+                    tile = w8.to(tl.float32)
+                    xg = xg.to(tl.float32)
+                else:
+                    tile = w8.to(DOT_T)
+                    xg = xg.to(DOT_T)
+                acc = tl.dot(tile, xg, acc, input_precision="ieee" if DOT_T == tl.float32 else None)
+            else:
+                words = tl.load(q_ptr + rows * stride_qn + k0 // CODES + tl.arange(0, WORDS)[None, :],
+                                mask=n_ok[:, None], other=0)  # [BN, WORDS]
+                shift = tl.arange(0, PAIRS)[None, None, :] * (32 // CODES)
+                if CODES == 8:
+                    t = (words[:, :, None] >> shift) & 0x000F000F  # [BN, WORDS, PAIRS]
+                else:  # signed bytes to offset binary (code + 128)
+                    t = ((words[:, :, None] >> shift) & 0x00FF00FF) ^ 0x00800080
+                if DOT_T == tl.float32:
+                    pair = tl.join(t & 0xFFFF, t >> 16).to(tl.float32)
+                else:
+                    t = t | MAGIC
+                    pair = tl.join(t.to(tl.int16), (t >> 16).to(tl.int16)).to(DOT_T, bitcast=True)
+                tile = tl.reshape(pair, (BLOCK_N, GROUP))  # [BN, GROUP], columns as ``col``
+                if DOT_T == tl.float32:
+                    d = tl.dot(tile, xg.to(tl.float32), input_precision="ieee")
+                else:
+                    if x_ptr.dtype.element_ty != DOT_T:  # bf16 x, fp16 tiles: saturate at 65504
+                        xg = tl.minimum(tl.maximum(xg.to(tl.float32), -65504.0), 65504.0)
+                    xg = xg.to(DOT_T)
+                    d = tl.dot(tile, xg)
+                if ONE_ROW:  # the sum of x's only row: a scalar, the correction a [BN] vector
+                    xs = tl.reduce(tl.reduce(xg.to(tl.float32), 0, SUM), 0, SUM)
+                else:
+                    xs = tl.reduce(xg.to(tl.float32), 0, SUM)[None, :]  # [1, 16]
+                if FMT == 4:  # int8: the row's scale comes at the end
+                    acc += d
+                    if ONE_ROW:
+                        corr += -(OFFSET + 128.0) * xs
+                    else:
+                        acc += -(OFFSET + 128.0) * xs
+                else:  # the group's scale (32-bit words hold 32 // S_BITS scales)
+                    sw = tl.load(s_ptr + offs_n * stride_sn + gi // (32 // S_BITS),
+                                 mask=n_ok, other=0)
+                    if S_BITS == 16:
+                        sw = (sw >> (16 * (gi % 2))).to(tl.int16)
+                    a = sw.to(S_T, bitcast=True).to(tl.float32)
+                    if FMT == 0:  # Q4_0: d (q - 8)
+                        c = -(OFFSET + 8.0) * a
+                    elif FMT == 1:  # Q4_1: d q + m (m: the scales' dtype, in words)
+                        mw = tl.load(z_ptr + offs_n * stride_zn + gi // 2, mask=n_ok, other=0)
+                        mn = (mw >> (16 * (gi % 2))).to(tl.int16).to(S_T, bitcast=True)
+                        c = mn.to(tl.float32) - OFFSET * a
+                    elif FMT == 2:  # Q8_0: d q, q = u - 128
+                        c = -(OFFSET + 128.0) * a
+                    else:  # int4: s (q - zero), four uint8 zeros a word
+                        zw = tl.load(z_ptr + offs_n * stride_zn + gi // 4, mask=n_ok, other=0)
+                        c = -(OFFSET + ((zw >> (8 * (gi % 4))) & 0xFF).to(tl.float32)) * a
+                    acc += a[:, None] * d
+                    if ONE_ROW:
+                        corr += c * xs
+                    else:
+                        acc += c[:, None] * xs
+    if ONE_ROW:
+        acc += corr[:, None]  # (columns past the first are not stored)
+    if FMT == 4 or FMT == 5:  # per-row (or one) weight scale
+        acc *= tl.load(s_ptr + offs_n * stride_sn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+    if FMT == 5:  # the activation's scale (per token, or one)
+        acc *= tl.load(xs_ptr + offs_m * stride_xs, mask=m_ok, other=0.0).to(tl.float32)[None, :]
+    out_mask = n_ok[:, None] & m_ok[None, :]
+    out_off = offs_m[None, :] * stride_om + offs_n[:, None]  # [BN, 16]
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+        tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        part_off = offs_m[None, :] * N + offs_n[:, None]  # [BN, 16] of one split's [M, N]
+        tl.store(part_ptr + pid_k * M * N + part_off, acc, mask=out_mask)
+        tl.debug_barrier()  # every thread's partials are stored before the counter moves
+        arrived = tl.atomic_add(lock_ptr + pid_n, 1)  # acq_rel: the others' partials are seen
+        if arrived == SPLIT_K - 1:  # the last program of this row tile sums, in split order
+            total = tl.full((BLOCK_N, 16), 0.0, tl.float32)
+            for s in range(SPLIT_K):
+                total += tl.load(part_ptr + s * M * N + part_off, mask=out_mask, other=0.0,
+                                 cache_modifier=".cg")
+            if HAS_BIAS:
+                total += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+            tl.store(out_ptr + out_off, total.to(out_ptr.dtype.element_ty), mask=out_mask)
+            tl.atomic_xchg(lock_ptr + pid_n, 0)  # ready for the next launch
+
+
 def _row_major(t: torch.Tensor) -> bool:
     """Each row's elements contiguous (rows may be strided)."""
     expected = 1
@@ -329,14 +509,14 @@ def _locks(x: torch.Tensor, num_tiles: int) -> torch.Tensor | None:
 
 
 def plan(weight: QuantizedWeight, m: int, config: GemvConfig | None = None) -> tuple | None:
-    """(operands, block_k, group) when the GEMV serves this weight at ``m`` rows, else None."""
+    """(operands, block_k, group) when the FMA GEMV serves this weight at ``m`` rows, else None."""
     if not 1 <= m <= MAX_M or weight.format not in FORMAT_IDS:
         return None
     ops = _operands(weight)
     if ops is None:
         return None
     k = weight.shape[1]
-    cfg = config or config_for(weight.format, m)
+    cfg = config or config_for(weight.format, m) or FMA_FALLBACK
     group = ops[5]
     # a K step holds whole blocks (K formats: super-blocks), and at least 8 words of a row
     smallest = 256 if weight.format.endswith("_K") else max(group, 32)
@@ -348,6 +528,67 @@ def plan(weight: QuantizedWeight, m: int, config: GemvConfig | None = None) -> t
     return ops, block_k, group or block_k
 
 
+def _words(t: torch.Tensor) -> torch.Tensor | None:
+    """``t`` [N, ...] as int32 words per row, or None when its rows are not whole aligned words."""
+    t = t.reshape(t.shape[0], -1)
+    try:
+        return t.view(torch.int32) if _row_major(t) else None
+    except RuntimeError:
+        return None
+
+
+def _dot_plan(weight: QuantizedWeight, x: torch.Tensor, config: GemvConfig) -> dict | None:
+    """Operands and constexprs of ``_dot_gemv_kernel`` for this weight and x, or None when its
+    tensors are not whole 32-bit words per row (the FMA kernel takes it then)."""
+    fmt, data, k = weight.format, weight.data, weight.shape[1]
+    if fmt in ("int8", "fp8"):  # one scale per row: the "group" is the K step
+        group = max(32, min(config.block_k, triton.next_power_of_2(k)))
+        while k % group and group > 32:
+            group //= 2
+        q = data["qweight" if fmt == "int8" else "weight"]
+        s = data["scales" if fmt == "int8" else "weight_scale"]
+        words = _words(q) if fmt == "int8" else (q if _row_major(q) else None)
+        scales, extra = s, s
+    else:
+        if fmt == "int4":
+            q, s, z, group = data["qweight"], data["scales"], data["zeros"], int(weight.meta["group_size"])
+        else:  # Q4_0, Q4_1, Q8_0
+            q, s, z, group = data["qs"], data["d"], data.get("m", data["d"]), 32
+        words, scales, extra = _words(q), _words(s), _words(z)
+        if scales is None or extra is None or group & (group - 1) or group < 16:
+            return None
+    if words is None or k % group:
+        return None
+    num_groups = max(1, config.block_k // group)
+    while (k // group) % num_groups:
+        num_groups //= 2
+    if x.dtype == torch.float32 or (fmt == "fp8" and is_interpreted(x)):
+        dot_t, magic, offset = tl.float32, 0, 0.0
+    elif x.dtype == torch.bfloat16 and fmt in ("int4", "Q4_0", "Q4_1"):
+        dot_t, magic, offset = tl.bfloat16, 0x43004300, 128.0
+    else:  # 8-bit codes need fp16's 10-bit mantissa (bf16 x is saturated to fp16's range)
+        dot_t, magic, offset = tl.float16, 0x64006400, 1024.0
+    s_dtype = s.dtype if fmt not in ("int8", "fp8") else torch.float32
+    return {"words": words, "scales": scales, "extra": extra, "num_steps": k // (group * num_groups),
+            "FMT": FORMAT_IDS[fmt], "GROUP": group, "NG": num_groups, "DOT_T": dot_t,
+            "MAGIC": magic, "OFFSET": offset, "S_T": _TL_DTYPES[s_dtype],
+            "S_BITS": s_dtype.itemsize * 8}
+
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def _split(x: torch.Tensor, num_tiles: int, num_steps: int, cfg: GemvConfig,
+           split_k: int | None) -> tuple[int, torch.Tensor | None]:
+    """(split_k, counters): K split until the grid has ``cfg.programs_per_sm`` programs per SM."""
+    if split_k is None:
+        split_k, target = 1, _num_sms(x) * cfg.programs_per_sm
+        while num_tiles * split_k < target and split_k * 2 <= min(num_steps, _MAX_SPLIT_K):
+            split_k *= 2
+    locks = _locks(x, num_tiles) if split_k > 1 else None
+    return (split_k, locks) if locks is not None else (1, None)
+
+
 def gemv(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None = None, *,
          x_scale: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
          config: GemvConfig | None = None, split_k: int | None = None) -> torch.Tensor | None:
@@ -355,22 +596,25 @@ def gemv(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None = N
     served (the caller falls back). fp8 weights take fp8 ``x`` with ``x_scale`` ([M] or a
     scalar) and give ``out_dtype``; ``config`` / ``split_k`` override the tuned choice."""
     m, k = x.shape
-    n = weight.shape[0]
-    planned = plan(weight, m, config)
-    cfg = config or (config_for(weight.format, m) if planned is not None else None)
-    if planned is None or x.stride(1) != 1:
+    if not 1 <= m <= MAX_M or weight.format not in FORMAT_IDS or x.stride(1) != 1:
+        return None
+    cfg = config or config_for(weight.format, m)
+    if cfg is None:
+        return None
+    if cfg.dot and weight.format in DOT_FORMATS:
+        planned = _dot_plan(weight, x, cfg)
+        if planned is not None:
+            return _dot_gemv(x, weight, bias, x_scale, out_dtype, cfg, split_k, planned)
+        cfg = FMA_FALLBACK
+    planned = plan(weight, m, cfg)
+    if planned is None:
         return None
     (words, s, z, kb, qh, _), block_k, group = planned
     fmt = FORMAT_IDS[weight.format]
     codes = 4 if fmt in (2, 4) else (1 if fmt == 5 else 8)
-    num_tiles = triton.cdiv(n, cfg.block_n)
-    if split_k is None:
-        split_k, target = 1, _num_sms(x) * cfg.programs_per_sm
-        while num_tiles * split_k < target and split_k * 2 <= min(k // block_k, _MAX_SPLIT_K):
-            split_k *= 2
-    locks = _locks(x, num_tiles) if split_k > 1 else None
-    if locks is None:
-        split_k = 1
+    num_tiles = triton.cdiv(weight.shape[0], cfg.block_n)
+    split_k, locks = _split(x, num_tiles, k // block_k, cfg, split_k)
+    n = weight.shape[0]
     out = torch.empty(m, n, dtype=out_dtype or x.dtype, device=x.device)
     parts = torch.empty(split_k, m, n, dtype=torch.float32, device=x.device) if split_k > 1 else out
     if x_scale is None:
@@ -385,4 +629,26 @@ def gemv(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None = N
         FMT=fmt, GROUP=group, CODES=codes, NB=block_k // group, WPB=group // codes, M_ROWS=m,
         HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
         NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps)
+    return out
+
+
+def _dot_gemv(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None,
+              x_scale: torch.Tensor | None, out_dtype: torch.dtype | None, cfg: GemvConfig,
+              split_k: int | None, planned: dict) -> torch.Tensor:
+    m, k = x.shape
+    n = weight.shape[0]
+    words, scales, extra = planned.pop("words"), planned.pop("scales"), planned.pop("extra")
+    num_tiles = triton.cdiv(n, cfg.block_n)
+    split_k, locks = _split(x, num_tiles, planned.pop("num_steps"), cfg, split_k)
+    out = torch.empty(m, n, dtype=out_dtype or x.dtype, device=x.device)
+    parts = torch.empty(split_k, m, n, dtype=torch.float32, device=x.device) if split_k > 1 else out
+    if x_scale is None:
+        x_scale = scales
+    _dot_gemv_kernel.on(x)[(num_tiles, split_k)](
+        x, words, scales, extra, x_scale, bias if bias is not None else out, out, parts,
+        locks if locks is not None else out,
+        m, n, k, split_k, x.stride(0), words.stride(0), scales.stride(0) if scales.dim() else 0,
+        extra.stride(0) if extra.dim() else 0, x_scale.stride(0) if x_scale.dim() else 0,
+        out.stride(0), M_ROWS=m, HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n,
+        NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps, **planned)
     return out

@@ -3,7 +3,8 @@ int4 and int8, and fp8 W8A8 (activation quantization + ``torch._scaled_mm``).
 
 ``triton_quant_linear`` computes ``x [M, K] @ dequant(W)[N, K].T`` without ever writing the
 dense weight. Up to ``gemv_triton.MAX_M`` rows it runs the GEMV of ``gemv_triton`` (decode:
-weight bytes streamed once, no padding of M). Larger M runs ``_quant_gemm_kernel``: each program
+weight bytes streamed once) where its ``CONFIGS`` has one for the format and M. Larger M (and
+Q8_0 / int8 at the rows where the GEMV measured slower) runs ``_quant_gemm_kernel``: each program
 computes a ``[BLOCK_M, BLOCK_N]`` output tile; every K step loads the packed codes of a
 ``[BLOCK_N, BLOCK_K]`` weight tile, expands them in registers with the format's scales (float32
 math, the reference's formula), casts to x's dtype and feeds ``tl.dot`` with a float32

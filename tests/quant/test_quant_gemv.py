@@ -2,7 +2,8 @@
 
 Without a GPU the kernel runs in Triton's interpreter on CPU tensors (float32, float16); with
 ``PORTASERVE_TEST_DEVICE=cuda`` the same tests run compiled on the GPU and add bfloat16. Cases:
-every format it serves (GGUF blocks incl. Q4_K / Q5_K / Q6_K, also on random bytes), M = 1..4,
+every format it serves (GGUF blocks incl. Q4_K / Q5_K / Q6_K, also on random bytes) with each
+kernel that serves it (the FMA kernel: all; the tensor-core kernel: ``DOT_FORMATS``), M = 1..4,
 row counts that do not fill the last tile, K split over programs (the policy's choice, none,
 and an uneven split), bias, fused q|k|v weights (``concat_rows``), int4 group sizes 32/64/128
 symmetric and asymmetric, and fp8 W8A8 against ``fp8_linear_emulated`` in each activation
@@ -32,8 +33,9 @@ if DEVICE.type != "cpu" and not torch.cuda.is_available():
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE.type != "cpu" else [])
 #: Relative (Frobenius) error allowed against the float32 reference, per dtype of x and out.
 RTOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
-#: Small tiles, so the interpreter stays quick and K spans several steps.
-SMALL = gemv_triton.GemvConfig(block_n=16, block_k=128)
+#: Small tiles, so the interpreter stays quick and K spans several steps: per kernel.
+SMALL = {"fma": gemv_triton.GemvConfig(block_n=16, block_k=128),
+         "dot": gemv_triton.GemvConfig(block_n=16, block_k=128, dot=True)}
 
 
 @pytest.fixture
@@ -56,7 +58,7 @@ def packed(fmt: str, n: int, k: int, gen: torch.Generator, group: int = 128):
 
 
 def check(weight, m: int, dtype: torch.dtype, gen: torch.Generator, *, bias: bool = False,
-          split_k: int | None = None, config=SMALL) -> None:
+          split_k: int | None = None, config=SMALL["fma"]) -> None:
     n, k = weight.shape
     x = torch.randn(m, k, generator=gen).to(dtype)
     b = torch.randn(n, generator=gen).to(dtype) if bias else None
@@ -74,35 +76,43 @@ WEIGHT_ONLY = [("Q4_0", 32), ("Q4_1", 32), ("Q8_0", 32), ("int8", 0), ("int4", 3
                ("Q6_K", 256)]
 
 
-@pytest.mark.parametrize("fmt,group", WEIGHT_ONLY, ids=[f"{f}-g{g}" for f, g in WEIGHT_ONLY])
+KERNELS = [(f, g, kernel) for f, g in WEIGHT_ONLY for kernel in SMALL
+           if kernel == "fma" or f.split("_sym")[0] in gemv_triton.DOT_FORMATS]
+
+
+@pytest.mark.parametrize("fmt,group,kernel", KERNELS, ids=[f"{f}-g{g}-{k}" for f, g, k in KERNELS])
 @pytest.mark.parametrize("m", [1, 4])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_gemv_matches_the_reference(fmt: str, group: int, m: int, dtype: torch.dtype,
+def test_gemv_matches_the_reference(fmt: str, group: int, kernel: str, m: int, dtype: torch.dtype,
                                     gen: torch.Generator) -> None:
     weight = packed(fmt, 40, 512, gen, group)  # 40 rows: the last 16-row tile is partial
-    check(weight, m, dtype, gen)  # the policy's split of K (the interpreter "has 2 SMs")
-    check(weight, m, dtype, gen, split_k=1, bias=True)
-    check(weight, m, dtype, gen, split_k=3)  # 4 K steps over 3 programs: 2, 2 and none
+    cfg = SMALL[kernel]
+    check(weight, m, dtype, gen, config=cfg)  # the policy's split (the interpreter "has 2 SMs")
+    check(weight, m, dtype, gen, split_k=1, bias=True, config=cfg)
+    check(weight, m, dtype, gen, split_k=3, config=cfg)  # 4 K steps, 3 programs: 2, 2 and none
 
 
+@pytest.mark.parametrize("kernel", list(SMALL))
 @pytest.mark.parametrize("fmt", ["Q4_0", "Q4_1", "Q8_0", "int8", "int4", "int4_sym", "Q4_K", "Q6_K"])
-def test_gemv_on_fused_qkv(fmt: str, gen: torch.Generator) -> None:
+def test_gemv_on_fused_qkv(fmt: str, kernel: str, gen: torch.Generator) -> None:
     parts = [packed(fmt, n, 256, gen, 64) for n in (64, 16, 16)]  # q | k | v
     fused = parts[0].method.concat_rows(parts)
     assert fused is not None and fused.shape == (96, 256)
+    cfg = SMALL[kernel]
     for m in (1, 3):
-        check(fused, m, torch.float32, gen)
+        check(fused, m, torch.float32, gen, config=cfg)
     # the fused output is the three outputs side by side
     x = torch.randn(2, 256, generator=gen)
-    whole = gemv_triton.gemv(x.to(DEVICE), fused.to(DEVICE), config=SMALL).cpu()
-    each = torch.cat([gemv_triton.gemv(x.to(DEVICE), p.to(DEVICE), config=SMALL).cpu() for p in parts], 1)
+    whole = gemv_triton.gemv(x.to(DEVICE), fused.to(DEVICE), config=cfg).cpu()
+    each = torch.cat([gemv_triton.gemv(x.to(DEVICE), p.to(DEVICE), config=cfg).cpu() for p in parts], 1)
     assert rel_err(whole, each) <= 1e-6
 
 
+@pytest.mark.parametrize("dot", [False, True], ids=["fma", "dot"])
 @pytest.mark.parametrize("scheme", ["dynamic_per_token", "dynamic_per_tensor", "static"])
 @pytest.mark.parametrize("m", [1, 4])
 @pytest.mark.parametrize("per_channel", [True, False], ids=["per_channel", "per_tensor"])
-def test_fp8_gemv_matches_the_w8a8_emulation(scheme: str, m: int, per_channel: bool,
+def test_fp8_gemv_matches_the_w8a8_emulation(scheme: str, m: int, per_channel: bool, dot: bool,
                                              gen: torch.Generator) -> None:
     w = torch.randn(48, 256, generator=gen) * 0.06
     method = FP8Method()
@@ -117,7 +127,7 @@ def test_fp8_gemv_matches_the_w8a8_emulation(scheme: str, m: int, per_channel: b
     for split_k in (1, 2):
         got = gemv_triton.gemv(xq.to(DEVICE), weight.to(DEVICE), x_scale=xs.reshape(-1).to(DEVICE)
                                if xs.dim() else xs.to(DEVICE), out_dtype=torch.float32,
-                               config=gemv_triton.GemvConfig(16, 64), split_k=split_k)
+                               config=gemv_triton.GemvConfig(16, 64, dot=dot), split_k=split_k)
         assert got is not None
         assert rel_err(got, want) <= 1e-6
 
@@ -126,15 +136,26 @@ def test_fp8_gemv_matches_the_w8a8_emulation(scheme: str, m: int, per_channel: b
 def test_gemv_with_the_tuned_tiles(fmt: str, gen: torch.Generator) -> None:
     weight = packed(fmt, 72, 1024, gen)
     for m in (1, 2, 4):  # each row count's own tiles (gemv_triton.CONFIGS)
-        check(weight, m, torch.float32, gen, config=None)
+        if gemv_triton.config_for(fmt, m) is None:  # the tiled GEMM's rows: the GEMV declines
+            assert gemv_triton.gemv(torch.randn(m, 1024).to(DEVICE), weight.to(DEVICE)) is None
+        else:
+            check(weight, m, torch.float32, gen, config=None)
 
 
 @pytest.mark.parametrize("fmt", ["Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"])
 def test_gemv_on_random_gguf_blocks(fmt: str, gen: torch.Generator) -> None:
     """Random bytes in every field: every bit of the packed scales and high bits is read."""
     weight = GGUFMethod(fmt).random(24, 768, device=torch.device("cpu"), generator=gen)
-    for m in (1, 4):
-        check(weight, m, torch.float32, gen, split_k=3)
+    for kernel in SMALL if fmt in gemv_triton.DOT_FORMATS else ["fma"]:
+        for m in (1, 4):
+            check(weight, m, torch.float32, gen, split_k=3, config=SMALL[kernel])
+
+
+def test_dot_kernel_hands_odd_scale_rows_to_the_fma_kernel(gen: torch.Generator) -> None:
+    """Q4_0 with K = 96: three fp16 scales a row are no whole 32-bit words, which the
+    tensor-core kernel reads; the FMA kernel serves it instead."""
+    weight = packed("Q4_0", 24, 96, gen)
+    check(weight, 2, torch.float32, gen, config=SMALL["dot"])
 
 
 def test_cuda_registers_every_format_the_kernels_serve() -> None:
