@@ -6,7 +6,8 @@ target, without a GPU.
 
 The kernel tests (tests/devices/test_triton_kernels.py) and a set of Llama-3-8B-shaped bf16 calls
 are run with every launch replaced by ``JITFunction.warmup`` (compile only) against a stand-in
-Triton driver that reports the target, and with the GPU tile sizes. The outputs are not computed,
+Triton driver that reports the target, and with the GPU tile sizes (on sm_90+ the Llama calls
+once more with programmatic dependent launch, ``launch.pdl``). The outputs are not computed,
 so the tests' value assertions fail by design; this script reports only compile errors. It leans
 on Triton internals (the driver object, ``warmup``); written against Triton 3.6-3.9.
 """
@@ -84,6 +85,12 @@ def main(argv: list[str]) -> int:
                         raise OutOfResources(shared, SHARED_LIMIT[backend], "shared memory")
                     if oversized and oversized[-1].startswith(self.__name__ + " "):
                         oversized.pop()  # the retry that followed fitted
+                    ptx = kernel.asm.get("ptx", "") if backend == "cuda" else ""
+                    wanted = (["griddepcontrol.wait", "griddepcontrol.launch_dependents"] if kwargs.get("PDL") else [])
+                    wanted += ["prefetch.global.L2"] if kwargs.get("PDL") and kwargs.get("PREFETCH") else []
+                    missing = [w for w in wanted if w not in ptx]
+                    if missing:
+                        errors.append(f"{self.__name__} {kwargs}: PTX lacks {missing}")
                     counts[self.__name__] = counts.get(self.__name__, 0) + 1
                     largest[self.__name__] = max(largest.get(self.__name__, 0), shared)
                 return go
@@ -99,6 +106,10 @@ def main(argv: list[str]) -> int:
                  "tests/devices/test_triton_kernels.py", "-k", "not leak"])
     try:
         _llama_bf16_calls()
+        if backend == "cuda" and int(arch) >= 90:  # and launched with PDL (griddepcontrol)
+            launch.pdl = lambda tensor: True
+            _llama_bf16_calls()
+            launch.pdl = lambda tensor: False
         _quant_calls()
     except OutOfResources:
         pass  # the variant is in ``oversized``

@@ -76,6 +76,14 @@ def cuda_graphs() -> bool:
     return os.environ.get("PORTASERVE_CUDA_GRAPHS", "1").strip().lower() not in {"0", "false", "no", "off"}
 
 
+def cuda_pdl() -> bool:
+    """``PORTASERVE_CUDA_PDL``: launch the cuda device's Triton kernels with programmatic
+    dependent launch on sm_90+ (each kernel starts while the one before it finishes; the
+    decode GEMV prefetches its first weight tiles into L2 meanwhile). Default off: not yet
+    measured on a GPU (``PORTASERVE_CUDA_PDL=1 python3 benchmarks/profile_cuda_decode.py``)."""
+    return os.environ.get("PORTASERVE_CUDA_PDL", "0").strip().lower() in {"1", "true", "yes", "on"}
+
+
 def cpu_native() -> bool:
     """``PORTASERVE_CPU_NATIVE``: build and use the cpu device's native small-batch kernels
     (``portaserve.devices.cpu_native``; default on; ``0`` keeps the torch-only paths)."""

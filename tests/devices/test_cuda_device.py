@@ -299,6 +299,49 @@ def test_gpu_graph_replay_matches_eager(dtype: torch.dtype, monkeypatch: pytest.
         assert same >= 0.9 * sum(len(w) for w in want)
 
 
+@needs_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_pdl_changes_no_result(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Kernels launched with programmatic dependent launch (each waits inside for the kernel
+    before it; the GEMV prefetches its first weight tiles meanwhile) give the very same logits
+    as plain launches, op by op and replayed from captured graphs (decode rows through the
+    Triton GEMV in bf16)."""
+    from portaserve.devices.cuda import gemv, launch
+    from portaserve.devices.cuda.graphs import graph_executor_for
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs compute capability 9.0+")
+    monkeypatch.delenv("PORTASERVE_CUDA_GRAPHS", raising=False)
+    monkeypatch.setattr(gemv, "faster_than_cublas", lambda x, weight: True)  # always the GEMV
+    registry = get_registry()
+    device, _ = registry.select_device("cuda")
+    model = tiny_llama(registry.kernel_table(device), dtype, torch.Generator().manual_seed(3),
+                       device.torch_device)
+    spec = KVCacheSpec(2, 48, 16, 2, 8, dtype)
+    prompts = [[1, 5, 9, 2, 7] * 3, [3, 3, 8], [4, 11, 2, 9, 30, 1, 6]]
+
+    def run(pdl: bool) -> tuple[list[list[int]], list[list[int]], torch.Tensor]:
+        monkeypatch.setenv("PORTASERVE_CUDA_PDL", "1" if pdl else "0")
+        monkeypatch.setattr(launch, "_PDL", {})
+        assert launch.pdl(torch.empty(1, device=device.torch_device)) is pdl
+        logits: list[torch.Tensor] = []
+
+        def record(step):  # noqa: ANN001, ANN202
+            return lambda b: logits.append(step(b)) or logits[-1]
+
+        eager = greedy(model, record(eager_runner(model, device.allocate_kv_cache(spec), device.torch_device)),
+                       prompts, 12)
+        executor = graph_executor_for(model, device.allocate_kv_cache(spec), device.torch_device, max_batch=8)
+        replayed = greedy(model, record(lambda b: executor.execute(b).cpu()), prompts, 12)
+        assert executor.num_replays == 11
+        return eager, replayed, torch.stack([t for t in logits if t.shape[0] == 3])
+
+    results = {pdl: run(pdl) for pdl in (False, True)}
+    assert results[True][0] == results[False][0] and results[True][1] == results[False][1]
+    assert torch.equal(results[True][2], results[False][2])
+
+
 def check_greedy_matches_cpu(device_name: str, num_new: int, eager_replay: bool,
                              cache_dtype: torch.dtype = torch.float32) -> None:
     """Greedy tokens of a random tiny Llama (float32) on ``device_name`` through its graph

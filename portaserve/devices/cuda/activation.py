@@ -10,15 +10,18 @@ import torch
 import triton
 import triton.language as tl
 
-from portaserve.devices.cuda.launch import triton_kernel
+from portaserve.devices.cuda.launch import pdl_options, triton_kernel
 from portaserve.errors import DeviceError
 
 
 @triton_kernel
 def _silu_and_mul_kernel(
-    x_ptr, out_ptr, inter, stride_x, stride_out, BLOCK: tl.constexpr,
+    x_ptr, out_ptr, inter, stride_x, stride_out, BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):
     """Grid ``(T, cdiv(I, BLOCK))``: one program per row and ``BLOCK`` columns of the output."""
+    if PDL:  # programmatic dependent launch (launch.pdl): the next kernel may start; wait for the last
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < inter
@@ -39,7 +42,8 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if num_tokens == 0 or inter == 0:
         return out
     block = min(1024, triton.next_power_of_2(inter))
+    constexprs, options = pdl_options(x)
     _silu_and_mul_kernel.on(x)[(num_tokens, triton.cdiv(inter, block))](
-        x, out, inter, x.stride(0), out.stride(0), BLOCK=block, num_warps=4,
+        x, out, inter, x.stride(0), out.stride(0), BLOCK=block, num_warps=4, **constexprs, **options,
     )
     return out

@@ -55,6 +55,7 @@ from portaserve.devices.cuda.launch import (
     is_interpreted,
     launch_fitting,
     next_pow2,
+    pdl_options,
     split_counters,
     triton_kernel,
 )
@@ -90,7 +91,7 @@ def _varlen_attn_kernel(
     stride_c_kv, stride_c_block, stride_c_head, stride_c_off, stride_bt,
     GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    IEEE: tl.constexpr, KV_FP8: tl.constexpr,
+    IEEE: tl.constexpr, KV_FP8: tl.constexpr, PDL: tl.constexpr,
 ):
     """Grid ``(T // BLOCK_Q + R, Hk)``.
 
@@ -98,6 +99,9 @@ def _varlen_attn_kernel(
     (at least ``cdiv(q_len_r, BLOCK_Q)`` of them); a program finds its request by binary search
     over ``query_start_loc`` and exits when its tile lies past the request's query tokens.
     """
+    if PDL:  # programmatic dependent launch (launch.pdl): the next kernel may start; wait for the last
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     pid = tl.program_id(0)
     kv_head = tl.program_id(1)
     # Largest r with qsl[r] // BLOCK_Q + r <= pid.
@@ -178,6 +182,7 @@ def _decode_attn_kernel(
     stride_c_kv, stride_c_block, stride_c_head, stride_c_off, stride_bt,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr, KV_FP8: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Grid ``(R, Hk, NUM_SPLITS)``: one new token of request r, the GROUP query heads of one
     KV head (padded to BLOCK_G >= 16 rows), and one chunk of its context.
@@ -189,6 +194,9 @@ def _decode_attn_kernel(
     (request, KV head) to arrive (counted in counter [R, Hk], zero between launches) merges the
     splits that have keys into out.
     """
+    if PDL:  # programmatic dependent launch (launch.pdl): the next kernel may start; wait for the last
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     req = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -390,7 +398,7 @@ def _decode(query: torch.Tensor, out: torch.Tensor, seq_lens: torch.Tensor, tabl
         {"GROUP": a.group, "BLOCK_G": max(16, next_pow2(a.group)),
          "BLOCK_N": 16 if a.interp else cfg["BLOCK_N"] // (2 if a.ieee else 1),
          "BLOCK_D": a.block_d, "BLOCK_SIZE": a.block_size, "NUM_SPLITS": num_splits, "IEEE": a.ieee,
-         "KV_FP8": a.kv_fp8},
+         "KV_FP8": a.kv_fp8, **pdl_options(query)[0]},
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
 
@@ -410,7 +418,8 @@ def _varlen(query: torch.Tensor, out: torch.Tensor, query_start_loc: torch.Tenso
          head_dim, query.stride(0), query.stride(1), out.stride(0), out.stride(1), *a.cache_strides),
         {"GROUP": a.group, "BLOCK_Q": block_q, "BLOCK_M": block_m,
          "BLOCK_N": 16 if a.interp else VARLEN_CONFIG["BLOCK_N"] // (2 if a.ieee else 1),
-         "BLOCK_D": a.block_d, "BLOCK_SIZE": a.block_size, "IEEE": a.ieee, "KV_FP8": a.kv_fp8},
+         "BLOCK_D": a.block_d, "BLOCK_SIZE": a.block_size, "IEEE": a.ieee, "KV_FP8": a.kv_fp8,
+         **pdl_options(query)[0]},
         num_warps=VARLEN_CONFIG["num_warps"],
         num_stages=VARLEN_CONFIG["num_stages"] - (1 if a.ieee else 0),
     )

@@ -25,8 +25,17 @@ import torch
 import triton
 import triton.language as tl
 
-from portaserve.devices.cuda.launch import is_interpreted, split_counters, triton_kernel
+from portaserve.devices.cuda.launch import (
+    is_interpreted,
+    pdl_options,
+    split_counters,
+    triton_kernel,
+)
 from portaserve.errors import DeviceError
+
+#: Weight tiles each program prefetches into L2 before waiting for the kernel before it, when
+#: launched with PDL (``launch.pdl``; off by default). Not yet tuned on a GPU.
+PDL_PREFETCH_TILES = 2
 
 #: Most rows of x the GEMV takes (the right operand of the dot is 16 wide). Larger batches go
 #: to cuBLAS, whose tiles use the tensor cores fully.
@@ -38,6 +47,7 @@ def _gemv_kernel(
     x_ptr, w_ptr, out_ptr, part_ptr, counter_ptr, M, N, K, k_per_split,
     stride_xm, stride_wn, stride_om,
     SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr, PREFETCH: tl.constexpr, LINES: tl.constexpr,
 ):
     """Grid ``(cdiv(N, BLOCK_N), SPLIT_K)``: output columns n0..n0+BLOCK_N of all M (<= BLOCK_M)
     rows, over the K range ``[split * k_per_split, ...)``.
@@ -55,6 +65,17 @@ def _gemv_kernel(
     w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
     k_start = split * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
+    if PDL:  # programmatic dependent launch (launch.pdl): the next kernel may start
+        tl.extra.cuda.gdc_launch_dependents()
+        # The weight is read-only: while the kernel before finishes, pull this program's first
+        # PREFETCH tiles of it into L2, one prefetch per 128-byte line (LINES per tile row).
+        for t in tl.static_range(PREFETCH):
+            col = k_start + t * BLOCK_K + tl.arange(0, LINES) * (BLOCK_K // LINES)
+            ok = n_ok[:, None] & (col[None, :] < k_end)
+            lines = tl.where(ok, w_rows + col[None, :], w_ptr)
+            tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [lines],
+                                      dtype=tl.int32, is_pure=False, pack=1)
+        tl.extra.cuda.gdc_wait()  # x (and the counters) are the kernel before's to finish
     acc = tl.full([BLOCK_N, BLOCK_M], 0.0, dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -176,13 +197,16 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, config: dict[str, int] | None = 
     from triton.runtime.errors import OutOfResources
 
     stages = cfg.pop("num_stages")
+    constexprs, options = pdl_options(x)
     while True:  # fewer pipeline stages where shared memory is smaller (MI300: 64 KiB)
         try:
             _gemv_kernel.on(x)[(num_blocks, split_k)](
                 x, weight, out, part, counters, num_rows, n, k, k_per_split,
                 x.stride(0), weight.stride(0), out.stride(0),
                 SPLIT_K=split_k, BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k,
-                num_stages=stages, **cfg,
+                PREFETCH=PDL_PREFETCH_TILES if constexprs["PDL"] else 0,
+                LINES=max(1, block_k * x.element_size() // 128),
+                num_stages=stages, **cfg, **constexprs, **options,
             )
             return out
         except OutOfResources:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import triton.language as tl
 
-from portaserve.devices.cuda.launch import next_pow2, triton_kernel
+from portaserve.devices.cuda.launch import next_pow2, pdl_options, triton_kernel
 from portaserve.errors import DeviceError
 
 KV_LAYOUT = "blocks_hnd"
@@ -78,12 +78,16 @@ def _write_kv_kernel(
     stride_c_kv, stride_c_block, stride_c_head, stride_c_off,
     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
     FP8_MANT: tl.constexpr, FP8_BIAS: tl.constexpr, FP8_MAX: tl.constexpr, FP8_MAGIC: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Grid ``(T, cdiv(Hk, BLOCK_H))``: one program stores BLOCK_H heads of one token's K and V.
 
     With FP8_MANT > 0 the cache is an fp8 cache seen as uint8: K, then V [BLOCK_H, BLOCK_D],
     are encoded to fp8 bytes (FP8_* from ``_fp8_constexprs``).
     """
+    if PDL:  # programmatic dependent launch (launch.pdl): the next kernel may start; wait for the last
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot >= 0:
@@ -156,10 +160,11 @@ def write_kv(
     grid = (num_tokens, (num_heads + block_h - 1) // block_h)
     fp8 = _fp8_constexprs(kv_cache.dtype)
     target = kv_cache.view(torch.uint8) if fp8["FP8_MANT"] else kv_cache  # same strides
+    constexprs, options = pdl_options(key)
     _write_kv_kernel.on(key)[grid](
         key, value, target, slot_mapping,
         num_heads, head_dim, block_size,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         s_kv, s_block, s_head, s_off,
-        BLOCK_H=block_h, BLOCK_D=block_d, **fp8, num_warps=4,
+        BLOCK_H=block_h, BLOCK_D=block_d, **fp8, num_warps=4, **constexprs, **options,
     )

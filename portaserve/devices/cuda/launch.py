@@ -103,6 +103,36 @@ def is_interpreted(tensor: torch.Tensor) -> bool:
     return bool(knobs is not None and knobs.runtime.interpret)
 
 
+_PDL: dict[int, bool] = {}
+
+
+def pdl(tensor: torch.Tensor) -> bool:
+    """Whether kernels on ``tensor`` launch with programmatic dependent launch (PDL): asked for
+    (``envs.cuda_pdl``), compiled (not the interpreter), an NVIDIA GPU of compute capability 9+.
+
+    A kernel launched so is passed ``PDL=True`` and must begin with
+    ``tl.extra.cuda.gdc_launch_dependents()`` (the next kernel may launch now) and
+    ``tl.extra.cuda.gdc_wait()`` (the previous kernel has finished and its writes are visible)
+    before it touches any memory the kernels before it write: with every kernel of a chain
+    waiting so, ordering holds transitively. Kernels not launched so (torch's, cuBLAS's) keep
+    plain stream order with their neighbours. Read-only data (weights) may be prefetched
+    between the two calls: that is the gain, beside the hidden launch latency."""
+    if is_interpreted(tensor) or tensor.device.type != "cuda" or torch.version.hip:
+        return False
+    index = tensor.device.index or 0
+    if index not in _PDL:
+        from portaserve import envs
+
+        _PDL[index] = envs.cuda_pdl() and torch.cuda.get_device_capability(index)[0] >= 9
+    return _PDL[index]
+
+
+def pdl_options(tensor: torch.Tensor) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(constexprs, launch options) for a kernel with a ``PDL`` constexpr on ``tensor``."""
+    on = pdl(tensor)
+    return {"PDL": on}, ({"launch_pdl": True} if on else {})
+
+
 def next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
@@ -132,7 +162,8 @@ def launch_fitting(
     fitted = dict(constexprs)
     while True:
         try:
-            kernel.on(tensor)[grid](*args, **fitted, num_warps=num_warps, num_stages=num_stages)
+            kernel.on(tensor)[grid](*args, **fitted, num_warps=num_warps, num_stages=num_stages,
+                                    **({"launch_pdl": True} if fitted.get("PDL") else {}))
         except OutOfResources:
             if num_stages > 1:
                 num_stages -= 1

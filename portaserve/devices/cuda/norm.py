@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import triton.language as tl
 
-from portaserve.devices.cuda.launch import SUM, next_pow2, triton_kernel
+from portaserve.devices.cuda.launch import SUM, next_pow2, pdl_options, triton_kernel
 from portaserve.errors import DeviceError
 
 _MAX_HIDDEN = 65536
@@ -22,9 +22,12 @@ def _rms_norm_kernel(
     x_ptr, res_ptr, w_ptr, y_ptr, res_out_ptr,
     hidden, eps,
     stride_x, stride_res, stride_y, stride_res_out,
-    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):
     """Grid ``(T,)``: one program per row, the whole row in one tile of ``BLOCK`` >= hidden."""
+    if PDL:  # programmatic dependent launch (launch.pdl): the next kernel may start; wait for the last
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden
@@ -71,11 +74,12 @@ def rms_norm(
     if num_tokens == 0:
         return (y, res_out) if has_residual else y
     block = next_pow2(hidden)
+    constexprs, options = pdl_options(x)
     _rms_norm_kernel.on(x)[(num_tokens,)](
         x, residual, weight.contiguous(), y, res_out,
         hidden, float(eps),
         x.stride(0), residual.stride(0), y.stride(0), res_out.stride(0),
         HAS_RESIDUAL=has_residual, BLOCK=block,
-        num_warps=min(16, max(1, block // 512)),
+        num_warps=min(16, max(1, block // 512)), **constexprs, **options,
     )
     return (y, res_out) if has_residual else y

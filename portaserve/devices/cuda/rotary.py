@@ -25,7 +25,7 @@ from portaserve.devices.cuda.kv import (
     cache_strides,
     write_kv,
 )
-from portaserve.devices.cuda.launch import next_pow2, triton_kernel
+from portaserve.devices.cuda.launch import next_pow2, pdl_options, triton_kernel
 from portaserve.errors import DeviceError
 
 
@@ -38,13 +38,16 @@ def _rotary_kernel(
     stride_qot, stride_qoh,
     stride_dt, stride_dh, stride_c_kv, stride_c_block, stride_c_off,
     WRITE_CACHE: tl.constexpr,
-    BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr, PDL: tl.constexpr,
 ):
     """Grid ``(T,)``: one program per token rotates all its q heads (to q_out) and k heads
     (heads x D/2 tiles). The rotated keys go to ``k_dst`` [T, Hk, D] (strides dt, dh), or with
     WRITE_CACHE to the paged cache ``k_dst`` at the token's slot with its values beside them
     (strides c_kv, c_block, dh = head, c_off); a negative slot (a padding row of a captured
     graph) writes nothing to the cache."""
+    if PDL:  # programmatic dependent launch (launch.pdl): the next kernel may start; wait for the last
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
     d = tl.arange(0, BLOCK_HALF)
@@ -114,13 +117,14 @@ def rotary(
     if num_tokens == 0:
         return q_out, k_out
     half = head_dim // 2
+    constexprs, options = pdl_options(q)
     _rotary_kernel.on(q)[(num_tokens,)](
         positions, cos_sin_cache, positions, q, k, k, q_out, k_out,
         num_q_heads, k.shape[1], half, 1,
         cos_sin_cache.stride(0), q.stride(0), q.stride(1), k.stride(0), k.stride(1), 0, 0,
         q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1), 0, 0, 0,
         WRITE_CACHE=False, BLOCK_HQ=next_pow2(num_q_heads), BLOCK_HK=next_pow2(k.shape[1]),
-        BLOCK_HALF=next_pow2(half), num_warps=4,
+        BLOCK_HALF=next_pow2(half), num_warps=4, **constexprs, **options,
     )
     return q_out, k_out
 
@@ -167,6 +171,7 @@ def rotary_write_kv(
         return q_out
     s_kv, s_block, s_head, s_off, _ = cache_strides(kv_cache, kv_layout)
     half = head_dim // 2
+    constexprs, options = pdl_options(q)
     _rotary_kernel.on(q)[(num_tokens,)](
         positions, cos_sin_cache, slot_mapping, q, k, v, q_out, kv_cache,
         num_q_heads, num_heads, half, block_size,
@@ -174,6 +179,6 @@ def rotary_write_kv(
         v.stride(0), v.stride(1), q_out.stride(0), q_out.stride(1),
         0, s_head, s_kv, s_block, s_off,
         WRITE_CACHE=True, BLOCK_HQ=next_pow2(num_q_heads), BLOCK_HK=next_pow2(num_heads),
-        BLOCK_HALF=next_pow2(half), num_warps=4,
+        BLOCK_HALF=next_pow2(half), num_warps=4, **constexprs, **options,
     )
     return q_out
