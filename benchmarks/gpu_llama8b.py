@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from portaserve import LLM, SamplingParams, __version__
+from portaserve import LLM, SamplingParams, __version__, envs
 from portaserve.core.loaders.synthetic import PRESETS, synthetic_weights
 
 PRESET = "llama3-8b"
@@ -150,7 +150,8 @@ def bench_portaserve(args: argparse.Namespace, deadline: float) -> dict[str, flo
     engine = llm.llm_engine
     log(f"portaserve engine ready: {engine.device_description}, KV {engine.kv_capacity_tokens} tokens, "
         f"executor {type(engine.runner.executor).__name__ if engine.runner.executor else 'none'}, "
-        f"async scheduling {'on' if engine.async_scheduling else 'off'}")
+        f"async scheduling {'on' if engine.async_scheduling else 'off'}, "
+        f"PDL {'on' if envs.cuda_pdl() else 'off'}")
     res["async_scheduling"] = engine.async_scheduling
     parts = set(args.parts.split(","))
     greedy = SamplingParams(temperature=0, max_tokens=args.decode_tokens, ignore_eos=True)

@@ -44,7 +44,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=20)
     args = p.parse_args()
-    from portaserve import LLM, SamplingParams
+    from portaserve import LLM, SamplingParams, envs
 
     os.environ["PORTASERVE_CUDA_GRAPHS"] = "0"
     llm = LLM("random:llama3-8b", device="cuda", dtype="bfloat16", max_model_len=2048,
@@ -83,6 +83,7 @@ def main() -> None:
     kernels_ms = sum(totals.values()) / 1e3 / args.steps + sum(other.values()) / 1e3 / args.steps
     bw = copy_bandwidth()
     print(f"random:llama3-8b bf16 on {torch.cuda.get_device_name(0)}; torch {torch.__version__}; "
+          f"PDL {'on' if envs.cuda_pdl() else 'off'}; "
           f"weights {weight_bytes / 1e9:.2f} GB; copy bandwidth {bw / 1e12:.2f} TB/s -> roofline "
           f"{weight_bytes / bw * 1e3:.2f} ms/step")
     print(f"GPU kernel time per decode step (graphs off, {args.steps} steps): {kernels_ms:.3f} ms")
