@@ -239,6 +239,33 @@ def test_graph_executor_pads_decode_and_matches_eager(monkeypatch: pytest.Monkey
     assert graph_executor_for(model, graph_caches, torch.device("cpu"), eager_replay=True) is None
 
 
+def test_graph_executor_warm_up_runs_a_mixed_step_in_free_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After capture the executor runs one small mixed step op by op (decodes first, then a
+    prompt chunk: the prefill and split paths compile at startup); it touches blocks 0..6 only
+    and counts as no step."""
+    skip_if_interpreter_cannot_index()
+    from portaserve.devices.cuda import attention
+    from portaserve.devices.cuda.graphs import graph_executor_for
+
+    monkeypatch.delenv("PORTASERVE_CUDA_GRAPHS", raising=False)
+    registry = get_registry()
+    device, _ = registry.select_device("triton-interpret")
+    model = tiny_llama(registry.kernel_table(device), torch.float32, torch.Generator().manual_seed(2))
+    spec = KVCacheSpec(num_layers=2, num_blocks=12, block_size=16, num_kv_heads=2, head_dim=8, dtype=torch.float32)
+    caches = device.allocate_kv_cache(spec)
+    executor = graph_executor_for(model, caches, torch.device("cpu"), max_batch=2, eager_replay=True)
+    decoded: list[int] = []
+    decode = attention._decode
+    monkeypatch.setattr(attention, "_decode", lambda q, *a: decoded.append(q.shape[0]) or decode(q, *a))
+    before = [c.clone() for c in caches]
+    executor.warm_up_eager()
+    assert decoded == [2] * spec.num_layers  # the two leading decode rows, in every layer
+    assert executor.num_eager == 0 and executor.num_replays == 0
+    for cache, old in zip(caches, before, strict=True):
+        assert not torch.equal(cache[:, :7], old[:, :7])
+        assert torch.equal(cache[:, 7:], old[:, 7:])
+
+
 # --- on a real GPU (ci/gpu_check.sh): capture/replay and greedy decoding vs cpu ----------------
 
 needs_gpu = pytest.mark.skipif(

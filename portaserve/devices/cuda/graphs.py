@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from portaserve import envs
-from portaserve.core.batch import DeviceBatch, ScheduledBatch
+from portaserve.core.batch import DeviceBatch, ScheduledBatch, build_batch
 from portaserve.plugins.device import AttentionMetadata
 
 logger = logging.getLogger(__name__)
@@ -139,8 +139,23 @@ class GraphExecutor:
                 self.graphs[size] = (graph.replay, hidden)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         torch.cuda.synchronize(self.device)
+        self.warm_up_eager()
+        torch.cuda.synchronize(self.device)
         logger.info("cuda graphs: captured decode batch sizes %s in %.1f s", self.sizes,
                     time.perf_counter() - start)
+
+    def warm_up_eager(self) -> None:
+        """Run one small mixed step op by op (two decodes beside a prompt chunk), so the kernels
+        of prefill and mixed steps compile now rather than at the first request (~1 s each).
+        It writes K/V into blocks 0..6, free at startup; nothing reads them before a request
+        writes its own."""
+        bs = self.block_size
+        if self.kv_caches[0].shape[1] < 7:
+            return
+        batch = build_batch([("warm-0", [1], bs - 1, [0, 1], True),
+                             ("warm-1", [2], bs + 3, [2, 3], True),
+                             ("warm-2", [3] * (2 * bs + 5), 0, [4, 5, 6], True)], bs)
+        self._execute_eager(batch.to_device(self.device), None)
 
     def _eager_replayer(self, size: int, hidden: torch.Tensor) -> Callable[[], None]:
         def replay() -> None:
