@@ -170,3 +170,11 @@ def test_gemv_declines_what_it_does_not_serve(gen: torch.Generator) -> None:
     assert gemv_triton.gemv(torch.randn(5, 256).to(DEVICE), weight.to(DEVICE)) is None  # M > MAX_M
     odd = packed("int8", 16, 200, gen)  # K = 200: no whole 32-column step
     assert gemv_triton.gemv(torch.randn(1, 200).to(DEVICE), odd.to(DEVICE)) is None
+
+
+def test_int4_takes_the_tensor_core_kernel_for_one_row_only_on_wide_weights() -> None:
+    """Measured choice: one row of int4 streams the FMA kernel, except over vocab-sized weights."""
+    assert not gemv_triton.config_for("int4", 1, 4096).dot
+    assert gemv_triton.config_for("int4", 1, 128256).dot
+    assert gemv_triton.config_for("int4", 2, 4096).dot
+    assert not gemv_triton.config_for("Q4_0", 1, 128256).dot
