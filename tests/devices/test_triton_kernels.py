@@ -448,3 +448,17 @@ def test_step_varying_arguments_compile_once() -> None:
         for name in names:
             assert params[name].do_not_specialize and params[name].do_not_specialize_on_alignment, name
         assert not params["q_ptr"].do_not_specialize_on_alignment  # vector loads keep alignment
+
+
+def test_outgrown_split_counters_stay_allocated() -> None:
+    """A launch larger than any captured one grows the counters; graphs captured before still
+    hold the old buffer's address, so it must never be freed (and reused by the allocator)."""
+    from portaserve.devices.cuda import launch
+
+    dev = torch.device("cpu")
+    small = launch.split_counters(dev, 10, "test-grow")
+    address = small.data_ptr()
+    del small
+    big = launch.split_counters(dev, 5000, "test-grow")
+    assert big.numel() >= 5000 and launch.split_counters(dev, 10, "test-grow") is big
+    assert any(t.data_ptr() == address for t in launch._RETIRED)

@@ -178,6 +178,8 @@ def launch_fitting(
 
 #: (device, user) -> zeroed int32 counters of a kernel whose last program merges the others'.
 _COUNTERS: dict[tuple[torch.device, str], torch.Tensor] = {}
+#: Outgrown counter buffers, never freed: a captured graph may still use one.
+_RETIRED: list[torch.Tensor] = []
 
 
 def split_counters(device: torch.device, count: int, user: str) -> torch.Tensor:
@@ -187,7 +189,9 @@ def split_counters(device: torch.device, count: int, user: str) -> torch.Tensor:
     and bump a counter, the last to arrive merging the rest and resetting the counter to zero.
     So the counters are zero between launches, and one buffer serves every launch on the
     device's stream, captured graphs included (they hold its address). It only grows outside
-    graph capture (a warm-up run at each captured size allocates it first)."""
+    graph capture (a warm-up run at each captured size allocates it first); an eager launch
+    larger than any captured one (more decode rows than the largest graph) grows it, and the
+    outgrown buffer stays allocated for the graphs that use it."""
     key = (device, user)
     counters = _COUNTERS.get(key)
     if counters is None or counters.numel() < count:
@@ -195,5 +199,7 @@ def split_counters(device: torch.device, count: int, user: str) -> torch.Tensor:
             raise RuntimeError(f"{user}: split counters must be allocated before graph capture "
                                "(run the same shapes once eagerly first)")
         counters = torch.zeros(max(count, 1024), dtype=torch.int32, device=device)
+        if key in _COUNTERS:  # graphs captured earlier hold the old buffer's address: keep it
+            _RETIRED.append(_COUNTERS[key])
         _COUNTERS[key] = counters
     return counters
