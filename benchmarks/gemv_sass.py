@@ -2,8 +2,8 @@
 
     PYTHONPATH=. python benchmarks/gemv_sass.py int4:1 int4:1:16:512 Q8_0:4 fp8:1:32:256
 
-Each argument is ``format:M[:block_n:block_k[:num_warps[:programs_per_sm[:num_stages[:dot]]]]]``
-(no tiles: ``gemv_triton.CONFIGS``; dot 1: the tensor-core kernel). The kernel is compiled for an H100/H200 target through a
+Each argument is ``format:M[:block_n:block_k[:num_warps[:programs_per_sm[:num_stages[:dot[:scale_tile]]]]]]``
+(no tiles: ``gemv_triton.CONFIGS``; dot 1: the tensor-core kernel; scale_tile 1: its scaled tiles). The kernel is compiled for an H100/H200 target through a
 stand-in driver (``ci/triton_compile_check.py``), disassembled with the ``nvdisasm`` Triton
 ships, and its longest loop counted: instructions per weight element per thread, registers,
 and the instruction mix. A decode GEMV is bound by whichever is lower: the memory (about 16
@@ -90,8 +90,7 @@ def main(argv: list[str]) -> None:
     for spec in argv or ["int4:1", "Q4_0:1", "Q8_0:1", "int8:1", "fp8:1", "int4:4", "fp8:4"]:
         fmt, m, *tiles = spec.split(":")
         values = [int(v) for v in tiles]
-        if len(values) == 6:
-            values[5] = bool(values[5])
+        values[5:] = [bool(v) for v in values[5:]]  # dot, scale_tile
         cfg = gemv_triton.GemvConfig(*values) if tiles else gemv_triton.config_for(fmt, int(m))
         cubin, _ = compile_one(fmt, int(m), cfg)
         ops, regs = loop_stats(cubin)

@@ -277,6 +277,9 @@ def sweep_configs(fmt: str) -> list:
            C(64, 128, programs_per_sm=4, num_stages=4, dot=True),
            C(64, 256, programs_per_sm=3, num_stages=4, dot=True),
            C(64, 128, programs_per_sm=2, num_stages=6, dot=True)]
+    if fmt not in ("int8", "fp8"):  # group scales applied to the tile before one chained dot
+        dot += [C(128, 128, programs_per_sm=3, num_stages=4, dot=True, scale_tile=True),
+                C(128, 128, programs_per_sm=2, num_stages=4, dot=True, scale_tile=True)]
     return [dot[0], fma[0]] + dot[1:] + fma[1:]
 
 

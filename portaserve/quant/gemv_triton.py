@@ -63,7 +63,8 @@ class GemvConfig:
     """Tiles of one format's GEMV: ``block_n`` rows and ``block_k`` columns per step;
     K is split until the grid has about ``programs_per_sm`` programs per SM; ``num_stages`` > 1
     lets Triton prefetch the next steps' words into shared memory; ``dot`` picks the
-    tensor-core kernel (formats of ``DOT_FORMATS``; its step is whole groups of the format)."""
+    tensor-core kernel (formats of ``DOT_FORMATS``; its step is whole groups of the format)
+    and ``scale_tile`` how it applies group scales."""
 
     block_n: int
     block_k: int
@@ -71,6 +72,9 @@ class GemvConfig:
     programs_per_sm: int = 4
     num_stages: int = 1
     dot: bool = False
+    #: Tensor-core kernel, group-scaled formats: scale the unpacked tile before the dot (one
+    #: chained dot per step) rather than scaling each group's dot result (see the kernel).
+    scale_tile: bool = False
 
 
 #: Per format: (largest M, config) pairs, the first whose M covers the call's is used. From
@@ -314,7 +318,7 @@ def _dot_gemv_kernel(
     M, N, K, SPLIT_K, stride_xm, stride_qn, stride_sn, stride_zn, stride_xs, stride_om,
     FMT: tl.constexpr, GROUP: tl.constexpr, NG: tl.constexpr, M_ROWS: tl.constexpr, DOT_T: tl.constexpr,
     MAGIC: tl.constexpr, OFFSET: tl.constexpr, S_T: tl.constexpr, S_BITS: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
+    SCALE_TILE: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     """Grid ``(cdiv(N, BLOCK_N), SPLIT_K)``; int4, int8, Q4_0, Q4_1, Q8_0 and fp8 on the tensor
@@ -328,7 +332,12 @@ def _dot_gemv_kernel(
     bf16 0x4300: 128 + code; float32 converts plainly, ``OFFSET`` 0). The rows of x are loaded
     in that same column order, so the dot needs no shuffles. With ``D = dot(tile, x)`` and ``xs``
     the group's sums of x, the group adds ``a D + c xs``: ``a`` the scale, ``c`` what the zero
-    point, minimum and ``OFFSET`` contribute (w = a (OFFSET + code) + c). fp8 tiles convert to
+    point, minimum and ``OFFSET`` contribute (w = a (OFFSET + code) + c). With ``SCALE_TILE``
+    the tile becomes the weights themselves first, ``a (tile - OFFSET - zero) (+ m)`` in
+    ``DOT_T`` (the subtraction exact, one rounding), and every group's dot chains into one
+    accumulator: no wait on each group's result, ~1 packed instruction a weight more (sm_90
+    SASS: 4.45 vs 3.18 a weight for int4; not yet timed, ``gpu_quant.py --kernels --sweep``
+    includes it). fp8 tiles convert to
     ``DOT_T`` by the hardware (exact). Scales and zero points are read as 32-bit words, so that
     they are staged too (``S_T``: the scales' dtype inside the words)."""
     pid_n = tl.program_id(0)
@@ -387,44 +396,61 @@ def _dot_gemv_kernel(
                     pair = tl.join(t.to(tl.int16), (t >> 16).to(tl.int16)).to(DOT_T, bitcast=True)
                 tile = tl.reshape(pair, (BLOCK_N, GROUP))  # [BN, GROUP], columns as ``col``
                 if DOT_T == tl.float32:
-                    d = tl.dot(tile, xg.to(tl.float32), input_precision="ieee")
+                    xg = xg.to(tl.float32)
                 else:
                     if x_ptr.dtype.element_ty != DOT_T:  # bf16 x, fp16 tiles: saturate at 65504
                         xg = tl.minimum(tl.maximum(xg.to(tl.float32), -65504.0), 65504.0)
                     xg = xg.to(DOT_T)
-                    d = tl.dot(tile, xg)
-                if ONE_ROW:  # the sum of x's only row: a scalar, the correction a [BN] vector
-                    xs = tl.reduce(tl.reduce(xg.to(tl.float32), 0, SUM), 0, SUM)
-                else:
-                    xs = tl.reduce(xg.to(tl.float32), 0, SUM)[None, :]  # [1, 16]
-                if FMT == 4:  # int8: the row's scale comes at the end
-                    acc += d
-                    if ONE_ROW:
-                        corr += -(OFFSET + 128.0) * xs
-                    else:
-                        acc += -(OFFSET + 128.0) * xs
-                else:  # the group's scale (32-bit words hold 32 // S_BITS scales)
+                if FMT != 4:  # the group's scale a (32-bit words hold 32 // S_BITS scales), and
+                    # w = a (tile - sub) + mn: sub the offset and zero point, mn Q4_1's minimum
                     sw = tl.load(s_ptr + offs_n * stride_sn + gi // (32 // S_BITS),
                                  mask=n_ok, other=0)
                     if S_BITS == 16:
                         sw = (sw >> (16 * (gi % 2))).to(tl.int16)
                     a = sw.to(S_T, bitcast=True).to(tl.float32)
+                    mn = tl.full((BLOCK_N,), 0.0, tl.float32)
                     if FMT == 0:  # Q4_0: d (q - 8)
-                        c = -(OFFSET + 8.0) * a
+                        sub = tl.full((BLOCK_N,), OFFSET + 8.0, tl.float32)
                     elif FMT == 1:  # Q4_1: d q + m (m: the scales' dtype, in words)
                         mw = tl.load(z_ptr + offs_n * stride_zn + gi // 2, mask=n_ok, other=0)
-                        mn = (mw >> (16 * (gi % 2))).to(tl.int16).to(S_T, bitcast=True)
-                        c = mn.to(tl.float32) - OFFSET * a
+                        mn = (mw >> (16 * (gi % 2))).to(tl.int16).to(S_T, bitcast=True).to(tl.float32)
+                        sub = tl.full((BLOCK_N,), OFFSET, tl.float32)
                     elif FMT == 2:  # Q8_0: d q, q = u - 128
-                        c = -(OFFSET + 128.0) * a
+                        sub = tl.full((BLOCK_N,), OFFSET + 128.0, tl.float32)
                     else:  # int4: s (q - zero), four uint8 zeros a word
                         zw = tl.load(z_ptr + offs_n * stride_zn + gi // 4, mask=n_ok, other=0)
-                        c = -(OFFSET + ((zw >> (8 * (gi % 4))) & 0xFF).to(tl.float32)) * a
-                    acc += a[:, None] * d
-                    if ONE_ROW:
-                        corr += c * xs
+                        sub = OFFSET + ((zw >> (8 * (gi % 4))) & 0xFF).to(tl.float32)
+                if SCALE_TILE:  # the weights themselves in DOT_T: tile - sub is exact (small
+                    # integers), one rounding for the scale; the dots chain in one accumulator
+                    w = (tile - sub.to(DOT_T)[:, None]) * a.to(DOT_T)[:, None]
+                    if FMT == 1:
+                        w = w + mn.to(DOT_T)[:, None]
+                    if DOT_T == tl.float32:
+                        acc = tl.dot(w, xg, acc, input_precision="ieee")
                     else:
-                        acc += c[:, None] * xs
+                        acc = tl.dot(w, xg, acc)
+                else:
+                    if DOT_T == tl.float32:
+                        d = tl.dot(tile, xg, input_precision="ieee")
+                    else:
+                        d = tl.dot(tile, xg)
+                    if ONE_ROW:  # the sum of x's only row: a scalar, the correction a [BN] vector
+                        xs = tl.reduce(tl.reduce(xg.to(tl.float32), 0, SUM), 0, SUM)
+                    else:
+                        xs = tl.reduce(xg.to(tl.float32), 0, SUM)[None, :]  # [1, 16]
+                    if FMT == 4:  # int8: the row's scale comes at the end
+                        acc += d
+                        if ONE_ROW:
+                            corr += -(OFFSET + 128.0) * xs
+                        else:
+                            acc += -(OFFSET + 128.0) * xs
+                    else:  # w = a (OFFSET + code) + c
+                        c = mn - sub * a
+                        acc += a[:, None] * d
+                        if ONE_ROW:
+                            corr += c * xs
+                        else:
+                            acc += c[:, None] * xs
     if ONE_ROW:
         acc += corr[:, None]  # (columns past the first are not stored)
     if FMT == 4 or FMT == 5:  # per-row (or one) weight scale
@@ -576,10 +602,14 @@ def _dot_plan(weight: QuantizedWeight, x: torch.Tensor, config: GemvConfig) -> d
     else:  # 8-bit codes need fp16's 10-bit mantissa (bf16 x is saturated to fp16's range)
         dot_t, magic, offset = tl.float16, 0x64006400, 1024.0
     s_dtype = s.dtype if fmt not in ("int8", "fp8") else torch.float32
+    # scaled tiles only where the dot's dtype is x's (or float32): w in fp16 for bf16 x could
+    # leave bf16's range or lose small weights to fp16's subnormals
+    scale_tile = (config.scale_tile and fmt not in ("int8", "fp8")
+                  and (dot_t == tl.float32 or _TL_DTYPES.get(x.dtype) == dot_t))
     return {"words": words, "scales": scales, "extra": extra, "num_steps": k // (group * num_groups),
             "FMT": FORMAT_IDS[fmt], "GROUP": group, "NG": num_groups, "DOT_T": dot_t,
             "MAGIC": magic, "OFFSET": offset, "S_T": _TL_DTYPES[s_dtype],
-            "S_BITS": s_dtype.itemsize * 8}
+            "S_BITS": s_dtype.itemsize * 8, "SCALE_TILE": scale_tile}
 
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}

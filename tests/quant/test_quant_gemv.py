@@ -35,7 +35,8 @@ DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE.type != "c
 RTOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 #: Small tiles, so the interpreter stays quick and K spans several steps: per kernel.
 SMALL = {"fma": gemv_triton.GemvConfig(block_n=16, block_k=128),
-         "dot": gemv_triton.GemvConfig(block_n=16, block_k=128, dot=True)}
+         "dot": gemv_triton.GemvConfig(block_n=16, block_k=128, dot=True),
+         "dot_scaled": gemv_triton.GemvConfig(block_n=16, block_k=128, dot=True, scale_tile=True)}
 
 
 @pytest.fixture
@@ -178,3 +179,17 @@ def test_int4_takes_the_tensor_core_kernel_for_one_row_only_on_wide_weights() ->
     assert gemv_triton.config_for("int4", 1, 128256).dot
     assert gemv_triton.config_for("int4", 2, 4096).dot
     assert not gemv_triton.config_for("Q4_0", 1, 128256).dot
+
+
+@pytest.mark.parametrize("fmt,dtype,scaled", [("int4", torch.float16, True), ("Q4_1", torch.float32, True),
+                                              ("Q8_0", torch.float16, True), ("Q8_0", torch.bfloat16, False),
+                                              ("int8", torch.float16, False)])
+def test_scale_tile_applies_where_the_dot_runs_in_x_dtype(fmt: str, dtype: torch.dtype, scaled: bool,
+                                                         gen: torch.Generator) -> None:
+    """Scaled tiles only where w fits the dot's dtype as x's would (bf16 x over fp16 tiles keeps
+    the per-group path); int8's scale is per row, applied at the end either way."""
+    weight = packed(fmt, 32, 1024, gen)
+    x = torch.randn(1, 1024, generator=gen).to(dtype)
+    plan = gemv_triton._dot_plan(weight, x, SMALL["dot_scaled"])
+    assert plan is not None and plan["SCALE_TILE"] is scaled
+    assert gemv_triton._dot_plan(weight, x, SMALL["dot"])["SCALE_TILE"] is False
