@@ -24,9 +24,12 @@ from triton.backends.compiler import GPUTarget
 from triton.runtime.driver import driver
 from triton.runtime.errors import OutOfResources
 
+import portaserve.devices.cuda.activation as activation
 import portaserve.devices.cuda.attention as attention
 import portaserve.devices.cuda.gemv as gemv
 import portaserve.devices.cuda.launch as launch
+import portaserve.devices.cuda.norm as norm
+import portaserve.quant.kernels_triton as kernels_triton
 
 #: Shared memory a block may use: sm_90 227 KiB (opt-in), gfx942 64 KiB of LDS.
 SHARED_LIMIT = {"cuda": 232448, "hip": 65536}
@@ -100,6 +103,8 @@ def main(argv: list[str]) -> int:
     launch.TritonKernel.on = on
     attention.is_interpreted = lambda tensor: False  # GPU tile sizes
     gemv.is_interpreted = lambda tensor: False
+    for module in (norm, activation, kernels_triton):  # fp8 codes stored as fp8, as on a GPU
+        module.is_interpreted = lambda tensor: False
     gemv.faster_than_cublas = lambda x, weight: True
     attention._num_sms = lambda index: 132
     pytest.main(["-q", "--tb=no", "-rN", "-p", "no:cacheprovider", "-W", "ignore",
@@ -151,6 +156,10 @@ def _llama_bf16_calls() -> None:
             attention.paged_attention(torch.randn(4, 32, 128, dtype=dt), cache, attn, 0.08, num_splits=splits)
         attention.paged_attention(torch.randn(41, 32, 128, dtype=dt), cache,
                                   prefill.attention_metadata(torch.device("cpu")), 0.08)
+    if sys.argv[1:2] != ["cuda:80"]:  # fp8 (e4m3) outputs: the fused norm / silu for W8A8
+        norm.rms_norm_fp8(x, x[0], 1e-5, x)
+        norm.rms_norm_fp8(x, x[0], 1e-5)
+        activation.silu_and_mul_fp8(torch.randn(8, 2 * 14336, dtype=dt))
     if sys.argv[1:2] != ["cuda:80"]:  # an fp8 (e4m3) cache under bf16 queries: the fp16 dots
         cache8 = torch.randn(2, 64, 8, 16, 128).to(torch.float8_e4m3fn)
         kv.write_kv(torch.randn(8, 8, 128, dtype=dt), torch.randn(8, 8, 128, dtype=dt), cache8, torch.arange(8))

@@ -28,6 +28,13 @@ traffic; one it leaves out is composed from the table's own resolved ops (never 
 reference behind the device's back), so a fused op is always exactly its parts:
 ``rotary_write_kv(positions, q, k, v, cos_sin_cache, kv_cache, slot_mapping) -> q'``
     ``rotary`` of q and k, then ``write_kv`` of the rotated k and v; returns the rotated q.
+``rms_norm_fp8(x, weight, eps, residual=None) -> qa | (qa, x + residual)``
+    ``rms_norm``, then the output's dynamic per-token fp8 quantization
+    (``quant.fp8.quantize_per_token``: a ``QuantizedActivation``), for a W8A8 linear next.
+``silu_and_mul_fp8(x) -> qa``
+    ``silu_and_mul``, then the same quantization.
+The ``*_fp8`` ops' composition quantizes with the format's own torch definition (not a table
+op). The model calls them only when the fp8 ``quant_linear`` kernel takes quantized activations.
 """
 
 from __future__ import annotations
@@ -60,6 +67,8 @@ OP_NAMES: tuple[str, ...] = (
 #: Optional fused ops -> the ops they stand for, in order (see the module docstring).
 FUSED_OPS: dict[str, tuple[str, ...]] = {
     "rotary_write_kv": ("rotary", "write_kv"),
+    "rms_norm_fp8": ("rms_norm",),
+    "silu_and_mul_fp8": ("silu_and_mul",),
 }
 
 #: KV layouts the reference ops understand. A device with another layout must implement

@@ -47,6 +47,8 @@ class KernelTable:
     paged_attention: KernelFn = field(init=False, repr=False)
     all_reduce: KernelFn = field(init=False, repr=False)
     rotary_write_kv: KernelFn = field(init=False, repr=False)
+    rms_norm_fp8: KernelFn = field(init=False, repr=False)
+    silu_and_mul_fp8: KernelFn = field(init=False, repr=False)
     _reference_quant: KernelFn = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -134,7 +136,34 @@ def _compose_rotary_write_kv(ops: Mapping[str, KernelFn]) -> KernelFn:
     return rotary_write_kv
 
 
+def _compose_rms_norm_fp8(ops: Mapping[str, KernelFn]) -> KernelFn:
+    rms_norm = ops["rms_norm"]
+
+    def rms_norm_fp8(x: Any, weight: Any, eps: float, residual: Any = None) -> Any:
+        from portaserve.quant.fp8 import quantize_per_token
+
+        if residual is None:
+            return quantize_per_token(rms_norm(x, weight, eps))
+        y, residual = rms_norm(x, weight, eps, residual)
+        return quantize_per_token(y), residual
+
+    return rms_norm_fp8
+
+
+def _compose_silu_and_mul_fp8(ops: Mapping[str, KernelFn]) -> KernelFn:
+    silu_and_mul = ops["silu_and_mul"]
+
+    def silu_and_mul_fp8(x: Any) -> Any:
+        from portaserve.quant.fp8 import quantize_per_token
+
+        return quantize_per_token(silu_and_mul(x))
+
+    return silu_and_mul_fp8
+
+
 #: fused op -> builds it from the resolved ops it stands for
 _COMPOSE: dict[str, Callable[[Mapping[str, KernelFn]], KernelFn]] = {
     "rotary_write_kv": _compose_rotary_write_kv,
+    "rms_norm_fp8": _compose_rms_norm_fp8,
+    "silu_and_mul_fp8": _compose_silu_and_mul_fp8,
 }

@@ -40,6 +40,31 @@ class Numerics:
     accumulation_rel_error: float = 0.0
 
 
+@dataclass(frozen=True, slots=True)
+class QuantizedActivation:
+    """Activations already quantized for a W8A8 linear, by the op that produced them (the fused
+    ``rms_norm_fp8`` / ``silu_and_mul_fp8``): fp8 e4m3 ``data`` [T, K] and float32 per-token
+    ``scale`` [T, 1] (``fp8.quantize_activation``'s dynamic_per_token values), and the dtype
+    the activations had, which the linear's output takes.
+
+    A ``quant_linear`` kernel takes one only if it says so (``accepts_quantized_activation``);
+    the model hands them to no other."""
+
+    data: torch.Tensor
+    scale: torch.Tensor
+    dtype: torch.dtype
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.data.shape
+
+
+def accepts_quantized_activation(fn: Callable[..., Any]) -> bool:
+    """Whether a ``quant_linear`` kernel takes a ``QuantizedActivation`` for x (its
+    ``accepts_quantized_activation`` attribute)."""
+    return bool(getattr(fn, "accepts_quantized_activation", False))
+
+
 def kernel_numerics(fn: Callable[..., Any]) -> str:
     """The numerics a ``quant_linear`` kernel declares (its ``quant_numerics`` attribute);
     ``WEIGHT_ONLY`` when it declares none."""

@@ -55,3 +55,4 @@ def _fp8_quant_linear(x: Any, weight: Any, bias: Any = None) -> Any:
 
 
 _fp8_quant_linear.quant_numerics = "w8a8"  # type: ignore[attr-defined]  # see quant.base
+_fp8_quant_linear.accepts_quantized_activation = True  # type: ignore[attr-defined]  # (rms_norm_fp8, ...)

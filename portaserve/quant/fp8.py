@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from portaserve.errors import ConfigError, ModelError
-from portaserve.quant.base import Numerics, QuantizedWeight
+from portaserve.quant.base import Numerics, QuantizedActivation, QuantizedWeight
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448.0
@@ -178,16 +178,30 @@ def quantize_activation(x: torch.Tensor, weight: QuantizedWeight) -> tuple[torch
     return quantize_fp8(x, scale), scale
 
 
-def fp8_linear_emulated(x: torch.Tensor, weight: QuantizedWeight,
+def quantize_per_token(x: torch.Tensor) -> QuantizedActivation:
+    """x [T, K] -> its dynamic per-token fp8 quantization (what a fused ``*_fp8`` op yields)."""
+    scale = amax_scale(x.abs().amax(dim=1, keepdim=True).float())  # [T, 1]
+    return QuantizedActivation(quantize_fp8(x, scale), scale, x.dtype)
+
+
+def fp8_linear_emulated(x: torch.Tensor | QuantizedActivation, weight: QuantizedWeight,
                         bias: torch.Tensor | None = None) -> torch.Tensor:
-    """W8A8 numerics in float32 torch: quantize x, multiply the fp8 values, scale the result."""
+    """W8A8 numerics in float32 torch: quantize x (unless it comes quantized), multiply the fp8
+    values, scale the result."""
+    if isinstance(x, QuantizedActivation):
+        return _emulated(x.data, x.scale, weight, bias, x.dtype)
     xq, xs = quantize_activation(x, weight)
+    return _emulated(xq, xs, weight, bias, x.dtype)
+
+
+def _emulated(xq: torch.Tensor, xs: torch.Tensor, weight: QuantizedWeight,
+              bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
     ws = weight.data["weight_scale"].float()
     out = xq.float() @ weight.data["weight"].float().t()  # [T, N]
     out = out * xs * (ws if ws.dim() == 0 else ws[None, :])
     if bias is not None:
         out = out + bias.float()
-    return out.to(x.dtype)
+    return out.to(out_dtype)
 
 
 def scaled_mm(xq: torch.Tensor, x_scale: torch.Tensor, weight: QuantizedWeight,

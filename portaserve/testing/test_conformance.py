@@ -30,6 +30,7 @@ from portaserve.testing.conformance import (
     rel_err,
     scattered_block_tables,
     slots,
+    tolerance,
 )
 
 
@@ -123,6 +124,63 @@ def test_silu_and_mul(portaserve_device, portaserve_kernels, portaserve_dtype, p
     x = randn(portaserve_gen, num_tokens, 2 * inter, scale=2.0).to(portaserve_dtype)
     out = portaserve_kernels.silu_and_mul(on(portaserve_device, x))
     assert_close(out, reference.silu_and_mul(x), portaserve_dtype, "silu_and_mul")
+
+
+def assert_fp8_activation_close(got, expected: torch.Tensor, dtype: torch.dtype, what: str) -> None:
+    """A fused ``*_fp8`` op's ``QuantizedActivation`` against the per-token fp8 quantization
+    of the reference op's output ``expected``: the same dtype and shape, scales within the
+    dtype's tolerance (the same row amax), and every dequantized value within one e4m3 step of
+    the reference's (y's last bit, or the rounding of a code, may differ: Triton's interpreter
+    rounds fp8 casts its own way). A per-tensor or wrong scale, or a skipped quantization,
+    is off by far more."""
+    from portaserve.quant.base import QuantizedActivation
+    from portaserve.quant.fp8 import FP8_DTYPE, quantize_per_token
+
+    assert isinstance(got, QuantizedActivation), f"{what}: returns {type(got).__name__}, not a QuantizedActivation"
+    want = quantize_per_token(expected)
+    assert got.dtype == dtype and got.data.dtype == FP8_DTYPE, f"{what}: dtypes {got.dtype}, {got.data.dtype}"
+    assert tuple(got.data.shape) == tuple(expected.shape) and tuple(got.scale.shape) == (expected.shape[0], 1), (
+        f"{what}: shapes {tuple(got.data.shape)}, scale {tuple(got.scale.shape)}")
+    _, rtol = tolerance(dtype)
+    got_scale = got.scale.detach().to("cpu", torch.float32)
+    torch.testing.assert_close(got_scale, want.scale, atol=0.0, rtol=max(rtol, 1e-6),
+                               msg=lambda m: f"{what} scales: {m}")
+    got_values = got.data.detach().cpu().float() * got_scale
+    want_codes = want.data.float()
+    exponent = torch.floor(torch.log2(want_codes.abs().clamp_min(2.0**-6)))
+    step = torch.exp2(exponent - 3) * want.scale  # e4m3: 3 mantissa bits; subnormals 2^-9
+    diff = (got_values - want_codes * want.scale).abs()
+    worst = (diff / step).max().item()
+    assert worst <= 1.0 + 1e-3 + rtol * 16, f"{what}: a value is {worst:.2f} e4m3 steps from the reference's"
+
+
+@pytest.mark.parametrize("num_tokens,hidden,with_residual", [(1, 64, False), (6, 320, True)])
+def test_rms_norm_fp8(portaserve_device, portaserve_kernels, portaserve_dtype, portaserve_gen, num_tokens, hidden,
+                      with_residual):
+    """The fused op (native or composed) equals rms_norm, then per-token fp8 quantization."""
+    x = randn(portaserve_gen, num_tokens, hidden, scale=3.0).to(portaserve_dtype)
+    x[0, :5] = 0.0
+    weight = (1 + randn(portaserve_gen, hidden, scale=0.2)).to(portaserve_dtype)
+    residual = randn(portaserve_gen, num_tokens, hidden).to(portaserve_dtype) if with_residual else None
+    expected = reference.rms_norm(x, weight, 1e-5, residual)
+    out = portaserve_kernels.rms_norm_fp8(*on(portaserve_device, x, weight), 1e-5,
+                                          on(portaserve_device, residual) if with_residual else None)
+    if with_residual:
+        assert isinstance(out, tuple) and len(out) == 2, "rms_norm_fp8 with a residual returns (qa, x + residual)"
+        assert_fp8_activation_close(out[0], expected[0], portaserve_dtype, "rms_norm_fp8(residual)")
+        assert_close(out[1], expected[1], portaserve_dtype, "rms_norm_fp8 residual_out")
+    else:
+        assert_fp8_activation_close(out, expected, portaserve_dtype, "rms_norm_fp8")
+
+
+@pytest.mark.parametrize("num_tokens,inter", [(1, 96), (5, 1100)])
+def test_silu_and_mul_fp8(portaserve_device, portaserve_kernels, portaserve_dtype, portaserve_gen, num_tokens, inter):
+    """The fused op equals silu_and_mul, then per-token fp8 quantization (a zero row: scale 1)."""
+    x = randn(portaserve_gen, num_tokens, 2 * inter, scale=2.0).to(portaserve_dtype)
+    if num_tokens > 1:
+        x[-1] = 0.0
+    out = portaserve_kernels.silu_and_mul_fp8(on(portaserve_device, x))
+    assert_fp8_activation_close(out, reference.silu_and_mul(x), portaserve_dtype, "silu_and_mul_fp8")
 
 
 def test_all_reduce_single_rank(portaserve_device, portaserve_kernels, portaserve_dtype, portaserve_gen):

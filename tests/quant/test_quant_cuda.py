@@ -122,3 +122,32 @@ def test_quant_linear_replays_in_a_cuda_graph(fmt: str, m: int) -> None:
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, fn(x, weight))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("m", [1, 5, 300])
+def test_fused_fp8_activations_equal_quantizing_in_the_linear(dtype: torch.dtype, m: int) -> None:
+    """cuda's rms_norm_fp8 / silu_and_mul_fp8 write the codes and scales the fp8 linear would
+    have computed from rms_norm's / silu_and_mul's output, so W8A8 through them gives the same
+    result (the GEMV at 1 row, _scaled_mm beyond)."""
+    pytest.importorskip("triton")
+    from portaserve.devices.cuda.activation import silu_and_mul, silu_and_mul_fp8
+    from portaserve.devices.cuda.norm import rms_norm, rms_norm_fp8
+    from portaserve.quant.kernels_triton import fp8_quant_linear, quantize_fp8_activation
+
+    gen = torch.Generator().manual_seed(m)
+    weight = FP8Method().quantize(torch.randn(1024, 4096, generator=gen) * 0.02).to(CUDA)
+    x = torch.randn(m, 4096, generator=gen).to(CUDA, dtype)
+    res = torch.randn(m, 4096, generator=gen).to(CUDA, dtype)
+    norm_w = (1 + 0.1 * torch.randn(4096, generator=gen)).to(CUDA, dtype)
+    qa, new_res = rms_norm_fp8(x, norm_w, 1e-5, res)
+    y, want_res = rms_norm(x, norm_w, 1e-5, res)
+    codes, scale = quantize_fp8_activation(y, weight)
+    assert torch.equal(new_res, want_res) and torch.equal(qa.scale.view(-1), scale)
+    assert torch.equal(qa.data.view(torch.uint8), codes.view(torch.uint8))
+    assert torch.equal(fp8_quant_linear(qa, weight), fp8_quant_linear(y, weight))
+    gate_up = torch.randn(m, 2 * 4096, generator=gen).to(CUDA, dtype)
+    qa = silu_and_mul_fp8(gate_up)
+    codes, scale = quantize_fp8_activation(silu_and_mul(gate_up), weight)
+    assert torch.equal(qa.scale.view(-1), scale)
+    assert (qa.data.view(torch.uint8) != codes.view(torch.uint8)).float().mean() < 1e-3  # FMA contraction

@@ -79,7 +79,7 @@ def test_suite_without_a_device_is_a_usage_error(pytester, monkeypatch):
 
 
 def test_suite_fails_for_wrong_rotary(pytester, monkeypatch):
-    result = run_suite(pytester, monkeypatch, "cpu", "-k", "rotary or silu",
+    result = run_suite(pytester, monkeypatch, "cpu", "-k", "rotary or (silu and not fp8)",
                        plugin=("wrong_kernels", "WRONG_ROTARY", "wrong-rotary"))
     outcomes = result.parseoutcomes()
     assert result.ret == 1
@@ -100,6 +100,19 @@ def test_suite_fails_for_wrong_fused_rotary_write_kv(pytester, monkeypatch):
     assert outcomes["failed"] == 3 * num_dtypes  # the fused op, in every shape and dtype
     assert outcomes["passed"] == 3 * num_dtypes  # the device's own rotary is untouched
     result.stdout.fnmatch_lines(["*rotary_write_kv cache*"])
+
+
+def test_suite_fails_for_a_per_tensor_fused_fp8_norm(pytester, monkeypatch):
+    result = run_suite(pytester, monkeypatch, "cpu", "-k", "rms_norm", "-rf",
+                       plugin=("wrong_kernels", "PER_TENSOR_NORM_FP8", "per-tensor-norm-fp8"))
+    outcomes = result.parseoutcomes()
+    assert result.ret == 1
+    num_dtypes = len(CPUDevice().capabilities().dtypes)
+    # the batched case (6 tokens, rows of different amax) in every dtype; one token is per
+    # tensor and per token alike; rms_norm itself untouched
+    assert outcomes["failed"] == num_dtypes
+    assert outcomes["passed"] == (6 + 1) * num_dtypes  # rms_norm's 6 cases, and the 1-token one
+    result.stdout.fnmatch_lines(["*rms_norm_fp8(residual) scales*"])
 
 
 def test_suite_fails_for_causal_off_by_one(pytester, monkeypatch):

@@ -77,7 +77,17 @@ class CpuOverride:
         register("cpu", self.op, self.fn)
 
 
+def per_tensor_rms_norm_fp8(x, weight, eps, residual=None):
+    """A fused rms_norm_fp8 that quantizes with one scale for the whole batch, not per token."""
+    out = reference.rms_norm(x, weight, eps, residual)
+    y = out[0] if residual is not None else out
+    scale = fp8.amax_scale(y.abs().amax().float()).expand(y.shape[0], 1).contiguous()
+    qa = fp8.QuantizedActivation(fp8.quantize_fp8(y, scale), scale, y.dtype)
+    return (qa, out[1]) if residual is not None else qa
+
+
 WRONG_ROTARY = CpuOverride("rotary", gptj_rotary)
+PER_TENSOR_NORM_FP8 = CpuOverride("rms_norm_fp8", per_tensor_rms_norm_fp8)
 LEAKY_ATTENTION = CpuOverride("paged_attention", leaky_attention)
 UNROTATED_KEYS = CpuOverride("rotary_write_kv", unrotated_keys_write)
 

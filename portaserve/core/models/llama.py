@@ -22,7 +22,7 @@ from portaserve.core.config import ModelConfig
 from portaserve.errors import ModelError
 from portaserve.plugins.device import AttentionMetadata
 from portaserve.plugins.kernel_table import KernelTable
-from portaserve.quant.base import QuantizedWeight
+from portaserve.quant.base import QuantizedWeight, accepts_quantized_activation
 
 Weight = torch.Tensor | QuantizedWeight
 #: one projection: (weight [N, K], bias [N] | None); a fused projection is a list of one
@@ -39,6 +39,9 @@ class _Layer:
     down: Proj  # -> [T, H]
     q_norm: torch.Tensor | None  # [D] (Qwen3)
     k_norm: torch.Tensor | None
+    #: Whether qkv / gate_up / down take their input quantized by the op before them (fp8
+    #: W8A8 with per-token activations on a kernel that accepts them: ``rms_norm_fp8``, ...).
+    fp8_inputs: tuple[bool, bool, bool] = (False, False, False)
 
 
 class LlamaForCausalLM:
@@ -68,6 +71,8 @@ class LlamaForCausalLM:
 
         self.embed_tokens = self._take("model.embed_tokens.weight")
         self.layers = [self._build_layer(i) for i in range(config.num_layers)]
+        for layer in self.layers:
+            layer.fp8_inputs = tuple(self._takes_fp8_input(p) for p in (layer.qkv, layer.gate_up, layer.down))
         self.norm = self._take("model.norm.weight")
         if config.tie_word_embeddings:
             self.lm_head = self.embed_tokens
@@ -125,6 +130,16 @@ class LlamaForCausalLM:
             k_norm=self._take(f"{p}.self_attn.k_norm.weight") if qk_norm else None,
         )
 
+    def _takes_fp8_input(self, proj: Proj) -> bool:
+        """One fp8 W8A8 weight with dynamic per-token activations, whose kernel takes them
+        quantized: the op before it then writes fp8 (half the bytes, no separate quantize)."""
+        if len(proj) != 1 or not isinstance(proj[0][0], QuantizedWeight):
+            return False
+        weight = proj[0][0]
+        kernel = self.kernels.quant_ops.get(weight.format)
+        return (weight.format == "fp8" and kernel is not None and accepts_quantized_activation(kernel)
+                and weight.meta.get("activation", "dynamic_per_token") == "dynamic_per_token")
+
     # -- forward ----------------------------------------------------------------------------
 
     def _linear(self, x: torch.Tensor, proj: Proj) -> torch.Tensor:
@@ -153,11 +168,13 @@ class LlamaForCausalLM:
         hidden = self._embed(input_ids)  # [T, H]
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            fp8_qkv, fp8_gate_up, fp8_down = layer.fp8_inputs
+            norm = k.rms_norm_fp8 if fp8_qkv else k.rms_norm
             if residual is None:
                 residual = hidden
-                x = k.rms_norm(hidden, layer.input_norm, self.eps)
+                x = norm(hidden, layer.input_norm, self.eps)
             else:
-                x, residual = k.rms_norm(hidden, layer.input_norm, self.eps, residual)
+                x, residual = norm(hidden, layer.input_norm, self.eps, residual)
             qkv = self._linear(x, layer.qkv)  # [T, (Hq + 2 Hk) D]
             q = qkv[:, :q_size].view(num_tokens, self.num_heads, self.head_dim)
             key = qkv[:, q_size : q_size + kv_size].view(num_tokens, self.num_kv_heads,
@@ -171,8 +188,10 @@ class LlamaForCausalLM:
                                   attn.slot_mapping)
             out = k.paged_attention(q, kv_cache, attn, self.scale)  # [T, Hq, D]
             hidden = self._linear(out.reshape(num_tokens, q_size), layer.o)  # [T, H]
-            x, residual = k.rms_norm(hidden, layer.post_norm, self.eps, residual)
-            hidden = self._linear(k.silu_and_mul(self._linear(x, layer.gate_up)), layer.down)
+            norm = k.rms_norm_fp8 if fp8_gate_up else k.rms_norm
+            x, residual = norm(hidden, layer.post_norm, self.eps, residual)
+            act = k.silu_and_mul_fp8 if fp8_down else k.silu_and_mul
+            hidden = self._linear(act(self._linear(x, layer.gate_up)), layer.down)
         out, _ = k.rms_norm(hidden, self.norm, self.eps, residual)
         return out
 

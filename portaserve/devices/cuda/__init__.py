@@ -80,10 +80,10 @@ def quant_formats() -> tuple[str, ...]:
 def triton_kernels() -> dict[str, KernelFn]:
     """The native ops of the Triton devices (imports triton). ``quant_linear`` and
     ``all_reduce`` come from the reference (dequantize + F.linear; torch.distributed)."""
-    from portaserve.devices.cuda.activation import silu_and_mul
+    from portaserve.devices.cuda.activation import silu_and_mul, silu_and_mul_fp8
     from portaserve.devices.cuda.attention import paged_attention
     from portaserve.devices.cuda.kv import write_kv
-    from portaserve.devices.cuda.norm import rms_norm
+    from portaserve.devices.cuda.norm import rms_norm, rms_norm_fp8
     from portaserve.devices.cuda.rotary import rotary, rotary_write_kv
 
     return {
@@ -95,6 +95,8 @@ def triton_kernels() -> dict[str, KernelFn]:
         "write_kv": write_kv,
         "paged_attention": paged_attention,
         "rotary_write_kv": rotary_write_kv,
+        "rms_norm_fp8": rms_norm_fp8,
+        "silu_and_mul_fp8": silu_and_mul_fp8,
     }
 
 

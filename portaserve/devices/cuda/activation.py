@@ -10,8 +10,10 @@ import torch
 import triton
 import triton.language as tl
 
-from portaserve.devices.cuda.launch import pdl_options, triton_kernel
+from portaserve.devices.cuda.launch import MAX, is_interpreted, pdl_options, triton_kernel
 from portaserve.errors import DeviceError
+from portaserve.quant.base import QuantizedActivation
+from portaserve.quant.fp8 import FP8_DTYPE
 
 
 @triton_kernel
@@ -47,3 +49,57 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         x, out, inter, x.stride(0), out.stride(0), BLOCK=block, num_warps=4, **constexprs, **options,
     )
     return out
+
+
+@triton_kernel
+def _silu_and_mul_fp8_kernel(
+    x_ptr, q_ptr, s_ptr, inter, stride_x, stride_q, BLOCK: tl.constexpr, PDL: tl.constexpr,
+):
+    """Grid ``(T,)``: one program per row, two passes over it: the row's amax of
+    ``silu(gate) * up`` rounded to x's dtype (as ``silu_and_mul`` returns it), then the values
+    quantized to fp8 with the scale ``amax * fp32(1/448)`` (stored at ``s_ptr[row]``; 1 for a
+    zero row): ``quant.fp8.quantize_per_token``'s values. The second pass mostly reads from L2."""
+    if PDL:  # programmatic dependent launch (launch.pdl): the next kernel may start; wait for the last
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+    row = tl.program_id(0).to(tl.int64)
+    amax = tl.full((BLOCK,), 0.0, tl.float32)
+    for c0 in range(0, inter, BLOCK):
+        cols = c0 + tl.arange(0, BLOCK)
+        mask = cols < inter
+        gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(x_ptr + row * stride_x + inter + cols, mask=mask, other=0.0).to(tl.float32)
+        y = (gate / (1.0 + tl.exp(-gate)) * up).to(x_ptr.dtype.element_ty).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(y))
+    scale = tl.reduce(amax, 0, MAX) * (1.0 / 448.0)
+    scale = tl.where(scale > 0.0, scale, 1.0)
+    tl.store(s_ptr + row, scale)
+    for c0 in range(0, inter, BLOCK):
+        cols = c0 + tl.arange(0, BLOCK)
+        mask = cols < inter
+        gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(x_ptr + row * stride_x + inter + cols, mask=mask, other=0.0).to(tl.float32)
+        y = (gate / (1.0 + tl.exp(-gate)) * up).to(x_ptr.dtype.element_ty).to(tl.float32)
+        q = tl.minimum(tl.maximum(tl.math.div_rn(y, scale), -448.0), 448.0)
+        tl.store(q_ptr + row * stride_q + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
+
+
+def silu_and_mul_fp8(x: torch.Tensor) -> QuantizedActivation:
+    """``silu_and_mul`` quantized per token to fp8 in the same kernel (the fused op
+    ``silu_and_mul_fp8``): x [T, 2I] -> fp8 [T, I] and scales [T, 1]."""
+    if x.dim() != 2 or x.shape[1] % 2:
+        raise DeviceError(f"cuda silu_and_mul_fp8: x must be [T, 2I], got shape {tuple(x.shape)}")
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    num_tokens, inter = x.shape[0], x.shape[1] // 2
+    # the interpreter's fp8 casts round wrongly: there float32 quotients, converted by torch
+    codes = torch.float32 if is_interpreted(x) else FP8_DTYPE
+    out = torch.empty((num_tokens, inter), dtype=codes, device=x.device)
+    scale = torch.empty((num_tokens, 1), dtype=torch.float32, device=x.device)
+    if num_tokens and inter:
+        constexprs, options = pdl_options(x)
+        _silu_and_mul_fp8_kernel.on(x)[(num_tokens,)](
+            x, out, scale, inter, x.stride(0), out.stride(0),
+            BLOCK=min(1024, triton.next_power_of_2(inter)), num_warps=4, **constexprs, **options,
+        )
+    return QuantizedActivation(out.to(FP8_DTYPE), scale, x.dtype)

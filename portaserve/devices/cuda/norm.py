@@ -3,28 +3,44 @@
 Semantics are ``portaserve.devices.reference.rms_norm``: with a residual, ``s = x + residual``
 is rounded to the input dtype, returned, and normalised; the sum of squares is in float32.
 Inputs are not modified. Limits: the hidden size fits one tile (up to 65536 elements); rows may
-be strided, the last dimension must be contiguous.
+be strided, the last dimension must be contiguous. ``rms_norm_fp8`` (a fused op) writes y
+quantized to fp8 per token instead, for a W8A8 linear next.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import triton.language as tl
 
-from portaserve.devices.cuda.launch import SUM, next_pow2, pdl_options, triton_kernel
+from portaserve.devices.cuda.launch import (
+    MAX,
+    SUM,
+    is_interpreted,
+    next_pow2,
+    pdl_options,
+    triton_kernel,
+)
 from portaserve.errors import DeviceError
+from portaserve.quant.base import QuantizedActivation
+from portaserve.quant.fp8 import FP8_DTYPE
 
 _MAX_HIDDEN = 65536
 
 
 @triton_kernel
 def _rms_norm_kernel(
-    x_ptr, res_ptr, w_ptr, y_ptr, res_out_ptr,
+    x_ptr, res_ptr, w_ptr, y_ptr, res_out_ptr, s_ptr,
     hidden, eps,
     stride_x, stride_res, stride_y, stride_res_out,
-    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, FP8_OUT: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):
-    """Grid ``(T,)``: one program per row, the whole row in one tile of ``BLOCK`` >= hidden."""
+    """Grid ``(T,)``: one program per row, the whole row in one tile of ``BLOCK`` >= hidden.
+
+    With FP8_OUT, y (rounded to x's dtype, as ``rms_norm`` returns it) is stored quantized to
+    fp8 with the row's scale ``amax * fp32(1/448)`` at ``s_ptr[row]`` (1 for a zero row): the
+    values of ``quant.fp8.quantize_per_token`` (division with IEEE rounding, as torch's)."""
     if PDL:  # programmatic dependent launch (launch.pdl): the next kernel may start; wait for the last
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
@@ -39,7 +55,14 @@ def _rms_norm_kernel(
     xf = x.to(tl.float32)
     inv = 1.0 / tl.sqrt(tl.reduce(xf * xf, 0, SUM) / hidden + eps)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + row * stride_y + cols, (xf * inv * w).to(y_ptr.dtype.element_ty), mask=mask)
+    y = (xf * inv * w).to(x_ptr.dtype.element_ty)
+    if FP8_OUT:
+        yf = y.to(tl.float32)
+        scale = tl.reduce(tl.where(mask, tl.abs(yf), 0.0), 0, MAX) * (1.0 / 448.0)
+        scale = tl.where(scale > 0.0, scale, 1.0)
+        tl.store(s_ptr + row, scale)
+        y = tl.minimum(tl.maximum(tl.math.div_rn(yf, scale), -448.0), 448.0)
+    tl.store(y_ptr + row * stride_y + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def _rows(t: torch.Tensor, name: str) -> torch.Tensor:
@@ -55,13 +78,33 @@ def rms_norm(
     residual: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``y`` or ``(y, x + residual)``; x, residual, y: [T, H]; weight: [H]."""
+    return _rms_norm(x, weight, eps, residual, fp8=False)
+
+
+def rms_norm_fp8(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None = None,
+) -> QuantizedActivation | tuple[QuantizedActivation, torch.Tensor]:
+    """``rms_norm`` with y quantized per token to fp8 in the same pass (the fused op
+    ``rms_norm_fp8``): y is written once, at one byte a value, for a W8A8 linear."""
+    return _rms_norm(x, weight, eps, residual, fp8=True)
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None,
+              *, fp8: bool) -> Any:
     x = _rows(x, "x")
     num_tokens, hidden = x.shape
     if hidden > _MAX_HIDDEN:
         raise DeviceError(f"cuda rms_norm: hidden size {hidden} exceeds {_MAX_HIDDEN}")
     if weight.shape != (hidden,):
         raise DeviceError(f"cuda rms_norm: weight shape {tuple(weight.shape)} != ({hidden},)")
-    y = torch.empty_like(x)
+    # fp8 codes: stored by the kernel, except in the interpreter, whose fp8 casts round wrongly
+    # (32 became 16): there the kernel stores the float32 quotients and torch converts them
+    codes = FP8_DTYPE if fp8 and not is_interpreted(x) else torch.float32
+    y = torch.empty(x.shape, dtype=codes if fp8 else x.dtype, device=x.device)
+    scale = torch.empty((num_tokens, 1), dtype=torch.float32, device=x.device) if fp8 else y
     has_residual = residual is not None
     if residual is not None:
         residual = _rows(residual, "residual")
@@ -70,16 +113,18 @@ def rms_norm(
                 f"cuda rms_norm: residual shape {tuple(residual.shape)} != x shape {tuple(x.shape)}")
         res_out = torch.empty_like(x)
     else:
-        residual, res_out = x, y  # unused by the kernel
+        residual, res_out = x, x  # unused by the kernel
     if num_tokens == 0:
-        return (y, res_out) if has_residual else y
+        out = QuantizedActivation(y.to(FP8_DTYPE), scale, x.dtype) if fp8 else y
+        return (out, res_out) if has_residual else out
     block = next_pow2(hidden)
     constexprs, options = pdl_options(x)
     _rms_norm_kernel.on(x)[(num_tokens,)](
-        x, residual, weight.contiguous(), y, res_out,
+        x, residual, weight.contiguous(), y, res_out, scale,
         hidden, float(eps),
         x.stride(0), residual.stride(0), y.stride(0), res_out.stride(0),
-        HAS_RESIDUAL=has_residual, BLOCK=block,
+        HAS_RESIDUAL=has_residual, FP8_OUT=fp8, BLOCK=block,
         num_warps=min(16, max(1, block // 512)), **constexprs, **options,
     )
-    return (y, res_out) if has_residual else y
+    out = QuantizedActivation(y.to(FP8_DTYPE), scale, x.dtype) if fp8 else y
+    return (out, res_out) if has_residual else out
