@@ -136,7 +136,7 @@ class LlamaForCausalLM:
         if len(proj) != 1 or not isinstance(proj[0][0], QuantizedWeight):
             return False
         weight = proj[0][0]
-        kernel = self.kernels.quant_ops.get(weight.format)
+        kernel = getattr(self.kernels, "quant_ops", {}).get(weight.format)
         return (weight.format == "fp8" and kernel is not None and accepts_quantized_activation(kernel)
                 and weight.meta.get("activation", "dynamic_per_token") == "dynamic_per_token")
 
