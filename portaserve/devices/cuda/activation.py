@@ -64,24 +64,23 @@ def _silu_and_mul_fp8_kernel(
         tl.extra.cuda.gdc_wait()
     row = tl.program_id(0).to(tl.int64)
     amax = tl.full((BLOCK,), 0.0, tl.float32)
-    for c0 in range(0, inter, BLOCK):
-        cols = c0 + tl.arange(0, BLOCK)
-        mask = cols < inter
-        gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-        up = tl.load(x_ptr + row * stride_x + inter + cols, mask=mask, other=0.0).to(tl.float32)
-        y = (gate / (1.0 + tl.exp(-gate)) * up).to(x_ptr.dtype.element_ty).to(tl.float32)
-        amax = tl.maximum(amax, tl.abs(y))
-    scale = tl.reduce(amax, 0, MAX) * (1.0 / 448.0)
-    scale = tl.where(scale > 0.0, scale, 1.0)
-    tl.store(s_ptr + row, scale)
-    for c0 in range(0, inter, BLOCK):
-        cols = c0 + tl.arange(0, BLOCK)
-        mask = cols < inter
-        gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-        up = tl.load(x_ptr + row * stride_x + inter + cols, mask=mask, other=0.0).to(tl.float32)
-        y = (gate / (1.0 + tl.exp(-gate)) * up).to(x_ptr.dtype.element_ty).to(tl.float32)
-        q = tl.minimum(tl.maximum(tl.math.div_rn(y, scale), -448.0), 448.0)
-        tl.store(q_ptr + row * stride_q + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
+    scale = tl.reduce(amax, 0, MAX)  # replaced between the passes
+    for p in tl.static_range(2):  # 0: the row's amax; 1: the codes
+        if p == 1:
+            scale = tl.reduce(amax, 0, MAX) * (1.0 / 448.0)
+            scale = tl.where(scale > 0.0, scale, 1.0)
+            tl.store(s_ptr + row, scale)
+        for c0 in range(0, inter, BLOCK):
+            cols = c0 + tl.arange(0, BLOCK)
+            mask = cols < inter
+            gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+            up = tl.load(x_ptr + row * stride_x + inter + cols, mask=mask, other=0.0).to(tl.float32)
+            y = (gate / (1.0 + tl.exp(-gate)) * up).to(x_ptr.dtype.element_ty).to(tl.float32)
+            if p == 0:
+                amax = tl.maximum(amax, tl.abs(y))
+            else:
+                q = tl.minimum(tl.maximum(tl.math.div_rn(y, scale), -448.0), 448.0)
+                tl.store(q_ptr + row * stride_q + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
 
 
 def silu_and_mul_fp8(x: torch.Tensor) -> QuantizedActivation:
