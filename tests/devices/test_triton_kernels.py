@@ -1,10 +1,6 @@
-"""The Triton kernels of the cuda/rocm devices against ``devices/reference.py``.
-
-On a machine without a GPU the kernels run on CPU tensors in Triton's interpreter (the same
-kernel code; see ``portaserve/devices/cuda/launch.py``), in float32 and float16 (the
-interpreter's bfloat16 is not exact). With ``PORTASERVE_TEST_DEVICE=cuda`` set (ci/gpu_check.sh)
-the same tests run compiled on the GPU and add bfloat16. Shapes stay small: the interpreter is
-slow.
+"""The Triton kernels of the cuda/rocm devices against ``devices/reference.py``, in Triton's
+interpreter without a GPU and compiled with ``PORTASERVE_TEST_DEVICE=cuda`` (tests/triton_device.py).
+Shapes stay small: the interpreter is slow.
 """
 
 from __future__ import annotations
@@ -15,38 +11,25 @@ import zlib
 
 import pytest
 import torch
+from triton_device import DEVICE, DTYPES, RTOL, rel_err, skip_module_without_device
 
 pytest.importorskip("triton")
+skip_module_without_device()
 
 from portaserve.core.batch import build_batch  # noqa: E402
 from portaserve.devices import reference as ref  # noqa: E402
 from portaserve.devices.cuda import activation, attention, gemv, kv, norm, rotary  # noqa: E402
 from portaserve.plugins.device import KVCacheSpec  # noqa: E402
 
-# Which torch device the kernels run on: "cpu" (interpreter, the CI default) or "cuda".
-DEVICE = torch.device(os.environ.get("PORTASERVE_TEST_DEVICE", "cpu"))
-if DEVICE.type != "cpu" and not torch.cuda.is_available():
-    pytest.skip(f"PORTASERVE_TEST_DEVICE={DEVICE} but no GPU is visible", allow_module_level=True)
 
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE.type != "cpu" else [])
-#: Relative (Frobenius) error allowed against the float32 reference, per dtype.
-RTOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
-
-
-def rel_err(out: torch.Tensor, expected: torch.Tensor) -> float:
-    out, expected = out.double().cpu(), expected.double().cpu()
-    assert torch.isfinite(out).all(), "kernel output has NaN/inf"
-    return ((out - expected).norm() / expected.norm().clamp_min(1e-12)).item()
+@pytest.fixture
+def gen(request: pytest.FixtureRequest) -> torch.Generator:
+    """Fresh inputs per test case, reproducible from the test id."""
+    return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
 
 
 def randn(*shape: int, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
     return torch.randn(*shape, generator=gen).to(dtype=dtype, device=DEVICE)
-
-
-@pytest.fixture
-def gen(request: pytest.FixtureRequest) -> torch.Generator:
-    # Fresh inputs per test case, reproducible from the test id.
-    return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
 
 
 # --- rms_norm, rotary, silu_and_mul ------------------------------------------------------

@@ -12,13 +12,14 @@ scheme.
 
 from __future__ import annotations
 
-import os
 import zlib
 
 import pytest
 import torch
+from triton_device import DEVICE, DTYPES, RTOL, rel_err, skip_module_without_device
 
 pytest.importorskip("triton")
+skip_module_without_device()
 
 from portaserve.devices import reference  # noqa: E402
 from portaserve.quant import gemv_triton, registry  # noqa: E402
@@ -26,28 +27,16 @@ from portaserve.quant.fp8 import FP8Method, fp8_linear_emulated, quantize_activa
 from portaserve.quant.gguf_formats import GGUFMethod  # noqa: E402
 from portaserve.quant.int_formats import Int4Method  # noqa: E402
 
-DEVICE = torch.device(os.environ.get("PORTASERVE_TEST_DEVICE", "cpu"))
-if DEVICE.type != "cpu" and not torch.cuda.is_available():
-    pytest.skip(f"PORTASERVE_TEST_DEVICE={DEVICE} but no GPU is visible", allow_module_level=True)
 
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE.type != "cpu" else [])
-#: Relative (Frobenius) error allowed against the float32 reference, per dtype of x and out.
-RTOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+@pytest.fixture
+def gen(request: pytest.FixtureRequest) -> torch.Generator:
+    """Fresh inputs per test case, reproducible from the test id."""
+    return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
 #: Small tiles, so the interpreter stays quick and K spans several steps: per kernel.
 SMALL = {"fma": gemv_triton.GemvConfig(block_n=16, block_k=128),
          "dot": gemv_triton.GemvConfig(block_n=16, block_k=128, dot=True),
          "dot_scaled": gemv_triton.GemvConfig(block_n=16, block_k=128, dot=True, scale_tile=True)}
-
-
-@pytest.fixture
-def gen(request: pytest.FixtureRequest) -> torch.Generator:
-    return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
-
-
-def rel_err(out: torch.Tensor, expected: torch.Tensor) -> float:
-    out, expected = out.double().cpu(), expected.double().cpu()
-    assert torch.isfinite(out).all(), "kernel output has NaN/inf"
-    return ((out - expected).norm() / expected.norm()).item()
 
 
 def packed(fmt: str, n: int, k: int, gen: torch.Generator, group: int = 128):
