@@ -137,11 +137,11 @@ def _compose_rotary_write_kv(ops: Mapping[str, KernelFn]) -> KernelFn:
 
 
 def _compose_rms_norm_fp8(ops: Mapping[str, KernelFn]) -> KernelFn:
+    from portaserve.quant.fp8 import quantize_per_token
+
     rms_norm = ops["rms_norm"]
 
     def rms_norm_fp8(x: Any, weight: Any, eps: float, residual: Any = None) -> Any:
-        from portaserve.quant.fp8 import quantize_per_token
-
         if residual is None:
             return quantize_per_token(rms_norm(x, weight, eps))
         y, residual = rms_norm(x, weight, eps, residual)
@@ -151,11 +151,11 @@ def _compose_rms_norm_fp8(ops: Mapping[str, KernelFn]) -> KernelFn:
 
 
 def _compose_silu_and_mul_fp8(ops: Mapping[str, KernelFn]) -> KernelFn:
+    from portaserve.quant.fp8 import quantize_per_token
+
     silu_and_mul = ops["silu_and_mul"]
 
     def silu_and_mul_fp8(x: Any) -> Any:
-        from portaserve.quant.fp8 import quantize_per_token
-
         return quantize_per_token(silu_and_mul(x))
 
     return silu_and_mul_fp8

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from portaserve.devices.cuda.launch import MAX, is_interpreted, triton_kernel
+from portaserve.devices.cuda.launch import MAX, fp8_codes_dtype, triton_kernel
 from portaserve.quant import gemv_triton
 from portaserve.quant.base import QuantizedActivation, QuantizedWeight
 from portaserve.quant.fp8 import FP8_DTYPE, amax_scale, fp8_linear_emulated, scaled_mm
@@ -194,9 +194,7 @@ def quantize_fp8_activation(x: torch.Tensor, weight: QuantizedWeight) -> tuple[t
     weight's activation scheme; the same values as ``fp8.quantize_activation``."""
     m, k = x.shape
     scheme = weight.meta.get("activation", "dynamic_per_token")
-    # the interpreter's fp8 casts round wrongly (32 -> 16): it stores float32 quotients there,
-    # which torch converts
-    xq = torch.empty(m, k, dtype=torch.float32 if is_interpreted(x) else FP8_DTYPE, device=x.device)
+    xq = torch.empty(m, k, dtype=fp8_codes_dtype(x), device=x.device)
     if scheme == "dynamic_per_token":
         scale = torch.empty(m, dtype=torch.float32, device=x.device)
     elif scheme == "static":
@@ -215,18 +213,16 @@ def fp8_quant_linear(x: torch.Tensor | QuantizedActivation, weight: QuantizedWei
     """``quant_linear`` for fp8 on ``cuda``: W8A8 (see the module docstring) -> [M, N]. x may
     come quantized already (a ``QuantizedActivation`` from a fused ``*_fp8`` op)."""
     n, k = weight.shape
+    if not isinstance(x, QuantizedActivation):
+        x = x.reshape(-1, k)
+        if x.stride(-1) != 1:
+            x = x.contiguous()
+    if n % 16 or k % 16:  # shapes _scaled_mm does not take: the same numerics in torch
+        return fp8_linear_emulated(x, weight, bias)
     if isinstance(x, QuantizedActivation):
-        if n % 16 or k % 16:
-            return fp8_linear_emulated(x, weight, bias)
         xq, scale, dtype = x.data, x.scale.reshape(-1), x.dtype
     else:
-        x2 = x.reshape(-1, k)
-        if x2.stride(-1) != 1:
-            x2 = x2.contiguous()
-        if n % 16 or k % 16:  # shapes _scaled_mm does not take: the same numerics in torch
-            return fp8_linear_emulated(x2, weight, bias)
-        xq, scale = quantize_fp8_activation(x2, weight)
-        dtype = x.dtype
+        (xq, scale), dtype = quantize_fp8_activation(x, weight), x.dtype
     out = None
     if xq.shape[0] <= FP8_GEMV_MAX_M:
         out = gemv_triton.gemv(xq, weight, bias, x_scale=scale, out_dtype=dtype)

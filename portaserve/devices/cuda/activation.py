@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from portaserve.devices.cuda.launch import MAX, is_interpreted, pdl_options, triton_kernel
+from portaserve.devices.cuda.launch import MAX, fp8_codes_dtype, pdl_options, triton_kernel
 from portaserve.errors import DeviceError
 from portaserve.quant.base import QuantizedActivation
 from portaserve.quant.fp8 import FP8_DTYPE
@@ -91,9 +91,7 @@ def silu_and_mul_fp8(x: torch.Tensor) -> QuantizedActivation:
     if x.stride(-1) != 1:
         x = x.contiguous()
     num_tokens, inter = x.shape[0], x.shape[1] // 2
-    # the interpreter's fp8 casts round wrongly: there float32 quotients, converted by torch
-    codes = torch.float32 if is_interpreted(x) else FP8_DTYPE
-    out = torch.empty((num_tokens, inter), dtype=codes, device=x.device)
+    out = torch.empty((num_tokens, inter), dtype=fp8_codes_dtype(x), device=x.device)
     scale = torch.empty((num_tokens, 1), dtype=torch.float32, device=x.device)
     if num_tokens and inter:
         constexprs, options = pdl_options(x)

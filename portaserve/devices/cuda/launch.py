@@ -133,6 +133,13 @@ def pdl_options(tensor: torch.Tensor) -> tuple[dict[str, Any], dict[str, Any]]:
     return {"PDL": on}, ({"launch_pdl": True} if on else {})
 
 
+def fp8_codes_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """The dtype a kernel quantizing ``tensor`` to fp8 e4m3 stores its codes in: e4m3 when
+    compiled; float32 quotients in the interpreter, whose fp8 casts round wrongly (32 became
+    16), for torch to convert (``.to(FP8_DTYPE)`` after the launch; free when already e4m3)."""
+    return torch.float32 if is_interpreted(tensor) else torch.float8_e4m3fn
+
+
 def next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 

@@ -17,7 +17,7 @@ import triton.language as tl
 from portaserve.devices.cuda.launch import (
     MAX,
     SUM,
-    is_interpreted,
+    fp8_codes_dtype,
     next_pow2,
     pdl_options,
     triton_kernel,
@@ -100,10 +100,7 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch
         raise DeviceError(f"cuda rms_norm: hidden size {hidden} exceeds {_MAX_HIDDEN}")
     if weight.shape != (hidden,):
         raise DeviceError(f"cuda rms_norm: weight shape {tuple(weight.shape)} != ({hidden},)")
-    # fp8 codes: stored by the kernel, except in the interpreter, whose fp8 casts round wrongly
-    # (32 became 16): there the kernel stores the float32 quotients and torch converts them
-    codes = FP8_DTYPE if fp8 and not is_interpreted(x) else torch.float32
-    y = torch.empty(x.shape, dtype=codes if fp8 else x.dtype, device=x.device)
+    y = torch.empty(x.shape, dtype=fp8_codes_dtype(x) if fp8 else x.dtype, device=x.device)
     scale = torch.empty((num_tokens, 1), dtype=torch.float32, device=x.device) if fp8 else y
     has_residual = residual is not None
     if residual is not None:
