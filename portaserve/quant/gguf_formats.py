@@ -107,7 +107,8 @@ def unpack_codes(fmt: str, data: dict[str, torch.Tensor]) -> torch.Tensor:
     if fmt == "Q6_K":
         low = _nibbles(data["ql"], 64).unflatten(-1, (2, 32)).flatten(-3, -2)  # [N, B, 8, 32]
         qh = data["qh"].unflatten(-1, (2, 1, 32))  # [N, B, 2, 1, 32]
-        shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=qh.device).view(4, 1)
+        # arange, not a tensor from a host list: this runs inside CUDA-graph capture too.
+        shifts = torch.arange(0, 8, 2, dtype=torch.uint8, device=qh.device).view(4, 1)
         high = ((qh >> shifts) & 0x03).flatten(-3, -2)  # [N, B, 8, 32]
         return low | (high << 4)
     raise ConfigError(f"unknown GGUF format {fmt!r}", field="format")

@@ -99,8 +99,12 @@ def test_fp8_w8a8_matches_the_emulation(scheme: str, per_channel: bool, dtype: t
     assert err < tol[dtype], err
 
 
-@pytest.mark.parametrize("fmt", ["fp8", "int4", "Q4_0"])
-@pytest.mark.parametrize("m", [1, 4, 16])
+# K formats above the GEMV's rows are unpacked for cuBLAS inside the graph (no host tensors there).
+GRAPHED = [(fmt, m) for fmt in ("fp8", "int4", "Q4_0") for m in (1, 4, 16)]
+GRAPHED += [(fmt, 37) for fmt in ("Q4_K", "Q5_K", "Q6_K")]
+
+
+@pytest.mark.parametrize("fmt,m", GRAPHED)
 def test_quant_linear_replays_in_a_cuda_graph(fmt: str, m: int) -> None:
     from portaserve.quant.kernels_triton import fp8_quant_linear, triton_quant_linear
 
@@ -134,6 +138,7 @@ def test_fused_fp8_activations_equal_quantizing_in_the_linear(dtype: torch.dtype
     from portaserve.devices.cuda.activation import silu_and_mul, silu_and_mul_fp8
     from portaserve.devices.cuda.norm import rms_norm, rms_norm_fp8
     from portaserve.quant.kernels_triton import fp8_quant_linear, quantize_fp8_activation
+    from portaserve.testing.test_conformance import assert_fp8_activation_close
 
     gen = torch.Generator().manual_seed(m)
     weight = FP8Method().quantize(torch.randn(1024, 4096, generator=gen) * 0.02).to(CUDA)
@@ -142,12 +147,20 @@ def test_fused_fp8_activations_equal_quantizing_in_the_linear(dtype: torch.dtype
     norm_w = (1 + 0.1 * torch.randn(4096, generator=gen)).to(CUDA, dtype)
     qa, new_res = rms_norm_fp8(x, norm_w, 1e-5, res)
     y, want_res = rms_norm(x, norm_w, 1e-5, res)
-    codes, scale = quantize_fp8_activation(y, weight)
-    assert torch.equal(new_res, want_res) and torch.equal(qa.scale.view(-1), scale)
-    assert torch.equal(qa.data.view(torch.uint8), codes.view(torch.uint8))
-    assert torch.equal(fp8_quant_linear(qa, weight), fp8_quant_linear(y, weight))
+    assert torch.equal(new_res, want_res)
+    if dtype == torch.float32:
+        # No bf16 rounding of y hides the two kernels' differing FMA contraction here: y's last
+        # bits may differ, so the scales by an ulp and a code by at most one e4m3 step.
+        assert_fp8_activation_close(qa, y.cpu(), dtype, "rms_norm_fp8")
+        torch.testing.assert_close(fp8_quant_linear(qa, weight), fp8_quant_linear(y, weight),
+                                   atol=1e-2, rtol=1e-2)
+    else:
+        codes, scale = quantize_fp8_activation(y, weight)
+        assert torch.equal(qa.scale.view(-1), scale)
+        assert torch.equal(qa.data.view(torch.uint8), codes.view(torch.uint8))
+        assert torch.equal(fp8_quant_linear(qa, weight), fp8_quant_linear(y, weight))
     gate_up = torch.randn(m, 2 * 4096, generator=gen).to(CUDA, dtype)
     qa = silu_and_mul_fp8(gate_up)
     codes, scale = quantize_fp8_activation(silu_and_mul(gate_up), weight)
-    assert torch.equal(qa.scale.view(-1), scale)
+    torch.testing.assert_close(qa.scale.view(-1), scale, atol=0.0, rtol=0 if dtype == torch.bfloat16 else 1e-6)
     assert (qa.data.view(torch.uint8) != codes.view(torch.uint8)).float().mean() < 1e-3  # FMA contraction
