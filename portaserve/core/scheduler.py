@@ -13,7 +13,18 @@ needs a block and none is free, the scheduler preempts by recompute: the most re
 running request (under "priority": the lowest priority, latest arrival) releases all its blocks
 and goes back to the front of the waiting queue with ``num_computed_tokens = 0``; its output
 tokens stay and are re-prefilled with its prompt (usually cheaply, from the prefix cache), so
-nothing is lost or repeated. No new request is admitted in a step that preempted. A waiting
+nothing is lost or repeated. No new request is admitted in a step that preempted.
+
+Admission also keeps room for growth: beside the blocks a waiting request needs now, it must
+leave free the blocks every running request (and itself) is expected to still write, each the
+smaller of what max_tokens / max_model_len leave it and ``expected_output`` tokens. That
+estimate starts at ``SchedulerConfig.expected_output_prior`` (1024), follows the output
+lengths of finished requests (an EMA), and grows by a quarter at each preemption. Without it a
+wave of requests admitted together outgrows the cache and preemption recomputes what it had:
+on the H200 throughput run (1000 in / 1000 out, bf16 KV cache of 852k tokens, 512 sequences)
+243k extra prompt tokens, ~5% of the run (docs/benchmarks.md, section 3 run 6). A request
+alone is admitted on its present needs. ``expected_output_prior=None`` turns the reserve off
+(vLLM's admission). A waiting
 request whose next uncached block is being computed right now by a running request waits
 (a bounded time) and then reuses that block, so a burst sharing a system prompt, or the n
 sequences of one prompt, compute the shared prefix once.
@@ -59,6 +70,10 @@ from portaserve.core.request import FinishReason, Request, RequestStatus
 from portaserve.errors import ConfigError, EngineOverloadedError, PortaserveError, RequestError
 
 POLICIES = ("fcfs", "priority", "cache-aware")
+#: Weight of each finished request's output length in ``Scheduler.expected_output`` (an EMA).
+EXPECTED_OUTPUT_EMA = 0.05
+#: A preemption scales ``Scheduler.expected_output`` by this (the reserve was too small).
+PREEMPTION_GROWTH = 1.25
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +92,11 @@ class SchedulerConfig:
     cache_aware_max_wait_steps: int = 32
     #: cache-aware: how many waiting requests (from the front) are scored per step.
     cache_aware_window: int = 128
+    #: Admission keeps blocks free for the output the running requests are still expected to
+    #: write (see the module docstring); this is the expected output length, in tokens, until
+    #: requests have finished and their lengths take over. None: admit on present needs alone
+    #: (vLLM's behaviour: preemption by recompute absorbs the growth).
+    expected_output_prior: int | None = 1024
 
     def __post_init__(self) -> None:
         for name in (
@@ -100,6 +120,12 @@ class SchedulerConfig:
                 "scheduler max_waiting_requests must be a positive integer or None; "
                 f"got {self.max_waiting_requests!r}",
                 field="max_waiting_requests",
+            )
+        prior = self.expected_output_prior
+        if prior is not None and (isinstance(prior, bool) or not isinstance(prior, int) or prior < 0):
+            raise ConfigError(
+                f"scheduler expected_output_prior must be a non-negative integer or None; got {prior!r}",
+                field="expected_output_prior",
             )
         if self.policy not in POLICIES:
             raise ConfigError(
@@ -204,6 +230,9 @@ class Scheduler:
         self.num_preemptions = 0
         self.num_steps = 0
         self._add_seq = 0
+        #: Output tokens a running request is expected to still write (at most what max_tokens
+        #: leaves it): admission keeps that many free for each; None when the reserve is off.
+        self.expected_output: float | None = config.expected_output_prior
 
     # -- queries ------------------------------------------------------------------------------
 
@@ -304,6 +333,8 @@ class Scheduler:
             self.waiting.remove(request)
         self.block_pool.free(entry.block_ids)
         entry.block_ids = []
+        if self.expected_output is not None and reason in (FinishReason.STOP, FinishReason.LENGTH):
+            self.expected_output += EXPECTED_OUTPUT_EMA * (request.num_output_tokens - self.expected_output)
         request.num_computed_tokens = 0  # its KV is gone with its blocks
         request.num_output_placeholders = 0
         request.status = RequestStatus.FINISHED
@@ -444,6 +475,19 @@ class Scheduler:
     def _blocks_needed(self, entry: _Entry, num_tokens: int) -> int:
         return max(0, -(-num_tokens // self.block_size) - len(entry.block_ids))
 
+    def _growth_blocks(self, request: Request) -> int:
+        """Blocks admission keeps free for the output ``request`` is expected to still write:
+        the expected output length (whatever it wrote so far: lengths are taken as memoryless),
+        capped by what max_tokens and max_model_len leave it."""
+        if self.expected_output is None:
+            return 0
+        written = request.num_output_tokens + request.num_output_placeholders
+        left = self.config.max_model_len - request.num_tokens - request.num_output_placeholders
+        max_tokens = request.sampling_params.max_tokens
+        if max_tokens is not None:
+            left = min(left, max_tokens - written)
+        return int(min(max(left, 0), self.expected_output)) // self.block_size
+
     def _cache_blocks(self, entry: _Entry, num_computed: int) -> None:
         """Cache the full blocks of the first ``num_computed`` tokens whose ids are known."""
         if not self.block_pool.enable_prefix_caching:
@@ -493,6 +537,8 @@ class Scheduler:
         request.status = RequestStatus.PREEMPTED
         request.metrics.num_preemptions += 1
         self.num_preemptions += 1
+        if self.expected_output is not None:  # the reserve was too small: admit more carefully
+            self.expected_output = max(self.expected_output * PREEMPTION_GROWTH, self.block_size)
         entry.waiting_since = self.num_steps
         self._enqueue(request, front=True)
         undone = scheduled.pop(request.request_id, None)
@@ -539,6 +585,7 @@ class Scheduler:
         if budget <= 0 or len(self.running) >= self.config.max_num_seqs or not self.waiting:
             return budget
         pending = self._pending_block_hashes()
+        reserve = sum(self._growth_blocks(r) for r in self.running)
         for request in self._waiting_order():
             if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
                 break
@@ -555,8 +602,12 @@ class Scheduler:
             # admit only if all its known tokens fit now (vLLM's full-input check): a long
             # prompt admitted on its first chunk alone would be preempted at a later chunk
             need_all = self._blocks_needed(entry, request.num_tokens) - len(cached)
-            if not self.block_pool.can_allocate(need_all, cached):
+            growth = self._growth_blocks(request)
+            # beside others, it must also leave room for everyone's expected output (alone it
+            # runs whatever its growth: preemption by recompute is the fallback)
+            if not self.block_pool.can_allocate(need_all + (reserve + growth if self.running else 0), cached):
                 break  # head-of-line waits rather than being overtaken forever
+            reserve += growth
             entry.block_ids = self.block_pool.allocate(need, cached)
             entry.num_cached_blocks = len(cached)
             self.block_pool.record_prefix_lookup(request.num_tokens, num_hit)

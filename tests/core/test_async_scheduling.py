@@ -42,7 +42,7 @@ def test_overlapped_preemption_storm_matches_the_reference(policy: str) -> None:
         max_tokens = rng.randrange(4, 30)
         requests.append(make_request(f"r{i}", prompt, max_tokens, priority=rng.randrange(3)))
         expected[f"r{i}"] = reference_generate(prompt, max_tokens)
-    sched, model = make_scheduler(48, 4, max_model_len=96, policy=policy)
+    sched, model = make_scheduler(48, 4, max_model_len=96, policy=policy, expected_output_prior=None)
     got, num_discarded = drive_overlapped(sched, model, requests)
     assert sched.num_preemptions >= 10, f"seed {seed}: only {sched.num_preemptions} preemptions"
     assert got == expected, f"seed {seed}"

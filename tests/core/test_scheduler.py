@@ -37,8 +37,9 @@ def test_preemption_storm_loses_and_repeats_nothing(policy: str) -> None:
         rid = f"r{i}"
         requests.append(make_request(rid, prompt, max_tokens, priority=rng.randrange(3)))
         expected[rid] = reference_generate(prompt, max_tokens)
-    # 48 blocks of 4 = 192 tokens of KV for 64 requests of up to 90 tokens each
-    sched, model = make_scheduler(48, 4, max_model_len=96, policy=policy)
+    # 48 blocks of 4 = 192 tokens of KV for 64 requests of up to 90 tokens each; no admission
+    # reserve (expected_output_prior=None), so that growth preempts: the mechanics under test
+    sched, model = make_scheduler(48, 4, max_model_len=96, policy=policy, expected_output_prior=None)
     got = drive(sched, model, requests)
     assert sched.num_preemptions >= 10, f"seed {seed}: only {sched.num_preemptions} preemptions"
     assert sorted(got) == sorted(expected), f"seed {seed}"
@@ -177,7 +178,7 @@ def test_policy_order(policy: str, expected: list[str]) -> None:
 def test_priority_preempts_lowest_priority_first() -> None:
     rng, _ = fresh_rng()
     # 8 blocks of 4: three requests of 8-token prompts growing to 20 tokens cannot all fit
-    sched, model = make_scheduler(8, 4, max_model_len=32, policy="priority")
+    sched, model = make_scheduler(8, 4, max_model_len=32, policy="priority", expected_output_prior=None)
     reqs = [
         make_request(rid, random_tokens(rng, 8), 12, priority=p)
         for rid, p in (("low", 7), ("high", 0), ("mid", 3))
@@ -242,7 +243,7 @@ def test_cache_aware_does_not_starve(max_wait: int, bound: int | None) -> None:
 
 def test_abort_frees_blocks_immediately() -> None:
     rng, _ = fresh_rng()
-    sched, model = make_scheduler(32, 4, max_num_batched_tokens=256)
+    sched, model = make_scheduler(32, 4, max_num_batched_tokens=256, expected_output_prior=None)
     running = make_request("run", random_tokens(rng, 30), 50)
     waiting = make_request("wait", random_tokens(rng, 90), 5)
     sched.add_request(running)
@@ -313,6 +314,83 @@ def test_config_validation_names_the_field() -> None:
             max_num_seqs=0, max_num_batched_tokens=64, max_model_len=64, block_size=16, num_blocks=4
         )
     assert err.value.field == "max_num_seqs"
+    for bad in (-1, 2.5, True, "1024"):
+        with pytest.raises(ConfigError, match=repr(bad).replace(".", r"\.")) as err:
+            SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=64, block_size=16,
+                            num_blocks=4, expected_output_prior=bad)
+        assert err.value.field == "expected_output_prior"
+
+
+def _fixed_length_wave(prior: int | None) -> tuple[object, list, dict]:
+    """Twelve requests of 16-token prompts and 48 outputs over 400 tokens of KV: admitting all
+    at once needs 12 x 64 = 768 tokens by the end, so growth must preempt or admission wait."""
+    rng, _ = fresh_rng()
+    requests = [make_request(f"r{i}", random_tokens(rng, 16), 48) for i in range(12)]
+    expected = {r.request_id: reference_generate(r.prompt_token_ids, 48) for r in requests}
+    sched, model = make_scheduler(100, 4, max_num_batched_tokens=256, max_model_len=128,
+                                  expected_output_prior=prior)
+    return (sched, model), requests, expected
+
+
+def test_admission_reserve_avoids_preemption_by_growth() -> None:
+    """With the reserve (the expected output, capped by max_tokens) admission waits instead of
+    letting the running requests outgrow the cache; without it the same wave preempts."""
+    (sched, model), requests, expected = _fixed_length_wave(prior=64)
+    peak_running = 0
+
+    def watch(_: int) -> None:
+        nonlocal peak_running
+        peak_running = max(peak_running, sched.num_running)
+
+    got = drive(sched, model, requests, on_step=watch)
+    assert got == expected and sched.num_preemptions == 0
+    assert 1 < peak_running <= 400 // 64  # each holds its whole 64-token final length
+    assert sched.block_pool.num_free_blocks == 100
+
+    (sched, model), requests, expected = _fixed_length_wave(prior=None)
+    assert drive(sched, model, requests) == expected
+    assert sched.num_preemptions > 0
+
+
+def test_admission_reserve_learns_output_lengths() -> None:
+    """Finished requests' lengths move the estimate (STOP and LENGTH; aborts do not), a
+    preemption raises it, and a request never waits for a reserve when nothing else runs."""
+    rng, _ = fresh_rng()
+    sched, model = make_scheduler(64, 4, max_model_len=256, max_num_batched_tokens=64,
+                                  expected_output_prior=150)
+    first, second = (make_request(rid, random_tokens(rng, 10), 200) for rid in ("first", "second"))
+    sched.add_request(first)
+    sched.add_request(second)
+    out = sched.schedule()  # 3 + 150/4 blocks each: the second waits for the first's reserve
+    assert [s.request.request_id for s in out.scheduled] == ["first"] and sched.num_waiting == 1
+    sched.update_from_output(out, model.step(out.batch))
+    before = sched.expected_output
+    sched.finish_request("first", FinishReason.ABORT)
+    assert sched.expected_output == before
+    out = sched.schedule()
+    assert [s.request.request_id for s in out.scheduled] == ["second"]
+    sched.update_from_output(out, model.step(out.batch))
+    sched.finish_request("second", FinishReason.ABORT)
+    for i, n_out in enumerate((5, 7)):
+        r = make_request(f"s{i}", random_tokens(rng, 4), 50)
+        sched.add_request(r)
+        while r.num_output_tokens < n_out:
+            out = sched.schedule()
+            sched.update_from_output(out, model.step(out.batch))
+        estimate = sched.expected_output
+        sched.finish_request(r.request_id, FinishReason.STOP)
+        assert sched.expected_output == pytest.approx(estimate + 0.05 * (n_out - estimate))
+    assert sched.expected_output < before
+    # a preemption scales it up: two requests growing past a tiny pool
+    sched, model = make_scheduler(8, 4, max_model_len=32, expected_output_prior=0)
+    for i in range(2):
+        sched.add_request(make_request(f"g{i}", random_tokens(rng, 8), 20))
+    for _ in range(40):
+        out = sched.schedule()
+        if out.preempted:
+            break
+        sched.update_from_output(out, model.step(out.batch) if out.scheduled else {})
+    assert out.preempted and sched.expected_output == 4  # max(0 x 1.25, one block)
 
 
 def test_update_requires_a_token_for_every_logits_row() -> None:
@@ -340,10 +418,12 @@ _op = st.one_of(
     caching=st.booleans(),
     block_size=st.sampled_from([1, 2, 4, 16]),
     budget=st.integers(1, 64),
+    reserve=st.sampled_from([None, 0, 8, 1024]),
     seed=st.integers(0, 2**32 - 1),
 )
 def test_random_operations_keep_invariants(
-    ops: list[tuple], policy: str, caching: bool, block_size: int, budget: int, seed: int
+    ops: list[tuple], policy: str, caching: bool, block_size: int, budget: int, reserve: int | None,
+    seed: int,
 ) -> None:
     rng = random.Random(seed)
     num_blocks = -(-96 // block_size) + 2
@@ -355,6 +435,7 @@ def test_random_operations_keep_invariants(
         max_model_len=96,
         policy=policy,
         enable_prefix_caching=caching,
+        expected_output_prior=reserve,
     )
     prefixes = [random_tokens(rng, 24) for _ in range(3)]
     live: list[str] = []
