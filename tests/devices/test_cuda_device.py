@@ -191,6 +191,28 @@ def tiny_llama(kernels, dtype: torch.dtype, gen: torch.Generator, device: str | 
     return LlamaForCausalLM(config, weights, kernels, dtype=dtype, device=torch.device(device))
 
 
+def test_pdl_is_on_by_default_where_triton_and_the_gpu_have_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """PDL (on by default) needs Triton 3.3+ with the gdc calls, a compiled launch and sm_90+:
+    anything less launches without it, and ``PORTASERVE_CUDA_PDL=0`` turns it off."""
+    import triton
+
+    from portaserve import envs
+    from portaserve.devices.cuda import launch
+
+    monkeypatch.delenv("PORTASERVE_CUDA_PDL", raising=False)
+    assert envs.cuda_pdl()
+    for off in ("0", "off", "False"):
+        monkeypatch.setenv("PORTASERVE_CUDA_PDL", off)
+        assert not envs.cuda_pdl()
+    monkeypatch.setattr(triton, "__version__", "3.2.0")
+    assert not launch.triton_has_pdl()
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    assert launch.triton_has_pdl() == all(
+        hasattr(triton.language.extra.cuda, n) for n in ("gdc_wait", "gdc_launch_dependents"))
+    assert launch.pdl(torch.empty(1)) is False  # a CPU tensor runs in the interpreter
+    assert launch.pdl_options(torch.empty(1)) == ({"PDL": False}, {})
+
+
 def test_graph_ladder() -> None:
     from portaserve.devices.cuda.graphs import batch_size_ladder
 

@@ -106,9 +106,22 @@ def is_interpreted(tensor: torch.Tensor) -> bool:
 _PDL: dict[int, bool] = {}
 
 
+def triton_has_pdl() -> bool:
+    """Whether this Triton launches with PDL (``launch_pdl``) and has the ``gdc_*`` calls the
+    kernels use: 3.3 and later (the project allows triton >= 3.0)."""
+    try:
+        major, minor = (int(part) for part in triton.__version__.split(".")[:2])
+    except ValueError:
+        return False
+    cuda_extra = getattr(tl.extra, "cuda", None)
+    return (major, minor) >= (3, 3) and all(
+        hasattr(cuda_extra, name) for name in ("gdc_wait", "gdc_launch_dependents"))
+
+
 def pdl(tensor: torch.Tensor) -> bool:
     """Whether kernels on ``tensor`` launch with programmatic dependent launch (PDL): asked for
-    (``envs.cuda_pdl``), compiled (not the interpreter), an NVIDIA GPU of compute capability 9+.
+    (``envs.cuda_pdl``, on by default), compiled (not the interpreter), Triton 3.3+, an NVIDIA
+    GPU of compute capability 9+.
 
     A kernel launched so is passed ``PDL=True`` and must begin with
     ``tl.extra.cuda.gdc_launch_dependents()`` (the next kernel may launch now) and
@@ -123,7 +136,8 @@ def pdl(tensor: torch.Tensor) -> bool:
     if index not in _PDL:
         from portaserve import envs
 
-        _PDL[index] = envs.cuda_pdl() and torch.cuda.get_device_capability(index)[0] >= 9
+        _PDL[index] = (envs.cuda_pdl() and triton_has_pdl()
+                       and torch.cuda.get_device_capability(index)[0] >= 9)
     return _PDL[index]
 
 
