@@ -66,6 +66,10 @@ class EngineConfig:
     memory_utilization: float | None = None
     enable_prefix_caching: bool = True
     scheduling_policy: str = "fcfs"  # "fcfs", "priority", "cache-aware"
+    #: Admission keeps KV blocks free for the output running requests are expected to still
+    #: write; this is the expected output length (tokens) until finished requests show the real
+    #: one (core/scheduler.py). None: admit on present needs (vLLM's; growth then preempts).
+    expected_output_tokens: int | None = 1024
     quantization: str | None = None
     #: Element type of the KV cache: "auto" (the compute dtype) or an fp8 format ("fp8" is
     #: "fp8_e4m3"; names and dtypes in ``portaserve.quant.fp8.KV_CACHE_DTYPES``). The device
@@ -104,6 +108,10 @@ class EngineConfig:
             raise ConfigError(
                 "scheduling_policy must be one of fcfs, priority, cache-aware; got "
                 f"{self.scheduling_policy!r}", field="scheduling_policy")
+        eo = self.expected_output_tokens
+        if eo is not None and (not isinstance(eo, int) or isinstance(eo, bool) or eo < 0):
+            raise ConfigError(f"expected_output_tokens must be a non-negative integer or None; got {eo!r}",
+                              field="expected_output_tokens")
         if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
             raise ConfigError(
                 f"tensor_parallel_size must be an integer >= 1; got {self.tensor_parallel_size!r}",

@@ -231,6 +231,7 @@ class LLMEngine:
             enable_prefix_caching=config.enable_prefix_caching,
             policy=config.scheduling_policy,
             max_waiting_requests=config.max_waiting_requests,
+            expected_output_prior=config.expected_output_tokens,
         ))
         self.sampler = Sampler(seed=config.seed)
         self.async_scheduling = (caps.async_scheduling if config.async_scheduling is None

@@ -45,13 +45,17 @@ def test_batch_of_16_matches_each_prompt_alone(llm):
 def test_preemption_under_a_tiny_kv_budget_loses_nothing(llm, smollm_path):
     prompts = random_prompts(llm, 24, seed=2, lo=20, hi=50)
     expected = alone(llm, prompts)
-    # 12 blocks of 16 tokens: room for about 3 of these sequences at once
-    tiny = LLM(str(smollm_path), device="cpu", num_kv_blocks=12, max_num_batched_tokens=128)
-    outs = tiny.generate(prompts, GREEDY)
-    assert [o.outputs[0].token_ids for o in outs] == expected
-    stats = tiny.llm_engine.stats()
-    assert stats.num_preemptions > 0
-    assert stats.kv_usage == 0.0 and stats.num_running == 0 and stats.num_waiting == 0
+    # 12 blocks of 16 tokens: room for about 3 of these sequences at once. Without the admission
+    # reserve (expected_output_tokens=None) their growth preempts; with it (the default) they
+    # wait instead. The same tokens either way.
+    for reserve, preempts in ((None, True), (1024, False)):
+        tiny = LLM(str(smollm_path), device="cpu", num_kv_blocks=12, max_num_batched_tokens=128,
+                   expected_output_tokens=reserve)
+        outs = tiny.generate(prompts, GREEDY)
+        assert [o.outputs[0].token_ids for o in outs] == expected
+        stats = tiny.llm_engine.stats()
+        assert (stats.num_preemptions > 0) is preempts, (reserve, stats.num_preemptions)
+        assert stats.kv_usage == 0.0 and stats.num_running == 0 and stats.num_waiting == 0
 
 
 def test_shared_prefix_hits_the_cache_and_changes_nothing(llm, smollm_path):

@@ -7,6 +7,7 @@ import random
 import pytest
 
 from portaserve.core.config import EngineConfig
+from portaserve.errors import ConfigError
 from portaserve.serve import cli, cmd_serve
 
 
@@ -25,7 +26,7 @@ def test_defaults_serve_the_embedded_model():
 
 def test_every_engine_flag_reaches_the_config():
     rng = random.Random()
-    n = {k: rng.randint(1, 4096) for k in ("len", "seqs", "tokens", "blocks", "bs", "wait")}
+    n = {k: rng.randint(1, 4096) for k in ("len", "seqs", "tokens", "blocks", "bs", "wait", "eo")}
     util = round(rng.uniform(0.1, 0.95), 3)
     args = _parse(
         "/models/x.gguf",
@@ -48,6 +49,8 @@ def test_every_engine_flag_reaches_the_config():
         "--no-enable-prefix-caching",
         "--scheduling-policy",
         "priority",
+        "--expected-output-tokens",
+        str(n["eo"]),
         "--max-waiting-requests",
         str(n["wait"]),
         "--seed",
@@ -72,11 +75,19 @@ def test_every_engine_flag_reaches_the_config():
         memory_utilization=util,
         enable_prefix_caching=False,
         scheduling_policy="priority",
+        expected_output_tokens=n["eo"],
         max_waiting_requests=n["wait"],
         seed=7,
     )
     assert (args.port, args.served_model_name, args.shutdown_timeout) == (9123, ["a", "b"], 2.5)
     assert cmd_serve.engine_config(_parse("--memory-utilization", "0.5")).memory_utilization == 0.5
+    assert cmd_serve.engine_config(_parse()).expected_output_tokens == 1024
+    assert cmd_serve.engine_config(_parse("--expected-output-tokens", "none")).expected_output_tokens is None
+    with pytest.raises(SystemExit):
+        _parse("--expected-output-tokens", "lots")
+    with pytest.raises(ConfigError, match="expected_output_tokens.*-5") as err:
+        cmd_serve.engine_config(_parse("--expected-output-tokens", "-5"))
+    assert err.value.field == "expected_output_tokens"
 
 
 def test_device_left_to_the_registry_unless_given(monkeypatch):
