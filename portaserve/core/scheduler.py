@@ -476,17 +476,22 @@ class Scheduler:
         return max(0, -(-num_tokens // self.block_size) - len(entry.block_ids))
 
     def _growth_blocks(self, request: Request) -> int:
-        """Blocks admission keeps free for the output ``request`` is expected to still write:
-        the expected output length (whatever it wrote so far: lengths are taken as memoryless),
-        capped by what max_tokens and max_model_len leave it."""
+        """Blocks beyond those it holds (or, waiting, will hold for its known tokens) that
+        ``request`` needs for the output it is expected to still write: the expected output
+        length (whatever it wrote so far: lengths are taken as memoryless), capped by what
+        max_tokens and max_model_len leave it."""
         if self.expected_output is None:
             return 0
+        known = request.num_tokens + request.num_output_placeholders
         written = request.num_output_tokens + request.num_output_placeholders
-        left = self.config.max_model_len - request.num_tokens - request.num_output_placeholders
+        left = self.config.max_model_len - known
         max_tokens = request.sampling_params.max_tokens
         if max_tokens is not None:
             left = min(left, max_tokens - written)
-        return int(min(max(left, 0), self.expected_output)) // self.block_size
+        more = int(min(max(left, 0), self.expected_output))
+        final = known + max(more - 1, 0)  # the KV never holds the last token sampled
+        held = max(len(self._entries[request.request_id].block_ids), -(-known // self.block_size))
+        return max(0, -(-final // self.block_size) - held)
 
     def _cache_blocks(self, entry: _Entry, num_computed: int) -> None:
         """Cache the full blocks of the first ``num_computed`` tokens whose ids are known."""

@@ -321,21 +321,27 @@ def test_config_validation_names_the_field() -> None:
         assert err.value.field == "expected_output_prior"
 
 
-def _fixed_length_wave(prior: int | None) -> tuple[object, list, dict]:
-    """Twelve requests of 16-token prompts and 48 outputs over 400 tokens of KV: admitting all
-    at once needs 12 x 64 = 768 tokens by the end, so growth must preempt or admission wait."""
+def _fixed_length_wave(prior: int | None, prompt_len: int, out_len: int,
+                       num_blocks: int) -> tuple[object, list, dict]:
+    """Twelve requests of fixed prompt and output lengths over ``num_blocks`` blocks of 4: too
+    few for all at once at their final length, so growth must preempt or admission wait."""
     rng, _ = fresh_rng()
-    requests = [make_request(f"r{i}", random_tokens(rng, 16), 48) for i in range(12)]
-    expected = {r.request_id: reference_generate(r.prompt_token_ids, 48) for r in requests}
-    sched, model = make_scheduler(100, 4, max_num_batched_tokens=256, max_model_len=128,
-                                  expected_output_prior=prior)
+    requests = [make_request(f"r{i}", random_tokens(rng, prompt_len), out_len) for i in range(12)]
+    expected = {r.request_id: reference_generate(r.prompt_token_ids, out_len) for r in requests}
+    sched, model = make_scheduler(num_blocks, 4, max_num_batched_tokens=256,
+                                  max_model_len=min(128, 4 * num_blocks), expected_output_prior=prior)
     return (sched, model), requests, expected
 
 
-def test_admission_reserve_avoids_preemption_by_growth() -> None:
+# (prompt, output, blocks): the KV holds prompt + output - 1 tokens (not the last one sampled):
+# 64 = 16 blocks each, of 100; 9 = 3 blocks each (1 for the prompt, 2 more for the output:
+# counted in blocks, not output tokens / block size), of 24
+@pytest.mark.parametrize("prompt_len,out_len,num_blocks", [(16, 49, 100), (3, 7, 24)])
+def test_admission_reserve_avoids_preemption_by_growth(prompt_len: int, out_len: int,
+                                                       num_blocks: int) -> None:
     """With the reserve (the expected output, capped by max_tokens) admission waits instead of
     letting the running requests outgrow the cache; without it the same wave preempts."""
-    (sched, model), requests, expected = _fixed_length_wave(prior=64)
+    (sched, model), requests, expected = _fixed_length_wave(64, prompt_len, out_len, num_blocks)
     peak_running = 0
 
     def watch(_: int) -> None:
@@ -344,10 +350,11 @@ def test_admission_reserve_avoids_preemption_by_growth() -> None:
 
     got = drive(sched, model, requests, on_step=watch)
     assert got == expected and sched.num_preemptions == 0
-    assert 1 < peak_running <= 400 // 64  # each holds its whole 64-token final length
-    assert sched.block_pool.num_free_blocks == 100
+    final_blocks = -(-(prompt_len + out_len - 1) // 4)
+    assert 1 < peak_running <= num_blocks // final_blocks  # each holds its final length
+    assert sched.block_pool.num_free_blocks == num_blocks
 
-    (sched, model), requests, expected = _fixed_length_wave(prior=None)
+    (sched, model), requests, expected = _fixed_length_wave(None, prompt_len, out_len, num_blocks)
     assert drive(sched, model, requests) == expected
     assert sched.num_preemptions > 0
 
