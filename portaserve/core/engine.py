@@ -130,7 +130,7 @@ class _Sequence:
     """Output state of one child request: detokenizer, visible text, logprobs."""
 
     __slots__ = ("request", "index", "detok", "text", "logprobs", "cumulative_logprob",
-                 "finished_text")
+                 "finished_text", "hold", "is_cumulative")
 
     def __init__(self, request: Request, index: int, detok: Any) -> None:
         self.request = request
@@ -142,6 +142,11 @@ class _Sequence:
         )
         self.cumulative_logprob = 0.0
         self.finished_text: str | None = None
+        params = request.sampling_params
+        #: Characters of text held back while they could still grow into a stop string.
+        self.hold = max((len(s) for s in params.stop), default=1) - 1
+        #: Whether every step reports it (else only its parent's final output does).
+        self.is_cumulative = params.output_kind == "cumulative"
 
 
 class _Parent:
@@ -517,7 +522,9 @@ class LLMEngine:
             parent, seq = entry
             logprobs = step.logprobs[rows[request.request_id]] if rows is not None else None
             self._process_token(seq, request.output_token_ids[-1], logprobs, now)
-            touched[parent.request_id] = parent
+            # a final_only parent can only become reportable when one of its children finishes
+            if seq.is_cumulative or request.status is RequestStatus.FINISHED:
+                touched[parent.request_id] = parent
         return [self._make_output(p) for p in touched.values() if self._should_report(p)]
 
     @staticmethod
@@ -539,6 +546,7 @@ class LLMEngine:
             seq.cumulative_logprob += logprobs[token_id]
         seq.detok.add(token_id)
         num_out = len(request.output_token_ids)
+        num_tokens = len(request.prompt_token_ids) + num_out
         reason: FinishReason | None = None
         stop_reason: str | int | None = None
         text = seq.detok.text
@@ -552,11 +560,11 @@ class LLMEngine:
                 stop, at = hit
                 text = text[: at + len(stop)] if params.include_stop_str_in_output else text[:at]
                 reason, stop_reason = FinishReason.STOP, stop
-        if reason is None and (num_out >= (params.max_tokens or 0) or request.num_tokens >= self.max_model_len):
+        if reason is None and (num_out >= (params.max_tokens or 0) or num_tokens >= self.max_model_len):
             reason = FinishReason.LENGTH
         if reason is None:
             # hold back a tail that could still grow into a stop string
-            hold = max((len(s) for s in params.stop), default=1) - 1
+            hold = seq.hold
             seq.text = text[: len(text) - hold] if hold > 0 else text
             return
         seq.text = text

@@ -64,7 +64,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from portaserve.core.batch import ScheduledBatch, build_batch
+from portaserve.core.batch import ScheduledBatch, build_batch_columns
 from portaserve.core.block_pool import BlockHash, BlockPool, ExtraKeys, hash_block_tokens
 from portaserve.core.request import FinishReason, Request, RequestStatus
 from portaserve.errors import ConfigError, EngineOverloadedError, PortaserveError, RequestError
@@ -351,37 +351,42 @@ class Scheduler:
         scheduled: dict[str, ScheduledRequest] = {}
         preempted: list[Request] = []
 
+        # The hot loop of a decode step (hundreds of requests): lengths are read with len() on
+        # the token lists rather than through Request's properties, and a request that stays
+        # within its blocks (15 steps of 16) touches neither the pool nor the preemption logic.
+        max_model_len = self.config.max_model_len
+        block_size = self.block_size
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            if self._reaches_length_limit(request):
+            num_computed = request.num_computed_tokens
+            num_known = (len(request.prompt_token_ids) + len(request.output_token_ids)
+                         + request.num_output_placeholders)
+            if request.num_output_placeholders and self._reaches_length_limit(request):
                 i += 1  # its last token is in flight: the engine finishes it when it lands
                 continue
-            num_new = min(
-                request.num_tokens + request.num_output_placeholders - request.num_computed_tokens,
-                budget,
-                self.config.max_model_len - request.num_computed_tokens,
-            )
+            num_new = min(num_known - num_computed, budget, max_model_len - num_computed)
             if num_new <= 0:
                 i += 1
                 continue
             entry = self._entries[request.request_id]
-            need = self._blocks_needed(entry, request.num_computed_tokens + num_new)
-            self_preempted = False
-            while need and not self.block_pool.can_allocate(need):
-                victim = self._pick_victim()
-                if self.running.index(victim) < i:  # (priority) it was scheduled earlier
-                    i -= 1
-                budget += self._preempt(victim, scheduled)
-                preempted.append(victim)
-                if victim is request:
-                    self_preempted = True
-                    break
-            if self_preempted:
-                continue  # self.running shifted: index i is already the next request
-            if need:
+            need = -(-(num_computed + num_new) // block_size) - len(entry.block_ids)
+            if need > 0:
+                self_preempted = False
+                while not self.block_pool.can_allocate(need):
+                    victim = self._pick_victim()
+                    if self.running.index(victim) < i:  # (priority) it was scheduled earlier
+                        i -= 1
+                    budget += self._preempt(victim, scheduled)
+                    preempted.append(victim)
+                    if victim is request:
+                        self_preempted = True
+                        break
+                if self_preempted:
+                    continue  # self.running shifted: index i is already the next request
                 entry.block_ids.extend(self.block_pool.allocate(need))
-            scheduled[request.request_id] = self._scheduled(request, num_new)
+            scheduled[request.request_id] = ScheduledRequest(
+                request, num_new, num_computed + num_new == num_known, num_computed)
             budget -= num_new
             i += 1
 
@@ -408,6 +413,8 @@ class Scheduler:
         that received a token (the ones whose stop conditions the engine must check).
         """
         appended: list[ScheduledRequest] = []
+        caching = self.block_pool.enable_prefix_caching
+        block_size = self.block_size
         for sched in output.scheduled:
             request = sched.request
             entry = self._entries.get(request.request_id)
@@ -422,8 +429,11 @@ class Scheduler:
                 request.output_token_ids.append(int(token))
                 request.num_output_placeholders -= 1
                 appended.append(sched)
-            if request.status is RequestStatus.RUNNING:
-                self._cache_blocks(entry, sched.num_computed_before + sched.num_new_tokens)
+            num_computed = sched.num_computed_before + sched.num_new_tokens
+            # most decode steps fill no block: skip the call unless one may have filled
+            if (caching and num_computed // block_size > entry.num_cached_blocks
+                    and request.status is RequestStatus.RUNNING):
+                self._cache_blocks(entry, num_computed)
         return appended
 
     # -- internals ----------------------------------------------------------------------------
@@ -438,39 +448,59 @@ class Scheduler:
         if not request.num_output_placeholders:
             return False
         max_tokens = request.sampling_params.max_tokens
-        num_out = request.num_output_tokens + request.num_output_placeholders
+        num_out = len(request.output_token_ids) + request.num_output_placeholders
         return (max_tokens is not None and num_out >= max_tokens) or (
-            request.num_tokens + request.num_output_placeholders >= self.config.max_model_len
+            len(request.prompt_token_ids) + num_out >= self.config.max_model_len
         )
 
     def _build_batch(self, scheduled: list[ScheduledRequest]) -> ScheduledBatch:
-        """Flatten the step and commit it (computed counts, placeholders, sample rows)."""
-        items = []
-        placeholders: list[tuple[int, int]] = []  # (item, row of the previous step's samples)
+        """Flatten the step and commit it (computed counts, placeholders, sample rows).
+
+        Gathers ``build_batch_columns``' columns directly (no per-request item tuples): this
+        runs every step for every scheduled request."""
+        req_ids: list[str] = []
+        token_ids: list[int] = []  # the new tokens of every request, flattened
+        num_new: list[int] = []
+        num_computed: list[int] = []
+        tables: list[np.ndarray] = []
+        needs_logits: list[bool] = []
+        placeholder_items: list[int] = []
+        placeholder_rows: list[int] = []  # rows of the previous step's samples
         num_rows = 0  # logits rows so far (they follow item order)
+        entries = self._entries
         for index, s in enumerate(scheduled):
             request = s.request
-            entry = self._entries[request.request_id]
+            entry = entries[request.request_id]
             start = request.num_computed_tokens
             end = start + s.num_new_tokens
-            num_known = request.num_tokens
+            num_known = len(request.prompt_token_ids) + len(request.output_token_ids)
             if end <= num_known:
-                tokens = _token_slice(request, start, end)
+                token_ids += _token_slice(request, start, end)
             else:  # its last token was sampled by the step in flight
                 if end - num_known != 1 or request.num_output_placeholders != 1:
                     raise SchedulerError(
                         f"request {request.request_id!r} would run {end - num_known} "
                         "unknown tokens; only one step may be in flight"
                     )
-                tokens = [*_token_slice(request, start, num_known), 0]  # filled on the device
-                placeholders.append((index, entry.sample_row))
-            items.append((request.request_id, tokens, start, entry.block_table(), s.needs_logits))
+                if start < num_known:
+                    token_ids += _token_slice(request, start, num_known)
+                token_ids.append(0)  # filled on the device
+                placeholder_items.append(index)
+                placeholder_rows.append(entry.sample_row)
+            req_ids.append(request.request_id)
+            num_new.append(s.num_new_tokens)
+            num_computed.append(start)
+            tables.append(entry.block_table())
+            needs_logits.append(s.needs_logits)
             request.num_computed_tokens = end
             if s.needs_logits:
                 request.num_output_placeholders += 1
                 entry.sample_row = num_rows
                 num_rows += 1
-        return build_batch(items, self.block_size, placeholders)
+        return build_batch_columns(
+            req_ids, token_ids, num_new, num_computed, tables, needs_logits, self.block_size,
+            placeholder_items, placeholder_rows,
+        )
 
     def _blocks_needed(self, entry: _Entry, num_tokens: int) -> int:
         return max(0, -(-num_tokens // self.block_size) - len(entry.block_ids))
