@@ -111,7 +111,8 @@ def make_llm(args: argparse.Namespace, **kw: object) -> LLM:
     return LLM(f"random:{PRESET}", device="cuda", dtype="bfloat16",
                async_scheduling=args.async_scheduling, max_num_seqs=args.max_num_seqs,
                max_num_batched_tokens=args.max_batched_tokens,
-               kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization, **kw)
+               kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization,
+               expected_output_tokens=args.expected_output_tokens, **kw)
 
 
 def random_ids(rng: random.Random, n: int, vocab: int) -> list[int]:
@@ -151,7 +152,8 @@ def bench_portaserve(args: argparse.Namespace, deadline: float) -> dict[str, flo
     log(f"portaserve engine ready: {engine.device_description}, KV {engine.kv_capacity_tokens} tokens, "
         f"executor {type(engine.runner.executor).__name__ if engine.runner.executor else 'none'}, "
         f"async scheduling {'on' if engine.async_scheduling else 'off'}, "
-        f"PDL {'on' if envs.cuda_pdl() else 'off'}")
+        f"PDL {'on' if envs.cuda_pdl() else 'off'}, admission reserve "
+        f"{'off' if args.expected_output_tokens is None else f'{args.expected_output_tokens} tokens'}")
     res["async_scheduling"] = engine.async_scheduling
     parts = set(args.parts.split(","))
     greedy = SamplingParams(temperature=0, max_tokens=args.decode_tokens, ignore_eos=True)
@@ -227,10 +229,14 @@ def bench_throughput(args: argparse.Namespace, llm: LLM, rng: random.Random, res
     params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True,
                             output_kind="final_only")
     reserve = 150 if "prefix" in args.parts.split(",") else 0  # time left for the prefix part
+    preempted_before = llm.llm_engine.stats().num_preemptions
     tokens, secs, done = run_all(llm, prompts, params, deadline - reserve)
     res["throughput"] = tokens / secs
     res["throughput_done"] = done
     res["throughput_s"] = secs
+    res["throughput_preemptions"] = llm.llm_engine.stats().num_preemptions - preempted_before
+    log(f"throughput: {tokens / secs:,.0f} output tok/s, {done} finished in {secs:.1f} s, "
+        f"{res['throughput_preemptions']} preemptions")
 
 
 def bench_prefix_on(args: argparse.Namespace, llm: LLM, rng: random.Random, res: dict[str, float],
@@ -269,6 +275,9 @@ def main() -> None:
     p.add_argument("--kv-cache-dtype", default="auto", help="auto (bf16) or fp8 (e4m3)")
     p.add_argument("--quantization", default=None,
                    help="online weight format of the decoder's linears (fp8, int8, int4, ...)")
+    p.add_argument("--expected-output-tokens", default=1024,
+                   type=lambda t: None if t.strip().lower() == "none" else int(t),
+                   help="the scheduler's admission reserve (none: off, vLLM's admission)")
     p.add_argument("--parts", default="decode,ttft,throughput,prefix",
                    help="which portaserve measurements to run (batch-1 decode always runs)")
     p.add_argument("--budget-s", type=float, default=540, help="stop measuring after this long")
