@@ -27,6 +27,7 @@ import torch
 
 from portaserve import LLM, SamplingParams, __version__, envs
 from portaserve.core.loaders.synthetic import PRESETS, synthetic_weights
+from portaserve.serve.engine_args import int_or_none
 
 PRESET = "llama3-8b"
 
@@ -276,7 +277,7 @@ def main() -> None:
     p.add_argument("--quantization", default=None,
                    help="online weight format of the decoder's linears (fp8, int8, int4, ...)")
     p.add_argument("--expected-output-tokens", default=1024,
-                   type=lambda t: None if t.strip().lower() == "none" else int(t),
+                   type=int_or_none,
                    help="the scheduler's admission reserve (none: off, vLLM's admission)")
     p.add_argument("--parts", default="decode,ttft,throughput,prefix",
                    help="which portaserve measurements to run (batch-1 decode always runs)")

@@ -620,7 +620,8 @@ class Scheduler:
         if budget <= 0 or len(self.running) >= self.config.max_num_seqs or not self.waiting:
             return budget
         pending = self._pending_block_hashes()
-        reserve = sum(self._growth_blocks(r) for r in self.running)
+        # blocks kept for the running requests' expected output (a pass over them: skip it when off)
+        reserve = 0 if self.expected_output is None else sum(map(self._growth_blocks, self.running))
         for request in self._waiting_order():
             if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
                 break

@@ -47,7 +47,7 @@ def add_engine_args(parser: argparse.ArgumentParser, *, model_positional: bool =
     g.add_argument(
         "--scheduling-policy", default="fcfs", choices=["fcfs", "priority", "cache-aware"]
     )
-    g.add_argument("--expected-output-tokens", type=_int_or_none, default=1024, metavar="N|none",
+    g.add_argument("--expected-output-tokens", type=int_or_none, default=1024, metavar="N|none",
                    help="admission keeps KV room for each running request's expected output: N "
                         "tokens until finished requests show their real length (default 1024); "
                         "none admits on present needs only (growth then preempts, as in vLLM)")
@@ -66,7 +66,8 @@ def add_engine_args(parser: argparse.ArgumentParser, *, model_positional: bool =
     g.add_argument("--seed", type=int, default=0)
 
 
-def _int_or_none(text: str) -> int | None:
+def int_or_none(text: str) -> int | None:
+    """argparse type: an integer, or None for 'none' (e.g. ``--expected-output-tokens``)."""
     if text.strip().lower() == "none":
         return None
     try:
