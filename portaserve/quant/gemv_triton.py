@@ -75,6 +75,8 @@ class GemvConfig:
     #: Tensor-core kernel, group-scaled formats: scale the unpacked tile before the dot (one
     #: chained dot per step) rather than scaling each group's dot result (see the kernel).
     scale_tile: bool = False
+    #: FMA kernel, int4 at one row of bf16 x: packed bf16x2 arithmetic (``_INT4_BF16X2_ASM``).
+    packed: bool = True
 
 
 #: Per format: (largest M, config) pairs, the first whose M covers the call's is used. From
@@ -91,7 +93,7 @@ class GemvConfig:
 #: from the compiled code's instruction counts, ``benchmarks/gemv_sass.py``).
 _DOT = GemvConfig(128, 128, programs_per_sm=3, num_stages=4, dot=True)
 CONFIGS: dict[str, tuple[tuple[int, GemvConfig | None], ...]] = {
-    "int4": ((1, GemvConfig(32, 512)), (MAX_M, _DOT)),
+    "int4": ((1, GemvConfig(64, 128)), (MAX_M, _DOT)),
     **dict.fromkeys(("Q4_0", "Q4_1"), ((1, GemvConfig(16, 512)), (2, GemvConfig(32, 512)),
                                        (MAX_M, _DOT))),
     "Q8_0": ((1, GemvConfig(16, 256)), (MAX_M, None)),
@@ -122,20 +124,66 @@ def config_for(fmt: str, m: int, n: int = 0) -> GemvConfig | None:
     return next(cfg for max_m, cfg in CONFIGS[fmt] if m <= max_m)
 
 
+#: Four pairs of int4 codes of a 32-bit word times four bf16x2 pairs of x, in packed bf16x2
+#: arithmetic (sm_80+): pair i is nibbles i and i + 4, ``(word >> 4i) & 0x000F000F``; OR-ing
+#: 0x4300 into both halves makes them 128 + code exactly, one FMA by 1.0 adds the pair's
+#: ``-(128 + zero)`` (exact: small integers), one FMA accumulates the products. The two halves'
+#: sums are added in float32. ~20 instructions for 8 weights, where float32 math needs ~5 a weight.
+_INT4_BF16X2_ASM = tl.constexpr("""{
+.reg .b32 t, v, acc, one, negzero, mask, magic;
+.reg .f32 lo, hi;
+mov.b32 one, 0x3F803F80;
+mov.b32 negzero, 0x80008000;
+mov.b32 mask, 0x000F000F;
+mov.b32 magic, 0x43004300;
+lop3.b32 v, $1, mask, magic, 0xEA;
+fma.rn.bf16x2 v, v, one, $2;
+fma.rn.bf16x2 acc, v, $3, negzero;
+shr.u32 t, $1, 4;
+lop3.b32 v, t, mask, magic, 0xEA;
+fma.rn.bf16x2 v, v, one, $2;
+fma.rn.bf16x2 acc, v, $4, acc;
+shr.u32 t, $1, 8;
+lop3.b32 v, t, mask, magic, 0xEA;
+fma.rn.bf16x2 v, v, one, $2;
+fma.rn.bf16x2 acc, v, $5, acc;
+shr.u32 t, $1, 12;
+lop3.b32 v, t, mask, magic, 0xEA;
+fma.rn.bf16x2 v, v, one, $2;
+fma.rn.bf16x2 acc, v, $6, acc;
+shl.b32 t, acc, 16;
+and.b32 acc, acc, 0xFFFF0000;
+mov.b32 lo, t;
+mov.b32 hi, acc;
+add.f32 lo, lo, hi;
+mov.b32 $0, lo;
+}""")
+#: Four 32-bit words from one 16-byte aligned address (read-only data: x).
+_LD_V4_ASM = tl.constexpr("ld.global.nc.v4.u32 {$0, $1, $2, $3}, [$4];")
+#: Two bf16x2 words from two: (a.lo, b.lo) and (a.hi, b.hi).
+_PRMT_ASM = tl.constexpr("prmt.b32 $0, $2, $3, 0x5410;\n\tprmt.b32 $1, $2, $3, 0x7632;")
+
+
 @triton_kernel
 def _gemv_kernel(
-    x_ptr, q_ptr, s_ptr, z_ptr, k_ptr, h_ptr, xs_ptr, bias_ptr, out_ptr, part_ptr, lock_ptr,
-    N, K, SPLIT_K, stride_xm, stride_qn, stride_sn, stride_kn, stride_hn, stride_xs, stride_om,
+    x_ptr, x32_ptr, q_ptr, s_ptr, z_ptr, k_ptr, h_ptr, xs_ptr, bias_ptr, out_ptr, part_ptr,
+    lock_ptr, N, K, SPLIT_K, stride_xm, stride_qn, stride_sn, stride_kn, stride_hn, stride_xs,
+    stride_om,
     FMT: tl.constexpr, GROUP: tl.constexpr, CODES: tl.constexpr, NB: tl.constexpr,
     WPB: tl.constexpr, M_ROWS: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
+    PACKED: tl.constexpr, ASM: tl.constexpr,
 ):
     """Grid ``(cdiv(N, BLOCK_N), SPLIT_K)``. A K step covers ``NB`` blocks of ``GROUP`` columns
     (one scale each; int8/fp8: one block, scales per row; K formats: a 64-column quarter of a
     super-block, two sub-blocks) of ``WPB`` words of ``CODES`` codes. Weights are ``v a + c``
     with (a0, c0) for even codes of a word and (a1, c1) for odd ones (they differ only in the
     K formats, whose two nibbles of a byte belong to different sub-blocks). ``SPLIT_K`` is a
-    run-time value (Triton specializes the value 1: no split, no counters)."""
+    run-time value (Triton specializes the value 1: no split, no counters).
+
+    ``PACKED`` (int4, one row of bf16 x, ``x32_ptr`` the same x as 32-bit words): each word's
+    eight products in packed bf16x2 arithmetic (``_INT4_BF16X2_ASM``; ``ASM`` False: the same
+    products in float32, for the interpreter), times the block's scale in float32."""
     # One row of x: two FMAs per code become one (a and c applied once per word), as fewer
     # instructions per byte is what bounds a 4-bit GEMV; with more rows, expanding w once wins.
     FOLD: tl.constexpr = M_ROWS == 1 and FMT != 5
@@ -156,125 +204,181 @@ def _gemv_kernel(
     acc1 = acc0
     acc2 = acc0
     acc3 = acc0
-    for step in tl.range(step_begin, step_end, num_stages=NUM_STAGES):
-        k0 = step * BLOCK_K
-        # [BN, NB, WPB] int32 (fp8: e4m3 values); rows past N load anything and are not stored
-        words = tl.load(q_ptr + rows * stride_qn + k0 // CODES + blk * WPB + wrd, mask=row_ok)
-        if FMT <= 3:  # a scale (and zero / min) per block of GROUP columns: [BN, NB, 1]
-            sc_off = offs_n[:, None] * stride_sn + k0 // GROUP + tl.arange(0, NB)[None, :]
-            sc_ok = n_ok[:, None]
-            d = tl.load(s_ptr + sc_off, mask=sc_ok, other=0.0)[:, :, None].to(tl.float32)
-            a0 = d * (256.0 if FMT == 2 else 16.0)
-            if FMT == 0:  # Q4_0: d (q - 8)
-                c0 = d * -24.0
-            elif FMT == 1:  # Q4_1: d q + m
-                c0 = tl.load(z_ptr + sc_off, mask=sc_ok, other=0.0)[:, :, None].to(tl.float32) - a0
-            elif FMT == 2:  # Q8_0: d q, q = u - 128 for the offset-binary byte u
-                c0 = d * -384.0
-            else:  # int4: s (q - zero)
-                z = tl.load(z_ptr + sc_off, mask=sc_ok, other=0)[:, :, None].to(tl.float32)
-                c0 = -(z + 16.0) * d
-            a1 = a0
-            c1 = c0
-        elif FMT == 4:  # int8: the code is 256 v - 384; the row's scale comes at the end
-            a0 = 256.0
-            c0 = -384.0
-            a1 = a0
-            c1 = c0
-        elif KQ:
-            sb2 = k0 // 256 + tl.arange(0, NB)[None, :] // 4  # [1, NB] super-block of each block
-            sc_ok = n_ok[:, None]
-            d = tl.load(s_ptr + offs_n[:, None] * stride_sn + sb2, mask=sc_ok, other=0.0).to(tl.float32)
-            sb3 = k0 // 256 + blk // 4  # [1, NB, 1]
-            if FMT == 8:  # Q6_K: 16-column sub-blocks with int8 scales; w = d sc (q - 32)
-                half = (blk % 4) // 2
-                qh = tl.load(h_ptr + rows * stride_hn + sb3 * 16 + 8 * half + wrd, mask=row_ok)
-                # 32-column sub-block u = 4 half + 2 nibble + part: scales 2u + (word // 4)
-                sp = k_ptr + rows * stride_kn + sb3 * 16 + 8 * half + 2 * (blk % 2) + wrd // 4
-                ds0 = d[:, :, None] * tl.load(sp, mask=row_ok, other=0).to(tl.float32)
-                ds1 = d[:, :, None] * tl.load(sp + 4, mask=row_ok, other=0).to(tl.float32)
-                a0 = ds0 * 64.0
-                c0 = ds0 * -96.0
-                a1 = ds1 * 64.0
-                c1 = ds1 * -96.0
-            else:  # Q4_K / Q5_K: w = d sc q - dmin mn, six-bit sc / mn (gguf_formats.k_scale_min)
-                dmin = tl.load(z_ptr + offs_n[:, None] * stride_sn + sb2, mask=sc_ok,
-                               other=0.0).to(tl.float32)
-                kp = k_ptr + offs_n[:, None] * stride_kn + sb2 * 12
-                quarter = tl.arange(0, NB)[None, :] % 4
-                for half in tl.static_range(2):  # sub-block 2 quarter (low nibbles), + 1 (high)
-                    sub = 2 * quarter + half
-                    j = sub % 4
-                    bd = tl.load(kp + j, mask=sc_ok, other=0).to(tl.int32)
-                    bm = tl.load(kp + 4 + j, mask=sc_ok, other=0).to(tl.int32)
-                    bmd = tl.load(kp + 8 + j, mask=sc_ok, other=0).to(tl.int32)
-                    sc = tl.where(sub < 4, bd & 63, (bmd & 15) | ((bd >> 2) & 48)).to(tl.float32)
-                    mn = tl.where(sub < 4, bm & 63, (bmd >> 4) | ((bm >> 2) & 48)).to(tl.float32)
-                    a = (d * sc * (16.0 if FMT == 6 else 32.0))[:, :, None]
-                    c = -(a + (dmin * mn)[:, :, None])
-                    if half == 0:
-                        a0 = a
-                        c0 = c
+    if PACKED:  # int4, one row of bf16 x; the next step's loads go out before this one's math
+        w_ptrs = q_ptr + rows * stride_qn + blk * WPB + wrd  # [BN, NB, WPB] words of step 0
+        sc_ptrs = offs_n[:, None] * stride_sn + tl.arange(0, NB)[None, :]  # [BN, NB] blocks
+        x_ptrs = x32_ptr + (blk * WPB + wrd) * 4  # [1, NB, WPB]: word j's 8 columns, 4 words
+        k_next = tl.minimum(step_begin, num_steps - 1) * BLOCK_K  # (a split past the end: unused)
+        words_n = tl.load(w_ptrs + k_next // 8, mask=row_ok)
+        d_n = tl.load(s_ptr + sc_ptrs + k_next // GROUP, mask=n_ok[:, None], other=0.0)
+        z_n = tl.load(z_ptr + sc_ptrs + k_next // GROUP, mask=n_ok[:, None], other=0)
+        if ASM:  # one 16-byte load (x32_ptr is 16-byte aligned)
+            u0_n, u1_n, u2_n, u3_n = tl.inline_asm_elementwise(
+                _LD_V4_ASM, "=r,=r,=r,=r,l", [x_ptrs + k_next // 2], dtype=(tl.int32,) * 4,
+                is_pure=True, pack=1)
+        else:
+            if ASM:  # one 16-byte load (x32_ptr is 16-byte aligned)
+                u0_n, u1_n, u2_n, u3_n = tl.inline_asm_elementwise(
+                    _LD_V4_ASM, "=r,=r,=r,=r,l", [x_ptrs + k_next // 2], dtype=(tl.int32,) * 4,
+                    is_pure=True, pack=1)
+            else:
+                u0_n = tl.load(x_ptrs + k_next // 2)
+                u1_n = tl.load(x_ptrs + k_next // 2 + 1)
+                u2_n = tl.load(x_ptrs + k_next // 2 + 2)
+                u3_n = tl.load(x_ptrs + k_next // 2 + 3)
+        for step in range(step_begin, step_end):
+            words, u0, u1, u2, u3 = words_n, u0_n, u1_n, u2_n, u3_n
+            d = d_n[:, :, None].to(tl.float32)  # [BN, NB, 1]
+            z = z_n[:, :, None].to(tl.float32)
+            k_next = tl.minimum(step + 1, num_steps - 1) * BLOCK_K  # (the last: reloaded, unused)
+            words_n = tl.load(w_ptrs + k_next // 8, mask=row_ok)
+            d_n = tl.load(s_ptr + sc_ptrs + k_next // GROUP, mask=n_ok[:, None], other=0.0)
+            z_n = tl.load(z_ptr + sc_ptrs + k_next // GROUP, mask=n_ok[:, None], other=0)
+            if ASM:  # one 16-byte load (x32_ptr is 16-byte aligned)
+                u0_n, u1_n, u2_n, u3_n = tl.inline_asm_elementwise(
+                    _LD_V4_ASM, "=r,=r,=r,=r,l", [x_ptrs + k_next // 2], dtype=(tl.int32,) * 4,
+                    is_pure=True, pack=1)
+            else:
+                u0_n = tl.load(x_ptrs + k_next // 2)
+                u1_n = tl.load(x_ptrs + k_next // 2 + 1)
+                u2_n = tl.load(x_ptrs + k_next // 2 + 2)
+                u3_n = tl.load(x_ptrs + k_next // 2 + 3)
+            if ASM:  # x as the codes pair: p_i holds columns 8 j + i and 8 j + i + 4
+                p0, p1 = tl.inline_asm_elementwise(_PRMT_ASM, "=r,=r,r,r", [u0, u2],
+                                                   dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+                p2, p3 = tl.inline_asm_elementwise(_PRMT_ASM, "=r,=r,r,r", [u1, u3],
+                                                   dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+                # -(128 + zero) in both bf16 halves of a word
+                neg_zero = (-(z + 128.0)).to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+                acc0 += tl.inline_asm_elementwise(
+                    _INT4_BF16X2_ASM, "=r,r,r,r,r,r,r", [words, neg_zero | (neg_zero << 16), p0, p1, p2, p3],
+                    dtype=tl.float32, is_pure=True, pack=1) * d
+            else:  # the interpreter runs no assembly: the same products, summed in float32
+                for i in tl.static_range(8):  # code i: column 8 j + i, bf16 i % 2 of word i // 2
+                    u = u0 if i < 2 else (u1 if i < 4 else (u2 if i < 6 else u3))
+                    xi = ((u << 16) if i % 2 == 0 else (u & -65536)).to(tl.float32, bitcast=True)
+                    code = ((words >> (4 * i)) & 15).to(tl.float32)
+                    acc0 += (code - z) * xi * d
+    else:
+        for step in tl.range(step_begin, step_end, num_stages=NUM_STAGES):
+            k0 = step * BLOCK_K
+            # [BN, NB, WPB] int32 (fp8: e4m3 values); rows past N load anything and are not stored
+            words = tl.load(q_ptr + rows * stride_qn + k0 // CODES + blk * WPB + wrd, mask=row_ok)
+            if FMT <= 3:  # a scale (and zero / min) per block of GROUP columns: [BN, NB, 1]
+                sc_off = offs_n[:, None] * stride_sn + k0 // GROUP + tl.arange(0, NB)[None, :]
+                sc_ok = n_ok[:, None]
+                d = tl.load(s_ptr + sc_off, mask=sc_ok, other=0.0)[:, :, None].to(tl.float32)
+                a0 = d * (256.0 if FMT == 2 else 16.0)
+                if FMT == 0:  # Q4_0: d (q - 8)
+                    c0 = d * -24.0
+                elif FMT == 1:  # Q4_1: d q + m
+                    c0 = tl.load(z_ptr + sc_off, mask=sc_ok, other=0.0)[:, :, None].to(tl.float32) - a0
+                elif FMT == 2:  # Q8_0: d q, q = u - 128 for the offset-binary byte u
+                    c0 = d * -384.0
+                else:  # int4: s (q - zero)
+                    z = tl.load(z_ptr + sc_off, mask=sc_ok, other=0)[:, :, None].to(tl.float32)
+                    c0 = -(z + 16.0) * d
+                a1 = a0
+                c1 = c0
+            elif FMT == 4:  # int8: the code is 256 v - 384; the row's scale comes at the end
+                a0 = 256.0
+                c0 = -384.0
+                a1 = a0
+                c1 = c0
+            elif KQ:
+                sb2 = k0 // 256 + tl.arange(0, NB)[None, :] // 4  # [1, NB] super-block of each block
+                sc_ok = n_ok[:, None]
+                d = tl.load(s_ptr + offs_n[:, None] * stride_sn + sb2, mask=sc_ok, other=0.0).to(tl.float32)
+                sb3 = k0 // 256 + blk // 4  # [1, NB, 1]
+                if FMT == 8:  # Q6_K: 16-column sub-blocks with int8 scales; w = d sc (q - 32)
+                    half = (blk % 4) // 2
+                    qh = tl.load(h_ptr + rows * stride_hn + sb3 * 16 + 8 * half + wrd, mask=row_ok)
+                    # 32-column sub-block u = 4 half + 2 nibble + part: scales 2u + (word // 4)
+                    sp = k_ptr + rows * stride_kn + sb3 * 16 + 8 * half + 2 * (blk % 2) + wrd // 4
+                    ds0 = d[:, :, None] * tl.load(sp, mask=row_ok, other=0).to(tl.float32)
+                    ds1 = d[:, :, None] * tl.load(sp + 4, mask=row_ok, other=0).to(tl.float32)
+                    a0 = ds0 * 64.0
+                    c0 = ds0 * -96.0
+                    a1 = ds1 * 64.0
+                    c1 = ds1 * -96.0
+                else:  # Q4_K / Q5_K: w = d sc q - dmin mn, six-bit sc / mn (gguf_formats.k_scale_min)
+                    dmin = tl.load(z_ptr + offs_n[:, None] * stride_sn + sb2, mask=sc_ok,
+                                   other=0.0).to(tl.float32)
+                    kp = k_ptr + offs_n[:, None] * stride_kn + sb2 * 12
+                    quarter = tl.arange(0, NB)[None, :] % 4
+                    for half in tl.static_range(2):  # sub-block 2 quarter (low nibbles), + 1 (high)
+                        sub = 2 * quarter + half
+                        j = sub % 4
+                        bd = tl.load(kp + j, mask=sc_ok, other=0).to(tl.int32)
+                        bm = tl.load(kp + 4 + j, mask=sc_ok, other=0).to(tl.int32)
+                        bmd = tl.load(kp + 8 + j, mask=sc_ok, other=0).to(tl.int32)
+                        sc = tl.where(sub < 4, bd & 63, (bmd & 15) | ((bd >> 2) & 48)).to(tl.float32)
+                        mn = tl.where(sub < 4, bm & 63, (bmd >> 4) | ((bm >> 2) & 48)).to(tl.float32)
+                        a = (d * sc * (16.0 if FMT == 6 else 32.0))[:, :, None]
+                        c = -(a + (dmin * mn)[:, :, None])
+                        if half == 0:
+                            a0 = a
+                            c0 = c
+                        else:
+                            a1 = a
+                            c1 = c
+                    if FMT == 7:  # Q5_K: bit s of qh byte t is the fifth bit of sub-block s, column t
+                        qh = tl.load(h_ptr + rows * stride_hn + sb3 * 8 + wrd, mask=row_ok)
+            for i in tl.static_range(CODES):
+                if FMT == 7:  # Q5_K: nibble -> bits 18..21, its fifth bit -> 22: 1 + code / 32
+                    moved = words << (18 - 4 * i) if 4 * i <= 18 else words >> (4 * i - 18)
+                    high = ((qh >> (8 * (i // 2) + 2 * (blk % 4) + i % 2)) & 1) << 22
+                    v = ((moved & 0x3C0000) | high | 0x3F800000).to(tl.float32, bitcast=True)
+                elif FMT == 8:  # Q6_K: nibble -> bits 17..20, two high bits -> 21..22: 1 + code / 64
+                    moved = words << (17 - 4 * i) if 4 * i <= 17 else words >> (4 * i - 17)
+                    high = ((qh >> (8 * (i // 2) + 4 * (i % 2) + 2 * (blk % 2))) & 3) << 21
+                    v = ((moved & 0x1E0000) | high | 0x3F800000).to(tl.float32, bitcast=True)
+                elif CODES == 8:  # nibble i (bits 4i..4i+3) -> mantissa bits 19..22 of 1.0
+                    moved = words << (19 - 4 * i) if 4 * i <= 19 else words >> (4 * i - 19)
+                    v = ((moved & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
+                elif FMT == 5:  # fp8: one e4m3 per "word" (CODES 1), converted by the hardware
+                    v = words.to(tl.float32)
+                else:  # signed byte i, flipped to offset binary -> mantissa bits 15..22 of 1.0
+                    moved = words << (15 - 8 * i) if 8 * i <= 15 else words >> (8 * i - 15)
+                    v = ((moved & 0x7F8000) ^ 0x3FC00000).to(tl.float32, bitcast=True)
+                if FMT == 0 or FMT == 1:  # GGUF 4-bit: byte t of a block holds columns t and t + 16
+                    col = blk * 32 + wrd * 4 + (i // 2) + 16 * (i % 2)
+                elif FMT == 6 or FMT == 7:  # byte t of a quarter: columns t (low) and t + 32 (high)
+                    col = blk * 64 + 32 * (i % 2) + 4 * wrd + i // 2
+                elif FMT == 8:  # ql byte t of (half h, part p): columns 128 h + 32 p + t, and + 64
+                    col = ((blk // 4) * 256 + 128 * ((blk % 4) // 2) + 32 * (blk % 2) + 64 * (i % 2)
+                           + 4 * wrd + i // 2)
+                else:  # code i of word j is column CODES * j + i
+                    col = (blk * WPB + wrd) * CODES + i
+                xp = x_ptr + k0 + col  # [1, NB, WPB]: shared by the tile's rows
+                if FOLD:  # per word (and parity of i): p = sum of v x, s = sum of those x
+                    x0 = tl.load(xp).to(tl.float32)
+                    if i == 0:
+                        p0, s0 = v * x0, x0
+                    elif i == 1 and KQ:
+                        p1, s1 = v * x0, x0
+                    elif i % 2 == 1 and KQ:
+                        p1, s1 = p1 + v * x0, s1 + x0
                     else:
-                        a1 = a
-                        c1 = c
-                if FMT == 7:  # Q5_K: bit s of qh byte t is the fifth bit of sub-block s, column t
-                    qh = tl.load(h_ptr + rows * stride_hn + sb3 * 8 + wrd, mask=row_ok)
-        for i in tl.static_range(CODES):
-            if FMT == 7:  # Q5_K: nibble -> bits 18..21, its fifth bit -> 22: 1 + code / 32
-                moved = words << (18 - 4 * i) if 4 * i <= 18 else words >> (4 * i - 18)
-                high = ((qh >> (8 * (i // 2) + 2 * (blk % 4) + i % 2)) & 1) << 22
-                v = ((moved & 0x3C0000) | high | 0x3F800000).to(tl.float32, bitcast=True)
-            elif FMT == 8:  # Q6_K: nibble -> bits 17..20, two high bits -> 21..22: 1 + code / 64
-                moved = words << (17 - 4 * i) if 4 * i <= 17 else words >> (4 * i - 17)
-                high = ((qh >> (8 * (i // 2) + 4 * (i % 2) + 2 * (blk % 2))) & 3) << 21
-                v = ((moved & 0x1E0000) | high | 0x3F800000).to(tl.float32, bitcast=True)
-            elif CODES == 8:  # nibble i (bits 4i..4i+3) -> mantissa bits 19..22 of 1.0
-                moved = words << (19 - 4 * i) if 4 * i <= 19 else words >> (4 * i - 19)
-                v = ((moved & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
-            elif FMT == 5:  # fp8: one e4m3 per "word" (CODES 1), converted by the hardware
-                v = words.to(tl.float32)
-            else:  # signed byte i, flipped to offset binary -> mantissa bits 15..22 of 1.0
-                moved = words << (15 - 8 * i) if 8 * i <= 15 else words >> (8 * i - 15)
-                v = ((moved & 0x7F8000) ^ 0x3FC00000).to(tl.float32, bitcast=True)
-            if FMT == 0 or FMT == 1:  # GGUF 4-bit: byte t of a block holds columns t and t + 16
-                col = blk * 32 + wrd * 4 + (i // 2) + 16 * (i % 2)
-            elif FMT == 6 or FMT == 7:  # byte t of a quarter: columns t (low) and t + 32 (high)
-                col = blk * 64 + 32 * (i % 2) + 4 * wrd + i // 2
-            elif FMT == 8:  # ql byte t of (half h, part p): columns 128 h + 32 p + t, and + 64
-                col = ((blk // 4) * 256 + 128 * ((blk % 4) // 2) + 32 * (blk % 2) + 64 * (i % 2)
-                       + 4 * wrd + i // 2)
-            else:  # code i of word j is column CODES * j + i
-                col = (blk * WPB + wrd) * CODES + i
-            xp = x_ptr + k0 + col  # [1, NB, WPB]: shared by the tile's rows
-            if FOLD:  # per word (and parity of i): p = sum of v x, s = sum of those x
-                x0 = tl.load(xp).to(tl.float32)
-                if i == 0:
-                    p0, s0 = v * x0, x0
-                elif i == 1 and KQ:
-                    p1, s1 = v * x0, x0
-                elif i % 2 == 1 and KQ:
-                    p1, s1 = p1 + v * x0, s1 + x0
-                else:
-                    p0, s0 = p0 + v * x0, s0 + x0
-            else:  # the weight expanded once, for every row of x
-                if FMT == 5:
-                    w = v
-                elif i % 2 == 0:
-                    w = v * a0 + c0
-                else:
-                    w = v * a1 + c1
-                acc0 += w * tl.load(xp).to(tl.float32)
-                if M_ROWS > 1:
-                    acc1 += w * tl.load(xp + stride_xm).to(tl.float32)
-                if M_ROWS > 2:
-                    acc2 += w * tl.load(xp + 2 * stride_xm).to(tl.float32)
-                if M_ROWS > 3:
-                    acc3 += w * tl.load(xp + 3 * stride_xm).to(tl.float32)
-        if FOLD:  # sum of w x over a word = a p + c s (w = a v + c)
-            acc0 += p0 * a0 + s0 * c0
-            if KQ:
-                acc0 += p1 * a1 + s1 * c1
+                        p0, s0 = p0 + v * x0, s0 + x0
+                else:  # the weight expanded once, for every row of x
+                    if FMT == 5:
+                        w = v
+                    elif i % 2 == 0:
+                        w = v * a0 + c0
+                    else:
+                        w = v * a1 + c1
+                    acc0 += w * tl.load(xp).to(tl.float32)
+                    if M_ROWS > 1:
+                        acc1 += w * tl.load(xp + stride_xm).to(tl.float32)
+                    if M_ROWS > 2:
+                        acc2 += w * tl.load(xp + 2 * stride_xm).to(tl.float32)
+                    if M_ROWS > 3:
+                        acc3 += w * tl.load(xp + 3 * stride_xm).to(tl.float32)
+            if FOLD:  # sum of w x over a word = a p + c s (w = a v + c)
+                acc0 += p0 * a0 + s0 * c0
+                if KQ:
+                    acc0 += p1 * a1 + s1 * c1
     for m in tl.static_range(M_ROWS):
         if m == 0:
             acc = acc0
@@ -657,16 +761,31 @@ def gemv(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None = N
     if x_scale is None:
         x_scale = s
     scalar_scale = s.dim() == 0
+    x32 = _packed_x(x, weight, cfg)
     _gemv_kernel.on(x)[(num_tiles, split_k)](
-        x, words, s, z, kb, qh, x_scale, bias if bias is not None else out, out, parts,
-        locks if locks is not None else out,
+        x, x32 if x32 is not None else x, words, s, z, kb, qh, x_scale,
+        bias if bias is not None else out, out, parts, locks if locks is not None else out,
         n, k, split_k, x.stride(0), words.stride(0), 0 if scalar_scale else s.stride(0),
         kb.stride(0) if kb.dim() else 0, qh.stride(0) if qh.dim() else 0,
         0 if x_scale.dim() == 0 else x_scale.stride(0), out.stride(0),
         FMT=fmt, GROUP=group, CODES=codes, NB=block_k // group, WPB=group // codes, M_ROWS=m,
         HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
-        NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps)
+        NUM_STAGES=cfg.num_stages, PACKED=x32 is not None, ASM=not is_interpreted(x),
+        num_warps=cfg.num_warps)
     return out
+
+
+def _packed_x(x: torch.Tensor, weight: QuantizedWeight, cfg: GemvConfig) -> torch.Tensor | None:
+    """x as 32-bit words (bf16 pairs) where the FMA kernel takes the packed bf16x2 path: int4,
+    one row of bf16 x (``cfg.packed``); None otherwise."""
+    if not cfg.packed or weight.format != "int4" or x.dtype != torch.bfloat16 or x.shape[0] != 1:
+        return None
+    if x.data_ptr() % 16 or x.shape[1] % 8:  # (x is read 16 bytes at a time)
+        return None
+    try:
+        return x.view(torch.int32)
+    except RuntimeError:  # odd K or a misaligned row
+        return None
 
 
 def _dot_gemv(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None,

@@ -182,3 +182,27 @@ def test_scale_tile_applies_where_the_dot_runs_in_x_dtype(fmt: str, dtype: torch
     plan = gemv_triton._dot_plan(weight, x, SMALL["dot_scaled"])
     assert plan is not None and plan["SCALE_TILE"] is scaled
     assert gemv_triton._dot_plan(weight, x, SMALL["dot"])["SCALE_TILE"] is False
+
+
+@pytest.mark.parametrize("fmt,group", [("int4", 32), ("int4_sym", 64), ("int4", 128)])
+@pytest.mark.parametrize("x_scale", [1.0, 1e5], ids=["x1", "x1e5"])
+def test_int4_one_row_of_bf16_takes_packed_bf16x2_arithmetic(fmt: str, group: int, x_scale: float,
+                                                            gen: torch.Generator) -> None:
+    """int4 at one row of bf16 x: each word's eight products in bf16x2 (compiled: inline PTX;
+    interpreter: the same products in float32), x beyond fp16's range included. On the GPU the
+    products and their per-word sums round to bf16; the float32 kernel is the yardstick there."""
+    weight = packed(fmt, 40, 512, gen, group)
+    x = (torch.randn(1, 512, generator=gen) * x_scale).to(torch.bfloat16)
+    cfg, plain = SMALL["fma"], gemv_triton.GemvConfig(block_n=16, block_k=128, packed=False)
+    assert gemv_triton._packed_x(x, weight, cfg) is not None
+    assert gemv_triton._packed_x(x, weight, plain) is None
+    assert gemv_triton._packed_x(x.float(), weight, cfg) is None  # bf16 x only
+    want = reference.quant_linear(x.float(), weight, None)
+    dev_w, dev_x = weight.to(DEVICE), x.to(DEVICE)
+    got = gemv_triton.gemv(dev_x, dev_w, config=cfg, out_dtype=torch.float32)
+    fp32 = gemv_triton.gemv(dev_x, dev_w, config=plain, out_dtype=torch.float32)
+    assert rel_err(fp32, want) <= RTOL[torch.float32]
+    # bf16 rounds each product and each of a word's four pair sums to 8 significant bits
+    assert rel_err(got, want) <= (RTOL[torch.float32] if DEVICE.type == "cpu" else 4e-3)
+    assert rel_err(gemv_triton.gemv(dev_x, dev_w, config=cfg, split_k=3, out_dtype=torch.float32),
+                   want) <= (RTOL[torch.float32] if DEVICE.type == "cpu" else 4e-3)
