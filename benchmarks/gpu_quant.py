@@ -267,6 +267,9 @@ def sweep_configs(fmt: str) -> list:
 
     four_bit = fmt in ("int4", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
     fma = [C(32, 512), C(16, 512)] if four_bit else [C(32, 256), C(16, 256)]
+    if fmt in ("int4", "Q4_0"):  # one row: packed bf16x2 arithmetic (the default) against float32
+        fma = [C(64, 128), C(16, 512, packed=False), C(32, 512, packed=False), C(32, 128),
+               C(64, 256), C(128, 128, num_warps=8), C(64, 128, num_warps=2), C(32, 512)]
     if fmt == "int4":  # one row: packed bf16x2 arithmetic (the default) against float32
         fma += [C(32, 512, packed=False), C(64, 512), C(64, 256), C(32, 256), C(64, 128),
                 C(32, 128), C(128, 128), C(64, 128, num_warps=2), C(128, 128, num_warps=8),

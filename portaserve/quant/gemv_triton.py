@@ -94,8 +94,8 @@ class GemvConfig:
 _DOT = GemvConfig(128, 128, programs_per_sm=3, num_stages=4, dot=True)
 CONFIGS: dict[str, tuple[tuple[int, GemvConfig | None], ...]] = {
     "int4": ((1, GemvConfig(64, 128)), (MAX_M, _DOT)),
-    **dict.fromkeys(("Q4_0", "Q4_1"), ((1, GemvConfig(16, 512)), (2, GemvConfig(32, 512)),
-                                       (MAX_M, _DOT))),
+    "Q4_0": ((1, GemvConfig(32, 128)), (2, GemvConfig(32, 512)), (MAX_M, _DOT)),
+    "Q4_1": ((1, GemvConfig(16, 512)), (2, GemvConfig(32, 512)), (MAX_M, _DOT)),
     "Q8_0": ((1, GemvConfig(16, 256)), (MAX_M, None)),
     "int8": ((2, GemvConfig(32, 256)), (MAX_M, None)),
     "fp8": ((MAX_M, GemvConfig(64, 128, programs_per_sm=4, num_stages=4, dot=True)),),
@@ -160,6 +160,8 @@ mov.b32 $0, lo;
 }""")
 #: Four 32-bit words from one 16-byte aligned address (read-only data: x).
 _LD_V4_ASM = tl.constexpr("ld.global.nc.v4.u32 {$0, $1, $2, $3}, [$4];")
+#: Two from one 8-byte aligned address.
+_LD_V2_ASM = tl.constexpr("ld.global.nc.v2.u32 {$0, $1}, [$2];")
 #: Two bf16x2 words from two: (a.lo, b.lo) and (a.hi, b.hi).
 _PRMT_ASM = tl.constexpr("prmt.b32 $0, $2, $3, 0x5410;\n\tprmt.b32 $1, $2, $3, 0x7632;")
 
@@ -204,59 +206,81 @@ def _gemv_kernel(
     acc1 = acc0
     acc2 = acc0
     acc3 = acc0
-    if PACKED:  # int4, one row of bf16 x; the next step's loads go out before this one's math
+    if PACKED:  # int4 / Q4_0, one row of bf16 x; the next step's loads go out before this one's math
         w_ptrs = q_ptr + rows * stride_qn + blk * WPB + wrd  # [BN, NB, WPB] words of step 0
         sc_ptrs = offs_n[:, None] * stride_sn + tl.arange(0, NB)[None, :]  # [BN, NB] blocks
-        x_ptrs = x32_ptr + (blk * WPB + wrd) * 4  # [1, NB, WPB]: word j's 8 columns, 4 words
-        k_next = tl.minimum(step_begin, num_steps - 1) * BLOCK_K  # (a split past the end: unused)
-        words_n = tl.load(w_ptrs + k_next // 8, mask=row_ok)
-        d_n = tl.load(s_ptr + sc_ptrs + k_next // GROUP, mask=n_ok[:, None], other=0.0)
-        z_n = tl.load(z_ptr + sc_ptrs + k_next // GROUP, mask=n_ok[:, None], other=0)
-        if ASM:  # one 16-byte load (x32_ptr is 16-byte aligned)
-            u0_n, u1_n, u2_n, u3_n = tl.inline_asm_elementwise(
-                _LD_V4_ASM, "=r,=r,=r,=r,l", [x_ptrs + k_next // 2], dtype=(tl.int32,) * 4,
-                is_pure=True, pack=1)
+        # x's columns of word j as bf16 pairs (32-bit words u0..u3), [1, NB, WPB] pointers:
+        # int4, columns 8 j .. 8 j + 7 (one 16-byte load); Q4_0, columns 4 j .. 4 j + 3 (u0, u1)
+        # and 4 j + 16 .. 4 j + 19 (u2, u3) of the 32-column block (two 8-byte loads)
+        if FMT == 3:
+            x_ptrs = x32_ptr + (blk * WPB + wrd) * 4
         else:
-            if ASM:  # one 16-byte load (x32_ptr is 16-byte aligned)
-                u0_n, u1_n, u2_n, u3_n = tl.inline_asm_elementwise(
-                    _LD_V4_ASM, "=r,=r,=r,=r,l", [x_ptrs + k_next // 2], dtype=(tl.int32,) * 4,
-                    is_pure=True, pack=1)
-            else:
-                u0_n = tl.load(x_ptrs + k_next // 2)
-                u1_n = tl.load(x_ptrs + k_next // 2 + 1)
-                u2_n = tl.load(x_ptrs + k_next // 2 + 2)
-                u3_n = tl.load(x_ptrs + k_next // 2 + 3)
+            x_ptrs = x32_ptr + blk * 16 + wrd * 2
+        step_n = tl.minimum(step_begin, num_steps - 1)  # (a split past the end: unused)
+        k_n = step_n * BLOCK_K
+        words_n = tl.load(w_ptrs + k_n // 8, mask=row_ok)
+        d_n = tl.load(s_ptr + sc_ptrs + k_n // GROUP, mask=n_ok[:, None], other=0.0)
+        z_n = tl.load(z_ptr + sc_ptrs + k_n // GROUP, mask=n_ok[:, None], other=0) if FMT == 3 else d_n
+        if ASM and FMT == 3:  # (x32_ptr is 16-byte aligned)
+            u0_n, u1_n, u2_n, u3_n = tl.inline_asm_elementwise(
+                _LD_V4_ASM, "=r,=r,=r,=r,l", [x_ptrs + k_n // 2], dtype=(tl.int32,) * 4, is_pure=True, pack=1)
+        elif ASM:
+            u0_n, u1_n = tl.inline_asm_elementwise(
+                _LD_V2_ASM, "=r,=r,l", [x_ptrs + k_n // 2], dtype=(tl.int32,) * 2, is_pure=True, pack=1)
+            u2_n, u3_n = tl.inline_asm_elementwise(
+                _LD_V2_ASM, "=r,=r,l", [x_ptrs + k_n // 2 + 8], dtype=(tl.int32,) * 2, is_pure=True, pack=1)
+        else:
+            u0_n = tl.load(x_ptrs + k_n // 2)
+            u1_n = tl.load(x_ptrs + k_n // 2 + 1)
+            u2_n = tl.load(x_ptrs + k_n // 2 + (2 if FMT == 3 else 8))
+            u3_n = tl.load(x_ptrs + k_n // 2 + (3 if FMT == 3 else 9))
         for step in range(step_begin, step_end):
             words, u0, u1, u2, u3 = words_n, u0_n, u1_n, u2_n, u3_n
             d = d_n[:, :, None].to(tl.float32)  # [BN, NB, 1]
-            z = z_n[:, :, None].to(tl.float32)
-            k_next = tl.minimum(step + 1, num_steps - 1) * BLOCK_K  # (the last: reloaded, unused)
-            words_n = tl.load(w_ptrs + k_next // 8, mask=row_ok)
-            d_n = tl.load(s_ptr + sc_ptrs + k_next // GROUP, mask=n_ok[:, None], other=0.0)
-            z_n = tl.load(z_ptr + sc_ptrs + k_next // GROUP, mask=n_ok[:, None], other=0)
-            if ASM:  # one 16-byte load (x32_ptr is 16-byte aligned)
+            z = z_n[:, :, None].to(tl.float32) if FMT == 3 else 8.0
+            step_n = tl.minimum(step + 1, num_steps - 1)  # (the last: reloaded, unused)
+            k_n = step_n * BLOCK_K
+            words_n = tl.load(w_ptrs + k_n // 8, mask=row_ok)
+            d_n = tl.load(s_ptr + sc_ptrs + k_n // GROUP, mask=n_ok[:, None], other=0.0)
+            z_n = tl.load(z_ptr + sc_ptrs + k_n // GROUP, mask=n_ok[:, None], other=0) if FMT == 3 else d_n
+            if ASM and FMT == 3:  # (x32_ptr is 16-byte aligned)
                 u0_n, u1_n, u2_n, u3_n = tl.inline_asm_elementwise(
-                    _LD_V4_ASM, "=r,=r,=r,=r,l", [x_ptrs + k_next // 2], dtype=(tl.int32,) * 4,
-                    is_pure=True, pack=1)
+                    _LD_V4_ASM, "=r,=r,=r,=r,l", [x_ptrs + k_n // 2], dtype=(tl.int32,) * 4, is_pure=True, pack=1)
+            elif ASM:
+                u0_n, u1_n = tl.inline_asm_elementwise(
+                    _LD_V2_ASM, "=r,=r,l", [x_ptrs + k_n // 2], dtype=(tl.int32,) * 2, is_pure=True, pack=1)
+                u2_n, u3_n = tl.inline_asm_elementwise(
+                    _LD_V2_ASM, "=r,=r,l", [x_ptrs + k_n // 2 + 8], dtype=(tl.int32,) * 2, is_pure=True, pack=1)
             else:
-                u0_n = tl.load(x_ptrs + k_next // 2)
-                u1_n = tl.load(x_ptrs + k_next // 2 + 1)
-                u2_n = tl.load(x_ptrs + k_next // 2 + 2)
-                u3_n = tl.load(x_ptrs + k_next // 2 + 3)
-            if ASM:  # x as the codes pair: p_i holds columns 8 j + i and 8 j + i + 4
-                p0, p1 = tl.inline_asm_elementwise(_PRMT_ASM, "=r,=r,r,r", [u0, u2],
-                                                   dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
-                p2, p3 = tl.inline_asm_elementwise(_PRMT_ASM, "=r,=r,r,r", [u1, u3],
-                                                   dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+                u0_n = tl.load(x_ptrs + k_n // 2)
+                u1_n = tl.load(x_ptrs + k_n // 2 + 1)
+                u2_n = tl.load(x_ptrs + k_n // 2 + (2 if FMT == 3 else 8))
+                u3_n = tl.load(x_ptrs + k_n // 2 + (3 if FMT == 3 else 9))
+            if ASM:  # x paired as the codes are: p_i the columns of nibbles i and i + 4
+                if FMT == 3:  # columns 8 j + i and 8 j + i + 4
+                    p0, p1 = tl.inline_asm_elementwise(
+                        _PRMT_ASM, "=r,=r,r,r", [u0, u2], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+                    p2, p3 = tl.inline_asm_elementwise(
+                        _PRMT_ASM, "=r,=r,r,r", [u1, u3], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+                else:  # byte t: columns t (low nibble) and t + 16 (high): 4 j + i // 2 (+ 16)
+                    p0, p2 = tl.inline_asm_elementwise(
+                        _PRMT_ASM, "=r,=r,r,r", [u0, u1], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+                    p1, p3 = tl.inline_asm_elementwise(
+                        _PRMT_ASM, "=r,=r,r,r", [u2, u3], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
                 # -(128 + zero) in both bf16 halves of a word
                 neg_zero = (-(z + 128.0)).to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
                 acc0 += tl.inline_asm_elementwise(
                     _INT4_BF16X2_ASM, "=r,r,r,r,r,r,r", [words, neg_zero | (neg_zero << 16), p0, p1, p2, p3],
                     dtype=tl.float32, is_pure=True, pack=1) * d
             else:  # the interpreter runs no assembly: the same products, summed in float32
-                for i in tl.static_range(8):  # code i: column 8 j + i, bf16 i % 2 of word i // 2
-                    u = u0 if i < 2 else (u1 if i < 4 else (u2 if i < 6 else u3))
-                    xi = ((u << 16) if i % 2 == 0 else (u & -65536)).to(tl.float32, bitcast=True)
+                for i in tl.static_range(8):  # nibble i: bf16 (half) of x word (u)
+                    if FMT == 3:  # column 8 j + i: word i // 2, half i % 2
+                        u = u0 if i < 2 else (u1 if i < 4 else (u2 if i < 6 else u3))
+                        half = i % 2
+                    else:  # byte i // 2, +16 columns if high: word (i // 4) (+2), half (i // 2) % 2
+                        u = (u0 if i < 4 else u1) if i % 2 == 0 else (u2 if i < 4 else u3)
+                        half = (i // 2) % 2
+                    xi = ((u << 16) if half == 0 else (u & -65536)).to(tl.float32, bitcast=True)
                     code = ((words >> (4 * i)) & 15).to(tl.float32)
                     acc0 += (code - z) * xi * d
     else:
@@ -778,7 +802,7 @@ def gemv(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None = N
 def _packed_x(x: torch.Tensor, weight: QuantizedWeight, cfg: GemvConfig) -> torch.Tensor | None:
     """x as 32-bit words (bf16 pairs) where the FMA kernel takes the packed bf16x2 path: int4,
     one row of bf16 x (``cfg.packed``); None otherwise."""
-    if not cfg.packed or weight.format != "int4" or x.dtype != torch.bfloat16 or x.shape[0] != 1:
+    if not cfg.packed or weight.format not in ("int4", "Q4_0") or x.dtype != torch.bfloat16 or x.shape[0] != 1:
         return None
     if x.data_ptr() % 16 or x.shape[1] % 8:  # (x is read 16 bytes at a time)
         return None
