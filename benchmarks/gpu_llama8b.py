@@ -276,7 +276,7 @@ def main() -> None:
     p.add_argument("--kv-cache-dtype", default="auto", help="auto (bf16) or fp8 (e4m3)")
     p.add_argument("--quantization", default=None,
                    help="online weight format of the decoder's linears (fp8, int8, int4, ...)")
-    p.add_argument("--expected-output-tokens", default=1024,
+    p.add_argument("--expected-output-tokens", default=None,
                    type=int_or_none,
                    help="the scheduler's admission reserve (none: off, vLLM's admission)")
     p.add_argument("--parts", default="decode,ttft,throughput,prefix",

@@ -15,16 +15,17 @@ and goes back to the front of the waiting queue with ``num_computed_tokens = 0``
 tokens stay and are re-prefilled with its prompt (usually cheaply, from the prefix cache), so
 nothing is lost or repeated. No new request is admitted in a step that preempted.
 
-Admission also keeps room for growth: beside the blocks a waiting request needs now, it must
-leave free the blocks every running request (and itself) is expected to still write, each the
-smaller of what max_tokens / max_model_len leave it and ``expected_output`` tokens. That
-estimate starts at ``SchedulerConfig.expected_output_prior`` (1024), follows the output
-lengths of finished requests (an EMA), and grows by a quarter at each preemption. Without it a
-wave of requests admitted together outgrows the cache and preemption recomputes what it had:
-on the H200 throughput run (1000 in / 1000 out, bf16 KV cache of 852k tokens, 512 sequences)
-243k extra prompt tokens, ~5% of the run (docs/benchmarks.md, section 3 run 6). A request
-alone is admitted on its present needs. ``expected_output_prior=None`` turns the reserve off
-(vLLM's admission). A waiting
+Admission can also keep room for growth (off by default): with
+``SchedulerConfig.expected_output_prior`` set, beside the blocks a waiting request needs now it
+must leave free the blocks every running request (and itself) is expected to still write, each
+the smaller of what max_tokens / max_model_len leave it and ``expected_output`` tokens. That
+estimate starts at the prior, follows the output lengths of finished requests (an EMA), and
+grows by a quarter at each preemption; a request alone is admitted on its present needs.
+Without it (None, vLLM's admission) a wave of requests admitted together can outgrow the cache
+and preemption recomputes what it had. Measured on the H200 (1000 in / 1000 out, bf16 KV cache
+of 852k tokens, 512 sequences; docs/benchmarks.md section 3, run 7): 104.3 s with 140
+preemptions without the reserve, 107.2 s with none with it (prior 1024): the smaller batches
+it runs cost more than the recompute they save, hence off by default. A waiting
 request whose next uncached block is being computed right now by a running request waits
 (a bounded time) and then reuses that block, so a burst sharing a system prompt, or the n
 sequences of one prompt, compute the shared prefix once.
@@ -95,8 +96,9 @@ class SchedulerConfig:
     #: Admission keeps blocks free for the output the running requests are still expected to
     #: write (see the module docstring); this is the expected output length, in tokens, until
     #: requests have finished and their lengths take over. None: admit on present needs alone
-    #: (vLLM's behaviour: preemption by recompute absorbs the growth).
-    expected_output_prior: int | None = 1024
+    #: (vLLM's behaviour: preemption by recompute absorbs the growth), the default: the reserve
+    #: measured slower on the H200 (module docstring).
+    expected_output_prior: int | None = None
 
     def __post_init__(self) -> None:
         for name in (

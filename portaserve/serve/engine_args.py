@@ -47,10 +47,10 @@ def add_engine_args(parser: argparse.ArgumentParser, *, model_positional: bool =
     g.add_argument(
         "--scheduling-policy", default="fcfs", choices=["fcfs", "priority", "cache-aware"]
     )
-    g.add_argument("--expected-output-tokens", type=int_or_none, default=1024, metavar="N|none",
+    g.add_argument("--expected-output-tokens", type=int_or_none, default=None, metavar="N|none",
                    help="admission keeps KV room for each running request's expected output: N "
-                        "tokens until finished requests show their real length (default 1024); "
-                        "none admits on present needs only (growth then preempts, as in vLLM)")
+                        "tokens until finished requests show their real length; none (default) "
+                        "admits on present needs only (growth then preempts, as in vLLM)")
     g.add_argument("--quantization", "-q", default=None, help="weight format, e.g. int8, int4, fp8")
     g.add_argument("--kv-cache-dtype", default="auto",
                    help="KV cache element type: auto (the compute dtype), fp8 (= fp8_e4m3) or "
@@ -89,7 +89,7 @@ def engine_config_from_args(args: argparse.Namespace, **extra: object) -> Engine
         memory_utilization=args.memory_utilization,
         enable_prefix_caching=args.enable_prefix_caching,
         scheduling_policy=args.scheduling_policy,
-        expected_output_tokens=getattr(args, "expected_output_tokens", 1024),
+        expected_output_tokens=getattr(args, "expected_output_tokens", None),
         quantization=args.quantization,
         kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"),
         keep_packed_weights=getattr(args, "keep_packed_weights", None),

@@ -46,7 +46,7 @@ def test_preemption_under_a_tiny_kv_budget_loses_nothing(llm, smollm_path):
     prompts = random_prompts(llm, 24, seed=2, lo=20, hi=50)
     expected = alone(llm, prompts)
     # 12 blocks of 16 tokens: room for about 3 of these sequences at once. Without the admission
-    # reserve (expected_output_tokens=None) their growth preempts; with it (the default) they
+    # reserve (expected_output_tokens=None, the default) their growth preempts; with it they
     # wait instead. The same tokens either way.
     for reserve, preempts in ((None, True), (1024, False)):
         tiny = LLM(str(smollm_path), device="cpu", num_kv_blocks=12, max_num_batched_tokens=128,

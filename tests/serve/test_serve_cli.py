@@ -81,7 +81,8 @@ def test_every_engine_flag_reaches_the_config():
     )
     assert (args.port, args.served_model_name, args.shutdown_timeout) == (9123, ["a", "b"], 2.5)
     assert cmd_serve.engine_config(_parse("--memory-utilization", "0.5")).memory_utilization == 0.5
-    assert cmd_serve.engine_config(_parse()).expected_output_tokens == 1024
+    assert cmd_serve.engine_config(_parse()).expected_output_tokens is None  # vLLM's admission
+    assert cmd_serve.engine_config(_parse("--expected-output-tokens", "1024")).expected_output_tokens == 1024
     assert cmd_serve.engine_config(_parse("--expected-output-tokens", "none")).expected_output_tokens is None
     with pytest.raises(SystemExit):
         _parse("--expected-output-tokens", "lots")
