@@ -17,6 +17,15 @@ one row of x the kernel sums ``v x`` and ``x`` per word and applies ``a, c`` onc
 e4m3 goes through the hardware's conversion. Products accumulate in float32 per word position;
 the sum over the tile is taken once, at the end. Each extra row of x costs its own FMAs.
 
+int4 and Q4_0 at one row of bf16 x take a packed path (``GemvConfig.packed``): each 32-bit
+word goes through one inline-PTX block in bf16x2 arithmetic (``_INT4_BF16X2_ASM``: pairs of
+codes as ``128 + code`` by a magic-number OR, one FMA subtracting ``128 + zero`` exactly, one
+accumulating against x paired the same way by ``prmt``), ~3 instructions a weight where the
+float32 path needs ~5 (ncu on the H200: 8 issued a weight, issue-bound at 28% of DRAM). bf16,
+not fp16, so that x keeps its range; each product and each word's four pair sums round to bf16
+(~3e-3 relative, far below the 4-bit codes' own error). The next step's words, scales and x are
+loaded before the current step's math.
+
 The tensor-core kernel (``_dot_gemv_kernel``) feeds the unpacked weight tile as the left
 operand of ``tl.dot`` against x padded to 16 columns ("swap AB", as ``devices.cuda.gemv`` does
 for bf16), so Triton stages the packed tiles, x, scales and zero points in shared memory with
@@ -26,9 +35,10 @@ shift and a mask per pair of codes (see its docstring).
 Measured on the H200 (docs/benchmarks.md, section 4, 2026-11-29): at one row the FMA kernel is
 as fast as or faster than the tensor-core one for int4, Q4_0, Q8_0 and int8, and neither reads
 more than ~30% (4-bit) / ~50% (8-bit) of the copy bandwidth; at 2-4 rows the tensor-core kernel
-is 1.4-2.6x faster for the 4-bit formats, Q8_0 and fp8. Both stay well below the bf16 GEMV's
-74-106%, for a reason not yet found (not the instruction count: the compiled tensor-core loop
-issues ~3 instructions a weight, and the bf16 kernel pipelines the same way).
+is 1.4-2.6x faster for the 4-bit formats, Q8_0 and fp8. ncu (2026-11-30) found the one-row FMA
+kernel instruction-bound; the packed path reads 41% (int4) / 34% (Q4_0) of the copy bandwidth
+over a layer and is now latency-bound (long-scoreboard stalls: too few bytes in flight per SM
+with the words held in registers).
 
 When the row tiles alone give too few programs to keep every SM streaming, K is split over
 ``SPLIT_K`` programs per row tile: each stores its float32 partial sums, and the last one to
@@ -90,7 +100,9 @@ class GemvConfig:
 #: ``kernels_triton`` (the caller's fallback: a ``None`` config here) beats both for Q8_0 from
 #: two rows (~159 us a layer at any M <= 4) and int8 beyond two (~133). Three rows (not
 #: measured) go with four. Q4_1 follows Q4_0; the K formats have only the FMA kernel (tiles
-#: from the compiled code's instruction counts, ``benchmarks/gemv_sass.py``).
+#: from the compiled code's instruction counts, ``benchmarks/gemv_sass.py``). One row of int4
+#: and Q4_0 in bf16 takes the packed path (2026-11-30 sweep, us per layer: int4 64 x 128 66.8,
+#: 32 x 512 float32 106.0; Q4_0 32 x 128 83.4, 16 x 512 float32 107.1).
 _DOT = GemvConfig(128, 128, programs_per_sm=3, num_stages=4, dot=True)
 CONFIGS: dict[str, tuple[tuple[int, GemvConfig | None], ...]] = {
     "int4": ((1, GemvConfig(64, 128)), (MAX_M, _DOT)),
@@ -112,7 +124,8 @@ FMA_FALLBACK = GemvConfig(16, 256)
 
 
 #: Weights at least this tall (the vocab projection) take the tensor-core kernel for one row of
-#: int4 too: 158.5 vs 191.5 us for the 128256 x 4096 lm_head on the H200 (the same sweep).
+#: int4 too: 158.5 vs 191.5 us for the 128256 x 4096 lm_head on the H200 (the same sweep; from
+#: before the packed path, which is not yet timed there).
 WIDE_DOT_N = {"int4": 65536}
 
 
