@@ -12,7 +12,10 @@ model of the H200 bf16 run on the Llama-3-8B shape (section 3 run 6 of docs/benc
          + prompt attention + 0.3 ms (+ 5 ms host gap on prompt steps)
 
 Its output is a model, not a measurement: it reproduced the measured run's 2533-2537 steps and
-1.243M computed prompt tokens, and its time within 3% (98.8 s against 101 s).
+1.243M computed prompt tokens, and its time within 3% (98.8 s against 101 s). It got the
+admission reserve wrong, though: it predicted 92.2 s with it, the H200 then gave 107.2 s against
+104.3 s without (docs/benchmarks.md, run 7). Its per-step cost is too linear in the rows of a
+decode step, so it overrates anything that trades batch size for fewer preemptions.
 
     python benchmarks/scheduler_sim.py                                  # 1000 x 1000/1000, 852k-token cache
     python benchmarks/scheduler_sim.py --kv-tokens 1864064              # the fp8 cache's size
