@@ -274,6 +274,8 @@ def sweep_configs(fmt: str) -> list:
         fma += [C(32, 512, packed=False), C(64, 512), C(64, 256), C(32, 256), C(64, 128),
                 C(32, 128), C(128, 128), C(64, 128, num_warps=2), C(128, 128, num_warps=8),
                 C(64, 128, programs_per_sm=8), C(128, 256, num_warps=8)]
+    if fmt == "Q4_K":  # one row: packed bf16x2 (the default) against float32
+        return [C(32, 512), C(32, 512, packed=False), C(64, 256), C(32, 256), C(16, 512)]
     if fmt not in DOT_FORMATS:
         return fma + [C(16, 512, programs_per_sm=8), C(16, 512, num_stages=3), C(8, 1024)]
     dot = [C(128, 128, programs_per_sm=3, num_stages=4, dot=True),

@@ -17,14 +17,16 @@ one row of x the kernel sums ``v x`` and ``x`` per word and applies ``a, c`` onc
 e4m3 goes through the hardware's conversion. Products accumulate in float32 per word position;
 the sum over the tile is taken once, at the end. Each extra row of x costs its own FMAs.
 
-int4 and Q4_0 at one row of bf16 x take a packed path (``GemvConfig.packed``): each 32-bit
+int4, Q4_0 and Q4_K at one row of bf16 x take a packed path (``GemvConfig.packed``): each 32-bit
 word goes through one inline-PTX block in bf16x2 arithmetic (``_INT4_BF16X2_ASM``: pairs of
 codes as ``128 + code`` by a magic-number OR, one FMA subtracting ``128 + zero`` exactly, one
 accumulating against x paired the same way by ``prmt``), ~3 instructions a weight where the
 float32 path needs ~5 (ncu on the H200: 8 issued a weight, issue-bound at 28% of DRAM). bf16,
 not fp16, so that x keeps its range; each product and each word's four pair sums round to bf16
 (~3e-3 relative, far below the 4-bit codes' own error). The next step's words, scales and x are
-loaded before the current step's math.
+loaded before the current step's math (int4, Q4_0; Q4_K runs inside the general loop, its two
+nibbles of a byte in different sub-blocks summed apart by ``_CODES_BF16X2_ASM``, codes centred
+on 8 so that the sums stay small beside the mins' correction).
 
 The tensor-core kernel (``_dot_gemv_kernel``) feeds the unpacked weight tile as the left
 operand of ``tl.dot`` against x padded to 16 columns ("swap AB", as ``devices.cuda.gemv`` does
@@ -102,7 +104,8 @@ class GemvConfig:
 #: measured) go with four. Q4_1 follows Q4_0; the K formats have only the FMA kernel (tiles
 #: from the compiled code's instruction counts, ``benchmarks/gemv_sass.py``). One row of int4
 #: and Q4_0 in bf16 takes the packed path (2026-11-30 sweep, us per layer: int4 64 x 128 66.8,
-#: 32 x 512 float32 106.0; Q4_0 32 x 128 83.4, 16 x 512 float32 107.1).
+#: 32 x 512 float32 106.0; Q4_0 32 x 128 83.4, 16 x 512 float32 107.1; Q4_K packed 16 x 512
+#: 107.3, 32 x 512 169.5, float32 32 x 512 171.7).
 _DOT = GemvConfig(128, 128, programs_per_sm=3, num_stages=4, dot=True)
 CONFIGS: dict[str, tuple[tuple[int, GemvConfig | None], ...]] = {
     "int4": ((1, GemvConfig(64, 128)), (MAX_M, _DOT)),
@@ -111,12 +114,14 @@ CONFIGS: dict[str, tuple[tuple[int, GemvConfig | None], ...]] = {
     "Q8_0": ((1, GemvConfig(16, 256)), (MAX_M, None)),
     "int8": ((2, GemvConfig(32, 256)), (MAX_M, None)),
     "fp8": ((MAX_M, GemvConfig(64, 128, programs_per_sm=4, num_stages=4, dot=True)),),
-    "Q4_K": ((2, GemvConfig(32, 512)), (MAX_M, GemvConfig(16, 512))),
+    "Q4_K": ((1, GemvConfig(16, 512)), (2, GemvConfig(32, 512)), (MAX_M, GemvConfig(16, 512))),
     "Q5_K": ((MAX_M, GemvConfig(16, 512)),),
     "Q6_K": ((MAX_M, GemvConfig(16, 256)),),
 }
 
 
+#: Formats with the packed bf16x2 path at one row of bf16 x (``GemvConfig.packed``).
+PACKED_FORMATS = frozenset({"int4", "Q4_0", "Q4_K"})
 #: Formats with the tensor-core kernel (``_dot_gemv_kernel``); a config with ``dot`` picks it.
 DOT_FORMATS = frozenset({"int4", "int8", "Q4_0", "Q4_1", "Q8_0", "fp8"})
 #: The FMA kernel's tiles for a weight the dot kernel does not take (scales not in whole words).
@@ -175,6 +180,45 @@ mov.b32 $0, lo;
 _LD_V4_ASM = tl.constexpr("ld.global.nc.v4.u32 {$0, $1, $2, $3}, [$4];")
 #: Two from one 8-byte aligned address.
 _LD_V2_ASM = tl.constexpr("ld.global.nc.v2.u32 {$0, $1}, [$2];")
+#: The sums of code * x over a word's low nibbles (codes 0, 2, 4, 6) and over its high ones, in
+#: bf16x2 as ``_INT4_BF16X2_ASM`` (zero point 0): the two halves of a Q4_K byte belong to
+#: different sub-blocks. $2 the word, $3..$6 x paired as its nibbles i and i + 4.
+_CODES_BF16X2_ASM = tl.constexpr("""{
+.reg .b32 t, v, lo, hi, one, negzero, mask, magic, off;
+.reg .f32 f, g;
+mov.b32 one, 0x3F803F80;
+mov.b32 negzero, 0x80008000;
+mov.b32 mask, 0x000F000F;
+mov.b32 magic, 0x43004300;
+mov.b32 off, 0xC308C308;
+lop3.b32 v, $2, mask, magic, 0xEA;
+fma.rn.bf16x2 v, v, one, off;
+fma.rn.bf16x2 lo, v, $3, negzero;
+shr.u32 t, $2, 4;
+lop3.b32 v, t, mask, magic, 0xEA;
+fma.rn.bf16x2 v, v, one, off;
+fma.rn.bf16x2 hi, v, $4, negzero;
+shr.u32 t, $2, 8;
+lop3.b32 v, t, mask, magic, 0xEA;
+fma.rn.bf16x2 v, v, one, off;
+fma.rn.bf16x2 lo, v, $5, lo;
+shr.u32 t, $2, 12;
+lop3.b32 v, t, mask, magic, 0xEA;
+fma.rn.bf16x2 v, v, one, off;
+fma.rn.bf16x2 hi, v, $6, hi;
+shl.b32 t, lo, 16;
+and.b32 lo, lo, 0xFFFF0000;
+mov.b32 f, t;
+mov.b32 g, lo;
+add.f32 f, f, g;
+mov.b32 $0, f;
+shl.b32 t, hi, 16;
+and.b32 hi, hi, 0xFFFF0000;
+mov.b32 f, t;
+mov.b32 g, hi;
+add.f32 f, f, g;
+mov.b32 $1, f;
+}""")
 #: Two bf16x2 words from two: (a.lo, b.lo) and (a.hi, b.hi).
 _PRMT_ASM = tl.constexpr("prmt.b32 $0, $2, $3, 0x5410;\n\tprmt.b32 $1, $2, $3, 0x7632;")
 
@@ -196,7 +240,7 @@ def _gemv_kernel(
     K formats, whose two nibbles of a byte belong to different sub-blocks). ``SPLIT_K`` is a
     run-time value (Triton specializes the value 1: no split, no counters).
 
-    ``PACKED`` (int4, one row of bf16 x, ``x32_ptr`` the same x as 32-bit words): each word's
+    ``PACKED`` (int4, Q4_0, Q4_K; one row of bf16 x, ``x32_ptr`` the same x as 32-bit words): each word's
     eight products in packed bf16x2 arithmetic (``_INT4_BF16X2_ASM``; ``ASM`` False: the same
     products in float32, for the interpreter), times the block's scale in float32."""
     # One row of x: two FMAs per code become one (a and c applied once per word), as fewer
@@ -219,7 +263,7 @@ def _gemv_kernel(
     acc1 = acc0
     acc2 = acc0
     acc3 = acc0
-    if PACKED:  # int4 / Q4_0, one row of bf16 x; the next step's loads go out before this one's math
+    if PACKED and FMT != 6:  # int4 / Q4_0, one row of bf16 x; the next step's loads go out first
         w_ptrs = q_ptr + rows * stride_qn + blk * WPB + wrd  # [BN, NB, WPB] words of step 0
         sc_ptrs = offs_n[:, None] * stride_sn + tl.arange(0, NB)[None, :]  # [BN, NB] blocks
         # x's columns of word j as bf16 pairs (32-bit words u0..u3), [1, NB, WPB] pointers:
@@ -361,7 +405,43 @@ def _gemv_kernel(
                             c1 = c
                     if FMT == 7:  # Q5_K: bit s of qh byte t is the fifth bit of sub-block s, column t
                         qh = tl.load(h_ptr + rows * stride_hn + sb3 * 8 + wrd, mask=row_ok)
-            for i in tl.static_range(CODES):
+            if PACKED:  # Q4_K (FMT 6), one row of bf16 x: sums of code * x in bf16x2 per word,
+                # the low nibbles' (sub-block 2 quarter) and the high nibbles' (+ 1) apart; with
+                # v = 1 + q / 16, w = a v + c = (a / 16) q + (a + c), so each half adds
+                # (a / 16) sum(q x) + (a + c) sum(x). Byte t of a quarter: columns t and t + 32,
+                # so x's words are u0, u1 = columns 4 j .. 4 j + 3 and u2, u3 = 4 j + 32 .. + 35
+                xw = x32_ptr + (k0 + blk * 64) // 2 + wrd * 2  # [1, NB, WPB]
+                u0 = tl.load(xw)
+                u1 = tl.load(xw + 1)
+                u2 = tl.load(xw + 16)
+                u3 = tl.load(xw + 17)
+                xa = (u0 << 16).to(tl.float32, bitcast=True)  # columns 4 j .. 4 j + 3
+                xb = (u0 & -65536).to(tl.float32, bitcast=True)
+                xc = (u1 << 16).to(tl.float32, bitcast=True)
+                xd = (u1 & -65536).to(tl.float32, bitcast=True)
+                xe = (u2 << 16).to(tl.float32, bitcast=True)  # columns 4 j + 32 .. 4 j + 35
+                xf = (u2 & -65536).to(tl.float32, bitcast=True)
+                xg = (u3 << 16).to(tl.float32, bitcast=True)
+                xh = (u3 & -65536).to(tl.float32, bitcast=True)
+                if ASM:  # nibbles i and i + 4 pair up: columns 4 j + i // 2 (+ 32 for odd i), + 2
+                    p0, p2 = tl.inline_asm_elementwise(
+                        _PRMT_ASM, "=r,=r,r,r", [u0, u1], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+                    p1, p3 = tl.inline_asm_elementwise(
+                        _PRMT_ASM, "=r,=r,r,r", [u2, u3], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+                    qx_lo, qx_hi = tl.inline_asm_elementwise(
+                        _CODES_BF16X2_ASM, "=r,=r,r,r,r,r,r", [words, p0, p1, p2, p3],
+                        dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
+                else:  # the interpreter runs no assembly: the same products in float32
+                    qx_lo = (((words & 15) - 8).to(tl.float32) * xa + (((words >> 8) & 15) - 8).to(tl.float32) * xb
+                             + (((words >> 16) & 15) - 8).to(tl.float32) * xc
+                             + (((words >> 24) & 15) - 8).to(tl.float32) * xd)
+                    qx_hi = ((((words >> 4) & 15) - 8).to(tl.float32) * xe + (((words >> 12) & 15) - 8).to(tl.float32) * xf
+                             + (((words >> 20) & 15) - 8).to(tl.float32) * xg
+                             + (((words >> 28) & 15) - 8).to(tl.float32) * xh)
+                x_lo = (xa + xb) + (xc + xd)
+                x_hi = (xe + xf) + (xg + xh)
+                acc0 += (qx_lo * (a0 * 0.0625) + x_lo * (a0 * 1.5 + c0)) + (qx_hi * (a1 * 0.0625) + x_hi * (a1 * 1.5 + c1))
+            for i in tl.static_range(0 if PACKED else CODES):
                 if FMT == 7:  # Q5_K: nibble -> bits 18..21, its fifth bit -> 22: 1 + code / 32
                     moved = words << (18 - 4 * i) if 4 * i <= 18 else words >> (4 * i - 18)
                     high = ((qh >> (8 * (i // 2) + 2 * (blk % 4) + i % 2)) & 1) << 22
@@ -412,7 +492,7 @@ def _gemv_kernel(
                         acc2 += w * tl.load(xp + 2 * stride_xm).to(tl.float32)
                     if M_ROWS > 3:
                         acc3 += w * tl.load(xp + 3 * stride_xm).to(tl.float32)
-            if FOLD:  # sum of w x over a word = a p + c s (w = a v + c)
+            if FOLD and not PACKED:  # sum of w x over a word = a p + c s (w = a v + c)
                 acc0 += p0 * a0 + s0 * c0
                 if KQ:
                     acc0 += p1 * a1 + s1 * c1
@@ -815,7 +895,7 @@ def gemv(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None = N
 def _packed_x(x: torch.Tensor, weight: QuantizedWeight, cfg: GemvConfig) -> torch.Tensor | None:
     """x as 32-bit words (bf16 pairs) where the FMA kernel takes the packed bf16x2 path: int4,
     one row of bf16 x (``cfg.packed``); None otherwise."""
-    if not cfg.packed or weight.format not in ("int4", "Q4_0") or x.dtype != torch.bfloat16 or x.shape[0] != 1:
+    if not cfg.packed or weight.format not in PACKED_FORMATS or x.dtype != torch.bfloat16 or x.shape[0] != 1:
         return None
     if x.data_ptr() % 16 or x.shape[1] % 8:  # (x is read 16 bytes at a time)
         return None

@@ -184,11 +184,12 @@ def test_scale_tile_applies_where_the_dot_runs_in_x_dtype(fmt: str, dtype: torch
     assert gemv_triton._dot_plan(weight, x, SMALL["dot"])["SCALE_TILE"] is False
 
 
-@pytest.mark.parametrize("fmt,group", [("int4", 32), ("int4_sym", 64), ("int4", 128), ("Q4_0", 32)])
+@pytest.mark.parametrize("fmt,group", [("int4", 32), ("int4_sym", 64), ("int4", 128), ("Q4_0", 32),
+                                       ("Q4_K", 256)])
 @pytest.mark.parametrize("x_scale", [1.0, 1e5], ids=["x1", "x1e5"])
 def test_4bit_one_row_of_bf16_takes_packed_bf16x2_arithmetic(fmt: str, group: int, x_scale: float,
                                                             gen: torch.Generator) -> None:
-    """int4 and Q4_0 at one row of bf16 x: each word's eight products in bf16x2 (compiled:
+    """int4, Q4_0 and Q4_K at one row of bf16 x: each word's eight products in bf16x2 (compiled:
     inline PTX; interpreter: the same products in float32), x beyond fp16's range included. On
     the GPU the products and their per-word sums round to bf16; the float32 kernel is the
     yardstick there."""
