@@ -270,6 +270,10 @@ def sweep_configs(fmt: str) -> list:
     if fmt in ("int4", "Q4_0"):  # one row: packed bf16x2 arithmetic (the default) against float32
         fma = [C(64, 128), C(16, 512, packed=False), C(32, 512, packed=False), C(32, 128),
                C(64, 256), C(128, 128, num_warps=8), C(64, 128, num_warps=2), C(32, 512)]
+        # the words through TMA, staged num_stages deep in shared memory (not yet timed)
+        fma += [C(64, 128, num_stages=s, tma=True) for s in (3, 5, 8)]
+        fma += [C(32, 128, num_stages=4, tma=True), C(64, 256, num_stages=3, tma=True),
+                C(128, 128, num_warps=8, num_stages=4, tma=True)]
     if fmt == "int4":  # one row: packed bf16x2 arithmetic (the default) against float32
         fma += [C(32, 512, packed=False), C(64, 512), C(64, 256), C(32, 256), C(64, 128),
                 C(32, 128), C(128, 128), C(64, 128, num_warps=2), C(128, 128, num_warps=8),

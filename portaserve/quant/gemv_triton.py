@@ -62,6 +62,11 @@ import triton.language as tl
 from portaserve.devices.cuda.launch import SUM, is_interpreted, triton_kernel
 from portaserve.quant.base import QuantizedWeight
 
+try:  # host-side TMA descriptors (Triton 3.4+); older Triton runs without ``GemvConfig.tma``
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - depends on the installed Triton
+    TensorDescriptor = None
+
 #: Largest number of rows of x the GEMV serves (more rows: the tiled GEMM, or _scaled_mm).
 MAX_M = 4
 #: Kernel format ids; the 4-bit ones pack 8 codes in a 32-bit word, the others 4.
@@ -89,6 +94,10 @@ class GemvConfig:
     scale_tile: bool = False
     #: FMA kernel, int4 at one row of bf16 x: packed bf16x2 arithmetic (``_INT4_BF16X2_ASM``).
     packed: bool = True
+    #: With ``packed`` (int4, Q4_0): the words come through a TMA descriptor, so that
+    #: ``num_stages`` can pipeline them through shared memory rather than registers. A sweep
+    #: candidate, not yet timed (``benchmarks/gpu_quant.py --kernels --sweep``).
+    tma: bool = False
 
 
 #: Per format: (largest M, config) pairs, the first whose M covers the call's is used. From
@@ -225,13 +234,13 @@ _PRMT_ASM = tl.constexpr("prmt.b32 $0, $2, $3, 0x5410;\n\tprmt.b32 $1, $2, $3, 0
 
 @triton_kernel
 def _gemv_kernel(
-    x_ptr, x32_ptr, q_ptr, s_ptr, z_ptr, k_ptr, h_ptr, xs_ptr, bias_ptr, out_ptr, part_ptr,
+    x_ptr, x32_ptr, q_ptr, q_desc, s_ptr, z_ptr, k_ptr, h_ptr, xs_ptr, bias_ptr, out_ptr, part_ptr,
     lock_ptr, N, K, SPLIT_K, stride_xm, stride_qn, stride_sn, stride_kn, stride_hn, stride_xs,
     stride_om,
     FMT: tl.constexpr, GROUP: tl.constexpr, CODES: tl.constexpr, NB: tl.constexpr,
     WPB: tl.constexpr, M_ROWS: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
-    PACKED: tl.constexpr, ASM: tl.constexpr,
+    PACKED: tl.constexpr, ASM: tl.constexpr, TMA: tl.constexpr,
 ):
     """Grid ``(cdiv(N, BLOCK_N), SPLIT_K)``. A K step covers ``NB`` blocks of ``GROUP`` columns
     (one scale each; int8/fp8: one block, scales per row; K formats: a 64-column quarter of a
@@ -275,7 +284,8 @@ def _gemv_kernel(
             x_ptrs = x32_ptr + blk * 16 + wrd * 2
         step_n = tl.minimum(step_begin, num_steps - 1)  # (a split past the end: unused)
         k_n = step_n * BLOCK_K
-        words_n = tl.load(w_ptrs + k_n // 8, mask=row_ok)
+        if not TMA:  # (TMA: each step loads its own words, in the loop)
+            words_n = tl.load(w_ptrs + k_n // 8, mask=row_ok)
         d_n = tl.load(s_ptr + sc_ptrs + k_n // GROUP, mask=n_ok[:, None], other=0.0)
         z_n = tl.load(z_ptr + sc_ptrs + k_n // GROUP, mask=n_ok[:, None], other=0) if FMT == 3 else d_n
         if ASM and FMT == 3:  # (x32_ptr is 16-byte aligned)
@@ -291,13 +301,19 @@ def _gemv_kernel(
             u1_n = tl.load(x_ptrs + k_n // 2 + 1)
             u2_n = tl.load(x_ptrs + k_n // 2 + (2 if FMT == 3 else 8))
             u3_n = tl.load(x_ptrs + k_n // 2 + (3 if FMT == 3 else 9))
-        for step in range(step_begin, step_end):
-            words, u0, u1, u2, u3 = words_n, u0_n, u1_n, u2_n, u3_n
+        for step in tl.range(step_begin, step_end, num_stages=NUM_STAGES):
+            u0, u1, u2, u3 = u0_n, u1_n, u2_n, u3_n
+            if TMA:  # this step's words through the tensor memory accelerator, which the
+                # pipeliner stages NUM_STAGES deep in shared memory (rows past N read as zeros)
+                words = tl.reshape(q_desc.load([pid_n * BLOCK_N, step * (BLOCK_K // 8)]), (BLOCK_N, NB, WPB))
+            else:
+                words = words_n
             d = d_n[:, :, None].to(tl.float32)  # [BN, NB, 1]
             z = z_n[:, :, None].to(tl.float32) if FMT == 3 else 8.0
             step_n = tl.minimum(step + 1, num_steps - 1)  # (the last: reloaded, unused)
             k_n = step_n * BLOCK_K
-            words_n = tl.load(w_ptrs + k_n // 8, mask=row_ok)
+            if not TMA:
+                words_n = tl.load(w_ptrs + k_n // 8, mask=row_ok)
             d_n = tl.load(s_ptr + sc_ptrs + k_n // GROUP, mask=n_ok[:, None], other=0.0)
             z_n = tl.load(z_ptr + sc_ptrs + k_n // GROUP, mask=n_ok[:, None], other=0) if FMT == 3 else d_n
             if ASM and FMT == 3:  # (x32_ptr is 16-byte aligned)
@@ -879,8 +895,9 @@ def gemv(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None = N
         x_scale = s
     scalar_scale = s.dim() == 0
     x32 = _packed_x(x, weight, cfg)
+    desc = _words_descriptor(words, cfg, block_k) if x32 is not None and fmt in (0, 3) else None
     _gemv_kernel.on(x)[(num_tiles, split_k)](
-        x, x32 if x32 is not None else x, words, s, z, kb, qh, x_scale,
+        x, x32 if x32 is not None else x, words, desc if desc is not None else words, s, z, kb, qh, x_scale,
         bias if bias is not None else out, out, parts, locks if locks is not None else out,
         n, k, split_k, x.stride(0), words.stride(0), 0 if scalar_scale else s.stride(0),
         kb.stride(0) if kb.dim() else 0, qh.stride(0) if qh.dim() else 0,
@@ -888,8 +905,25 @@ def gemv(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None = N
         FMT=fmt, GROUP=group, CODES=codes, NB=block_k // group, WPB=group // codes, M_ROWS=m,
         HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
         NUM_STAGES=cfg.num_stages, PACKED=x32 is not None, ASM=not is_interpreted(x),
+        TMA=desc is not None,
         num_warps=cfg.num_warps)
     return out
+
+
+def _words_descriptor(words: torch.Tensor, cfg: GemvConfig, block_k: int):
+    """A TMA descriptor of the int32 words [N, K / 8], tiles of ``block_n`` rows by one K step,
+    where ``cfg.tma`` asks for one and TMA can address the words (16-byte aligned base and row
+    stride, a step of at least 16 bytes); else None."""
+    if not cfg.tma or TensorDescriptor is None:
+        return None
+    try:  # (GGUF blocks: [N, blocks, words] -> [N, words])
+        words = words.view(words.shape[0], -1)
+    except RuntimeError:
+        return None
+    row_bytes, step_words = words.stride(0) * 4, block_k // 8
+    if words.data_ptr() % 16 or row_bytes % 16 or step_words * 4 % 16 or words.stride(1) != 1:
+        return None
+    return TensorDescriptor(words, list(words.shape), list(words.stride()), [cfg.block_n, step_words])
 
 
 def _packed_x(x: torch.Tensor, weight: QuantizedWeight, cfg: GemvConfig) -> torch.Tensor | None:

@@ -206,5 +206,7 @@ def test_4bit_one_row_of_bf16_takes_packed_bf16x2_arithmetic(fmt: str, group: in
     assert rel_err(fp32, want) <= RTOL[torch.float32]
     # bf16 rounds each product and each of a word's four pair sums to 8 significant bits
     assert rel_err(got, want) <= (RTOL[torch.float32] if DEVICE.type == "cpu" else 4e-3)
-    assert rel_err(gemv_triton.gemv(dev_x, dev_w, config=cfg, split_k=3, out_dtype=torch.float32),
-                   want) <= (RTOL[torch.float32] if DEVICE.type == "cpu" else 4e-3)
+    tma = gemv_triton.GemvConfig(block_n=16, block_k=128, num_stages=3, tma=True)  # int4, Q4_0
+    for config, split_k in ((cfg, 3), (tma, None), (tma, 3)):
+        out = gemv_triton.gemv(dev_x, dev_w, config=config, split_k=split_k, out_dtype=torch.float32)
+        assert rel_err(out, want) <= (RTOL[torch.float32] if DEVICE.type == "cpu" else 4e-3)
