@@ -92,7 +92,7 @@ class GemvConfig:
     #: Tensor-core kernel, group-scaled formats: scale the unpacked tile before the dot (one
     #: chained dot per step) rather than scaling each group's dot result (see the kernel).
     scale_tile: bool = False
-    #: FMA kernel, int4 at one row of bf16 x: packed bf16x2 arithmetic (``_INT4_BF16X2_ASM``).
+    #: FMA kernel, one row of bf16 x over ``PACKED_FORMATS``: packed bf16x2 arithmetic.
     packed: bool = True
     #: With ``packed`` (int4, Q4_0): the words come through a TMA descriptor, so that
     #: ``num_stages`` can pipeline them through shared memory rather than registers. A sweep
@@ -131,6 +131,9 @@ CONFIGS: dict[str, tuple[tuple[int, GemvConfig | None], ...]] = {
 
 #: Formats with the packed bf16x2 path at one row of bf16 x (``GemvConfig.packed``).
 PACKED_FORMATS = frozenset({"int4", "Q4_0", "Q4_K"})
+#: Their one-row tiles where x is not bf16 (the float32 path): the configs measured for it
+#: before the packed path (2026-11-29 sweep), kept rather than untimed new ones.
+UNPACKED_ONE_ROW = {"int4": GemvConfig(32, 512), "Q4_0": GemvConfig(16, 512), "Q4_K": GemvConfig(32, 512)}
 #: Formats with the tensor-core kernel (``_dot_gemv_kernel``); a config with ``dot`` picks it.
 DOT_FORMATS = frozenset({"int4", "int8", "Q4_0", "Q4_1", "Q8_0", "fp8"})
 #: The FMA kernel's tiles for a weight the dot kernel does not take (scales not in whole words).
@@ -141,6 +144,15 @@ FMA_FALLBACK = GemvConfig(16, 256)
 #: int4 too: 158.5 vs 191.5 us for the 128256 x 4096 lm_head on the H200 (the same sweep; from
 #: before the packed path, which is not yet timed there).
 WIDE_DOT_N = {"int4": 65536}
+
+
+def tuned_config(weight: QuantizedWeight, x: torch.Tensor) -> GemvConfig | None:
+    """``config_for`` this weight and x; one row of x that the packed path does not take (not
+    bf16) keeps the tiles measured for the float32 path."""
+    cfg = config_for(weight.format, x.shape[0], weight.shape[0])
+    if cfg is not None and not cfg.dot and x.shape[0] == 1 and _packed_x(x, weight, cfg) is None:
+        return UNPACKED_ONE_ROW.get(weight.format, cfg)
+    return cfg
 
 
 def config_for(fmt: str, m: int, n: int = 0) -> GemvConfig | None:
@@ -872,7 +884,7 @@ def gemv(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None = N
     m, k = x.shape
     if not 1 <= m <= MAX_M or weight.format not in FORMAT_IDS or x.stride(1) != 1:
         return None
-    cfg = config or config_for(weight.format, m, weight.shape[0])
+    cfg = config or tuned_config(weight, x)
     if cfg is None:
         return None
     if cfg.dot and weight.format in DOT_FORMATS:

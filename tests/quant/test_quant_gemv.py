@@ -210,3 +210,15 @@ def test_4bit_one_row_of_bf16_takes_packed_bf16x2_arithmetic(fmt: str, group: in
     for config, split_k in ((cfg, 3), (tma, None), (tma, 3)):
         out = gemv_triton.gemv(dev_x, dev_w, config=config, split_k=split_k, out_dtype=torch.float32)
         assert rel_err(out, want) <= (RTOL[torch.float32] if DEVICE.type == "cpu" else 4e-3)
+
+
+@pytest.mark.parametrize("fmt", sorted(gemv_triton.PACKED_FORMATS))
+def test_one_row_tiles_follow_whether_the_packed_path_runs(fmt: str, gen: torch.Generator) -> None:
+    """bf16 x takes the packed path's tuned tiles; other dtypes keep the float32 path's."""
+    weight = packed(fmt, 32, 1024, gen)
+    bf16 = gemv_triton.tuned_config(weight, torch.randn(1, 1024, generator=gen).to(torch.bfloat16))
+    fp16 = gemv_triton.tuned_config(weight, torch.randn(1, 1024, generator=gen).to(torch.float16))
+    assert bf16 == gemv_triton.config_for(fmt, 1, 32) and bf16.packed
+    assert fp16 == gemv_triton.UNPACKED_ONE_ROW[fmt]
+    two = torch.randn(2, 1024, generator=gen).to(torch.bfloat16)  # more rows: unchanged
+    assert gemv_triton.tuned_config(weight, two) == gemv_triton.config_for(fmt, 2, 32)
