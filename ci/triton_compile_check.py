@@ -106,6 +106,8 @@ def main(argv: list[str]) -> int:
     for module in (norm, activation, kernels_triton):  # fp8 codes stored as fp8, as on a GPU
         module.fp8_codes_dtype = lambda tensor: torch.float8_e4m3fn
     gemv.faster_than_cublas = lambda x, weight: True
+    from portaserve.quant import gemv_triton  # the packed GEMV's inline PTX: NVIDIA targets only
+    gemv_triton.packed_supported = lambda x: backend == "cuda"
     attention._num_sms = lambda index: 132
     pytest.main(["-q", "--tb=no", "-rN", "-p", "no:cacheprovider", "-W", "ignore",
                  "tests/devices/test_triton_kernels.py", "-k", "not leak"])

@@ -938,10 +938,20 @@ def _words_descriptor(words: torch.Tensor, cfg: GemvConfig, block_k: int):
     return TensorDescriptor(words, list(words.shape), list(words.stride()), [cfg.block_n, step_words])
 
 
+def packed_supported(x: torch.Tensor) -> bool:
+    """Whether x's device runs the packed path's inline PTX (bf16x2 FMA): an NVIDIA GPU of
+    compute capability 8.0 or newer, not ROCm; CPU tensors run its interpreter stand-in."""
+    if x.device.type != "cuda":
+        return True
+    return torch.version.hip is None and torch.cuda.get_device_capability(x.device) >= (8, 0)
+
+
 def _packed_x(x: torch.Tensor, weight: QuantizedWeight, cfg: GemvConfig) -> torch.Tensor | None:
     """x as 32-bit words (bf16 pairs) where the FMA kernel takes the packed bf16x2 path: int4,
     one row of bf16 x (``cfg.packed``); None otherwise."""
     if not cfg.packed or weight.format not in PACKED_FORMATS or x.dtype != torch.bfloat16 or x.shape[0] != 1:
+        return None
+    if not packed_supported(x):
         return None
     if x.data_ptr() % 16 or x.shape[1] % 8:  # (x is read 16 bytes at a time)
         return None

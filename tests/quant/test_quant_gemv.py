@@ -222,3 +222,20 @@ def test_one_row_tiles_follow_whether_the_packed_path_runs(fmt: str, gen: torch.
     assert fp16 == gemv_triton.UNPACKED_ONE_ROW[fmt]
     two = torch.randn(2, 1024, generator=gen).to(torch.bfloat16)  # more rows: unchanged
     assert gemv_triton.tuned_config(weight, two) == gemv_triton.config_for(fmt, 2, 32)
+
+
+def test_packed_path_needs_an_nvidia_gpu_of_compute_capability_8(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its inline PTX (bf16x2 FMA) compiles for NVIDIA sm_80+ only: not on ROCm (the same
+    Triton kernels serve the rocm device), not on older NVIDIA GPUs."""
+    from types import SimpleNamespace
+
+    on_gpu = SimpleNamespace(device=torch.device("cuda", 0))
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert gemv_triton.packed_supported(on_gpu)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    assert not gemv_triton.packed_supported(on_gpu)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 4))
+    monkeypatch.setattr(torch.version, "hip", "6.2")
+    assert not gemv_triton.packed_supported(on_gpu)
+    assert gemv_triton.packed_supported(torch.zeros(1))  # CPU: the interpreter's stand-in
