@@ -149,10 +149,16 @@ WIDE_DOT_N = {"int4": 65536}
 def tuned_config(weight: QuantizedWeight, x: torch.Tensor) -> GemvConfig | None:
     """``config_for`` this weight and x; one row of x that the packed path does not take (not
     bf16) keeps the tiles measured for the float32 path."""
+    return _tuned(weight, x)[0]
+
+
+def _tuned(weight: QuantizedWeight, x: torch.Tensor) -> tuple[GemvConfig | None, torch.Tensor | None]:
+    """``tuned_config`` and, where the packed path runs with it, x as 32-bit words."""
     cfg = config_for(weight.format, x.shape[0], weight.shape[0])
-    if cfg is not None and not cfg.dot and x.shape[0] == 1 and _packed_x(x, weight, cfg) is None:
-        return UNPACKED_ONE_ROW.get(weight.format, cfg)
-    return cfg
+    if cfg is None or cfg.dot or x.shape[0] != 1:
+        return cfg, None
+    x32 = _packed_x(x, weight, cfg)
+    return (cfg, x32) if x32 is not None else (UNPACKED_ONE_ROW.get(weight.format, cfg), None)
 
 
 def config_for(fmt: str, m: int, n: int = 0) -> GemvConfig | None:
@@ -884,14 +890,15 @@ def gemv(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None = N
     m, k = x.shape
     if not 1 <= m <= MAX_M or weight.format not in FORMAT_IDS or x.stride(1) != 1:
         return None
-    cfg = config or tuned_config(weight, x)
+    cfg, x32 = (config, None) if config is not None else _tuned(weight, x)
+    x32_known = config is None  # (the tuned choice has already looked at the packed path)
     if cfg is None:
         return None
     if cfg.dot and weight.format in DOT_FORMATS:
         planned = _dot_plan(weight, x, cfg)
         if planned is not None:
             return _dot_gemv(x, weight, bias, x_scale, out_dtype, cfg, split_k, planned)
-        cfg = FMA_FALLBACK
+        cfg, x32_known = FMA_FALLBACK, False
     planned = plan(weight, m, cfg)
     if planned is None:
         return None
@@ -906,7 +913,8 @@ def gemv(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None = N
     if x_scale is None:
         x_scale = s
     scalar_scale = s.dim() == 0
-    x32 = _packed_x(x, weight, cfg)
+    if not x32_known:
+        x32 = _packed_x(x, weight, cfg)
     desc = _words_descriptor(words, cfg, block_k) if x32 is not None and fmt in (0, 3) else None
     _gemv_kernel.on(x)[(num_tiles, split_k)](
         x, x32 if x32 is not None else x, words, desc if desc is not None else words, s, z, kb, qh, x_scale,
