@@ -94,10 +94,14 @@ def to_cache_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``x`` as a KV cache of ``dtype`` stores it. fp8 has no scale (1.0) and saturates: values
     beyond the format's largest finite value (448 for e4m3fn, 57344 for e5m2) are stored as
     that value. The clamp comes before the cast because a cast alone may give NaN (e4m3fn has
-    no infinity) or inf (e5m2)."""
+    no infinity) or inf (e5m2). NaN is stored as 0: an fp8 cache holds only finite values, so a
+    kernel may read the unwritten tail of a request's last block (whatever an earlier owner of
+    the block left there) and cancel it with a probability of exactly 0 instead of masking each
+    key. (A NaN key or value comes from a NaN hidden state, which already makes that token's own
+    output NaN.)"""
     if is_fp8(dtype):
         bound = torch.finfo(dtype).max
-        return x.clamp(-bound, bound).to(dtype)
+        return x.clamp(-bound, bound).nan_to_num(nan=0.0).to(dtype)
     return x.to(dtype)
 
 

@@ -437,6 +437,13 @@ def test_write_kv_fp8_cache(portaserve_device, portaserve_kernels, portaserve_dt
         step.keys[r] = wide.to(portaserve_dtype)
     step.write("cached")
     step.write("new")
+    nan = on(portaserve_device, torch.full((1, *step.keys[0].shape[1:]), float("nan"), dtype=portaserve_dtype))
+    spare = min(set(range(step.cache.shape[1])) - {b for table in step.tables for b in table})
+    portaserve_kernels.write_kv(nan, nan, step.cache, on(portaserve_device, torch.tensor([spare * step.block_size])))
+    stored = reference.gather_kv(step.cache.to("cpu"), torch.tensor([spare], dtype=torch.int32), 1,
+                                 portaserve_device.capabilities().kv_layout)
+    assert all(torch.equal(x.float(), torch.zeros_like(x.float())) for x in stored), \
+        f"write_kv[{fp8}] must store NaN as 0 (an fp8 cache holds only finite values), got {stored}"
     for r in range(len(step.requests)):
         got_k, got_v = _read_back(step, r)
         for name, got, sent in (("keys", got_k, step.keys[r]), ("values", got_v, step.values[r])):
@@ -460,6 +467,10 @@ def test_paged_attention_fp8_cache(portaserve_device, portaserve_kernels, portas
     the reference layout, upcast). Every e4m3/e5m2 value is exact in bf16, fp16 and fp32, so
     upcasting K/V loses nothing and the compute dtype's tolerance applies, not fp8's 2^-4: what
     fp8 costs in accuracy is decided by write_kv (checked above), not by the attention kernel.
+
+    Every slot first holds what an earlier owner of the blocks wrote (large values, some NaN,
+    which an fp8 cache stores as 0): the unwritten tails of the requests' last blocks keep it,
+    and it must not reach the output.
     """
     cache_dtype = _fp8_cache(portaserve_device, fp8)
     num_q_heads, num_kv_heads, head_dim = HEADS[1]
@@ -467,6 +478,11 @@ def test_paged_attention_fp8_cache(portaserve_device, portaserve_kernels, portas
     step = PagedStep(portaserve_device, portaserve_kernels, portaserve_dtype, portaserve_gen,
                      PAGED_SCENARIOS[scenario], num_q_heads, num_kv_heads, head_dim,
                      _block_sizes(portaserve_device)[0], cache_dtype)
+    num_slots = step.cache.shape[1] * step.block_size
+    stale = randn(portaserve_gen, 2, num_slots, num_kv_heads, head_dim) * 300.0
+    stale[torch.rand(stale.shape, generator=portaserve_gen) < 0.05] = float("nan")
+    portaserve_kernels.write_kv(*on(portaserve_device, stale[0].to(portaserve_dtype), stale[1].to(portaserve_dtype)),
+                                step.cache, on(portaserve_device, torch.arange(num_slots)))
     step.write("cached")
     step.write("new")
     query = on(portaserve_device, torch.cat(step.queries))  # [T, Hq, D]

@@ -120,3 +120,10 @@ def test_fp8_write_kv_and_paged_attention_in_both_layouts():
             out = reference.paged_attention(query, cache, attn, 0.25, kv_layout=layout)
             wide = reference.paged_attention(query, cache.float(), attn, 0.25, kv_layout=layout)
             assert torch.equal(out, wide)
+
+
+def test_fp8_cache_stores_nan_as_zero_and_saturates():
+    x = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e6, -3.0])
+    for dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        bound = torch.finfo(dtype).max
+        assert reference.to_cache_dtype(x, dtype).float().tolist() == [0.0, bound, -bound, bound, -3.0]

@@ -10,7 +10,9 @@ a negative slot is skipped (padding rows of a captured CUDA graph use -1).
 
 fp8 caches (``torch.float8_e4m3fn``, ``torch.float8_e5m2``; ``EngineConfig.kv_cache_dtype``):
 ``write_kv`` saturates at the format's largest finite value and rounds to nearest even, as
-``reference.to_cache_dtype`` does, and stores the bytes through a ``uint8`` view of the cache.
+``reference.to_cache_dtype`` does, stores NaN as 0 (an fp8 cache holds only finite values, which
+lets attention read whole blocks: see ``attention.py``), and stores the bytes through a
+``uint8`` view of the cache.
 It encodes them itself with integer arithmetic on the float32 bits rather than by
 ``.to(float8)``: Triton's interpreter rounds float32 -> fp8 wrongly near and below the smallest
 normal value (Triton 3.9), and this way the interpreter checks the exact code the GPU runs.
@@ -105,7 +107,7 @@ def _write_kv_kernel(
                     x = k.to(tl.float32)
                 else:
                     x = v.to(tl.float32)
-                # fp8 bits of x: saturate, round to nearest even, keep the sign; NaN stays NaN.
+                # fp8 bits of x: saturate, round to nearest even, keep the sign; NaN -> +0.
                 bits = x.to(tl.int32, bitcast=True)
                 sign = ((bits >> 31) & 1) << 7
                 mag = tl.minimum(tl.abs(x), FP8_MAX)  # inf saturates too
@@ -120,7 +122,7 @@ def _write_kv_kernel(
                 magic_bits = (127 + 24 - FP8_MANT - FP8_BIAS) << 23
                 subnormal = (mag + FP8_MAGIC).to(tl.int32, bitcast=True) - magic_bits
                 code = tl.where(mag_bits < ((128 - FP8_BIAS) << 23), subnormal, normal)
-                code = tl.where(x != x, 0x7F, code) | sign
+                code = tl.where(x != x, 0, code | sign)
                 tl.store(dst + which * stride_c_kv, code.to(tl.uint8), mask=mask)
         else:
             tl.store(dst, k.to(cache_ptr.dtype.element_ty), mask=mask)
