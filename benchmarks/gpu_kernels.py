@@ -338,6 +338,8 @@ def model_rows() -> list[Row]:
 
 VARLEN_TRIALS = [(64, 64, 4, 3), (64, 32, 4, 3), (64, 128, 4, 2), (64, 64, 8, 3), (64, 64, 4, 2),
                  (128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3)]
+#: (BLOCK_N, warps, stages) for the decode over an fp8 cache (tune_fp8), the default first.
+DECODE_TRIALS_FP8 = [(64, 2, 3), (64, 2, 4), (32, 2, 4), (64, 4, 3), (64, 1, 3), (128, 4, 3)]
 DECODE_TRIALS = [(64, 4, 2), (32, 4, 2), (128, 4, 2), (64, 2, 2), (64, 8, 2), (64, 4, 3), (64, 4, 4),
                  (128, 8, 3), (32, 2, 3), (64, 2, 3), (64, 2, 4), (128, 2, 2), (128, 4, 3), (32, 2, 4)]
 
@@ -395,6 +397,44 @@ def tune_rows() -> list[Row]:
     return rows
 
 
+def tune_fp8_rows(rounds: int = 3) -> list[Row]:
+    """The decode over an fp8 e4m3 cache under ``DECODE_TRIALS_FP8`` at the throughput run's
+    batch sizes. The trials take turns for ``rounds`` rounds and each row is the median of its
+    rounds: a lent GPU's timings drift by several percent over a
+    minute, which one pass per trial would read as a difference between trials."""
+    rows: list[Row] = []
+    scale = HEAD_DIM**-0.5
+    saved = dict(attention.DECODE_CONFIG_FP8)
+    for num_reqs, ctx in (DECODE_CASES[-2], DECODE_CASES[-1]):
+        nbytes = num_reqs * ctx * KV_HEADS * HEAD_DIM * 2  # K and V, one byte each
+        setups = [paged_setup([(ctx - 1, 1)] * num_reqs, seed) for seed in range(min(8, 1 + (256 << 20) // nbytes))]
+        fp8 = [(q_, c_.to(torch.float8_e4m3fn), a_) for q_, c_, a_, _ in setups]
+        del setups
+        n = len(fp8)
+        times: dict[tuple, list[float]] = {}
+        errors: dict[tuple, float] = {}
+        for _ in range(rounds):
+            for trial in DECODE_TRIALS_FP8:
+                bn, warps, stages = trial
+                attention.DECODE_CONFIG_FP8.update(BLOCK_N=bn, num_warps=warps, num_stages=stages)
+                try:
+                    if trial not in errors:
+                        want = ref.paged_attention(*fp8[0], scale, kv_layout="blocks_hnd")
+                        errors[trial] = rel_err(attention.paged_attention(*fp8[0], scale), want)
+                    times.setdefault(trial, []).append(bench(
+                        lambda i: attention.paged_attention(*fp8[i % n], scale), budget_s=0.5))
+                except Exception as e:  # a config may not fit; report it and go on
+                    print(f"tune fp8 {trial}: {type(e).__name__}: {str(e)[:120]}")
+                    errors[trial] = float("nan")
+        for trial, ms in times.items():
+            bn, warps, stages = trial
+            label = f"BN={bn} w={warps} s={stages}"
+            rows.append(Row(f"tune fp8 decode B={num_reqs} ctx={ctx}", label, statistics.median(ms), nbytes,
+                            rel_err=errors[trial]))
+        attention.DECODE_CONFIG_FP8.update(saved)
+    return rows
+
+
 def print_table(rows: list[Row], copy_bps: float, flop_rate: float) -> None:
     """One line per row; ``floor`` is max(bytes / copy bandwidth, flops / matmul rate), and
     ``x floor`` how far the measured time is above it."""
@@ -419,8 +459,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tune", action="store_true",
                         help="also time alternative attention tile configs and split counts")
     parser.add_argument("--sections", default=None,
-                        help="comma list of elementwise, attention, model, tune (default: all but "
-                             "tune, which --tune adds)")
+                        help="comma list of elementwise, attention, model, tune, tune_fp8 (default: "
+                             "all but the tune sections; --tune adds tune)")
     parser.add_argument("--json", default=None, help="also write the rows as JSON here")
     parser.add_argument("--dry-run", action="store_true",
                         help="tiny shapes on the CPU through the Triton interpreter (checks the script)")
@@ -442,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
     sections += [tune_rows] if args.tune else []
     if args.sections:
         named = {"elementwise": elementwise_rows, "attention": attention_rows, "model": model_rows,
-                 "tune": tune_rows}
+                 "tune": tune_rows, "tune_fp8": tune_fp8_rows}
         sections = [named[name] for name in args.sections.split(",")]
     for section in sections:
         start = time.perf_counter()

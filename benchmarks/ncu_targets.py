@@ -64,6 +64,10 @@ def attention_target(args: argparse.Namespace, fp8: bool) -> Target:
     nbytes = 2 * batch_size * ctx * KV_HEADS * HEAD_DIM * cache.element_size()
     from portaserve.devices import reference
 
+    if args.attn_config:  # BLOCK_N,num_warps,num_stages of the decode kernel for this cache
+        config = attention.DECODE_CONFIG_FP8 if fp8 else attention.DECODE_CONFIG
+        config.update(zip(("BLOCK_N", "num_warps", "num_stages"), map(int, args.attn_config.split(","))))
+
     def want() -> torch.Tensor:
         return reference.paged_attention(query, cache, attn, scale, kv_layout="blocks_hnd")
 
@@ -135,6 +139,7 @@ def main() -> None:
     p.add_argument("--context", type=int, default=1036)
     p.add_argument("--launches", type=int, default=3, help="launches inside the profiled range")
     p.add_argument("--device", default="cuda")
+    p.add_argument("--attn-config", default=None, help="attention targets: BLOCK_N,num_warps,num_stages")
     p.add_argument("--tiny", action="store_true", help="small shapes (with --device cpu: a dry run)")
     args = p.parse_args()
     fn, want, nbytes, shape = build(args)
