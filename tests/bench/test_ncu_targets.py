@@ -25,7 +25,8 @@ def ncu():
 @pytest.mark.parametrize("target,tol", [("attn-fp8", 1e-5), ("attn-bf16", 1e-5), ("gemv-int4", 1e-5),
                                         ("gemv-q4_k", 1e-5), ("gemv-fp8", 5e-2)])
 def test_targets_run_and_match_the_reference(ncu, target: str, tol: float) -> None:
-    args = argparse.Namespace(target=target, batch=488, context=1036, device="cpu", tiny=True)
+    args = argparse.Namespace(target=target, batch=488, context=1036, device="cpu", tiny=True,
+                              attn_config=None)
     launch, want, nbytes, shape = ncu.build(args)
     out, expected = launch().float(), want().float()
     assert out.shape == expected.shape and nbytes > 0 and shape
