@@ -38,13 +38,13 @@ Float32 queries and the interpreter (KV_FP8 == 2) convert through float32 to the
 dtype: Triton's interpreter converts e5m2 -> float16 directly with errors, e5m2 -> float32
 exactly. fp8 e4m3 needs an NVIDIA GPU of compute capability 8.9 or newer (Triton's fp8e4nv).
 
-Over an fp8 cache (FINITE) the tiles are read by whole cache blocks: the unwritten tail of a
-request's last block is loaded like the rest, and its keys get probability exactly 0 from the
-mask on the scores. That is sound because an fp8 cache never holds NaN or inf (``kv.py``
-saturates and stores NaN as 0), so 0 * v = 0 for whatever an earlier owner left there; a
-16-bit cache keeps NaN, and its loads stay masked key by key. A tile's block ids are loaded
-one iteration ahead (see the decode loop). Together, on an H200 (same machine, alternating
-runs), an fp8 decode at 512 requests x 1536 keys went from 0.566-0.580 to 0.495-0.497 ms a
+Over an fp8 cache (``FINITE`` in the kernels, i.e. KV_FP8 != 0) the tiles are read by whole
+cache blocks: the unwritten tail of a request's last block is loaded like the rest, and its keys
+get probability exactly 0 from the mask on the scores. That is sound because an fp8 cache never
+holds NaN or inf (``kv.py`` saturates and stores NaN as 0), so 0 * v = 0 for whatever an earlier
+owner left there; a 16-bit cache keeps NaN, and its loads stay masked key by key. A tile's block
+ids are loaded one iteration ahead (see the decode loop). Together, on an H200 (same machine,
+alternating runs), an fp8 decode at 512 requests x 1536 keys went from 0.566-0.580 to 0.495-0.497 ms a
 layer (67% -> 78% of the copy bandwidth); either change alone measured no faster.
 """
 
@@ -100,7 +100,7 @@ def _varlen_attn_kernel(
     stride_c_kv, stride_c_block, stride_c_head, stride_c_off, stride_bt,
     GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    IEEE: tl.constexpr, KV_FP8: tl.constexpr, FINITE: tl.constexpr, PDL: tl.constexpr,
+    IEEE: tl.constexpr, KV_FP8: tl.constexpr, PDL: tl.constexpr,
 ):
     """Grid ``(T // BLOCK_Q + R, Hk)``.
 
@@ -108,6 +108,7 @@ def _varlen_attn_kernel(
     (at least ``cdiv(q_len_r, BLOCK_Q)`` of them); a program finds its request by binary search
     over ``query_start_loc`` and exits when its tile lies past the request's query tokens.
     """
+    FINITE: tl.constexpr = KV_FP8 != 0  # an fp8 cache holds only finite values (module docstring)
     if PDL:  # programmatic dependent launch (launch.pdl): the next kernel may start; wait for the last
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
@@ -200,7 +201,7 @@ def _decode_attn_kernel(
     stride_c_kv, stride_c_block, stride_c_head, stride_c_off, stride_bt,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr, KV_FP8: tl.constexpr,
-    FINITE: tl.constexpr, PDL: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Grid ``(R, Hk, NUM_SPLITS)``: one new token of request r, the GROUP query heads of one
     KV head (padded to BLOCK_G >= 16 rows), and one chunk of its context.
@@ -212,6 +213,7 @@ def _decode_attn_kernel(
     (request, KV head) to arrive (counted in counter [R, Hk], zero between launches) merges the
     splits that have keys into out.
     """
+    FINITE: tl.constexpr = KV_FP8 != 0  # an fp8 cache holds only finite values (module docstring)
     if PDL:  # programmatic dependent launch (launch.pdl): the next kernel may start; wait for the last
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
@@ -430,7 +432,7 @@ def _decode(query: torch.Tensor, out: torch.Tensor, seq_lens: torch.Tensor, tabl
         {"GROUP": a.group, "BLOCK_G": max(16, next_pow2(a.group)),
          "BLOCK_N": 16 if a.interp else cfg["BLOCK_N"] // (2 if a.ieee else 1),
          "BLOCK_D": a.block_d, "BLOCK_SIZE": a.block_size, "NUM_SPLITS": num_splits, "IEEE": a.ieee,
-         "KV_FP8": a.kv_fp8, "FINITE": bool(a.kv_fp8), **pdl_options(query)[0]},
+         "KV_FP8": a.kv_fp8, **pdl_options(query)[0]},
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
 
@@ -451,7 +453,7 @@ def _varlen(query: torch.Tensor, out: torch.Tensor, query_start_loc: torch.Tenso
         {"GROUP": a.group, "BLOCK_Q": block_q, "BLOCK_M": block_m,
          "BLOCK_N": 16 if a.interp else VARLEN_CONFIG["BLOCK_N"] // (2 if a.ieee else 1),
          "BLOCK_D": a.block_d, "BLOCK_SIZE": a.block_size, "IEEE": a.ieee, "KV_FP8": a.kv_fp8,
-         "FINITE": bool(a.kv_fp8), **pdl_options(query)[0]},
+         **pdl_options(query)[0]},
         num_warps=VARLEN_CONFIG["num_warps"],
         num_stages=VARLEN_CONFIG["num_stages"] - (1 if a.ieee else 0),
     )
