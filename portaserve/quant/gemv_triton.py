@@ -53,6 +53,7 @@ Both kernels run compiled on GPU tensors and in Triton's interpreter on CPU tens
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -95,8 +96,9 @@ class GemvConfig:
     #: FMA kernel, one row of bf16 x over ``PACKED_FORMATS``: packed bf16x2 arithmetic.
     packed: bool = True
     #: With ``packed`` (int4, Q4_0): the words come through a TMA descriptor, so that
-    #: ``num_stages`` can pipeline them through shared memory rather than registers. A sweep
-    #: candidate, not yet timed (``benchmarks/gpu_quant.py --kernels --sweep``).
+    #: ``num_stages`` can pipeline them through shared memory rather than registers. Timed on
+    #: the H200 (2026-11-30): no faster than the register prefetch (64.4 vs 64.3 us a layer at
+    #: 3 stages, slower deeper), so off; kept as a sweep candidate.
     tma: bool = False
 
 
@@ -951,12 +953,18 @@ def packed_supported(x: torch.Tensor) -> bool:
     compute capability 8.0 or newer, not ROCm; CPU tensors run its interpreter stand-in."""
     if x.device.type != "cuda":
         return True
-    return torch.version.hip is None and torch.cuda.get_device_capability(x.device) >= (8, 0)
+    return _has_bf16x2_fma(x.device.index if x.device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=16)
+def _has_bf16x2_fma(device_index: int) -> bool:
+    """Per GPU, once (``packed_supported`` runs on every one-row GEMV call)."""
+    return torch.version.hip is None and torch.cuda.get_device_capability(device_index) >= (8, 0)
 
 
 def _packed_x(x: torch.Tensor, weight: QuantizedWeight, cfg: GemvConfig) -> torch.Tensor | None:
-    """x as 32-bit words (bf16 pairs) where the FMA kernel takes the packed bf16x2 path: int4,
-    one row of bf16 x (``cfg.packed``); None otherwise."""
+    """x as 32-bit words (bf16 pairs) where the FMA kernel takes the packed bf16x2 path: a
+    format of ``PACKED_FORMATS``, one row of bf16 x (``cfg.packed``); None otherwise."""
     if not cfg.packed or weight.format not in PACKED_FORMATS or x.dtype != torch.bfloat16 or x.shape[0] != 1:
         return None
     if not packed_supported(x):

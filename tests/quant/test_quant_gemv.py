@@ -230,12 +230,17 @@ def test_packed_path_needs_an_nvidia_gpu_of_compute_capability_8(monkeypatch: py
     from types import SimpleNamespace
 
     on_gpu = SimpleNamespace(device=torch.device("cuda", 0))
+    forget = gemv_triton._has_bf16x2_fma.cache_clear  # (the answer is cached per GPU)
     monkeypatch.setattr(torch.version, "hip", None)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    forget()
     assert gemv_triton.packed_supported(on_gpu)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    forget()
     assert not gemv_triton.packed_supported(on_gpu)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 4))
     monkeypatch.setattr(torch.version, "hip", "6.2")
+    forget()
     assert not gemv_triton.packed_supported(on_gpu)
+    forget()  # (the real GPU's answer next time)
     assert gemv_triton.packed_supported(torch.zeros(1))  # CPU: the interpreter's stand-in
