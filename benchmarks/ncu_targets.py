@@ -66,7 +66,7 @@ def attention_target(args: argparse.Namespace, fp8: bool) -> Target:
 
     if args.attn_config:  # BLOCK_N,num_warps,num_stages of the decode kernel for this cache
         config = attention.DECODE_CONFIG_FP8 if fp8 else attention.DECODE_CONFIG
-        config.update(zip(("BLOCK_N", "num_warps", "num_stages"), map(int, args.attn_config.split(","))))
+        config.update(zip(("BLOCK_N", "num_warps", "num_stages"), map(int, args.attn_config.split(",")), strict=True))
 
     def want() -> torch.Tensor:
         return reference.paged_attention(query, cache, attn, scale, kv_layout="blocks_hnd")
