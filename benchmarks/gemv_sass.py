@@ -3,7 +3,8 @@
     PYTHONPATH=. python benchmarks/gemv_sass.py int4:1 int4:1:16:512 Q8_0:4 fp8:1:32:256
 
 Each argument is ``format:M[:block_n:block_k[:num_warps[:programs_per_sm[:num_stages[:dot[:scale_tile]]]]]]``
-(no tiles: ``gemv_triton.CONFIGS``; dot 1: the tensor-core kernel; scale_tile 1: its scaled tiles). The kernel is compiled for an H100/H200 target through a
+(no tiles: ``gemv_triton.CONFIGS``; dot 1: the tensor-core kernel; scale_tile 1: its scaled tiles),
+then any boolean ``GemvConfig`` fields by name (``int4:1:64:128:4:mma=1``). The kernel is compiled for an H100/H200 target through a
 stand-in driver (``ci/triton_compile_check.py``), disassembled with the ``nvdisasm`` Triton
 ships, and its longest loop counted: instructions per weight element per thread, registers,
 and the instruction mix. A decode GEMV is bound by whichever is lower: the memory (about 16
@@ -15,6 +16,7 @@ bound in TB/s at 132 SMs and 1.98 GHz for the format's bytes per weight.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import os
 import re
 import subprocess
@@ -89,9 +91,11 @@ def main(argv: list[str]) -> None:
     print("|---|---|---|---|---|---|---|")
     for spec in argv or ["int4:1", "Q4_0:1", "Q8_0:1", "int8:1", "fp8:1", "int4:4", "fp8:4"]:
         fmt, m, *tiles = spec.split(":")
-        values = [int(v) for v in tiles]
+        named = dict(t.split("=") for t in tiles if "=" in t)  # e.g. mma=1, tma=1, packed=0
+        values = [int(v) for v in tiles if "=" not in v]
         values[5:] = [bool(v) for v in values[5:]]  # dot, scale_tile
-        cfg = gemv_triton.GemvConfig(*values) if tiles else gemv_triton.config_for(fmt, int(m))
+        cfg = gemv_triton.GemvConfig(*values) if values else gemv_triton.config_for(fmt, int(m))
+        cfg = dataclasses.replace(cfg, **{k: bool(int(v)) for k, v in named.items()})
         cubin, _ = compile_one(fmt, int(m), cfg)
         ops, regs = loop_stats(cubin)
         per_thread = cfg.block_n * cfg.block_k / (cfg.num_warps * 32)

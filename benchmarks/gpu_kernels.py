@@ -435,6 +435,39 @@ def tune_fp8_rows(rounds: int = 3) -> list[Row]:
     return rows
 
 
+#: Rows of x for the fp8 GEMM section: a decode batch and a prompt chunk of the 1000/1000 run.
+FP8_GEMM_MS = (512, 8192)
+
+
+def fp8_gemm_rows() -> list[Row]:
+    """``torch._scaled_mm`` on the Llama-3-8B layer shapes (q|k|v, o, gate|up, down): the
+    W8A8 scales portaserve uses (per token x per channel, "rowwise") against one scale each
+    ("tensorwise") and bf16 ``torch.matmul``. rel err: against float32 on the fp8 values."""
+    rows: list[Row] = []
+    fp8 = torch.float8_e4m3fn
+    shapes = {"qkv": (HEADS * HEAD_DIM + 2 * KV_HEADS * HEAD_DIM, HIDDEN), "o": (HIDDEN, HEADS * HEAD_DIM),
+              "gate_up": (2 * INTER, HIDDEN), "down": (HIDDEN, INTER)}
+    for m in FP8_GEMM_MS if DEV == "cuda" else (16,):
+        for name, (n, k) in shapes.items():
+            x = torch.randn(m, k, device=DEV, dtype=DTYPE)
+            w = torch.randn(n, k, device=DEV, dtype=DTYPE) * k**-0.5
+            xq, wq = (x * 0.5).to(fp8), (w * 100).to(fp8)
+            sx_row = torch.rand(m, 1, device=DEV) + 0.5
+            sw_row = torch.rand(1, n, device=DEV) * 0.01 + 0.005
+            one = torch.ones((), device=DEV)
+            want = (xq.float() * sx_row) @ (wq.float() * sw_row.T).T
+            label, flops = f"fp8 GEMM {name} {m}x{k} -> {n}", 2.0 * m * n * k
+            nbytes = m * k + n * k + 2 * m * n
+            row = torch._scaled_mm(xq, wq.t(), sx_row, sw_row, out_dtype=torch.bfloat16)
+            rows.append(Row(label, "_scaled_mm rowwise", bench(
+                lambda i: torch._scaled_mm(xq, wq.t(), sx_row, sw_row, out_dtype=torch.bfloat16), iters=30),
+                nbytes, flops, rel_err(row.float(), want)))
+            rows.append(Row(label, "_scaled_mm tensorwise", bench(
+                lambda i: torch._scaled_mm(xq, wq.t(), one, one, out_dtype=torch.bfloat16), iters=30), nbytes, flops))
+            rows.append(Row(label, "bf16 matmul", bench(lambda i: x @ w.T, iters=30), 2 * nbytes, flops))
+    return rows
+
+
 def print_table(rows: list[Row], copy_bps: float, flop_rate: float) -> None:
     """One line per row; ``floor`` is max(bytes / copy bandwidth, flops / matmul rate), and
     ``x floor`` how far the measured time is above it."""
@@ -459,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tune", action="store_true",
                         help="also time alternative attention tile configs and split counts")
     parser.add_argument("--sections", default=None,
-                        help="comma list of elementwise, attention, model, tune, tune_fp8 (default: "
+                        help="comma list of elementwise, attention, model, tune, tune_fp8, fp8_gemm (default: "
                              "all but the tune sections; --tune adds tune)")
     parser.add_argument("--json", default=None, help="also write the rows as JSON here")
     parser.add_argument("--dry-run", action="store_true",
@@ -482,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
     sections += [tune_rows] if args.tune else []
     if args.sections:
         named = {"elementwise": elementwise_rows, "attention": attention_rows, "model": model_rows,
-                 "tune": tune_rows, "tune_fp8": tune_fp8_rows}
+                 "tune": tune_rows, "tune_fp8": tune_fp8_rows, "fp8_gemm": fp8_gemm_rows}
         sections = [named[name] for name in args.sections.split(",")]
     for section in sections:
         start = time.perf_counter()

@@ -277,6 +277,12 @@ def sweep_configs(fmt: str) -> list:
     if fmt == "int4":  # more one-row packed tiles (those above are not timed twice)
         fma += [C(64, 512), C(32, 256), C(128, 128), C(64, 128, programs_per_sm=8),
                 C(128, 256, num_warps=8)]
+        # the products on the tensor cores (a K step is one group: block_k is not used)
+        fma += [C(bn, 128, num_warps=w, programs_per_sm=p, mma=True)
+                for bn, w, p in ((64, 4, 4), (64, 4, 8), (128, 4, 2), (128, 4, 4), (128, 4, 8),
+                                 (128, 8, 4), (256, 8, 2), (256, 8, 4), (64, 2, 8), (128, 2, 8))]
+        fma += [C(bn, 128, num_warps=w, programs_per_sm=p, mma=True, mma_xsum=True)
+                for bn, w, p in ((128, 4, 4), (128, 4, 8), (256, 8, 4), (64, 4, 8))]
     if fmt == "Q4_K":  # one row: packed bf16x2 (the default) against float32
         return [C(32, 512), C(32, 512, packed=False), C(64, 256), C(32, 256), C(16, 512)]
     if fmt not in DOT_FORMATS:
@@ -295,6 +301,31 @@ def sweep_configs(fmt: str) -> list:
     return [dot[0], fma[0]] + dot[1:] + fma[1:]
 
 
+SWEEP_FILTER = ""
+
+
+def set_one_row_config(spec: str) -> None:
+    """``--one-row-config FMT=BN,BK,WARPS,PPS[,FLAG...]``: FMT's GEMV tiles at one row of x."""
+    from portaserve.quant import gemv_triton
+
+    fmt, _, values = spec.partition("=")
+    parts = values.split(",")
+    if fmt not in gemv_triton.CONFIGS or len(parts) < 4:
+        raise SystemExit(f"--one-row-config {spec!r}: want FMT=BN,BK,WARPS,PPS[,FLAG] with FMT one of "
+                         f"{sorted(gemv_triton.CONFIGS)}")
+    bn, bk, warps, pps = (int(v) for v in parts[:4])
+    cfg = gemv_triton.GemvConfig(bn, bk, num_warps=warps, programs_per_sm=pps, **{f: True for f in parts[4:]})
+    gemv_triton.CONFIGS[fmt] = ((1, cfg),) + tuple(e for e in gemv_triton.CONFIGS[fmt] if e[0] > 1)
+    log(f"{fmt} at one row: {cfg}")
+
+
+def swept(fmt: str, m: int) -> list:
+    """The configs the sweep times for ``fmt`` at ``m`` rows: beyond one row the first two; with
+    ``--sweep-filter`` only those whose repr holds it, beside the first two (the baselines)."""
+    configs = sweep_configs(fmt)[: (None if m == 1 else 2)]
+    return [c for i, c in enumerate(configs) if i < 2 or SWEEP_FILTER in repr(c)]
+
+
 def bench_sweep(formats: list[str], copy_bps: float) -> list[dict]:
     rows = []
     gen = torch.Generator(device=DEV).manual_seed(1)
@@ -310,7 +341,7 @@ def bench_sweep(formats: list[str], copy_bps: float) -> list[dict]:
             sets[shape_name] = ws
         layer_bytes = sum(nbytes(ws[0]) for ws in sets.values())
         for m in SWEEP_MS:
-            for cfg in sweep_configs(fmt)[: (None if m == 1 else 2)]:
+            for cfg in swept(fmt, m):
                 per_shape = {}
                 for shape_name, ws in sets.items():
                     k = ws[0].shape[1]
@@ -356,7 +387,7 @@ def compile_tasks(formats: list[str], ms: tuple[int, ...], sweep: bool) -> list[
                         tasks.append(("tiled" if kind == "tiled" else "kernel", fmt, m, n, k, None))
             if sweep and shape_name != "lm_head":
                 for m in SWEEP_MS:
-                    for cfg in sweep_configs(fmt)[: (None if m == 1 else 2)]:
+                    for cfg in swept(fmt, m):
                         tasks.append(("gemv", fmt, m, n, k, cfg))
     return tasks
 
@@ -455,13 +486,15 @@ def conditions() -> str:
 
 
 def main() -> None:
-    global SHAPES, DEV, KERNEL_MS, PRESET, SWEEP_MS
+    global SHAPES, DEV, KERNEL_MS, PRESET, SWEEP_MS, SWEEP_FILTER
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--formats", default=",".join(FORMATS))
     p.add_argument("--kernels", action="store_true", help="the kernel table instead of the model")
     p.add_argument("--sweep", action="store_true", help="with --kernels: the GEMV tile sweep")
     p.add_argument("--kernel-ms", default=",".join(map(str, KERNEL_MS)))
     p.add_argument("--sweep-ms", default="1,4", help="with --sweep: rows of x (beyond 1: two configs)")
+    p.add_argument("--sweep-filter", default="", help="with --sweep: only configs whose repr holds this "
+                   "(and the first two, as baselines), e.g. 'mma=True'")
     p.add_argument("--lm-head", action="store_true", help="with --kernels: also the 128256x4096 lm_head")
     p.add_argument("--parts", default="decode,throughput", help="model mode: decode[,throughput]")
     p.add_argument("--decode-tokens", type=int, default=128)
@@ -473,6 +506,9 @@ def main() -> None:
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--compile-workers", type=int, default=min(12, os.cpu_count() or 1))
     p.add_argument("--budget-s", type=float, default=230, help="model mode: stop throughput runs after this")
+    p.add_argument("--one-row-config", action="append", default=[], metavar="FMT=BN,BK,WARPS,PPS[,FLAG]",
+                   help="replace FMT's one-row GEMV tiles (gemv_triton.CONFIGS), e.g. "
+                        "'int4=128,128,4,4,mma' (FLAG: a boolean GemvConfig field set true)")
     p.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU (checks the script)")
     p.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "gpu_quant.json"))
     args = p.parse_args()
@@ -483,8 +519,11 @@ def main() -> None:
         SHAPES = {"o": (48, 256), "qkv": (80, 256), "gate_up": (96, 256), "down": (48, 512)}
         args.kernel_ms, args.max_model_len = "1,4", 512
         torch.cuda.synchronize = lambda *a, **k: None  # run_all (shared with gpu_llama8b) syncs
+    for spec in args.one_row_config:
+        set_one_row_config(spec)
     ms = tuple(int(v) for v in args.kernel_ms.split(","))
     SWEEP_MS = tuple(int(v) for v in args.sweep_ms.split(","))
+    SWEEP_FILTER = args.sweep_filter
     if args.lm_head:
         SHAPES = {**SHAPES, "lm_head": (128256, 4096) if not args.dry_run else (96, 256)}
     log("conditions: " + conditions())

@@ -28,6 +28,15 @@ loaded before the current step's math (int4, Q4_0; Q4_K runs inside the general 
 nibbles of a byte in different sub-blocks summed apart by ``_CODES_BF16X2_ASM``, codes centred
 on 8 so that the sums stay small beside the mins' correction).
 
+int4 at one row of bf16 x can take its products to the tensor cores inside the FMA kernel
+(``GemvConfig.mma``; ``_int4_mma_asm``): a 16-row tile is the A operand of ``mma.m16n8k16``,
+each lane unpacking its own words straight into its fragment registers (no trip through shared
+memory, which is what makes ``tl.dot`` slow here), x the B operand in all eight columns, float32
+sums, so the products are exact (no bf16 rounding) at ~2 instructions a weight against ~3.4.
+It relies on the lanes Triton assigns (t, then g of the MMA along the lanes); a one-time check
+per GPU and tiles (``mma_supported``) keeps the bf16x2 path where a Triton lays them out
+otherwise.
+
 The tensor-core kernel (``_dot_gemv_kernel``) feeds the unpacked weight tile as the left
 operand of ``tl.dot`` against x padded to 16 columns ("swap AB", as ``devices.cuda.gemv`` does
 for bf16), so Triton stages the packed tiles, x, scales and zero points in shared memory with
@@ -54,6 +63,7 @@ Both kernels run compiled on GPU tensors and in Triton's interpreter on CPU tens
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -74,6 +84,8 @@ MAX_M = 4
 FORMAT_IDS = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2, "int4": 3, "int8": 4, "fp8": 5, "Q4_K": 6,
               "Q5_K": 7, "Q6_K": 8}
 _MAX_SPLIT_K = 16
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +112,12 @@ class GemvConfig:
     #: the H200 (2026-11-30): no faster than the register prefetch (64.4 vs 64.3 us a layer at
     #: 3 stages, slower deeper), so off; kept as a sweep candidate.
     tma: bool = False
+    #: With ``packed``, int4 in groups of 32, 64 or 128, and 16-row tiles at least one a warp:
+    #: the products on the tensor cores (``_int4_mma_asm``) rather than in bf16x2 FMAs.
+    mma: bool = False
+    #: With ``mma``: the zero points taken off after the MMAs, from the group sums of x (one MMA
+    #: more per word position and thread, one FMA fewer per pair of codes and row).
+    mma_xsum: bool = False
 
 
 #: Per format: (largest M, config) pairs, the first whose M covers the call's is used. From
@@ -205,6 +223,71 @@ mov.b32 hi, acc;
 add.f32 lo, lo, hi;
 mov.b32 $0, lo;
 }""")
+def _int4_mma_asm(v: int, zero_after: bool = False) -> str:
+    """PTX for one group of an int4 weight on the tensor cores (sm_80+), the ``MMA`` path:
+    lane (g, t) of a warp holds, of rows g and g + 8, the ``v`` words t v .. t v + v - 1 of
+    the group ($2.. the rows g, then the rows g + 8). Each word position is the A fragment of
+    two ``mma.m16n8k16`` (rows g and g + 8; columns 2t, 2t + 1 and 2t + 8, 2t + 9 of the 16
+    the MMA adds up across the four lanes t): pair i of a word = nibbles i and i + 4, made
+    128 + code by the magic OR as in ``_INT4_BF16X2_ASM`` and less ``128 + zero`` exactly (the
+    two rows' ``-(128 + zero)`` in both bf16 halves after the words). Pairs 0, 1 go through one
+    MMA, 2, 3 through the next, against B = x paired the same way (four words per position,
+    last), which is the same in every lane of a t: x fills all eight columns of B, so every
+    lane ends with its rows' sums of the group, in float32 ($0: row g, $1: row g + 8). 12
+    instructions a word position and row, one MMA for 16 weights."""
+    lo, hi = 2, 2 + v
+    nz_lo, nz_hi = 2 + 2 * v, 3 + 2 * v
+    lines = [".reg .b32 t, a0, a1, a2, a3, one, mask, magic;", ".reg .f32 d0, d1, d2, d3, zero;",
+             "mov.b32 one, 0x3F803F80;", "mov.b32 mask, 0x000F000F;", "mov.b32 magic, 0x43004300;",
+             "mov.f32 zero, 0f00000000;"]
+    for w in range(v):
+        x = 4 + 2 * v + 4 * w  # this position's four x pairs
+        for mma, shifts in enumerate(((0, 4), (8, 12))):
+            for reg, (row, nz), shift in (("a0", (lo, nz_lo), shifts[0]), ("a1", (hi, nz_hi), shifts[0]),
+                                          ("a2", (lo, nz_lo), shifts[1]), ("a3", (hi, nz_hi), shifts[1])):
+                src = f"${row + w}"
+                if shift:
+                    lines.append(f"shr.u32 t, {src}, {shift};")
+                    src = "t"
+                lines.append(f"lop3.b32 {reg}, {src}, mask, magic, 0xEA;")
+                lines.append(f"fma.rn.bf16x2 {reg}, {reg}, one, ${nz};")
+            acc = "{zero, zero, zero, zero}" if w == 0 and mma == 0 else "{d0, d1, d2, d3}"
+            lines.append("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {d0, d1, d2, d3}, "
+                         f"{{a0, a1, a2, a3}}, {{${x + 2 * mma}, ${x + 2 * mma + 1}}}, {acc};")
+    lines += ["mov.b32 $0, d0;", "mov.b32 $1, d2;"]
+    if zero_after:  # 128 + code, unshifted: the zero points come off after the MMAs
+        lines = [ln for ln in lines if not ln.startswith("fma.rn.bf16x2")]
+    return "{\n" + "\n".join(lines) + "\n}"
+
+
+def _x_sum_mma_asm(v: int) -> str:
+    """PTX for the sum of x over a group on the tensor cores: the ``v`` word positions' x pairs
+    of ``_int4_mma_asm`` ($1..) against an A of ones, so every lane ends with the group's sum
+    ($0). With it the MMAs can take 128 + code as is and the zero points come off in float32
+    (``MMA_XSUM``): one MMA per word position and thread instead of an FMA per pair and row."""
+    lines = [".reg .b32 one;", ".reg .f32 d0, d1, d2, d3, zero;", "mov.b32 one, 0x3F803F80;",
+             "mov.f32 zero, 0f00000000;"]
+    for w in range(v):
+        for mma in range(2):
+            x = 1 + 4 * w + 2 * mma
+            acc = "{zero, zero, zero, zero}" if w == 0 and mma == 0 else "{d0, d1, d2, d3}"
+            lines.append("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {d0, d1, d2, d3}, "
+                         f"{{one, one, one, one}}, {{${x}, ${x + 1}}}, {acc};")
+    lines.append("mov.b32 $0, d0;")
+    return "{\n" + "\n".join(lines) + "\n}"
+
+
+#: ``_int4_mma_asm`` for one, two and four words a lane (groups of 32, 64 and 128 columns).
+_INT4_MMA_ASM_1 = tl.constexpr(_int4_mma_asm(1))
+_INT4_MMA_ASM_2 = tl.constexpr(_int4_mma_asm(2))
+_INT4_MMA_ASM_4 = tl.constexpr(_int4_mma_asm(4))
+#: The same without the zero points, and the group sums of x they then need (``MMA_XSUM``).
+_INT4_MMA_RAW_ASM_1 = tl.constexpr(_int4_mma_asm(1, zero_after=True))
+_INT4_MMA_RAW_ASM_2 = tl.constexpr(_int4_mma_asm(2, zero_after=True))
+_INT4_MMA_RAW_ASM_4 = tl.constexpr(_int4_mma_asm(4, zero_after=True))
+_X_SUM_ASM_1 = tl.constexpr(_x_sum_mma_asm(1))
+_X_SUM_ASM_2 = tl.constexpr(_x_sum_mma_asm(2))
+_X_SUM_ASM_4 = tl.constexpr(_x_sum_mma_asm(4))
 #: Four 32-bit words from one 16-byte aligned address (read-only data: x).
 _LD_V4_ASM = tl.constexpr("ld.global.nc.v4.u32 {$0, $1, $2, $3}, [$4];")
 #: Two from one 8-byte aligned address.
@@ -260,7 +343,8 @@ def _gemv_kernel(
     FMT: tl.constexpr, GROUP: tl.constexpr, CODES: tl.constexpr, NB: tl.constexpr,
     WPB: tl.constexpr, M_ROWS: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
-    PACKED: tl.constexpr, ASM: tl.constexpr, TMA: tl.constexpr,
+    PACKED: tl.constexpr, ASM: tl.constexpr, TMA: tl.constexpr, MMA: tl.constexpr,
+    MMA_XSUM: tl.constexpr,
 ):
     """Grid ``(cdiv(N, BLOCK_N), SPLIT_K)``. A K step covers ``NB`` blocks of ``GROUP`` columns
     (one scale each; int8/fp8: one block, scales per row; K formats: a 64-column quarter of a
@@ -292,7 +376,166 @@ def _gemv_kernel(
     acc1 = acc0
     acc2 = acc0
     acc3 = acc0
-    if PACKED and FMT != 6:  # int4 / Q4_0, one row of bf16 x; the next step's loads go out first
+    if MMA:  # int4, one row of bf16 x, on the tensor cores (``_int4_mma_asm``); the next
+        # step's loads go out before the current step's math. A 16-row tile is one MMA's rows:
+        # lane (g, t) of a warp holds rows g and g + 8 ("lo" / "hi") and, of the K step (one
+        # group), the V words t V .. t V + V - 1: [4 (t), 8 (g), RT, V] tensors, which Triton
+        # lays out with V words a thread (one vector load), the lanes along t, then g (its
+        # first dims after the contiguous one) and the warps along RT; every tensor the MMAs
+        # read has that layout (a K step of one group: no dim of the scales is contiguous).
+        # ``mma_supported`` checks the compiled kernel's answers once per GPU.
+        RT: tl.constexpr = BLOCK_N // 16
+        V: tl.constexpr = GROUP // 32
+        t4 = tl.arange(0, 4)[:, None, None, None]
+        row_lo = (pid_n * BLOCK_N + tl.arange(0, 8)[None, :, None, None]
+                  + 16 * tl.arange(0, RT)[None, None, :, None])  # [1, 8, RT, 1]
+        wcol = t4 * V + tl.arange(0, V)[None, None, None, :]  # [4, 1, 1, V] word of a step
+        lo_ptrs = q_ptr + row_lo * stride_qn + wcol
+        hi_ptrs = lo_ptrs + 8 * stride_qn
+        lo_ok = row_lo < N
+        hi_ok = row_lo + 8 < N
+        x_ptrs = x32_ptr + wcol * 4  # x's columns 8 c .. 8 c + 7 of word c: 16 bytes
+        # a scale and a zero per row and step, read by the four lanes t: [4, 8, RT]
+        srow = (pid_n * BLOCK_N + tl.arange(0, 8)[None, :, None] + 16 * tl.arange(0, RT)[None, None, :]
+                + 0 * tl.arange(0, 4)[:, None, None])
+        s_lo_ptrs = s_ptr + srow * stride_sn
+        z_lo_ptrs = z_ptr + srow * stride_sn
+        s_lo_ok = srow < N
+        s_hi_ok = srow + 8 < N
+        step_n = tl.minimum(step_begin, num_steps - 1)  # (a split past the end: unused)
+        k_n = step_n * BLOCK_K
+        wlo_n = tl.load(lo_ptrs + k_n // 8, mask=lo_ok, other=0)
+        whi_n = tl.load(hi_ptrs + k_n // 8, mask=hi_ok, other=0)
+        slo_n = tl.load(s_lo_ptrs + k_n // GROUP, mask=s_lo_ok, other=0.0)
+        shi_n = tl.load(s_lo_ptrs + 8 * stride_sn + k_n // GROUP, mask=s_hi_ok, other=0.0)
+        zlo_n = tl.load(z_lo_ptrs + k_n // GROUP, mask=s_lo_ok, other=0)
+        zhi_n = tl.load(z_lo_ptrs + 8 * stride_sn + k_n // GROUP, mask=s_hi_ok, other=0)
+        if ASM:
+            u0_n, u1_n, u2_n, u3_n = tl.inline_asm_elementwise(
+                _LD_V4_ASM, "=r,=r,=r,=r,l", [x_ptrs + k_n // 2], dtype=(tl.int32,) * 4, is_pure=True, pack=1)
+        else:
+            u0_n = tl.load(x_ptrs + k_n // 2)
+            u1_n = tl.load(x_ptrs + k_n // 2 + 1)
+            u2_n = tl.load(x_ptrs + k_n // 2 + 2)
+            u3_n = tl.load(x_ptrs + k_n // 2 + 3)
+        acc_lo = tl.full((4, 8, RT), 0.0, tl.float32)
+        acc_hi = acc_lo
+        for step in tl.range(step_begin, step_end):
+            wlo, whi, slo, shi, zlo, zhi = wlo_n, whi_n, slo_n, shi_n, zlo_n, zhi_n
+            u0, u1, u2, u3 = u0_n, u1_n, u2_n, u3_n
+            k_n = tl.minimum(step + 1, num_steps - 1) * BLOCK_K  # (the last: reloaded, unused)
+            wlo_n = tl.load(lo_ptrs + k_n // 8, mask=lo_ok, other=0)
+            whi_n = tl.load(hi_ptrs + k_n // 8, mask=hi_ok, other=0)
+            slo_n = tl.load(s_lo_ptrs + k_n // GROUP, mask=s_lo_ok, other=0.0)
+            shi_n = tl.load(s_lo_ptrs + 8 * stride_sn + k_n // GROUP, mask=s_hi_ok, other=0.0)
+            zlo_n = tl.load(z_lo_ptrs + k_n // GROUP, mask=s_lo_ok, other=0)
+            zhi_n = tl.load(z_lo_ptrs + 8 * stride_sn + k_n // GROUP, mask=s_hi_ok, other=0)
+            if ASM:
+                u0_n, u1_n, u2_n, u3_n = tl.inline_asm_elementwise(
+                    _LD_V4_ASM, "=r,=r,=r,=r,l", [x_ptrs + k_n // 2], dtype=(tl.int32,) * 4, is_pure=True, pack=1)
+            else:
+                u0_n = tl.load(x_ptrs + k_n // 2)
+                u1_n = tl.load(x_ptrs + k_n // 2 + 1)
+                u2_n = tl.load(x_ptrs + k_n // 2 + 2)
+                u3_n = tl.load(x_ptrs + k_n // 2 + 3)
+            if ASM:  # the group's sums of rows g and g + 8 in every lane: the V word positions
+                # chained through the MMAs' accumulators; x paired as the codes are
+                p0, p1 = tl.inline_asm_elementwise(
+                    _PRMT_ASM, "=r,=r,r,r", [u0, u2], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+                p2, p3 = tl.inline_asm_elementwise(
+                    _PRMT_ASM, "=r,=r,r,r", [u1, u3], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+                # -(128 + zero) in both bf16 halves of a word: 0xC300 | zero (zero < 16)
+                if MMA_XSUM:  # (not read)
+                    nz_lo = zlo.to(tl.int32)
+                    nz_hi = nz_lo
+                else:
+                    nz_lo = (zlo.to(tl.int32) | 0xC300) * 0x10001
+                    nz_hi = (zhi.to(tl.int32) | 0xC300) * 0x10001
+                if V == 1:
+                    c_lo, c_hi = tl.inline_asm_elementwise(
+                        _INT4_MMA_RAW_ASM_1 if MMA_XSUM else _INT4_MMA_ASM_1, "=r,=r" + ",r" * 8,
+                        [tl.reshape(wlo, (4, 8, RT)), tl.reshape(whi, (4, 8, RT)), nz_lo, nz_hi,
+                         tl.reshape(p0, (4, 1, 1)), tl.reshape(p1, (4, 1, 1)),
+                         tl.reshape(p2, (4, 1, 1)), tl.reshape(p3, (4, 1, 1))],
+                        dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
+                    if MMA_XSUM:
+                        xsum = tl.inline_asm_elementwise(
+                            _X_SUM_ASM_1, "=r" + ",r" * 4, [tl.reshape(p0, (4, 1, 1)), tl.reshape(p1, (4, 1, 1)),
+                                                           tl.reshape(p2, (4, 1, 1)), tl.reshape(p3, (4, 1, 1))],
+                            dtype=tl.float32, is_pure=True, pack=1)
+                elif V == 2:
+                    wl_0, wl_1 = tl.split(wlo)
+                    wh_0, wh_1 = tl.split(whi)
+                    p0_0, p0_1 = tl.split(p0)
+                    p1_0, p1_1 = tl.split(p1)
+                    p2_0, p2_1 = tl.split(p2)
+                    p3_0, p3_1 = tl.split(p3)
+                    c_lo, c_hi = tl.inline_asm_elementwise(
+                        _INT4_MMA_RAW_ASM_2 if MMA_XSUM else _INT4_MMA_ASM_2, "=r,=r" + ",r" * 14,
+                        [wl_0, wl_1, wh_0, wh_1, nz_lo, nz_hi, p0_0, p1_0, p2_0, p3_0, p0_1, p1_1, p2_1, p3_1],
+                        dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
+                    if MMA_XSUM:
+                        xsum = tl.inline_asm_elementwise(
+                            _X_SUM_ASM_2, "=r" + ",r" * 8, [p0_0, p1_0, p2_0, p3_0, p0_1, p1_1, p2_1, p3_1],
+                            dtype=tl.float32, is_pure=True, pack=1)
+                else:  # V = 4: halves of halves (word 2 i + j: split on j, then on i)
+                    wl_0, wl_1 = tl.split(tl.reshape(wlo, (4, 8, RT, 2, 2)))
+                    wh_0, wh_1 = tl.split(tl.reshape(whi, (4, 8, RT, 2, 2)))
+                    p0_0, p0_1 = tl.split(tl.reshape(p0, (4, 1, 1, 2, 2)))
+                    p1_0, p1_1 = tl.split(tl.reshape(p1, (4, 1, 1, 2, 2)))
+                    p2_0, p2_1 = tl.split(tl.reshape(p2, (4, 1, 1, 2, 2)))
+                    p3_0, p3_1 = tl.split(tl.reshape(p3, (4, 1, 1, 2, 2)))
+                    wl_00, wl_10 = tl.split(wl_0)
+                    wl_01, wl_11 = tl.split(wl_1)
+                    wh_00, wh_10 = tl.split(wh_0)
+                    wh_01, wh_11 = tl.split(wh_1)
+                    p0_00, p0_10 = tl.split(p0_0)
+                    p0_01, p0_11 = tl.split(p0_1)
+                    p1_00, p1_10 = tl.split(p1_0)
+                    p1_01, p1_11 = tl.split(p1_1)
+                    p2_00, p2_10 = tl.split(p2_0)
+                    p2_01, p2_11 = tl.split(p2_1)
+                    p3_00, p3_10 = tl.split(p3_0)
+                    p3_01, p3_11 = tl.split(p3_1)
+                    c_lo, c_hi = tl.inline_asm_elementwise(
+                        _INT4_MMA_RAW_ASM_4 if MMA_XSUM else _INT4_MMA_ASM_4, "=r,=r" + ",r" * 26,
+                        [wl_00, wl_01, wl_10, wl_11, wh_00, wh_01, wh_10, wh_11, nz_lo, nz_hi,
+                         p0_00, p1_00, p2_00, p3_00, p0_01, p1_01, p2_01, p3_01,
+                         p0_10, p1_10, p2_10, p3_10, p0_11, p1_11, p2_11, p3_11],
+                        dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
+                    if MMA_XSUM:
+                        xsum = tl.inline_asm_elementwise(
+                            _X_SUM_ASM_4, "=r" + ",r" * 16,
+                            [p0_00, p1_00, p2_00, p3_00, p0_01, p1_01, p2_01, p3_01,
+                             p0_10, p1_10, p2_10, p3_10, p0_11, p1_11, p2_11, p3_11],
+                            dtype=tl.float32, is_pure=True, pack=1)
+                if MMA_XSUM:  # the zero points off: sum (128 + q) x - (128 + zero) sum x
+                    zc_lo = ((zlo.to(tl.int32) | 0x4300) << 16).to(tl.float32, bitcast=True)
+                    zc_hi = ((zhi.to(tl.int32) | 0x4300) << 16).to(tl.float32, bitcast=True)
+                    c_lo = c_lo - zc_lo * xsum
+                    c_hi = c_hi - zc_hi * xsum
+            else:  # the interpreter runs no assembly: each lane's products in float32, summed
+                # over the group's four lanes t as the MMAs do (every lane holds the sums)
+                c_lo = tl.full((4, 8, RT, V), 0.0, tl.float32)
+                c_hi = c_lo
+                zl = zlo.to(tl.float32)[:, :, :, None]
+                zh = zhi.to(tl.float32)[:, :, :, None]
+                for i in tl.static_range(8):  # nibble i: column 8 c + i, half i % 2 of x word i // 2
+                    u = u0 if i < 2 else (u1 if i < 4 else (u2 if i < 6 else u3))
+                    xi = ((u << 16) if i % 2 == 0 else (u & -65536)).to(tl.float32, bitcast=True)
+                    c_lo += (((wlo >> (4 * i)) & 15).to(tl.float32) - zl) * xi
+                    c_hi += (((whi >> (4 * i)) & 15).to(tl.float32) - zh) * xi
+                zero = tl.full((4, 8, RT), 0.0, tl.float32)
+                c_lo = tl.reduce(tl.reduce(c_lo, 3, SUM), 0, SUM)[None, :, :] + zero
+                c_hi = tl.reduce(tl.reduce(c_hi, 3, SUM), 0, SUM)[None, :, :] + zero
+            acc_lo += c_lo * slo.to(tl.float32)
+            acc_hi += c_hi * shi.to(tl.float32)
+        # every lane t of a row holds its sums: keep lane 0's; rows 16 r + 8 h + g
+        lane0 = tl.arange(0, 4)[:, None, None] == 0
+        tot_lo = tl.reduce(tl.where(lane0, acc_lo, 0.0), 0, SUM)  # [8, RT]
+        tot_hi = tl.reduce(tl.where(lane0, acc_hi, 0.0), 0, SUM)
+        mma_total = tl.reshape(tl.permute(tl.join(tot_lo, tot_hi), (1, 2, 0)), (BLOCK_N,))
+    elif PACKED and FMT != 6:  # int4 / Q4_0, one row of bf16 x; the next step's loads go out first
         w_ptrs = q_ptr + rows * stride_qn + blk * WPB + wrd  # [BN, NB, WPB] words of step 0
         sc_ptrs = offs_n[:, None] * stride_sn + tl.arange(0, NB)[None, :]  # [BN, NB] blocks
         # x's columns of word j as bf16 pairs (32-bit words u0..u3), [1, NB, WPB] pointers:
@@ -541,7 +784,10 @@ def _gemv_kernel(
             acc = acc2
         else:
             acc = acc3
-        total = tl.reduce(tl.reduce(acc, 2, SUM), 1, SUM)  # [BN]
+        if MMA:
+            total = mma_total
+        else:
+            total = tl.reduce(tl.reduce(acc, 2, SUM), 1, SUM)  # [BN]
         if FMT == 4 or FMT == 5:  # per-row (or one) weight scale
             total *= tl.load(s_ptr + offs_n * stride_sn, mask=n_ok, other=0.0).to(tl.float32)
         if FMT == 5:  # the activation's scale (per token, or one)
@@ -907,6 +1153,12 @@ def gemv(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None = N
     (words, s, z, kb, qh, _), block_k, group = planned
     fmt = FORMAT_IDS[weight.format]
     codes = 4 if fmt in (2, 4) else (1 if fmt == 5 else 8)
+    if not x32_known:
+        x32 = _packed_x(x, weight, cfg)
+    mma = (cfg.mma and x32 is not None and fmt == 3 and group in (32, 64, 128)
+           and cfg.block_n % 16 == 0 and cfg.block_n // 16 >= cfg.num_warps and mma_supported(x, group, cfg))
+    if mma:  # a K step is one group
+        block_k = group
     num_tiles = triton.cdiv(weight.shape[0], cfg.block_n)
     split_k, locks = _split(x, num_tiles, k // block_k, cfg, split_k)
     n = weight.shape[0]
@@ -915,9 +1167,7 @@ def gemv(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None = N
     if x_scale is None:
         x_scale = s
     scalar_scale = s.dim() == 0
-    if not x32_known:
-        x32 = _packed_x(x, weight, cfg)
-    desc = _words_descriptor(words, cfg, block_k) if x32 is not None and fmt in (0, 3) else None
+    desc = _words_descriptor(words, cfg, block_k) if x32 is not None and fmt in (0, 3) and not mma else None
     _gemv_kernel.on(x)[(num_tiles, split_k)](
         x, x32 if x32 is not None else x, words, desc if desc is not None else words, s, z, kb, qh, x_scale,
         bias if bias is not None else out, out, parts, locks if locks is not None else out,
@@ -927,7 +1177,7 @@ def gemv(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None = N
         FMT=fmt, GROUP=group, CODES=codes, NB=block_k // group, WPB=group // codes, M_ROWS=m,
         HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
         NUM_STAGES=cfg.num_stages, PACKED=x32 is not None, ASM=not is_interpreted(x),
-        TMA=desc is not None,
+        TMA=desc is not None, MMA=mma, MMA_XSUM=mma and cfg.mma_xsum,
         num_warps=cfg.num_warps)
     return out
 
@@ -960,6 +1210,57 @@ def packed_supported(x: torch.Tensor) -> bool:
 def _has_bf16x2_fma(device_index: int) -> bool:
     """Per GPU, once (``packed_supported`` runs on every one-row GEMV call)."""
     return torch.version.hip is None and torch.cuda.get_device_capability(device_index) >= (8, 0)
+
+
+#: (GPU index, group, block_n, num_warps, mma_xsum) -> whether the ``MMA`` path's compiled
+#: kernel gave the right answers there (``mma_supported``).
+_MMA_CHECKED: dict[tuple[int, int, int, int, bool], bool] = {}
+
+
+def mma_supported(x: torch.Tensor, group: int, cfg: GemvConfig) -> bool:
+    """Whether the int4 ``MMA`` path serves one row of ``x`` with these tiles: the packed path's
+    GPUs (its PTX), and a check run once per GPU and tiles that the compiled kernel matches the
+    dequantized weight. Its MMAs rely on the lane layout Triton picks for the kernel's tensors
+    (``_gemv_kernel``); a Triton that lays them out otherwise gives wrong sums, which this
+    catches, and the GEMV keeps the bf16x2 FMA path. CPU tensors (the interpreter): always."""
+    if x.device.type != "cuda":
+        return True
+    if not packed_supported(x):
+        return False
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    key = (index, group, cfg.block_n, cfg.num_warps, cfg.mma_xsum)
+    ok = _MMA_CHECKED.get(key)
+    if ok is None:
+        if torch.cuda.is_current_stream_capturing():  # (nothing may run now: the FMA path)
+            return False
+        _MMA_CHECKED[key] = True  # (the check's own GEMV takes the path)
+        try:
+            ok = _mma_matches(x.device, group, cfg)
+        except Exception:  # e.g. a Triton or driver that refuses the PTX: the FMA path
+            logger.warning("int4 GEMV: the tensor-core path failed on this GPU; using the bf16x2 path",
+                           exc_info=True)
+            ok = False
+        _MMA_CHECKED[key] = ok
+    return ok
+
+
+def _mma_matches(device: torch.device, group: int, cfg: GemvConfig) -> bool:
+    """One int4 GEMV through the ``MMA`` path on random data against float32 on the dequantized
+    weight: two row tiles (the second partial) and K of three groups a split."""
+    from portaserve.quant.int_formats import Int4Method  # (int_formats does not import this)
+
+    gen = torch.Generator().manual_seed(7)
+    n, k = 2 * cfg.block_n - 8, 6 * group
+    weight = Int4Method().quantize(torch.randn(n, k, generator=gen) * 0.05 + 0.01, group_size=group,
+                                   symmetric=False).to(device)
+    x = torch.randn(1, k, generator=gen).to(device=device, dtype=torch.bfloat16)
+    want = x.float() @ weight.dequantize(torch.float32).T
+    got = gemv(x, weight, config=cfg, split_k=2, out_dtype=torch.float32)
+    ok = got is not None and bool(((got - want).abs().max() <= 1e-3 * want.abs().max()).item())
+    if not ok:
+        logger.warning("int4 GEMV: the tensor-core path (group %d, %d rows, %d warps) gave wrong sums on "
+                       "this GPU / Triton; using the bf16x2 path", group, cfg.block_n, cfg.num_warps)
+    return ok
 
 
 def _packed_x(x: torch.Tensor, weight: QuantizedWeight, cfg: GemvConfig) -> torch.Tensor | None:

@@ -12,6 +12,7 @@ scheme.
 
 from __future__ import annotations
 
+import types
 import zlib
 
 import pytest
@@ -210,6 +211,72 @@ def test_4bit_one_row_of_bf16_takes_packed_bf16x2_arithmetic(fmt: str, group: in
     for config, split_k in ((cfg, 3), (tma, None), (tma, 3)):
         out = gemv_triton.gemv(dev_x, dev_w, config=config, split_k=split_k, out_dtype=torch.float32)
         assert rel_err(out, want) <= (RTOL[torch.float32] if DEVICE.type == "cpu" else 4e-3)
+
+
+def launches(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
+    """The constexprs of every ``_gemv_kernel`` launch from now on."""
+    seen: list[dict] = []
+    on = gemv_triton._gemv_kernel.on
+
+    def spy(tensor):
+        launcher = on(tensor)
+
+        class Grid:
+            def __getitem__(self, grid):
+                def go(*args, **kwargs):
+                    seen.append(kwargs)
+                    return launcher[grid](*args, **kwargs)
+                return go
+        return Grid()
+    monkeypatch.setattr(gemv_triton._gemv_kernel, "on", spy)
+    return seen
+
+
+@pytest.mark.parametrize("fmt,group", [("int4", 32), ("int4_sym", 64), ("int4", 128)])
+@pytest.mark.parametrize("x_scale", [1.0, 1e5], ids=["x1", "x1e5"])
+def test_int4_one_row_on_the_tensor_cores(fmt: str, group: int, x_scale: float, gen: torch.Generator,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """int4 at one row of bf16 x through the ``mma`` path (compiled: ``mma.sync`` in inline PTX
+    on each lane's words; interpreter: the same group sums in float32, held by every lane t as
+    the MMAs leave them): row tiles of 16-64 (the last partial), 1-4 warps, K whole, split
+    evenly and unevenly, the zero points before the MMAs or after (``mma_xsum``). Exact products and float32 sums on the GPU, so the float32 bound
+    (scaled for the tensor cores' accumulation) rather than the bf16x2 path's 4e-3."""
+    weight = packed(fmt, 40, 1024, gen, group)
+    x = (torch.randn(1, 1024, generator=gen) * x_scale).to(torch.bfloat16)
+    want = reference.quant_linear(x.float(), weight, None)
+    dev_w, dev_x = weight.to(DEVICE), x.to(DEVICE)
+    seen = launches(monkeypatch)
+    for cfg, split_k in ((gemv_triton.GemvConfig(16, 128, num_warps=1, mma=True), None),
+                         (gemv_triton.GemvConfig(32, 128, num_warps=2, mma=True), 3),
+                         (gemv_triton.GemvConfig(64, 128, num_warps=4, mma=True), 1),
+                         (gemv_triton.GemvConfig(32, 128, num_warps=1, mma=True), 5),
+                         (gemv_triton.GemvConfig(64, 128, num_warps=2, mma=True, mma_xsum=True), 3)):
+        assert gemv_triton.mma_supported(dev_x, group, cfg)
+        out = gemv_triton.gemv(dev_x, dev_w, config=cfg, split_k=split_k, out_dtype=torch.float32)
+        assert seen[-1]["MMA"] and seen[-1]["BLOCK_K"] == group, "the GEMV did not take the MMA path"
+        assert seen[-1]["MMA_XSUM"] == cfg.mma_xsum
+        assert rel_err(out, want) <= (RTOL[torch.float32] if DEVICE.type == "cpu" else 1e-4), cfg
+    # not taken: without the packed path, or with fewer 16-row tiles than warps (Triton would
+    # spread a tile's rows over warps)
+    for cfg in (gemv_triton.GemvConfig(64, 128, mma=True, packed=False), gemv_triton.GemvConfig(16, 128, mma=True)):
+        out = gemv_triton.gemv(dev_x, dev_w, config=cfg, out_dtype=torch.float32)
+        assert not seen[-1]["MMA"] and rel_err(out, want) <= 4e-3
+
+
+def test_int4_mma_path_checks_the_compiled_kernel_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU the MMA path runs only where a first GEMV through it matched the dequantized
+    weight (it relies on the lane layout Triton picks); a wrong answer keeps the FMA path."""
+    calls = []
+    monkeypatch.setattr(gemv_triton, "_MMA_CHECKED", {})
+    monkeypatch.setattr(gemv_triton, "packed_supported", lambda x: True)
+    monkeypatch.setattr(gemv_triton, "_mma_matches", lambda dev, group, cfg: calls.append(group) or group == 64)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    on_gpu = types.SimpleNamespace(device=torch.device("cuda", 0))
+    cfg = gemv_triton.GemvConfig(64, 128, mma=True)
+    assert gemv_triton.mma_supported(on_gpu, 64, cfg) and gemv_triton.mma_supported(on_gpu, 64, cfg)
+    assert not gemv_triton.mma_supported(on_gpu, 128, cfg)
+    assert calls == [64, 128]  # once per (GPU, group, tiles)
+    assert gemv_triton.mma_supported(torch.zeros(1), 128, cfg)  # CPU: the interpreter
 
 
 @pytest.mark.parametrize("fmt", sorted(gemv_triton.PACKED_FORMATS))
