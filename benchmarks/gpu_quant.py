@@ -283,6 +283,9 @@ def sweep_configs(fmt: str) -> list:
                                  (128, 8, 4), (256, 8, 2), (256, 8, 4), (64, 2, 8), (128, 2, 8))]
         fma += [C(bn, 128, num_warps=w, programs_per_sm=p, mma=True, mma_xsum=True)
                 for bn, w, p in ((128, 4, 4), (128, 4, 8), (256, 8, 4), (64, 4, 8))]
+        fma += [C(bn, 128, num_warps=w, programs_per_sm=p, num_stages=2, mma=True, mma_xsum=x)
+                for bn, w, p, x in ((64, 4, 4, False), (64, 4, 8, False), (128, 4, 4, False),
+                                    (128, 4, 4, True), (128, 8, 4, False))]
     if fmt == "Q4_K":  # one row: packed bf16x2 (the default) against float32
         return [C(32, 512), C(32, 512, packed=False), C(64, 256), C(32, 256), C(16, 512)]
     if fmt not in DOT_FORMATS:

@@ -113,7 +113,8 @@ class GemvConfig:
     #: 3 stages, slower deeper), so off; kept as a sweep candidate.
     tma: bool = False
     #: With ``packed``, int4 in groups of 32, 64 or 128, and 16-row tiles at least one a warp:
-    #: the products on the tensor cores (``_int4_mma_asm``) rather than in bf16x2 FMAs.
+    #: the products on the tensor cores (``_int4_mma_asm``) rather than in bf16x2 FMAs; there
+    #: ``num_stages`` 2 loads the words two K steps ahead (1: one).
     mma: bool = False
     #: With ``mma``: the zero points taken off after the MMAs, from the group sums of x (one MMA
     #: more per word position and thread, one FMA fewer per pair of codes and row).
@@ -406,6 +407,11 @@ def _gemv_kernel(
         k_n = step_n * BLOCK_K
         wlo_n = tl.load(lo_ptrs + k_n // 8, mask=lo_ok, other=0)
         whi_n = tl.load(hi_ptrs + k_n // 8, mask=hi_ok, other=0)
+        if NUM_STAGES > 1:  # the words two steps ahead (more bytes in flight than registers
+            # for one step hold), the scales and x one
+            k_nn = tl.minimum(step_begin + 1, num_steps - 1) * BLOCK_K
+            wlo_nn = tl.load(lo_ptrs + k_nn // 8, mask=lo_ok, other=0)
+            whi_nn = tl.load(hi_ptrs + k_nn // 8, mask=hi_ok, other=0)
         slo_n = tl.load(s_lo_ptrs + k_n // GROUP, mask=s_lo_ok, other=0.0)
         shi_n = tl.load(s_lo_ptrs + 8 * stride_sn + k_n // GROUP, mask=s_hi_ok, other=0.0)
         zlo_n = tl.load(z_lo_ptrs + k_n // GROUP, mask=s_lo_ok, other=0)
@@ -424,8 +430,14 @@ def _gemv_kernel(
             wlo, whi, slo, shi, zlo, zhi = wlo_n, whi_n, slo_n, shi_n, zlo_n, zhi_n
             u0, u1, u2, u3 = u0_n, u1_n, u2_n, u3_n
             k_n = tl.minimum(step + 1, num_steps - 1) * BLOCK_K  # (the last: reloaded, unused)
-            wlo_n = tl.load(lo_ptrs + k_n // 8, mask=lo_ok, other=0)
-            whi_n = tl.load(hi_ptrs + k_n // 8, mask=hi_ok, other=0)
+            if NUM_STAGES > 1:
+                wlo_n, whi_n = wlo_nn, whi_nn
+                k_nn = tl.minimum(step + 2, num_steps - 1) * BLOCK_K
+                wlo_nn = tl.load(lo_ptrs + k_nn // 8, mask=lo_ok, other=0)
+                whi_nn = tl.load(hi_ptrs + k_nn // 8, mask=hi_ok, other=0)
+            else:
+                wlo_n = tl.load(lo_ptrs + k_n // 8, mask=lo_ok, other=0)
+                whi_n = tl.load(hi_ptrs + k_n // 8, mask=hi_ok, other=0)
             slo_n = tl.load(s_lo_ptrs + k_n // GROUP, mask=s_lo_ok, other=0.0)
             shi_n = tl.load(s_lo_ptrs + 8 * stride_sn + k_n // GROUP, mask=s_hi_ok, other=0.0)
             zlo_n = tl.load(z_lo_ptrs + k_n // GROUP, mask=s_lo_ok, other=0)

@@ -239,7 +239,8 @@ def test_int4_one_row_on_the_tensor_cores(fmt: str, group: int, x_scale: float, 
     """int4 at one row of bf16 x through the ``mma`` path (compiled: ``mma.sync`` in inline PTX
     on each lane's words; interpreter: the same group sums in float32, held by every lane t as
     the MMAs leave them): row tiles of 16-64 (the last partial), 1-4 warps, K whole, split
-    evenly and unevenly, the zero points before the MMAs or after (``mma_xsum``). Exact products and float32 sums on the GPU, so the float32 bound
+    evenly and unevenly, the zero points before the MMAs or after (``mma_xsum``), the words one
+    or two steps ahead. Exact products and float32 sums on the GPU, so the float32 bound
     (scaled for the tensor cores' accumulation) rather than the bf16x2 path's 4e-3."""
     weight = packed(fmt, 40, 1024, gen, group)
     x = (torch.randn(1, 1024, generator=gen) * x_scale).to(torch.bfloat16)
@@ -250,7 +251,8 @@ def test_int4_one_row_on_the_tensor_cores(fmt: str, group: int, x_scale: float, 
                          (gemv_triton.GemvConfig(32, 128, num_warps=2, mma=True), 3),
                          (gemv_triton.GemvConfig(64, 128, num_warps=4, mma=True), 1),
                          (gemv_triton.GemvConfig(32, 128, num_warps=1, mma=True), 5),
-                         (gemv_triton.GemvConfig(64, 128, num_warps=2, mma=True, mma_xsum=True), 3)):
+                         (gemv_triton.GemvConfig(64, 128, num_warps=2, mma=True, mma_xsum=True), 3),
+                         (gemv_triton.GemvConfig(32, 128, num_warps=2, num_stages=2, mma=True), 3)):
         assert gemv_triton.mma_supported(dev_x, group, cfg)
         out = gemv_triton.gemv(dev_x, dev_w, config=cfg, split_k=split_k, out_dtype=torch.float32)
         assert seen[-1]["MMA"] and seen[-1]["BLOCK_K"] == group, "the GEMV did not take the MMA path"
