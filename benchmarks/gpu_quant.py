@@ -308,16 +308,17 @@ SWEEP_FILTER = ""
 
 
 def set_one_row_config(spec: str) -> None:
-    """``--one-row-config FMT=BN,BK,WARPS,PPS[,FLAG...]``: FMT's GEMV tiles at one row of x."""
+    """``--one-row-config FMT=BN,BK,WARPS,PPS[,FIELD...]``: FMT's GEMV tiles at one row of x."""
     from portaserve.quant import gemv_triton
 
     fmt, _, values = spec.partition("=")
     parts = values.split(",")
     if fmt not in gemv_triton.CONFIGS or len(parts) < 4:
-        raise SystemExit(f"--one-row-config {spec!r}: want FMT=BN,BK,WARPS,PPS[,FLAG] with FMT one of "
+        raise SystemExit(f"--one-row-config {spec!r}: want FMT=BN,BK,WARPS,PPS[,FIELD] with FMT one of "
                          f"{sorted(gemv_triton.CONFIGS)}")
     bn, bk, warps, pps = (int(v) for v in parts[:4])
-    cfg = gemv_triton.GemvConfig(bn, bk, num_warps=warps, programs_per_sm=pps, **{f: True for f in parts[4:]})
+    extra = {f.partition("=")[0]: int(f.partition("=")[2]) if "=" in f else True for f in parts[4:]}
+    cfg = gemv_triton.GemvConfig(bn, bk, num_warps=warps, programs_per_sm=pps, **extra)
     gemv_triton.CONFIGS[fmt] = ((1, cfg),) + tuple(e for e in gemv_triton.CONFIGS[fmt] if e[0] > 1)
     log(f"{fmt} at one row: {cfg}")
 
@@ -509,9 +510,10 @@ def main() -> None:
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--compile-workers", type=int, default=min(12, os.cpu_count() or 1))
     p.add_argument("--budget-s", type=float, default=230, help="model mode: stop throughput runs after this")
-    p.add_argument("--one-row-config", action="append", default=[], metavar="FMT=BN,BK,WARPS,PPS[,FLAG]",
+    p.add_argument("--one-row-config", action="append", default=[], metavar="FMT=BN,BK,WARPS,PPS[,FIELD]",
                    help="replace FMT's one-row GEMV tiles (gemv_triton.CONFIGS), e.g. "
-                        "'int4=128,128,4,4,mma' (FLAG: a boolean GemvConfig field set true)")
+                        "'int4=128,128,4,4,mma,num_stages=2' (FIELD: a boolean GemvConfig field set "
+                        "true, or name=integer)")
     p.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU (checks the script)")
     p.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "gpu_quant.json"))
     args = p.parse_args()
