@@ -277,15 +277,13 @@ def sweep_configs(fmt: str) -> list:
     if fmt == "int4":  # more one-row packed tiles (those above are not timed twice)
         fma += [C(64, 512), C(32, 256), C(128, 128), C(64, 128, programs_per_sm=8),
                 C(128, 256, num_warps=8)]
-        # the products on the tensor cores (a K step is one group: block_k is not used)
-        fma += [C(bn, 128, num_warps=w, programs_per_sm=p, mma=True)
-                for bn, w, p in ((64, 4, 4), (64, 4, 8), (128, 4, 2), (128, 4, 4), (128, 4, 8),
-                                 (128, 8, 4), (256, 8, 2), (256, 8, 4), (64, 2, 8), (128, 2, 8))]
-        fma += [C(bn, 128, num_warps=w, programs_per_sm=p, mma=True, mma_xsum=True)
-                for bn, w, p in ((128, 4, 4), (128, 4, 8), (256, 8, 4), (64, 4, 8))]
-        fma += [C(bn, 128, num_warps=w, programs_per_sm=p, num_stages=2, mma=True, mma_xsum=x)
-                for bn, w, p, x in ((64, 4, 4, False), (64, 4, 8, False), (128, 4, 4, False),
-                                    (128, 4, 4, True), (128, 8, 4, False))]
+        # the products on the tensor cores (a K step is one group: block_k is not used); the
+        # zero points after the MMAs (mma_xsum); the words two steps ahead (num_stages 2)
+        fma += [C(bn, 128, num_warps=w, programs_per_sm=p, num_stages=d, mma=True, mma_xsum=x)
+                for bn, w, p, d, x in ((64, 4, 4, 1, False), (128, 4, 4, 1, False), (128, 4, 8, 1, False),
+                                       (256, 8, 4, 1, False), (128, 8, 4, 1, False), (64, 2, 8, 1, False),
+                                       (128, 4, 4, 1, True), (128, 4, 8, 1, True), (128, 4, 4, 2, False),
+                                       (64, 4, 8, 2, False), (128, 4, 4, 2, True))]
     if fmt == "Q4_K":  # one row: packed bf16x2 (the default) against float32
         return [C(32, 512), C(32, 512, packed=False), C(64, 256), C(32, 256), C(16, 512)]
     if fmt not in DOT_FORMATS:
