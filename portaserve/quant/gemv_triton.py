@@ -426,7 +426,7 @@ def _gemv_kernel(
             u3_n = tl.load(x_ptrs + k_n // 2 + 3)
         acc_lo = tl.full((4, 8, RT), 0.0, tl.float32)
         acc_hi = acc_lo
-        for step in tl.range(step_begin, step_end):
+        for step in tl.range(step_begin, step_end, num_stages=1):  # (prefetched by hand)
             wlo, whi, slo, shi, zlo, zhi = wlo_n, whi_n, slo_n, shi_n, zlo_n, zhi_n
             u0, u1, u2, u3 = u0_n, u1_n, u2_n, u3_n
             k_n = tl.minimum(step + 1, num_steps - 1) * BLOCK_K  # (the last: reloaded, unused)
