@@ -224,6 +224,8 @@ mov.b32 hi, acc;
 add.f32 lo, lo, hi;
 mov.b32 $0, lo;
 }""")
+
+
 def _int4_mma_asm(v: int, zero_after: bool = False) -> str:
     """PTX for one group of an int4 weight on the tensor cores (sm_80+), the ``MMA`` path:
     lane (g, t) of a warp holds, of rows g and g + 8, the ``v`` words t v .. t v + v - 1 of
@@ -234,7 +236,7 @@ def _int4_mma_asm(v: int, zero_after: bool = False) -> str:
     two rows' ``-(128 + zero)`` in both bf16 halves after the words). Pairs 0, 1 go through one
     MMA, 2, 3 through the next, against B = x paired the same way (four words per position,
     last), which is the same in every lane of a t: x fills all eight columns of B, so every
-    lane ends with its rows' sums of the group, in float32 ($0: row g, $1: row g + 8). 12
+    lane ends with its rows' sums of the group, in float32 ($0: row g, $1: row g + 8). About 12
     instructions a word position and row, one MMA for 16 weights."""
     lo, hi = 2, 2 + v
     nz_lo, nz_hi = 2 + 2 * v, 3 + 2 * v
