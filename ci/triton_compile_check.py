@@ -174,7 +174,8 @@ def _llama_bf16_calls() -> None:
 
 def _quant_calls() -> None:
     """The quant GEMV of every format at M = 1..4 (split K and not) in each activation dtype,
-    and the fp8 activation quantizer in each scheme, at Llama-3-8B widths."""
+    int4's tensor-core variants at one row, and the fp8 activation quantizer in each scheme, at
+    Llama-3-8B widths."""
     from portaserve.quant import gemv_triton, kernels_triton, registry
     from portaserve.quant.fp8 import FP8Method
 
@@ -195,6 +196,17 @@ def _quant_calls() -> None:
                                          out_dtype=dt, split_k=split_k, config=config)
                     else:
                         gemv_triton.gemv(x, weight, split_k=split_k, config=config)
+    # int4 at one row on the tensor cores (GemvConfig.mma; needs the packed path: NVIDIA only)
+    from portaserve.quant.int_formats import Int4Method
+
+    for group in (32, 64, 128):
+        weight = Int4Method().quantize(torch.randn(256, 4096) * 0.02, group_size=group)
+        x = torch.randn(1, 4096, dtype=torch.bfloat16)
+        for config in (gemv_triton.GemvConfig(128, 128, mma=True), gemv_triton.GemvConfig(64, 128, mma=True),
+                       gemv_triton.GemvConfig(128, 128, mma=True, mma_xsum=True),
+                       gemv_triton.GemvConfig(128, 128, num_stages=2, mma=True)):
+            for split_k in (1, 4):
+                gemv_triton.gemv(x, weight, split_k=split_k, config=config)
     for scheme in ("dynamic_per_token", "dynamic_per_tensor"):
         weight = FP8Method().quantize(torch.randn(64, 4096), activation=scheme)
         for dt in (torch.bfloat16, torch.float16, torch.float32):
