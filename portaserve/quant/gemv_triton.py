@@ -466,17 +466,17 @@ def _gemv_kernel(
                     nz_lo = (zlo.to(tl.int32) | 0xC300) * 0x10001
                     nz_hi = (zhi.to(tl.int32) | 0xC300) * 0x10001
                 if V == 1:
+                    q0 = tl.reshape(p0, (4, 1, 1))
+                    q1 = tl.reshape(p1, (4, 1, 1))
+                    q2 = tl.reshape(p2, (4, 1, 1))
+                    q3 = tl.reshape(p3, (4, 1, 1))
                     c_lo, c_hi = tl.inline_asm_elementwise(
                         _INT4_MMA_RAW_ASM_1 if MMA_XSUM else _INT4_MMA_ASM_1, "=r,=r" + ",r" * 8,
-                        [tl.reshape(wlo, (4, 8, RT)), tl.reshape(whi, (4, 8, RT)), nz_lo, nz_hi,
-                         tl.reshape(p0, (4, 1, 1)), tl.reshape(p1, (4, 1, 1)),
-                         tl.reshape(p2, (4, 1, 1)), tl.reshape(p3, (4, 1, 1))],
+                        [tl.reshape(wlo, (4, 8, RT)), tl.reshape(whi, (4, 8, RT)), nz_lo, nz_hi, q0, q1, q2, q3],
                         dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
                     if MMA_XSUM:
-                        xsum = tl.inline_asm_elementwise(
-                            _X_SUM_ASM_1, "=r" + ",r" * 4, [tl.reshape(p0, (4, 1, 1)), tl.reshape(p1, (4, 1, 1)),
-                                                           tl.reshape(p2, (4, 1, 1)), tl.reshape(p3, (4, 1, 1))],
-                            dtype=tl.float32, is_pure=True, pack=1)
+                        xsum = tl.inline_asm_elementwise(_X_SUM_ASM_1, "=r" + ",r" * 4, [q0, q1, q2, q3],
+                                                         dtype=tl.float32, is_pure=True, pack=1)
                 elif V == 2:
                     wl_0, wl_1 = tl.split(wlo)
                     wh_0, wh_1 = tl.split(whi)
@@ -1226,9 +1226,9 @@ def _has_bf16x2_fma(device_index: int) -> bool:
     return torch.version.hip is None and torch.cuda.get_device_capability(device_index) >= (8, 0)
 
 
-#: (GPU index, group, block_n, num_warps, mma_xsum) -> whether the ``MMA`` path's compiled
-#: kernel gave the right answers there (``mma_supported``).
-_MMA_CHECKED: dict[tuple[int, int, int, int, bool], bool] = {}
+#: (GPU index, group, tiles) -> whether the ``MMA`` path's compiled kernel gave the right
+#: answers there (``mma_supported``).
+_MMA_CHECKED: dict[tuple[int, int, GemvConfig], bool] = {}
 
 
 def mma_supported(x: torch.Tensor, group: int, cfg: GemvConfig) -> bool:
@@ -1242,7 +1242,7 @@ def mma_supported(x: torch.Tensor, group: int, cfg: GemvConfig) -> bool:
     if not packed_supported(x):
         return False
     index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    key = (index, group, cfg.block_n, cfg.num_warps, cfg.mma_xsum)
+    key = (index, group, cfg)
     ok = _MMA_CHECKED.get(key)
     if ok is None:
         if torch.cuda.is_current_stream_capturing():  # (nothing may run now: the FMA path)
