@@ -1,13 +1,15 @@
 #!/usr/bin/env python
 """Which GPU kernels a batch-1 decode step of the Llama-3-8B shape spends its time in.
 
-Builds ``random:llama3-8b`` (bf16) on ``cuda`` with CUDA graphs off (so the profiler sees each
+Builds ``random:llama3-8b`` (bf16, or packed with ``--quantization``) on ``cuda`` with CUDA graphs off (so the profiler sees each
 kernel; a kernel's duration is the same inside a graph), prefills one 128-token prompt, then
 profiles ``--steps`` decode steps with torch.profiler and prints, per kernel family, the GPU
 time per step, its share, and the bytes-over-time bandwidth of the GEMMs; beside it the step's
 wall time with graphs on (from the same engine rebuilt) and the weight-bytes roofline.
 
     PYTHONPATH=. python3 benchmarks/profile_cuda_decode.py --steps 20
+    PYTHONPATH=. python3 benchmarks/profile_cuda_decode.py --quantization int4 \
+        --one-row-config int4=128,128,4,4,mma      # a format, and GEMV tiles as in gpu_quant.py
 """
 
 from __future__ import annotations
@@ -43,14 +45,23 @@ FAMILIES = (  # (label, regex on the kernel name), first match wins
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--quantization", default=None, help="a quant format (int4, fp8, Q4_0, ...)")
+    p.add_argument("--one-row-config", action="append", default=[], metavar="FMT=BN,BK,WARPS,PPS[,FIELD]",
+                   help="GEMV tiles at one row of x (as gpu_quant.py)")
     args = p.parse_args()
+    from gpu_quant import model_bytes, set_one_row_config
+
     from portaserve import LLM, SamplingParams, envs
 
+    for spec in args.one_row_config:
+        set_one_row_config(spec)
+    build = dict(device="cuda", dtype="bfloat16", quantization=args.quantization, max_model_len=2048,
+                 max_num_seqs=8, enable_prefix_caching=False, memory_utilization=0.3)
+
     os.environ["PORTASERVE_CUDA_GRAPHS"] = "0"
-    llm = LLM("random:llama3-8b", device="cuda", dtype="bfloat16", max_model_len=2048,
-              max_num_seqs=8, enable_prefix_caching=False, memory_utilization=0.3)
+    llm = LLM("random:llama3-8b", **build)
     engine = llm.llm_engine
-    weight_bytes = sum(t.numel() * t.element_size() for t in _tensors(engine.model))
+    _, weight_bytes = model_bytes(engine.model)  # (what a step reads: all but the embedding table)
     prompt = list(range(1000, 1128))
     engine.add_request("p", prompt, SamplingParams(max_tokens=args.steps + 8, ignore_eos=True,
                                                     temperature=0))
@@ -82,7 +93,8 @@ def main() -> None:
             other[evt.key[:70]] += dev_us
     kernels_ms = sum(totals.values()) / 1e3 / args.steps + sum(other.values()) / 1e3 / args.steps
     bw = copy_bandwidth()
-    print(f"random:llama3-8b bf16 on {torch.cuda.get_device_name(0)}; torch {torch.__version__}; "
+    print(f"random:llama3-8b {args.quantization or 'bf16'} (GEMV kernels: "
+          f"{sorted(set(engine.kernels.quant_sources.values())) or 'bf16'}) on {torch.cuda.get_device_name(0)}; torch {torch.__version__}; "
           f"PDL {'on' if envs.cuda_pdl() else 'off'}; "
           f"weights {weight_bytes / 1e9:.2f} GB; copy bandwidth {bw / 1e12:.2f} TB/s -> roofline "
           f"{weight_bytes / bw * 1e3:.2f} ms/step")
@@ -107,8 +119,7 @@ def main() -> None:
     gc.collect()
     torch.cuda.empty_cache()
     os.environ["PORTASERVE_CUDA_GRAPHS"] = "1"
-    llm = LLM("random:llama3-8b", device="cuda", dtype="bfloat16", max_model_len=2048,
-              max_num_seqs=8, enable_prefix_caching=False, memory_utilization=0.3)
+    llm = LLM("random:llama3-8b", **build)
     params = SamplingParams(max_tokens=129, ignore_eos=True, temperature=0)
     llm.generate([prompt], SamplingParams(max_tokens=8, ignore_eos=True, temperature=0))
     t = time.perf_counter()
@@ -118,24 +129,6 @@ def main() -> None:
     llm.generate([prompt], params)
     step_ms = (time.perf_counter() - t - prefill) / 128 * 1e3
     print(f"decode step with graphs on (async scheduling as configured): {step_ms:.3f} ms")
-
-
-def _tensors(model):
-    seen = set()
-    for layer in model.layers:
-        for proj in (layer.qkv, layer.o, layer.gate_up, layer.down):
-            for w, b in proj:
-                for t in (w, b):
-                    if isinstance(t, torch.Tensor) and id(t) not in seen:
-                        seen.add(id(t))
-                        yield t
-        for t in (layer.input_norm, layer.post_norm):
-            seen.add(id(t))
-            yield t
-    for t in (model.lm_head, model.norm):
-        if id(t) not in seen:
-            seen.add(id(t))
-            yield t
 
 
 if __name__ == "__main__":
