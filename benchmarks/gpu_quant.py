@@ -321,6 +321,21 @@ def set_one_row_config(spec: str) -> None:
     log(f"{fmt} at one row: {cfg}")
 
 
+GEMV_PDL_OFF = False
+
+
+def set_gemv_pdl(lines: int) -> None:
+    """``--gemv-pdl-lines``: the quant GEMVs' L2 prefetch under PDL, or (-1) no PDL for them."""
+    from portaserve.quant import gemv_triton
+
+    global GEMV_PDL_OFF
+    if lines < 0:
+        gemv_triton.pdl_options = lambda x: ({"PDL": False}, {})
+        GEMV_PDL_OFF = True
+    else:
+        gemv_triton.PDL_PREFETCH_LINES = lines
+
+
 def swept(fmt: str, m: int) -> list:
     """The configs the sweep times for ``fmt`` at ``m`` rows: beyond one row the first two; with
     ``--sweep-filter`` only those whose repr holds it, beside the first two (the baselines)."""
@@ -484,7 +499,18 @@ def conditions() -> str:
             f"triton {triton.__version__}, python {platform.python_version()}; model {PRESET}: "
             f"hidden {c.hidden_size}, {c.num_layers} layers, {c.num_heads} heads / {c.num_kv_heads} "
             f"KV heads, MLP {c.intermediate_size}, vocab {c.vocab_size}; GEMV shapes (N x K) "
-            f"{', '.join(f'{k} {n}x{kk}' for k, (n, kk) in SHAPES.items())}")
+            f"{', '.join(f'{k} {n}x{kk}' for k, (n, kk) in SHAPES.items())}; PDL {pdl_state()}")
+
+
+def pdl_state() -> str:
+    from portaserve import envs
+    from portaserve.quant import gemv_triton
+
+    if not envs.cuda_pdl():
+        return "off"
+    if GEMV_PDL_OFF:
+        return "on, but not for the quant GEMVs"
+    return f"on where sm_90+ (quant GEMVs prefetch {gemv_triton.PDL_PREFETCH_LINES} lines a row)"
 
 
 def main() -> None:
@@ -512,6 +538,9 @@ def main() -> None:
                    help="replace FMT's one-row GEMV tiles (gemv_triton.CONFIGS), e.g. "
                         "'int4=128,128,4,4,mma,num_stages=2' (FIELD: a boolean GemvConfig field set "
                         "true, or name=integer)")
+    p.add_argument("--gemv-pdl-lines", type=int, default=None,
+                   help="lines a quant GEMV program prefetches into L2 under PDL "
+                        "(gemv_triton.PDL_PREFETCH_LINES); -1: the quant GEMVs launch without PDL")
     p.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU (checks the script)")
     p.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "gpu_quant.json"))
     args = p.parse_args()
@@ -524,6 +553,8 @@ def main() -> None:
         torch.cuda.synchronize = lambda *a, **k: None  # run_all (shared with gpu_llama8b) syncs
     for spec in args.one_row_config:
         set_one_row_config(spec)
+    if args.gemv_pdl_lines is not None:
+        set_gemv_pdl(args.gemv_pdl_lines)
     ms = tuple(int(v) for v in args.kernel_ms.split(","))
     SWEEP_MS = tuple(int(v) for v in args.sweep_ms.split(","))
     SWEEP_FILTER = args.sweep_filter

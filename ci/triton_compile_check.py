@@ -7,7 +7,7 @@ target, without a GPU.
 The kernel tests (tests/devices/test_triton_kernels.py) and a set of Llama-3-8B-shaped bf16 calls
 are run with every launch replaced by ``JITFunction.warmup`` (compile only) against a stand-in
 Triton driver that reports the target, and with the GPU tile sizes (on sm_90+ the Llama calls
-once more with programmatic dependent launch, ``launch.pdl``). The outputs are not computed,
+and the quant GEMVs once more with programmatic dependent launch, ``launch.pdl``). The outputs are not computed,
 so the tests' value assertions fail by design; this script reports only compile errors. It leans
 on Triton internals (the driver object, ``warmup``); written against Triton 3.6-3.9.
 """
@@ -90,7 +90,8 @@ def main(argv: list[str]) -> int:
                         oversized.pop()  # the retry that followed fitted
                     ptx = kernel.asm.get("ptx", "") if backend == "cuda" else ""
                     wanted = (["griddepcontrol.wait", "griddepcontrol.launch_dependents"] if kwargs.get("PDL") else [])
-                    wanted += ["prefetch.global.L2"] if kwargs.get("PDL") and kwargs.get("PREFETCH") else []
+                    prefetch = kwargs.get("PREFETCH") or kwargs.get("PREFETCH_LINES")
+                    wanted += ["prefetch.global.L2"] if kwargs.get("PDL") and prefetch else []
                     missing = [w for w in wanted if w not in ptx]
                     if missing:
                         errors.append(f"{self.__name__} {kwargs}: PTX lacks {missing}")
@@ -116,6 +117,7 @@ def main(argv: list[str]) -> int:
         if backend == "cuda" and int(arch) >= 90:  # and launched with PDL (griddepcontrol)
             launch.pdl = lambda tensor: True
             _llama_bf16_calls()
+            _quant_calls()
             launch.pdl = lambda tensor: False
         _quant_calls()
     except OutOfResources:

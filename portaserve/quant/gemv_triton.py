@@ -70,7 +70,13 @@ import torch
 import triton
 import triton.language as tl
 
-from portaserve.devices.cuda.launch import SUM, is_interpreted, triton_kernel
+from portaserve.devices.cuda.launch import (
+    SUM,
+    is_interpreted,
+    pdl_options,
+    prefetch_l2,
+    triton_kernel,
+)
 from portaserve.quant.base import QuantizedWeight
 
 try:  # host-side TMA descriptors (Triton 3.4+); older Triton runs without ``GemvConfig.tma``
@@ -84,6 +90,9 @@ MAX_M = 4
 FORMAT_IDS = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2, "int4": 3, "int8": 4, "fp8": 5, "Q4_K": 6,
               "Q5_K": 7, "Q6_K": 8}
 _MAX_SPLIT_K = 16
+#: 128-byte lines of each of its rows that a GEMV program launched with PDL (``launch.pdl``)
+#: pulls into L2 before it waits for the kernel before it. Not yet tuned on a GPU.
+PDL_PREFETCH_LINES = 2
 
 logger = logging.getLogger(__name__)
 
@@ -338,6 +347,16 @@ mov.b32 $1, f;
 _PRMT_ASM = tl.constexpr("prmt.b32 $0, $2, $3, 0x5410;\n\tprmt.b32 $1, $2, $3, 0x7632;")
 
 
+@triton.jit
+def _prefetch_rows(q_ptr, rows, rows_ok, stride_qn, first, span, LINES: tl.constexpr, LINE: tl.constexpr):
+    """L2 prefetch of ``LINES`` lines (``LINE`` elements of q each) of every row of ``rows``,
+    from element ``first`` of the row, within ``span`` elements."""
+    if LINES > 0:
+        col = tl.arange(0, LINES) * LINE
+        ok = rows_ok[:, None] & (col[None, :] < span)
+        prefetch_l2(tl.where(ok, q_ptr + rows[:, None].to(tl.int64) * stride_qn + first + col[None, :], q_ptr))
+
+
 @triton_kernel
 def _gemv_kernel(
     x_ptr, x32_ptr, q_ptr, q_desc, s_ptr, z_ptr, k_ptr, h_ptr, xs_ptr, bias_ptr, out_ptr, part_ptr,
@@ -347,7 +366,7 @@ def _gemv_kernel(
     WPB: tl.constexpr, M_ROWS: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
     PACKED: tl.constexpr, ASM: tl.constexpr, TMA: tl.constexpr, MMA: tl.constexpr,
-    MMA_XSUM: tl.constexpr,
+    MMA_XSUM: tl.constexpr, PDL: tl.constexpr, PREFETCH_LINES: tl.constexpr, Q_BYTES: tl.constexpr,
 ):
     """Grid ``(cdiv(N, BLOCK_N), SPLIT_K)``. A K step covers ``NB`` blocks of ``GROUP`` columns
     (one scale each; int8/fp8: one block, scales per row; K formats: a 64-column quarter of a
@@ -358,7 +377,11 @@ def _gemv_kernel(
 
     ``PACKED`` (int4, Q4_0, Q4_K; one row of bf16 x, ``x32_ptr`` the same x as 32-bit words): each word's
     eight products in packed bf16x2 arithmetic (``_INT4_BF16X2_ASM``; ``ASM`` False: the same
-    products in float32, for the interpreter), times the block's scale in float32."""
+    products in float32, for the interpreter), times the block's scale in float32.
+
+    ``PDL``: launched with programmatic dependent launch (``launch.pdl``); each program first
+    pulls ``PREFETCH_LINES`` 128-byte lines of each of its rows (from its split's first step;
+    ``Q_BYTES`` the size of q's elements) into L2, then waits for the kernel before it."""
     # One row of x: two FMAs per code become one (a and c applied once per word), as fewer
     # instructions per byte is what bounds a 4-bit GEMV; with more rows, expanding w once wins.
     FOLD: tl.constexpr = M_ROWS == 1 and FMT != 5
@@ -375,6 +398,12 @@ def _gemv_kernel(
     per_split = (num_steps + SPLIT_K - 1) // SPLIT_K
     step_begin = pid_k * per_split
     step_end = tl.minimum(step_begin + per_split, num_steps)
+    if PDL:  # the next kernel may launch now; the weight is read-only, so its first lines can
+        # be fetched while the kernel before finishes (x, the counters and out cannot)
+        tl.extra.cuda.gdc_launch_dependents()
+        _prefetch_rows(q_ptr, offs_n, n_ok, stride_qn, step_begin * (BLOCK_K // CODES),
+                       (step_end - step_begin) * (BLOCK_K // CODES), PREFETCH_LINES, 128 // Q_BYTES)
+        tl.extra.cuda.gdc_wait()
     acc0 = tl.full((BLOCK_N, NB, WPB), 0.0, tl.float32)
     acc1 = acc0
     acc2 = acc0
@@ -837,6 +866,7 @@ def _dot_gemv_kernel(
     MAGIC: tl.constexpr, OFFSET: tl.constexpr, S_T: tl.constexpr, S_BITS: tl.constexpr,
     SCALE_TILE: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr,
+    PDL: tl.constexpr, PREFETCH_LINES: tl.constexpr, Q_BYTES: tl.constexpr,
 ):
     """Grid ``(cdiv(N, BLOCK_N), SPLIT_K)``; int4, int8, Q4_0, Q4_1, Q8_0 and fp8 on the tensor
     cores. A K step is ``NG`` groups of ``GROUP`` columns (int8 / fp8: one "group", the step).
@@ -856,7 +886,8 @@ def _dot_gemv_kernel(
     SASS: 4.45 vs 3.18 a weight for int4; timed on the H200: int4 one layer at one row 101.4
     vs 104.8 us, too little for the extra rounding, so ``CONFIGS`` leaves it off). fp8 tiles convert to
     ``DOT_T`` by the hardware (exact). Scales and zero points are read as 32-bit words, so that
-    they are staged too (``S_T``: the scales' dtype inside the words)."""
+    they are staged too (``S_T``: the scales' dtype inside the words). ``PDL``: as in
+    ``_gemv_kernel``."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -874,6 +905,11 @@ def _dot_gemv_kernel(
     per_split = (num_steps + SPLIT_K - 1) // SPLIT_K
     step_begin = pid_k * per_split
     step_end = tl.minimum(step_begin + per_split, num_steps)
+    if PDL:  # (as in _gemv_kernel)
+        tl.extra.cuda.gdc_launch_dependents()
+        _prefetch_rows(q_ptr, offs_n, n_ok, stride_qn, step_begin * (GROUP * NG // CODES),
+                       (step_end - step_begin) * (GROUP * NG // CODES), PREFETCH_LINES, 128 // Q_BYTES)
+        tl.extra.cuda.gdc_wait()
     acc = tl.full((BLOCK_N, 16), 0.0, tl.float32)
     ONE_ROW: tl.constexpr = M_ROWS == 1
     corr = tl.full((BLOCK_N,), 0.0, tl.float32)  # one row of x: the zero points' part of acc
@@ -1192,7 +1228,7 @@ def gemv(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None = N
         HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
         NUM_STAGES=cfg.num_stages, PACKED=x32 is not None, ASM=not is_interpreted(x),
         TMA=desc is not None, MMA=mma, MMA_XSUM=mma and cfg.mma_xsum,
-        num_warps=cfg.num_warps)
+        **_pdl(x, words, prefetch=fmt < 6), num_warps=cfg.num_warps)
     return out
 
 
@@ -1310,5 +1346,14 @@ def _dot_gemv(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | Non
         m, n, k, split_k, x.stride(0), words.stride(0), scales.stride(0) if scales.dim() else 0,
         extra.stride(0) if extra.dim() else 0, x_scale.stride(0) if x_scale.dim() else 0,
         out.stride(0), M_ROWS=m, HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n,
-        NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps, **planned)
+        NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps, **_pdl(x, words), **planned)
     return out
+
+
+def _pdl(x: torch.Tensor, words: torch.Tensor, prefetch: bool = True) -> dict:
+    """The GEMV kernels' ``PDL`` constexprs and launch option for ``x``'s device: with PDL
+    (``launch.pdl``) each program prefetches ``PDL_PREFETCH_LINES`` lines of each of its rows
+    (``prefetch``: formats whose rows hold their codes in K order; not the K formats)."""
+    constexprs, options = pdl_options(x)
+    lines = PDL_PREFETCH_LINES if constexprs["PDL"] and prefetch else 0
+    return {**constexprs, **options, "PREFETCH_LINES": lines, "Q_BYTES": words.element_size()}

@@ -313,3 +313,59 @@ def test_packed_path_needs_an_nvidia_gpu_of_compute_capability_8(monkeypatch: py
     assert not gemv_triton.packed_supported(on_gpu)
     forget()  # (the real GPU's answer next time)
     assert gemv_triton.packed_supported(torch.zeros(1))  # CPU: the interpreter's stand-in
+
+
+def test_gemv_launch_options_under_pdl(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where PDL is on (``launch.pdl``: compiled, sm_90+) the GEMVs launch with it and each
+    program prefetches lines of its rows; formats whose rows are not in K order (the K formats)
+    launch with it but prefetch nothing; the interpreter never takes it."""
+    words = torch.zeros(4, 8, dtype=torch.int32)
+    assert gemv_triton._pdl(torch.zeros(1), words) == {"PDL": False, "PREFETCH_LINES": 0, "Q_BYTES": 4}
+    monkeypatch.setattr(gemv_triton, "pdl_options", lambda x: ({"PDL": True}, {"launch_pdl": True}))
+    assert gemv_triton._pdl(torch.zeros(1), words.view(torch.uint8)) == {
+        "PDL": True, "launch_pdl": True, "PREFETCH_LINES": gemv_triton.PDL_PREFETCH_LINES, "Q_BYTES": 1}
+    assert gemv_triton._pdl(torch.zeros(1), words, prefetch=False)["PREFETCH_LINES"] == 0
+
+
+PDL_CASES = [("int4", 1, None), ("int4", 1, gemv_triton.GemvConfig(128, 128, mma=True)), ("int4", 3, None),
+             ("Q4_0", 1, None), ("Q4_K", 1, None), ("int8", 2, None)]
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="programmatic dependent launch needs a GPU")
+@pytest.mark.parametrize("n", [1024, 8192], ids=["split_k", "wide"])
+@pytest.mark.parametrize("fmt,m,cfg", PDL_CASES, ids=[f"{f}-m{m}{'-mma' if c else ''}" for f, m, c in PDL_CASES])
+def test_gemv_under_pdl_gives_the_same_sums(fmt: str, m: int, cfg, n: int, gen: torch.Generator,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A norm, the GEMV on its output and a norm of the GEMV's output, each launched with
+    programmatic dependent launch (the GEMV prefetching its rows while the first norm runs,
+    then waiting for it; the second norm waiting for the GEMV, split-K counters included), give
+    the very same numbers as plain launches, op by op and replayed from a CUDA graph."""
+    from portaserve.devices.cuda import launch, norm
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs compute capability 9.0+")
+    weight = packed(fmt, n, 2048, gen).to(DEVICE)
+    h = torch.randn(m, 2048, generator=gen).to(DEVICE, torch.bfloat16)
+    w_in = (1 + 0.1 * torch.randn(2048, generator=gen)).to(DEVICE, torch.bfloat16)
+    w_out = (1 + 0.1 * torch.randn(n, generator=gen)).to(DEVICE, torch.bfloat16)
+    seen = launches(monkeypatch)
+
+    def chain() -> torch.Tensor:
+        out = gemv_triton.gemv(norm.rms_norm(h, w_in, 1e-5), weight, config=cfg)
+        assert out is not None
+        return norm.rms_norm(out, w_out, 1e-5)
+
+    results = {}
+    for on in (False, True):
+        monkeypatch.setenv("PORTASERVE_CUDA_PDL", "1" if on else "0")
+        monkeypatch.setattr(launch, "_PDL", {})
+        eager = chain()  # (also compiles, and allocates the split counters, before the capture)
+        assert all(k["PDL"] is on for k in seen[-1:]) or not seen
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = chain()
+        graph.replay()
+        torch.cuda.synchronize()
+        results[on] = (eager.clone(), captured.clone())
+    assert torch.equal(results[True][0], results[False][0])
+    assert torch.equal(results[True][1], results[False][0]) and torch.equal(results[False][1], results[False][0])

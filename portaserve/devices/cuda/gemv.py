@@ -28,13 +28,14 @@ import triton.language as tl
 from portaserve.devices.cuda.launch import (
     is_interpreted,
     pdl_options,
+    prefetch_l2,
     split_counters,
     triton_kernel,
 )
 from portaserve.errors import DeviceError
 
 #: Weight tiles each program prefetches into L2 before waiting for the kernel before it, when
-#: launched with PDL (``launch.pdl``; off by default). Not yet tuned on a GPU.
+#: launched with PDL (``launch.pdl``, on by default on sm_90+). Not yet tuned on a GPU.
 PDL_PREFETCH_TILES = 2
 
 #: Most rows of x the GEMV takes (the right operand of the dot is 16 wide). Larger batches go
@@ -72,9 +73,7 @@ def _gemv_kernel(
         for t in tl.static_range(PREFETCH):
             col = k_start + t * BLOCK_K + tl.arange(0, LINES) * (BLOCK_K // LINES)
             ok = n_ok[:, None] & (col[None, :] < k_end)
-            lines = tl.where(ok, w_rows + col[None, :], w_ptr)
-            tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [lines],
-                                      dtype=tl.int32, is_pure=False, pack=1)
+            prefetch_l2(tl.where(ok, w_rows + col[None, :], w_ptr))
         tl.extra.cuda.gdc_wait()  # x (and the counters) are the kernel before's to finish
     acc = tl.full([BLOCK_N, BLOCK_M], 0.0, dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):

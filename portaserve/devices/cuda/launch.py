@@ -141,6 +141,15 @@ def pdl(tensor: torch.Tensor) -> bool:
     return _PDL[index]
 
 
+@triton.jit
+def prefetch_l2(ptrs):
+    """Pull the 128-byte lines holding ``ptrs`` into L2: a hint, nothing waits for it. For a
+    kernel launched with PDL to fetch read-only data (weights) while the kernel before it
+    finishes; compiled kernels only (inline PTX)."""
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs],
+                              dtype=tl.int32, is_pure=False, pack=1)
+
+
 def pdl_options(tensor: torch.Tensor) -> tuple[dict[str, Any], dict[str, Any]]:
     """(constexprs, launch options) for a kernel with a ``PDL`` constexpr on ``tensor``."""
     on = pdl(tensor)
