@@ -75,6 +75,7 @@ from portaserve.devices.cuda.launch import (
     is_interpreted,
     pdl_options,
     prefetch_l2,
+    triton_helper,
     triton_kernel,
 )
 from portaserve.quant.base import QuantizedWeight
@@ -347,7 +348,7 @@ mov.b32 $1, f;
 _PRMT_ASM = tl.constexpr("prmt.b32 $0, $2, $3, 0x5410;\n\tprmt.b32 $1, $2, $3, 0x7632;")
 
 
-@triton.jit
+@triton_helper
 def _prefetch_rows(q_ptr, rows, rows_ok, stride_qn, first, span, LINES: tl.constexpr, LINE: tl.constexpr):
     """L2 prefetch of ``LINES`` lines (``LINE`` elements of q each) of every row of ``rows``,
     from element ``first`` of the row, within ``span`` elements."""

@@ -66,6 +66,7 @@ from portaserve.devices.cuda.launch import (
     next_pow2,
     pdl_options,
     split_counters,
+    triton_helper,
     triton_kernel,
 )
 from portaserve.errors import DeviceError
@@ -300,23 +301,31 @@ def _decode_attn_kernel(
         arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
         if arrived == NUM_SPLITS - 1:  # the last one: the others' partials are visible now
             tl.store(counter, 0)
-            num_active = (seq_len + chunk - 1) // chunk  # splits with keys; their lse is finite
-            m_run = tl.full([BLOCK_G], -1.0e30, dtype=tl.float32)
-            w_sum = tl.full([BLOCK_G], 0.0, dtype=tl.float32)
-            merged = tl.full([BLOCK_G, BLOCK_D], 0.0, dtype=tl.float32)
-            for s in range(0, num_active):
-                lse_s = tl.load(part_lse_ptr + base + s, mask=g_ok, other=0.0, cache_modifier=".cg")
-                part = tl.load(part_out_ptr + (base + s)[:, None] * head_dim + d[None, :],
-                               mask=mask, other=0.0, cache_modifier=".cg")
-                m_new = tl.maximum(m_run, lse_s)
-                rescale = tl.exp2(m_run - m_new)
-                w = tl.exp2(lse_s - m_new)
-                merged = merged * rescale[:, None] + part * w[:, None]
-                w_sum = w_sum * rescale + w
-                m_run = m_new
-            final = merged / tl.where(w_sum > 0.0, w_sum, 1.0)[:, None]
-            tl.store(out_ptr + req * stride_ot + head[:, None] * stride_oh + d[None, :],
-                     final.to(out_ptr.dtype.element_ty), mask=mask)
+            _merge_splits(part_out_ptr, part_lse_ptr, out_ptr + req * stride_ot, base, head, g_ok, d, mask,
+                          (seq_len + chunk - 1) // chunk, head_dim, stride_oh, BLOCK_G, BLOCK_D)
+
+
+@triton_helper
+def _merge_splits(part_out_ptr, part_lse_ptr, out_row_ptr, base, head, g_ok, d, mask, num_active,
+                  head_dim, stride_oh, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The decode kernels' last program of a (request, KV head): merges the partials of the
+    ``num_active`` splits that have keys (their lse is finite) into the output row."""
+    m_run = tl.full([BLOCK_G], -1.0e30, dtype=tl.float32)
+    w_sum = tl.full([BLOCK_G], 0.0, dtype=tl.float32)
+    merged = tl.full([BLOCK_G, BLOCK_D], 0.0, dtype=tl.float32)
+    for s in range(0, num_active):
+        lse_s = tl.load(part_lse_ptr + base + s, mask=g_ok, other=0.0, cache_modifier=".cg")
+        part = tl.load(part_out_ptr + (base + s)[:, None] * head_dim + d[None, :],
+                       mask=mask, other=0.0, cache_modifier=".cg")
+        m_new = tl.maximum(m_run, lse_s)
+        rescale = tl.exp2(m_run - m_new)
+        w = tl.exp2(lse_s - m_new)
+        merged = merged * rescale[:, None] + part * w[:, None]
+        w_sum = w_sum * rescale + w
+        m_run = m_new
+    final = merged / tl.where(w_sum > 0.0, w_sum, 1.0)[:, None]
+    tl.store(out_row_ptr + head[:, None] * stride_oh + d[None, :], final.to(out_row_ptr.dtype.element_ty),
+             mask=mask)
 
 
 @functools.lru_cache(maxsize=8)

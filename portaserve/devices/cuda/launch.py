@@ -141,7 +141,24 @@ def pdl(tensor: torch.Tensor) -> bool:
     return _PDL[index]
 
 
-@triton.jit
+class _Helper(triton.runtime.jit.JITFunction):
+    """A ``@triton.jit`` function for kernels to call (``triton_helper``)."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        # Only reached from a kernel running in the interpreter (a compiled kernel inlines the
+        # helper): there its body runs as Python, ``tl`` patched like the kernel's own.
+        return self.fn(*args, **kwargs)
+
+
+def triton_helper(fn: Callable[..., Any]) -> Any:
+    """Decorator for a function that ``triton_kernel`` kernels call: compiled into them on a
+    GPU and run as Python when they are interpreted (a plain ``@triton.jit`` function refuses
+    to be called from the interpreter). Define it in the kernels' module, so that the
+    interpreter's patching of that module's ``tl`` covers it."""
+    return _Helper(fn)
+
+
+@triton_helper
 def prefetch_l2(ptrs):
     """Pull the 128-byte lines holding ``ptrs`` into L2: a hint, nothing waits for it. For a
     kernel launched with PDL to fetch read-only data (weights) while the kernel before it
