@@ -339,7 +339,8 @@ def model_rows() -> list[Row]:
 VARLEN_TRIALS = [(64, 64, 4, 3), (64, 32, 4, 3), (64, 128, 4, 2), (64, 64, 8, 3), (64, 64, 4, 2),
                  (128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3)]
 #: (BLOCK_N, warps, stages) for the decode over an fp8 cache (tune_fp8), the default first.
-DECODE_TRIALS_FP8 = [(64, 2, 3), (64, 2, 4), (32, 2, 4), (64, 4, 3), (64, 1, 3), (128, 4, 3)]
+#: (BLOCK_N, warps, stages) of the Triton kernel; "mma": ``attention._decode_fp8_mma_kernel``.
+DECODE_TRIALS_FP8 = [(64, 2, 3), "mma", (64, 2, 4), (32, 2, 4), (64, 4, 3), (64, 1, 3), (128, 4, 3)]
 DECODE_TRIALS = [(64, 4, 2), (32, 4, 2), (128, 4, 2), (64, 2, 2), (64, 8, 2), (64, 4, 3), (64, 4, 4),
                  (128, 8, 3), (32, 2, 3), (64, 2, 3), (64, 2, 4), (128, 2, 2), (128, 4, 3), (32, 2, 4)]
 
@@ -404,7 +405,7 @@ def tune_fp8_rows(rounds: int = 3) -> list[Row]:
     minute, which one pass per trial would read as a difference between trials."""
     rows: list[Row] = []
     scale = HEAD_DIM**-0.5
-    saved = dict(attention.DECODE_CONFIG_FP8)
+    saved, saved_mma = dict(attention.DECODE_CONFIG_FP8), attention.DECODE_FP8_MMA
     for num_reqs, ctx in (DECODE_CASES[-2], DECODE_CASES[-1]):
         nbytes = num_reqs * ctx * KV_HEADS * HEAD_DIM * 2  # K and V, one byte each
         setups = [paged_setup([(ctx - 1, 1)] * num_reqs, seed) for seed in range(min(8, 1 + (256 << 20) // nbytes))]
@@ -415,8 +416,10 @@ def tune_fp8_rows(rounds: int = 3) -> list[Row]:
         errors: dict[tuple, float] = {}
         for _ in range(rounds):
             for trial in DECODE_TRIALS_FP8:
-                bn, warps, stages = trial
-                attention.DECODE_CONFIG_FP8.update(BLOCK_N=bn, num_warps=warps, num_stages=stages)
+                attention.DECODE_FP8_MMA = trial == "mma"
+                if trial != "mma":
+                    bn, warps, stages = trial
+                    attention.DECODE_CONFIG_FP8.update(BLOCK_N=bn, num_warps=warps, num_stages=stages)
                 try:
                     if trial not in errors:
                         want = ref.paged_attention(*fp8[0], scale, kv_layout="blocks_hnd")
@@ -426,9 +429,12 @@ def tune_fp8_rows(rounds: int = 3) -> list[Row]:
                 except Exception as e:  # a config may not fit; report it and go on
                     print(f"tune fp8 {trial}: {type(e).__name__}: {str(e)[:120]}")
                     errors[trial] = float("nan")
+        attention.DECODE_FP8_MMA = saved_mma
         for trial, ms in times.items():
-            bn, warps, stages = trial
-            label = f"BN={bn} w={warps} s={stages}"
+            label = ("MMA kernel (1 warp, 32 keys a step)" if trial == "mma" else
+                     "BN={} w={} s={}".format(*trial))
+            if trial == "mma" and (HEAD_DIM != 128 or not attention.fp8_mma_supported(fp8[0][0])):
+                label += " [NOT RUN: the check failed, the Triton kernel ran]"
             rows.append(Row(f"tune fp8 decode B={num_reqs} ctx={ctx}", label, statistics.median(ms), nbytes,
                             rel_err=errors[trial]))
         attention.DECODE_CONFIG_FP8.update(saved)

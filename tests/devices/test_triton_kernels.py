@@ -421,12 +421,83 @@ def test_paged_attention_fp8_cache_decode(cache_dtype: torch.dtype, dtype: torch
     assert rel_err(got, want) <= RTOL[dtype]
 
 
+def mma_launches(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
+    """The constexprs of every ``_decode_fp8_mma_kernel`` launch from now on."""
+    seen: list[dict] = []
+    on = attention._decode_fp8_mma_kernel.on
+
+    def spy(tensor):  # noqa: ANN001, ANN202
+        launcher = on(tensor)
+
+        class Grid:
+            def __getitem__(self, grid):  # noqa: ANN001, ANN204
+                def go(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+                    seen.append(kwargs)
+                    return launcher[grid](*args, **kwargs)
+                return go
+        return Grid()
+    monkeypatch.setattr(attention._decode_fp8_mma_kernel, "on", spy)
+    return seen
+
+
+MMA_DTYPES = [d for d in DTYPES if d != torch.float32]
+
+
+@pytest.mark.parametrize("dtype", MMA_DTYPES)
+@pytest.mark.parametrize("group,block_size", [(4, 16), (1, 32), (8, 16)])
+@pytest.mark.parametrize("num_splits", [1, 2, 4])
+def test_fp8_decode_on_hand_built_mma_fragments(dtype: torch.dtype, group: int, block_size: int,
+                                               num_splits: int, gen: torch.Generator,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The MMA decode over an e4m3 cache (compiled: fragments built in each lane by inline PTX;
+    interpreter: the same per-lane sums in float32) against the reference: contexts of 1 to 130
+    keys (a partial last chunk, a last step with one chunk, partial blocks), GQA 1 / 4 / 8, blocks
+    of 16 and 32 keys, splits merged by the last program. On a GPU its one-time check holds too."""
+    monkeypatch.setattr(attention, "DECODE_FP8_MMA", True)
+    seen = mma_launches(monkeypatch)
+    lens = [(0, 1), (15, 1), (16, 1), (47, 1), (129, 1), (70, 1)]
+    query, cache, attn = make_step(lens, 2 * group, 2, 128, block_size, dtype, "blocks_hnd", gen,
+                                   torch.float8_e4m3fn)
+    got = attention.paged_attention(query, cache, attn, 0.09, num_splits=num_splits)
+    assert seen and seen[-1]["NUM_SPLITS"] == num_splits, "the MMA kernel did not run"
+    assert seen[-1]["ASM"] == (DEVICE.type != "cpu")
+    want = ref.paged_attention(query, cache, attn, 0.09, kv_layout="blocks_hnd")
+    assert rel_err(got, want) <= RTOL[dtype]
+    if DEVICE.type != "cpu":
+        assert attention.fp8_mma_supported(query)
+
+
+@pytest.mark.parametrize("case", ["e5m2", "head_dim_64", "group_16", "block_8", "float32"])
+def test_fp8_mma_decode_declines_what_it_does_not_fit(case: str, gen: torch.Generator,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the MMA decode does not fit (another fp8 format, head dim, more than 8 query heads
+    a KV head, blocks of fewer than 16 keys, float32 queries) the Triton kernel serves, right."""
+    monkeypatch.setattr(attention, "DECODE_FP8_MMA", True)
+    seen = mma_launches(monkeypatch)
+    heads, dim, block, dtype, fp8 = 8, 128, 16, torch.float16, torch.float8_e4m3fn
+    if case == "e5m2":
+        fp8 = torch.float8_e5m2
+    elif case == "head_dim_64":
+        dim = 64
+    elif case == "group_16":
+        heads = 32
+    elif case == "block_8":
+        block = 8
+    else:
+        dtype = torch.float32
+    query, cache, attn = make_step([(20, 1), (3, 1)], heads, 2, dim, block, dtype, "blocks_hnd", gen, fp8)
+    got = attention.paged_attention(query, cache, attn, 0.1)
+    assert not seen
+    assert rel_err(got, ref.paged_attention(query, cache, attn, 0.1, kv_layout="blocks_hnd")) <= RTOL[dtype]
+
+
 def test_step_varying_arguments_compile_once() -> None:
     """Arguments that change from step to step (request counts, block-table widths, pointers
     into a mixed step's slices) are not specialized on: each new pattern would be a compile of
     about a second in the middle of a run (seen in the H200 throughput profile)."""
     for kernel, names in ((attention._varlen_attn_kernel, {"num_reqs", "stride_bt", "seq_lens_ptr"}),
-                          (attention._decode_attn_kernel, {"stride_bt", "seq_lens_ptr", "block_tables_ptr"})):
+                          (attention._decode_attn_kernel, {"stride_bt", "seq_lens_ptr", "block_tables_ptr"}),
+                          (attention._decode_fp8_mma_kernel, {"stride_bt", "seq_lens_ptr", "block_tables_ptr"})):
         params = {p.name: p for p in kernel.on(torch.empty(0, device="meta")).params}
         for name in names:
             assert params[name].do_not_specialize and params[name].do_not_specialize_on_alignment, name

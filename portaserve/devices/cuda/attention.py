@@ -51,6 +51,7 @@ layer (67% -> 78% of the copy bandwidth); either change alone measured no faster
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -74,6 +75,8 @@ from portaserve.errors import DeviceError
 if TYPE_CHECKING:
     from portaserve.plugins.device import AttentionMetadata
 
+logger = logging.getLogger(__name__)
+
 _LOG2E = 1.4426950408889634
 #: A decode split covers at least this many keys (fewer splits when contexts are short).
 _MIN_KEYS_PER_SPLIT = 256
@@ -90,6 +93,10 @@ DECODE_CONFIG: dict[str, int] = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
 #: 2026-11-29: 0.552 ms with three stages vs 0.579 with two, 0.69-1.03 ms for BLOCK_N 128 or
 #: 4-8 warps: 2.9 TB/s, 71% of the copy bandwidth, where the bf16 cache reaches ~100%).
 DECODE_CONFIG_FP8: dict[str, int] = {"BLOCK_N": 64, "num_warps": 2, "num_stages": 3}
+#: Decode over an fp8 e4m3 cache through ``_decode_fp8_mma_kernel`` where it fits
+#: (``fp8_mma_fits``) and its compiled code checked out on this GPU (``fp8_mma_supported``).
+#: Off until timed on the H200 against the Triton kernel above.
+DECODE_FP8_MMA = False
 
 
 @triton_kernel(no_specialize=("qsl_ptr", "seq_lens_ptr", "block_tables_ptr", "num_reqs", "stride_bt"))
@@ -328,6 +335,372 @@ def _merge_splits(part_out_ptr, part_lse_ptr, out_row_ptr, base, head, g_ok, d, 
              mask=mask)
 
 
+# -- decode over an fp8 cache on hand-built MMA fragments ----------------------------------------
+#
+# Over an fp8 cache ``_decode_attn_kernel`` spends most of its instructions turning the value
+# tile into the P @ V dot's operand: Triton gathers it byte by byte from shared memory (the
+# operand pairs two keys of one dim where the cache holds rows of keys, and sm_90 has no
+# transposing ``ldmatrix`` for 8-bit data). ``_decode_fp8_mma_kernel`` builds the
+# ``mma.m16n8k16`` fragments itself, from global memory straight into each lane's registers:
+# one warp a program, and tensors shaped [4 (t), 8 (g), ...], which Triton lays out with lane
+# (g, t) of the MMA holding element [t, g] (``fp8_mma_supported`` checks the compiled kernel's
+# answers once per GPU). Of a 16-key chunk (inside one cache block) a lane loads 32 bytes of K
+# rows g and g + 8 and 16 bytes of V rows 2t, 2t + 1, 2t + 8, 2t + 9; the head dims are taken
+# in an order that makes those bytes contiguous (the same order for q and K, whose dot product
+# does not mind; V's output dims go back in place at the store). The scores leave the q K^T
+# MMAs in the layout in which the P @ V MMAs take P.
+
+
+def _qk_mma_asm() -> str:
+    """PTX for one lane's two scores of an 8-key tile: row g of the q-head group against the
+    tile's keys 2t and 2t + 1, 8 ``mma.m16n8k16`` over the 128 dims, f16 products, f32 sums.
+    Operands: $0 / $1 the scores (out); $2..$9 the lane's 8 words of K (bytes 32 t .. 32 t + 31
+    of the tile's key g: B fragments); $10..$25 its 16 pairs of q (dims 32 t + 2 i, + 1 of row
+    g, f16: A fragments, rows g + 8 zero). Step c reads word c: its low two bytes stand for the
+    step's dims (2t, 2t + 1), its high two for (2t + 8, 2t + 9)."""
+    lines = ["{", ".reg .b16 l, h;", ".reg .b32 b0, b1, z;", ".reg .f32 d2, d3;", "mov.b32 z, 0;",
+             "mov.f32 $0, 0f00000000;", "mov.f32 $1, 0f00000000;", "mov.f32 d2, 0f00000000;",
+             "mov.f32 d3, 0f00000000;"]
+    for c in range(8):
+        lines += [f"mov.b32 {{l, h}}, ${2 + c};", "cvt.rn.f16x2.e4m3x2 b0, l;", "cvt.rn.f16x2.e4m3x2 b1, h;",
+                  "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {$0, $1, d2, d3}, "
+                  f"{{${10 + 2 * c}, z, ${11 + 2 * c}, z}}, {{b0, b1}}, {{$0, $1, d2, d3}};"]
+    return "\n\t".join(lines + ["}"])
+
+
+def _pv_mma_asm() -> str:
+    """PTX for one lane's share of P @ V over a 16-key chunk for four output dims (word w of the
+    V rows: bytes 16 g' + 4 w + i, i = 0..3, as loaded by lane g'): 4 ``mma.m16n8k16``, each
+    adding to two of the lane's sums. Operands: $0..$7 the new sums, (i, e) in that order (out:
+    row g, the dim stored at 16 (2 t + e) + 4 w + i); $8..$11 word w of the lane's V rows, keys
+    2t, 2t + 1, 2t + 8, 2t + 9 of the chunk; $12 / $13 its P pairs (f16x2: keys (2t, 2t + 1)
+    and (2t + 8, 2t + 9) of row g); $14..$21 the sums so far. A ``prmt`` puts each byte of key
+    2t beside the same byte of key 2t + 1 (a B fragment pairs two keys of one dim), a ``cvt``
+    makes two such bytes an f16 pair."""
+    lines = ["{", ".reg .b32 x0, x1, y0, y1, b0, b1, z;", ".reg .b16 xl, xh, yl, yh;",
+             ".reg .f32 d2, d3;", "mov.b32 z, 0;", "mov.f32 d2, 0f00000000;", "mov.f32 d3, 0f00000000;",
+             "prmt.b32 x0, $8, $9, 0x5140;", "prmt.b32 x1, $8, $9, 0x7362;",
+             "prmt.b32 y0, $10, $11, 0x5140;", "prmt.b32 y1, $10, $11, 0x7362;"]
+    for i in range(4):
+        x, y = ("x0", "y0") if i < 2 else ("x1", "y1")
+        half = "l" if i % 2 == 0 else "h"
+        if i % 2 == 0:
+            lines += [f"mov.b32 {{xl, xh}}, {x};", f"mov.b32 {{yl, yh}}, {y};"]
+        lines += [f"cvt.rn.f16x2.e4m3x2 b0, x{half};", f"cvt.rn.f16x2.e4m3x2 b1, y{half};",
+                  "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+                  f"{{${2 * i}, ${2 * i + 1}, d2, d3}}, {{$12, z, $13, z}}, {{b0, b1}}, "
+                  f"{{${14 + 2 * i}, ${15 + 2 * i}, d2, d3}};"]
+    return "\n\t".join(lines + ["}"])
+
+
+_QK_MMA_ASM = tl.constexpr(_qk_mma_asm())
+_PV_MMA_ASM = tl.constexpr(_pv_mma_asm())
+_QK_MMA_CONSTRAINTS = tl.constexpr("=f,=f," + ",".join(["r"] * 24))
+#: Two f32 -> one f16x2 word, the first in the high half.
+_PACK_F16X2_ASM = tl.constexpr("cvt.rn.f16x2.f32 $0, $1, $2;")
+
+
+@triton_helper
+def _split4(x):
+    """[4, 8, 2, 4] -> its four [4, 8, 2] slices of the last dim, in order (one thread's)."""
+    b0, b1 = tl.split(tl.reshape(x, (4, 8, 2, 2, 2)))  # (0, 2), (1, 3)
+    w0, w2 = tl.split(b0)
+    w1, w3 = tl.split(b1)
+    return w0, w1, w2, w3
+
+
+@triton_helper
+def _q_pairs(q_rows, g_ok, t, PIECE: tl.constexpr):
+    """Of each lane's row g of q: dims 32 t + 8 PIECE .. + 7 as four f16 pairs [4, 8] (int32)."""
+    e = tl.arange(0, 8)[None, None, :]
+    v = tl.load(q_rows[:, :, None] + (32 * t[:, :, None] + 8 * PIECE + e), mask=g_ok[:, :, None], other=0.0)
+    v = tl.minimum(tl.maximum(v.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
+    v = v.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    lo, hi = tl.split(tl.reshape(v, (4, 8, 4, 2)))
+    even, odd = tl.split(tl.reshape(lo | (hi << 16), (4, 8, 2, 2)))  # pairs (0, 2), (1, 3)
+    p0, p2 = tl.split(even)
+    p1, p3 = tl.split(odd)
+    return p0, p1, p2, p3
+
+
+@triton_kernel(no_specialize=("seq_lens_ptr", "block_tables_ptr", "stride_bt"))
+def _decode_fp8_mma_kernel(
+    q_ptr, cache_ptr, out_ptr, part_out_ptr, part_lse_ptr, counter_ptr,
+    seq_lens_ptr, block_tables_ptr,
+    scale_log2,
+    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_c_kv, stride_c_block, stride_c_head, stride_c_off, stride_bt,
+    GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr, ASM: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    """Grid ``(R, Hk, NUM_SPLITS)``, one warp: as ``_decode_attn_kernel`` (the same splits and
+    merge), over an fp8 e4m3 cache with head dim 128, GROUP <= 8 and blocks of a multiple of 16
+    keys; 32 keys (two 16-key chunks) a loop step. ``ASM`` False (the interpreter): the same
+    sums per lane in float32 from whole rows of q, K and V, so the interpreter checks all but
+    the fragments themselves."""
+    if PDL:  # programmatic dependent launch (launch.pdl): the next kernel may start; wait for the last
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+    req = tl.program_id(0).to(tl.int64)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + req)
+    per_split = (seq_len + NUM_SPLITS - 1) // NUM_SPLITS
+    chunk = (per_split + 31) // 32 * 32
+    kv_start = split * chunk
+    kv_end = tl.minimum(kv_start + chunk, seq_len)
+
+    t = tl.arange(0, 4)[:, None]  # [4, 1]: the lane's t
+    g = tl.arange(0, 8)[None, :]  # [1, 8]: the lane's g, a row (q head) of the group
+    g_ok = g < GROUP
+    head = kv_head * GROUP + g
+    q_rows = q_ptr + req * stride_qt + head * stride_qh  # [1, 8]
+    d = tl.arange(0, 128)
+    if ASM:
+        q0, q1, q2, q3 = _q_pairs(q_rows, g_ok, t, 0)
+        q4, q5, q6, q7 = _q_pairs(q_rows, g_ok, t, 1)
+        q8, q9, q10, q11 = _q_pairs(q_rows, g_ok, t, 2)
+        q12, q13, q14, q15 = _q_pairs(q_rows, g_ok, t, 3)
+    else:  # whole rows, rounded to f16 as the fragments are: [1, 8, 1, 128]
+        qf = tl.load(q_rows[:, :, None] + d[None, None, :], mask=g_ok[:, :, None], other=0.0)
+        qf = tl.minimum(tl.maximum(qf.to(tl.float32), -65504.0), 65504.0).to(tl.float16).to(tl.float32)
+        qf = qf[:, :, None, :]
+
+    jj = tl.arange(0, 2)[None, None, :]  # [1, 1, 2]: the 8-key tile j of a chunk
+    t3 = t[:, :, None]  # [4, 1, 1]
+    m_i = tl.full([8], -1.0e30, dtype=tl.float32)
+    l_i = tl.full([8], 0.0, dtype=tl.float32)
+    acc00 = tl.full([4, 8, 4], 0.0, dtype=tl.float32)  # acc<i><e>: [t, g, w], see _pv_mma_asm
+    acc01 = acc00
+    acc10 = acc00
+    acc11 = acc00
+    acc20 = acc00
+    acc21 = acc00
+    acc30 = acc00
+    acc31 = acc00
+    table = block_tables_ptr + req * stride_bt
+    head_base = cache_ptr + kv_head.to(tl.int64) * stride_c_head
+    for start in range(kv_start, kv_end, 32):
+        # -- the step's two chunks: block, scores (keys 8 j + 2 t + e of the chunk, [4, 8, 2] each)
+        pos_a = start
+        pos_b = start + 16
+        blk_a = tl.load(table + pos_a // BLOCK_SIZE).to(tl.int64)
+        blk_b = tl.load(table + pos_b // BLOCK_SIZE, mask=pos_b < kv_end, other=0).to(tl.int64)
+        rows_a = head_base + blk_a * stride_c_block + (pos_a % BLOCK_SIZE) * stride_c_off
+        rows_b = head_base + blk_b * stride_c_block + (pos_b % BLOCK_SIZE) * stride_c_off
+        if ASM:
+            sa0, sa1 = _qk_scores(rows_a, g, jj, t3, stride_c_off, q0, q1, q2, q3, q4, q5, q6, q7,
+                                  q8, q9, q10, q11, q12, q13, q14, q15)
+            sb0, sb1 = _qk_scores(rows_b, g, jj, t3, stride_c_off, q0, q1, q2, q3, q4, q5, q6, q7,
+                                  q8, q9, q10, q11, q12, q13, q14, q15)
+        else:
+            sa0, sa1 = _qk_scores_float(rows_a, qf, jj, t3, d, stride_c_off)
+            sb0, sb1 = _qk_scores_float(rows_b, qf, jj, t3, d, stride_c_off)
+        key_a = pos_a + 8 * jj + 2 * t3  # [4, 1, 2]: key of the first score (+1: the second)
+        key_b = key_a + 16
+        sa0 = tl.where(key_a < kv_end, sa0 * scale_log2, float("-inf"))
+        sa1 = tl.where(key_a + 1 < kv_end, sa1 * scale_log2, float("-inf"))
+        sb0 = tl.where(key_b < kv_end, sb0 * scale_log2, float("-inf"))
+        sb1 = tl.where(key_b + 1 < kv_end, sb1 * scale_log2, float("-inf"))
+        # -- online softmax over the step's 32 keys (per row g: over t, j, e and both chunks)
+        top = tl.maximum(tl.maximum(sa0, sa1), tl.maximum(sb0, sb1))
+        top = tl.reduce(tl.reduce(top, 2, MAX), 0, MAX)  # [8]
+        m_new = tl.maximum(m_i, top)
+        alpha = tl.exp2(m_i - m_new)
+        m3 = m_new[None, :, None]
+        pa0 = tl.exp2(sa0 - m3)
+        pa1 = tl.exp2(sa1 - m3)
+        pb0 = tl.exp2(sb0 - m3)
+        pb1 = tl.exp2(sb1 - m3)
+        total = (pa0 + pa1) + (pb0 + pb1)
+        l_i = l_i * alpha + tl.reduce(tl.reduce(total, 2, SUM), 0, SUM)
+        m_i = m_new
+        scale3 = alpha[None, :, None]
+        acc00 *= scale3
+        acc01 *= scale3
+        acc10 *= scale3
+        acc11 *= scale3
+        acc20 *= scale3
+        acc21 *= scale3
+        acc30 *= scale3
+        acc31 *= scale3
+        # -- P @ V, chunk by chunk
+        vrows_a = rows_a + stride_c_kv
+        vrows_b = rows_b + stride_c_kv
+        if ASM:
+            acc00, acc01, acc10, acc11, acc20, acc21, acc30, acc31 = _pv_chunk(
+                vrows_a, pa0, pa1, g, t, stride_c_off, acc00, acc01, acc10, acc11, acc20, acc21, acc30, acc31)
+            acc00, acc01, acc10, acc11, acc20, acc21, acc30, acc31 = _pv_chunk(
+                vrows_b, pb0, pb1, g, t, stride_c_off, acc00, acc01, acc10, acc11, acc20, acc21, acc30, acc31)
+        else:
+            acc00, acc01, acc10, acc11, acc20, acc21, acc30, acc31 = _pv_chunk_float(
+                vrows_a, pa0, pa1, d, stride_c_off, acc00, acc01, acc10, acc11, acc20, acc21, acc30, acc31)
+            acc00, acc01, acc10, acc11, acc20, acc21, acc30, acc31 = _pv_chunk_float(
+                vrows_b, pb0, pb1, d, stride_c_off, acc00, acc01, acc10, acc11, acc20, acc21, acc30, acc31)
+
+    # -- the lane's 32 sums of row g: dims 32 t + 16 e + 4 w + i, as [4, 8, 32]
+    e0 = tl.reshape(tl.join(tl.join(acc00, acc20), tl.join(acc10, acc30)), (4, 8, 16))
+    e1 = tl.reshape(tl.join(tl.join(acc01, acc21), tl.join(acc11, acc31)), (4, 8, 16))
+    acc = tl.reshape(tl.permute(tl.join(e0, e1), (0, 1, 3, 2)), (4, 8, 32))
+    safe_l = tl.where(l_i > 0.0, l_i, 1.0)
+    out = acc / safe_l[None, :, None]
+    dims = 32 * t3 + tl.arange(0, 32)[None, None, :]  # [4, 1, 32]
+    rows_ok = g_ok[:, :, None] & (dims < 128)
+    if NUM_SPLITS == 1:
+        tl.store(out_ptr + req * stride_ot + head[:, :, None] * stride_oh + dims,
+                 out.to(out_ptr.dtype.element_ty), mask=rows_ok)
+    else:
+        base = (req * (GROUP * tl.num_programs(1)) + head) * NUM_SPLITS  # [1, 8]
+        tl.store(part_out_ptr + (base + split)[:, :, None] * 128 + dims, out, mask=rows_ok)
+        lse = tl.where(l_i > 0.0, m_i + tl.log2(safe_l), float("-inf"))  # [8]
+        gg = tl.arange(0, 8)
+        base1 = (req * (GROUP * tl.num_programs(1)) + kv_head * GROUP + gg) * NUM_SPLITS
+        tl.store(part_lse_ptr + base1 + split, lse, mask=gg < GROUP)
+        tl.debug_barrier()
+        counter = counter_ptr + req * tl.num_programs(1) + kv_head
+        arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+        if arrived == NUM_SPLITS - 1:  # the last one: the others' partials are visible now
+            tl.store(counter, 0)
+            _merge_splits(part_out_ptr, part_lse_ptr, out_ptr + req * stride_ot, base1,
+                          kv_head * GROUP + gg, gg < GROUP, d, (gg < GROUP)[:, None] & (d < 128)[None, :],
+                          (seq_len + chunk - 1) // chunk, 128, stride_oh, 8, 128)
+
+
+@triton_helper
+def _qk_scores(rows, g, jj, t3, stride_c_off, q0, q1, q2, q3, q4, q5, q6, q7, q8, q9, q10, q11, q12,
+               q13, q14, q15):
+    """A chunk's scores on the tensor cores: [4, 8, 2] for keys 8 j + 2 t and 8 j + 2 t + 1.
+    The words load as [4, 8, 2, 4] tensors (16 contiguous bytes a thread), which is what makes
+    Triton lay them out lanes along t, then g; the asm is not pure, so that Triton keeps it in
+    that layout rather than recompute it in others."""
+    kp = (rows + ((g[:, :, None] + 8 * jj) * stride_c_off + 32 * t3)).to(tl.pointer_type(tl.int32))
+    kp = kp[:, :, :, None] + tl.arange(0, 4)[None, None, None, :]  # [4, 8, 2, 4]: key g + 8 j
+    k0, k1, k2, k3 = _split4(tl.load(kp))
+    k4, k5, k6, k7 = _split4(tl.load(kp + 4))
+    return tl.inline_asm_elementwise(
+        _QK_MMA_ASM, _QK_MMA_CONSTRAINTS,
+        [k0, k1, k2, k3, k4, k5, k6, k7, q0[:, :, None], q1[:, :, None], q2[:, :, None], q3[:, :, None],
+         q4[:, :, None], q5[:, :, None], q6[:, :, None], q7[:, :, None], q8[:, :, None], q9[:, :, None],
+         q10[:, :, None], q11[:, :, None], q12[:, :, None], q13[:, :, None], q14[:, :, None],
+         q15[:, :, None]],
+        dtype=(tl.float32, tl.float32), is_pure=False, pack=1)
+
+
+@triton_helper
+def _qk_scores_float(rows, qf, jj, t3, d, stride_c_off):
+    """``_qk_scores`` in float32 from whole rows (the interpreter)."""
+    key = 8 * jj + 2 * t3  # [4, 1, 2]
+    k0 = tl.load(rows + (key * stride_c_off)[:, :, :, None] + d[None, None, None, :]).to(tl.float32)
+    k1 = tl.load(rows + ((key + 1) * stride_c_off)[:, :, :, None] + d[None, None, None, :]).to(tl.float32)
+    return tl.reduce(qf * k0, 3, SUM), tl.reduce(qf * k1, 3, SUM)  # [4, 8, 2]
+
+
+@triton_helper
+def _pv_chunk(vrows, p0, p1, g, t, stride_c_off, a00, a01, a10, a11, a20, a21, a30, a31):
+    """A chunk's P @ V on the tensor cores, added to the lane's sums (``_pv_mma_asm``)."""
+    p0a, p0b = tl.split(p0)  # [4, 8]: keys 2t (j = 0) and 8 + 2t (j = 1)
+    p1a, p1b = tl.split(p1)  # keys 2t + 1 and 8 + 2t + 1
+    pa = tl.inline_asm_elementwise(_PACK_F16X2_ASM, "=r,f,f", [p1a, p0a], dtype=tl.int32, is_pure=False, pack=1)
+    pb = tl.inline_asm_elementwise(_PACK_F16X2_ASM, "=r,f,f", [p1b, p0b], dtype=tl.int32, is_pure=False, pack=1)
+    vp = (vrows + (2 * t * stride_c_off + 16 * g)).to(tl.pointer_type(tl.int32))  # [4, 8]: key 2t
+    vp = vp[:, :, None] + tl.arange(0, 4)[None, None, :]  # [4, 8, 4 (w)]
+    row = stride_c_off // 4  # (in words)
+    r0 = tl.load(vp)
+    r1 = tl.load(vp + row)
+    r2 = tl.load(vp + 8 * row)
+    r3 = tl.load(vp + 9 * row)
+    return tl.inline_asm_elementwise(
+        _PV_MMA_ASM, "=f,=f,=f,=f,=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f,f,f,f,f",
+        [r0, r1, r2, r3, pa[:, :, None], pb[:, :, None], a00, a01, a10, a11, a20, a21, a30, a31],
+        dtype=(tl.float32,) * 8, is_pure=False, pack=1)
+
+
+@triton_helper
+def _pv_chunk_float(vrows, p0, p1, d, stride_c_off, a00, a01, a10, a11, a20, a21, a30, a31):
+    """``_pv_chunk`` in float32 (the interpreter): row g's P over the chunk's 16 keys (key
+    8 j + 2 t + e from the lanes t), times the V rows, regrouped as the lanes' sums."""
+    p = tl.reshape(tl.permute(tl.join(p0, p1), (1, 2, 0, 3)), (8, 16))  # [g, 8 j + 2 t + e]
+    p = p.to(tl.float16).to(tl.float32)  # (the fragments hold P in f16)
+    key = tl.arange(0, 16)
+    v = tl.load(vrows + (key * stride_c_off)[:, None] + d[None, :]).to(tl.float32)  # [16, 128]
+    pv = tl.reduce(p[:, :, None] * v[None, :, :], 1, SUM)  # [8, 128]: dim 32 t + 16 e + 4 w + i
+    pv = tl.permute(tl.reshape(pv, (8, 4, 2, 4, 2, 2)), (1, 0, 3, 2, 4, 5))  # [t, g, w, e, ih, il]
+    even, odd = tl.split(pv)  # il
+    e0, e2 = tl.split(even)  # ih: i = 0, 2
+    e1, e3 = tl.split(odd)  # i = 1, 3
+    s00, s01 = tl.split(e0)
+    s10, s11 = tl.split(e1)
+    s20, s21 = tl.split(e2)
+    s30, s31 = tl.split(e3)
+    return a00 + s00, a01 + s01, a10 + s10, a11 + s11, a20 + s20, a21 + s21, a30 + s30, a31 + s31
+
+
+def fp8_mma_fits(query: torch.Tensor, a: _LaunchArgs) -> bool:
+    """Whether ``_decode_fp8_mma_kernel`` serves this decode: an e4m3 cache, 16-bit queries,
+    head dim 128, at most 8 query heads a KV head, cache blocks of a multiple of 16 keys, 16-byte
+    aligned rows."""
+    return (a.kv_cache.dtype == torch.float8_e4m3fn and query.dtype in (torch.float16, torch.bfloat16)
+            and a.head_dim == 128 and a.group <= 8 and a.block_size % 16 == 0
+            and a.kv_cache.data_ptr() % 16 == 0 and all(st % 16 == 0 for st in a.cache_strides[:4]))
+
+
+#: GPU index -> whether ``_decode_fp8_mma_kernel`` gave the Triton kernel's answers there.
+_FP8_MMA_CHECKED: dict[int, bool] = {}
+
+
+def fp8_mma_supported(query: torch.Tensor) -> bool:
+    """Whether the hand-built MMA decode runs on ``query``'s device: always in the interpreter
+    (its float32 stand-in); on a GPU, an NVIDIA one of compute capability 8.9+ (``cvt`` from
+    e4m3) whose compiled kernel matched ``_decode_attn_kernel`` on a random step, checked once.
+    It relies on the lane layout Triton picks for [4, 8, ...] tensors; a Triton that picks
+    another gives wrong sums, which the check catches (the Triton kernel serves then)."""
+    if is_interpreted(query):
+        return True
+    if query.device.type != "cuda" or torch.version.hip:
+        return False
+    index = query.device.index if query.device.index is not None else torch.cuda.current_device()
+    ok = _FP8_MMA_CHECKED.get(index)
+    if ok is None:
+        if torch.cuda.get_device_capability(index) < (8, 9):
+            ok = False
+        elif torch.cuda.is_current_stream_capturing():  # (nothing may run now: the Triton kernel)
+            return False
+        else:
+            try:
+                ok = _fp8_mma_matches(query.device)
+            except Exception:  # e.g. a driver or Triton that refuses the PTX
+                logger.warning("cuda decode attention: the fp8 MMA kernel failed on this GPU; using the "
+                               "Triton kernel", exc_info=True)
+                ok = False
+        _FP8_MMA_CHECKED[index] = ok
+    return ok
+
+
+def _fp8_mma_matches(device: torch.device) -> bool:
+    """The MMA decode against the Triton one on a random step over an fp8 cache: 4 requests of
+    1-70 keys (partial last blocks), GQA 4, 2 KV heads, splits 1 and 4."""
+    gen = torch.Generator().manual_seed(11)
+    lens = [1, 17, 70, 33]
+    blocks = torch.randperm(24, generator=gen).view(4, 6).to(torch.int32)
+    cache = (torch.randn(2, 24, 2, 16, 128, generator=gen) * 2).to(torch.float8_e4m3fn).to(device)
+    query = torch.randn(4, 8, 128, generator=gen).to(device=device, dtype=torch.bfloat16)
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=device)
+    tables = blocks.to(device)
+    strides = (*cache.stride()[:2], cache.stride(2), cache.stride(3), tables.stride(0))
+    args = _LaunchArgs(cache, 0.09 * _LOG2E, 128, 4, 128, 16, False, 1, False, strides)
+    err = 0.0
+    for splits in (1, 4):
+        want, got = torch.empty_like(query), torch.empty_like(query)
+        _decode(query, want, seq_lens, tables, max(lens), args, splits, mma=False)
+        _decode(query, got, seq_lens, tables, max(lens), args, splits, mma=True)
+        err = max(err, ((got.float() - want.float()).norm() / want.float().norm()).item())
+    ok = err <= 2e-3
+    if not ok:
+        logger.warning("cuda decode attention: the fp8 MMA kernel disagreed with the Triton kernel on this "
+                       "GPU / Triton (rel. error %.2e); using the Triton kernel", err)
+    return ok
+
+
 @functools.lru_cache(maxsize=8)
 def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -416,8 +789,10 @@ class _LaunchArgs:
 
 
 def _decode(query: torch.Tensor, out: torch.Tensor, seq_lens: torch.Tensor, tables: torch.Tensor,
-            max_seq_len: int, a: _LaunchArgs, num_splits: int | None) -> None:
-    """Flash-decoding over requests with one query token each (rows of query = requests)."""
+            max_seq_len: int, a: _LaunchArgs, num_splits: int | None, mma: bool | None = None) -> None:
+    """Flash-decoding over requests with one query token each (rows of query = requests).
+    ``mma``: through ``_decode_fp8_mma_kernel`` (True; the caller checked ``fp8_mma_fits``) or
+    the Triton kernel (False); None: as ``DECODE_FP8_MMA`` and the checks say."""
     num_reqs, num_q_heads, head_dim = query.shape
     num_kv_heads = num_q_heads // a.group
     cfg = DECODE_CONFIG_FP8 if a.kv_fp8 else DECODE_CONFIG
@@ -434,6 +809,16 @@ def _decode(query: torch.Tensor, out: torch.Tensor, seq_lens: torch.Tensor, tabl
         counters = split_counters(query.device, num_reqs * num_kv_heads, "decode_attn")
     else:
         part_out = part_lse = counters = out  # unused
+    if mma is None:
+        mma = bool(a.kv_fp8) and DECODE_FP8_MMA and fp8_mma_fits(query, a) and fp8_mma_supported(query)
+    if mma:
+        constexprs, options = pdl_options(query)
+        _decode_fp8_mma_kernel.on(query)[(num_reqs, num_kv_heads, num_splits)](
+            query, a.kv_cache, out, part_out, part_lse, counters, seq_lens, tables, a.scale_log2,
+            query.stride(0), query.stride(1), out.stride(0), out.stride(1), *a.cache_strides,
+            GROUP=a.group, BLOCK_SIZE=a.block_size, NUM_SPLITS=num_splits, ASM=not a.interp,
+            num_warps=1, num_stages=1, **constexprs, **options)
+        return
     launch_fitting(
         _decode_attn_kernel, query, (num_reqs, num_kv_heads, num_splits),
         (query, a.kv_cache, out, part_out, part_lse, counters, seq_lens, tables, a.scale_log2,
