@@ -339,8 +339,9 @@ def model_rows() -> list[Row]:
 VARLEN_TRIALS = [(64, 64, 4, 3), (64, 32, 4, 3), (64, 128, 4, 2), (64, 64, 8, 3), (64, 64, 4, 2),
                  (128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3)]
 #: (BLOCK_N, warps, stages) for the decode over an fp8 cache (tune_fp8), the default first.
-#: (BLOCK_N, warps, stages) of the Triton kernel; "mma": ``attention._decode_fp8_mma_kernel``.
-DECODE_TRIALS_FP8 = [(64, 2, 3), "mma", (64, 2, 4), (32, 2, 4), (64, 4, 3), (64, 1, 3), (128, 4, 3)]
+#: (BLOCK_N, warps, stages) of the Triton kernel; "mma": ``attention._decode_fp8_mma_kernel``
+#: ("mma r128": with ptxas's own register count, 128, instead of ``DECODE_FP8_MMA_MAXNREG``).
+DECODE_TRIALS_FP8 = [(64, 2, 3), "mma", "mma r128", (64, 2, 4), (64, 4, 3), (64, 1, 3)]
 DECODE_TRIALS = [(64, 4, 2), (32, 4, 2), (128, 4, 2), (64, 2, 2), (64, 8, 2), (64, 4, 3), (64, 4, 4),
                  (128, 8, 3), (32, 2, 3), (64, 2, 3), (64, 2, 4), (128, 2, 2), (128, 4, 3), (32, 2, 4)]
 
@@ -406,6 +407,7 @@ def tune_fp8_rows(rounds: int = 3) -> list[Row]:
     rows: list[Row] = []
     scale = HEAD_DIM**-0.5
     saved, saved_mma = dict(attention.DECODE_CONFIG_FP8), attention.DECODE_FP8_MMA
+    saved_regs = attention.DECODE_FP8_MMA_MAXNREG
     for num_reqs, ctx in (DECODE_CASES[-2], DECODE_CASES[-1]):
         nbytes = num_reqs * ctx * KV_HEADS * HEAD_DIM * 2  # K and V, one byte each
         setups = [paged_setup([(ctx - 1, 1)] * num_reqs, seed) for seed in range(min(8, 1 + (256 << 20) // nbytes))]
@@ -416,8 +418,10 @@ def tune_fp8_rows(rounds: int = 3) -> list[Row]:
         errors: dict[tuple, float] = {}
         for _ in range(rounds):
             for trial in DECODE_TRIALS_FP8:
-                attention.DECODE_FP8_MMA = trial == "mma"
-                if trial != "mma":
+                mma = isinstance(trial, str)
+                attention.DECODE_FP8_MMA = mma
+                attention.DECODE_FP8_MMA_MAXNREG = None if trial == "mma r128" else saved_regs
+                if not mma:
                     bn, warps, stages = trial
                     attention.DECODE_CONFIG_FP8.update(BLOCK_N=bn, num_warps=warps, num_stages=stages)
                 try:
@@ -429,11 +433,11 @@ def tune_fp8_rows(rounds: int = 3) -> list[Row]:
                 except Exception as e:  # a config may not fit; report it and go on
                     print(f"tune fp8 {trial}: {type(e).__name__}: {str(e)[:120]}")
                     errors[trial] = float("nan")
-        attention.DECODE_FP8_MMA = saved_mma
+        attention.DECODE_FP8_MMA, attention.DECODE_FP8_MMA_MAXNREG = saved_mma, saved_regs
         for trial, ms in times.items():
-            label = ("MMA kernel (1 warp, 32 keys a step)" if trial == "mma" else
+            label = (f"{trial} kernel (1 warp, 32 keys a step)" if isinstance(trial, str) else
                      "BN={} w={} s={}".format(*trial))
-            if trial == "mma" and (HEAD_DIM != 128 or not attention.fp8_mma_supported(fp8[0][0])):
+            if isinstance(trial, str) and (HEAD_DIM != 128 or not attention.fp8_mma_supported(fp8[0][0])):
                 label += " [NOT RUN: the check failed, the Triton kernel ran]"
             rows.append(Row(f"tune fp8 decode B={num_reqs} ctx={ctx}", label, statistics.median(ms), nbytes,
                             rel_err=errors[trial]))

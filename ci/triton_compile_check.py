@@ -110,6 +110,7 @@ def main(argv: list[str]) -> int:
     from portaserve.quant import gemv_triton  # the packed GEMV's inline PTX: NVIDIA targets only
     gemv_triton.packed_supported = lambda x: backend == "cuda"
     attention._num_sms = lambda index: 132
+    attention.fp8_mma_supported = lambda query: backend == "cuda"  # (its PTX: NVIDIA only)
     pytest.main(["-q", "--tb=no", "-rN", "-p", "no:cacheprovider", "-W", "ignore",
                  "tests/devices/test_triton_kernels.py", "-k", "not leak"])
     try:
@@ -167,9 +168,12 @@ def _llama_bf16_calls() -> None:
     if sys.argv[1:2] != ["cuda:80"]:  # an fp8 (e4m3) cache under bf16 queries: the fp16 dots
         cache8 = torch.randn(2, 64, 8, 16, 128).to(torch.float8_e4m3fn)
         kv.write_kv(torch.randn(8, 8, 128, dtype=dt), torch.randn(8, 8, 128, dtype=dt), cache8, torch.arange(8))
-        for splits in (1, 32):
-            attention.paged_attention(torch.randn(4, 32, 128, dtype=dt), cache8,
-                                      decode.attention_metadata(torch.device("cpu")), 0.08, num_splits=splits)
+        for mma in (False, True):  # and the hand-built MMA decode (``DECODE_FP8_MMA``)
+            attention.DECODE_FP8_MMA = mma
+            for splits in (1, 32):
+                attention.paged_attention(torch.randn(4, 32, 128, dtype=dt), cache8,
+                                          decode.attention_metadata(torch.device("cpu")), 0.08, num_splits=splits)
+        attention.DECODE_FP8_MMA = False
         attention.paged_attention(torch.randn(41, 32, 128, dtype=dt), cache8,
                                   prefill.attention_metadata(torch.device("cpu")), 0.08)
 

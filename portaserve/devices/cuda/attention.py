@@ -97,6 +97,9 @@ DECODE_CONFIG_FP8: dict[str, int] = {"BLOCK_N": 64, "num_warps": 2, "num_stages"
 #: (``fp8_mma_fits``) and its compiled code checked out on this GPU (``fp8_mma_supported``).
 #: Off until timed on the H200 against the Triton kernel above.
 DECODE_FP8_MMA = False
+#: Registers a thread of it may use (Triton's ``maxnreg``): sm_90 code (Triton 3.6) needs 179
+#: for its loop without spilling; ptxas left to itself took 128 and spilled 13 values a step.
+DECODE_FP8_MMA_MAXNREG: int | None = 192
 
 
 @triton_kernel(no_specialize=("qsl_ptr", "seq_lens_ptr", "block_tables_ptr", "num_reqs", "stride_bt"))
@@ -817,7 +820,8 @@ def _decode(query: torch.Tensor, out: torch.Tensor, seq_lens: torch.Tensor, tabl
             query, a.kv_cache, out, part_out, part_lse, counters, seq_lens, tables, a.scale_log2,
             query.stride(0), query.stride(1), out.stride(0), out.stride(1), *a.cache_strides,
             GROUP=a.group, BLOCK_SIZE=a.block_size, NUM_SPLITS=num_splits, ASM=not a.interp,
-            num_warps=1, num_stages=1, **constexprs, **options)
+            num_warps=1, num_stages=1, **constexprs, **options,
+            **({"maxnreg": DECODE_FP8_MMA_MAXNREG} if DECODE_FP8_MMA_MAXNREG and not a.interp else {}))
         return
     launch_fitting(
         _decode_attn_kernel, query, (num_reqs, num_kv_heads, num_splits),
