@@ -20,7 +20,9 @@ Two paths, both with float32 online softmax (exp2) and float32 accumulation:
   counter after storing its partial (a CTA barrier, then an acq_rel atomic at GPU scope, the
   release pattern of a split-K semaphore), and the one that sees NUM_SPLITS - 1 reads the
   others' partials (past L1) and resets the counter for the next launch: one launch a layer
-  instead of a decode kernel plus a reduce kernel. With one split the partials are skipped. Grids depend only on (requests,
+  instead of a decode kernel plus a reduce kernel. With one split the partials are skipped.
+  Over an e4m3 cache ``DECODE_FP8_MMA`` switches to ``_decode_fp8_mma_kernel`` (same splits and
+  merge; see its section below). Grids depend only on (requests,
   KV heads, NUM_SPLITS), never on lengths read from the device, so the launch can be captured
   in a CUDA graph.
 
