@@ -108,6 +108,12 @@ def bench_hf(args: argparse.Namespace) -> dict[str, float]:
     return {"decode_ms": ms_per_token, "ttft_ms": ttft, "throughput": tput}
 
 
+def _fp8_mma_state() -> str:
+    from portaserve.devices.cuda import attention
+
+    return "on (where it fits and its check holds)" if attention.DECODE_FP8_MMA else "off"
+
+
 def make_llm(args: argparse.Namespace, **kw: object) -> LLM:
     return LLM(f"random:{PRESET}", device="cuda", dtype="bfloat16",
                async_scheduling=args.async_scheduling, max_num_seqs=args.max_num_seqs,
@@ -275,6 +281,9 @@ def main() -> None:
     p.add_argument("--async-scheduling", default=None, action=argparse.BooleanOptionalAction,
                    help="force async scheduling on or off (default: the device's choice)")
     p.add_argument("--kv-cache-dtype", default="auto", help="auto (bf16) or fp8 (e4m3)")
+    p.add_argument("--fp8-mma-decode", default=None, action=argparse.BooleanOptionalAction,
+                   help="decode over an fp8 cache through the hand-built MMA kernel "
+                        "(attention.DECODE_FP8_MMA; default: as the module says)")
     p.add_argument("--memory-utilization", type=float, default=None,
                    help="share of GPU memory for weights + KV cache (default: the engine's 0.9); "
                         "TensorRT-LLM's published runs give the KV cache 0.95 of what is free")
@@ -289,6 +298,10 @@ def main() -> None:
     p.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "gpu_llama8b.json"))
     args = p.parse_args()
     deadline = time.perf_counter() + args.budget_s
+    if args.fp8_mma_decode is not None:
+        from portaserve.devices.cuda import attention
+
+        attention.DECODE_FP8_MMA = args.fp8_mma_decode
 
     import transformers
     import triton
@@ -302,7 +315,8 @@ def main() -> None:
     log(f"model: {c.name}: hidden {c.hidden_size}, {c.num_layers} layers, {c.num_heads} heads / "
         f"{c.num_kv_heads} KV heads, MLP {c.intermediate_size}, vocab {c.vocab_size}, bf16; "
         f"linears {args.quantization or 'bf16'}, KV cache {args.kv_cache_dtype}, memory utilization "
-        f"{args.memory_utilization or 'default'}, max_num_seqs {args.max_num_seqs}")
+        f"{args.memory_utilization or 'default'}, max_num_seqs {args.max_num_seqs}, fp8 MMA decode "
+        f"{_fp8_mma_state()}")
     bw = copy_bandwidth()
     wb = weight_bytes()
     roof_ms = wb / bw * 1e3
