@@ -330,9 +330,10 @@ def set_gemv_pdl(lines: int) -> None:
 
     global GEMV_PDL_OFF
     if lines < 0:
-        gemv_triton.pdl_options = lambda x: ({"PDL": False}, {})
+        gemv_triton.GEMV_PDL = False
         GEMV_PDL_OFF = True
     else:
+        gemv_triton.GEMV_PDL = True
         gemv_triton.PDL_PREFETCH_LINES = lines
 
 
@@ -508,7 +509,7 @@ def pdl_state() -> str:
 
     if not envs.cuda_pdl():
         return "off"
-    if GEMV_PDL_OFF:
+    if GEMV_PDL_OFF or not gemv_triton.GEMV_PDL:
         return "on, but not for the quant GEMVs"
     return f"on where sm_90+ (quant GEMVs prefetch {gemv_triton.PDL_PREFETCH_LINES} lines a row)"
 
@@ -539,8 +540,8 @@ def main() -> None:
                         "'int4=128,128,4,4,mma,num_stages=2' (FIELD: a boolean GemvConfig field set "
                         "true, or name=integer)")
     p.add_argument("--gemv-pdl-lines", type=int, default=None,
-                   help="lines a quant GEMV program prefetches into L2 under PDL "
-                        "(gemv_triton.PDL_PREFETCH_LINES); -1: the quant GEMVs launch without PDL")
+                   help="the quant GEMVs launch with PDL (gemv_triton.GEMV_PDL), each program "
+                        "prefetching this many lines of its rows into L2; -1: without PDL")
     p.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU (checks the script)")
     p.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "gpu_quant.json"))
     args = p.parse_args()

@@ -118,7 +118,9 @@ def main(argv: list[str]) -> int:
         if backend == "cuda" and int(arch) >= 90:  # and launched with PDL (griddepcontrol)
             launch.pdl = lambda tensor: True
             _llama_bf16_calls()
+            gemv_triton.GEMV_PDL = True
             _quant_calls()
+            gemv_triton.GEMV_PDL = False
             launch.pdl = lambda tensor: False
         _quant_calls()
     except OutOfResources:
@@ -168,12 +170,13 @@ def _llama_bf16_calls() -> None:
     if sys.argv[1:2] != ["cuda:80"]:  # an fp8 (e4m3) cache under bf16 queries: the fp16 dots
         cache8 = torch.randn(2, 64, 8, 16, 128).to(torch.float8_e4m3fn)
         kv.write_kv(torch.randn(8, 8, 128, dtype=dt), torch.randn(8, 8, 128, dtype=dt), cache8, torch.arange(8))
-        for mma in (False, True):  # and the hand-built MMA decode (``DECODE_FP8_MMA``)
-            attention.DECODE_FP8_MMA = mma
-            for splits in (1, 32):
-                attention.paged_attention(torch.randn(4, 32, 128, dtype=dt), cache8,
-                                          decode.attention_metadata(torch.device("cpu")), 0.08, num_splits=splits)
-        attention.DECODE_FP8_MMA = False
+        for splits in (1, 32):
+            attention.paged_attention(torch.randn(4, 32, 128, dtype=dt), cache8,
+                                      decode.attention_metadata(torch.device("cpu")), 0.08, num_splits=splits)
+            attention.DECODE_FP8_MMA = True  # and the hand-built MMA decode (16-bit queries)
+            attention.paged_attention(torch.randn(4, 32, 128, dtype=torch.bfloat16), cache8,
+                                      decode.attention_metadata(torch.device("cpu")), 0.08, num_splits=splits)
+            attention.DECODE_FP8_MMA = False
         attention.paged_attention(torch.randn(41, 32, 128, dtype=dt), cache8,
                                   prefill.attention_metadata(torch.device("cpu")), 0.08)
 

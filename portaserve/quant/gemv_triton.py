@@ -91,8 +91,11 @@ MAX_M = 4
 FORMAT_IDS = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2, "int4": 3, "int8": 4, "fp8": 5, "Q4_K": 6,
               "Q5_K": 7, "Q6_K": 8}
 _MAX_SPLIT_K = 16
-#: 128-byte lines of each of its rows that a GEMV program launched with PDL (``launch.pdl``)
-#: pulls into L2 before it waits for the kernel before it. Not yet tuned on a GPU.
+#: Whether the GEMVs launch with programmatic dependent launch where ``launch.pdl`` allows it
+#: (the other decode kernels do): off until its GPU test and timing have run on the H200.
+GEMV_PDL = False
+#: 128-byte lines of each of its rows that a GEMV program launched with PDL pulls into L2
+#: before it waits for the kernel before it. Not yet tuned on a GPU.
 PDL_PREFETCH_LINES = 2
 
 logger = logging.getLogger(__name__)
@@ -1353,8 +1356,8 @@ def _dot_gemv(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | Non
 
 def _pdl(x: torch.Tensor, words: torch.Tensor, prefetch: bool = True) -> dict:
     """The GEMV kernels' ``PDL`` constexprs and launch option for ``x``'s device: with PDL
-    (``launch.pdl``) each program prefetches ``PDL_PREFETCH_LINES`` lines of each of its rows
+    (``GEMV_PDL`` and ``launch.pdl``) each program prefetches ``PDL_PREFETCH_LINES`` lines of each of its rows
     (``prefetch``: formats whose rows hold their codes in K order; not the K formats)."""
-    constexprs, options = pdl_options(x)
+    constexprs, options = pdl_options(x) if GEMV_PDL else ({"PDL": False}, {})
     lines = PDL_PREFETCH_LINES if constexprs["PDL"] and prefetch else 0
     return {**constexprs, **options, "PREFETCH_LINES": lines, "Q_BYTES": words.element_size()}

@@ -316,12 +316,15 @@ def test_packed_path_needs_an_nvidia_gpu_of_compute_capability_8(monkeypatch: py
 
 
 def test_gemv_launch_options_under_pdl(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Where PDL is on (``launch.pdl``: compiled, sm_90+) the GEMVs launch with it and each
+    """Where PDL is on (``GEMV_PDL``, ``launch.pdl``: compiled, sm_90+) the GEMVs launch with it and each
     program prefetches lines of its rows; formats whose rows are not in K order (the K formats)
     launch with it but prefetch nothing; the interpreter never takes it."""
     words = torch.zeros(4, 8, dtype=torch.int32)
     assert gemv_triton._pdl(torch.zeros(1), words) == {"PDL": False, "PREFETCH_LINES": 0, "Q_BYTES": 4}
     monkeypatch.setattr(gemv_triton, "pdl_options", lambda x: ({"PDL": True}, {"launch_pdl": True}))
+    monkeypatch.setattr(gemv_triton, "GEMV_PDL", False)  # (off: plain launches)
+    assert gemv_triton._pdl(torch.zeros(1), words)["PDL"] is False
+    monkeypatch.setattr(gemv_triton, "GEMV_PDL", True)
     assert gemv_triton._pdl(torch.zeros(1), words.view(torch.uint8)) == {
         "PDL": True, "launch_pdl": True, "PREFETCH_LINES": gemv_triton.PDL_PREFETCH_LINES, "Q_BYTES": 1}
     assert gemv_triton._pdl(torch.zeros(1), words, prefetch=False)["PREFETCH_LINES"] == 0
@@ -344,6 +347,7 @@ def test_gemv_under_pdl_gives_the_same_sums(fmt: str, m: int, cfg, n: int, gen: 
 
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("programmatic dependent launch needs compute capability 9.0+")
+    monkeypatch.setattr(gemv_triton, "GEMV_PDL", True)
     weight = packed(fmt, n, 2048, gen).to(DEVICE)
     h = torch.randn(m, 2048, generator=gen).to(DEVICE, torch.bfloat16)
     w_in = (1 + 0.1 * torch.randn(2048, generator=gen)).to(DEVICE, torch.bfloat16)
