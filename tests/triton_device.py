@@ -31,3 +31,23 @@ def rel_err(out: torch.Tensor, expected: torch.Tensor) -> float:
     out, expected = out.double().cpu(), expected.double().cpu()
     assert torch.isfinite(out).all(), "kernel output has NaN/inf"
     return ((out - expected).norm() / expected.norm().clamp_min(1e-12)).item()
+
+
+def launch_spy(kernel, monkeypatch: pytest.MonkeyPatch) -> list[dict]:  # noqa: ANN001
+    """The keyword arguments (constexprs, launch options) of every launch of ``kernel`` (a
+    ``launch.TritonKernel``) from now on; the launches still run."""
+    seen: list[dict] = []
+    on = kernel.on
+
+    def spy(tensor):  # noqa: ANN001, ANN202
+        launcher = on(tensor)
+
+        class Grid:
+            def __getitem__(self, grid):  # noqa: ANN001, ANN204
+                def go(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+                    seen.append(kwargs)
+                    return launcher[grid](*args, **kwargs)
+                return go
+        return Grid()
+    monkeypatch.setattr(kernel, "on", spy)
+    return seen

@@ -11,7 +11,7 @@ import zlib
 
 import pytest
 import torch
-from triton_device import DEVICE, DTYPES, RTOL, rel_err, skip_module_without_device
+from triton_device import DEVICE, DTYPES, RTOL, launch_spy, rel_err, skip_module_without_device
 
 pytest.importorskip("triton")
 skip_module_without_device()
@@ -421,25 +421,6 @@ def test_paged_attention_fp8_cache_decode(cache_dtype: torch.dtype, dtype: torch
     assert rel_err(got, want) <= RTOL[dtype]
 
 
-def mma_launches(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
-    """The constexprs of every ``_decode_fp8_mma_kernel`` launch from now on."""
-    seen: list[dict] = []
-    on = attention._decode_fp8_mma_kernel.on
-
-    def spy(tensor):  # noqa: ANN001, ANN202
-        launcher = on(tensor)
-
-        class Grid:
-            def __getitem__(self, grid):  # noqa: ANN001, ANN204
-                def go(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-                    seen.append(kwargs)
-                    return launcher[grid](*args, **kwargs)
-                return go
-        return Grid()
-    monkeypatch.setattr(attention._decode_fp8_mma_kernel, "on", spy)
-    return seen
-
-
 MMA_DTYPES = [d for d in DTYPES if d != torch.float32]
 
 
@@ -454,7 +435,7 @@ def test_fp8_decode_on_hand_built_mma_fragments(dtype: torch.dtype, group: int, 
     keys (a partial last chunk, a last step with one chunk, partial blocks), GQA 1 / 4 / 8, blocks
     of 16 and 32 keys, splits merged by the last program. On a GPU its one-time check holds too."""
     monkeypatch.setattr(attention, "DECODE_FP8_MMA", True)
-    seen = mma_launches(monkeypatch)
+    seen = launch_spy(attention._decode_fp8_mma_kernel, monkeypatch)
     lens = [(0, 1), (15, 1), (16, 1), (47, 1), (129, 1), (70, 1)]
     query, cache, attn = make_step(lens, 2 * group, 2, 128, block_size, dtype, "blocks_hnd", gen,
                                    torch.float8_e4m3fn)
@@ -473,7 +454,7 @@ def test_fp8_mma_decode_declines_what_it_does_not_fit(case: str, gen: torch.Gene
     """Where the MMA decode does not fit (another fp8 format, head dim, more than 8 query heads
     a KV head, blocks of fewer than 16 keys, float32 queries) the Triton kernel serves, right."""
     monkeypatch.setattr(attention, "DECODE_FP8_MMA", True)
-    seen = mma_launches(monkeypatch)
+    seen = launch_spy(attention._decode_fp8_mma_kernel, monkeypatch)
     heads, dim, block, dtype, fp8 = 8, 128, 16, torch.float16, torch.float8_e4m3fn
     if case == "e5m2":
         fp8 = torch.float8_e5m2

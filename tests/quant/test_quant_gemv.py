@@ -17,7 +17,7 @@ import zlib
 
 import pytest
 import torch
-from triton_device import DEVICE, DTYPES, RTOL, rel_err, skip_module_without_device
+from triton_device import DEVICE, DTYPES, RTOL, launch_spy, rel_err, skip_module_without_device
 
 pytest.importorskip("triton")
 skip_module_without_device()
@@ -215,21 +215,7 @@ def test_4bit_one_row_of_bf16_takes_packed_bf16x2_arithmetic(fmt: str, group: in
 
 def launches(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
     """The constexprs of every ``_gemv_kernel`` launch from now on."""
-    seen: list[dict] = []
-    on = gemv_triton._gemv_kernel.on
-
-    def spy(tensor):
-        launcher = on(tensor)
-
-        class Grid:
-            def __getitem__(self, grid):
-                def go(*args, **kwargs):
-                    seen.append(kwargs)
-                    return launcher[grid](*args, **kwargs)
-                return go
-        return Grid()
-    monkeypatch.setattr(gemv_triton._gemv_kernel, "on", spy)
-    return seen
+    return launch_spy(gemv_triton._gemv_kernel, monkeypatch)
 
 
 @pytest.mark.parametrize("fmt,group", [("int4", 32), ("int4_sym", 64), ("int4", 128)])

@@ -227,17 +227,8 @@ def _decode_attn_kernel(
     splits that have keys into out.
     """
     FINITE: tl.constexpr = KV_FP8 != 0  # an fp8 cache holds only finite values (module docstring)
-    if PDL:  # programmatic dependent launch (launch.pdl): the next kernel may start; wait for the last
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
-    req = tl.program_id(0).to(tl.int64)
-    kv_head = tl.program_id(1)
-    split = tl.program_id(2)
-    seq_len = tl.load(seq_lens_ptr + req)
-    per_split = (seq_len + NUM_SPLITS - 1) // NUM_SPLITS
-    chunk = (per_split + BLOCK_N - 1) // BLOCK_N * BLOCK_N
-    kv_start = split * chunk
-    kv_end = tl.minimum(kv_start + chunk, seq_len)
+    req, kv_head, split, seq_len, chunk, kv_start, kv_end = _decode_program(seq_lens_ptr, BLOCK_N, NUM_SPLITS,
+                                                                            PDL)
 
     g = tl.arange(0, BLOCK_G)
     g_ok = g < GROUP
@@ -315,6 +306,22 @@ def _decode_attn_kernel(
             tl.store(counter, 0)
             _merge_splits(part_out_ptr, part_lse_ptr, out_ptr + req * stride_ot, base, head, g_ok, d, mask,
                           (seq_len + chunk - 1) // chunk, head_dim, stride_oh, BLOCK_G, BLOCK_D)
+
+
+@triton_helper
+def _decode_program(seq_lens_ptr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PDL: tl.constexpr):
+    """A decode program's (request, KV head, split, seq_len, chunk, first key, end key): its
+    split of the request's keys, whole tiles of ``BLOCK_N`` (split 0 always has keys). Under PDL
+    (``launch.pdl``) it first lets the next kernel launch and waits for the one before."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+    req = tl.program_id(0).to(tl.int64)
+    seq_len = tl.load(seq_lens_ptr + req)
+    per_split = (seq_len + NUM_SPLITS - 1) // NUM_SPLITS
+    chunk = (per_split + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+    kv_start = tl.program_id(2) * chunk
+    return req, tl.program_id(1), tl.program_id(2), seq_len, chunk, kv_start, tl.minimum(kv_start + chunk, seq_len)
 
 
 @triton_helper
@@ -443,17 +450,7 @@ def _decode_fp8_mma_kernel(
     keys; 32 keys (two 16-key chunks) a loop step. ``ASM`` False (the interpreter): the same
     sums per lane in float32 from whole rows of q, K and V, so the interpreter checks all but
     the fragments themselves."""
-    if PDL:  # programmatic dependent launch (launch.pdl): the next kernel may start; wait for the last
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
-    req = tl.program_id(0).to(tl.int64)
-    kv_head = tl.program_id(1)
-    split = tl.program_id(2)
-    seq_len = tl.load(seq_lens_ptr + req)
-    per_split = (seq_len + NUM_SPLITS - 1) // NUM_SPLITS
-    chunk = (per_split + 31) // 32 * 32
-    kv_start = split * chunk
-    kv_end = tl.minimum(kv_start + chunk, seq_len)
+    req, kv_head, split, seq_len, chunk, kv_start, kv_end = _decode_program(seq_lens_ptr, 32, NUM_SPLITS, PDL)
 
     t = tl.arange(0, 4)[:, None]  # [4, 1]: the lane's t
     g = tl.arange(0, 8)[None, :]  # [1, 8]: the lane's g, a row (q head) of the group
