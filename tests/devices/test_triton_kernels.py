@@ -497,3 +497,41 @@ def test_outgrown_split_counters_stay_allocated() -> None:
     big = launch.split_counters(dev, 5000, "test-grow")
     assert big.numel() >= 5000 and launch.split_counters(dev, 10, "test-grow") is big
     assert any(t.data_ptr() == address for t in launch._RETIRED)
+
+
+def test_fp8_mma_decode_checks_the_compiled_kernel_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU the MMA decode runs only where its first run matched the Triton kernel (it relies
+    on the lane layout Triton picks): checked once per GPU, never during a graph capture (the
+    Triton kernel serves then), not at all below compute capability 8.9 (no e4m3 ``cvt``); a
+    failing or throwing check keeps the Triton kernel. The interpreter always takes it."""
+    import types
+
+    calls: list[int] = []
+    results = {0: True, 1: False}
+    monkeypatch.setattr(attention, "_FP8_MMA_CHECKED", {})
+    monkeypatch.setattr(attention, "is_interpreted", lambda tensor: False)
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (9, 0) if index < 2 else (8, 0))
+    capturing = [False]
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+
+    def check(device):  # noqa: ANN001, ANN202
+        calls.append(device.index)
+        if device.index == 3:
+            raise RuntimeError("ptxas refused it")
+        return results[device.index]
+    monkeypatch.setattr(attention, "_fp8_mma_matches", check)
+
+    def on(index: int):  # noqa: ANN202
+        return types.SimpleNamespace(device=torch.device("cuda", index))
+    capturing[0] = True
+    assert not attention.fp8_mma_supported(on(0)) and calls == []  # not checked during a capture
+    capturing[0] = False
+    assert attention.fp8_mma_supported(on(0)) and attention.fp8_mma_supported(on(0))
+    assert not attention.fp8_mma_supported(on(1))
+    assert not attention.fp8_mma_supported(on(2))  # compute capability 8.0: never tried
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (9, 0))
+    assert not attention.fp8_mma_supported(on(3))  # the check threw
+    assert calls == [0, 1, 3]
+    monkeypatch.setattr(attention, "is_interpreted", lambda tensor: True)
+    assert attention.fp8_mma_supported(on(1))
