@@ -431,18 +431,20 @@ def test_fp8_decode_on_hand_built_mma_fragments(dtype: torch.dtype, group: int, 
                                                num_splits: int, gen: torch.Generator,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """The MMA decode over an e4m3 cache (compiled: fragments built in each lane by inline PTX;
-    interpreter: the same per-lane sums in float32) against the reference: contexts of 1 to 130
+    interpreter: the same per-lane sums in float32) against the reference: contexts of 1 to 334
     keys (a partial last chunk, a last step with one chunk, partial blocks), GQA 1 / 4 / 8, blocks
-    of 16 and 32 keys, splits merged by the last program. On a GPU its one-time check holds too."""
+    of 16 and 32 keys, both cache layouts, splits merged by the last program. On a GPU its
+    one-time check holds too."""
     monkeypatch.setattr(attention, "DECODE_FP8_MMA", True)
     seen = launch_spy(attention._decode_fp8_mma_kernel, monkeypatch)
-    lens = [(0, 1), (15, 1), (16, 1), (47, 1), (129, 1), (70, 1)]
-    query, cache, attn = make_step(lens, 2 * group, 2, 128, block_size, dtype, "blocks_hnd", gen,
+    lens = [(0, 1), (15, 1), (16, 1), (47, 1), (129, 1), (70, 1), (333, 1)]
+    layout = "blocks_nhd" if group == 1 else "blocks_hnd"  # (any strides: the layouts differ in them)
+    query, cache, attn = make_step(lens, 2 * group, 2, 128, block_size, dtype, layout, gen,
                                    torch.float8_e4m3fn)
-    got = attention.paged_attention(query, cache, attn, 0.09, num_splits=num_splits)
+    got = attention.paged_attention(query, cache, attn, 0.09, kv_layout=layout, num_splits=num_splits)
     assert seen and seen[-1]["NUM_SPLITS"] == num_splits, "the MMA kernel did not run"
     assert seen[-1]["ASM"] == (DEVICE.type != "cpu")
-    want = ref.paged_attention(query, cache, attn, 0.09, kv_layout="blocks_hnd")
+    want = ref.paged_attention(query, cache, attn, 0.09, kv_layout=layout)
     assert rel_err(got, want) <= RTOL[dtype]
     if DEVICE.type != "cpu":
         assert attention.fp8_mma_supported(query)
