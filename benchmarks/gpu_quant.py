@@ -321,19 +321,12 @@ def set_one_row_config(spec: str) -> None:
     log(f"{fmt} at one row: {cfg}")
 
 
-GEMV_PDL_OFF = False
-
-
 def set_gemv_pdl(lines: int) -> None:
     """``--gemv-pdl-lines``: the quant GEMVs' L2 prefetch under PDL, or (-1) no PDL for them."""
     from portaserve.quant import gemv_triton
 
-    global GEMV_PDL_OFF
-    if lines < 0:
-        gemv_triton.GEMV_PDL = False
-        GEMV_PDL_OFF = True
-    else:
-        gemv_triton.GEMV_PDL = True
+    gemv_triton.GEMV_PDL = lines >= 0
+    if lines >= 0:
         gemv_triton.PDL_PREFETCH_LINES = lines
 
 
@@ -509,7 +502,7 @@ def pdl_state() -> str:
 
     if not envs.cuda_pdl():
         return "off"
-    if GEMV_PDL_OFF or not gemv_triton.GEMV_PDL:
+    if not gemv_triton.GEMV_PDL:
         return "on, but not for the quant GEMVs"
     return f"on where sm_90+ (quant GEMVs prefetch {gemv_triton.PDL_PREFETCH_LINES} lines a row)"
 

@@ -552,18 +552,17 @@ def _decode_fp8_mma_kernel(
         tl.store(out_ptr + req * stride_ot + head[:, :, None] * stride_oh + dims,
                  out.to(out_ptr.dtype.element_ty), mask=rows_ok)
     else:
-        base = (req * (GROUP * tl.num_programs(1)) + head) * NUM_SPLITS  # [1, 8]
-        tl.store(part_out_ptr + (base + split)[:, :, None] * 128 + dims, out, mask=rows_ok)
+        gg = tl.arange(0, 8)  # (g as a vector, for the per-row lse and the merge)
+        base = (req * (GROUP * tl.num_programs(1)) + kv_head * GROUP + gg) * NUM_SPLITS  # [8]
+        tl.store(part_out_ptr + (base + split)[None, :, None] * 128 + dims, out, mask=rows_ok)
         lse = tl.where(l_i > 0.0, m_i + tl.log2(safe_l), float("-inf"))  # [8]
-        gg = tl.arange(0, 8)
-        base1 = (req * (GROUP * tl.num_programs(1)) + kv_head * GROUP + gg) * NUM_SPLITS
-        tl.store(part_lse_ptr + base1 + split, lse, mask=gg < GROUP)
+        tl.store(part_lse_ptr + base + split, lse, mask=gg < GROUP)
         tl.debug_barrier()
         counter = counter_ptr + req * tl.num_programs(1) + kv_head
         arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
         if arrived == NUM_SPLITS - 1:  # the last one: the others' partials are visible now
             tl.store(counter, 0)
-            _merge_splits(part_out_ptr, part_lse_ptr, out_ptr + req * stride_ot, base1,
+            _merge_splits(part_out_ptr, part_lse_ptr, out_ptr + req * stride_ot, base,
                           kv_head * GROUP + gg, gg < GROUP, d, (gg < GROUP)[:, None] & (d < 128)[None, :],
                           (seq_len + chunk - 1) // chunk, 128, stride_oh, 8, 128)
 
@@ -688,7 +687,7 @@ def _fp8_mma_matches(device: torch.device) -> bool:
     query = torch.randn(4, 8, 128, generator=gen).to(device=device, dtype=torch.bfloat16)
     seq_lens = torch.tensor(lens, dtype=torch.int32, device=device)
     tables = blocks.to(device)
-    strides = (*cache.stride()[:2], cache.stride(2), cache.stride(3), tables.stride(0))
+    strides = (*cache_strides(cache, KV_LAYOUT)[:4], tables.stride(0))
     args = _LaunchArgs(cache, 0.09 * _LOG2E, 128, 4, 128, 16, False, 1, False, strides)
     err = 0.0
     for splits in (1, 4):
