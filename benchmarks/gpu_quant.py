@@ -4,6 +4,8 @@
     PYTHONPATH=. python3 benchmarks/gpu_quant.py --kernels             # kernel table, ~2-3 min
     PYTHONPATH=. python3 benchmarks/gpu_quant.py --kernels --sweep --formats bf16,int4,Q4_K,Q8_0,fp8
     PYTHONPATH=. python3 benchmarks/gpu_quant.py --kernels --lm-head --formats bf16,int4 --kernel-ms 1
+    PYTHONPATH=. python3 benchmarks/gpu_quant.py --formats int4 --parts decode --decode-variant default \\
+        --decode-variant pdl=2 --decode-variant "pdl=2 int4=128,128,4,4,mma"   # A/B on one model
     PYTHONPATH=. python3 benchmarks/gpu_quant.py --formats fp8 --parts throughput \\
         --num-prompts 1000 --input-len 1000 --output-len 1000 --budget-s 500   # fp8 at 1000/1000
     python benchmarks/gpu_quant.py --dry-run --kernels --sweep         # CPU: checks the script
@@ -442,6 +444,8 @@ def bench_model(fmt: str, args: argparse.Namespace, copy_bps: float, deadline: f
     sync()
     res["decode_ms"] = (time.perf_counter() - t1) / (args.decode_tokens - 1) * 1e3
     res["gpu_step_ms"] = gpu_step_ms(engine, 128 + args.decode_tokens // 2) if DEV == "cuda" else float("nan")
+    if args.decode_variant:
+        res["variants"] = time_variants(engine, args.decode_variant, 128 + args.decode_tokens // 2)
     res["roofline_ms"] = per_step / copy_bps * 1e3
     res["pct_roofline"] = res["roofline_ms"] / res["decode_ms"] * 100
     res["throughput"], res["throughput_done"] = float("nan"), 0
@@ -457,6 +461,63 @@ def bench_model(fmt: str, args: argparse.Namespace, copy_bps: float, deadline: f
     if DEV == "cuda":
         torch.cuda.empty_cache()
     return res
+
+
+def apply_variant(spec: str) -> None:
+    """One ``--decode-variant``: space-separated settings, each ``pdl=N`` (``--gemv-pdl-lines``)
+    or ``FMT=BN,BK,WARPS,PPS[,FIELD]`` (``--one-row-config``); ``default`` changes nothing."""
+    for item in spec.split():
+        if item.startswith("pdl="):
+            set_gemv_pdl(int(item[4:]))
+        elif item != "default":
+            set_one_row_config(item)
+
+
+def time_variants(engine, specs: list[str], context: int, rounds: int = 3) -> dict[str, dict]:
+    """The batch-1 device step (``gpu_step_ms``) under each ``--decode-variant`` on the model
+    already built: the variants take turns for ``rounds`` rounds (a lent GPU drifts by several
+    percent over a minute) and each reports its median, after the size-1 decode graph is
+    re-captured with its settings. ``logits_rel_err``: its logits against the first variant's."""
+    from portaserve.core.batch import build_batch
+    from portaserve.quant import gemv_triton
+
+    saved = dict(gemv_triton.CONFIGS), gemv_triton.GEMV_PDL, gemv_triton.PDL_PREFETCH_LINES
+    recapture = getattr(getattr(engine.runner, "executor", None), "capture", None)  # cuda graphs
+    bs = engine.kv_spec.block_size
+    batch = build_batch([("variant", [100], context, list(range(1, context // bs + 2)), True)], bs)
+
+    def use(spec: str | None) -> None:
+        gemv_triton.CONFIGS.clear()
+        gemv_triton.CONFIGS.update(saved[0])
+        gemv_triton.GEMV_PDL, gemv_triton.PDL_PREFETCH_LINES = saved[1], saved[2]
+        if spec is not None:
+            apply_variant(spec)
+        if recapture is not None:
+            recapture([1])
+
+    times: dict[str, list[float]] = {s: [] for s in specs}
+    errors: dict[str, float] = {}
+    first = None
+    try:
+        for _ in range(rounds):
+            for spec in specs:
+                use(spec)
+                if spec not in errors:
+                    logits = engine.runner.execute(batch).float()
+                    first = logits if first is None else first
+                    errors[spec] = rel_err(logits, first)
+                times[spec].append(gpu_step_ms(engine, context))
+    finally:
+        use(None)
+    out = {s: {"gpu_step_ms": statistics.median(t), "all_ms": t, "logits_rel_err": errors.get(s)}
+           for s, t in times.items() if t}
+    print(f"\n| decode variant (batch 1, context {context}) | GPU-only step ms (median of {rounds}) "
+          f"| rounds | logits rel. err vs first |")
+    print("|---|---|---|---|")
+    for s, r in out.items():
+        print(f"| {s} | {r['gpu_step_ms']:.3f} | {' / '.join(f'{v:.3f}' for v in r['all_ms'])} | "
+              f"{r['logits_rel_err']:.1e} |")
+    return out
 
 
 def sync() -> None:
@@ -535,6 +596,10 @@ def main() -> None:
     p.add_argument("--gemv-pdl-lines", type=int, default=None,
                    help="the quant GEMVs launch with PDL (gemv_triton.GEMV_PDL), each program "
                         "prefetching this many lines of its rows into L2; -1: without PDL")
+    p.add_argument("--decode-variant", action="append", default=[], metavar="SETTINGS",
+                   help="model mode, repeatable: after the batch-1 decode, time the device step again "
+                        "under each of these (space-separated 'pdl=N' and 'FMT=BN,BK,WARPS,PPS[,FIELD]' "
+                        "items, or 'default'), taking turns, the decode graph re-captured for each")
     p.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU (checks the script)")
     p.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "gpu_quant.json"))
     args = p.parse_args()

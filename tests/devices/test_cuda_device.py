@@ -257,6 +257,14 @@ def test_graph_executor_pads_decode_and_matches_eager(monkeypatch: pytest.Monkey
     for got_cache, want_cache in zip(graph_caches, eager_caches, strict=True):
         torch.testing.assert_close(got_cache, want_cache, atol=1e-5, rtol=1e-5)  # padding wrote nothing
 
+    kept, replaced = executor.graphs[4], executor.graphs[2]
+    executor.capture([2])  # a re-capture of one size (benchmarks, after a kernel setting changed)
+    assert executor.graphs[4] is kept and executor.graphs[2] is not replaced
+    batch = build_batch([(r, [5], lens[r] + 4, tables[r], True) for r in "bc"], 16)
+    torch.testing.assert_close(executor.execute(batch), eager(batch), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match=r"sizes=\[3\]"):
+        executor.capture([3])
+
     monkeypatch.setenv("PORTASERVE_CUDA_GRAPHS", "0")
     assert graph_executor_for(model, graph_caches, torch.device("cpu"), eager_replay=True) is None
 

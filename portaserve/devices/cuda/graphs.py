@@ -118,11 +118,16 @@ class GraphExecutor:
                                   self._metadata(size), self.kv_caches)
 
     @torch.inference_mode()
-    def capture(self) -> None:
-        """Capture every size of the ladder, largest first (they share one memory pool)."""
+    def capture(self, sizes: list[int] | None = None) -> None:
+        """Capture every size of the ladder (or only ``sizes``, which replaces those graphs: a
+        benchmark re-captures after changing a kernel setting), largest first (they share one
+        memory pool)."""
         start = time.perf_counter()
+        if sizes is not None and not set(sizes) <= set(self.sizes):
+            raise ValueError(f"sizes={sizes}: not in the captured ladder {self.sizes}")
+        sizes = self.sizes if sizes is None else sorted(sizes)
         if self.eager_replay:
-            for size in self.sizes:
+            for size in sizes:
                 hidden = self._forward(size)
                 self.graphs[size] = (self._eager_replayer(size, hidden), hidden)
             return
@@ -130,7 +135,7 @@ class GraphExecutor:
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
-            for size in reversed(self.sizes):
+            for size in reversed(sizes):
                 self._forward(size)  # warm-up: compiles the Triton kernels for this shape
                 torch.cuda.synchronize(self.device)
                 graph = torch.cuda.CUDAGraph()
@@ -141,7 +146,7 @@ class GraphExecutor:
         torch.cuda.synchronize(self.device)
         self.warm_up_eager()
         torch.cuda.synchronize(self.device)
-        logger.info("cuda graphs: captured decode batch sizes %s in %.1f s", self.sizes,
+        logger.info("cuda graphs: captured decode batch sizes %s in %.1f s", sizes,
                     time.perf_counter() - start)
 
     def warm_up_eager(self) -> None:
