@@ -168,7 +168,7 @@ class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         from portaserve.core.loaders import load_model
         from portaserve.core.scheduler import Scheduler, SchedulerConfig
-        from portaserve.plugins.device import KVCacheSpec
+        from portaserve.plugins.device import KVCacheSpec, compile_executor
         from portaserve.plugins.manager import get_registry
 
         self.config = config
@@ -225,7 +225,7 @@ class LLMEngine:
                     block_size, self.kv_capacity_tokens,
                     str(spec.dtype).removeprefix("torch."), num_blocks * spec.bytes_per_block / 2**20)
 
-        executor = self.device.compile(self.model, self.kv_caches)
+        executor = compile_executor(self.device, self.model, self.kv_caches, max_num_seqs)
         self.runner = ModelRunner(self.model, self.device, self.kv_caches, executor)
         self.scheduler = Scheduler(SchedulerConfig(
             max_num_seqs=max_num_seqs,

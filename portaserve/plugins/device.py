@@ -250,8 +250,13 @@ class Device:
         """(optional) Free and total memory for the KV cache. Defaults to host memory."""
         return host_memory_info()
 
-    def compile(self, model: Any, kv_caches: list[Any]) -> Executor | None:
-        """(optional) Build a whole-model executor. Defaults to None (run op by op)."""
+    def compile(self, model: Any, kv_caches: list[Any], *, max_batch: int | None = None) -> Executor | None:
+        """(optional) Build a whole-model executor. Defaults to None (run op by op).
+
+        ``max_batch``: the most requests one step will hold (the engine's ``max_num_seqs``), for
+        executors that prepare per batch size (graph capture); None leaves the device's default.
+        The engine passes it only to a ``compile`` that takes the keyword, so a plugin written
+        without it keeps working (``compile_executor``)."""
         return None
 
     def synchronize(self) -> None:
@@ -277,3 +282,18 @@ def host_memory_info() -> MemoryInfo:
             free_bytes=os.sysconf("SC_AVPHYS_PAGES") * page,
             total_bytes=os.sysconf("SC_PHYS_PAGES") * page,
         )
+
+
+def compile_executor(device: Device, model: Any, kv_caches: list[Any], max_batch: int) -> Executor | None:
+    """``device.compile``, with ``max_batch`` where its ``compile`` takes that keyword (it was
+    added to the contract after the first plugins were written)."""
+    import inspect
+
+    try:
+        params = inspect.signature(device.compile).parameters
+    except (TypeError, ValueError):  # (a builtin or C callable: call it as the contract began)
+        params = {}
+    takes = "max_batch" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    if takes:
+        return device.compile(model, kv_caches, max_batch=max_batch)
+    return device.compile(model, kv_caches)

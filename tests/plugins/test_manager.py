@@ -320,3 +320,43 @@ def test_temporary_plugin_leaves_an_already_registered_plugin(entry_points, exam
     with registry.temporary_plugin(example_device_module, "again") as name:
         assert name == "example"
     assert registry.plugin_manager.has_plugin("example") and "example" in registry.devices
+
+
+def test_engine_hands_max_num_seqs_to_a_compile_that_takes_it() -> None:
+    """``Device.compile`` gained the ``max_batch`` keyword (the engine's ``max_num_seqs``: graph
+    capture sizes its ladder with it); a plugin whose ``compile`` predates it is called without."""
+    from portaserve import LLM
+    from portaserve.plugins.device import compile_executor
+
+    seen: list[tuple[str, object]] = []
+
+    class NewStyle(CPUDevice):
+        name, priority = "cpu-compile-kw", -50
+
+        def compile(self, model, kv_caches, *, max_batch=None):
+            seen.append(("new", max_batch))
+
+    class OldStyle(CPUDevice):
+        name, priority = "cpu-compile-old", -50
+
+        def compile(self, model, kv_caches):  # the contract as it began
+            seen.append(("old", None))
+
+    class Plugin:
+        PORTASERVE_PLUGIN_API = "1.0"
+
+        @portaserve.hookimpl
+        def portaserve_register_devices(self, register) -> None:
+            register(NewStyle)
+            register(OldStyle)
+
+    with manager.get_registry().temporary_plugin(Plugin(), "compile-kw-test"):
+        LLM("random:tiny", device="cpu-compile-kw", max_num_seqs=24)
+        LLM("random:tiny", device="cpu-compile-old", max_num_seqs=24)
+    assert seen == [("new", 24), ("old", None)]
+
+    class AnyKw(CPUDevice):
+        def compile(self, model, kv_caches, **options):
+            return options
+
+    assert compile_executor(AnyKw(), None, [], 7) == {"max_batch": 7}

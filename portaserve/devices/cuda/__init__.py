@@ -182,13 +182,14 @@ class TritonGPUDevice(Device):
     def synchronize(self) -> None:
         torch.cuda.synchronize(self.index)
 
-    def compile(self, model: Any, kv_caches: list[Any]) -> Executor | None:
+    def compile(self, model: Any, kv_caches: list[Any], *, max_batch: int | None = None) -> Executor | None:
         if not self.graph_capture:
             return None
-        from portaserve.devices.cuda.graphs import graph_executor_for
+        from portaserve.devices.cuda.graphs import DEFAULT_MAX_BATCH, graph_executor_for
 
         try:
-            return graph_executor_for(model, kv_caches, self.torch_device)
+            return graph_executor_for(model, kv_caches, self.torch_device,
+                                      max_batch=max_batch or DEFAULT_MAX_BATCH)
         except RuntimeError:  # capture is an optimisation: say why and run op by op
             logger.warning("%s: CUDA graph capture failed; running every step op by op "
                            "(PORTASERVE_CUDA_GRAPHS=0 skips the attempt)", self.describe(),

@@ -3,8 +3,8 @@
 A decode step of a small batch is dominated by launch overhead (a Llama layer is ~10 kernel
 launches; 32 layers of them at batch 1 cost more than the ~15 GB of weights take to stream).
 ``GraphExecutor`` captures ``model.forward`` once per batch size of a ladder
-(1, 2, 4, 8, then steps of 8, 16, 32 up to ``max_batch``, 512 by default, since the Llama-3-8B
-benchmark decodes at batch 512; there the sizes above 256 captured within the memory left
+(1, 2, 4, 8, then steps of 8, 16, 32 up to ``max_batch``: the engine's ``max_num_seqs``, 512
+when it names none; the Llama-3-8B benchmark's graphs up to 512 captured within the memory left
 beside a KV cache sized at 0.9 of free memory), over static input buffers, and
 replays the smallest graph that fits each pure-decode step (every request has one new token),
 padding the batch: padded rows attend to one key of block 0 and write no KV (slot -1, which
@@ -39,6 +39,9 @@ from portaserve.core.batch import DeviceBatch, ScheduledBatch, build_batch
 from portaserve.plugins.device import AttentionMetadata
 
 logger = logging.getLogger(__name__)
+
+#: Graphs up to this batch when the engine names no ``max_batch`` (its ``max_num_seqs``).
+DEFAULT_MAX_BATCH = 512
 
 _TRITON_MODULES = ("portaserve.devices.cuda.kv", "portaserve.devices.cuda.attention")
 
@@ -240,7 +243,7 @@ def graph_executor_for(
     kv_caches: list[Any],
     device: torch.device,
     *,
-    max_batch: int = 512,
+    max_batch: int = DEFAULT_MAX_BATCH,
     eager_replay: bool = False,
 ) -> GraphExecutor | None:
     """A captured ``GraphExecutor`` for ``model``, or None when graphs are off or unsafe."""
