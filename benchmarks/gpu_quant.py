@@ -464,11 +464,17 @@ def bench_model(fmt: str, args: argparse.Namespace, copy_bps: float, deadline: f
 
 
 def apply_variant(spec: str) -> None:
-    """One ``--decode-variant``: space-separated settings, each ``pdl=N`` (``--gemv-pdl-lines``)
-    or ``FMT=BN,BK,WARPS,PPS[,FIELD]`` (``--one-row-config``); ``default`` changes nothing."""
+    """One ``--decode-variant``: space-separated settings, each ``pdl=N`` (``--gemv-pdl-lines``),
+    ``fuse_norm`` (``gemv_triton.FUSE_NORM``: o and down run the norm after them in their
+    launch) or ``FMT=BN,BK,WARPS,PPS[,FIELD]`` (``--one-row-config``); ``default`` changes
+    nothing."""
+    from portaserve.quant import gemv_triton
+
     for item in spec.split():
         if item.startswith("pdl="):
             set_gemv_pdl(int(item[4:]))
+        elif item == "fuse_norm":
+            gemv_triton.FUSE_NORM = True
         elif item != "default":
             set_one_row_config(item)
 
@@ -481,7 +487,8 @@ def time_variants(engine, specs: list[str], context: int, rounds: int = 3) -> di
     from portaserve.core.batch import build_batch
     from portaserve.quant import gemv_triton
 
-    saved = dict(gemv_triton.CONFIGS), gemv_triton.GEMV_PDL, gemv_triton.PDL_PREFETCH_LINES
+    saved = (dict(gemv_triton.CONFIGS), gemv_triton.GEMV_PDL, gemv_triton.PDL_PREFETCH_LINES,
+             gemv_triton.FUSE_NORM)
     recapture = getattr(getattr(engine.runner, "executor", None), "capture", None)  # cuda graphs
     bs = engine.kv_spec.block_size
     batch = build_batch([("variant", [100], context, list(range(1, context // bs + 2)), True)], bs)
@@ -489,7 +496,7 @@ def time_variants(engine, specs: list[str], context: int, rounds: int = 3) -> di
     def use(spec: str | None) -> None:
         gemv_triton.CONFIGS.clear()
         gemv_triton.CONFIGS.update(saved[0])
-        gemv_triton.GEMV_PDL, gemv_triton.PDL_PREFETCH_LINES = saved[1], saved[2]
+        gemv_triton.GEMV_PDL, gemv_triton.PDL_PREFETCH_LINES, gemv_triton.FUSE_NORM = saved[1:]
         if spec is not None:
             apply_variant(spec)
         if recapture is not None:

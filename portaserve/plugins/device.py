@@ -35,6 +35,12 @@ reference behind the device's back), so a fused op is always exactly its parts:
     ``silu_and_mul``, then the same quantization.
 The ``*_fp8`` ops' composition quantizes with the format's own torch definition (not a table
 op). The model calls them only when the fp8 ``quant_linear`` kernel takes quantized activations.
+``linear_rms_norm(x, weight, bias, norm_weight, eps, residual) -> (y, out + residual)``
+    ``linear`` (``quant_linear`` for a ``QuantizedWeight``: the table's kernel for its format),
+    then ``rms_norm`` of the output with the residual: the projection that closes an attention
+    or MLP block and the norm that opens the next. Composed, a quant weight's kernel may run
+    both in one launch: a ``quant_linear`` kernel may carry ``fn.with_rms_norm`` (same
+    arguments as this op, returning the pair, or None for a call it does not fuse).
 """
 
 from __future__ import annotations
@@ -69,6 +75,7 @@ FUSED_OPS: dict[str, tuple[str, ...]] = {
     "rotary_write_kv": ("rotary", "write_kv"),
     "rms_norm_fp8": ("rms_norm",),
     "silu_and_mul_fp8": ("silu_and_mul",),
+    "linear_rms_norm": ("linear", "quant_linear", "rms_norm"),
 }
 
 #: KV layouts the reference ops understand. A device with another layout must implement

@@ -49,15 +49,22 @@ class KernelTable:
     rotary_write_kv: KernelFn = field(init=False, repr=False)
     rms_norm_fp8: KernelFn = field(init=False, repr=False)
     silu_and_mul_fp8: KernelFn = field(init=False, repr=False)
+    linear_rms_norm: KernelFn = field(init=False, repr=False)
     _reference_quant: KernelFn = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         for name in OP_NAMES:
             if name != "quant_linear":
                 object.__setattr__(self, name, self.ops[name])
-        for name in FUSED_OPS:
-            object.__setattr__(self, name, self.ops[name])
         self._reference_quant = self.ops["quant_linear"]
+        # composed fused ops are built here, from this table's ops and quant kernels (so a
+        # table made with ``dataclasses.replace(table, quant_ops=...)`` composes with its own)
+        self.ops = dict(self.ops)
+        composing = {**self.ops, "quant_linear": _QuantDispatch(self.quant_ops, self._reference_quant)}
+        for name in FUSED_OPS:
+            if self.fused_sources.get(name, "composed") == "composed":
+                self.ops[name] = _COMPOSE[name](composing)
+            object.__setattr__(self, name, self.ops[name])
 
     def quant_linear(self, x: Any, weight: Any, bias: Any = None) -> Any:
         """Dispatch on the weight's format; formats without a kernel use reference dequant."""
@@ -111,15 +118,19 @@ def build_kernel_table(
                 fn = functools.partial(fn, kv_layout=kv_layout)
             found = fn, "reference"
         ops[name], sources[name] = found
-    fused_sources: dict[str, str] = {}
-    for name in FUSED_OPS:
-        ops[name], fused_sources[name] = own(name) or (_COMPOSE[name](ops), "composed")
     quant_ops: dict[str, KernelFn] = {}
     quant_sources: dict[str, str] = {}
     for fmt, fn in (native_quant or {}).items():
         quant_ops[fmt], quant_sources[fmt] = fn, "native"
     for fmt, (plugin, fn) in (quant_overrides or {}).items():
         quant_ops[fmt], quant_sources[fmt] = fn, f"plugin:{plugin}"
+    fused_sources: dict[str, str] = {}
+    for name in FUSED_OPS:  # (the table composes those no kernel is found for)
+        found = own(name)
+        if found is not None:
+            ops[name], fused_sources[name] = found
+        else:
+            fused_sources[name] = "composed"
     return KernelTable(device_name, kv_layout, ops, sources, fused_sources, quant_ops,
                        quant_sources)
 
@@ -161,9 +172,43 @@ def _compose_silu_and_mul_fp8(ops: Mapping[str, KernelFn]) -> KernelFn:
     return silu_and_mul_fp8
 
 
-#: fused op -> builds it from the resolved ops it stands for
+def _compose_linear_rms_norm(ops: Mapping[str, KernelFn]) -> KernelFn:
+    from portaserve.quant.base import QuantizedWeight
+
+    linear, quant, rms_norm = ops["linear"], ops["quant_linear"], ops["rms_norm"]
+
+    def linear_rms_norm(x: Any, weight: Any, bias: Any, norm_weight: Any, eps: float,
+                        residual: Any) -> Any:
+        if not isinstance(weight, QuantizedWeight):
+            return rms_norm(linear(x, weight, bias), norm_weight, eps, residual)
+        kernel = quant.kernel_for(weight.format)
+        fused = getattr(kernel, "with_rms_norm", None)  # the format's kernel, norm included
+        if fused is not None:
+            out = fused(x, weight, bias, norm_weight, eps, residual)
+            if out is not None:
+                return out
+        return rms_norm(kernel(x, weight, bias), norm_weight, eps, residual)
+
+    return linear_rms_norm
+
+
+class _QuantDispatch:
+    """``quant_linear`` by the weight's format, as ``KernelTable.quant_linear`` dispatches."""
+
+    def __init__(self, kernels: Mapping[str, KernelFn], fallback: KernelFn) -> None:
+        self.kernels, self.fallback = kernels, fallback
+
+    def kernel_for(self, fmt: str) -> KernelFn:
+        return self.kernels.get(fmt, self.fallback)
+
+    def __call__(self, x: Any, weight: Any, bias: Any = None) -> Any:
+        return self.kernel_for(weight.format)(x, weight, bias)
+
+
+#: fused op -> builds it from the resolved ops it stands for (``quant_linear``: by format)
 _COMPOSE: dict[str, Callable[[Mapping[str, KernelFn]], KernelFn]] = {
     "rotary_write_kv": _compose_rotary_write_kv,
     "rms_norm_fp8": _compose_rms_norm_fp8,
     "silu_and_mul_fp8": _compose_silu_and_mul_fp8,
+    "linear_rms_norm": _compose_linear_rms_norm,
 }

@@ -48,6 +48,16 @@ def _triton_quant_linear(x: Any, weight: Any, bias: Any = None) -> Any:
     return triton_quant_linear(x, weight, bias)
 
 
+def _triton_quant_linear_rms_norm(x: Any, weight: Any, bias: Any, norm_weight: Any, eps: float,
+                                  residual: Any) -> Any:
+    from portaserve.quant.kernels_triton import triton_quant_linear_rms_norm
+
+    return triton_quant_linear_rms_norm(x, weight, bias, norm_weight, eps, residual)
+
+
+_triton_quant_linear.with_rms_norm = _triton_quant_linear_rms_norm  # type: ignore[attr-defined]  # (linear_rms_norm)
+
+
 def _fp8_quant_linear(x: Any, weight: Any, bias: Any = None) -> Any:
     from portaserve.quant.kernels_triton import fp8_quant_linear
 

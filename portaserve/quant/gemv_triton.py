@@ -65,6 +65,7 @@ from __future__ import annotations
 import functools
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import triton
@@ -73,11 +74,13 @@ import triton.language as tl
 from portaserve.devices.cuda.launch import (
     SUM,
     is_interpreted,
+    next_pow2,
     pdl_options,
     prefetch_l2,
     triton_helper,
     triton_kernel,
 )
+from portaserve.devices.cuda.norm import rms_norm_row
 from portaserve.quant.base import QuantizedWeight
 
 try:  # host-side TMA descriptors (Triton 3.4+); older Triton runs without ``GemvConfig.tma``
@@ -361,11 +364,29 @@ def _prefetch_rows(q_ptr, rows, rows_ok, stride_qn, first, span, LINES: tl.const
         prefetch_l2(tl.where(ok, q_ptr + rows[:, None].to(tl.int64) * stride_qn + first + col[None, :], q_ptr))
 
 
+@triton_helper
+def _norm_when_last(out_ptr, nres_ptr, nw_ptr, ny_ptr, nres_out_ptr, lock_ptr, N, stride_om,
+                    stride_nm, eps, M_ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """Called by a GEMV program once its row tile of out is complete: the last of the grid's
+    tiles to complete runs ``rms_norm`` with the residual over every row of out (``NORM``)."""
+    tl.debug_barrier()  # every thread's stores of out are issued before the counter moves
+    count_ptr = lock_ptr + tl.num_programs(0)  # (past the split-K counters of the row tiles)
+    done = tl.atomic_add(count_ptr, 1)  # acq_rel: the other tiles' stores are seen
+    if done == tl.num_programs(0) - 1:
+        for m in tl.static_range(M_ROWS):
+            y = rms_norm_row(out_ptr + m * stride_om, nres_ptr + m * stride_nm, nw_ptr,
+                             nres_out_ptr + m * stride_nm, N, eps, True, BLOCK, True)
+            cols = tl.arange(0, BLOCK)
+            tl.store(ny_ptr + m * stride_nm + cols, y, mask=cols < N)
+        tl.atomic_xchg(count_ptr, 0)  # ready for the next launch
+
+
 @triton_kernel
 def _gemv_kernel(
     x_ptr, x32_ptr, q_ptr, q_desc, s_ptr, z_ptr, k_ptr, h_ptr, xs_ptr, bias_ptr, out_ptr, part_ptr,
-    lock_ptr, N, K, SPLIT_K, stride_xm, stride_qn, stride_sn, stride_kn, stride_hn, stride_xs,
-    stride_om,
+    lock_ptr, nres_ptr, nw_ptr, ny_ptr, nres_out_ptr, N, K, SPLIT_K, stride_xm, stride_qn,
+    stride_sn, stride_kn, stride_hn, stride_xs, stride_om, stride_nm, norm_eps,
+    NORM: tl.constexpr, NORM_BLOCK: tl.constexpr,
     FMT: tl.constexpr, GROUP: tl.constexpr, CODES: tl.constexpr, NB: tl.constexpr,
     WPB: tl.constexpr, M_ROWS: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
@@ -385,7 +406,14 @@ def _gemv_kernel(
 
     ``PDL``: launched with programmatic dependent launch (``launch.pdl``); each program first
     pulls ``PREFETCH_LINES`` 128-byte lines of each of its rows (from its split's first step;
-    ``Q_BYTES`` the size of q's elements) into L2, then waits for the kernel before it."""
+    ``Q_BYTES`` the size of q's elements) into L2, then waits for the kernel before it.
+
+    ``NORM`` (``gemv(..., norm=)``): the ``rms_norm`` after the GEMV with a residual, in the
+    same launch. The program that completes the last row tile (counted at ``lock_ptr[grid
+    width]``, as split K counts a tile's splits) adds ``nres_ptr`` to each row of out, stores
+    that at ``nres_out_ptr`` and the row normalised and scaled by ``nw_ptr`` at ``ny_ptr``
+    (rows ``stride_nm`` apart): ``devices.cuda.norm.rms_norm_row``, the norm kernel's own code,
+    so the result is the two ops' exactly."""
     # One row of x: two FMAs per code become one (a and c applied once per word), as fewer
     # instructions per byte is what bounds a 4-bit GEMV; with more rows, expanding w once wins.
     FOLD: tl.constexpr = M_ROWS == 1 and FMT != 5
@@ -860,6 +888,12 @@ def _gemv_kernel(
                 tl.store(out_ptr + m * stride_om + offs_n, total.to(out_ptr.dtype.element_ty),
                          mask=n_ok)
             tl.atomic_xchg(lock_ptr + pid_n, 0)  # ready for the next launch
+            if NORM:
+                _norm_when_last(out_ptr, nres_ptr, nw_ptr, ny_ptr, nres_out_ptr, lock_ptr, N,
+                                stride_om, stride_nm, norm_eps, M_ROWS, NORM_BLOCK)
+    elif NORM:  # every program completes its tile
+        _norm_when_last(out_ptr, nres_ptr, nw_ptr, ny_ptr, nres_out_ptr, lock_ptr, N, stride_om,
+                        stride_nm, norm_eps, M_ROWS, NORM_BLOCK)
 
 
 @triton_kernel
@@ -1185,16 +1219,23 @@ def _split(x: torch.Tensor, num_tiles: int, num_steps: int, cfg: GemvConfig,
 
 def gemv(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None = None, *,
          x_scale: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
-         config: GemvConfig | None = None, split_k: int | None = None) -> torch.Tensor | None:
+         config: GemvConfig | None = None, split_k: int | None = None,
+         norm: tuple[torch.Tensor, torch.Tensor, float] | None = None) -> Any:
     """``x [M, K] @ dequant(weight).T (+ bias)`` -> [M, N], or None when this weight or M is not
     served (the caller falls back). fp8 weights take fp8 ``x`` with ``x_scale`` ([M] or a
-    scalar) and give ``out_dtype``; ``config`` / ``split_k`` override the tuned choice."""
+    scalar) and give ``out_dtype``; ``config`` / ``split_k`` override the tuned choice.
+
+    ``norm=(residual [M, N], weight [N], eps)``: ``rms_norm(out, weight, eps, residual)`` in the
+    same launch (the FMA kernel's ``NORM``) -> ``(y, out + residual)``; None where the tiles
+    chosen are the tensor-core kernel's, or the norm does not fit (see ``_norm_operands``)."""
     m, k = x.shape
     if not 1 <= m <= MAX_M or weight.format not in FORMAT_IDS or x.stride(1) != 1:
         return None
     cfg, x32 = (config, None) if config is not None else _tuned(weight, x)
     x32_known = config is None  # (the tuned choice has already looked at the packed path)
     if cfg is None:
+        return None
+    if norm is not None and (cfg.dot and weight.format in DOT_FORMATS or not FUSE_NORM):
         return None
     if cfg.dot and weight.format in DOT_FORMATS:
         planned = _dot_plan(weight, x, cfg)
@@ -1214,9 +1255,16 @@ def gemv(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None = N
     if mma:  # a K step is one group
         block_k = group
     num_tiles = triton.cdiv(weight.shape[0], cfg.block_n)
-    split_k, locks = _split(x, num_tiles, k // block_k, cfg, split_k)
     n = weight.shape[0]
     out = torch.empty(m, n, dtype=out_dtype or x.dtype, device=x.device)
+    if norm is not None:
+        fused = _norm_operands(out, norm, num_tiles)
+        if fused is None:
+            return None
+        res, nw, y, res_out, norm_locks = fused
+    split_k, locks = _split(x, num_tiles, k // block_k, cfg, split_k)
+    if norm is not None:
+        locks = norm_locks
     parts = torch.empty(split_k, m, n, dtype=torch.float32, device=x.device) if split_k > 1 else out
     if x_scale is None:
         x_scale = s
@@ -1225,15 +1273,43 @@ def gemv(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None = N
     _gemv_kernel.on(x)[(num_tiles, split_k)](
         x, x32 if x32 is not None else x, words, desc if desc is not None else words, s, z, kb, qh, x_scale,
         bias if bias is not None else out, out, parts, locks if locks is not None else out,
+        *((res, nw, y, res_out) if norm is not None else (out,) * 4),
         n, k, split_k, x.stride(0), words.stride(0), 0 if scalar_scale else s.stride(0),
         kb.stride(0) if kb.dim() else 0, qh.stride(0) if qh.dim() else 0,
         0 if x_scale.dim() == 0 else x_scale.stride(0), out.stride(0),
+        y.stride(0) if norm is not None else 0, float(norm[2]) if norm is not None else 0.0,
+        NORM=norm is not None, NORM_BLOCK=next_pow2(n) if norm is not None else 1,
         FMT=fmt, GROUP=group, CODES=codes, NB=block_k // group, WPB=group // codes, M_ROWS=m,
         HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
         NUM_STAGES=cfg.num_stages, PACKED=x32 is not None, ASM=not is_interpreted(x),
         TMA=desc is not None, MMA=mma, MMA_XSUM=mma and cfg.mma_xsum,
         **_pdl(x, words, prefetch=fmt < 6), num_warps=cfg.num_warps)
-    return out
+    return (y, res_out) if norm is not None else out
+
+
+#: Whether ``gemv(..., norm=)`` fuses (the cuda ``linear_rms_norm`` op); off until timed on a
+#: GPU against the GEMV and the norm kernel apart (``benchmarks/gpu_quant.py --decode-variant``).
+FUSE_NORM = False
+#: The widest row the fused norm takes (one tile of the program, as the norm kernel's).
+_NORM_MAX_N = 16384
+
+
+def _norm_operands(out: torch.Tensor, norm: tuple, num_tiles: int) -> tuple | None:
+    """(residual, weight, y, residual out, counters) for ``gemv(..., norm=)``, or None where the
+    fused norm does not serve: rows wider than ``_NORM_MAX_N``, a residual not [M, N] with
+    contiguous rows in out's dtype, a norm weight not [N], no counters (growing them is not
+    allowed inside a CUDA-graph capture)."""
+    residual, weight, _ = norm
+    m, n = out.shape
+    if (n > _NORM_MAX_N or residual.shape != (m, n) or residual.dtype != out.dtype
+            or residual.stride(1) != 1 or weight.shape != (n,)):
+        return None
+    locks = _locks(out, num_tiles + 1)
+    if locks is None:
+        return None
+    residual = residual if residual.stride(0) == n else residual.contiguous()
+    return residual, weight.contiguous(), torch.empty_like(out), torch.empty_like(out), locks
+
 
 
 def _words_descriptor(words: torch.Tensor, cfg: GemvConfig, block_k: int):

@@ -154,6 +154,18 @@ def triton_quant_linear(x: torch.Tensor, weight: QuantizedWeight,
     return out
 
 
+def triton_quant_linear_rms_norm(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None,
+                                 norm_weight: torch.Tensor, eps: float, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``triton_quant_linear``, then ``rms_norm`` with the residual, in the GEMV's launch (the
+    fused op ``linear_rms_norm``; ``gemv_triton.FUSE_NORM``) -> (y, out + residual); None where
+    the GEMV does not fuse it (more rows than ``MAX_M``, the tensor-core tiles, ...)."""
+    k = weight.shape[1]
+    x2 = x.reshape(-1, k)
+    if x2.shape[0] > gemv_triton.MAX_M or not gemv_triton.FUSE_NORM:
+        return None
+    return gemv_triton.gemv(x2.contiguous(), weight, bias, norm=(residual, norm_weight, eps))
+
+
 #: weight-only formats ``triton_quant_linear`` serves (fp8 has ``fp8_quant_linear``)
 TRITON_FORMATS = (*_FORMAT_IDS, "Q4_K", "Q5_K", "Q6_K")
 

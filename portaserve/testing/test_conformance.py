@@ -183,6 +183,38 @@ def test_silu_and_mul_fp8(portaserve_device, portaserve_kernels, portaserve_dtyp
     assert_fp8_activation_close(out, reference.silu_and_mul(x), portaserve_dtype, "silu_and_mul_fp8")
 
 
+@pytest.mark.parametrize("num_tokens", [1, 5])
+@pytest.mark.parametrize("weight_kind", ["dense", "dense+bias", "int4"])
+def test_linear_rms_norm(portaserve_device, portaserve_kernels, portaserve_dtype, portaserve_gen, num_tokens,
+                         weight_kind):
+    """The fused op (native or composed) equals linear (or weight-only int4 ``quant_linear``),
+    then rms_norm with the residual: the normed rows and the new residual stream."""
+    from portaserve.quant.int_formats import Int4Method
+
+    k, n = 256, 96
+    w = randn(portaserve_gen, n, k, scale=k**-0.5)
+    x = randn(portaserve_gen, num_tokens, k).to(portaserve_dtype)
+    residual = randn(portaserve_gen, num_tokens, n).to(portaserve_dtype)
+    norm_w = (1 + randn(portaserve_gen, n, scale=0.2)).to(portaserve_dtype)
+    bias = randn(portaserve_gen, n).to(portaserve_dtype) if weight_kind == "dense+bias" else None
+    if weight_kind == "int4":
+        weight = Int4Method().quantize(w, group_size=64)
+        out = reference.quant_linear(x, weight, None)
+        weight = weight.to(portaserve_device.torch_device)
+    else:
+        weight = w.to(portaserve_dtype)
+        out = reference.linear(x, weight, bias)
+        weight = on(portaserve_device, weight)
+    want_y, want_res = reference.rms_norm(out, norm_w, 1e-5, residual)
+    got = portaserve_kernels.linear_rms_norm(on(portaserve_device, x), weight,
+                                             None if bias is None else on(portaserve_device, bias),
+                                             on(portaserve_device, norm_w), 1e-5,
+                                             on(portaserve_device, residual))
+    assert isinstance(got, tuple) and len(got) == 2, "linear_rms_norm returns (y, out + residual)"
+    assert_close(got[1], want_res, portaserve_dtype, f"linear_rms_norm residual_out ({weight_kind})")
+    assert_close(got[0], want_y, portaserve_dtype, f"linear_rms_norm y ({weight_kind})")
+
+
 def test_all_reduce_single_rank(portaserve_device, portaserve_kernels, portaserve_dtype, portaserve_gen):
     x = randn(portaserve_gen, 5, 32).to(portaserve_dtype)
     out = portaserve_kernels.all_reduce(on(portaserve_device, x.clone()), None)

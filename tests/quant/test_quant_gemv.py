@@ -251,6 +251,69 @@ def test_int4_one_row_on_the_tensor_cores(fmt: str, group: int, x_scale: float, 
         assert not seen[-1]["MMA"] and rel_err(out, want) <= 4e-3
 
 
+NORM_CASES = [("int4", 1, None, "fma"), ("int4", 3, 3, "fma"), ("Q4_0", 1, 1, "fma"), ("Q8_0", 2, 3, "fma"),
+              ("Q4_K", 1, None, "fma"), ("int8", 1, 2, "fma"), ("int4", 1, None, "packed"),
+              ("int4", 1, 3, "packed"), ("int4", 1, 3, "mma"), ("Q4_0", 1, None, "packed")]
+NORM_CONFIGS = {"fma": SMALL["fma"], "packed": SMALL["fma"], "mma": gemv_triton.GemvConfig(32, 128, num_warps=2, mma=True)}
+
+
+@pytest.mark.parametrize("fmt,m,split_k,path", NORM_CASES, ids=[f"{f}-m{m}-split{s}-{p}" for f, m, s, p in NORM_CASES])
+def test_gemv_with_the_norm_after_equals_the_two_ops(fmt: str, m: int, split_k: int | None, path: str,
+                                                     gen: torch.Generator, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``gemv(..., norm=(residual, weight, eps))``: the GEMV and then ``rms_norm`` with the
+    residual in one launch, the last row tile's program norming every row; bit for bit the
+    GEMV followed by the norm kernel (same reduction order, the norm's own code), with and
+    without split K, at 1-3 rows, on the FMA, packed bf16x2 and MMA paths; twice in a row (the
+    counter resets itself), and a plain split-K GEMV after it still right."""
+    from portaserve.devices.cuda import norm
+
+    monkeypatch.setattr(gemv_triton, "FUSE_NORM", True)
+    n, k = 72, 512  # 72 rows: a partial last tile (16 and 32 rows a tile)
+    weight = packed(fmt, n, k, gen).to(DEVICE)
+    one_row_bf16 = path != "fma"
+    dtype = torch.bfloat16 if one_row_bf16 else (torch.float16 if fmt == "Q8_0" else torch.float32)
+    out_dtype = torch.float32 if one_row_bf16 and DEVICE.type == "cpu" else None
+    res_dtype = out_dtype or dtype
+    x = torch.randn(m, k, generator=gen).to(DEVICE, dtype)
+    residual = torch.randn(m, n, generator=gen).to(DEVICE, res_dtype)
+    nw = (1 + 0.1 * torch.randn(n, generator=gen)).to(DEVICE, res_dtype)
+    cfg = NORM_CONFIGS[path]
+    if path == "mma" and not gemv_triton.mma_supported(x, 128, cfg):
+        pytest.skip("the MMA path does not run here")
+    seen = launches(monkeypatch)
+    for _ in range(2):
+        fused = gemv_triton.gemv(x, weight, config=cfg, split_k=split_k, out_dtype=out_dtype,
+                                 norm=(residual, nw, 1e-5))
+        assert fused is not None, "the GEMV declined the norm"
+        assert seen[-1]["NORM"] and seen[-1]["PACKED"] == one_row_bf16 and seen[-1]["MMA"] == (path == "mma")
+        out = gemv_triton.gemv(x, weight, config=cfg, split_k=split_k, out_dtype=out_dtype)
+        want_y, want_res = norm.rms_norm(out, nw, 1e-5, residual)
+        assert fused[0].dtype == want_y.dtype and fused[0].shape == (m, n)
+        assert torch.equal(fused[1], want_res) and torch.equal(fused[0], want_y)
+    want = reference.quant_linear(x.float(), weight.to("cpu") if DEVICE.type == "cpu" else weight, None)
+    again = gemv_triton.gemv(x, weight, config=cfg, split_k=3, out_dtype=torch.float32)
+    assert rel_err(again, want.to(again.device)) <= (RTOL[torch.float32] if not one_row_bf16 or DEVICE.type == "cpu" else 4e-3)
+
+
+def test_gemv_declines_a_norm_it_does_not_fuse(gen: torch.Generator, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``gemv(..., norm=)`` answers None (the caller runs the two ops) while ``FUSE_NORM`` is
+    off, for the tensor-core kernel's tiles, rows wider than one norm tile, and a residual of
+    another shape or dtype."""
+    weight = packed("int4", 48, 256, gen).to(DEVICE)
+    x = torch.randn(1, 256, generator=gen).to(DEVICE)
+    residual, nw = torch.randn(1, 48).to(DEVICE), torch.ones(48).to(DEVICE)
+    monkeypatch.setattr(gemv_triton, "FUSE_NORM", False)
+    assert gemv_triton.gemv(x, weight, config=SMALL["fma"], norm=(residual, nw, 1e-5)) is None
+    monkeypatch.setattr(gemv_triton, "FUSE_NORM", True)
+    assert gemv_triton.gemv(x, weight, config=SMALL["fma"], norm=(residual, nw, 1e-5)) is not None
+    assert gemv_triton.gemv(x, weight, config=SMALL["dot"], norm=(residual, nw, 1e-5)) is None
+    assert gemv_triton.gemv(x, weight, config=SMALL["fma"], norm=(residual[:, :40], nw, 1e-5)) is None
+    assert gemv_triton.gemv(x, weight, config=SMALL["fma"], norm=(residual.half(), nw, 1e-5)) is None
+    assert gemv_triton.gemv(x, weight, config=SMALL["fma"], norm=(residual, nw[:40], 1e-5)) is None
+    monkeypatch.setattr(gemv_triton, "_NORM_MAX_N", 32)
+    assert gemv_triton.gemv(x, weight, config=SMALL["fma"], norm=(residual, nw, 1e-5)) is None
+
+
 def test_int4_mma_path_checks_the_compiled_kernel_once(monkeypatch: pytest.MonkeyPatch) -> None:
     """On a GPU the MMA path runs only where a first GEMV through it matched the dequantized
     weight (it relies on the lane layout Triton picks); a wrong answer keeps the FMA path."""

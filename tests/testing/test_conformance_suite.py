@@ -109,9 +109,9 @@ def test_suite_fails_for_a_per_tensor_fused_fp8_norm(pytester, monkeypatch):
     assert result.ret == 1
     num_dtypes = len(CPUDevice().capabilities().dtypes)
     # the batched case (6 tokens, rows of different amax) in every dtype; one token is per
-    # tensor and per token alike; rms_norm itself untouched
+    # tensor and per token alike; rms_norm itself untouched, and linear_rms_norm (-k matches it)
     assert outcomes["failed"] == num_dtypes
-    assert outcomes["passed"] == (6 + 1) * num_dtypes  # rms_norm's 6 cases, and the 1-token one
+    assert outcomes["passed"] == (6 + 1 + 6) * num_dtypes  # rms_norm's 6, the 1-token one, linear_rms_norm's 6
     result.stdout.fnmatch_lines(["*rms_norm_fp8(residual) scales*"])
 
 

@@ -166,15 +166,15 @@ class LlamaForCausalLM:
         q_size = self.num_heads * self.head_dim
         kv_size = self.num_kv_heads * self.head_dim
         hidden = self._embed(input_ids)  # [T, H]
-        residual = None
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            fp8_qkv, fp8_gate_up, fp8_down = layer.fp8_inputs
-            norm = k.rms_norm_fp8 if fp8_qkv else k.rms_norm
-            if residual is None:
-                residual = hidden
-                x = norm(hidden, layer.input_norm, self.eps)
-            else:
-                x, residual = norm(hidden, layer.input_norm, self.eps, residual)
+        if not self.layers:
+            return k.rms_norm(hidden, self.norm, self.eps)
+        # x: the normed input of the next block, residual: the stream; each block's closing
+        # projection and the next norm go through ``_project_norm`` (one fused op where it can)
+        residual = hidden
+        x = (k.rms_norm_fp8 if self.layers[0].fp8_inputs[0] else k.rms_norm)(
+            hidden, self.layers[0].input_norm, self.eps)
+        for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
+            _, fp8_gate_up, fp8_down = layer.fp8_inputs
             qkv = self._linear(x, layer.qkv)  # [T, (Hq + 2 Hk) D]
             q = qkv[:, :q_size].view(num_tokens, self.num_heads, self.head_dim)
             key = qkv[:, q_size : q_size + kv_size].view(num_tokens, self.num_kv_heads,
@@ -187,13 +187,26 @@ class LlamaForCausalLM:
             q = k.rotary_write_kv(positions, q, key, value, self.cos_sin_cache, kv_cache,
                                   attn.slot_mapping)
             out = k.paged_attention(q, kv_cache, attn, self.scale)  # [T, Hq, D]
-            hidden = self._linear(out.reshape(num_tokens, q_size), layer.o)  # [T, H]
-            norm = k.rms_norm_fp8 if fp8_gate_up else k.rms_norm
-            x, residual = norm(hidden, layer.post_norm, self.eps, residual)
+            x, residual = self._project_norm(out.reshape(num_tokens, q_size), layer.o,
+                                             layer.post_norm, residual, fp8_gate_up)
             act = k.silu_and_mul_fp8 if fp8_down else k.silu_and_mul
-            hidden = self._linear(act(self._linear(x, layer.gate_up)), layer.down)
-        out, _ = k.rms_norm(hidden, self.norm, self.eps, residual)
-        return out
+            nxt = self.layers[i + 1] if i + 1 < len(self.layers) else None
+            x, residual = self._project_norm(
+                act(self._linear(x, layer.gate_up)), layer.down,
+                self.norm if nxt is None else nxt.input_norm, residual,
+                nxt is not None and nxt.fp8_inputs[0])
+        return x
+
+    def _project_norm(self, x: torch.Tensor, proj: Proj, norm_weight: torch.Tensor,
+                      residual: torch.Tensor, fp8_out: bool) -> tuple[Any, torch.Tensor]:
+        """``proj(x)``, then ``rms_norm`` with the residual -> (normed, new residual): the fused
+        op ``linear_rms_norm`` for one projection; ``rms_norm_fp8`` after it when the next
+        linear takes fp8 activations."""
+        if len(proj) == 1 and not fp8_out:
+            weight, bias = proj[0]
+            return self.kernels.linear_rms_norm(x, weight, bias, norm_weight, self.eps, residual)
+        norm = self.kernels.rms_norm_fp8 if fp8_out else self.kernels.rms_norm
+        return norm(self._linear(x, proj), norm_weight, self.eps, residual)
 
     __call__ = forward
 

@@ -20,6 +20,7 @@ from portaserve.devices.cuda.launch import (
     fp8_codes_dtype,
     next_pow2,
     pdl_options,
+    triton_helper,
     triton_kernel,
 )
 from portaserve.errors import DeviceError
@@ -27,6 +28,30 @@ from portaserve.quant.base import QuantizedActivation
 from portaserve.quant.fp8 import FP8_DTYPE
 
 _MAX_HIDDEN = 65536
+
+
+@triton_helper
+def rms_norm_row(x_ptr, res_ptr, w_ptr, res_out_ptr, hidden, eps, HAS_RESIDUAL: tl.constexpr,
+                 BLOCK: tl.constexpr, UNCACHED: tl.constexpr):
+    """One row of ``hidden`` (<= ``BLOCK``) values: with ``HAS_RESIDUAL``, ``x + residual``
+    rounded to x's dtype and stored at ``res_out_ptr``; returns it normalised and scaled by the
+    weight, rounded to x's dtype ([BLOCK], zeros past ``hidden``). ``UNCACHED``: x is read past
+    L1 (``.cg``), for x that other programs of the same kernel just wrote (a GEMV's epilogue,
+    ``quant.gemv_triton``)."""
+    cols = tl.arange(0, BLOCK)
+    mask = cols < hidden
+    if UNCACHED:
+        x = tl.load(x_ptr + cols, mask=mask, other=0.0, cache_modifier=".cg")
+    else:
+        x = tl.load(x_ptr + cols, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(res_ptr + cols, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
+        tl.store(res_out_ptr + cols, x, mask=mask)
+    xf = x.to(tl.float32)
+    inv = 1.0 / tl.sqrt(tl.reduce(xf * xf, 0, SUM) / hidden + eps)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    return (xf * inv * w).to(x_ptr.dtype.element_ty)
 
 
 @triton_kernel
@@ -47,15 +72,8 @@ def _rms_norm_kernel(
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden
-    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
-    if HAS_RESIDUAL:
-        r = tl.load(res_ptr + row * stride_res + cols, mask=mask, other=0.0)
-        x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
-        tl.store(res_out_ptr + row * stride_res_out + cols, x, mask=mask)
-    xf = x.to(tl.float32)
-    inv = 1.0 / tl.sqrt(tl.reduce(xf * xf, 0, SUM) / hidden + eps)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    y = (xf * inv * w).to(x_ptr.dtype.element_ty)
+    y = rms_norm_row(x_ptr + row * stride_x, res_ptr + row * stride_res, w_ptr,
+                     res_out_ptr + row * stride_res_out, hidden, eps, HAS_RESIDUAL, BLOCK, False)
     if FP8_OUT:
         yf = y.to(tl.float32)
         scale = tl.reduce(tl.where(mask, tl.abs(yf), 0.0), 0, MAX) * (1.0 / 448.0)
