@@ -466,7 +466,7 @@ def bench_model(fmt: str, args: argparse.Namespace, copy_bps: float, deadline: f
 def apply_variant(spec: str) -> None:
     """One ``--decode-variant``: space-separated settings, each ``pdl=N`` (``--gemv-pdl-lines``),
     ``fuse_norm`` (``gemv_triton.FUSE_NORM``: o and down run the norm after them in their
-    launch) or ``FMT=BN,BK,WARPS,PPS[,FIELD]`` (``--one-row-config``); ``default`` changes
+    launch), ``fuse_silu`` (``FUSE_SILU``: gate|up runs silu_and_mul in its launch) or ``FMT=BN,BK,WARPS,PPS[,FIELD]`` (``--one-row-config``); ``default`` changes
     nothing."""
     from portaserve.quant import gemv_triton
 
@@ -475,6 +475,8 @@ def apply_variant(spec: str) -> None:
             set_gemv_pdl(int(item[4:]))
         elif item == "fuse_norm":
             gemv_triton.FUSE_NORM = True
+        elif item == "fuse_silu":
+            gemv_triton.FUSE_SILU = True
         elif item != "default":
             set_one_row_config(item)
 
@@ -488,7 +490,7 @@ def time_variants(engine, specs: list[str], context: int, rounds: int = 3) -> di
     from portaserve.quant import gemv_triton
 
     saved = (dict(gemv_triton.CONFIGS), gemv_triton.GEMV_PDL, gemv_triton.PDL_PREFETCH_LINES,
-             gemv_triton.FUSE_NORM)
+             gemv_triton.FUSE_NORM, gemv_triton.FUSE_SILU)
     recapture = getattr(getattr(engine.runner, "executor", None), "capture", None)  # cuda graphs
     bs = engine.kv_spec.block_size
     batch = build_batch([("variant", [100], context, list(range(1, context // bs + 2)), True)], bs)
@@ -496,7 +498,8 @@ def time_variants(engine, specs: list[str], context: int, rounds: int = 3) -> di
     def use(spec: str | None) -> None:
         gemv_triton.CONFIGS.clear()
         gemv_triton.CONFIGS.update(saved[0])
-        gemv_triton.GEMV_PDL, gemv_triton.PDL_PREFETCH_LINES, gemv_triton.FUSE_NORM = saved[1:]
+        (gemv_triton.GEMV_PDL, gemv_triton.PDL_PREFETCH_LINES, gemv_triton.FUSE_NORM,
+         gemv_triton.FUSE_SILU) = saved[1:]
         if spec is not None:
             apply_variant(spec)
         if recapture is not None:
@@ -606,7 +609,7 @@ def main() -> None:
     p.add_argument("--decode-variant", action="append", default=[], metavar="SETTINGS",
                    help="model mode, repeatable: after the batch-1 decode, time the device step again "
                         "under each of these (space-separated 'pdl=N' and 'FMT=BN,BK,WARPS,PPS[,FIELD]' "
-                        "items, or 'default'), taking turns, the decode graph re-captured for each")
+                        "items, 'fuse_norm', 'fuse_silu', or 'default'), taking turns, the decode graph re-captured for each")
     p.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU (checks the script)")
     p.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "gpu_quant.json"))
     args = p.parse_args()

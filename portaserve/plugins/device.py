@@ -41,6 +41,9 @@ op). The model calls them only when the fp8 ``quant_linear`` kernel takes quanti
     or MLP block and the norm that opens the next. Composed, a quant weight's kernel may run
     both in one launch: a ``quant_linear`` kernel may carry ``fn.with_rms_norm`` (same
     arguments as this op, returning the pair, or None for a call it does not fuse).
+``linear_silu_and_mul(x, weight, bias) -> [T, I]``
+    ``linear`` / ``quant_linear`` of the gate|up weight [2I, K], then ``silu_and_mul``; a quant
+    kernel may carry ``fn.with_silu_and_mul`` (same arguments; None: not fused).
 """
 
 from __future__ import annotations
@@ -76,6 +79,7 @@ FUSED_OPS: dict[str, tuple[str, ...]] = {
     "rms_norm_fp8": ("rms_norm",),
     "silu_and_mul_fp8": ("silu_and_mul",),
     "linear_rms_norm": ("linear", "quant_linear", "rms_norm"),
+    "linear_silu_and_mul": ("linear", "quant_linear", "silu_and_mul"),
 }
 
 #: KV layouts the reference ops understand. A device with another layout must implement

@@ -50,6 +50,7 @@ class KernelTable:
     rms_norm_fp8: KernelFn = field(init=False, repr=False)
     silu_and_mul_fp8: KernelFn = field(init=False, repr=False)
     linear_rms_norm: KernelFn = field(init=False, repr=False)
+    linear_silu_and_mul: KernelFn = field(init=False, repr=False)
     _reference_quant: KernelFn = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -192,6 +193,25 @@ def _compose_linear_rms_norm(ops: Mapping[str, KernelFn]) -> KernelFn:
     return linear_rms_norm
 
 
+def _compose_linear_silu_and_mul(ops: Mapping[str, KernelFn]) -> KernelFn:
+    from portaserve.quant.base import QuantizedWeight
+
+    linear, quant, silu_and_mul = ops["linear"], ops["quant_linear"], ops["silu_and_mul"]
+
+    def linear_silu_and_mul(x: Any, weight: Any, bias: Any = None) -> Any:
+        if not isinstance(weight, QuantizedWeight):
+            return silu_and_mul(linear(x, weight, bias))
+        kernel = quant.kernel_for(weight.format)
+        fused = getattr(kernel, "with_silu_and_mul", None)  # the format's kernel, silu included
+        if fused is not None:
+            out = fused(x, weight, bias)
+            if out is not None:
+                return out
+        return silu_and_mul(kernel(x, weight, bias))
+
+    return linear_silu_and_mul
+
+
 class _QuantDispatch:
     """``quant_linear`` by the weight's format, as ``KernelTable.quant_linear`` dispatches."""
 
@@ -211,4 +231,5 @@ _COMPOSE: dict[str, Callable[[Mapping[str, KernelFn]], KernelFn]] = {
     "rms_norm_fp8": _compose_rms_norm_fp8,
     "silu_and_mul_fp8": _compose_silu_and_mul_fp8,
     "linear_rms_norm": _compose_linear_rms_norm,
+    "linear_silu_and_mul": _compose_linear_silu_and_mul,
 }

@@ -55,7 +55,14 @@ def _triton_quant_linear_rms_norm(x: Any, weight: Any, bias: Any, norm_weight: A
     return triton_quant_linear_rms_norm(x, weight, bias, norm_weight, eps, residual)
 
 
+def _triton_quant_linear_silu_and_mul(x: Any, weight: Any, bias: Any = None) -> Any:
+    from portaserve.quant.kernels_triton import triton_quant_linear_silu_and_mul
+
+    return triton_quant_linear_silu_and_mul(x, weight, bias)
+
+
 _triton_quant_linear.with_rms_norm = _triton_quant_linear_rms_norm  # type: ignore[attr-defined]  # (linear_rms_norm)
+_triton_quant_linear.with_silu_and_mul = _triton_quant_linear_silu_and_mul  # type: ignore[attr-defined]
 
 
 def _fp8_quant_linear(x: Any, weight: Any, bias: Any = None) -> Any:

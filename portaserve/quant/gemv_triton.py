@@ -71,6 +71,7 @@ import torch
 import triton
 import triton.language as tl
 
+from portaserve.devices.cuda.activation import silu_mul
 from portaserve.devices.cuda.launch import (
     SUM,
     is_interpreted,
@@ -365,6 +366,33 @@ def _prefetch_rows(q_ptr, rows, rows_ok, stride_qn, first, span, LINES: tl.const
 
 
 @triton_helper
+def _tile_rows(pid_n, local, N, BLOCK_N: tl.constexpr, ACT: tl.constexpr):
+    """(weight rows, whether each exists) of program ``pid_n``'s tile positions ``local``:
+    ``BLOCK_N`` consecutive rows; with ``ACT`` (gate|up, N = 2 I) positions below ``BLOCK_N /
+    2`` are gate rows and the rest the same rows of the up half."""
+    if ACT:
+        HALF: tl.constexpr = BLOCK_N // 2
+        j = pid_n * HALF + local % HALF
+        return j + (local >= HALF).to(tl.int32) * (N // 2), j < N // 2
+    else:
+        rows = pid_n * BLOCK_N + local
+        return rows, rows < N
+
+
+@triton_helper
+def _store_silu_mul(out_row_ptr, total, pid_n, N, BLOCK_N: tl.constexpr):
+    """``ACT``: a tile's sums [BLOCK_N] (gate rows, then up rows) -> ``silu(gate) * up`` at
+    columns ``pid_n * BLOCK_N / 2 ..`` of the output row, each sum first rounded to out's
+    dtype (what the GEMV alone would store and the silu kernel read)."""
+    HALF: tl.constexpr = BLOCK_N // 2
+    gate, up = tl.split(tl.permute(tl.reshape(total, (2, HALF)), (1, 0)))
+    dt = out_row_ptr.dtype.element_ty
+    y = silu_mul(gate.to(dt).to(tl.float32), up.to(dt).to(tl.float32))
+    cols = pid_n * HALF + tl.arange(0, HALF)
+    tl.store(out_row_ptr + cols, y.to(dt), mask=cols < N // 2)
+
+
+@triton_helper
 def _norm_when_last(out_ptr, nres_ptr, nw_ptr, ny_ptr, nres_out_ptr, lock_ptr, N, stride_om,
                     stride_nm, eps, M_ROWS: tl.constexpr, BLOCK: tl.constexpr):
     """Called by a GEMV program once its row tile of out is complete: the last of the grid's
@@ -386,7 +414,7 @@ def _gemv_kernel(
     x_ptr, x32_ptr, q_ptr, q_desc, s_ptr, z_ptr, k_ptr, h_ptr, xs_ptr, bias_ptr, out_ptr, part_ptr,
     lock_ptr, nres_ptr, nw_ptr, ny_ptr, nres_out_ptr, N, K, SPLIT_K, stride_xm, stride_qn,
     stride_sn, stride_kn, stride_hn, stride_xs, stride_om, stride_nm, norm_eps,
-    NORM: tl.constexpr, NORM_BLOCK: tl.constexpr,
+    NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, ACT: tl.constexpr,
     FMT: tl.constexpr, GROUP: tl.constexpr, CODES: tl.constexpr, NB: tl.constexpr,
     WPB: tl.constexpr, M_ROWS: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
@@ -413,17 +441,21 @@ def _gemv_kernel(
     width]``, as split K counts a tile's splits) adds ``nres_ptr`` to each row of out, stores
     that at ``nres_out_ptr`` and the row normalised and scaled by ``nw_ptr`` at ``ny_ptr``
     (rows ``stride_nm`` apart): ``devices.cuda.norm.rms_norm_row``, the norm kernel's own code,
-    so the result is the two ops' exactly."""
+    so the result is the two ops' exactly.
+
+    ``ACT`` (``gemv(..., silu_and_mul=True)``): the weight is gate|up ([2 I, K]) and out [M, I]
+    is ``silu_and_mul`` of the product: a program's tile is ``BLOCK_N / 2`` rows of the gate
+    half and the same rows of the up half (``_tile_rows``), each rounded to out's dtype as the
+    GEMV would store it, then ``activation.silu_mul`` (the silu kernel's code)."""
     # One row of x: two FMAs per code become one (a and c applied once per word), as fewer
     # instructions per byte is what bounds a 4-bit GEMV; with more rows, expanding w once wins.
     FOLD: tl.constexpr = M_ROWS == 1 and FMT != 5
     KQ: tl.constexpr = FMT >= 6  # Q4_K, Q5_K, Q6_K: super-blocks of 256 columns
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < N
+    offs_n, n_ok = _tile_rows(pid_n, tl.arange(0, BLOCK_N), N, BLOCK_N, ACT)
     rows = offs_n[:, None, None]  # [BN, 1, 1]
-    row_ok = rows < N
+    row_ok = n_ok[:, None, None]
     blk = tl.arange(0, NB)[None, :, None]  # [1, NB, 1] block of the K step
     wrd = tl.arange(0, WPB)[None, None, :]  # [1, 1, WPB] word of the block
     num_steps = K // BLOCK_K
@@ -451,21 +483,21 @@ def _gemv_kernel(
         RT: tl.constexpr = BLOCK_N // 16
         V: tl.constexpr = GROUP // 32
         t4 = tl.arange(0, 4)[:, None, None, None]
-        row_lo = (pid_n * BLOCK_N + tl.arange(0, 8)[None, :, None, None]
-                  + 16 * tl.arange(0, RT)[None, None, :, None])  # [1, 8, RT, 1]
+        # (with ACT a half tile is whole 16-row tiles, so row g + 8 is row g's next-but-7 too)
+        lo_local = tl.arange(0, 8)[None, :, None, None] + 16 * tl.arange(0, RT)[None, None, :, None]
+        row_lo, lo_ok = _tile_rows(pid_n, lo_local, N, BLOCK_N, ACT)  # [1, 8, RT, 1]
+        hi_ok = _tile_rows(pid_n, lo_local + 8, N, BLOCK_N, ACT)[1]
         wcol = t4 * V + tl.arange(0, V)[None, None, None, :]  # [4, 1, 1, V] word of a step
         lo_ptrs = q_ptr + row_lo * stride_qn + wcol
         hi_ptrs = lo_ptrs + 8 * stride_qn
-        lo_ok = row_lo < N
-        hi_ok = row_lo + 8 < N
         x_ptrs = x32_ptr + wcol * 4  # x's columns 8 c .. 8 c + 7 of word c: 16 bytes
         # a scale and a zero per row and step, read by the four lanes t: [4, 8, RT]
-        srow = (pid_n * BLOCK_N + tl.arange(0, 8)[None, :, None] + 16 * tl.arange(0, RT)[None, None, :]
-                + 0 * tl.arange(0, 4)[:, None, None])
+        s_local = (tl.arange(0, 8)[None, :, None] + 16 * tl.arange(0, RT)[None, None, :]
+                   + 0 * tl.arange(0, 4)[:, None, None])
+        srow, s_lo_ok = _tile_rows(pid_n, s_local, N, BLOCK_N, ACT)
+        s_hi_ok = _tile_rows(pid_n, s_local + 8, N, BLOCK_N, ACT)[1]
         s_lo_ptrs = s_ptr + srow * stride_sn
         z_lo_ptrs = z_ptr + srow * stride_sn
-        s_lo_ok = srow < N
-        s_hi_ok = srow + 8 < N
         step_n = tl.minimum(step_begin, num_steps - 1)  # (a split past the end: unused)
         k_n = step_n * BLOCK_K
         wlo_n = tl.load(lo_ptrs + k_n // 8, mask=lo_ok, other=0)
@@ -870,8 +902,11 @@ def _gemv_kernel(
         if SPLIT_K == 1:
             if HAS_BIAS:
                 total += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-            tl.store(out_ptr + m * stride_om + offs_n, total.to(out_ptr.dtype.element_ty),
-                     mask=n_ok)
+            if ACT:
+                _store_silu_mul(out_ptr + m * stride_om, total, pid_n, N, BLOCK_N)
+            else:
+                tl.store(out_ptr + m * stride_om + offs_n, total.to(out_ptr.dtype.element_ty),
+                         mask=n_ok)
         else:
             tl.store(part_ptr + (pid_k * M_ROWS + m) * N + offs_n, total, mask=n_ok)
     if SPLIT_K > 1:
@@ -885,8 +920,11 @@ def _gemv_kernel(
                                      other=0.0, cache_modifier=".cg")
                 if HAS_BIAS:
                     total += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-                tl.store(out_ptr + m * stride_om + offs_n, total.to(out_ptr.dtype.element_ty),
-                         mask=n_ok)
+                if ACT:
+                    _store_silu_mul(out_ptr + m * stride_om, total, pid_n, N, BLOCK_N)
+                else:
+                    tl.store(out_ptr + m * stride_om + offs_n, total.to(out_ptr.dtype.element_ty),
+                             mask=n_ok)
             tl.atomic_xchg(lock_ptr + pid_n, 0)  # ready for the next launch
             if NORM:
                 _norm_when_last(out_ptr, nres_ptr, nw_ptr, ny_ptr, nres_out_ptr, lock_ptr, N,
@@ -1220,14 +1258,18 @@ def _split(x: torch.Tensor, num_tiles: int, num_steps: int, cfg: GemvConfig,
 def gemv(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None = None, *,
          x_scale: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
          config: GemvConfig | None = None, split_k: int | None = None,
-         norm: tuple[torch.Tensor, torch.Tensor, float] | None = None) -> Any:
+         norm: tuple[torch.Tensor, torch.Tensor, float] | None = None,
+         silu_and_mul: bool = False) -> Any:
     """``x [M, K] @ dequant(weight).T (+ bias)`` -> [M, N], or None when this weight or M is not
     served (the caller falls back). fp8 weights take fp8 ``x`` with ``x_scale`` ([M] or a
     scalar) and give ``out_dtype``; ``config`` / ``split_k`` override the tuned choice.
 
     ``norm=(residual [M, N], weight [N], eps)``: ``rms_norm(out, weight, eps, residual)`` in the
     same launch (the FMA kernel's ``NORM``) -> ``(y, out + residual)``; None where the tiles
-    chosen are the tensor-core kernel's, or the norm does not fit (see ``_norm_operands``)."""
+    chosen are the tensor-core kernel's, or the norm does not fit (see ``_norm_operands``).
+    ``silu_and_mul``: ``weight`` is gate|up [2 I, K] and the answer ``silu_and_mul`` of the
+    product, [M, I] (the FMA kernel's ``ACT``); None for the tensor-core tiles, TMA, an odd N,
+    or MMA tiles whose halves are not whole 16-row tiles."""
     m, k = x.shape
     if not 1 <= m <= MAX_M or weight.format not in FORMAT_IDS or x.stride(1) != 1:
         return None
@@ -1236,6 +1278,9 @@ def gemv(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None = N
     if cfg is None:
         return None
     if norm is not None and (cfg.dot and weight.format in DOT_FORMATS or not FUSE_NORM):
+        return None
+    if silu_and_mul and (cfg.dot and weight.format in DOT_FORMATS or not FUSE_SILU or cfg.tma
+                         or weight.shape[0] % 2 or norm is not None):
         return None
     if cfg.dot and weight.format in DOT_FORMATS:
         planned = _dot_plan(weight, x, cfg)
@@ -1254,9 +1299,12 @@ def gemv(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None = N
            and cfg.block_n % 16 == 0 and cfg.block_n // 16 >= cfg.num_warps and mma_supported(x, group, cfg))
     if mma:  # a K step is one group
         block_k = group
-    num_tiles = triton.cdiv(weight.shape[0], cfg.block_n)
     n = weight.shape[0]
-    out = torch.empty(m, n, dtype=out_dtype or x.dtype, device=x.device)
+    if silu_and_mul and (cfg.block_n % 2 or (mma and cfg.block_n % 32)):
+        return None
+    # (ACT: a tile is half gate rows, half up rows, and writes half as many outputs)
+    num_tiles = triton.cdiv(n // 2, cfg.block_n // 2) if silu_and_mul else triton.cdiv(n, cfg.block_n)
+    out = torch.empty(m, n // 2 if silu_and_mul else n, dtype=out_dtype or x.dtype, device=x.device)
     if norm is not None:
         fused = _norm_operands(out, norm, num_tiles)
         if fused is None:
@@ -1278,7 +1326,7 @@ def gemv(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None = N
         kb.stride(0) if kb.dim() else 0, qh.stride(0) if qh.dim() else 0,
         0 if x_scale.dim() == 0 else x_scale.stride(0), out.stride(0),
         y.stride(0) if norm is not None else 0, float(norm[2]) if norm is not None else 0.0,
-        NORM=norm is not None, NORM_BLOCK=next_pow2(n) if norm is not None else 1,
+        NORM=norm is not None, NORM_BLOCK=next_pow2(n) if norm is not None else 1, ACT=silu_and_mul,
         FMT=fmt, GROUP=group, CODES=codes, NB=block_k // group, WPB=group // codes, M_ROWS=m,
         HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
         NUM_STAGES=cfg.num_stages, PACKED=x32 is not None, ASM=not is_interpreted(x),
@@ -1290,6 +1338,8 @@ def gemv(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None = N
 #: Whether ``gemv(..., norm=)`` fuses (the cuda ``linear_rms_norm`` op); off until timed on a
 #: GPU against the GEMV and the norm kernel apart (``benchmarks/gpu_quant.py --decode-variant``).
 FUSE_NORM = False
+#: Whether ``gemv(..., silu_and_mul=True)`` fuses (``linear_silu_and_mul``); off until timed.
+FUSE_SILU = False
 #: The widest row the fused norm takes (one tile of the program, as the norm kernel's).
 _NORM_MAX_N = 16384
 

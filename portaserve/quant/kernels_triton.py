@@ -166,6 +166,18 @@ def triton_quant_linear_rms_norm(x: torch.Tensor, weight: QuantizedWeight, bias:
     return gemv_triton.gemv(x2.contiguous(), weight, bias, norm=(residual, norm_weight, eps))
 
 
+def triton_quant_linear_silu_and_mul(x: torch.Tensor, weight: QuantizedWeight,
+                                     bias: torch.Tensor | None = None) -> torch.Tensor | None:
+    """``triton_quant_linear`` of a gate|up weight, then ``silu_and_mul``, in the GEMV's launch
+    (the fused op ``linear_silu_and_mul``; ``gemv_triton.FUSE_SILU``) -> [M, I]; None where
+    the GEMV does not fuse it."""
+    k = weight.shape[1]
+    x2 = x.reshape(-1, k)
+    if x2.shape[0] > gemv_triton.MAX_M or not gemv_triton.FUSE_SILU:
+        return None
+    return gemv_triton.gemv(x2.contiguous(), weight, bias, silu_and_mul=True)
+
+
 #: weight-only formats ``triton_quant_linear`` serves (fp8 has ``fp8_quant_linear``)
 TRITON_FORMATS = (*_FORMAT_IDS, "Q4_K", "Q5_K", "Q6_K")
 

@@ -215,6 +215,31 @@ def test_linear_rms_norm(portaserve_device, portaserve_kernels, portaserve_dtype
     assert_close(got[0], want_y, portaserve_dtype, f"linear_rms_norm y ({weight_kind})")
 
 
+@pytest.mark.parametrize("num_tokens", [1, 5])
+@pytest.mark.parametrize("weight_kind", ["dense", "dense+bias", "int4"])
+def test_linear_silu_and_mul(portaserve_device, portaserve_kernels, portaserve_dtype, portaserve_gen, num_tokens,
+                             weight_kind):
+    """The fused op (native or composed) equals linear (or weight-only int4 ``quant_linear``)
+    of the gate|up weight, then silu_and_mul."""
+    from portaserve.quant.int_formats import Int4Method
+
+    k, inter = 256, 48
+    w = randn(portaserve_gen, 2 * inter, k, scale=k**-0.5)
+    x = randn(portaserve_gen, num_tokens, k).to(portaserve_dtype)
+    bias = randn(portaserve_gen, 2 * inter).to(portaserve_dtype) if weight_kind == "dense+bias" else None
+    if weight_kind == "int4":
+        weight = Int4Method().quantize(w, group_size=64)
+        out = reference.quant_linear(x, weight, None)
+        weight = weight.to(portaserve_device.torch_device)
+    else:
+        weight = w.to(portaserve_dtype)
+        out = reference.linear(x, weight, bias)
+        weight = on(portaserve_device, weight)
+    got = portaserve_kernels.linear_silu_and_mul(on(portaserve_device, x), weight,
+                                                 None if bias is None else on(portaserve_device, bias))
+    assert_close(got, reference.silu_and_mul(out), portaserve_dtype, f"linear_silu_and_mul ({weight_kind})")
+
+
 def test_all_reduce_single_rank(portaserve_device, portaserve_kernels, portaserve_dtype, portaserve_gen):
     x = randn(portaserve_gen, 5, 32).to(portaserve_dtype)
     out = portaserve_kernels.all_reduce(on(portaserve_device, x.clone()), None)

@@ -295,6 +295,48 @@ def test_gemv_with_the_norm_after_equals_the_two_ops(fmt: str, m: int, split_k: 
     assert rel_err(again, want.to(again.device)) <= (RTOL[torch.float32] if not one_row_bf16 or DEVICE.type == "cpu" else 4e-3)
 
 
+SILU_CASES = [("int4", 1, None, "fma"), ("int4", 2, 3, "fma"), ("Q4_0", 1, 3, "fma"), ("Q8_0", 1, None, "fma"),
+              ("Q6_K", 1, 2, "fma"), ("int8", 3, None, "fma"), ("int4", 1, None, "packed"),
+              ("int4", 1, 3, "packed"), ("int4", 1, 3, "mma"), ("int4", 1, None, "mma")]
+
+
+@pytest.mark.parametrize("fmt,m,split_k,path", SILU_CASES, ids=[f"{f}-m{m}-split{s}-{p}" for f, m, s, p in SILU_CASES])
+def test_gemv_with_silu_and_mul_equals_the_two_ops(fmt: str, m: int, split_k: int | None, path: str,
+                                                   gen: torch.Generator, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``gemv(..., silu_and_mul=True)`` over a gate|up weight: each tile takes half its rows
+    from the gate half and the same rows of the up half, and stores ``silu(gate) * up``; bit
+    for bit the GEMV followed by the silu kernel, with and without split K, on the FMA,
+    packed and MMA paths, with a partial last tile (I = 40)."""
+    from portaserve.devices.cuda.activation import silu_and_mul
+
+    monkeypatch.setattr(gemv_triton, "FUSE_SILU", True)
+    inter, k = 40, 512
+    weight = packed(fmt, 2 * inter, k, gen).to(DEVICE)
+    one_row_bf16 = path != "fma"
+    dtype = torch.bfloat16 if one_row_bf16 else (torch.float16 if fmt == "Q8_0" else torch.float32)
+    out_dtype = torch.float32 if one_row_bf16 and DEVICE.type == "cpu" else None
+    x = torch.randn(m, k, generator=gen).to(DEVICE, dtype)
+    cfg = NORM_CONFIGS[path]
+    seen = launches(monkeypatch)
+    fused = gemv_triton.gemv(x, weight, config=cfg, split_k=split_k, out_dtype=out_dtype, silu_and_mul=True)
+    assert fused is not None, "the GEMV declined silu_and_mul"
+    assert seen[-1]["ACT"] and seen[-1]["MMA"] == (path == "mma") and seen[-1]["PACKED"] == one_row_bf16
+    out = gemv_triton.gemv(x, weight, config=cfg, split_k=split_k, out_dtype=out_dtype)
+    want = silu_and_mul(out)
+    assert fused.shape == (m, inter) and fused.dtype == want.dtype
+    assert torch.equal(fused, want)
+    assert rel_err(fused.float(), reference.silu_and_mul(out.float())) <= RTOL[torch.float32] * 10
+    # declined: the flag off, the tensor-core tiles, MMA halves of 8 rows
+    monkeypatch.setattr(gemv_triton, "FUSE_SILU", False)
+    assert gemv_triton.gemv(x, weight, config=cfg, silu_and_mul=True) is None
+    monkeypatch.setattr(gemv_triton, "FUSE_SILU", True)
+    if fmt in gemv_triton.DOT_FORMATS:
+        assert gemv_triton.gemv(x, weight, config=SMALL["dot"], silu_and_mul=True) is None
+    if path == "mma":
+        small = gemv_triton.GemvConfig(16, 128, num_warps=1, mma=True)
+        assert gemv_triton.gemv(x, weight, config=small, silu_and_mul=True) is None
+
+
 def test_gemv_declines_a_norm_it_does_not_fuse(gen: torch.Generator, monkeypatch: pytest.MonkeyPatch) -> None:
     """``gemv(..., norm=)`` answers None (the caller runs the two ops) while ``FUSE_NORM`` is
     off, for the tensor-core kernel's tiles, rows wider than one norm tile, and a residual of

@@ -87,7 +87,7 @@ def test_suite_fails_for_wrong_rotary(pytester, monkeypatch):
     # every rotary shape in every dtype, and the fused rotary_write_kv, which the cpu device
     # does not implement: the table composes it from its own (here: wrong) rotary
     assert outcomes["failed"] == (3 + 3) * num_dtypes
-    assert outcomes["passed"] == 2 * num_dtypes  # silu_and_mul is untouched
+    assert outcomes["passed"] == (2 + 6) * num_dtypes  # silu_and_mul and linear_silu_and_mul are untouched
     result.stdout.fnmatch_lines(["*rotary q*"])
 
 

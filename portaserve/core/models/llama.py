@@ -189,10 +189,14 @@ class LlamaForCausalLM:
             out = k.paged_attention(q, kv_cache, attn, self.scale)  # [T, Hq, D]
             x, residual = self._project_norm(out.reshape(num_tokens, q_size), layer.o,
                                              layer.post_norm, residual, fp8_gate_up)
-            act = k.silu_and_mul_fp8 if fp8_down else k.silu_and_mul
+            if fp8_down or len(layer.gate_up) != 1:
+                act = k.silu_and_mul_fp8 if fp8_down else k.silu_and_mul
+                h = act(self._linear(x, layer.gate_up))
+            else:  # (one launch where the gate|up kernel can)
+                h = k.linear_silu_and_mul(x, *layer.gate_up[0])
             nxt = self.layers[i + 1] if i + 1 < len(self.layers) else None
             x, residual = self._project_norm(
-                act(self._linear(x, layer.gate_up)), layer.down,
+                h, layer.down,
                 self.norm if nxt is None else nxt.input_norm, residual,
                 nxt is not None and nxt.fp8_inputs[0])
         return x

@@ -10,10 +10,23 @@ import torch
 import triton
 import triton.language as tl
 
-from portaserve.devices.cuda.launch import MAX, fp8_codes_dtype, pdl_options, triton_kernel
+from portaserve.devices.cuda.launch import (
+    MAX,
+    fp8_codes_dtype,
+    pdl_options,
+    triton_helper,
+    triton_kernel,
+)
 from portaserve.errors import DeviceError
 from portaserve.quant.base import QuantizedActivation
 from portaserve.quant.fp8 import FP8_DTYPE
+
+
+@triton_helper
+def silu_mul(gate, up):
+    """``silu(gate) * up`` in float32, as every silu kernel here computes it (the quant GEMV's
+    epilogue too, ``quant.gemv_triton``), so that fused and separate launches agree bit for bit."""
+    return gate / (1.0 + tl.exp(-gate)) * up
 
 
 @triton_kernel
@@ -29,7 +42,7 @@ def _silu_and_mul_kernel(
     mask = cols < inter
     gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(x_ptr + row * stride_x + inter + cols, mask=mask, other=0.0).to(tl.float32)
-    out = gate / (1.0 + tl.exp(-gate)) * up
+    out = silu_mul(gate, up)
     tl.store(out_ptr + row * stride_out + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -75,7 +88,7 @@ def _silu_and_mul_fp8_kernel(
             mask = cols < inter
             gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
             up = tl.load(x_ptr + row * stride_x + inter + cols, mask=mask, other=0.0).to(tl.float32)
-            y = (gate / (1.0 + tl.exp(-gate)) * up).to(x_ptr.dtype.element_ty).to(tl.float32)
+            y = silu_mul(gate, up).to(x_ptr.dtype.element_ty).to(tl.float32)
             if p == 0:
                 amax = tl.maximum(amax, tl.abs(y))
             else:

@@ -1,6 +1,7 @@
-"""The fused op ``linear_rms_norm`` (a block's closing projection, then the norm that opens the
-next): its composition, a quant kernel that carries the norm (``with_rms_norm``), and the
-model's use of it: cuda's GEMV running the norm in its launch (``gemv_triton.FUSE_NORM``)
+"""The fused ops ``linear_rms_norm`` (a block's closing projection, then the norm that opens the
+next) and ``linear_silu_and_mul``: their composition, a quant kernel that carries the fused
+variant (``with_rms_norm``, ``with_silu_and_mul``), and the model's use of them: cuda's GEMV
+running the norm or the silu in its launch (``gemv_triton.FUSE_NORM`` / ``FUSE_SILU``)
 changes no result."""
 
 from __future__ import annotations
@@ -67,6 +68,31 @@ def test_a_quant_kernel_may_carry_the_norm() -> None:
     assert seen == [1, 2]
 
 
+def test_a_quant_kernel_may_carry_silu_and_mul() -> None:
+    seen: list[int] = []
+
+    def int4_kernel(x, weight, bias=None):  # noqa: ANN001, ANN202
+        return reference.quant_linear(x, weight, bias)
+
+    def with_silu(x, weight, bias=None):  # noqa: ANN001, ANN202
+        seen.append(x.shape[0])
+        return "fused" if x.shape[0] == 1 else None
+
+    int4_kernel.with_silu_and_mul = with_silu
+    ref = {name: getattr(reference, name) for name in OP_NAMES}
+    table = build_kernel_table("fake", "blocks_nhd", {}, ref, native_quant={"int4": int4_kernel})
+    assert table.fused_sources["linear_silu_and_mul"] == "composed"
+    gen = torch.Generator().manual_seed(6)
+    w = torch.randn(16, 128, generator=gen)
+    q4 = Int4Method().quantize(w, group_size=64)
+    assert table.linear_silu_and_mul(torch.randn(1, 128), q4, None) == "fused"
+    x = torch.randn(3, 128, generator=gen)
+    assert torch.equal(table.linear_silu_and_mul(x, q4, None),
+                       reference.silu_and_mul(reference.quant_linear(x, q4, None)))
+    assert torch.equal(table.linear_silu_and_mul(x, w), reference.silu_and_mul(reference.linear(x, w, None)))
+    assert seen == [1, 3]
+
+
 def registry_quantize(w: torch.Tensor, fmt: str):
     from portaserve.quant import registry
 
@@ -98,10 +124,10 @@ def int4_llama(kernels, gen: torch.Generator):
     return LlamaForCausalLM(config, weights, kernels, dtype=torch.float32, device=torch.device("cpu"))
 
 
-def test_fusing_the_norm_into_the_quant_gemv_changes_no_result(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fusing_the_norm_and_silu_into_the_quant_gemv_changes_no_result(monkeypatch: pytest.MonkeyPatch) -> None:
     """cuda's int4 kernel on an int4 model (Triton's interpreter): with ``FUSE_NORM`` each decode step's
     o and down GEMVs run the norm after them in the same launch (4 launches for 2 layers, the
-    last one with the final norm); the 3-token prompt step (int4 takes the tensor-core tiles
+    last one with the final norm), and with ``FUSE_SILU`` gate|up its silu_and_mul (2); the 3-token prompt step (int4 takes the tensor-core tiles
     there, which do not fuse) and the flag off run the GEMV and the norm kernel apart; the
     hidden states are bit for bit the same. More rows than the GEMV takes: declined too."""
     pytest.importorskip("triton")
@@ -123,6 +149,7 @@ def test_fusing_the_norm_into_the_quant_gemv_changes_no_result(monkeypatch: pyte
     results = {}
     for fuse in (False, True):
         monkeypatch.setattr(gemv_triton, "FUSE_NORM", fuse)
+        monkeypatch.setattr(gemv_triton, "FUSE_SILU", fuse)
         model = int4_llama(table, torch.Generator().manual_seed(8))
         caches = device.allocate_kv_cache(KVCacheSpec(2, 8, 16, 2, 32, torch.float32))
         steps = [build_batch([("a", [3, 1, 4], 0, [0], True)], 16),  # a prompt of 3 rows
@@ -132,14 +159,18 @@ def test_fusing_the_norm_into_the_quant_gemv_changes_no_result(monkeypatch: pyte
             del seen[:]
             outs.append(model.forward(batch.token_ids, batch.positions,
                                       batch.attention_metadata(torch.device("cpu")), caches))
-            fused = sum(1 for launch in seen if launch["NORM"])
-            assert fused == (4 if fuse and batch.num_tokens == 1 else 0), (fuse, batch.num_tokens, fused)
+            fused = sum(1 for launch in seen if launch["NORM"]), sum(1 for launch in seen if launch["ACT"])
+            assert fused == ((4, 2) if fuse and batch.num_tokens == 1 else (0, 0)), (fuse, batch.num_tokens, fused)
         results[fuse] = outs
     for plain, fused in zip(results[False], results[True], strict=True):
         assert torch.equal(plain, fused), (plain - fused).abs().max()
     # more rows than the GEMV takes (a prompt step's): the kernel declines, the table composes
-    from portaserve.quant.kernels_triton import triton_quant_linear_rms_norm
+    from portaserve.quant.kernels_triton import (
+        triton_quant_linear_rms_norm,
+        triton_quant_linear_silu_and_mul,
+    )
 
     layer = model.layers[0]
     x, res = torch.randn(5, 128), torch.randn(5, 128)
     assert triton_quant_linear_rms_norm(x, layer.o[0][0], None, layer.post_norm, 1e-5, res) is None
+    assert triton_quant_linear_silu_and_mul(x, layer.gate_up[0][0]) is None
