@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The GPU measurements that decide the off-by-default paths (docs/benchmarks.md, "Prepared ...
+# stop 18" and "stop 19"), in priority order, as one command per lent-GPU call (the machine goes
+# back 30 s after a call, so a call should not wait on the next). Run from the repository root
+# on the lent H200 (Python 3.12, torch 2.11, triton 3.6), with the gguf wheel carried in .whl/:
+#
+#     bash ci/gpu_pending.sh int4    # ~5 min: batch-1 int4 variants on one built model, GPU tests
+#     bash ci/gpu_pending.sh fp8     # ~5 min: fp8 decode attention tiles and MMA kernel, fp8 GEMMs
+#     bash ci/gpu_pending.sh e2e     # ~9 min: fp8 1000/1000 with and without the MMA decode, 1024 seqs
+#     bash ci/gpu_pending.sh e2e3000 # ~5 min: TensorRT-LLM's conditions (3000 requests, 0.95 memory)
+#
+# Each step is bounded by `timeout`; logs go to $OUT (the lent machine's output folder).
+set -uo pipefail
+case "${1:-int4}" in
+int4|fp8|e2e|e2e3000) ;;
+*)
+    echo "usage: bash ci/gpu_pending.sh int4|fp8|e2e|e2e3000 [extra gpu_llama8b flags for e2e3000]" >&2
+    exit 2 ;;
+esac
+OUT="${OUT:-/tmp/gpu_pending}"
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+fi
+export PYTHONPATH="/tmp/site:.${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
+E2E=(python3 benchmarks/gpu_llama8b.py --skip-hf --parts throughput --kv-cache-dtype fp8 --quantization fp8)
+
+case "${1:-int4}" in
+int4)
+    timeout 240 python3 benchmarks/gpu_quant.py --formats int4 --parts decode --decode-tokens 32 \
+        --decode-variant default --decode-variant pdl=2 --decode-variant pdl=8 \
+        --decode-variant "fuse_norm fuse_silu" --decode-variant "pdl=8 fuse_norm fuse_silu" \
+        --decode-variant "int4=128,128,4,4,mma" --decode-variant "pdl=8 fuse_norm fuse_silu int4=128,128,4,4,mma" \
+        --decode-variant "pdl=8 fuse_norm fuse_silu int4=128,128,4,4,mma,num_stages=2" > "$OUT/int4.txt" 2>&1
+    grep -A11 "decode variant" "$OUT/int4.txt"; tail -3 "$OUT/int4.txt"
+    timeout 150 env PORTASERVE_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider \
+        tests/quant/test_quant_gemv.py tests/devices/test_triton_kernels.py \
+        -k "norm or silu or tensor_cores or pdl or hand_built" > "$OUT/tests.txt" 2>&1
+    tail -4 "$OUT/tests.txt" ;;
+fp8)
+    timeout 300 python3 benchmarks/gpu_kernels.py --sections tune_fp8,fp8_gemm > "$OUT/fp8.txt" 2>&1
+    grep -A40 "^ceilings" "$OUT/fp8.txt" | cut -c1-150 ;;
+e2e)
+    for flag in --fp8-mma-decode --no-fp8-mma-decode; do
+        timeout 170 "${E2E[@]}" --budget-s 150 "$flag" > "$OUT/e2e$flag.txt" 2>&1
+        grep "throughput:" "$OUT/e2e$flag.txt" | tail -1
+    done
+    timeout 170 "${E2E[@]}" --budget-s 150 --max-num-seqs 1024 > "$OUT/e2e1024.txt" 2>&1
+    grep "throughput:" "$OUT/e2e1024.txt" | tail -1 ;;
+e2e3000)
+    timeout 560 "${E2E[@]}" --budget-s 520 --num-prompts 3000 --memory-utilization 0.95 "${@:2}" > "$OUT/e2e3000.txt" 2>&1
+    grep "throughput:\|KV cache:" "$OUT/e2e3000.txt" | tail -3 ;;
+esac
