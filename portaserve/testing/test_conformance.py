@@ -183,32 +183,37 @@ def test_silu_and_mul_fp8(portaserve_device, portaserve_kernels, portaserve_dtyp
     assert_fp8_activation_close(out, reference.silu_and_mul(x), portaserve_dtype, "silu_and_mul_fp8")
 
 
+def projection_case(device, dtype, gen, num_tokens: int, n: int, weight_kind: str):
+    """(x, weight and bias on the device, the reference projection ``x @ W.T + b`` on the host)
+    for the fused projection ops: a dense weight [n, 256] (with a bias or not) or the same
+    values packed as weight-only int4 (groups of 64)."""
+    from portaserve.quant.int_formats import Int4Method
+
+    k = 256
+    w = randn(gen, n, k, scale=k**-0.5)
+    x = randn(gen, num_tokens, k).to(dtype)
+    bias = randn(gen, n).to(dtype) if weight_kind == "dense+bias" else None
+    if weight_kind == "int4":
+        weight = Int4Method().quantize(w, group_size=64)
+        return on(device, x), weight.to(device.torch_device), None, reference.quant_linear(x, weight, None)
+    weight = w.to(dtype)
+    return (on(device, x), on(device, weight), None if bias is None else on(device, bias),
+            reference.linear(x, weight, bias))
+
+
 @pytest.mark.parametrize("num_tokens", [1, 5])
 @pytest.mark.parametrize("weight_kind", ["dense", "dense+bias", "int4"])
 def test_linear_rms_norm(portaserve_device, portaserve_kernels, portaserve_dtype, portaserve_gen, num_tokens,
                          weight_kind):
     """The fused op (native or composed) equals linear (or weight-only int4 ``quant_linear``),
     then rms_norm with the residual: the normed rows and the new residual stream."""
-    from portaserve.quant.int_formats import Int4Method
-
-    k, n = 256, 96
-    w = randn(portaserve_gen, n, k, scale=k**-0.5)
-    x = randn(portaserve_gen, num_tokens, k).to(portaserve_dtype)
+    n = 96
+    x, weight, bias, out = projection_case(portaserve_device, portaserve_dtype, portaserve_gen, num_tokens, n,
+                                           weight_kind)
     residual = randn(portaserve_gen, num_tokens, n).to(portaserve_dtype)
     norm_w = (1 + randn(portaserve_gen, n, scale=0.2)).to(portaserve_dtype)
-    bias = randn(portaserve_gen, n).to(portaserve_dtype) if weight_kind == "dense+bias" else None
-    if weight_kind == "int4":
-        weight = Int4Method().quantize(w, group_size=64)
-        out = reference.quant_linear(x, weight, None)
-        weight = weight.to(portaserve_device.torch_device)
-    else:
-        weight = w.to(portaserve_dtype)
-        out = reference.linear(x, weight, bias)
-        weight = on(portaserve_device, weight)
     want_y, want_res = reference.rms_norm(out, norm_w, 1e-5, residual)
-    got = portaserve_kernels.linear_rms_norm(on(portaserve_device, x), weight,
-                                             None if bias is None else on(portaserve_device, bias),
-                                             on(portaserve_device, norm_w), 1e-5,
+    got = portaserve_kernels.linear_rms_norm(x, weight, bias, on(portaserve_device, norm_w), 1e-5,
                                              on(portaserve_device, residual))
     assert isinstance(got, tuple) and len(got) == 2, "linear_rms_norm returns (y, out + residual)"
     assert_close(got[1], want_res, portaserve_dtype, f"linear_rms_norm residual_out ({weight_kind})")
@@ -220,23 +225,10 @@ def test_linear_rms_norm(portaserve_device, portaserve_kernels, portaserve_dtype
 def test_linear_silu_and_mul(portaserve_device, portaserve_kernels, portaserve_dtype, portaserve_gen, num_tokens,
                              weight_kind):
     """The fused op (native or composed) equals linear (or weight-only int4 ``quant_linear``)
-    of the gate|up weight, then silu_and_mul."""
-    from portaserve.quant.int_formats import Int4Method
-
-    k, inter = 256, 48
-    w = randn(portaserve_gen, 2 * inter, k, scale=k**-0.5)
-    x = randn(portaserve_gen, num_tokens, k).to(portaserve_dtype)
-    bias = randn(portaserve_gen, 2 * inter).to(portaserve_dtype) if weight_kind == "dense+bias" else None
-    if weight_kind == "int4":
-        weight = Int4Method().quantize(w, group_size=64)
-        out = reference.quant_linear(x, weight, None)
-        weight = weight.to(portaserve_device.torch_device)
-    else:
-        weight = w.to(portaserve_dtype)
-        out = reference.linear(x, weight, bias)
-        weight = on(portaserve_device, weight)
-    got = portaserve_kernels.linear_silu_and_mul(on(portaserve_device, x), weight,
-                                                 None if bias is None else on(portaserve_device, bias))
+    of the gate|up weight [2I, K], then silu_and_mul."""
+    x, weight, bias, out = projection_case(portaserve_device, portaserve_dtype, portaserve_gen, num_tokens, 2 * 48,
+                                           weight_kind)
+    got = portaserve_kernels.linear_silu_and_mul(x, weight, bias)
     assert_close(got, reference.silu_and_mul(out), portaserve_dtype, f"linear_silu_and_mul ({weight_kind})")
 
 
