@@ -218,6 +218,7 @@ def _quant_calls() -> None:
                 gemv_triton.gemv(x, weight, split_k=split_k, config=config)
     # the norm after the GEMV in its launch (``norm=``, the fused ``linear_rms_norm``): the
     # packed and MMA one-row paths and the float32 FMA one, split K and not
+    fuse = gemv_triton.FUSE_NORM, gemv_triton.FUSE_SILU
     gemv_triton.FUSE_NORM = True
     weight = Int4Method().quantize(torch.randn(4096, 4096) * 0.02, group_size=128)
     for dt, config in ((torch.bfloat16, None), (torch.bfloat16, gemv_triton.GemvConfig(128, 128, mma=True)),
@@ -226,7 +227,6 @@ def _quant_calls() -> None:
         for split_k in (1, 4):
             gemv_triton.gemv(x, weight, split_k=split_k, config=config,
                              norm=(torch.randn(1, 4096, dtype=dt), torch.ones(4096, dtype=dt), 1e-5))
-    gemv_triton.FUSE_NORM = False
     # silu_and_mul after a gate|up GEMV in its launch (``linear_silu_and_mul``)
     gemv_triton.FUSE_SILU = True
     weight = Int4Method().quantize(torch.randn(2 * 14336, 4096) * 0.02, group_size=128)
@@ -235,7 +235,7 @@ def _quant_calls() -> None:
         for split_k in (1, 2):
             gemv_triton.gemv(torch.randn(1, 4096, dtype=dt), weight, split_k=split_k, config=config,
                              silu_and_mul=True)
-    gemv_triton.FUSE_SILU = False
+    gemv_triton.FUSE_NORM, gemv_triton.FUSE_SILU = fuse
     for scheme in ("dynamic_per_token", "dynamic_per_tensor"):
         weight = FP8Method().quantize(torch.randn(64, 4096), activation=scheme)
         for dt in (torch.bfloat16, torch.float16, torch.float32):

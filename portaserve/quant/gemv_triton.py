@@ -96,10 +96,12 @@ FORMAT_IDS = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2, "int4": 3, "int8": 4, "fp8": 5, "
               "Q5_K": 7, "Q6_K": 8}
 _MAX_SPLIT_K = 16
 #: Whether the GEMVs launch with programmatic dependent launch where ``launch.pdl`` allows it
-#: (the other decode kernels do): off until its GPU test and timing have run on the H200.
+#: (the other decode kernels do). Off: slower on a lent H100 (2026-12-07, int4 8B step at one
+#: row, same method as ``FUSE_NORM``): 3.258 ms without, 3.368 prefetching 2 lines a row,
+#: 5.246 prefetching 8 (the prefetches of a whole GEMV crowd the L2).
 GEMV_PDL = False
 #: 128-byte lines of each of its rows that a GEMV program launched with PDL pulls into L2
-#: before it waits for the kernel before it. Not yet tuned on a GPU.
+#: before it waits for the kernel before it.
 PDL_PREFETCH_LINES = 2
 
 logger = logging.getLogger(__name__)
@@ -131,7 +133,10 @@ class GemvConfig:
     tma: bool = False
     #: With ``packed``, int4 in groups of 32, 64 or 128, and 16-row tiles at least one a warp:
     #: the products on the tensor cores (``_int4_mma_asm``) rather than in bf16x2 FMAs; there
-    #: ``num_stages`` 2 loads the words two K steps ahead (1: one).
+    #: ``num_stages`` 2 loads the words two K steps ahead (1: one). Not chosen: on a lent H100
+    #: (2026-12-07) the int4 8B step at one row took 3.538 ms with 128 x 128 MMA tiles against
+    #: 3.258 for the packed 64 x 128, and its logits differed from the packed path's by 6.5e-2
+    #: (relative; not yet explained: the GEMV tests pass, see docs/benchmarks.md).
     mma: bool = False
     #: With ``mma``: the zero points taken off after the MMAs, from the group sums of x (one MMA
     #: more per word position and thread, one FMA fewer per pair of codes and row).
@@ -1335,11 +1340,13 @@ def gemv(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None = N
     return (y, res_out) if norm is not None else out
 
 
-#: Whether ``gemv(..., norm=)`` fuses (the cuda ``linear_rms_norm`` op); off until timed on a
-#: GPU against the GEMV and the norm kernel apart (``benchmarks/gpu_quant.py --decode-variant``).
-FUSE_NORM = False
-#: Whether ``gemv(..., silu_and_mul=True)`` fuses (``linear_silu_and_mul``); off until timed.
-FUSE_SILU = False
+#: Whether ``gemv(..., norm=)`` fuses (the cuda ``linear_rms_norm`` op) and ``gemv(...,
+#: silu_and_mul=True)`` (``linear_silu_and_mul``). Timed on a lent H100 (2026-12-07, int4
+#: Llama-3-8B shapes at one row, the device step with graphs, in turns on one built model:
+#: ``gpu_quant.py --decode-variant``): 3.254 ms apart, 3.232 with the norm fused, 3.193 with
+#: silu fused, 3.182 with both; the logits identical.
+FUSE_NORM = True
+FUSE_SILU = True
 #: The widest row the fused norm takes (one tile of the program, as the norm kernel's).
 _NORM_MAX_N = 16384
 

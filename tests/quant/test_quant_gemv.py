@@ -254,6 +254,8 @@ def test_int4_one_row_on_the_tensor_cores(fmt: str, group: int, x_scale: float, 
 NORM_CASES = [("int4", 1, None, "fma"), ("int4", 3, 3, "fma"), ("Q4_0", 1, 1, "fma"), ("Q8_0", 2, 3, "fma"),
               ("Q4_K", 1, None, "fma"), ("int8", 1, 2, "fma"), ("int4", 1, None, "packed"),
               ("int4", 1, 3, "packed"), ("int4", 1, 3, "mma"), ("Q4_0", 1, None, "packed")]
+#: fused norm vs the norm kernel, compiled: y's rounding after a reordered float32 sum
+NORM_ORDER_RTOL = {torch.float32: 1e-6, torch.float16: RTOL[torch.float16], torch.bfloat16: RTOL[torch.bfloat16]}
 NORM_CONFIGS = {"fma": SMALL["fma"], "packed": SMALL["fma"], "mma": gemv_triton.GemvConfig(32, 128, num_warps=2, mma=True)}
 
 
@@ -261,8 +263,9 @@ NORM_CONFIGS = {"fma": SMALL["fma"], "packed": SMALL["fma"], "mma": gemv_triton.
 def test_gemv_with_the_norm_after_equals_the_two_ops(fmt: str, m: int, split_k: int | None, path: str,
                                                      gen: torch.Generator, monkeypatch: pytest.MonkeyPatch) -> None:
     """``gemv(..., norm=(residual, weight, eps))``: the GEMV and then ``rms_norm`` with the
-    residual in one launch, the last row tile's program norming every row; bit for bit the
-    GEMV followed by the norm kernel (same reduction order, the norm's own code), with and
+    residual in one launch, the last row tile's program norming every row; the GEMV followed
+    by the norm kernel, bit for bit in the interpreter (compiled, y within the rounding of a
+    reordered sum of squares; the residual exactly), with and
     without split K, at 1-3 rows, on the FMA, packed bf16x2 and MMA paths; twice in a row (the
     counter resets itself), and a plain split-K GEMV after it still right."""
     from portaserve.devices.cuda import norm
@@ -289,7 +292,12 @@ def test_gemv_with_the_norm_after_equals_the_two_ops(fmt: str, m: int, split_k: 
         out = gemv_triton.gemv(x, weight, config=cfg, split_k=split_k, out_dtype=out_dtype)
         want_y, want_res = norm.rms_norm(out, nw, 1e-5, residual)
         assert fused[0].dtype == want_y.dtype and fused[0].shape == (m, n)
-        assert torch.equal(fused[1], want_res) and torch.equal(fused[0], want_y)
+        assert torch.equal(fused[1], want_res)
+        if DEVICE.type == "cpu":
+            assert torch.equal(fused[0], want_y)
+        else:  # compiled, the row's sum of squares may add up in another order (4 warps here,
+            # the norm kernel's own count there): the rounding of y may move by an ulp
+            assert rel_err(fused[0], want_y) <= NORM_ORDER_RTOL[fused[0].dtype]
     want = reference.quant_linear(x.float(), weight.to("cpu") if DEVICE.type == "cpu" else weight, None)
     again = gemv_triton.gemv(x, weight, config=cfg, split_k=3, out_dtype=torch.float32)
     assert rel_err(again, want.to(again.device)) <= (RTOL[torch.float32] if not one_row_bf16 or DEVICE.type == "cpu" else 4e-3)
@@ -325,7 +333,7 @@ def test_gemv_with_silu_and_mul_equals_the_two_ops(fmt: str, m: int, split_k: in
     want = silu_and_mul(out)
     assert fused.shape == (m, inter) and fused.dtype == want.dtype
     assert torch.equal(fused, want)
-    assert rel_err(fused.float(), reference.silu_and_mul(out.float())) <= RTOL[torch.float32] * 10
+    assert rel_err(fused.float(), reference.silu_and_mul(out.float())) <= RTOL[fused.dtype]
     # declined: the flag off, the tensor-core tiles, MMA halves of 8 rows
     monkeypatch.setattr(gemv_triton, "FUSE_SILU", False)
     assert gemv_triton.gemv(x, weight, config=cfg, silu_and_mul=True) is None

@@ -25,7 +25,7 @@ from portaserve.quant.fp8 import FP8_DTYPE
 @triton_helper
 def silu_mul(gate, up):
     """``silu(gate) * up`` in float32, as every silu kernel here computes it (the quant GEMV's
-    epilogue too, ``quant.gemv_triton``), so that fused and separate launches agree bit for bit."""
+    epilogue too, ``quant.gemv_triton``), so that fused and separate launches agree."""
     return gate / (1.0 + tl.exp(-gate)) * up
 
 
