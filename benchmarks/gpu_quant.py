@@ -466,7 +466,8 @@ def bench_model(fmt: str, args: argparse.Namespace, copy_bps: float, deadline: f
 def apply_variant(spec: str) -> None:
     """One ``--decode-variant``: space-separated settings, each ``pdl=N`` (``--gemv-pdl-lines``),
     ``fuse_norm`` (``gemv_triton.FUSE_NORM``: o and down run the norm after them in their
-    launch), ``fuse_silu`` (``FUSE_SILU``: gate|up runs silu_and_mul in its launch) or ``FMT=BN,BK,WARPS,PPS[,FIELD]`` (``--one-row-config``); ``default`` changes
+    launch), ``fuse_silu`` (``FUSE_SILU``: gate|up runs silu_and_mul in its launch),
+    ``unfused`` (both off) or ``FMT=BN,BK,WARPS,PPS[,FIELD]`` (``--one-row-config``); ``default`` changes
     nothing."""
     from portaserve.quant import gemv_triton
 
@@ -477,6 +478,8 @@ def apply_variant(spec: str) -> None:
             gemv_triton.FUSE_NORM = True
         elif item == "fuse_silu":
             gemv_triton.FUSE_SILU = True
+        elif item == "unfused":
+            gemv_triton.FUSE_NORM = gemv_triton.FUSE_SILU = False
         elif item != "default":
             set_one_row_config(item)
 
@@ -609,7 +612,7 @@ def main() -> None:
     p.add_argument("--decode-variant", action="append", default=[], metavar="SETTINGS",
                    help="model mode, repeatable: after the batch-1 decode, time the device step again "
                         "under each of these (space-separated 'pdl=N' and 'FMT=BN,BK,WARPS,PPS[,FIELD]' "
-                        "items, 'fuse_norm', 'fuse_silu', or 'default'), taking turns, the decode graph re-captured for each")
+                        "items, 'fuse_norm', 'fuse_silu', 'unfused', or 'default'), taking turns, the decode graph re-captured for each")
     p.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU (checks the script)")
     p.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "gpu_quant.json"))
     args = p.parse_args()

@@ -4,7 +4,8 @@
 # back 30 s after a call, so a call should not wait on the next). Run from the repository root
 # on the lent H200 (Python 3.12, torch 2.11, triton 3.6), with the gguf wheel carried in .whl/:
 #
-#     bash ci/gpu_pending.sh int4    # ~5 min: batch-1 int4 variants on one built model, GPU tests
+#     bash ci/gpu_pending.sh int4    # ~5 min: batch-1 int4 variants on one built model (the fused
+#                                    # norm and silu against 'unfused', MMA tiles), GPU tests
 #     bash ci/gpu_pending.sh fp8     # ~5 min: fp8 decode attention tiles and MMA kernel, fp8 GEMMs
 #     bash ci/gpu_pending.sh e2e     # ~9 min: fp8 1000/1000 with and without the MMA decode, 1024 seqs
 #     bash ci/gpu_pending.sh e2e3000 # ~5 min: TensorRT-LLM's conditions (3000 requests, 0.95 memory)
@@ -29,10 +30,9 @@ E2E=(python3 benchmarks/gpu_llama8b.py --skip-hf --parts throughput --kv-cache-d
 case "${1:-int4}" in
 int4)
     timeout 240 python3 benchmarks/gpu_quant.py --formats int4 --parts decode --decode-tokens 32 \
-        --decode-variant default --decode-variant pdl=2 --decode-variant pdl=8 \
-        --decode-variant "fuse_norm fuse_silu" --decode-variant "pdl=8 fuse_norm fuse_silu" \
-        --decode-variant "int4=128,128,4,4,mma" --decode-variant "pdl=8 fuse_norm fuse_silu int4=128,128,4,4,mma" \
-        --decode-variant "pdl=8 fuse_norm fuse_silu int4=128,128,4,4,mma,num_stages=2" > "$OUT/int4.txt" 2>&1
+        --decode-variant default --decode-variant unfused --decode-variant pdl=1 \
+        --decode-variant "int4=128,128,4,4,mma" --decode-variant "int4=128,128,4,4,mma,num_stages=2" \
+        --decode-variant "int4=64,128,4,4,mma" > "$OUT/int4.txt" 2>&1
     grep -A11 "decode variant" "$OUT/int4.txt"; tail -3 "$OUT/int4.txt"
     timeout 150 env PORTASERVE_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider \
         tests/quant/test_quant_gemv.py tests/devices/test_triton_kernels.py \
