@@ -22,28 +22,15 @@ from triton.runtime.driver import driver
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "ci"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gemv_sass import loop_stats  # noqa: E402
-from triton_compile_check import _TargetDriver  # noqa: E402
+from triton_compile_check import _TargetDriver, compile_launches  # noqa: E402
 
 import portaserve.devices.cuda.attention as attention  # noqa: E402
-import portaserve.devices.cuda.launch as launch  # noqa: E402
 from portaserve.core.batch import build_batch  # noqa: E402
 
 
 def compile_decode(mma: bool, num_splits: int = 1):
     """The compiled decode kernel (and its launch keywords) for one step of 4 requests."""
-    compiled: dict = {}
-
-    def on(self: launch.TritonKernel, tensor: torch.Tensor):
-        fn = triton.jit(self.fn)
-
-        class Launcher:
-            def __getitem__(_, grid):
-                def go(*args, **kwargs):
-                    compiled["kernel"], compiled["kwargs"] = fn.warmup(*args, grid=grid, **kwargs), kwargs
-                return go
-        return Launcher()
-
-    launch.TritonKernel.on = on
+    compiled = compile_launches()
     attention.is_interpreted = lambda tensor: False  # (CPU tensors, compiled for the GPU)
     attention._num_sms = lambda index: 132
     attention.fp8_mma_supported = lambda query: True

@@ -29,9 +29,8 @@ from triton.backends.compiler import GPUTarget
 from triton.runtime.driver import driver
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "ci"))
-from triton_compile_check import _TargetDriver  # noqa: E402
+from triton_compile_check import _TargetDriver, compile_launches  # noqa: E402
 
-import portaserve.devices.cuda.launch as launch  # noqa: E402
 from portaserve.quant import gemv_triton, registry  # noqa: E402
 
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
@@ -40,19 +39,7 @@ BYTES_PER_WEIGHT = {"int4": 0.5, "Q4_0": 0.5625, "Q4_1": 0.625, "Q8_0": 1.0625, 
 
 
 def compile_one(fmt: str, m: int, cfg: gemv_triton.GemvConfig | None) -> tuple[bytes, dict]:
-    compiled: dict = {}
-
-    def on(self: launch.TritonKernel, tensor: torch.Tensor):
-        fn = triton.jit(self.fn)
-
-        class Launcher:
-            def __getitem__(_, grid):
-                def go(*args, **kwargs):
-                    compiled["kernel"], compiled["kwargs"] = fn.warmup(*args, grid=grid, **kwargs), kwargs
-                return go
-        return Launcher()
-
-    launch.TritonKernel.on = on
+    compiled = compile_launches()
     weight = registry.quantize(torch.randn(64, 4096) * 0.02, fmt)
     x = torch.randn(m, 4096, dtype=torch.bfloat16)
     scale = None

@@ -57,6 +57,29 @@ class _TargetDriver:
         return True
 
 
+def compile_launches() -> dict:
+    """Make every ``TritonKernel`` launch compile for the active driver's target instead of
+    running; the dict returned then holds the last launch's compiled kernel (``"kernel"``)
+    and its keywords (``"kwargs"``). For scripts that read a kernel's code
+    (``benchmarks/gemv_sass.py``, ``attention_sass.py``)."""
+    import portaserve.devices.cuda.launch as launch
+
+    compiled: dict = {}
+
+    def on(self: launch.TritonKernel, tensor: torch.Tensor):
+        fn = triton.jit(self.fn)
+
+        class Launcher:
+            def __getitem__(_, grid):
+                def go(*args, **kwargs):
+                    compiled["kernel"], compiled["kwargs"] = fn.warmup(*args, grid=grid, **kwargs), kwargs
+                return go
+        return Launcher()
+
+    launch.TritonKernel.on = on
+    return compiled
+
+
 def main(argv: list[str]) -> int:
     spec = argv[0] if argv else "cuda:90"
     backend, arch = spec.split(":")
