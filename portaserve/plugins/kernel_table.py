@@ -173,43 +173,30 @@ def _compose_silu_and_mul_fp8(ops: Mapping[str, KernelFn]) -> KernelFn:
     return silu_and_mul_fp8
 
 
-def _compose_linear_rms_norm(ops: Mapping[str, KernelFn]) -> KernelFn:
-    from portaserve.quant.base import QuantizedWeight
+def _compose_projection_then(after: str, fused_attr: str) -> Callable[[Mapping[str, KernelFn]], KernelFn]:
+    """A projection fused op: ``linear`` (``quant_linear`` for a ``QuantizedWeight``: its
+    format's kernel, which runs the whole op itself where it carries ``fused_attr`` and does
+    not answer None), then the op ``after`` on the output and the remaining arguments."""
 
-    linear, quant, rms_norm = ops["linear"], ops["quant_linear"], ops["rms_norm"]
+    def compose(ops: Mapping[str, KernelFn]) -> KernelFn:
+        from portaserve.quant.base import QuantizedWeight
 
-    def linear_rms_norm(x: Any, weight: Any, bias: Any, norm_weight: Any, eps: float,
-                        residual: Any) -> Any:
-        if not isinstance(weight, QuantizedWeight):
-            return rms_norm(linear(x, weight, bias), norm_weight, eps, residual)
-        kernel = quant.kernel_for(weight.format)
-        fused = getattr(kernel, "with_rms_norm", None)  # the format's kernel, norm included
-        if fused is not None:
-            out = fused(x, weight, bias, norm_weight, eps, residual)
-            if out is not None:
-                return out
-        return rms_norm(kernel(x, weight, bias), norm_weight, eps, residual)
+        linear, quant, then = ops["linear"], ops["quant_linear"], ops[after]
 
-    return linear_rms_norm
+        def projection_then(x: Any, weight: Any, bias: Any = None, *rest: Any) -> Any:
+            if not isinstance(weight, QuantizedWeight):
+                return then(linear(x, weight, bias), *rest)
+            kernel = quant.kernel_for(weight.format)
+            fused = getattr(kernel, fused_attr, None)
+            if fused is not None:
+                out = fused(x, weight, bias, *rest)
+                if out is not None:
+                    return out
+            return then(kernel(x, weight, bias), *rest)
 
+        return projection_then
 
-def _compose_linear_silu_and_mul(ops: Mapping[str, KernelFn]) -> KernelFn:
-    from portaserve.quant.base import QuantizedWeight
-
-    linear, quant, silu_and_mul = ops["linear"], ops["quant_linear"], ops["silu_and_mul"]
-
-    def linear_silu_and_mul(x: Any, weight: Any, bias: Any = None) -> Any:
-        if not isinstance(weight, QuantizedWeight):
-            return silu_and_mul(linear(x, weight, bias))
-        kernel = quant.kernel_for(weight.format)
-        fused = getattr(kernel, "with_silu_and_mul", None)  # the format's kernel, silu included
-        if fused is not None:
-            out = fused(x, weight, bias)
-            if out is not None:
-                return out
-        return silu_and_mul(kernel(x, weight, bias))
-
-    return linear_silu_and_mul
+    return compose
 
 
 class _QuantDispatch:
@@ -230,6 +217,7 @@ _COMPOSE: dict[str, Callable[[Mapping[str, KernelFn]], KernelFn]] = {
     "rotary_write_kv": _compose_rotary_write_kv,
     "rms_norm_fp8": _compose_rms_norm_fp8,
     "silu_and_mul_fp8": _compose_silu_and_mul_fp8,
-    "linear_rms_norm": _compose_linear_rms_norm,
-    "linear_silu_and_mul": _compose_linear_silu_and_mul,
+    # (x, weight, bias, norm_weight, eps, residual) / (x, weight, bias)
+    "linear_rms_norm": _compose_projection_then("rms_norm", "with_rms_norm"),
+    "linear_silu_and_mul": _compose_projection_then("silu_and_mul", "with_silu_and_mul"),
 }
