@@ -43,6 +43,7 @@ from portaserve.core.batch import build_batch
 from portaserve.devices import reference as ref
 from portaserve.devices.cuda import activation, attention, kv, norm, rotary
 from portaserve.plugins.device import KVCacheSpec
+from portaserve.quant.fp8 import quantize_per_token
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTER, VOCAB, LAYERS = 4096, 32, 8, 128, 14336, 128256, 32
 DTYPE = torch.bfloat16
@@ -58,12 +59,13 @@ MODEL_BATCHES, MODEL_CTX, MODEL_MAX_POS = (1, 16, 64), 1024, 8192
 def dry_run_sizes() -> None:
     """Tiny shapes on CPU tensors (Triton interpreter, float32): checks the script, not speed."""
     global HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTER, VOCAB, LAYERS, DTYPE, DEV, TOKENS
-    global DECODE_CASES, PREFILL_CASES, MODEL_BATCHES, MODEL_CTX, MODEL_MAX_POS
+    global DECODE_CASES, PREFILL_CASES, MODEL_BATCHES, MODEL_CTX, MODEL_MAX_POS, OVERLAP_CASES
     HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTER, VOCAB, LAYERS = 64, 4, 2, 32, 96, 256, 2
     DTYPE, DEV, TOKENS = torch.float32, "cpu", 16
     DECODE_CASES = ((1, 40), (3, 20))
     PREFILL_CASES = (([(0, 20)] * 2, "2 x 20 new"), ([(30, 10)], "10 new over 30 cached"))
     MODEL_BATCHES, MODEL_CTX, MODEL_MAX_POS = (1, 3), 20, 64
+    OVERLAP_CASES = ((4, 40),)
 
 
 class _HostEvent:
@@ -195,6 +197,21 @@ def elementwise_rows() -> list[Row]:
     name = f"silu_and_mul T={tokens} I={INTER}"
     rows.append(Row(name, "triton", bench(lambda i: activation.silu_and_mul(gus[i % 2])), nbytes, rel_err=err))
     rows.append(Row(name, "torch F.silu*up", bench(lambda i: F.silu(gus[i % 2][:, :INTER]) * gus[i % 2][:, INTER:]), nbytes))
+    # Fused with the per-token fp8 quantization of W8A8 (the down projection's input): a prompt
+    # chunk's rows and a decode batch's, the row held in registers (one read) or two passes.
+    for t in (tokens, min(tokens, 512)):
+        nbytes = 2 * t * INTER * e + t * INTER + 4 * t
+        want_q = quantize_per_token(ref.silu_and_mul(gus[0][:t]))  # rel err: against its dequantized values
+        want = want_q.data.float() * want_q.scale
+        for label, widest in (("triton, one pass", activation.ONE_PASS_MAX_INTER), ("triton, two passes", 0)):
+            saved, activation.ONE_PASS_MAX_INTER = activation.ONE_PASS_MAX_INTER, widest
+            try:
+                qa = activation.silu_and_mul_fp8(gus[0][:t])
+                err = rel_err(qa.data.float() * qa.scale, want)
+                ms = bench(lambda i: activation.silu_and_mul_fp8(gus[i % 2][:t]))
+            finally:
+                activation.ONE_PASS_MAX_INTER = saved
+            rows.append(Row(f"silu_and_mul_fp8 T={t} I={INTER}", label, ms, nbytes, rel_err=err))
 
     num_blocks = 4 * tokens // BLOCK
     cache = torch.randn(2, num_blocks, KV_HEADS, BLOCK, HEAD_DIM, dtype=DTYPE, device=DEV)
@@ -478,6 +495,70 @@ def fp8_gemm_rows() -> list[Row]:
     return rows
 
 
+#: (decode rows, context) for the overlap section: the throughput run's steady decode batch.
+OVERLAP_CASES = ((512, 1536), (256, 1024))
+
+
+def overlap_rows(rounds: int = 3) -> list[Row]:
+    """Whether one layer's decode attention (bandwidth-bound, over an fp8 cache) and its four
+    fp8 GEMMs (compute-bound at these rows) gain from running at once on two streams, the
+    premise of splitting a decode step into two halves whose attention and GEMMs interleave.
+    Rows: each alone, one after the other, both at once (all rows), and two halves where each
+    half's attention runs beside the other half's GEMMs (twice the time of one such pair).
+    The variants take turns for ``rounds`` rounds; each row is the median of its rounds."""
+    rows: list[Row] = []
+    scale, fp8 = HEAD_DIM**-0.5, torch.float8_e4m3fn
+    shapes = ((HEADS * HEAD_DIM + 2 * KV_HEADS * HEAD_DIM, HIDDEN), (HIDDEN, HEADS * HEAD_DIM),
+              (2 * INTER, HIDDEN), (HIDDEN, INTER))
+    weights = [((torch.randn(n, k, device=DEV) * 0.05).to(fp8), torch.rand(1, n, device=DEV) * 0.01 + 0.005)
+               for n, k in shapes]
+    gemm_flops_row = sum(2.0 * n * k for n, k in shapes)
+    main = torch.cuda.current_stream() if DEV == "cuda" else None
+    side = [torch.cuda.Stream() for _ in range(2)] if DEV == "cuda" else []
+    for num_reqs, ctx in OVERLAP_CASES:
+        half = num_reqs // 2
+        setups = {b: [paged_setup([(ctx - 1, 1)] * b, seed) for seed in range(2)] for b in (num_reqs, half)}
+        caches = {b: [(q, c.to(fp8), a) for q, c, a, _ in s] for b, s in setups.items()}
+        del setups
+        xs = {b: [((torch.randn(b, k, device=DEV) * 0.5).to(fp8), torch.rand(b, 1, device=DEV) + 0.5)
+                  for _, k in shapes] for b in (num_reqs, half)}
+
+        def attn(b: int, i: int) -> None:
+            attention.paged_attention(*caches[b][i % 2], scale)
+
+        def gemms(b: int) -> None:
+            for (xq, sx), (wq, sw) in zip(xs[b], weights, strict=True):
+                torch._scaled_mm(xq, wq.t(), sx, sw, out_dtype=torch.bfloat16)
+
+        def together(b: int, i: int) -> None:
+            if main is None:
+                attn(b, i), gemms(b)
+                return
+            for s in side:
+                s.wait_stream(main)
+            with torch.cuda.stream(side[0]):
+                attn(b, i)
+            with torch.cuda.stream(side[1]):
+                gemms(b)
+            for s in side:
+                main.wait_stream(s)
+
+        variants = {"attention alone": lambda i: attn(num_reqs, i), "GEMMs alone": lambda i: gemms(num_reqs),
+                    "attention then GEMMs": lambda i: (attn(num_reqs, i), gemms(num_reqs)),
+                    "both at once, two streams": lambda i: together(num_reqs, i),
+                    f"2 halves of {half}, each at once": lambda i: (together(half, i), together(half, i + 1))}
+        times: dict[str, list[float]] = {}
+        for _ in range(rounds):
+            for label, fn in variants.items():
+                times.setdefault(label, []).append(bench(fn, iters=30, budget_s=0.5))
+        kv_bytes = num_reqs * ctx * KV_HEADS * HEAD_DIM * 2
+        for label, ms in times.items():
+            nbytes = 0 if label == "GEMMs alone" else kv_bytes
+            flops = 0.0 if label == "attention alone" else gemm_flops_row * num_reqs
+            rows.append(Row(f"overlap B={num_reqs} ctx={ctx} (1 layer)", label, statistics.median(ms), nbytes, flops))
+    return rows
+
+
 def print_table(rows: list[Row], copy_bps: float, flop_rate: float) -> None:
     """One line per row; ``floor`` is max(bytes / copy bandwidth, flops / matmul rate), and
     ``x floor`` how far the measured time is above it."""
@@ -502,7 +583,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tune", action="store_true",
                         help="also time alternative attention tile configs and split counts")
     parser.add_argument("--sections", default=None,
-                        help="comma list of elementwise, attention, model, tune, tune_fp8, fp8_gemm (default: "
+                        help="comma list of elementwise, attention, model, tune, tune_fp8, fp8_gemm, overlap (default: "
                              "all but the tune sections; --tune adds tune)")
     parser.add_argument("--json", default=None, help="also write the rows as JSON here")
     parser.add_argument("--dry-run", action="store_true",
@@ -525,7 +606,8 @@ def main(argv: list[str] | None = None) -> int:
     sections += [tune_rows] if args.tune else []
     if args.sections:
         named = {"elementwise": elementwise_rows, "attention": attention_rows, "model": model_rows,
-                 "tune": tune_rows, "tune_fp8": tune_fp8_rows, "fp8_gemm": fp8_gemm_rows}
+                 "tune": tune_rows, "tune_fp8": tune_fp8_rows, "fp8_gemm": fp8_gemm_rows,
+                 "overlap": overlap_rows}
         sections = [named[name] for name in args.sections.split(",")]
     for section in sections:
         start = time.perf_counter()

@@ -54,11 +54,19 @@ def copy_bandwidth() -> float:
     return 2 * 2 * 2**30 / seconds
 
 
-def weight_bytes() -> int:
+#: Bytes a linear layer's weight element takes per ``--quantization`` (int4: 4 bits and a bf16
+#: scale and zero per group of 128); embeddings, lm_head and norms stay bf16.
+LINEAR_BYTES = {None: 2.0, "fp8": 1.0, "int8": 1.0, "int4": 0.5 + 4 / 128}
+
+
+def weight_bytes(quantization: str | None = None) -> int:
+    """Bytes a batch-1 decode step reads: every layer's weights, the final norm and the
+    lm_head, and one row of the embedding table."""
     c = PRESETS[PRESET]
     h, i, q, kv = c.hidden_size, c.intermediate_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-    per_layer = h * (q + 2 * kv) + q * h + 3 * h * i + 2 * h
-    return 2 * (c.num_layers * per_layer + 2 * c.vocab_size * h + h)
+    linear = c.num_layers * (h * (q + 2 * kv) + q * h + 3 * h * i)
+    bf16 = c.num_layers * 2 * h + c.vocab_size * h + 2 * h
+    return int(LINEAR_BYTES.get(quantization, 2.0) * linear + 2 * bf16)
 
 
 def bench_hf(args: argparse.Namespace) -> dict[str, float]:
@@ -318,10 +326,10 @@ def main() -> None:
         f"{args.memory_utilization or 'default'}, max_num_seqs {args.max_num_seqs}, fp8 MMA decode "
         f"{_fp8_mma_state()}")
     bw = copy_bandwidth()
-    wb = weight_bytes()
+    wb = weight_bytes(args.quantization)
     roof_ms = wb / bw * 1e3
-    log(f"copy bandwidth {bw / 1e12:.2f} TB/s; weights {wb / 1e9:.2f} GB -> batch-1 roofline "
-        f"{roof_ms:.2f} ms/token")
+    log(f"copy bandwidth {bw / 1e12:.2f} TB/s; a batch-1 step reads {wb / 1e9:.2f} GB of weights "
+        f"(linears {args.quantization or 'bf16'}) -> batch-1 roofline {roof_ms:.2f} ms/token")
     hf = {} if args.skip_hf else bench_hf(args)
     if hf:
         log(f"transformers: {hf}")

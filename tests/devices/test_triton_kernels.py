@@ -76,6 +76,27 @@ def test_silu_and_mul(dtype: torch.dtype, inter: int, gen: torch.Generator) -> N
     assert rel_err(activation.silu_and_mul(x), ref.silu_and_mul(x)) <= RTOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("inter", [48, 1100])
+def test_silu_and_mul_fp8_one_pass_equals_two_passes(
+    dtype: torch.dtype, inter: int, gen: torch.Generator, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Rows up to ``ONE_PASS_MAX_INTER`` wide are read once and held in registers, wider ones
+    in two passes of 1024 columns: the same codes and scales either way, and both the per-token
+    fp8 quantization of silu_and_mul's output."""
+    from portaserve.testing.test_conformance import assert_fp8_activation_close
+
+    x = randn(6, 2 * inter, dtype=dtype, gen=gen) * 3
+    x[2] = 0  # a zero row: scale 1, codes 0
+    one = activation.silu_and_mul_fp8(x)
+    monkeypatch.setattr(activation, "ONE_PASS_MAX_INTER", 0)
+    two = activation.silu_and_mul_fp8(x)
+    assert torch.equal(one.scale, two.scale)
+    assert torch.equal(one.data.view(torch.uint8), two.data.view(torch.uint8))
+    assert one.scale[2].item() == 1.0 and not one.data[2].view(torch.uint8).any()
+    assert_fp8_activation_close(one, ref.silu_and_mul(x).cpu(), dtype, "silu_and_mul_fp8")
+
+
 # --- write_kv ----------------------------------------------------------------------------
 
 

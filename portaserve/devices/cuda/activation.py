@@ -64,36 +64,55 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+#: Widest I that ``silu_and_mul_fp8`` keeps in one program's registers (one read of the row);
+#: wider rows take two passes, the second mostly from L2 (a prompt chunk's rows outgrow it).
+ONE_PASS_MAX_INTER = 16384
+
+
 @triton_kernel
 def _silu_and_mul_fp8_kernel(
-    x_ptr, q_ptr, s_ptr, inter, stride_x, stride_q, BLOCK: tl.constexpr, PDL: tl.constexpr,
+    x_ptr, q_ptr, s_ptr, inter, stride_x, stride_q, BLOCK: tl.constexpr, ONE_PASS: tl.constexpr,
+    PDL: tl.constexpr,
 ):
-    """Grid ``(T,)``: one program per row, two passes over it: the row's amax of
-    ``silu(gate) * up`` rounded to x's dtype (as ``silu_and_mul`` returns it), then the values
-    quantized to fp8 with the scale ``amax * fp32(1/448)`` (stored at ``s_ptr[row]``; 1 for a
-    zero row): ``quant.fp8.quantize_per_token``'s values. The second pass mostly reads from L2."""
+    """Grid ``(T,)``: one program per row: the row's amax of ``silu(gate) * up`` rounded to x's
+    dtype (as ``silu_and_mul`` returns it), then the values quantized to fp8 with the scale
+    ``amax * fp32(1/448)`` (stored at ``s_ptr[row]``; 1 for a zero row):
+    ``quant.fp8.quantize_per_token``'s values. ``ONE_PASS`` (BLOCK >= I): the row is read once
+    and held in registers; otherwise two passes of ``BLOCK`` columns, amax then codes."""
     if PDL:  # programmatic dependent launch (launch.pdl): the next kernel may start; wait for the last
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
     row = tl.program_id(0).to(tl.int64)
-    amax = tl.full((BLOCK,), 0.0, tl.float32)
-    scale = tl.reduce(amax, 0, MAX)  # replaced between the passes
-    for p in tl.static_range(2):  # 0: the row's amax; 1: the codes
-        if p == 1:
-            scale = tl.reduce(amax, 0, MAX) * (1.0 / 448.0)
-            scale = tl.where(scale > 0.0, scale, 1.0)
-            tl.store(s_ptr + row, scale)
-        for c0 in range(0, inter, BLOCK):
-            cols = c0 + tl.arange(0, BLOCK)
-            mask = cols < inter
-            gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-            up = tl.load(x_ptr + row * stride_x + inter + cols, mask=mask, other=0.0).to(tl.float32)
-            y = silu_mul(gate, up).to(x_ptr.dtype.element_ty).to(tl.float32)
-            if p == 0:
-                amax = tl.maximum(amax, tl.abs(y))
-            else:
-                q = tl.minimum(tl.maximum(tl.math.div_rn(y, scale), -448.0), 448.0)
-                tl.store(q_ptr + row * stride_q + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
+    if ONE_PASS:
+        cols = tl.arange(0, BLOCK)
+        mask = cols < inter
+        gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(x_ptr + row * stride_x + inter + cols, mask=mask, other=0.0).to(tl.float32)
+        y = silu_mul(gate, up).to(x_ptr.dtype.element_ty).to(tl.float32)
+        scale = tl.reduce(tl.abs(y), 0, MAX) * (1.0 / 448.0)
+        scale = tl.where(scale > 0.0, scale, 1.0)
+        tl.store(s_ptr + row, scale)
+        q = tl.minimum(tl.maximum(tl.math.div_rn(y, scale), -448.0), 448.0)
+        tl.store(q_ptr + row * stride_q + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
+    else:
+        amax = tl.full((BLOCK,), 0.0, tl.float32)
+        scale = tl.reduce(amax, 0, MAX)  # replaced between the passes
+        for p in tl.static_range(2):  # 0: the row's amax; 1: the codes
+            if p == 1:
+                scale = tl.reduce(amax, 0, MAX) * (1.0 / 448.0)
+                scale = tl.where(scale > 0.0, scale, 1.0)
+                tl.store(s_ptr + row, scale)
+            for c0 in range(0, inter, BLOCK):
+                cols = c0 + tl.arange(0, BLOCK)
+                mask = cols < inter
+                gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+                up = tl.load(x_ptr + row * stride_x + inter + cols, mask=mask, other=0.0).to(tl.float32)
+                y = silu_mul(gate, up).to(x_ptr.dtype.element_ty).to(tl.float32)
+                if p == 0:
+                    amax = tl.maximum(amax, tl.abs(y))
+                else:
+                    q = tl.minimum(tl.maximum(tl.math.div_rn(y, scale), -448.0), 448.0)
+                    tl.store(q_ptr + row * stride_q + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
 
 
 def silu_and_mul_fp8(x: torch.Tensor) -> QuantizedActivation:
@@ -108,8 +127,11 @@ def silu_and_mul_fp8(x: torch.Tensor) -> QuantizedActivation:
     scale = torch.empty((num_tokens, 1), dtype=torch.float32, device=x.device)
     if num_tokens and inter:
         constexprs, options = pdl_options(x)
+        width = triton.next_power_of_2(inter)
+        one_pass = width <= ONE_PASS_MAX_INTER
+        block = width if one_pass else 1024
         _silu_and_mul_fp8_kernel.on(x)[(num_tokens,)](
-            x, out, scale, inter, x.stride(0), out.stride(0),
-            BLOCK=min(1024, triton.next_power_of_2(inter)), num_warps=4, **constexprs, **options,
+            x, out, scale, inter, x.stride(0), out.stride(0), BLOCK=block, ONE_PASS=one_pass,
+            num_warps=min(16, max(4, block // 1024)), **constexprs, **options,
         )
     return QuantizedActivation(out.to(FP8_DTYPE), scale, x.dtype)
