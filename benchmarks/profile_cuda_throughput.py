@@ -145,7 +145,9 @@ def main() -> None:
     p.add_argument("--profile-steps", type=int, default=6)
     p.add_argument("--sync-debug", action="store_true",
                    help="report host calls that wait for the GPU in steps 3-8 (torch sync debug mode)")
-    p.add_argument("--host-profile", action="store_true", help="cProfile a few full decode steps")
+    p.add_argument("--host-profile", action="store_true",
+                   help="cProfile a few full decode steps, early prompt steps, and two prompt steps launched "
+                        "right after a decode step")
     p.add_argument("--preset", default="llama3-8b", help="a random: preset (tiny: a CPU dry run)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--budget-s", type=float, default=400, help="stop the run after this long")
@@ -205,6 +207,7 @@ def main() -> None:
     profiled: dict[str, tuple[object, float, list[tuple[int, int, int, int]]]] = {}
     tokens = 0
     syncs: dict[str, int] = defaultdict(int)
+    transition_profiles: list[tuple[tuple[int, int, int, int], object]] = []
     start = last = time.perf_counter()
     while engine.has_unfinished_requests() and last - start < args.budget_s:
         kind = None
@@ -229,7 +232,19 @@ def main() -> None:
             last = now
             continue
         phases.clear()
-        watch = args.sync_debug and torch.cuda.is_available() and 3 <= len(walls) < 9
+        # After the first wave of prompts, prompt chunks come one step at a time between decode
+        # steps (as running requests finish): the launch of such a step may leave the GPU idle
+        # (its eager forward launches op by op after a ~25 ms decode step).
+        seen_decode = any(st[0] == 0 for st in steps)
+        transition = seen_decode and engine.stats().num_waiting > 0
+        watch = args.sync_debug and torch.cuda.is_available() and (3 <= len(walls) < 9 or transition)
+        catch = args.host_profile and transition and len(transition_profiles) < 2
+        step_prof = None
+        if catch:
+            import cProfile
+
+            step_prof = cProfile.Profile()
+            step_prof.enable()
         if watch:  # which host calls wait for the GPU in these (mixed) steps, and from where
             torch.cuda.set_sync_debug_mode("warn")
         with warnings.catch_warnings(record=True) as caught:
@@ -237,6 +252,10 @@ def main() -> None:
             for out in engine.step():
                 if out.finished:
                     tokens += sum(len(c.token_ids) for c in out.outputs)
+        if step_prof is not None:
+            step_prof.disable()
+            if steps[-1][0] > 0 and steps[-2][0] == 0:  # this call launched a prompt step after a decode step
+                transition_profiles.append((steps[-1], step_prof))
         if watch:
             torch.cuda.set_sync_debug_mode(0)
         for w in caught:
@@ -277,9 +296,12 @@ def main() -> None:
           "previous step's ids; host busy = the rest):")
     print("| steps | count | wall | schedule | launch | complete | wait | host busy |")
     print("|---|---|---|---|---|---|---|---|")
-    for name, pick in (("with prompt tokens", lambda s: s[0] > 0),
-                       ("full decode", lambda s: s[0] == 0 and s[1] >= 0.9 * args.max_num_seqs)):
-        chosen = [(h, w) for s, h, w in zip(steps, host, walls, strict=False) if pick(s) and h]
+    after = [None] + [st[0] > 0 for st in steps[:-1]]  # whether the step before carried prompt tokens
+    for name, pick in (("with prompt tokens", lambda s, a: s[0] > 0),
+                       ("  after a step with prompt tokens", lambda s, a: s[0] > 0 and a),
+                       ("  after a decode-only step", lambda s, a: s[0] > 0 and a is False),
+                       ("full decode", lambda s, a: s[0] == 0 and s[1] >= 0.9 * args.max_num_seqs)):
+        chosen = [(h, w) for s, a, h, w in zip(steps, after, host, walls, strict=False) if pick(s, a) and h]
         if not chosen:
             continue
         mean = {k: sum(h.get(k, 0.0) for h, _ in chosen) / len(chosen) * 1e3
@@ -295,6 +317,14 @@ def main() -> None:
     print("Triton variants compiled in this process: " + compiled_variants())
     for where, count in sorted(syncs.items(), key=lambda kv: -kv[1])[:8]:
         print(f"synchronizing call x{count}: {where}")
+    for (pt, dr, _, _), step_prof in transition_profiles:
+        import io
+        import pstats
+
+        buf = io.StringIO()
+        pstats.Stats(step_prof, stream=buf).sort_stats("cumulative").print_stats(24)
+        print(f"\nhost profile of the engine step that launched a prompt step after a decode step "
+              f"({pt} prompt tok + {dr} decode; cProfile, cumulative):\n" + buf.getvalue())
     for key in ("host mixed", "host decode"):
         if key in profiled:
             print(f"\n{key} steps:" + profiled.pop(key))
