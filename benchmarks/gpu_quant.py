@@ -308,10 +308,16 @@ SWEEP_FILTER = ""
 
 
 def set_one_row_config(spec: str) -> None:
-    """``--one-row-config FMT=BN,BK,WARPS,PPS[,FIELD...]``: FMT's GEMV tiles at one row of x."""
+    """``--one-row-config FMT=BN,BK,WARPS,PPS[,FIELD...]``: FMT's GEMV tiles at one row of x;
+    ``FMT=tiled``: no GEMV at one row, the caller's tiled dequant GEMM (float32 accumulation: the
+    yardstick for the GEMVs' own rounding, e.g. the packed path's bf16x2 products)."""
     from portaserve.quant import gemv_triton
 
     fmt, _, values = spec.partition("=")
+    if values == "tiled" and fmt in gemv_triton.CONFIGS:
+        gemv_triton.CONFIGS[fmt] = ((1, None),) + tuple(e for e in gemv_triton.CONFIGS[fmt] if e[0] > 1)
+        log(f"{fmt} at one row: the tiled dequant GEMM")
+        return
     parts = values.split(",")
     if fmt not in gemv_triton.CONFIGS or len(parts) < 4:
         raise SystemExit(f"--one-row-config {spec!r}: want FMT=BN,BK,WARPS,PPS[,FIELD] with FMT one of "
@@ -467,8 +473,8 @@ def apply_variant(spec: str) -> None:
     """One ``--decode-variant``: space-separated settings, each ``pdl=N`` (``--gemv-pdl-lines``),
     ``fuse_norm`` (``gemv_triton.FUSE_NORM``: o and down run the norm after them in their
     launch), ``fuse_silu`` (``FUSE_SILU``: gate|up runs silu_and_mul in its launch),
-    ``unfused`` (both off) or ``FMT=BN,BK,WARPS,PPS[,FIELD]`` (``--one-row-config``); ``default`` changes
-    nothing."""
+    ``unfused`` (both off) or ``FMT=BN,BK,WARPS,PPS[,FIELD]`` / ``FMT=tiled`` (``--one-row-config``);
+    ``default`` changes nothing."""
     from portaserve.quant import gemv_triton
 
     for item in spec.split():

@@ -136,7 +136,9 @@ class GemvConfig:
     #: ``num_stages`` 2 loads the words two K steps ahead (1: one). Not chosen: on a lent H100
     #: (2026-12-07) the int4 8B step at one row took 3.538 ms with 128 x 128 MMA tiles against
     #: 3.258 for the packed 64 x 128, and its logits differed from the packed path's by 6.5e-2
-    #: (relative; not yet explained: the GEMV tests pass, see docs/benchmarks.md).
+    #: (relative; both pass the GEMV tests, MMA at 1e-4 of the float32 reference, the packed
+    #: bf16x2 products at 4e-3, so the packed path is the likelier one to move the logits; the
+    #: float32-accumulating yardstick is ``gpu_quant.py --decode-variant int4=tiled``).
     mma: bool = False
     #: With ``mma``: the zero points taken off after the MMAs, from the group sums of x (one MMA
     #: more per word position and thread, one FMA fewer per pair of codes and row).
