@@ -489,6 +489,12 @@ def fp8_gemm_rows() -> list[Row]:
             rows.append(Row(label, "_scaled_mm rowwise", bench(
                 lambda i: torch._scaled_mm(xq, wq.t(), sx_row, sw_row, out_dtype=torch.bfloat16), iters=30),
                 nbytes, flops, rel_err(row.float(), want)))
+            if DEV == "cuda":  # the sums kept in the tensor cores' own precision (fp8.FAST_ACCUM)
+                fast = torch._scaled_mm(xq, wq.t(), sx_row, sw_row, out_dtype=torch.bfloat16, use_fast_accum=True)
+                rows.append(Row(label, "_scaled_mm rowwise, fast accum", bench(
+                    lambda i: torch._scaled_mm(xq, wq.t(), sx_row, sw_row, out_dtype=torch.bfloat16,
+                                               use_fast_accum=True), iters=30),
+                    nbytes, flops, rel_err(fast.float(), want)))
             rows.append(Row(label, "_scaled_mm tensorwise", bench(
                 lambda i: torch._scaled_mm(xq, wq.t(), one, one, out_dtype=torch.bfloat16), iters=30), nbytes, flops))
             rows.append(Row(label, "bf16 matmul", bench(lambda i: x @ w.T, iters=30), 2 * nbytes, flops))

@@ -116,6 +116,12 @@ def bench_hf(args: argparse.Namespace) -> dict[str, float]:
     return {"decode_ms": ms_per_token, "ttft_ms": ttft, "throughput": tput}
 
 
+def _fast_accum() -> bool:
+    from portaserve.quant import fp8
+
+    return fp8.FAST_ACCUM
+
+
 def _fp8_mma_state() -> str:
     from portaserve.devices.cuda import attention
 
@@ -289,6 +295,9 @@ def main() -> None:
     p.add_argument("--async-scheduling", default=None, action=argparse.BooleanOptionalAction,
                    help="force async scheduling on or off (default: the device's choice)")
     p.add_argument("--kv-cache-dtype", default="auto", help="auto (bf16) or fp8 (e4m3)")
+    p.add_argument("--fp8-fast-accum", action=argparse.BooleanOptionalAction, default=None,
+                   help="fp8 W8A8 matmuls with _scaled_mm's use_fast_accum (quant.fp8.FAST_ACCUM; default: "
+                        "PORTASERVE_FP8_FAST_ACCUM)")
     p.add_argument("--fp8-mma-decode", default=None, action=argparse.BooleanOptionalAction,
                    help="decode over an fp8 cache through the hand-built MMA kernel "
                         "(attention.DECODE_FP8_MMA; default: as the module says)")
@@ -306,6 +315,10 @@ def main() -> None:
     p.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "gpu_llama8b.json"))
     args = p.parse_args()
     deadline = time.perf_counter() + args.budget_s
+    if args.fp8_fast_accum is not None:
+        from portaserve.quant import fp8
+
+        fp8.FAST_ACCUM = args.fp8_fast_accum
     if args.fp8_mma_decode is not None:
         from portaserve.devices.cuda import attention
 
@@ -324,7 +337,7 @@ def main() -> None:
         f"{c.num_kv_heads} KV heads, MLP {c.intermediate_size}, vocab {c.vocab_size}, bf16; "
         f"linears {args.quantization or 'bf16'}, KV cache {args.kv_cache_dtype}, memory utilization "
         f"{args.memory_utilization or 'default'}, max_num_seqs {args.max_num_seqs}, fp8 MMA decode "
-        f"{_fp8_mma_state()}")
+        f"{_fp8_mma_state()}, fp8 fast accumulation {'on' if _fast_accum() else 'off'}")
     bw = copy_bandwidth()
     wb = weight_bytes(args.quantization)
     roof_ms = wb / bw * 1e3

@@ -85,6 +85,14 @@ def cuda_pdl() -> bool:
     return os.environ.get("PORTASERVE_CUDA_PDL", "1").strip().lower() not in {"0", "false", "no", "off"}
 
 
+def fp8_fast_accum() -> bool:
+    """``PORTASERVE_FP8_FAST_ACCUM``: let fp8 W8A8 matmuls on cuda (``torch._scaled_mm``) keep
+    their running sums in the tensor cores' reduced precision instead of promoting them to
+    float32 along K (cuBLAS/CUTLASS "fast accumulation"; faster, a little less exact). Default
+    off until timed (docs/benchmarks.md)."""
+    return os.environ.get("PORTASERVE_FP8_FAST_ACCUM", "0").strip().lower() in {"1", "true", "yes", "on"}
+
+
 def cpu_native() -> bool:
     """``PORTASERVE_CPU_NATIVE``: build and use the cpu device's native small-batch kernels
     (``portaserve.devices.cpu_native``; default on; ``0`` keeps the torch-only paths)."""

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import torch
 
+from portaserve import envs
 from portaserve.errors import ConfigError, ModelError
 from portaserve.quant.base import Numerics, QuantizedActivation, QuantizedWeight
 
@@ -43,6 +44,9 @@ W8A8_MAX_REL_ERROR = 0.05
 #: sum products with fewer bits than float32 (seen on the H200: 9e-5 at 300 x 4096, more on
 #: short dot products whose outputs are small); a wrong scale or code is off by 1e-2 or more.
 W8A8_ACCUMULATION_REL_ERROR = 1e-3
+#: ``_scaled_mm``'s ``use_fast_accum`` on CUDA (``PORTASERVE_FP8_FAST_ACCUM``; read at import,
+#: benchmarks flip it): sums kept in the fp8 tensor cores' own precision along all of K.
+FAST_ACCUM = envs.fp8_fast_accum()
 
 
 def kv_cache_dtype(name: str, model_dtype: torch.dtype | None = None) -> torch.dtype | None:
@@ -215,14 +219,15 @@ def scaled_mm(xq: torch.Tensor, x_scale: torch.Tensor, weight: QuantizedWeight,
     ws = weight.data["weight_scale"].float()
     wq = weight.data["weight"].t()  # [K, N], column-major as _scaled_mm wants
     rows = xq.shape[0]
+    fast = {"use_fast_accum": True} if FAST_ACCUM and xq.is_cuda else {}
     if out_dtype == torch.bfloat16:
         if x_scale.dim() == 0 and ws.dim() == 0:
-            return torch._scaled_mm(xq, wq, scale_a=x_scale, scale_b=ws, out_dtype=out_dtype)
+            return torch._scaled_mm(xq, wq, scale_a=x_scale, scale_b=ws, out_dtype=out_dtype, **fast)
         xs = x_scale.reshape(-1, 1).expand(rows, 1).contiguous()  # [T, 1]
         ws = ws.reshape(1, -1).expand(1, weight.shape[0]).contiguous()  # [1, N]
-        return torch._scaled_mm(xq, wq, scale_a=xs, scale_b=ws, out_dtype=out_dtype)
+        return torch._scaled_mm(xq, wq, scale_a=xs, scale_b=ws, out_dtype=out_dtype, **fast)
     one = torch.ones((), dtype=torch.float32, device=xq.device)
-    out = torch._scaled_mm(xq, wq, scale_a=one, scale_b=one, out_dtype=torch.float32)
+    out = torch._scaled_mm(xq, wq, scale_a=one, scale_b=one, out_dtype=torch.float32, **fast)
     out = out * x_scale.reshape(-1, 1) * (ws if ws.dim() == 0 else ws[None, :])
     return out.to(out_dtype)
 

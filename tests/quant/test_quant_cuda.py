@@ -99,6 +99,29 @@ def test_fp8_w8a8_matches_the_emulation(scheme: str, per_channel: bool, dtype: t
     assert err < tol[dtype], err
 
 
+@pytest.mark.parametrize("k", [4096, 14336])
+def test_fp8_fast_accumulation_stays_near_the_emulation(k: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``PORTASERVE_FP8_FAST_ACCUM`` (``fp8.FAST_ACCUM``) passes ``use_fast_accum`` to
+    ``_scaled_mm``: the sums stay in the tensor cores' precision along all of K (the down
+    projection's 14336 included). The result may move from the emulation by more than the
+    promoted sums' allowance, but stays below the ~1e-2 of a wrong scale or code."""
+    from portaserve.quant import fp8
+    from portaserve.quant.kernels_triton import fp8_quant_linear
+
+    gen = torch.Generator().manual_seed(k)
+    weight = fp8_weight(1024, k, "dynamic_per_token", True, gen)
+    x = torch.randn(300, k, generator=gen).to(torch.bfloat16)
+    want = fp8_linear_emulated(x, weight, None).float()
+    calls: list[dict] = []
+    real = torch._scaled_mm
+    monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    monkeypatch.setattr(fp8, "FAST_ACCUM", True)
+    got = fp8_quant_linear(x.to(CUDA), weight.to(CUDA)).float().cpu()
+    assert calls and all(c.get("use_fast_accum") for c in calls)
+    err = ((got - want).norm() / want.norm()).item()
+    assert err < 5e-3, err
+
+
 # K formats above the GEMV's rows are unpacked for cuBLAS inside the graph (no host tensors there).
 GRAPHED = [(fmt, m) for fmt in ("fp8", "int4", "Q4_0") for m in (1, 4, 16)]
 GRAPHED += [(fmt, 37) for fmt in ("Q4_K", "Q5_K", "Q6_K")]

@@ -128,6 +128,27 @@ def test_fp8_w8a8_scaled_mm_matches_emulation(activation):
     torch.testing.assert_close(fp8_linear(x, q), emulated, atol=1e-4, rtol=1e-4)
 
 
+def test_fp8_fast_accum_is_a_cuda_only_flag(monkeypatch):
+    """``PORTASERVE_FP8_FAST_ACCUM`` turns ``fp8.FAST_ACCUM`` on; on CPU tensors ``_scaled_mm``
+    is called as without it (the flag is cuBLAS's), so the result is unchanged."""
+    from portaserve import envs
+    from portaserve.quant import fp8
+
+    monkeypatch.setenv("PORTASERVE_FP8_FAST_ACCUM", "1")
+    assert envs.fp8_fast_accum()
+    monkeypatch.setenv("PORTASERVE_FP8_FAST_ACCUM", "0")
+    assert not envs.fp8_fast_accum()
+    x = torch.randn(5, 128, generator=gen(9))
+    q = FP8Method().quantize(torch.randn(24, 128, generator=gen(10)), activation="dynamic_per_token")
+    want = fp8_linear(x, q)
+    calls = []
+    real = torch._scaled_mm
+    monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    monkeypatch.setattr(fp8, "FAST_ACCUM", True)
+    assert torch.equal(fp8_linear(x, q), want)
+    assert calls and not any("use_fast_accum" in c for c in calls)
+
+
 def test_fp8_concat_rows():
     """Fused q|k|v: per-tensor scales become per-row unless all equal; the weight-only and the
     W8A8 results are the parts' side by side; differing schemes or static input scales do not
