@@ -384,6 +384,20 @@ def tune_rows() -> list[Row]:
             continue
         rows.append(Row(f"tune prefill {PREFILL_CASES[0][1]}", label, ms, nbytes, flops))
     attention.VARLEN_CONFIG.update(saved)
+    for case, name in PREFILL_CASES:  # the causal mask on every key tile (as before) vs where it cuts
+        query_, cache_, attn_, _ = paged_setup(case)
+        flops_ = 4.0 * HEADS * HEAD_DIM * sum(q * c + q * (q + 1) // 2 for c, q in case)
+        bytes_ = sum(2 * (c + q) * KV_HEADS * HEAD_DIM * e + 2 * q * HEADS * HEAD_DIM * e for c, q in case)
+        times: dict[bool, list[float]] = {True: [], False: []}
+        for _ in range(3):  # in turns, median of three
+            for unmasked in times:
+                attention.VARLEN_UNMASKED_TILES = unmasked
+                times[unmasked].append(bench(
+                    lambda i, a=(query_, cache_, attn_): attention.paged_attention(*a, scale), budget_s=0.5))
+        attention.VARLEN_UNMASKED_TILES = True
+        for unmasked, ms in times.items():
+            rows.append(Row(f"tune prefill {name}", "unmasked whole tiles" if unmasked else "mask on every tile",
+                            statistics.median(ms), bytes_, flops_))
 
     saved, saved_fp8 = dict(attention.DECODE_CONFIG), dict(attention.DECODE_CONFIG_FP8)
     for num_reqs, ctx in (DECODE_CASES[1], DECODE_CASES[-1]):

@@ -262,6 +262,23 @@ def test_paged_attention_long_prefill_many_tiles(dtype: torch.dtype, gen: torch.
     assert rel_err(got, ref.paged_attention(query, cache, attn, 0.2, kv_layout="blocks_hnd")) <= RTOL[dtype]
 
 
+@pytest.mark.parametrize("cache_dtype", [None, torch.float8_e4m3fn])
+def test_varlen_unmasked_tiles_equal_the_mask_on_every_tile(cache_dtype: torch.dtype | None, gen: torch.Generator,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Key tiles that every row of a program sees run without the causal mask
+    (``VARLEN_UNMASKED_TILES``): the same output as masking every tile (prompts over cached
+    prefixes, so the programs' first tiles are whole and their last ones straddle the diagonal),
+    and the reference's."""
+    dtype = DTYPES[1] if cache_dtype is None else torch.float16
+    query, cache, attn = make_step([(40, 37), (0, 50), (17, 9)], 8, 2, 32, 8, dtype, "blocks_hnd", gen,
+                                   cache_dtype)
+    got = attention.paged_attention(query, cache, attn, 0.2)
+    monkeypatch.setattr(attention, "VARLEN_UNMASKED_TILES", False)
+    every = attention.paged_attention(query, cache, attn, 0.2)
+    assert torch.equal(got, every) if DEVICE.type == "cpu" else rel_err(got, every) <= RTOL[dtype] / 10
+    assert rel_err(got, ref.paged_attention(query, cache, attn, 0.2, kv_layout="blocks_hnd")) <= RTOL[dtype]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("group", [1, 3, 4])
 @pytest.mark.parametrize("num_splits", [None, 1, 4] + ([32] if DEVICE.type != "cpu" else []))

@@ -89,6 +89,10 @@ _MAX_SPLITS = 32
 #: alternatives; fp32 inputs (twice the bytes per element) use half the keys per tile and one
 #: pipeline stage less, which keeps them within 64 KiB of shared memory (AMD MI300's LDS).
 VARLEN_CONFIG: dict[str, int] = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
+#: The varlen kernel runs the key tiles that every row of a program sees in full (all but the
+#: last one or two of a prompt tile) without the causal mask's compare and select. Untimed as
+#: yet: ``benchmarks/gpu_kernels.py --sections tune`` times it off beside on.
+VARLEN_UNMASKED_TILES = True
 DECODE_CONFIG: dict[str, int] = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
 #: Decode over an fp8 cache: two warps did best in the H200 sweeps at batch 512 x 1536 (0.62 ms vs
 #: 0.87-1.07 ms a layer with four or eight, when the tiles went through float32; with fp16 tiles,
@@ -115,7 +119,7 @@ def _varlen_attn_kernel(
     stride_c_kv, stride_c_block, stride_c_head, stride_c_off, stride_bt,
     GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    IEEE: tl.constexpr, KV_FP8: tl.constexpr, PDL: tl.constexpr,
+    IEEE: tl.constexpr, KV_FP8: tl.constexpr, UNMASKED_TILES: tl.constexpr, PDL: tl.constexpr,
 ):
     """Grid ``(T // BLOCK_Q + R, Hk)``.
 
@@ -166,41 +170,50 @@ def _varlen_attn_kernel(
         n_next = tl.arange(0, BLOCK_N)  # block ids one tile ahead (see _decode_attn_kernel)
         block_next = tl.load(table + n_next // BLOCK_SIZE, mask=(n_next // BLOCK_SIZE) * BLOCK_SIZE < kv_end,
                              other=0)
-        for start in range(0, kv_end, BLOCK_N):
-            n = start + tl.arange(0, BLOCK_N)
-            n_ok = n < kv_end
-            block = block_next.to(tl.int64)
-            n_next = n + BLOCK_N
-            block_next = tl.load(table + n_next // BLOCK_SIZE,
-                                 mask=(n_next // BLOCK_SIZE) * BLOCK_SIZE < kv_end, other=0)
-            kv_off = block * stride_c_block + (n % BLOCK_SIZE) * stride_c_off  # [BLOCK_N]
-            if FINITE:  # whole blocks (see _decode_attn_kernel)
-                kv_mask = ((n // BLOCK_SIZE) * BLOCK_SIZE < kv_end)[:, None] & d_ok[None, :]
-            else:
-                kv_mask = n_ok[:, None] & d_ok[None, :]
-            k = tl.load(head_base + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(head_base + stride_c_kv + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
-            if KV_FP8 == 1:  # [BLOCK_N, BLOCK_D] fp8 -> fp16 (q is fp16 already)
-                k = k.to(tl.float16)
-                v = v.to(tl.float16)
-            elif KV_FP8 == 2:  # through float32 to the query's dtype
-                k = k.to(tl.float32).to(q.dtype)
-                v = v.to(tl.float32).to(q.dtype)
-            if IEEE:  # float32 inputs: exact products, not TF32
-                s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2  # [BLOCK_M, BLOCK_N]
-            else:
-                s = tl.dot(q, tl.trans(k)) * scale_log2
-            visible = (n[None, :] <= q_pos[:, None]) & n_ok[None, :]
-            s = tl.where(visible, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.reduce(s, 1, MAX))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.reduce(p, 1, SUM)
-            if IEEE:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+        # Keys before the tile's first query position + 1 are visible to every row: whole key
+        # tiles up to there skip the causal mask (phase 0); the rest take it (phase 1).
+        unmasked_end = (tl.minimum(kv_end, context_len + tile * BLOCK_Q + 1) // BLOCK_N) * BLOCK_N
+        if not UNMASKED_TILES:  # (VARLEN_UNMASKED_TILES off: every tile takes the mask)
+            unmasked_end = unmasked_end * 0
+        for phase in tl.static_range(2):
+            lo = 0 if phase == 0 else unmasked_end
+            hi = unmasked_end if phase == 0 else kv_end
+            for start in range(lo, hi, BLOCK_N):
+                n = start + tl.arange(0, BLOCK_N)
+                n_ok = n < kv_end
+                block = block_next.to(tl.int64)
+                n_next = n + BLOCK_N
+                block_next = tl.load(table + n_next // BLOCK_SIZE,
+                                     mask=(n_next // BLOCK_SIZE) * BLOCK_SIZE < kv_end, other=0)
+                kv_off = block * stride_c_block + (n % BLOCK_SIZE) * stride_c_off  # [BLOCK_N]
+                if FINITE:  # whole blocks (see _decode_attn_kernel)
+                    kv_mask = ((n // BLOCK_SIZE) * BLOCK_SIZE < kv_end)[:, None] & d_ok[None, :]
+                else:
+                    kv_mask = n_ok[:, None] & d_ok[None, :]
+                k = tl.load(head_base + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+                v = tl.load(head_base + stride_c_kv + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+                if KV_FP8 == 1:  # [BLOCK_N, BLOCK_D] fp8 -> fp16 (q is fp16 already)
+                    k = k.to(tl.float16)
+                    v = v.to(tl.float16)
+                elif KV_FP8 == 2:  # through float32 to the query's dtype
+                    k = k.to(tl.float32).to(q.dtype)
+                    v = v.to(tl.float32).to(q.dtype)
+                if IEEE:  # float32 inputs: exact products, not TF32
+                    s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2  # [BLOCK_M, BLOCK_N]
+                else:
+                    s = tl.dot(q, tl.trans(k)) * scale_log2
+                if phase == 1:
+                    visible = (n[None, :] <= q_pos[:, None]) & n_ok[None, :]
+                    s = tl.where(visible, s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.reduce(s, 1, MAX))
+                alpha = tl.exp2(m_i - m_new)
+                p = tl.exp2(s - m_new[:, None])
+                l_i = l_i * alpha + tl.reduce(p, 1, SUM)
+                if IEEE:
+                    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+                else:
+                    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+                m_i = m_new
         l_i = tl.where(l_i > 0.0, l_i, 1.0)
         out = acc / l_i[:, None]
         tl.store(out_ptr + q_rows[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
@@ -851,7 +864,7 @@ def _varlen(query: torch.Tensor, out: torch.Tensor, query_start_loc: torch.Tenso
         {"GROUP": a.group, "BLOCK_Q": block_q, "BLOCK_M": block_m,
          "BLOCK_N": 16 if a.interp else VARLEN_CONFIG["BLOCK_N"] // (2 if a.ieee else 1),
          "BLOCK_D": a.block_d, "BLOCK_SIZE": a.block_size, "IEEE": a.ieee, "KV_FP8": a.kv_fp8,
-         **pdl_options(query)[0]},
+         "UNMASKED_TILES": VARLEN_UNMASKED_TILES, **pdl_options(query)[0]},
         num_warps=VARLEN_CONFIG["num_warps"],
         num_stages=VARLEN_CONFIG["num_stages"] - (1 if a.ieee else 0),
     )
