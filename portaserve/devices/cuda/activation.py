@@ -64,8 +64,9 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-#: Widest I that ``silu_and_mul_fp8`` keeps in one program's registers (one read of the row);
-#: wider rows take two passes, the second mostly from L2 (a prompt chunk's rows outgrow it).
+#: Widest I that ``silu_and_mul_fp8`` keeps in one program's registers (16 warps; one read of
+#: the row); wider rows take two passes, amax then codes, reading the row twice (the L2 does not
+#: keep a prompt chunk's rows between them: 0.434 vs 0.293 ms at 8192 x 14336 on an H100).
 ONE_PASS_MAX_INTER = 16384
 
 
