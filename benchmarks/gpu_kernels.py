@@ -384,6 +384,7 @@ def tune_rows() -> list[Row]:
             continue
         rows.append(Row(f"tune prefill {PREFILL_CASES[0][1]}", label, ms, nbytes, flops))
     attention.VARLEN_CONFIG.update(saved)
+    saved_unmasked = attention.VARLEN_UNMASKED_TILES
     for case, name in PREFILL_CASES:  # the causal mask on every key tile (as before) vs where it cuts
         query_, cache_, attn_, _ = paged_setup(case)
         flops_ = 4.0 * HEADS * HEAD_DIM * sum(q * c + q * (q + 1) // 2 for c, q in case)
@@ -394,7 +395,7 @@ def tune_rows() -> list[Row]:
                 attention.VARLEN_UNMASKED_TILES = unmasked
                 times[unmasked].append(bench(
                     lambda i, a=(query_, cache_, attn_): attention.paged_attention(*a, scale), budget_s=0.5))
-        attention.VARLEN_UNMASKED_TILES = True
+        attention.VARLEN_UNMASKED_TILES = saved_unmasked
         for unmasked, ms in times.items():
             rows.append(Row(f"tune prefill {name}", "unmasked whole tiles" if unmasked else "mask on every tile",
                             statistics.median(ms), bytes_, flops_))

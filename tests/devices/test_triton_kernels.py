@@ -272,6 +272,7 @@ def test_varlen_unmasked_tiles_equal_the_mask_on_every_tile(cache_dtype: torch.d
     dtype = DTYPES[1] if cache_dtype is None else torch.float16
     query, cache, attn = make_step([(40, 37), (0, 50), (17, 9)], 8, 2, 32, 8, dtype, "blocks_hnd", gen,
                                    cache_dtype)
+    monkeypatch.setattr(attention, "VARLEN_UNMASKED_TILES", True)
     got = attention.paged_attention(query, cache, attn, 0.2)
     monkeypatch.setattr(attention, "VARLEN_UNMASKED_TILES", False)
     every = attention.paged_attention(query, cache, attn, 0.2)

@@ -90,9 +90,10 @@ _MAX_SPLITS = 32
 #: pipeline stage less, which keeps them within 64 KiB of shared memory (AMD MI300's LDS).
 VARLEN_CONFIG: dict[str, int] = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
 #: The varlen kernel runs the key tiles that every row of a program sees in full (all but the
-#: last one or two of a prompt tile) without the causal mask's compare and select. Untimed as
-#: yet: ``benchmarks/gpu_kernels.py --sections tune`` times it off beside on.
-VARLEN_UNMASKED_TILES = True
+#: last one or two of a prompt tile) without the causal mask's compare and select. Off until
+#: timed (``benchmarks/gpu_kernels.py --sections tune`` times it off beside on): Triton
+#: pipelines the two loops apart, which may cost more than the mask saves on short prompts.
+VARLEN_UNMASKED_TILES = False
 DECODE_CONFIG: dict[str, int] = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
 #: Decode over an fp8 cache: two warps did best in the H200 sweeps at batch 512 x 1536 (0.62 ms vs
 #: 0.87-1.07 ms a layer with four or eight, when the tiles went through float32; with fp16 tiles,
@@ -172,10 +173,11 @@ def _varlen_attn_kernel(
                              other=0)
         # Keys before the tile's first query position + 1 are visible to every row: whole key
         # tiles up to there skip the causal mask (phase 0); the rest take it (phase 1).
+        # (VARLEN_UNMASKED_TILES off: no phase 0, every tile takes the mask)
         unmasked_end = (tl.minimum(kv_end, context_len + tile * BLOCK_Q + 1) // BLOCK_N) * BLOCK_N
-        if not UNMASKED_TILES:  # (VARLEN_UNMASKED_TILES off: every tile takes the mask)
+        if not UNMASKED_TILES:
             unmasked_end = unmasked_end * 0
-        for phase in tl.static_range(2):
+        for phase in tl.static_range(0 if UNMASKED_TILES else 1, 2):
             lo = 0 if phase == 0 else unmasked_end
             hi = unmasked_end if phase == 0 else kv_end
             for start in range(lo, hi, BLOCK_N):
