@@ -111,6 +111,64 @@ DECODE_FP8_MMA = True
 DECODE_FP8_MMA_MAXNREG: int | None = 192
 
 
+@triton_helper
+def _kv_tile(q, head_base, table, start, kv_end, block_next, d, d_ok, stride_c_kv, stride_c_block,
+             stride_c_off, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, FINITE: tl.constexpr,
+             KV_FP8: tl.constexpr):
+    """The K and V tile of keys ``start .. start + BLOCK_N`` of one KV head, in q's compute
+    dtype -> (key positions n, n < kv_end, k, v [BLOCK_N, BLOCK_D], the next tile's block ids).
+    ``block_next`` holds this tile's block ids, loaded one tile ahead by the caller's loop: then
+    the K/V addresses come from values the loop carries rather than from a load in the same
+    iteration, and Triton's pipeliner keeps num_stages - 1 tiles in flight (with the ids loaded
+    in the iteration it kept one buffer whatever num_stages said). ``FINITE`` (an fp8 cache,
+    which holds only finite values): whole blocks are loaded; the unwritten tail of the last
+    holds finite values and the caller gives its keys probability exactly 0."""
+    n = start + tl.arange(0, BLOCK_N)
+    n_ok = n < kv_end
+    block = block_next.to(tl.int64)
+    n_next = n + BLOCK_N
+    block_next = tl.load(table + n_next // BLOCK_SIZE, mask=(n_next // BLOCK_SIZE) * BLOCK_SIZE < kv_end,
+                         other=0)
+    kv_off = block * stride_c_block + (n % BLOCK_SIZE) * stride_c_off  # [BLOCK_N]
+    if FINITE:
+        kv_mask = ((n // BLOCK_SIZE) * BLOCK_SIZE < kv_end)[:, None] & d_ok[None, :]
+    else:
+        kv_mask = n_ok[:, None] & d_ok[None, :]
+    k = tl.load(head_base + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(head_base + stride_c_kv + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+    if KV_FP8 == 1:  # [BLOCK_N, BLOCK_D] fp8 -> fp16 (q is fp16 already)
+        k = k.to(tl.float16)
+        v = v.to(tl.float16)
+    elif KV_FP8 == 2:  # through float32 to the query's dtype
+        k = k.to(tl.float32).to(q.dtype)
+        v = v.to(tl.float32).to(q.dtype)
+    return n, n_ok, k, v, block_next
+
+
+@triton_helper
+def _scores(q, k, scale_log2, IEEE: tl.constexpr):
+    """q k^T scaled for exp2 (float32 inputs: exact products, not TF32)."""
+    if IEEE:
+        return tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2
+    else:
+        return tl.dot(q, tl.trans(k)) * scale_log2
+
+
+@triton_helper
+def _online_softmax(s, v, m_i, l_i, acc, IEEE: tl.constexpr):
+    """One tile of the online softmax: scores ``s`` (-inf where masked) and values ``v`` into
+    the running max ``m_i``, sum ``l_i`` and output ``acc`` -> their new values."""
+    m_new = tl.maximum(m_i, tl.reduce(s, 1, MAX))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.reduce(p, 1, SUM)
+    if IEEE:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
 @triton_kernel(no_specialize=("qsl_ptr", "seq_lens_ptr", "block_tables_ptr", "num_reqs", "stride_bt"))
 def _varlen_attn_kernel(
     q_ptr, cache_ptr, out_ptr,
@@ -168,7 +226,7 @@ def _varlen_attn_kernel(
         acc = tl.full([BLOCK_M, BLOCK_D], 0.0, dtype=tl.float32)
         table = block_tables_ptr + req.to(tl.int64) * stride_bt
         head_base = cache_ptr + kv_head.to(tl.int64) * stride_c_head
-        n_next = tl.arange(0, BLOCK_N)  # block ids one tile ahead (see _decode_attn_kernel)
+        n_next = tl.arange(0, BLOCK_N)  # the first tile's block ids (then one tile ahead: _kv_tile)
         block_next = tl.load(table + n_next // BLOCK_SIZE, mask=(n_next // BLOCK_SIZE) * BLOCK_SIZE < kv_end,
                              other=0)
         # Keys before the tile's first query position + 1 are visible to every row: whole key
@@ -181,41 +239,14 @@ def _varlen_attn_kernel(
             lo = 0 if phase == 0 else unmasked_end
             hi = unmasked_end if phase == 0 else kv_end
             for start in range(lo, hi, BLOCK_N):
-                n = start + tl.arange(0, BLOCK_N)
-                n_ok = n < kv_end
-                block = block_next.to(tl.int64)
-                n_next = n + BLOCK_N
-                block_next = tl.load(table + n_next // BLOCK_SIZE,
-                                     mask=(n_next // BLOCK_SIZE) * BLOCK_SIZE < kv_end, other=0)
-                kv_off = block * stride_c_block + (n % BLOCK_SIZE) * stride_c_off  # [BLOCK_N]
-                if FINITE:  # whole blocks (see _decode_attn_kernel)
-                    kv_mask = ((n // BLOCK_SIZE) * BLOCK_SIZE < kv_end)[:, None] & d_ok[None, :]
-                else:
-                    kv_mask = n_ok[:, None] & d_ok[None, :]
-                k = tl.load(head_base + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
-                v = tl.load(head_base + stride_c_kv + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
-                if KV_FP8 == 1:  # [BLOCK_N, BLOCK_D] fp8 -> fp16 (q is fp16 already)
-                    k = k.to(tl.float16)
-                    v = v.to(tl.float16)
-                elif KV_FP8 == 2:  # through float32 to the query's dtype
-                    k = k.to(tl.float32).to(q.dtype)
-                    v = v.to(tl.float32).to(q.dtype)
-                if IEEE:  # float32 inputs: exact products, not TF32
-                    s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2  # [BLOCK_M, BLOCK_N]
-                else:
-                    s = tl.dot(q, tl.trans(k)) * scale_log2
+                n, n_ok, k, v, block_next = _kv_tile(
+                    q, head_base, table, start, kv_end, block_next, d, d_ok, stride_c_kv, stride_c_block,
+                    stride_c_off, BLOCK_N, BLOCK_SIZE, FINITE, KV_FP8)
+                s = _scores(q, k, scale_log2, IEEE)  # [BLOCK_M, BLOCK_N]
                 if phase == 1:
                     visible = (n[None, :] <= q_pos[:, None]) & n_ok[None, :]
                     s = tl.where(visible, s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.reduce(s, 1, MAX))
-                alpha = tl.exp2(m_i - m_new)
-                p = tl.exp2(s - m_new[:, None])
-                l_i = l_i * alpha + tl.reduce(p, 1, SUM)
-                if IEEE:
-                    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-                else:
-                    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-                m_i = m_new
+                m_i, l_i, acc = _online_softmax(s, v, m_i, l_i, acc, IEEE)
         l_i = tl.where(l_i > 0.0, l_i, 1.0)
         out = acc / l_i[:, None]
         tl.store(out_ptr + q_rows[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
@@ -262,48 +293,16 @@ def _decode_attn_kernel(
     acc = tl.full([BLOCK_G, BLOCK_D], 0.0, dtype=tl.float32)
     table = block_tables_ptr + req * stride_bt
     head_base = cache_ptr + kv_head.to(tl.int64) * stride_c_head
-    # A tile's block ids are loaded one iteration ahead, so its K/V addresses come from values the
-    # loop carries rather than from a load in the same iteration: then Triton's pipeliner keeps
-    # num_stages - 1 tiles of K/V in flight. With the ids loaded in the iteration it kept one
-    # buffer whatever num_stages said, and each tile's load latency was exposed.
-    n_next = kv_start + tl.arange(0, BLOCK_N)
+    n_next = kv_start + tl.arange(0, BLOCK_N)  # the first tile's block ids (then one tile ahead: _kv_tile)
     block_next = tl.load(table + n_next // BLOCK_SIZE, mask=(n_next // BLOCK_SIZE) * BLOCK_SIZE < kv_end,
                          other=0)
     for start in range(kv_start, kv_end, BLOCK_N):
-        n = start + tl.arange(0, BLOCK_N)
-        n_ok = n < kv_end
-        block = block_next.to(tl.int64)
-        n_next = n + BLOCK_N
-        block_next = tl.load(table + n_next // BLOCK_SIZE, mask=(n_next // BLOCK_SIZE) * BLOCK_SIZE < kv_end,
-                             other=0)
-        kv_off = block * stride_c_block + (n % BLOCK_SIZE) * stride_c_off
-        if FINITE:  # whole blocks: the unwritten tail of the last one holds finite values, and
-            # its keys get probability exactly 0 (the where on s below), so it adds nothing to acc
-            kv_mask = ((n // BLOCK_SIZE) * BLOCK_SIZE < kv_end)[:, None] & d_ok[None, :]
-        else:
-            kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(head_base + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(head_base + stride_c_kv + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        if KV_FP8 == 1:  # [BLOCK_N, BLOCK_D] fp8 -> fp16 (q is fp16 already)
-            k = k.to(tl.float16)
-            v = v.to(tl.float16)
-        elif KV_FP8 == 2:  # through float32 to the query's dtype
-            k = k.to(tl.float32).to(q.dtype)
-            v = v.to(tl.float32).to(q.dtype)
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2  # [BLOCK_G, BLOCK_N]
-        else:
-            s = tl.dot(q, tl.trans(k)) * scale_log2
+        n, n_ok, k, v, block_next = _kv_tile(
+            q, head_base, table, start, kv_end, block_next, d, d_ok, stride_c_kv, stride_c_block,
+            stride_c_off, BLOCK_N, BLOCK_SIZE, FINITE, KV_FP8)
+        s = _scores(q, k, scale_log2, IEEE)  # [BLOCK_G, BLOCK_N]
         s = tl.where(n_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.reduce(s, 1, MAX))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.reduce(p, 1, SUM)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        m_i, l_i, acc = _online_softmax(s, v, m_i, l_i, acc, IEEE)
     safe_l = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / safe_l[:, None]
     mask = g_ok[:, None] & d_ok[None, :]
