@@ -1280,13 +1280,15 @@ def gemv(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None = N
     m, k = x.shape
     if not 1 <= m <= MAX_M or weight.format not in FORMAT_IDS or x.stride(1) != 1:
         return None
+    if norm is not None and not FUSE_NORM or silu_and_mul and not FUSE_SILU:
+        return None
     cfg, x32 = (config, None) if config is not None else _tuned(weight, x)
     x32_known = config is None  # (the tuned choice has already looked at the packed path)
     if cfg is None:
         return None
-    if norm is not None and (cfg.dot and weight.format in DOT_FORMATS or not FUSE_NORM):
+    if norm is not None and cfg.dot and weight.format in DOT_FORMATS:
         return None
-    if silu_and_mul and (cfg.dot and weight.format in DOT_FORMATS or not FUSE_SILU or cfg.tma
+    if silu_and_mul and (cfg.dot and weight.format in DOT_FORMATS or cfg.tma
                          or weight.shape[0] % 2 or norm is not None):
         return None
     if cfg.dot and weight.format in DOT_FORMATS:
@@ -1368,7 +1370,6 @@ def _norm_operands(out: torch.Tensor, norm: tuple, num_tiles: int) -> tuple | No
         return None
     residual = residual if residual.stride(0) == n else residual.contiguous()
     return residual, weight.contiguous(), torch.empty_like(out), torch.empty_like(out), locks
-
 
 
 def _words_descriptor(words: torch.Tensor, cfg: GemvConfig, block_k: int):

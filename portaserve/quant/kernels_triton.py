@@ -21,6 +21,8 @@ the cuda device's ``dequant_linear`` does. Registered through
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
@@ -159,11 +161,7 @@ def triton_quant_linear_rms_norm(x: torch.Tensor, weight: QuantizedWeight, bias:
     """``triton_quant_linear``, then ``rms_norm`` with the residual, in the GEMV's launch (the
     fused op ``linear_rms_norm``; ``gemv_triton.FUSE_NORM``) -> (y, out + residual); None where
     the GEMV does not fuse it (more rows than ``MAX_M``, the tensor-core tiles, ...)."""
-    k = weight.shape[1]
-    x2 = x.reshape(-1, k)
-    if x2.shape[0] > gemv_triton.MAX_M or not gemv_triton.FUSE_NORM:
-        return None
-    return gemv_triton.gemv(x2.contiguous(), weight, bias, norm=(residual, norm_weight, eps))
+    return _fused_gemv(x, weight, bias, norm=(residual, norm_weight, eps))
 
 
 def triton_quant_linear_silu_and_mul(x: torch.Tensor, weight: QuantizedWeight,
@@ -171,11 +169,16 @@ def triton_quant_linear_silu_and_mul(x: torch.Tensor, weight: QuantizedWeight,
     """``triton_quant_linear`` of a gate|up weight, then ``silu_and_mul``, in the GEMV's launch
     (the fused op ``linear_silu_and_mul``; ``gemv_triton.FUSE_SILU``) -> [M, I]; None where
     the GEMV does not fuse it."""
-    k = weight.shape[1]
-    x2 = x.reshape(-1, k)
-    if x2.shape[0] > gemv_triton.MAX_M or not gemv_triton.FUSE_SILU:
+    return _fused_gemv(x, weight, bias, silu_and_mul=True)
+
+
+def _fused_gemv(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None, **fused: Any) -> Any:
+    """``gemv_triton.gemv`` with a fused epilogue over x's rows, or None (more rows than the
+    GEMV takes, or ``gemv`` declines: its flags and tiles decide)."""
+    x2 = x.reshape(-1, weight.shape[1])
+    if x2.shape[0] > gemv_triton.MAX_M:
         return None
-    return gemv_triton.gemv(x2.contiguous(), weight, bias, silu_and_mul=True)
+    return gemv_triton.gemv(x2.contiguous(), weight, bias, **fused)
 
 
 #: weight-only formats ``triton_quant_linear`` serves (fp8 has ``fp8_quant_linear``)
