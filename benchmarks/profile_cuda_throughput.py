@@ -15,6 +15,9 @@ of a few steps of each kind from torch.profiler (kernels inside CUDA graphs incl
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
+import pstats
 import random
 import re
 import sys
@@ -117,10 +120,6 @@ def compiled_variants() -> str:
 
 def host_profile(engine: object, steps: int) -> str:
     """cProfile of ``steps`` engine steps: the host functions that take the most time."""
-    import cProfile
-    import io
-    import pstats
-
     prof = cProfile.Profile()
     prof.enable()
     for _ in range(steps):
@@ -241,8 +240,6 @@ def main() -> None:
         catch = args.host_profile and transition and len(transition_profiles) < 2
         step_prof = None
         if catch:
-            import cProfile
-
             step_prof = cProfile.Profile()
             step_prof.enable()
         if watch:  # which host calls wait for the GPU in these (mixed) steps, and from where
@@ -318,9 +315,6 @@ def main() -> None:
     for where, count in sorted(syncs.items(), key=lambda kv: -kv[1])[:8]:
         print(f"synchronizing call x{count}: {where}")
     for (pt, dr, _, _), step_prof in transition_profiles:
-        import io
-        import pstats
-
         buf = io.StringIO()
         pstats.Stats(step_prof, stream=buf).sort_stats("cumulative").print_stats(24)
         print(f"\nhost profile of the engine step that launched a prompt step after a decode step "
