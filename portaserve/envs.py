@@ -88,9 +88,11 @@ def cuda_pdl() -> bool:
 def fp8_fast_accum() -> bool:
     """``PORTASERVE_FP8_FAST_ACCUM``: let fp8 W8A8 matmuls on cuda (``torch._scaled_mm``) keep
     their running sums in the tensor cores' reduced precision instead of promoting them to
-    float32 along K (cuBLAS/CUTLASS "fast accumulation"; faster, a little less exact). Default
-    off until timed (docs/benchmarks.md)."""
-    return os.environ.get("PORTASERVE_FP8_FAST_ACCUM", "0").strip().lower() in {"1", "true", "yes", "on"}
+    float32 along K (cuBLAS/CUTLASS "fast accumulation"). Default on: on an H100 it took the
+    GEMMs of a 8192-token prompt step 6-17% faster and fp8 1000/1000 throughput from 14,889 to
+    15,564 tok/s, at 2-3e-3 relative error against the float32 emulation where promoted sums
+    are at 1.7e-3 (docs/benchmarks.md); ``PORTASERVE_FP8_FAST_ACCUM=0`` turns it off."""
+    return os.environ.get("PORTASERVE_FP8_FAST_ACCUM", "1").strip().lower() not in {"0", "false", "no", "off"}
 
 
 def cpu_native() -> bool:

@@ -134,6 +134,8 @@ def test_fp8_fast_accum_is_a_cuda_only_flag(monkeypatch):
     from portaserve import envs
     from portaserve.quant import fp8
 
+    monkeypatch.delenv("PORTASERVE_FP8_FAST_ACCUM", raising=False)
+    assert envs.fp8_fast_accum()  # on by default
     monkeypatch.setenv("PORTASERVE_FP8_FAST_ACCUM", "1")
     assert envs.fp8_fast_accum()
     monkeypatch.setenv("PORTASERVE_FP8_FAST_ACCUM", "0")
