@@ -159,10 +159,14 @@ class GemvConfig:
 #: from the compiled code's instruction counts, ``benchmarks/gemv_sass.py``). One row of int4
 #: and Q4_0 in bf16 takes the packed path (2026-11-30 sweep, us per layer: int4 64 x 128 66.8,
 #: 32 x 512 float32 106.0; Q4_0 32 x 128 83.4, 16 x 512 float32 107.1; Q4_K packed 16 x 512
-#: 107.3, 32 x 512 169.5, float32 32 x 512 171.7).
+#: 107.3, 32 x 512 169.5, float32 32 x 512 171.7). int4 at one row moved to 64 x 256 tiles at
+#: two programs an SM on a lent H100 (2026-12-07, ``benchmarks/gpu_int4_stream.py`` and a
+#: config sweep, us per layer): 67.2 against 75.5 for 64 x 128 at four (gate_up 28.7 vs 36.2:
+#: fewer K splits, and twice the words a thread to overlap with the unpacking); the 8B step at
+#: one row 2.946 ms against 3.218.
 _DOT = GemvConfig(128, 128, programs_per_sm=3, num_stages=4, dot=True)
 CONFIGS: dict[str, tuple[tuple[int, GemvConfig | None], ...]] = {
-    "int4": ((1, GemvConfig(64, 128)), (MAX_M, _DOT)),
+    "int4": ((1, GemvConfig(64, 256, programs_per_sm=2)), (MAX_M, _DOT)),
     "Q4_0": ((1, GemvConfig(32, 128)), (2, GemvConfig(32, 512)), (MAX_M, _DOT)),
     "Q4_1": ((1, GemvConfig(16, 512)), (2, GemvConfig(32, 512)), (MAX_M, _DOT)),
     "Q8_0": ((1, GemvConfig(16, 256)), (MAX_M, None)),
