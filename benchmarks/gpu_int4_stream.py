@@ -19,8 +19,9 @@ run and on the same buffers:
 - ``work W ahead A``: the rows walk with W dependent integer multiply-adds a word (the GEMV
   spends ~27 instructions a word), its loads issued A steps ahead by hand: whether the reads
   go on while the warps compute (time ~ max of the two) or wait for them (~ the sum);
-- ``gemv``: the real one-row GEMV (tuned config) on the same shape, for the side-by-side, and
-  the same with K not split.
+- ``gemv``: the real one-row GEMV (tuned config) on the same shape, for the side-by-side, the
+  same with K not split, and with each ``--gemv-config BN,BK,WARPS,PPS`` (``--only-gemv``: just
+  these).
 
 The read kernels only add the words up (one integer add a word), so their time is the memory
 system's. K is split as the GEMV splits it (until about ``P`` programs an SM); ``S`` is the
@@ -206,6 +207,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU (Triton interpreter)")
     p.add_argument("--shapes", default=None, help=f"comma-separated, of {','.join(SHAPES)} (default: all)")
+    p.add_argument("--gemv-config", action="append", default=[], metavar="BN,BK,WARPS,PPS",
+                   help="also time the GEMV with these one-row tiles (repeatable)")
+    p.add_argument("--only-gemv", action="store_true", help="skip the read kernels")
     args = p.parse_args()
     if args.dry_run:
         DEV, TILES, PROGRAMS_PER_SM, STAGES = "cpu", ((16, 128),), (4,), (1,)
@@ -235,40 +239,46 @@ def main() -> None:
         nbytes = words[0].numel() * 4
         out = torch.empty(1 << 16, dtype=torch.int32, device=DEV)
         results = []
-        flat_programs = sms * 8
-        flat = [partial(_flat_kernel.on(q)[(flat_programs,)], q, out, q.numel(), BLOCK=2048, num_warps=4)
-                for q in words]
-        check_covers(flat[0], words[0], out, flat_programs)
-        results.append(("flat", time_calls(flat)))
-        for bn, bk in TILES:
-            for pps in PROGRAMS_PER_SM:
-                for tiled, stages in itertools.product((False, True), STAGES):
-                    label = f"{'tiles' if tiled else 'rows'} {bn}x{bk} pps{pps} s{stages}"
-                    calls = [rows_call(q, out, bn, bk, pps, sms, tiled, stages) for q in words]
+        if not args.only_gemv:
+            flat_programs = sms * 8
+            flat = [partial(_flat_kernel.on(q)[(flat_programs,)], q, out, q.numel(), BLOCK=2048, num_warps=4)
+                    for q in words]
+            check_covers(flat[0], words[0], out, flat_programs)
+            results.append(("flat", time_calls(flat)))
+            for bn, bk in TILES:
+                for pps in PROGRAMS_PER_SM:
+                    for tiled, stages in itertools.product((False, True), STAGES):
+                        label = f"{'tiles' if tiled else 'rows'} {bn}x{bk} pps{pps} s{stages}"
+                        calls = [rows_call(q, out, bn, bk, pps, sms, tiled, stages) for q in words]
+                        check_covers(calls[0][0], words[0], out, calls[0][1])
+                        results.append((label, time_calls([c for c, _ in calls])))
+            for bn, bk in SCALE_TILES:  # the GEMV's scale and zero reads along, as stored / transposed
+                for transposed in (False, True):
+                    sz = [(w.data["scales"].float().contiguous(), w.data["zeros"].contiguous(), False) for w in weights]
+                    if transposed:
+                        sz = [(sc.t().contiguous(), zr.t().contiguous(), True) for sc, zr, _ in sz]
+                    calls = [rows_call(q, out, bn, bk, 4, sms, False, 1, t) for q, t in zip(words, sz, strict=True)]
                     check_covers(calls[0][0], words[0], out, calls[0][1])
+                    label = f"rows {bn}x{bk} pps4 s1 + scales{' transposed' if transposed else ''}"
                     results.append((label, time_calls([c for c, _ in calls])))
-        for bn, bk in SCALE_TILES:  # the GEMV's scale and zero reads along, as stored / transposed
-            for transposed in (False, True):
-                sz = [(w.data["scales"].float().contiguous(), w.data["zeros"].contiguous(), False) for w in weights]
-                if transposed:
-                    sz = [(sc.t().contiguous(), zr.t().contiguous(), True) for sc, zr, _ in sz]
-                calls = [rows_call(q, out, bn, bk, 4, sms, False, 1, t) for q, t in zip(words, sz, strict=True)]
-                check_covers(calls[0][0], words[0], out, calls[0][1])
-                label = f"rows {bn}x{bk} pps4 s1 + scales{' transposed' if transposed else ''}"
-                results.append((label, time_calls([c for c, _ in calls])))
-        for (bn, bk), pps, work, ahead in itertools.product(WORK_TILES, PROGRAMS_PER_SM, WORK, AHEAD):
-            bkw = bk // 8
-            tiles, steps = n // bn, (k // 8) // bkw
-            split = split_for(tiles, steps, sms * pps)
-            per_split = -(-steps // split) * bkw
-            calls = [partial(_work_kernel.on(q)[(tiles, split)], q, out, k // 8, per_split, BN=bn, BKW=bkw,
-                             WORK=work, AHEAD=ahead, num_warps=4, num_stages=1) for q in words]
-            if work == 0:
-                check_covers(calls[0], words[0], out, tiles * split)
-            results.append((f"rows {bn}x{bk} pps{pps} work {work} ahead {ahead}", time_calls(calls)))
+            for (bn, bk), pps, work, ahead in itertools.product(WORK_TILES, PROGRAMS_PER_SM, WORK, AHEAD):
+                bkw = bk // 8
+                tiles, steps = n // bn, (k // 8) // bkw
+                split = split_for(tiles, steps, sms * pps)
+                per_split = -(-steps // split) * bkw
+                calls = [partial(_work_kernel.on(q)[(tiles, split)], q, out, k // 8, per_split, BN=bn, BKW=bkw,
+                                 WORK=work, AHEAD=ahead, num_warps=4, num_stages=1) for q in words]
+                if work == 0:
+                    check_covers(calls[0], words[0], out, tiles * split)
+                results.append((f"rows {bn}x{bk} pps{pps} work {work} ahead {ahead}", time_calls(calls)))
         dtype = torch.bfloat16 if DEV == "cuda" else torch.float32
         x = torch.randn(1, k, device=DEV, generator=gen).to(dtype)
         results.append(("gemv (tuned)", time_calls([partial(gemv_triton.gemv, x, w) for w in weights])))
+        for spec in args.gemv_config:
+            bn_, bk_, warps, pps = (int(v) for v in spec.split(","))
+            cfg = gemv_triton.GemvConfig(bn_, bk_, num_warps=warps, programs_per_sm=pps)
+            results.append((f"gemv {bn_}x{bk_} w{warps} pps{pps}",
+                            time_calls([partial(gemv_triton.gemv, x, w, config=cfg) for w in weights])))
         results.append(("gemv (tuned), no split K", time_calls([partial(gemv_triton.gemv, x, w, split_k=1)
                                                                   for w in weights])))
         for label, us in results:
