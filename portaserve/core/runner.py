@@ -35,15 +35,16 @@ class ModelRunner:
     def execute(
         self, batch: ScheduledBatch, prev_sampled: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Run one step. Returns logits [len(batch.logits_indices), vocab] float32.
+        """Run one step. Returns logits [len(batch.logits_indices), vocab] in the model's (or the
+        executor's) dtype: the sampler upcasts to float32 where it needs to.
 
         ``prev_sampled``: the previous step's sampled ids [L_prev] int64 on the device, needed
         when the batch has placeholders.
         """
         if self.executor is not None:
             if getattr(self.executor, "accepts_device_input_ids", False):
-                return self.executor.execute(batch, prev_sampled).float()
-            return self.executor.execute(batch.with_host_token_ids(prev_sampled)).float()
+                return self.executor.execute(batch, prev_sampled)
+            return self.executor.execute(batch.with_host_token_ids(prev_sampled))
         dev = self._torch_device
         moved = batch.to_device(dev)
         input_ids = moved.input_ids(prev_sampled)  # [T]
@@ -51,4 +52,4 @@ class ModelRunner:
         if batch.logits_indices.numel() == 0:
             return torch.empty((0, 0), dtype=torch.float32, device=dev)
         hidden = hidden[moved.logits_indices]  # [L, H]
-        return self.model.compute_logits(hidden).float()  # [L, V]
+        return self.model.compute_logits(hidden, upcast=False)  # [L, V]

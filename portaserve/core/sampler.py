@@ -46,12 +46,11 @@ class Sampler:
         requests: list[Request],
         num_generated: list[int] | None = None,
     ) -> SamplerOutput:
-        """``logits`` [L, V] float32, one row per request in ``requests`` order.
+        """``logits`` [L, V] (any float dtype), one row per request in ``requests`` order.
 
         ``num_generated``: tokens each request generated before this one (for min_tokens);
         defaults to ``len(request.output_token_ids)``.
         """
-        logits = logits.float()
         ids = self.sample_ids(logits, requests, num_generated)
         tensors = self.logprob_tensors(logits, ids, requests)
         token_ids = ids.tolist()
@@ -68,13 +67,17 @@ class Sampler:
         """The chosen ids [L] int64, on the logits' device, without waiting for the device.
 
         ``pending``: logits row -> that request's token still in flight (a 1-element int64
-        tensor on the device), which ``request.output_token_ids`` does not hold yet."""
-        logits = logits.float()
+        tensor on the device), which ``request.output_token_ids`` does not hold yet.
+
+        Greedy rows without penalties take the argmax of the logits as given (exact in any
+        dtype: a bf16 batch skips its float32 copy); penalties and sampling run in float32."""
+        greedy = [r.sampling_params.is_greedy for r in requests]
+        if not all(greedy) or any(r.sampling_params.has_penalties for r in requests):
+            logits = logits.float()
         if num_generated is None:
             num_generated = [len(r.output_token_ids) for r in requests]
         logits = self._apply_penalties(logits, requests, pending or {})
         logits = self._mask_min_tokens(logits, requests, num_generated)
-        greedy = [r.sampling_params.is_greedy for r in requests]
         if all(greedy):
             return logits.argmax(dim=-1)
         chosen = torch.empty(len(requests), dtype=torch.long, device=logits.device)

@@ -202,7 +202,8 @@ class Executor(Protocol):
     """
 
     def execute(self, batch: ScheduledBatch) -> torch.Tensor:
-        """Run one step. Returns float32 logits [len(batch.logits_indices), vocab] on host or device."""
+        """Run one step. Returns logits [len(batch.logits_indices), vocab] on host or device,
+        float32 or the model's float dtype (the sampler upcasts where it needs to)."""
         ...
 
 

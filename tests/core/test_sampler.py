@@ -27,6 +27,29 @@ def test_greedy_is_argmax_per_row():
     assert out.logprobs == [None] * 6
 
 
+def test_bf16_logits_keep_their_dtype_for_argmax_and_upcast_for_penalties(monkeypatch):
+    """The runner hands the sampler logits in the model's dtype: greedy rows take the argmax
+    of them as they are (the same ids as the float32 copy: the upcast is exact); penalties,
+    sampling and logprobs see float32."""
+    logits = (torch.randn(8, V, generator=torch.Generator().manual_seed(3)) * 4).to(torch.bfloat16)
+    seen = []
+    real_argmax = torch.Tensor.argmax
+    monkeypatch.setattr(torch.Tensor, "argmax", lambda t, *a, **kw: seen.append(t.dtype) or real_argmax(t, *a, **kw))
+    greedy = Sampler().sample(logits, [req(str(i), temperature=0) for i in range(8)])
+    assert greedy.token_ids == real_argmax(logits.float(), -1).tolist()
+    assert seen == [torch.bfloat16]
+    seen.clear()
+    reqs = [req(str(i), temperature=0, prompt=[int(logits[i].float().argmax())], repetition_penalty=3.0)
+            for i in range(8)]
+    penalized = Sampler().sample(logits, reqs)
+    assert penalized.token_ids == Sampler().sample(logits.float(), reqs).token_ids
+    assert seen and all(dt == torch.float32 for dt in seen)
+    lp = Sampler().sample(logits[:1], [req("l", temperature=0, logprobs=2)]).logprobs[0]
+    want = torch.log_softmax(logits[0].float(), -1)
+    top = int(want.argmax())
+    assert lp[top] == pytest.approx(float(want[top]))
+
+
 def test_mixed_greedy_and_random_rows():
     logits = torch.randn(4, V)
     reqs = [req("a", temperature=0), req("b", temperature=1.0, seed=1),

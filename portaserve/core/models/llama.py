@@ -215,9 +215,12 @@ class LlamaForCausalLM:
     __call__ = forward
 
     @torch.inference_mode()
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``hidden`` [L, H] -> float32 logits [L, V]."""
-        return self._linear(hidden, [(self.lm_head, None)]).float()
+    def compute_logits(self, hidden: torch.Tensor, upcast: bool = True) -> torch.Tensor:
+        """``hidden`` [L, H] -> logits [L, V], float32; ``upcast=False``: in the lm_head's output
+        dtype, for a caller that upcasts only where it must (the sampler: an argmax is exact in
+        any dtype, and at 512 rows x 128256 the float32 copy is ~0.2 ms of a step)."""
+        logits = self._linear(hidden, [(self.lm_head, None)])
+        return logits.float() if upcast else logits
 
 
 def _concat_rows(weights: list[Weight]) -> Weight | None:

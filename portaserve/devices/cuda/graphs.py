@@ -218,7 +218,7 @@ class GraphExecutor:
         if batch.logits_indices.numel() == 0:
             return torch.empty((0, 0), dtype=torch.float32, device=self.device)
         rows = hidden[moved.logits_indices]  # [L, H]
-        return self.model.compute_logits(rows).float()
+        return self.model.compute_logits(rows, upcast=False)
 
     def _execute_eager(self, moved: DeviceBatch, prev_sampled: torch.Tensor | None) -> torch.Tensor:
         hidden = self.model.forward(moved.input_ids(prev_sampled), moved.positions, moved.attn,
@@ -226,7 +226,7 @@ class GraphExecutor:
         if moved.logits_indices.numel() == 0:
             return torch.empty((0, 0), dtype=torch.float32, device=self.device)
         hidden = hidden[moved.logits_indices]  # [L, H]
-        return self.model.compute_logits(hidden).float()
+        return self.model.compute_logits(hidden, upcast=False)
 
 
 def uses_triton_kv_ops(model: Any) -> bool:
