@@ -20,7 +20,7 @@ run and on the same buffers:
   spends ~27 instructions a word), its loads issued A steps ahead by hand: whether the reads
   go on while the warps compute (time ~ max of the two) or wait for them (~ the sum);
 - ``gemv``: the real one-row GEMV (tuned config) on the same shape, for the side-by-side, the
-  same with K not split, and with each ``--gemv-config BN,BK,WARPS,PPS`` (``--only-gemv``: just
+  same with its split tail's sums in a run-time loop (``SPLIT_SUM_UNROLLED`` off), with K not split, and with each ``--gemv-config BN,BK,WARPS,PPS`` (``--only-gemv``: just
   these).
 
 The read kernels only add the words up (one integer add a word), so their time is the memory
@@ -279,6 +279,10 @@ def main() -> None:
             cfg = gemv_triton.GemvConfig(bn_, bk_, num_warps=warps, programs_per_sm=pps)
             results.append((f"gemv {bn_}x{bk_} w{warps} pps{pps}",
                             time_calls([partial(gemv_triton.gemv, x, w, config=cfg) for w in weights])))
+        gemv_triton.SPLIT_SUM_UNROLLED = False  # the split tail's run-time loop, for the A/B
+        results.append(("gemv (tuned), split sums in a loop",
+                        time_calls([partial(gemv_triton.gemv, x, w) for w in weights])))
+        gemv_triton.SPLIT_SUM_UNROLLED = True
         results.append(("gemv (tuned), no split K", time_calls([partial(gemv_triton.gemv, x, w, split_k=1)
                                                                   for w in weights])))
         for label, us in results:

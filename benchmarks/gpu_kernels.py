@@ -428,6 +428,18 @@ def tune_rows() -> list[Row]:
                 break
             ms = bench(lambda i: attention.paged_attention(*setups[i % n][:3], scale, num_splits=splits), budget_s=1.0)
             rows.append(Row(name, f"splits={splits} (default config)", ms, nbytes))
+        if num_reqs == 1:  # the split merge unrolled (attention.MERGE_UNROLLED) vs a loop, in turns
+            saved_merge = attention.MERGE_UNROLLED
+            times: dict[bool, list[float]] = {True: [], False: []}
+            for _ in range(3):
+                for unrolled in times:
+                    attention.MERGE_UNROLLED = unrolled
+                    times[unrolled].append(bench(lambda i: attention.paged_attention(*setups[i % n][:3], scale),
+                                                 budget_s=0.5))
+            attention.MERGE_UNROLLED = saved_merge
+            for unrolled, ms in times.items():
+                rows.append(Row(name, "merge unrolled" if unrolled else "merge in a loop", statistics.median(ms),
+                                nbytes))
     return rows
 
 

@@ -473,8 +473,11 @@ def apply_variant(spec: str) -> None:
     """One ``--decode-variant``: space-separated settings, each ``pdl=N`` (``--gemv-pdl-lines``),
     ``fuse_norm`` (``gemv_triton.FUSE_NORM``: o and down run the norm after them in their
     launch), ``fuse_silu`` (``FUSE_SILU``: gate|up runs silu_and_mul in its launch),
-    ``unfused`` (both off) or ``FMT=BN,BK,WARPS,PPS[,FIELD]`` / ``FMT=tiled`` (``--one-row-config``);
-    ``default`` changes nothing."""
+    ``unfused`` (both off), ``serial_tails`` (``gemv_triton.SPLIT_SUM_UNROLLED`` and
+    ``attention.MERGE_UNROLLED`` off: the split GEMVs' and the decode attention's last program
+    read the partials one split at a time) or ``FMT=BN,BK,WARPS,PPS[,FIELD]`` / ``FMT=tiled``
+    (``--one-row-config``); ``default`` changes nothing."""
+    from portaserve.devices.cuda import attention
     from portaserve.quant import gemv_triton
 
     for item in spec.split():
@@ -486,6 +489,8 @@ def apply_variant(spec: str) -> None:
             gemv_triton.FUSE_SILU = True
         elif item == "unfused":
             gemv_triton.FUSE_NORM = gemv_triton.FUSE_SILU = False
+        elif item == "serial_tails":
+            gemv_triton.SPLIT_SUM_UNROLLED = attention.MERGE_UNROLLED = False
         elif item != "default":
             set_one_row_config(item)
 
@@ -496,10 +501,12 @@ def time_variants(engine, specs: list[str], context: int, rounds: int = 3) -> di
     percent over a minute) and each reports its median, after the size-1 decode graph is
     re-captured with its settings. ``logits_rel_err``: its logits against the first variant's."""
     from portaserve.core.batch import build_batch
+    from portaserve.devices.cuda import attention
     from portaserve.quant import gemv_triton
 
     saved = (dict(gemv_triton.CONFIGS), gemv_triton.GEMV_PDL, gemv_triton.PDL_PREFETCH_LINES,
-             gemv_triton.FUSE_NORM, gemv_triton.FUSE_SILU)
+             gemv_triton.FUSE_NORM, gemv_triton.FUSE_SILU, gemv_triton.SPLIT_SUM_UNROLLED,
+             attention.MERGE_UNROLLED)
     recapture = getattr(getattr(engine.runner, "executor", None), "capture", None)  # cuda graphs
     bs = engine.kv_spec.block_size
     batch = build_batch([("variant", [100], context, list(range(1, context // bs + 2)), True)], bs)
@@ -508,7 +515,7 @@ def time_variants(engine, specs: list[str], context: int, rounds: int = 3) -> di
         gemv_triton.CONFIGS.clear()
         gemv_triton.CONFIGS.update(saved[0])
         (gemv_triton.GEMV_PDL, gemv_triton.PDL_PREFETCH_LINES, gemv_triton.FUSE_NORM,
-         gemv_triton.FUSE_SILU) = saved[1:]
+         gemv_triton.FUSE_SILU, gemv_triton.SPLIT_SUM_UNROLLED, attention.MERGE_UNROLLED) = saved[1:]
         if spec is not None:
             apply_variant(spec)
         if recapture is not None:

@@ -8,11 +8,12 @@
 #                                    # memory); on an H200 this decides the issue-7 aim (> 17,744)
 #     bash ci/gpu_pending.sh stream  # ~3 min: the int4 GEMV's walk over its bytes against a flat
 #                                    # read and a tile-contiguous layout; the int4 step's kernels
-#     bash ci/gpu_pending.sh int4    # ~2 min: batch-1 int4 on one built model: the packed path's
-#                                    # and MMA tiles' logits against the float32-accumulating tiled
-#                                    # GEMM, MMA tile variants
+#     bash ci/gpu_pending.sh int4    # ~2 min: batch-1 int4 on one built model: the unrolled split
+#                                    # tails against the loops (serial_tails), PDL without the L2
+#                                    # prefetch (pdl=0), stop 20's 64 x 128 tiles, MMA 64 x 256
 #     bash ci/gpu_pending.sh fp8     # ~2 min: fp8 GEMMs with and without fast accumulation,
-#                                    # attention tiles, fp8 decode kernels, silu+fp8
+#                                    # attention tiles and the decode merge (batch 1, 32768 keys:
+#                                    # unrolled vs a loop), fp8 decode kernels, silu+fp8
 #     bash ci/gpu_pending.sh e2e     # ~3 min: fp8 1000/1000 as it stands and with promoted sums
 #
 # Each step is bounded by `timeout`; logs go to $OUT (the lent machine's output folder).
@@ -35,9 +36,8 @@ E2E=(python3 benchmarks/gpu_llama8b.py --skip-hf --parts throughput --kv-cache-d
 case "${1:-int4}" in
 int4)
     timeout 240 python3 benchmarks/gpu_quant.py --formats int4 --parts decode --decode-tokens 32 \
-        --decode-variant int4=tiled --decode-variant default --decode-variant "int4=64,128,4,4,mma" \
-        --decode-variant "int4=64,128,4,8,mma" --decode-variant "int4=64,256,4,4,mma" \
-        --decode-variant "int4=128,128,8,4,mma" > "$OUT/int4.txt" 2>&1
+        --decode-variant default --decode-variant serial_tails --decode-variant pdl=0 \
+        --decode-variant "int4=64,128,4,4" --decode-variant "int4=64,256,4,2,mma" > "$OUT/int4.txt" 2>&1
     grep -A9 "decode variant" "$OUT/int4.txt"; tail -3 "$OUT/int4.txt"
     timeout 150 env PORTASERVE_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider \
         tests/quant/test_quant_gemv.py tests/devices/test_triton_kernels.py \
@@ -47,7 +47,7 @@ fp8)
     timeout 240 python3 benchmarks/gpu_kernels.py --sections fp8_gemm,elementwise,tune_fp8 > "$OUT/fp8.txt" 2>&1
     grep -A80 "^ceilings" "$OUT/fp8.txt" | grep "rowwise\|silu\|tune fp8\|WRONG" | cut -c1-150
     timeout 300 python3 benchmarks/gpu_kernels.py --sections tune > "$OUT/tune.txt" 2>&1
-    grep -A200 "^ceilings" "$OUT/tune.txt" | grep "tune prefill\|WRONG" | cut -c1-150 ;;
+    grep -A200 "^ceilings" "$OUT/tune.txt" | grep "tune prefill\|merge\|WRONG" | cut -c1-150 ;;
 e2e)
     for flags in "" "--no-fp8-fast-accum"; do
         timeout 170 "${E2E[@]}" --budget-s 150 $flags > "$OUT/e2e${flags// /}.txt" 2>&1
@@ -60,5 +60,6 @@ stream)
     tail -25 "$OUT/prof.txt" ;;
 e2e3000)
     timeout 560 "${E2E[@]}" --budget-s 520 --num-prompts 3000 --memory-utilization 0.95 "${@:2}" > "$OUT/e2e3000.txt" 2>&1
-    grep "throughput:\|KV cache:" "$OUT/e2e3000.txt" | tail -3 ;;
+    grep "throughput:\|KV cache:" "$OUT/e2e3000.txt" | tail -3
+    grep -o "'decode_ms': [0-9.]*" "$OUT/e2e3000.txt" | tail -1 ;;
 esac

@@ -95,6 +95,13 @@ MAX_M = 4
 FORMAT_IDS = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2, "int4": 3, "int8": 4, "fp8": 5, "Q4_K": 6,
               "Q5_K": 7, "Q6_K": 8}
 _MAX_SPLIT_K = 16
+#: The last program of a split row tile loads every split's partials at once (``_sum_splits``
+#: unrolled to ``_MAX_SPLIT_K`` masked loads, one trip to L2) rather than in a run-time loop (a
+#: trip a split: 4-8 of them for the small decode weights). On by default from the sm_90 SASS
+#: (all loads ahead of the first add) and the H100 times of ``gpu_int4_stream.py`` (the small
+#: GEMVs' excess over their reads grew with their split count); untimed itself: ``gpu_quant.py
+#: --decode-variant serial_tails`` puts the loop back for the A/B.
+SPLIT_SUM_UNROLLED = True
 #: Whether the GEMVs launch with programmatic dependent launch where ``launch.pdl`` allows it
 #: (the other decode kernels do). Off: slower on a lent H100 (2026-12-07, int4 8B step at one
 #: row, same method as ``FUSE_NORM``): 3.258 ms without, 3.368 prefetching 2 lines a row,
@@ -404,6 +411,23 @@ def _store_silu_mul(out_row_ptr, total, pid_n, N, BLOCK_N: tl.constexpr):
 
 
 @triton_helper
+def _sum_splits(ptrs, split_stride, mask, SPLIT_K, UNROLL: tl.constexpr):
+    """``sum(ptrs[s * split_stride] for s < SPLIT_K)`` in split order (the split-K partials of
+    a tile, float32). ``UNROLL`` > 0: unrolled to that many masked loads, independent of one
+    another and of the sums, so they go out together (one trip to L2; see
+    ``SPLIT_SUM_UNROLLED``); 0: a run-time loop, a trip a split. Same sums either way."""
+    total = tl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg")
+    if UNROLL > 0:
+        for s in tl.static_range(1, UNROLL):
+            ok = mask & (tl.full(mask.shape, s, tl.int32) < SPLIT_K)
+            total += tl.load(ptrs + s * split_stride, mask=ok, other=0.0, cache_modifier=".cg")
+    else:
+        for s in range(1, SPLIT_K):
+            total += tl.load(ptrs + s * split_stride, mask=mask, other=0.0, cache_modifier=".cg")
+    return total
+
+
+@triton_helper
 def _norm_when_last(out_ptr, nres_ptr, nw_ptr, ny_ptr, nres_out_ptr, lock_ptr, N, stride_om,
                     stride_nm, eps, M_ROWS: tl.constexpr, BLOCK: tl.constexpr):
     """Called by a GEMV program once its row tile of out is complete: the last of the grid's
@@ -431,6 +455,7 @@ def _gemv_kernel(
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
     PACKED: tl.constexpr, ASM: tl.constexpr, TMA: tl.constexpr, MMA: tl.constexpr,
     MMA_XSUM: tl.constexpr, PDL: tl.constexpr, PREFETCH_LINES: tl.constexpr, Q_BYTES: tl.constexpr,
+    SPLIT_SUM: tl.constexpr,
 ):
     """Grid ``(cdiv(N, BLOCK_N), SPLIT_K)``. A K step covers ``NB`` blocks of ``GROUP`` columns
     (one scale each; int8/fp8: one block, scales per row; K formats: a 64-column quarter of a
@@ -925,10 +950,7 @@ def _gemv_kernel(
         arrived = tl.atomic_add(lock_ptr + pid_n, 1)  # acq_rel: the others' partials are seen
         if arrived == SPLIT_K - 1:  # the last program of this row tile sums, in split order
             for m in tl.static_range(M_ROWS):
-                total = tl.full((BLOCK_N,), 0.0, tl.float32)
-                for s in range(SPLIT_K):
-                    total += tl.load(part_ptr + (s * M_ROWS + m) * N + offs_n, mask=n_ok,
-                                     other=0.0, cache_modifier=".cg")
+                total = _sum_splits(part_ptr + m * N + offs_n, M_ROWS * N, n_ok, SPLIT_K, SPLIT_SUM)
                 if HAS_BIAS:
                     total += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
                 if ACT:
@@ -953,7 +975,7 @@ def _dot_gemv_kernel(
     MAGIC: tl.constexpr, OFFSET: tl.constexpr, S_T: tl.constexpr, S_BITS: tl.constexpr,
     SCALE_TILE: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr,
-    PDL: tl.constexpr, PREFETCH_LINES: tl.constexpr, Q_BYTES: tl.constexpr,
+    PDL: tl.constexpr, PREFETCH_LINES: tl.constexpr, Q_BYTES: tl.constexpr, SPLIT_SUM: tl.constexpr,
 ):
     """Grid ``(cdiv(N, BLOCK_N), SPLIT_K)``; int4, int8, Q4_0, Q4_1, Q8_0 and fp8 on the tensor
     cores. A K step is ``NG`` groups of ``GROUP`` columns (int8 / fp8: one "group", the step).
@@ -1109,10 +1131,7 @@ def _dot_gemv_kernel(
         tl.debug_barrier()  # every thread's partials are stored before the counter moves
         arrived = tl.atomic_add(lock_ptr + pid_n, 1)  # acq_rel: the others' partials are seen
         if arrived == SPLIT_K - 1:  # the last program of this row tile sums, in split order
-            total = tl.full((BLOCK_N, 16), 0.0, tl.float32)
-            for s in range(SPLIT_K):
-                total += tl.load(part_ptr + s * M * N + part_off, mask=out_mask, other=0.0,
-                                 cache_modifier=".cg")
+            total = _sum_splits(part_ptr + part_off, M * N, out_mask, SPLIT_K, SPLIT_SUM)
             if HAS_BIAS:
                 total += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
             tl.store(out_ptr + out_off, total.to(out_ptr.dtype.element_ty), mask=out_mask)
@@ -1343,7 +1362,7 @@ def gemv(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None = N
         FMT=fmt, GROUP=group, CODES=codes, NB=block_k // group, WPB=group // codes, M_ROWS=m,
         HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
         NUM_STAGES=cfg.num_stages, PACKED=x32 is not None, ASM=not is_interpreted(x),
-        TMA=desc is not None, MMA=mma, MMA_XSUM=mma and cfg.mma_xsum,
+        TMA=desc is not None, MMA=mma, MMA_XSUM=mma and cfg.mma_xsum, SPLIT_SUM=_split_sum(),
         **_pdl(x, words, prefetch=fmt < 6), num_warps=cfg.num_warps)
     return (y, res_out) if norm is not None else out
 
@@ -1490,8 +1509,14 @@ def _dot_gemv(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | Non
         m, n, k, split_k, x.stride(0), words.stride(0), scales.stride(0) if scales.dim() else 0,
         extra.stride(0) if extra.dim() else 0, x_scale.stride(0) if x_scale.dim() else 0,
         out.stride(0), M_ROWS=m, HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n,
-        NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps, **_pdl(x, words), **planned)
+        NUM_STAGES=cfg.num_stages, SPLIT_SUM=_split_sum(), num_warps=cfg.num_warps, **_pdl(x, words),
+        **planned)
     return out
+
+
+def _split_sum() -> int:
+    """The kernels' ``SPLIT_SUM``: how far ``_sum_splits`` unrolls (0: its run-time loop)."""
+    return _MAX_SPLIT_K if SPLIT_SUM_UNROLLED else 0
 
 
 def _pdl(x: torch.Tensor, words: torch.Tensor, prefetch: bool = True) -> dict:

@@ -306,6 +306,23 @@ def test_paged_attention_decode_mostly_empty_splits(gen: torch.Generator) -> Non
     assert rel_err(got, ref.paged_attention(query, cache, attn, 0.17, kv_layout="blocks_hnd")) <= 2e-5
 
 
+@pytest.mark.parametrize("cache_dtype", [None, torch.float8_e4m3fn])
+def test_decode_merge_unrolled_equals_the_loop(cache_dtype: torch.dtype | None, gen: torch.Generator,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The split merge unrolled over all splits with the empty ones masked
+    (``MERGE_UNROLLED``) gives the bits of the loop over the active splits only: 8 splits for
+    contexts of 1-70 keys, so most requests have only some of them."""
+    dtype = torch.float32 if cache_dtype is None else torch.float16
+    lens = [(0, 1), (6, 1), (37, 1), (70, 1), (15, 1)]
+    query, cache, attn = make_step(lens, 4, 2, 32, 8, dtype, "blocks_hnd", gen, cache_dtype)
+    outs = []
+    for unrolled in (True, False):
+        monkeypatch.setattr(attention, "MERGE_UNROLLED", unrolled)
+        outs.append(attention.paged_attention(query, cache, attn, 0.17, num_splits=8))
+    assert torch.equal(outs[0], outs[1])
+    assert rel_err(outs[0], ref.paged_attention(query, cache, attn, 0.17, kv_layout="blocks_hnd")) <= RTOL[dtype]
+
+
 def test_decode_splits_agree_with_varlen_path(gen: torch.Generator) -> None:
     # The decode kernel with many splits and the varlen kernel compute the same function.
     query, cache, attn = make_step([(90, 1), (3, 1)], 8, 2, 16, 16, torch.float32, "blocks_hnd", gen)

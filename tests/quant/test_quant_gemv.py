@@ -123,6 +123,27 @@ def test_fp8_gemv_matches_the_w8a8_emulation(scheme: str, m: int, per_channel: b
         assert rel_err(got, want) <= 1e-6
 
 
+@pytest.mark.parametrize("kernel", ["fma", "dot"])
+def test_split_sums_unrolled_equal_the_loop(kernel: str, gen: torch.Generator,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The last program of a split row tile loads every split's partials at once
+    (``SPLIT_SUM_UNROLLED``, masked past the split count) or in a run-time loop: the same sums
+    in the same order, so the same bits; both near the reference. 3 and 5 splits (not powers of
+    two), two rows of x, a bias."""
+    weight = packed("int4", 48, 640, gen, group=32)
+    x = torch.randn(2, 640, generator=gen)
+    b = torch.randn(48, generator=gen)
+    want = reference.quant_linear(x, weight, b)
+    for split_k in (3, 5):
+        outs = []
+        for unrolled in (True, False):
+            monkeypatch.setattr(gemv_triton, "SPLIT_SUM_UNROLLED", unrolled)
+            outs.append(gemv_triton.gemv(x.to(DEVICE), weight.to(DEVICE), b.to(DEVICE), config=SMALL[kernel],
+                                         split_k=split_k))
+        assert outs[0] is not None and torch.equal(outs[0], outs[1]), split_k
+        assert rel_err(outs[0], want) <= RTOL[torch.float32]
+
+
 @pytest.mark.parametrize("fmt", ["Q4_0", "Q4_1", "Q8_0", "int8", "int4", "Q4_K", "Q5_K", "Q6_K"])
 def test_gemv_with_the_tuned_tiles(fmt: str, gen: torch.Generator) -> None:
     weight = packed(fmt, 72, 1024, gen)

@@ -94,6 +94,12 @@ VARLEN_CONFIG: dict[str, int] = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "
 #: (``benchmarks/gpu_kernels.py --sections tune``, 2026-12-07): 4 x 2048 new tokens 0.533 ms vs
 #: 0.607 masking every tile, 2048 new over 6144 cached 0.707 vs 0.824.
 VARLEN_UNMASKED_TILES = True
+#: The decode kernels' split merge (``_merge_splits``) unrolled over the splits, loads masked
+#: past the active ones, so they go out ahead of the merge rather than one L2 trip a split (up
+#: to 32 at batch 1 over a long context). Same bits; on from the sm_90 SASS, untimed
+#: (``gpu_kernels.py`` decode rows at batch 1 and ``gpu_quant.py --decode-variant
+#: serial_tails`` give the A/B).
+MERGE_UNROLLED = True
 DECODE_CONFIG: dict[str, int] = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
 #: Decode over an fp8 cache: two warps did best in the H200 sweeps at batch 512 x 1536 (0.62 ms vs
 #: 0.87-1.07 ms a layer with four or eight, when the tiles went through float32; with fp16 tiles,
@@ -262,7 +268,7 @@ def _decode_attn_kernel(
     stride_c_kv, stride_c_block, stride_c_head, stride_c_off, stride_bt,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr, KV_FP8: tl.constexpr,
-    PDL: tl.constexpr,
+    PDL: tl.constexpr, MERGE_UNROLLED: tl.constexpr,
 ):
     """Grid ``(R, Hk, NUM_SPLITS)``: one new token of request r, the GROUP query heads of one
     KV head (padded to BLOCK_G >= 16 rows), and one chunk of its context.
@@ -321,7 +327,8 @@ def _decode_attn_kernel(
         if arrived == NUM_SPLITS - 1:  # the last one: the others' partials are visible now
             tl.store(counter, 0)
             _merge_splits(part_out_ptr, part_lse_ptr, out_ptr + req * stride_ot, base, head, g_ok, d, mask,
-                          (seq_len + chunk - 1) // chunk, head_dim, stride_oh, BLOCK_G, BLOCK_D)
+                          (seq_len + chunk - 1) // chunk, head_dim, stride_oh, BLOCK_G, BLOCK_D, NUM_SPLITS,
+                          MERGE_UNROLLED)
 
 
 @triton_helper
@@ -341,23 +348,42 @@ def _decode_program(seq_lens_ptr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexp
 
 
 @triton_helper
+def _merge_step(merged, w_sum, m_run, lse_s, part):
+    """One split's partial (normalised output ``part``, log2-domain ``lse_s``) into the running
+    merge."""
+    m_new = tl.maximum(m_run, lse_s)
+    rescale = tl.exp2(m_run - m_new)
+    w = tl.exp2(lse_s - m_new)
+    return merged * rescale[:, None] + part * w[:, None], w_sum * rescale + w, m_new
+
+
+@triton_helper
 def _merge_splits(part_out_ptr, part_lse_ptr, out_row_ptr, base, head, g_ok, d, mask, num_active,
-                  head_dim, stride_oh, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
+                  head_dim, stride_oh, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
+                  NUM_SPLITS: tl.constexpr, UNROLLED: tl.constexpr):
     """The decode kernels' last program of a (request, KV head): merges the partials of the
-    ``num_active`` splits that have keys (their lse is finite) into the output row."""
+    ``num_active`` splits that have keys (their lse is finite) into the output row.
+    ``UNROLLED`` (``MERGE_UNROLLED``): over all ``NUM_SPLITS`` with those past ``num_active``
+    masked (lse -inf: weight 0 and a rescale of exactly 1, so the result is the active splits'
+    alone, bit for bit), which lets the loads go out ahead of the running merge instead of one
+    L2 trip a split."""
     m_run = tl.full([BLOCK_G], -1.0e30, dtype=tl.float32)
     w_sum = tl.full([BLOCK_G], 0.0, dtype=tl.float32)
     merged = tl.full([BLOCK_G, BLOCK_D], 0.0, dtype=tl.float32)
-    for s in range(0, num_active):
-        lse_s = tl.load(part_lse_ptr + base + s, mask=g_ok, other=0.0, cache_modifier=".cg")
-        part = tl.load(part_out_ptr + (base + s)[:, None] * head_dim + d[None, :],
-                       mask=mask, other=0.0, cache_modifier=".cg")
-        m_new = tl.maximum(m_run, lse_s)
-        rescale = tl.exp2(m_run - m_new)
-        w = tl.exp2(lse_s - m_new)
-        merged = merged * rescale[:, None] + part * w[:, None]
-        w_sum = w_sum * rescale + w
-        m_run = m_new
+    if UNROLLED:
+        for s in tl.static_range(NUM_SPLITS):
+            active = tl.full([BLOCK_G], s, tl.int32) < num_active
+            lse_s = tl.load(part_lse_ptr + base + s, mask=g_ok & active, other=float("-inf"),
+                            cache_modifier=".cg")
+            part = tl.load(part_out_ptr + (base + s)[:, None] * head_dim + d[None, :],
+                           mask=mask & active[:, None], other=0.0, cache_modifier=".cg")
+            merged, w_sum, m_run = _merge_step(merged, w_sum, m_run, lse_s, part)
+    else:
+        for s in range(0, num_active):
+            lse_s = tl.load(part_lse_ptr + base + s, mask=g_ok, other=0.0, cache_modifier=".cg")
+            part = tl.load(part_out_ptr + (base + s)[:, None] * head_dim + d[None, :],
+                           mask=mask, other=0.0, cache_modifier=".cg")
+            merged, w_sum, m_run = _merge_step(merged, w_sum, m_run, lse_s, part)
     final = merged / tl.where(w_sum > 0.0, w_sum, 1.0)[:, None]
     tl.store(out_row_ptr + head[:, None] * stride_oh + d[None, :], final.to(out_row_ptr.dtype.element_ty),
              mask=mask)
@@ -459,7 +485,7 @@ def _decode_fp8_mma_kernel(
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_c_kv, stride_c_block, stride_c_head, stride_c_off, stride_bt,
     GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr, ASM: tl.constexpr,
-    PDL: tl.constexpr,
+    PDL: tl.constexpr, MERGE_UNROLLED: tl.constexpr,
 ):
     """Grid ``(R, Hk, NUM_SPLITS)``, one warp: as ``_decode_attn_kernel`` (the same splits and
     merge), over an fp8 e4m3 cache with head dim 128, GROUP <= 8 and blocks of a multiple of 16
@@ -580,7 +606,7 @@ def _decode_fp8_mma_kernel(
             tl.store(counter, 0)
             _merge_splits(part_out_ptr, part_lse_ptr, out_ptr + req * stride_ot, base,
                           kv_head * GROUP + gg, gg < GROUP, d, (gg < GROUP)[:, None] & (d < 128)[None, :],
-                          (seq_len + chunk - 1) // chunk, 128, stride_oh, 8, 128)
+                          (seq_len + chunk - 1) // chunk, 128, stride_oh, 8, 128, NUM_SPLITS, MERGE_UNROLLED)
 
 
 @triton_helper
@@ -834,6 +860,7 @@ def _decode(query: torch.Tensor, out: torch.Tensor, seq_lens: torch.Tensor, tabl
             query, a.kv_cache, out, part_out, part_lse, counters, seq_lens, tables, a.scale_log2,
             query.stride(0), query.stride(1), out.stride(0), out.stride(1), *a.cache_strides,
             GROUP=a.group, BLOCK_SIZE=a.block_size, NUM_SPLITS=num_splits, ASM=not a.interp,
+            MERGE_UNROLLED=MERGE_UNROLLED,
             num_warps=1, num_stages=1, **constexprs, **options,
             **({"maxnreg": DECODE_FP8_MMA_MAXNREG} if DECODE_FP8_MMA_MAXNREG and not a.interp else {}))
         return
@@ -844,7 +871,7 @@ def _decode(query: torch.Tensor, out: torch.Tensor, seq_lens: torch.Tensor, tabl
         {"GROUP": a.group, "BLOCK_G": max(16, next_pow2(a.group)),
          "BLOCK_N": 16 if a.interp else cfg["BLOCK_N"] // (2 if a.ieee else 1),
          "BLOCK_D": a.block_d, "BLOCK_SIZE": a.block_size, "NUM_SPLITS": num_splits, "IEEE": a.ieee,
-         "KV_FP8": a.kv_fp8, **pdl_options(query)[0]},
+         "KV_FP8": a.kv_fp8, "MERGE_UNROLLED": MERGE_UNROLLED, **pdl_options(query)[0]},
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
 
