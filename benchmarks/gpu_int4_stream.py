@@ -36,9 +36,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import statistics
 import sys
-import time
 from functools import partial
 from pathlib import Path
 
@@ -47,6 +45,9 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import gpu_quant  # noqa: E402  (its CUDA-graph timing)
 
 from portaserve.devices.cuda.launch import SUM, triton_kernel  # noqa: E402
 
@@ -139,32 +140,11 @@ def _work_kernel(q_ptr, out_ptr, k_words, per_split, BN: tl.constexpr, BKW: tl.c
     tl.store(out_ptr + pid_n * tl.num_programs(1) + pid_k, tl.reduce(tl.reduce(acc, 1, SUM), 0, SUM))
 
 
-def time_calls(calls, reps: int = 10) -> float:
-    """Microseconds a call: the calls back to back in one CUDA graph, median of replays (on CPU:
-    host time of one pass, meaningless beyond checking the script)."""
-    for fn in calls:
-        fn()
-    if DEV != "cuda":
-        t0 = time.perf_counter()
-        for fn in calls:
-            fn()
-        return (time.perf_counter() - t0) * 1e6 / len(calls)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for fn in calls:
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / len(calls))
-    return statistics.median(times)
+def time_calls(calls) -> float:
+    """Microseconds a call: ``gpu_quant.time_calls`` (the calls back to back in one CUDA graph,
+    median of replays; on CPU the host time of one pass, which only checks the script)."""
+    gpu_quant.DEV = DEV
+    return gpu_quant.time_calls(calls, reps=10) * 1e3
 
 
 def check_covers(call, words: torch.Tensor, out: torch.Tensor, programs: int) -> None:
