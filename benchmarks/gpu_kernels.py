@@ -54,18 +54,21 @@ TOKENS = 8192
 DECODE_CASES = ((1, 8192), (1, 32768), (32, 2048), (128, 1024), (256, 1024), (512, 1536))
 PREFILL_CASES = (([(0, 2048)] * 4, "4 x 2048 new"), ([(6144, 2048)], "2048 new over 6144 cached"))
 MODEL_BATCHES, MODEL_CTX, MODEL_MAX_POS = (1, 16, 64), 1024, 8192
+#: Batch-1 decode contexts whose split counts ``--sections tune`` times (1, 2, 4, 8 splits).
+SHORT_DECODE_CTX = (144, 1024)
 
 
 def dry_run_sizes() -> None:
     """Tiny shapes on CPU tensors (Triton interpreter, float32): checks the script, not speed."""
     global HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTER, VOCAB, LAYERS, DTYPE, DEV, TOKENS
-    global DECODE_CASES, PREFILL_CASES, MODEL_BATCHES, MODEL_CTX, MODEL_MAX_POS, OVERLAP_CASES
+    global DECODE_CASES, PREFILL_CASES, MODEL_BATCHES, MODEL_CTX, MODEL_MAX_POS, OVERLAP_CASES, SHORT_DECODE_CTX
     HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTER, VOCAB, LAYERS = 64, 4, 2, 32, 96, 256, 2
     DTYPE, DEV, TOKENS = torch.float32, "cpu", 16
     DECODE_CASES = ((1, 40), (3, 20))
     PREFILL_CASES = (([(0, 20)] * 2, "2 x 20 new"), ([(30, 10)], "10 new over 30 cached"))
     MODEL_BATCHES, MODEL_CTX, MODEL_MAX_POS = (1, 3), 20, 64
     OVERLAP_CASES = ((4, 40),)
+    SHORT_DECODE_CTX = (20,)
 
 
 class _HostEvent:
@@ -440,6 +443,16 @@ def tune_rows() -> list[Row]:
             for unrolled, ms in times.items():
                 rows.append(Row(name, "merge unrolled" if unrolled else "merge in a loop", statistics.median(ms),
                                 nbytes))
+    for ctx in SHORT_DECODE_CTX:  # batch 1 over short contexts: one split (the default below 256
+        # keys a split, _MIN_KEYS_PER_SPLIT) walks its tiles alone; more splits cost a merge
+        nbytes = 2 * ctx * KV_HEADS * HEAD_DIM * e
+        setups = [paged_setup([(ctx - 1, 1)], seed) for seed in range(8)]
+        for splits in (1, 2, 4, 8):
+            ms = bench(lambda i: attention.paged_attention(*setups[i % 8][:3], scale, num_splits=splits),
+                       budget_s=0.5)
+            default = attention.decode_num_splits(1, KV_HEADS, ctx, _num_sms())
+            rows.append(Row(f"tune decode B=1 ctx={ctx}", f"splits={splits}" + (" (default)" if splits == default
+                                                                                 else ""), ms, nbytes))
     return rows
 
 
