@@ -1276,7 +1276,10 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat
 
 def _split(x: torch.Tensor, num_tiles: int, num_steps: int, cfg: GemvConfig,
            split_k: int | None) -> tuple[int, torch.Tensor | None]:
-    """(split_k, counters): K split until the grid has ``cfg.programs_per_sm`` programs per SM."""
+    """(split_k, counters): K split until the grid has ``cfg.programs_per_sm`` programs per SM.
+    A ``split_k`` given is checked: the last program sums at most ``_MAX_SPLIT_K`` partials."""
+    if split_k is not None and not 1 <= split_k <= _MAX_SPLIT_K:
+        raise ValueError(f"gemv: split_k={split_k} is out of range 1..{_MAX_SPLIT_K}")
     if split_k is None:
         split_k, target = 1, _num_sms(x) * cfg.programs_per_sm
         while num_tiles * split_k < target and split_k * 2 <= min(num_steps, _MAX_SPLIT_K):

@@ -142,6 +142,8 @@ def test_split_sums_unrolled_equal_the_loop(kernel: str, gen: torch.Generator,
                                          split_k=split_k))
         assert outs[0] is not None and torch.equal(outs[0], outs[1]), split_k
         assert rel_err(outs[0], want) <= RTOL[torch.float32]
+    with pytest.raises(ValueError, match="split_k=17"):  # past what the last program sums
+        gemv_triton.gemv(x.to(DEVICE), weight.to(DEVICE), config=SMALL[kernel], split_k=17)
 
 
 @pytest.mark.parametrize("fmt", ["Q4_0", "Q4_1", "Q8_0", "int8", "int4", "Q4_K", "Q5_K", "Q6_K"])
