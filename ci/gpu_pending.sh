@@ -6,8 +6,9 @@
 #
 #     bash ci/gpu_pending.sh e2e3000 # ~4 min: TensorRT-LLM's conditions (3000 requests, 0.95
 #                                    # memory); on an H200 this decides the issue-7 aim (> 17,744)
-#     bash ci/gpu_pending.sh stream  # ~3 min: the int4 GEMV's walk over its bytes against a flat
-#                                    # read and a tile-contiguous layout; the int4 step's kernels
+#     bash ci/gpu_pending.sh stream  # ~6 min: the int4 GEMV's walk over its bytes against a flat
+#                                    # read and a tile-contiguous layout; the int4 step's kernels;
+#                                    # the bf16 GEMV tiles at one row (the int4 step's lm_head)
 #     bash ci/gpu_pending.sh int4    # ~2 min: batch-1 int4 on one built model: the unrolled split
 #                                    # tails against the loops (serial_tails), PDL without the L2
 #                                    # prefetch (pdl=0), stop 20's 64 x 128 tiles, MMA 64 x 256
@@ -58,7 +59,10 @@ stream)
     timeout 300 python3 benchmarks/gpu_int4_stream.py > "$OUT/stream.txt" 2>&1
     grep -A80 "^| weight" "$OUT/stream.txt"
     timeout 200 python3 benchmarks/profile_cuda_decode.py --quantization int4 --steps 20 > "$OUT/prof.txt" 2>&1
-    tail -25 "$OUT/prof.txt" ;;
+    tail -25 "$OUT/prof.txt"
+    # the bf16 lm_head of the int4 step (0.43 ms at 80% of copy): its GEMV tiles swept
+    timeout 300 python3 benchmarks/gpu_gemv.py --rows 1 --sweep > "$OUT/gemv_bf16.txt" 2>&1
+    grep "lm_head" "$OUT/gemv_bf16.txt" | tail -2 ;;
 e2e3000)
     timeout 560 "${E2E[@]}" --budget-s 520 --num-prompts 3000 --memory-utilization 0.95 "${@:2}" > "$OUT/e2e3000.txt" 2>&1
     grep "throughput:\|KV cache:" "$OUT/e2e3000.txt" | tail -3
