@@ -9,7 +9,7 @@
 #     bash ci/gpu_pending.sh stream  # ~6 min: the int4 GEMV's walk over its bytes against a flat
 #                                    # read and a tile-contiguous layout; the int4 step's kernels;
 #                                    # the bf16 GEMV tiles at one row (the int4 step's lm_head)
-#     bash ci/gpu_pending.sh int4    # ~2 min: batch-1 int4 on one built model: the unrolled split
+#     bash ci/gpu_pending.sh int4    # ~5 min: batch-1 int4 on one built model: the unrolled split
 #                                    # tails against the loops (serial_tails), PDL without the L2
 #                                    # prefetch (pdl=0), stop 20's 64 x 128 tiles, MMA 64 x 256
 #     bash ci/gpu_pending.sh fp8     # ~2 min: fp8 GEMMs with and without fast accumulation,
@@ -41,9 +41,9 @@ int4)
         --decode-variant default --decode-variant serial_tails --decode-variant pdl=0 \
         --decode-variant "int4=64,128,4,4" --decode-variant "int4=64,256,4,2,mma" > "$OUT/int4.txt" 2>&1
     grep -A9 "decode variant" "$OUT/int4.txt"; tail -3 "$OUT/int4.txt"
-    timeout 150 env PORTASERVE_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider \
+    timeout 240 env PORTASERVE_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider \
         tests/quant/test_quant_gemv.py tests/devices/test_triton_kernels.py \
-        -k "norm or silu or tensor_cores or pdl or hand_built" > "$OUT/tests.txt" 2>&1
+        -k "norm or silu or tensor_cores or pdl or hand_built or unrolled or split or tuned or decode" > "$OUT/tests.txt" 2>&1
     tail -4 "$OUT/tests.txt" ;;
 fp8)
     timeout 240 python3 benchmarks/gpu_kernels.py --sections fp8_gemm,elementwise,tune_fp8 > "$OUT/fp8.txt" 2>&1
