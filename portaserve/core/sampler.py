@@ -72,11 +72,12 @@ class Sampler:
         Greedy rows without penalties take the argmax of the logits as given (exact in any
         dtype: a bf16 batch skips its float32 copy); penalties and sampling run in float32."""
         greedy = [r.sampling_params.is_greedy for r in requests]
-        if not all(greedy) or any(r.sampling_params.has_penalties for r in requests):
+        penalized = [i for i, r in enumerate(requests) if r.sampling_params.has_penalties]
+        if penalized or not all(greedy):
             logits = logits.float()
         if num_generated is None:
             num_generated = [len(r.output_token_ids) for r in requests]
-        logits = self._apply_penalties(logits, requests, pending or {})
+        logits = self._apply_penalties(logits, requests, penalized, pending or {})
         logits = self._mask_min_tokens(logits, requests, num_generated)
         if all(greedy):
             return logits.argmax(dim=-1)
@@ -112,9 +113,10 @@ class Sampler:
         return chosen, values, top_ids
 
     def _apply_penalties(
-        self, logits: torch.Tensor, requests: list[Request], pending: dict[int, torch.Tensor]
+        self, logits: torch.Tensor, requests: list[Request], rows: list[int], pending: dict[int, torch.Tensor]
     ) -> torch.Tensor:
-        rows = [i for i, r in enumerate(requests) if r.sampling_params.has_penalties]
+        """The penalties of the requests at ``rows`` (those that set any), on a copy of ``logits``
+        (no rows: ``logits`` itself)."""
         if not rows:
             return logits
         logits = logits.clone()
