@@ -70,6 +70,32 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 ONE_PASS_MAX_INTER = 16384
 
 
+@triton_helper
+def _silu_mul_cols(x_ptr, row, stride_x, inter, cols):
+    """``silu(gate) * up`` at columns ``cols`` of a row (past ``inter``: 0), rounded to x's dtype
+    as ``silu_and_mul`` returns it, in float32."""
+    mask = cols < inter
+    gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(x_ptr + row * stride_x + inter + cols, mask=mask, other=0.0).to(tl.float32)
+    return silu_mul(gate, up).to(x_ptr.dtype.element_ty).to(tl.float32)
+
+
+@triton_helper
+def _store_fp8_scale(s_ptr, row, amax):
+    """The row's scale ``amax / 448`` (1 for a zero row), stored and returned."""
+    scale = amax * (1.0 / 448.0)
+    scale = tl.where(scale > 0.0, scale, 1.0)
+    tl.store(s_ptr + row, scale)
+    return scale
+
+
+@triton_helper
+def _store_fp8_codes(q_ptr, row, stride_q, inter, cols, y, scale):
+    """``y / scale`` saturated to +-448, stored as fp8 codes at columns ``cols`` (< ``inter``)."""
+    q = tl.minimum(tl.maximum(tl.math.div_rn(y, scale), -448.0), 448.0)
+    tl.store(q_ptr + row * stride_q + cols, q.to(q_ptr.dtype.element_ty), mask=cols < inter)
+
+
 @triton_kernel
 def _silu_and_mul_fp8_kernel(
     x_ptr, q_ptr, s_ptr, inter, stride_x, stride_q, BLOCK: tl.constexpr, ONE_PASS: tl.constexpr,
@@ -86,34 +112,18 @@ def _silu_and_mul_fp8_kernel(
     row = tl.program_id(0).to(tl.int64)
     if ONE_PASS:
         cols = tl.arange(0, BLOCK)
-        mask = cols < inter
-        gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-        up = tl.load(x_ptr + row * stride_x + inter + cols, mask=mask, other=0.0).to(tl.float32)
-        y = silu_mul(gate, up).to(x_ptr.dtype.element_ty).to(tl.float32)
-        scale = tl.reduce(tl.abs(y), 0, MAX) * (1.0 / 448.0)
-        scale = tl.where(scale > 0.0, scale, 1.0)
-        tl.store(s_ptr + row, scale)
-        q = tl.minimum(tl.maximum(tl.math.div_rn(y, scale), -448.0), 448.0)
-        tl.store(q_ptr + row * stride_q + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
+        y = _silu_mul_cols(x_ptr, row, stride_x, inter, cols)
+        scale = _store_fp8_scale(s_ptr, row, tl.reduce(tl.abs(y), 0, MAX))
+        _store_fp8_codes(q_ptr, row, stride_q, inter, cols, y, scale)
     else:
         amax = tl.full((BLOCK,), 0.0, tl.float32)
-        scale = tl.reduce(amax, 0, MAX)  # replaced between the passes
-        for p in tl.static_range(2):  # 0: the row's amax; 1: the codes
-            if p == 1:
-                scale = tl.reduce(amax, 0, MAX) * (1.0 / 448.0)
-                scale = tl.where(scale > 0.0, scale, 1.0)
-                tl.store(s_ptr + row, scale)
-            for c0 in range(0, inter, BLOCK):
-                cols = c0 + tl.arange(0, BLOCK)
-                mask = cols < inter
-                gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-                up = tl.load(x_ptr + row * stride_x + inter + cols, mask=mask, other=0.0).to(tl.float32)
-                y = silu_mul(gate, up).to(x_ptr.dtype.element_ty).to(tl.float32)
-                if p == 0:
-                    amax = tl.maximum(amax, tl.abs(y))
-                else:
-                    q = tl.minimum(tl.maximum(tl.math.div_rn(y, scale), -448.0), 448.0)
-                    tl.store(q_ptr + row * stride_q + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
+        for c0 in range(0, inter, BLOCK):  # pass 1: the row's amax
+            amax = tl.maximum(amax, tl.abs(_silu_mul_cols(x_ptr, row, stride_x, inter, c0 + tl.arange(0, BLOCK))))
+        scale = _store_fp8_scale(s_ptr, row, tl.reduce(amax, 0, MAX))
+        for c0 in range(0, inter, BLOCK):  # pass 2: the codes
+            cols = c0 + tl.arange(0, BLOCK)
+            _store_fp8_codes(q_ptr, row, stride_q, inter, cols, _silu_mul_cols(x_ptr, row, stride_x, inter, cols),
+                             scale)
 
 
 def silu_and_mul_fp8(x: torch.Tensor) -> QuantizedActivation:
