@@ -238,9 +238,9 @@ def _varlen_attn_kernel(
         # Keys before the tile's first query position + 1 are visible to every row: whole key
         # tiles up to there skip the causal mask (phase 0); the rest take it (phase 1).
         # (VARLEN_UNMASKED_TILES off: no phase 0, every tile takes the mask)
-        unmasked_end = (tl.minimum(kv_end, context_len + tile * BLOCK_Q + 1) // BLOCK_N) * BLOCK_N
-        if not UNMASKED_TILES:
-            unmasked_end = unmasked_end * 0
+        unmasked_end = 0
+        if UNMASKED_TILES:
+            unmasked_end = (tl.minimum(kv_end, context_len + tile * BLOCK_Q + 1) // BLOCK_N) * BLOCK_N
         for phase in tl.static_range(0 if UNMASKED_TILES else 1, 2):
             lo = 0 if phase == 0 else unmasked_end
             hi = unmasked_end if phase == 0 else kv_end
@@ -348,9 +348,12 @@ def _decode_program(seq_lens_ptr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexp
 
 
 @triton_helper
-def _merge_step(merged, w_sum, m_run, lse_s, part):
-    """One split's partial (normalised output ``part``, log2-domain ``lse_s``) into the running
-    merge."""
+def _merge_split(part_out_ptr, part_lse_ptr, rows, rows_ok, d, head_dim, merged, w_sum, m_run):
+    """One split's partials (rows ``rows`` of part_out / part_lse: normalised output and its
+    log2-domain lse; a row not ``rows_ok`` weighs exactly 0) into the running merge."""
+    lse_s = tl.load(part_lse_ptr + rows, mask=rows_ok, other=float("-inf"), cache_modifier=".cg")
+    part = tl.load(part_out_ptr + rows[:, None] * head_dim + d[None, :],
+                   mask=rows_ok[:, None] & (d < head_dim)[None, :], other=0.0, cache_modifier=".cg")
     m_new = tl.maximum(m_run, lse_s)
     rescale = tl.exp2(m_run - m_new)
     w = tl.exp2(lse_s - m_new)
@@ -373,17 +376,12 @@ def _merge_splits(part_out_ptr, part_lse_ptr, out_row_ptr, base, head, g_ok, d, 
     if UNROLLED:
         for s in tl.static_range(NUM_SPLITS):
             active = tl.full([BLOCK_G], s, tl.int32) < num_active
-            lse_s = tl.load(part_lse_ptr + base + s, mask=g_ok & active, other=float("-inf"),
-                            cache_modifier=".cg")
-            part = tl.load(part_out_ptr + (base + s)[:, None] * head_dim + d[None, :],
-                           mask=mask & active[:, None], other=0.0, cache_modifier=".cg")
-            merged, w_sum, m_run = _merge_step(merged, w_sum, m_run, lse_s, part)
+            merged, w_sum, m_run = _merge_split(part_out_ptr, part_lse_ptr, base + s, g_ok & active, d, head_dim,
+                                                merged, w_sum, m_run)
     else:
         for s in range(0, num_active):
-            lse_s = tl.load(part_lse_ptr + base + s, mask=g_ok, other=0.0, cache_modifier=".cg")
-            part = tl.load(part_out_ptr + (base + s)[:, None] * head_dim + d[None, :],
-                           mask=mask, other=0.0, cache_modifier=".cg")
-            merged, w_sum, m_run = _merge_step(merged, w_sum, m_run, lse_s, part)
+            merged, w_sum, m_run = _merge_split(part_out_ptr, part_lse_ptr, base + s, g_ok, d, head_dim,
+                                                merged, w_sum, m_run)
     final = merged / tl.where(w_sum > 0.0, w_sum, 1.0)[:, None]
     tl.store(out_row_ptr + head[:, None] * stride_oh + d[None, :], final.to(out_row_ptr.dtype.element_ty),
              mask=mask)
