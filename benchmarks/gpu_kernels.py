@@ -366,6 +366,21 @@ DECODE_TRIALS = [(64, 4, 2), (32, 4, 2), (128, 4, 2), (64, 2, 2), (64, 8, 2), (6
                  (128, 8, 3), (32, 2, 3), (64, 2, 3), (64, 2, 4), (128, 2, 2), (128, 4, 3), (32, 2, 4)]
 
 
+def flag_turns(module: object, name: str, fn: Callable[[int], object], rounds: int = 3) -> dict[bool, float]:
+    """Median ms of ``fn`` with ``module.name`` True and False, the two taking turns for
+    ``rounds`` rounds (a lent GPU drifts over a minute); the flag is put back after."""
+    saved = getattr(module, name)
+    times: dict[bool, list[float]] = {True: [], False: []}
+    try:
+        for _ in range(rounds):
+            for value in times:
+                setattr(module, name, value)
+                times[value].append(bench(fn, budget_s=0.5))
+    finally:
+        setattr(module, name, saved)
+    return {value: statistics.median(ms) for value, ms in times.items()}
+
+
 def tune_rows() -> list[Row]:
     """Time the attention kernels under alternative tile configs (attention.*_CONFIG) and
     decode split counts; the defaults come first in each group."""
@@ -387,21 +402,15 @@ def tune_rows() -> list[Row]:
             continue
         rows.append(Row(f"tune prefill {PREFILL_CASES[0][1]}", label, ms, nbytes, flops))
     attention.VARLEN_CONFIG.update(saved)
-    saved_unmasked = attention.VARLEN_UNMASKED_TILES
     for case, name in PREFILL_CASES:  # the causal mask on every key tile (as before) vs where it cuts
         query_, cache_, attn_, _ = paged_setup(case)
         flops_ = 4.0 * HEADS * HEAD_DIM * sum(q * c + q * (q + 1) // 2 for c, q in case)
         bytes_ = sum(2 * (c + q) * KV_HEADS * HEAD_DIM * e + 2 * q * HEADS * HEAD_DIM * e for c, q in case)
-        times: dict[bool, list[float]] = {True: [], False: []}
-        for _ in range(3):  # in turns, median of three
-            for unmasked in times:
-                attention.VARLEN_UNMASKED_TILES = unmasked
-                times[unmasked].append(bench(
-                    lambda i, a=(query_, cache_, attn_): attention.paged_attention(*a, scale), budget_s=0.5))
-        attention.VARLEN_UNMASKED_TILES = saved_unmasked
+        times = flag_turns(attention, "VARLEN_UNMASKED_TILES",
+                           lambda i, a=(query_, cache_, attn_): attention.paged_attention(*a, scale))
         for unmasked, ms in times.items():
             rows.append(Row(f"tune prefill {name}", "unmasked whole tiles" if unmasked else "mask on every tile",
-                            statistics.median(ms), bytes_, flops_))
+                            ms, bytes_, flops_))
 
     saved, saved_fp8 = dict(attention.DECODE_CONFIG), dict(attention.DECODE_CONFIG_FP8)
     for num_reqs, ctx in (DECODE_CASES[1], DECODE_CASES[-1]):
@@ -431,26 +440,19 @@ def tune_rows() -> list[Row]:
                 break
             ms = bench(lambda i: attention.paged_attention(*setups[i % n][:3], scale, num_splits=splits), budget_s=1.0)
             rows.append(Row(name, f"splits={splits} (default config)", ms, nbytes))
-        if num_reqs == 1:  # the split merge unrolled (attention.MERGE_UNROLLED) vs a loop, in turns
-            saved_merge = attention.MERGE_UNROLLED
-            times: dict[bool, list[float]] = {True: [], False: []}
-            for _ in range(3):
-                for unrolled in times:
-                    attention.MERGE_UNROLLED = unrolled
-                    times[unrolled].append(bench(lambda i: attention.paged_attention(*setups[i % n][:3], scale),
-                                                 budget_s=0.5))
-            attention.MERGE_UNROLLED = saved_merge
+        if num_reqs == 1:  # the split merge unrolled (attention.MERGE_UNROLLED) vs a loop
+            times = flag_turns(attention, "MERGE_UNROLLED",
+                               lambda i: attention.paged_attention(*setups[i % n][:3], scale))
             for unrolled, ms in times.items():
-                rows.append(Row(name, "merge unrolled" if unrolled else "merge in a loop", statistics.median(ms),
-                                nbytes))
+                rows.append(Row(name, "merge unrolled" if unrolled else "merge in a loop", ms, nbytes))
     for ctx in SHORT_DECODE_CTX:  # batch 1 over short contexts: one split (the default below 256
         # keys a split, _MIN_KEYS_PER_SPLIT) walks its tiles alone; more splits cost a merge
         nbytes = 2 * ctx * KV_HEADS * HEAD_DIM * e
         setups = [paged_setup([(ctx - 1, 1)], seed) for seed in range(8)]
+        default = attention.decode_num_splits(1, KV_HEADS, ctx, _num_sms())
         for splits in (1, 2, 4, 8):
             ms = bench(lambda i: attention.paged_attention(*setups[i % 8][:3], scale, num_splits=splits),
                        budget_s=0.5)
-            default = attention.decode_num_splits(1, KV_HEADS, ctx, _num_sms())
             rows.append(Row(f"tune decode B=1 ctx={ctx}", f"splits={splits}" + (" (default)" if splits == default
                                                                                  else ""), ms, nbytes))
     return rows
