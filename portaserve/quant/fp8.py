@@ -47,8 +47,9 @@ W8A8_ACCUMULATION_REL_ERROR = 1e-3
 #: The same with fast accumulation (``FAST_ACCUM``): 2.1e-3 at K 4096 and 3.3e-3 at 14336 on an
 #: H100, still well below a wrong scale or code.
 W8A8_FAST_ACCUMULATION_REL_ERROR = 5e-3
-#: ``_scaled_mm``'s ``use_fast_accum`` on CUDA (``PORTASERVE_FP8_FAST_ACCUM``, default on; read at
-#: import, benchmarks flip it): sums kept in the fp8 tensor cores' own precision along all of K.
+#: ``_scaled_mm``'s ``use_fast_accum`` in the cuda kernel (``kernels_triton.fp8_quant_linear``;
+#: ``PORTASERVE_FP8_FAST_ACCUM``, default on; read at import, benchmarks flip it): sums kept in
+#: the fp8 tensor cores' own precision along all of K.
 FAST_ACCUM = envs.fp8_fast_accum()
 
 
@@ -214,9 +215,10 @@ def _emulated(xq: torch.Tensor, xs: torch.Tensor, weight: QuantizedWeight,
 
 
 def scaled_mm(xq: torch.Tensor, x_scale: torch.Tensor, weight: QuantizedWeight,
-              out_dtype: torch.dtype) -> torch.Tensor:
+              out_dtype: torch.dtype, fast_accum: bool = False) -> torch.Tensor:
     """fp8 ``xq`` [T, K] times the fp8 weight through ``torch._scaled_mm`` -> [T, N] in
     ``out_dtype``; ``x_scale`` is a scalar or [T, 1]. Host-sync free (CUDA-graph safe).
+    ``fast_accum``: cuBLAS's ``use_fast_accum`` (a cuda kernel's choice, ``FAST_ACCUM``).
 
     bfloat16 output takes the scales inside the matmul (row-wise when either is a vector);
     float16 / float32 output (which row-wise scaling does not offer) takes the unscaled float32
@@ -224,7 +226,7 @@ def scaled_mm(xq: torch.Tensor, x_scale: torch.Tensor, weight: QuantizedWeight,
     ws = weight.data["weight_scale"].float()
     wq = weight.data["weight"].t()  # [K, N], column-major as _scaled_mm wants
     rows = xq.shape[0]
-    fast = {"use_fast_accum": True} if FAST_ACCUM and xq.is_cuda else {}
+    fast = {"use_fast_accum": True} if fast_accum else {}
     if out_dtype == torch.bfloat16:
         if x_scale.dim() == 0 and ws.dim() == 0:
             return torch._scaled_mm(xq, wq, scale_a=x_scale, scale_b=ws, out_dtype=out_dtype, **fast)

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from portaserve.devices.cuda.launch import MAX, fp8_codes_dtype, triton_kernel
-from portaserve.quant import gemv_triton
+from portaserve.quant import fp8, gemv_triton
 from portaserve.quant.base import QuantizedActivation, QuantizedWeight
 from portaserve.quant.fp8 import FP8_DTYPE, amax_scale, fp8_linear_emulated, scaled_mm
 
@@ -254,7 +254,7 @@ def fp8_quant_linear(x: torch.Tensor | QuantizedActivation, weight: QuantizedWei
     if xq.shape[0] <= FP8_GEMV_MAX_M:
         out = gemv_triton.gemv(xq, weight, bias, x_scale=scale, out_dtype=dtype)
     if out is None:
-        out = scaled_mm(xq, scale, weight, dtype)
+        out = scaled_mm(xq, scale, weight, dtype, fast_accum=fp8.FAST_ACCUM)
         if bias is not None:
             out = out + bias.to(out.dtype)
     return out
