@@ -187,8 +187,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU (Triton interpreter)")
     p.add_argument("--shapes", default=None, help=f"comma-separated, of {','.join(SHAPES)} (default: all)")
-    p.add_argument("--gemv-config", action="append", default=[], metavar="BN,BK,WARPS,PPS",
-                   help="also time the GEMV with these one-row tiles (repeatable)")
+    p.add_argument("--gemv-config", action="append", default=[], metavar="BN,BK,WARPS,PPS[,FIELD...]",
+                   help="also time the GEMV with these one-row tiles (repeatable; FIELD: a boolean "
+                        "GemvConfig field set true, e.g. 128,128,4,2,f16)")
     p.add_argument("--only-gemv", action="store_true", help="skip the read kernels")
     args = p.parse_args()
     if args.dry_run:
@@ -255,9 +256,10 @@ def main() -> None:
         x = torch.randn(1, k, device=DEV, generator=gen).to(dtype)
         results.append(("gemv (tuned)", time_calls([partial(gemv_triton.gemv, x, w) for w in weights])))
         for spec in args.gemv_config:
-            bn_, bk_, warps, pps = (int(v) for v in spec.split(","))
-            cfg = gemv_triton.GemvConfig(bn_, bk_, num_warps=warps, programs_per_sm=pps)
-            results.append((f"gemv {bn_}x{bk_} w{warps} pps{pps}",
+            bn_, bk_, warps, pps = (int(v) for v in spec.split(",")[:4])
+            flags = spec.split(",")[4:]
+            cfg = gemv_triton.GemvConfig(bn_, bk_, num_warps=warps, programs_per_sm=pps, **dict.fromkeys(flags, True))
+            results.append((f"gemv {bn_}x{bk_} w{warps} pps{pps}" + "".join(f" {f}" for f in flags),
                             time_calls([partial(gemv_triton.gemv, x, w, config=cfg) for w in weights])))
         gemv_triton.SPLIT_SUM_UNROLLED = False  # the split tail's run-time loop, for the A/B
         results.append(("gemv (tuned), split sums in a loop",

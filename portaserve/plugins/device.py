@@ -44,6 +44,11 @@ op). The model calls them only when the fp8 ``quant_linear`` kernel takes quanti
 ``linear_silu_and_mul(x, weight, bias) -> [T, I]``
     ``linear`` / ``quant_linear`` of the gate|up weight [2I, K], then ``silu_and_mul``; a quant
     kernel may carry ``fn.with_silu_and_mul`` (same arguments; None: not fused).
+``linear_rotary_write_kv(x, weight, bias, positions, cos_sin_cache, kv_cache, slot_mapping,
+num_heads) -> q' [T, Hq, D]``
+    ``linear`` / ``quant_linear`` of the q|k|v weight [(Hq + 2 Hk) D, K] (``num_heads`` = Hq,
+    D = ``cos_sin_cache``'s width, Hk from the rest), then ``rotary_write_kv`` of its q, k, v;
+    a quant kernel may carry ``fn.with_rotary_write_kv`` (same arguments; None: not fused).
 """
 
 from __future__ import annotations
@@ -80,6 +85,7 @@ FUSED_OPS: dict[str, tuple[str, ...]] = {
     "silu_and_mul_fp8": ("silu_and_mul",),
     "linear_rms_norm": ("linear", "quant_linear", "rms_norm"),
     "linear_silu_and_mul": ("linear", "quant_linear", "silu_and_mul"),
+    "linear_rotary_write_kv": ("linear", "quant_linear", "rotary_write_kv"),
 }
 
 #: KV layouts the reference ops understand. A device with another layout must implement

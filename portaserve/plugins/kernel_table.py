@@ -51,6 +51,7 @@ class KernelTable:
     silu_and_mul_fp8: KernelFn = field(init=False, repr=False)
     linear_rms_norm: KernelFn = field(init=False, repr=False)
     linear_silu_and_mul: KernelFn = field(init=False, repr=False)
+    linear_rotary_write_kv: KernelFn = field(init=False, repr=False)
     _reference_quant: KernelFn = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -62,9 +63,10 @@ class KernelTable:
         # table made with ``dataclasses.replace(table, quant_ops=...)`` composes with its own)
         self.ops = dict(self.ops)
         composing = {**self.ops, "quant_linear": _QuantDispatch(self.quant_ops, self._reference_quant)}
-        for name in FUSED_OPS:
+        for name in FUSED_OPS:  # (in order: a fused op may be composed of an earlier one)
             if self.fused_sources.get(name, "composed") == "composed":
                 self.ops[name] = _COMPOSE[name](composing)
+            composing[name] = self.ops[name]
             object.__setattr__(self, name, self.ops[name])
 
     def quant_linear(self, x: Any, weight: Any, bias: Any = None) -> Any:
@@ -212,6 +214,39 @@ class _QuantDispatch:
         return self.kernel_for(weight.format)(x, weight, bias)
 
 
+def _compose_linear_rotary_write_kv(ops: Mapping[str, KernelFn]) -> KernelFn:
+    """``linear`` / ``quant_linear`` of the q|k|v weight, then ``rotary_write_kv`` of its q, k
+    and v; a quant kernel carrying ``with_rotary_write_kv`` runs the whole op where it can."""
+    from portaserve.quant.base import QuantizedWeight
+
+    linear, quant, rotary_write_kv = ops["linear"], ops["quant_linear"], ops["rotary_write_kv"]
+
+    def linear_rotary_write_kv(x: Any, weight: Any, bias: Any, positions: Any, cos_sin_cache: Any,
+                               kv_cache: Any, slot_mapping: Any, num_heads: int) -> Any:
+        if isinstance(weight, QuantizedWeight):
+            kernel = quant.kernel_for(weight.format)
+            fused = getattr(kernel, "with_rotary_write_kv", None)
+            if fused is not None:
+                q = fused(x, weight, bias, positions, cos_sin_cache, kv_cache, slot_mapping, num_heads)
+                if q is not None:
+                    return q
+            qkv = kernel(x, weight, bias)
+        else:
+            qkv = linear(x, weight, bias)
+        num_tokens, head_dim = qkv.shape[0], cos_sin_cache.shape[-1]
+        q_size = num_heads * head_dim
+        kv_size = (qkv.shape[1] - q_size) // 2
+        if q_size + 2 * kv_size != qkv.shape[1] or kv_size % head_dim:
+            raise DeviceError(f"linear_rotary_write_kv: {qkv.shape[1]} output columns are not q|k|v "
+                              f"of {num_heads} query heads and head dim {head_dim}")
+        q = qkv[:, :q_size].view(num_tokens, num_heads, head_dim)
+        k = qkv[:, q_size:q_size + kv_size].view(num_tokens, -1, head_dim)
+        v = qkv[:, q_size + kv_size:].view(num_tokens, -1, head_dim)
+        return rotary_write_kv(positions, q, k, v, cos_sin_cache, kv_cache, slot_mapping)
+
+    return linear_rotary_write_kv
+
+
 #: fused op -> builds it from the resolved ops it stands for (``quant_linear``: by format)
 _COMPOSE: dict[str, Callable[[Mapping[str, KernelFn]], KernelFn]] = {
     "rotary_write_kv": _compose_rotary_write_kv,
@@ -220,4 +255,5 @@ _COMPOSE: dict[str, Callable[[Mapping[str, KernelFn]], KernelFn]] = {
     # (x, weight, bias, norm_weight, eps, residual) / (x, weight, bias)
     "linear_rms_norm": _compose_projection_then("rms_norm", "with_rms_norm"),
     "linear_silu_and_mul": _compose_projection_then("silu_and_mul", "with_silu_and_mul"),
+    "linear_rotary_write_kv": _compose_linear_rotary_write_kv,
 }

@@ -61,8 +61,17 @@ def _triton_quant_linear_silu_and_mul(x: Any, weight: Any, bias: Any = None) -> 
     return triton_quant_linear_silu_and_mul(x, weight, bias)
 
 
+def _triton_quant_linear_rotary_write_kv(x: Any, weight: Any, bias: Any, positions: Any, cos_sin_cache: Any,
+                                         kv_cache: Any, slot_mapping: Any, num_heads: int) -> Any:
+    from portaserve.quant.kernels_triton import triton_quant_linear_rotary_write_kv
+
+    return triton_quant_linear_rotary_write_kv(x, weight, bias, positions, cos_sin_cache, kv_cache,
+                                               slot_mapping, num_heads)
+
+
 _triton_quant_linear.with_rms_norm = _triton_quant_linear_rms_norm  # type: ignore[attr-defined]  # (linear_rms_norm)
 _triton_quant_linear.with_silu_and_mul = _triton_quant_linear_silu_and_mul  # type: ignore[attr-defined]
+_triton_quant_linear.with_rotary_write_kv = _triton_quant_linear_rotary_write_kv  # type: ignore[attr-defined]
 
 
 def _fp8_quant_linear(x: Any, weight: Any, bias: Any = None) -> Any:

@@ -28,6 +28,15 @@ loaded before the current step's math (int4, Q4_0; Q4_K runs inside the general 
 nibbles of a byte in different sub-blocks summed apart by ``_CODES_BF16X2_ASM``, codes centred
 on 8 so that the sums stay small beside the mins' correction).
 
+int4 and Q4_0 at one row of bf16 x can take the packed path in fp16x2 instead
+(``GemvConfig.f16``; ``_int4_f16x2_asm``): fp16's 10-bit mantissa holds a nibble in place, so
+``word & 0x00F000F0`` OR 0x6400 is 1024 + 16 code and one FMA by 1/16 leaves code - zero (one
+shift a word instead of three), and four words of a row add into one fp16x2 accumulator before
+a single float32 sum (~13 instructions a word against ~20; sm_90 SASS: 2.95 against 3.37 a
+weight). x must fit fp16 for that: each program scales its share of x by a power of two from
+the largest exponent in it (``_x_exponent``), |x| < 2^8, and its sums back; products and
+16-product sums round to 11 bits (the bf16x2 path: 8).
+
 int4 at one row of bf16 x can take its products to the tensor cores inside the FMA kernel
 (``GemvConfig.mma``; ``_int4_mma_asm``): a 16-row tile is the A operand of ``mma.m16n8k16``,
 each lane unpacking its own words straight into its fragment registers (no trip through shared
@@ -73,6 +82,7 @@ import triton.language as tl
 
 from portaserve.devices.cuda.activation import silu_mul
 from portaserve.devices.cuda.launch import (
+    MAX,
     SUM,
     is_interpreted,
     next_pow2,
@@ -150,6 +160,12 @@ class GemvConfig:
     #: With ``mma``: the zero points taken off after the MMAs, from the group sums of x (one MMA
     #: more per word position and thread, one FMA fewer per pair of codes and row).
     mma_xsum: bool = False
+    #: With ``packed`` (int4, Q4_0): the products in fp16x2 rather than bf16x2
+    #: (``_int4_f16x2_asm``), four words of a row to one accumulator: the 10-bit mantissa takes
+    #: a nibble shifted by four (one shift a word, not three) and sums of 16 products without
+    #: losing the codes, so the per-word float32 sum goes too (~14 instructions a word against
+    #: ~20). x is scaled into fp16's range by a power of two per program (``_x_exponent``).
+    f16: bool = False
 
 
 #: Per format: (largest M, config) pairs, the first whose M covers the call's is used. From
@@ -373,6 +389,145 @@ mov.b32 $1, f;
 _PRMT_ASM = tl.constexpr("prmt.b32 $0, $2, $3, 0x5410;\n\tprmt.b32 $1, $2, $3, 0x7632;")
 
 
+def _int4_f16x2_asm(words: int) -> str:
+    """PTX for ``words`` 32-bit words of int4 codes of one row (one group) times x, in fp16x2
+    (sm_53+; ``GemvConfig.f16``), into one float32 ($0). Word j is ${1 + j}; $w+1 and $w+2 hold
+    ``-(1024 + zero)`` and ``-(64 + zero)`` in both fp16 halves; x pair i of word j (fp16x2,
+    ``_F16_PAIRS_ASM``) is ${w + 3 + 4 j + i}. Pair i is nibbles i and i + 4, as in
+    ``_INT4_BF16X2_ASM``, but fp16's 10-bit mantissa takes a nibble where it lies: OR-ing
+    0x6400 (1024) into ``word & 0x000F000F`` gives 1024 + code, into ``word & 0x00F000F0``
+    1024 + 16 code; one add (``-(1024 + zero)``) or FMA (by 1/16, ``-(64 + zero)``) leaves
+    code - zero exactly, and ``word >> 8`` serves pairs 2 and 3 the same way: 13 instructions a
+    word (bf16x2: 15, plus 5 to sum each word in float32). Every product of the words goes into
+    one fp16x2 accumulator (x below 2^8 keeps 16 of them below 65504), whose halves are added in
+    float32 once at the end."""
+    lines = [".reg .b32 t, v, acc, mlo, mhi, magic, sixteenth;", ".reg .b16 h0, h1;", ".reg .f32 f0, f1;",
+             "mov.b32 mlo, 0x000F000F;", "mov.b32 mhi, 0x00F000F0;", "mov.b32 magic, 0x64006400;",
+             "mov.b32 sixteenth, 0x2C002C00;", "mov.b32 acc, 0;"]
+    c_lo, c_hi = f"${words + 1}", f"${words + 2}"
+    for j in range(words):
+        w = f"${1 + j}"
+        x = [f"${words + 3 + 4 * j + i}" for i in range(4)]
+        for src, pairs in ((w, (0, 1)), ("t", (2, 3))):
+            if src == "t":
+                lines.append(f"shr.u32 t, {w}, 8;")
+            lines += [f"lop3.b32 v, {src}, mlo, magic, 0xEA;", f"add.rn.f16x2 v, v, {c_lo};",
+                      f"fma.rn.f16x2 acc, v, {x[pairs[0]]}, acc;",
+                      f"lop3.b32 v, {src}, mhi, magic, 0xEA;", f"fma.rn.f16x2 v, v, sixteenth, {c_hi};",
+                      f"fma.rn.f16x2 acc, v, {x[pairs[1]]}, acc;"]
+    lines += ["mov.b32 {h0, h1}, acc;", "cvt.f32.f16 f0, h0;", "cvt.f32.f16 f1, h1;", "add.f32 f0, f0, f1;",
+              "mov.b32 $0, f0;"]
+    return "{\n" + "\n".join(lines) + "\n}"
+
+
+#: ``_int4_f16x2_asm`` for the four words of a row a call takes.
+_INT4_F16X2_ASM_4 = tl.constexpr(_int4_f16x2_asm(4))
+#: Two bf16x2 words a, b ($2, $3) times a float32 power of two ($4) -> two fp16x2 words,
+#: ``(a.lo, b.lo)`` and ``(a.hi, b.hi)`` (``_PRMT_ASM``'s pairs, converted; round to nearest).
+_F16_PAIRS_ASM = tl.constexpr("""{
+.reg .b32 t;
+.reg .f32 al, ah, bl, bh;
+shl.b32 t, $2, 16;
+mov.b32 al, t;
+and.b32 t, $2, 0xFFFF0000;
+mov.b32 ah, t;
+shl.b32 t, $3, 16;
+mov.b32 bl, t;
+and.b32 t, $3, 0xFFFF0000;
+mov.b32 bh, t;
+mul.f32 al, al, $4;
+mul.f32 ah, ah, $4;
+mul.f32 bl, bl, $4;
+mul.f32 bh, bh, $4;
+cvt.rn.f16x2.f32 $0, bl, al;
+cvt.rn.f16x2.f32 $1, bh, ah;
+}""")
+
+
+@triton_helper
+def _quads(t):
+    """Words 4 a, 4 a + 1, 4 a + 2, 4 a + 3 of t's last dim (a multiple of 4), as four tensors
+    with that dim a quarter as long (in registers where a thread holds four consecutive words,
+    as the packed loads do: 16-byte vectors)."""
+    shape: tl.constexpr = t.shape
+    r = tl.reshape(t, (shape[0], shape[1], shape[2] // 4, 2, 2))
+    even, odd = tl.split(r)  # 4 a + 2 b + c: on c
+    w0, w2 = tl.split(even)  # then on b
+    w1, w3 = tl.split(odd)
+    return w0, w1, w2, w3
+
+
+@triton_helper
+def _f16_pairs(a, b, scale, ASM: tl.constexpr):
+    """``_F16_PAIRS_ASM`` (the interpreter: the same conversions in Triton)."""
+    if ASM:
+        lo, hi = tl.inline_asm_elementwise(_F16_PAIRS_ASM, "=r,=r,r,r,r", [a, b, scale],
+                                           dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+    else:
+        lo = _f16_pair((a << 16).to(tl.float32, bitcast=True) * scale, (b << 16).to(tl.float32, bitcast=True) * scale)
+        hi = _f16_pair((a & -65536).to(tl.float32, bitcast=True) * scale,
+                       (b & -65536).to(tl.float32, bitcast=True) * scale)
+    return lo, hi
+
+
+@triton_helper
+def _f16_pair(lo, hi):
+    """Two float32 tensors rounded to fp16, as one word of fp16x2 bits (lo in the low half)."""
+    lo_bits = lo.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    hi_bits = hi.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32)
+    return lo_bits | (hi_bits << 16)
+
+
+@triton_helper
+def _f16_half(p, HIGH: tl.constexpr):
+    """One fp16 half of a fp16x2 word, as float32 (the interpreter's stand-in)."""
+    bits = (p >> 16) if HIGH else p
+    return bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton_helper
+def _int4_f16_quad(w0, w1, w2, w3, zero, x0, x1, x2, x3, ASM: tl.constexpr):
+    """Four words of int4 codes of a row times x, x given as each word's four fp16x2 pairs
+    (x0: word w0's ``(p0, p1, p2, p3)``...): ``_INT4_F16X2_ASM_4``, whose zero-point constants
+    come from ``zero`` (int32); the interpreter sums the same products in float32."""
+    if ASM:  # -(1024 + zero) is 0xE400 + zero in fp16, -(64 + zero) 0xD400 + 16 zero
+        c_lo = (0xE400 + zero) * 0x10001
+        c_hi = (0xD400 + 16 * zero) * 0x10001
+        return tl.inline_asm_elementwise(
+            _INT4_F16X2_ASM_4, "=r" + ",r" * 22,
+            [w0, w1, w2, w3, c_lo, c_hi, x0[0], x0[1], x0[2], x0[3], x1[0], x1[1], x1[2], x1[3],
+             x2[0], x2[1], x2[2], x2[3], x3[0], x3[1], x3[2], x3[3]],
+            dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        z = zero.to(tl.float32)
+        return (_int4_f16_word(w0, z, x0) + _int4_f16_word(w1, z, x1)) + (_int4_f16_word(w2, z, x2)
+                                                                       + _int4_f16_word(w3, z, x3))
+
+
+@triton_helper
+def _int4_f16_word(w, z, x):
+    """The interpreter's sum over one word: nibble i against the low half of pair i, nibble
+    i + 4 against its high half (the pairing ``_int4_f16x2_asm`` relies on)."""
+    total = tl.full(w.shape, 0.0, tl.float32)
+    for i in tl.static_range(4):
+        total += (((w >> (4 * i)) & 15).to(tl.float32) - z) * _f16_half(x[i], False)
+        total += (((w >> (4 * i + 16)) & 15).to(tl.float32) - z) * _f16_half(x[i], True)
+    return total
+
+
+@triton_helper
+def _x_exponent(x32_ptr, first, count, WORDS: tl.constexpr):
+    """The largest binary exponent (biased, 8 <= e <= 255) among x's bf16 values in ``count``
+    steps of ``WORDS`` 32-bit words from word ``first``: ``GemvConfig.f16`` scales x by 2^(134
+    - e), so that every |x| < 2^8 (16 products of codes below 16 stay in fp16), and the sums
+    back by 2^(e - 134); the exponent field alone decides it (integer max, no float compare)."""
+    emax = tl.full((WORDS,), 0, tl.int32)
+    for step in range(0, count):
+        xw = tl.load(x32_ptr + first + step * WORDS + tl.arange(0, WORDS))
+        emax = tl.maximum(emax, tl.maximum(xw & 0x7F800000, (xw & 0x7F80) << 16))
+    return tl.maximum(tl.reduce(emax, 0, MAX) >> 23, 8)
+
+
 @triton_helper
 def _prefetch_rows(q_ptr, rows, rows_ok, stride_qn, first, span, LINES: tl.constexpr, LINE: tl.constexpr):
     """L2 prefetch of ``LINES`` lines (``LINE`` elements of q each) of every row of ``rows``,
@@ -384,14 +539,18 @@ def _prefetch_rows(q_ptr, rows, rows_ok, stride_qn, first, span, LINES: tl.const
 
 
 @triton_helper
-def _tile_rows(pid_n, local, N, BLOCK_N: tl.constexpr, ACT: tl.constexpr):
+def _tile_rows(pid_n, local, N, pair_half, BLOCK_N: tl.constexpr, PAIRED: tl.constexpr):
     """(weight rows, whether each exists) of program ``pid_n``'s tile positions ``local``:
-    ``BLOCK_N`` consecutive rows; with ``ACT`` (gate|up, N = 2 I) positions below ``BLOCK_N /
-    2`` are gate rows and the rest the same rows of the up half."""
-    if ACT:
+    ``BLOCK_N`` consecutive rows; ``PAIRED`` (``ACT``, ``ROPE``): the rows come in blocks of
+    ``2 pair_half`` (``ACT``: the whole gate|up weight, ``pair_half`` = I; ``ROPE``: a head,
+    ``pair_half`` = D / 2), and a tile takes ``BLOCK_N / 2`` consecutive rows of a block's first
+    half (positions below ``BLOCK_N / 2``) and the same rows of its second half."""
+    if PAIRED:
         HALF: tl.constexpr = BLOCK_N // 2
-        j = pid_n * HALF + local % HALF
-        return j + (local >= HALF).to(tl.int32) * (N // 2), j < N // 2
+        per_block = (pair_half + HALF - 1) // HALF
+        j = (pid_n % per_block) * HALF + local % HALF
+        rows = (pid_n // per_block) * 2 * pair_half + j + (local >= HALF).to(tl.int32) * pair_half
+        return rows, (j < pair_half) & (rows < N)
     else:
         rows = pid_n * BLOCK_N + local
         return rows, rows < N
@@ -408,6 +567,43 @@ def _store_silu_mul(out_row_ptr, total, pid_n, N, BLOCK_N: tl.constexpr):
     y = silu_mul(gate.to(dt).to(tl.float32), up.to(dt).to(tl.float32))
     cols = pid_n * HALF + tl.arange(0, HALF)
     tl.store(out_row_ptr + cols, y.to(dt), mask=cols < N // 2)
+
+
+@triton_helper
+def _store_rotary(out_row_ptr, total, pid_n, pos, slot, cs_ptr, stride_cs, cache_ptr, half,
+                  num_q_heads, num_kv_heads, block_size, s_kv, s_block, s_head, s_off,
+                  BLOCK_N: tl.constexpr):
+    """``ROPE``: a tile's sums [BLOCK_N] (dims ``d`` of a head's first half, then the same of
+    its second half; ``_tile_rows``) of one token at position ``pos`` -> ``rotary``, then
+    q heads to their columns of the output row ([Hq D]) and k and v heads to the paged cache at
+    ``slot`` (negative: skipped), as ``rotary_write_kv`` would take them from the GEMV's
+    output: each sum first rounded to out's dtype, the rotation in float32 rounded to it again,
+    then to the cache's dtype (v: unrotated)."""
+    HALF: tl.constexpr = BLOCK_N // 2
+    lo, hi = tl.split(tl.permute(tl.reshape(total, (2, HALF)), (1, 0)))
+    dt = out_row_ptr.dtype.element_ty
+    lo = lo.to(dt).to(tl.float32)
+    hi = hi.to(dt).to(tl.float32)
+    per_head = half // HALF
+    head = pid_n // per_head
+    d = (pid_n % per_head) * HALF + tl.arange(0, HALF)
+    cos = tl.load(cs_ptr + pos * stride_cs + d).to(tl.float32)
+    sin = tl.load(cs_ptr + pos * stride_cs + half + d).to(tl.float32)
+    rotate = head < num_q_heads + num_kv_heads  # (q and k heads; v heads go as they are)
+    r_lo = tl.where(rotate, lo * cos - hi * sin, lo).to(dt)
+    r_hi = tl.where(rotate, hi * cos + lo * sin, hi).to(dt)
+    is_q = d < tl.where(head < num_q_heads, 2 * half, 0)  # (d < half: all or none)
+    q_ptrs = out_row_ptr + head * 2 * half + d
+    tl.store(q_ptrs, r_lo, mask=is_q)
+    tl.store(q_ptrs + half, r_hi, mask=is_q)
+    kv_head = tl.maximum(head - num_q_heads, 0)  # k heads, then v heads
+    at = tl.maximum(slot, 0)
+    c_ptrs = (cache_ptr + (kv_head // num_kv_heads) * s_kv + (at // block_size) * s_block
+              + (at % block_size) * s_off + (kv_head % num_kv_heads) * s_head + d)
+    to_cache = d < tl.where((head >= num_q_heads) & (slot >= 0), 2 * half, 0)
+    ct = cache_ptr.dtype.element_ty
+    tl.store(c_ptrs, r_lo.to(ct), mask=to_cache)
+    tl.store(c_ptrs + half, r_hi.to(ct), mask=to_cache)
 
 
 @triton_helper
@@ -449,13 +645,15 @@ def _gemv_kernel(
     x_ptr, x32_ptr, q_ptr, q_desc, s_ptr, z_ptr, k_ptr, h_ptr, xs_ptr, bias_ptr, out_ptr, part_ptr,
     lock_ptr, nres_ptr, nw_ptr, ny_ptr, nres_out_ptr, N, K, SPLIT_K, stride_xm, stride_qn,
     stride_sn, stride_kn, stride_hn, stride_xs, stride_om, stride_nm, norm_eps,
-    NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, ACT: tl.constexpr,
+    pos_ptr, slot_ptr, cs_ptr, cache_ptr, rope_half, num_q_heads, num_kv_heads, block_size,
+    stride_cs, s_kv, s_block, s_head, s_off,
+    NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, ACT: tl.constexpr, ROPE: tl.constexpr,
     FMT: tl.constexpr, GROUP: tl.constexpr, CODES: tl.constexpr, NB: tl.constexpr,
     WPB: tl.constexpr, M_ROWS: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
     PACKED: tl.constexpr, ASM: tl.constexpr, TMA: tl.constexpr, MMA: tl.constexpr,
     MMA_XSUM: tl.constexpr, PDL: tl.constexpr, PREFETCH_LINES: tl.constexpr, Q_BYTES: tl.constexpr,
-    SPLIT_SUM: tl.constexpr,
+    SPLIT_SUM: tl.constexpr, F16: tl.constexpr,
 ):
     """Grid ``(cdiv(N, BLOCK_N), SPLIT_K)``. A K step covers ``NB`` blocks of ``GROUP`` columns
     (one scale each; int8/fp8: one block, scales per row; K formats: a 64-column quarter of a
@@ -466,7 +664,10 @@ def _gemv_kernel(
 
     ``PACKED`` (int4, Q4_0, Q4_K; one row of bf16 x, ``x32_ptr`` the same x as 32-bit words): each word's
     eight products in packed bf16x2 arithmetic (``_INT4_BF16X2_ASM``; ``ASM`` False: the same
-    products in float32, for the interpreter), times the block's scale in float32.
+    products in float32, for the interpreter), times the block's scale in float32. ``F16``
+    (int4, Q4_0; ``GemvConfig.f16``): four words of a row at a time in fp16x2 instead
+    (``_int4_f16_quad``), x scaled by a power of two per program (``_x_exponent`` over the
+    program's share of K).
 
     ``PDL``: launched with programmatic dependent launch (``launch.pdl``); each program first
     pulls ``PREFETCH_LINES`` 128-byte lines of each of its rows (from its split's first step;
@@ -482,14 +683,22 @@ def _gemv_kernel(
     ``ACT`` (``gemv(..., silu_and_mul=True)``): the weight is gate|up ([2 I, K]) and out [M, I]
     is ``silu_and_mul`` of the product: a program's tile is ``BLOCK_N / 2`` rows of the gate
     half and the same rows of the up half (``_tile_rows``), each rounded to out's dtype as the
-    GEMV would store it, then ``activation.silu_mul`` (the silu kernel's code)."""
+    GEMV would store it, then ``activation.silu_mul`` (the silu kernel's code).
+
+    ``ROPE`` (``gemv(..., rotary=)``): the weight is q|k|v ([(Hq + 2 Hk) D, K]); out [M, Hq D]
+    gets the rotated queries and the paged cache ``cache_ptr`` the rotated keys and the values
+    at each row's slot (``slot_ptr``; position ``pos_ptr``, cos|sin rows ``cs_ptr``): a tile is
+    ``BLOCK_N / 2`` dims of a head's first half and the same of its second (``_tile_rows``), so
+    that the completing program rotates them (``_store_rotary``)."""
     # One row of x: two FMAs per code become one (a and c applied once per word), as fewer
     # instructions per byte is what bounds a 4-bit GEMV; with more rows, expanding w once wins.
     FOLD: tl.constexpr = M_ROWS == 1 and FMT != 5
     KQ: tl.constexpr = FMT >= 6  # Q4_K, Q5_K, Q6_K: super-blocks of 256 columns
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    offs_n, n_ok = _tile_rows(pid_n, tl.arange(0, BLOCK_N), N, BLOCK_N, ACT)
+    PAIRED: tl.constexpr = ACT or ROPE
+    pair_half = rope_half if ROPE else N // 2
+    offs_n, n_ok = _tile_rows(pid_n, tl.arange(0, BLOCK_N), N, pair_half, BLOCK_N, PAIRED)
     rows = offs_n[:, None, None]  # [BN, 1, 1]
     row_ok = n_ok[:, None, None]
     blk = tl.arange(0, NB)[None, :, None]  # [1, NB, 1] block of the K step
@@ -521,8 +730,8 @@ def _gemv_kernel(
         t4 = tl.arange(0, 4)[:, None, None, None]
         # (with ACT a half tile is whole 16-row tiles, so row g + 8 is row g's next-but-7 too)
         lo_local = tl.arange(0, 8)[None, :, None, None] + 16 * tl.arange(0, RT)[None, None, :, None]
-        row_lo, lo_ok = _tile_rows(pid_n, lo_local, N, BLOCK_N, ACT)  # [1, 8, RT, 1]
-        hi_ok = _tile_rows(pid_n, lo_local + 8, N, BLOCK_N, ACT)[1]
+        row_lo, lo_ok = _tile_rows(pid_n, lo_local, N, pair_half, BLOCK_N, PAIRED)  # [1, 8, RT, 1]
+        hi_ok = _tile_rows(pid_n, lo_local + 8, N, pair_half, BLOCK_N, PAIRED)[1]
         wcol = t4 * V + tl.arange(0, V)[None, None, None, :]  # [4, 1, 1, V] word of a step
         lo_ptrs = q_ptr + row_lo * stride_qn + wcol
         hi_ptrs = lo_ptrs + 8 * stride_qn
@@ -530,8 +739,8 @@ def _gemv_kernel(
         # a scale and a zero per row and step, read by the four lanes t: [4, 8, RT]
         s_local = (tl.arange(0, 8)[None, :, None] + 16 * tl.arange(0, RT)[None, None, :]
                    + 0 * tl.arange(0, 4)[:, None, None])
-        srow, s_lo_ok = _tile_rows(pid_n, s_local, N, BLOCK_N, ACT)
-        s_hi_ok = _tile_rows(pid_n, s_local + 8, N, BLOCK_N, ACT)[1]
+        srow, s_lo_ok = _tile_rows(pid_n, s_local, N, pair_half, BLOCK_N, PAIRED)
+        s_hi_ok = _tile_rows(pid_n, s_local + 8, N, pair_half, BLOCK_N, PAIRED)[1]
         s_lo_ptrs = s_ptr + srow * stride_sn
         z_lo_ptrs = z_ptr + srow * stride_sn
         step_n = tl.minimum(step_begin, num_steps - 1)  # (a split past the end: unused)
@@ -707,6 +916,11 @@ def _gemv_kernel(
             u1_n = tl.load(x_ptrs + k_n // 2 + 1)
             u2_n = tl.load(x_ptrs + k_n // 2 + (2 if FMT == 3 else 8))
             u3_n = tl.load(x_ptrs + k_n // 2 + (3 if FMT == 3 else 9))
+        if F16:  # x times 2^(134 - e) into fp16, the sums times 2^(e - 134) (``_x_exponent``)
+            e = _x_exponent(x32_ptr, step_begin * (BLOCK_K // 2), step_end - step_begin, BLOCK_K // 2)
+            x_to_f16 = ((261 - e) << 23).to(tl.float32, bitcast=True)
+            x_back = ((e - 7) << 23).to(tl.float32, bitcast=True)
+            accq = tl.full((BLOCK_N, NB, WPB // 4), 0.0, tl.float32)
         for step in tl.range(step_begin, step_end, num_stages=NUM_STAGES):
             u0, u1, u2, u3 = u0_n, u1_n, u2_n, u3_n
             if TMA:  # this step's words through the tensor memory accelerator, which the
@@ -716,6 +930,8 @@ def _gemv_kernel(
                 words = words_n
             d = d_n[:, :, None].to(tl.float32)  # [BN, NB, 1]
             z = z_n[:, :, None].to(tl.float32) if FMT == 3 else 8.0
+            if F16:  # (this step's; the next step's come in below)
+                zq = z_n[:, :, None].to(tl.int32) if FMT == 3 else tl.full((BLOCK_N, NB, 1), 8, tl.int32)
             step_n = tl.minimum(step + 1, num_steps - 1)  # (the last: reloaded, unused)
             k_n = step_n * BLOCK_K
             if not TMA:
@@ -735,7 +951,22 @@ def _gemv_kernel(
                 u1_n = tl.load(x_ptrs + k_n // 2 + 1)
                 u2_n = tl.load(x_ptrs + k_n // 2 + (2 if FMT == 3 else 8))
                 u3_n = tl.load(x_ptrs + k_n // 2 + (3 if FMT == 3 else 9))
-            if ASM:  # x paired as the codes are: p_i the columns of nibbles i and i + 4
+            if F16:  # x paired as the codes are (below), in fp16; four words of a row a call
+                if FMT == 3:
+                    p0, p1 = _f16_pairs(u0, u2, x_to_f16, ASM)
+                    p2, p3 = _f16_pairs(u1, u3, x_to_f16, ASM)
+                else:
+                    p0, p2 = _f16_pairs(u0, u1, x_to_f16, ASM)
+                    p1, p3 = _f16_pairs(u2, u3, x_to_f16, ASM)
+                w0, w1, w2, w3 = _quads(words)
+                a0, a1, a2, a3 = _quads(p0)
+                b0, b1, b2, b3 = _quads(p1)
+                c0, c1, c2, c3 = _quads(p2)
+                e0, e1, e2, e3 = _quads(p3)
+                zq = zq + tl.full(w0.shape, 0, tl.int32)
+                accq += _int4_f16_quad(w0, w1, w2, w3, zq, (a0, b0, c0, e0), (a1, b1, c1, e1),
+                                       (a2, b2, c2, e2), (a3, b3, c3, e3), ASM) * (d * x_back)
+            elif ASM:  # x paired as the codes are: p_i the columns of nibbles i and i + 4
                 if FMT == 3:  # columns 8 j + i and 8 j + i + 4
                     p0, p1 = tl.inline_asm_elementwise(
                         _PRMT_ASM, "=r,=r,r,r", [u0, u2], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
@@ -929,6 +1160,8 @@ def _gemv_kernel(
             acc = acc3
         if MMA:
             total = mma_total
+        elif PACKED and F16:
+            total = tl.reduce(tl.reduce(accq, 2, SUM), 1, SUM)
         else:
             total = tl.reduce(tl.reduce(acc, 2, SUM), 1, SUM)  # [BN]
         if FMT == 4 or FMT == 5:  # per-row (or one) weight scale
@@ -940,6 +1173,10 @@ def _gemv_kernel(
                 total += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
             if ACT:
                 _store_silu_mul(out_ptr + m * stride_om, total, pid_n, N, BLOCK_N)
+            elif ROPE:
+                _store_rotary(out_ptr + m * stride_om, total, pid_n, tl.load(pos_ptr + m), tl.load(slot_ptr + m),
+                              cs_ptr, stride_cs, cache_ptr, rope_half, num_q_heads, num_kv_heads,
+                              block_size, s_kv, s_block, s_head, s_off, BLOCK_N)
             else:
                 tl.store(out_ptr + m * stride_om + offs_n, total.to(out_ptr.dtype.element_ty),
                          mask=n_ok)
@@ -955,6 +1192,11 @@ def _gemv_kernel(
                     total += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
                 if ACT:
                     _store_silu_mul(out_ptr + m * stride_om, total, pid_n, N, BLOCK_N)
+                elif ROPE:
+                    _store_rotary(out_ptr + m * stride_om, total, pid_n, tl.load(pos_ptr + m),
+                                  tl.load(slot_ptr + m), cs_ptr, stride_cs, cache_ptr, rope_half,
+                                  num_q_heads, num_kv_heads, block_size, s_kv, s_block, s_head, s_off,
+                                  BLOCK_N)
                 else:
                     tl.store(out_ptr + m * stride_om + offs_n, total.to(out_ptr.dtype.element_ty),
                              mask=n_ok)
@@ -1292,7 +1534,7 @@ def gemv(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None = N
          x_scale: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
          config: GemvConfig | None = None, split_k: int | None = None,
          norm: tuple[torch.Tensor, torch.Tensor, float] | None = None,
-         silu_and_mul: bool = False) -> Any:
+         silu_and_mul: bool = False, rotary: tuple | None = None) -> Any:
     """``x [M, K] @ dequant(weight).T (+ bias)`` -> [M, N], or None when this weight or M is not
     served (the caller falls back). fp8 weights take fp8 ``x`` with ``x_scale`` ([M] or a
     scalar) and give ``out_dtype``; ``config`` / ``split_k`` override the tuned choice.
@@ -1302,11 +1544,18 @@ def gemv(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None = N
     chosen are the tensor-core kernel's, or the norm does not fit (see ``_norm_operands``).
     ``silu_and_mul``: ``weight`` is gate|up [2 I, K] and the answer ``silu_and_mul`` of the
     product, [M, I] (the FMA kernel's ``ACT``); None for the tensor-core tiles, TMA, an odd N,
-    or MMA tiles whose halves are not whole 16-row tiles."""
+    or MMA tiles whose halves are not whole 16-row tiles.
+    ``rotary=(positions [M], cos_sin_cache [P, D], kv_cache, slot_mapping [M], num_heads,
+    kv_layout)``: ``weight`` is q|k|v [(Hq + 2 Hk) D, K] and the answer ``rotary_write_kv`` of
+    the product's q, k, v: the rotated q [M, Hq D], the rotated k and v stored in the cache (the
+    FMA kernel's ``ROPE``); None for the tensor-core or MMA tiles, TMA, an fp8 cache, heads the
+    tiles do not divide (``block_n / 2`` must divide D / 2), a weight not of the cache's heads."""
     m, k = x.shape
     if not 1 <= m <= MAX_M or weight.format not in FORMAT_IDS or x.stride(1) != 1:
         return None
-    if norm is not None and not FUSE_NORM or silu_and_mul and not FUSE_SILU:
+    if norm is not None and not FUSE_NORM or silu_and_mul and not FUSE_SILU or rotary is not None and not FUSE_ROTARY:
+        return None
+    if rotary is not None and (norm is not None or silu_and_mul):
         return None
     cfg, x32 = (config, None) if config is not None else _tuned(weight, x)
     x32_known = config is None  # (the tuned choice has already looked at the packed path)
@@ -1316,6 +1565,8 @@ def gemv(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None = N
         return None
     if silu_and_mul and (cfg.dot and weight.format in DOT_FORMATS or cfg.tma
                          or weight.shape[0] % 2 or norm is not None):
+        return None
+    if rotary is not None and (cfg.dot or cfg.tma or cfg.mma):
         return None
     if cfg.dot and weight.format in DOT_FORMATS:
         planned = _dot_plan(weight, x, cfg)
@@ -1337,9 +1588,14 @@ def gemv(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None = N
     n = weight.shape[0]
     if silu_and_mul and (cfg.block_n % 2 or (mma and cfg.block_n % 32)):
         return None
-    # (ACT: a tile is half gate rows, half up rows, and writes half as many outputs)
+    rope = _rotary_operands(rotary, x, n, cfg.block_n, out_dtype) if rotary is not None else None
+    if rotary is not None and rope is None:
+        return None
+    # (ACT: a tile is half gate rows, half up rows, and writes half as many outputs; ROPE: its
+    # tiles cover whole heads, and it writes only q)
     num_tiles = triton.cdiv(n // 2, cfg.block_n // 2) if silu_and_mul else triton.cdiv(n, cfg.block_n)
-    out = torch.empty(m, n // 2 if silu_and_mul else n, dtype=out_dtype or x.dtype, device=x.device)
+    out_n = n // 2 if silu_and_mul else (rope["q_size"] if rope is not None else n)
+    out = torch.empty(m, out_n, dtype=out_dtype or x.dtype, device=x.device)
     if norm is not None:
         fused = _norm_operands(out, norm, num_tiles)
         if fused is None:
@@ -1361,13 +1617,37 @@ def gemv(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None = N
         kb.stride(0) if kb.dim() else 0, qh.stride(0) if qh.dim() else 0,
         0 if x_scale.dim() == 0 else x_scale.stride(0), out.stride(0),
         y.stride(0) if norm is not None else 0, float(norm[2]) if norm is not None else 0.0,
+        *(rope["args"] if rope is not None else (out,) * 4 + (0,) * 9),
         NORM=norm is not None, NORM_BLOCK=next_pow2(n) if norm is not None else 1, ACT=silu_and_mul,
+        ROPE=rope is not None,
         FMT=fmt, GROUP=group, CODES=codes, NB=block_k // group, WPB=group // codes, M_ROWS=m,
         HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
         NUM_STAGES=cfg.num_stages, PACKED=x32 is not None, ASM=not is_interpreted(x),
         TMA=desc is not None, MMA=mma, MMA_XSUM=mma and cfg.mma_xsum, SPLIT_SUM=_split_sum(),
+        F16=cfg.f16 and x32 is not None and fmt in (0, 3) and not mma and group % 32 == 0,
         **_pdl(x, words, prefetch=fmt < 6), num_warps=cfg.num_warps)
     return (y, res_out) if norm is not None else out
+
+
+def _rotary_operands(rotary: tuple, x: torch.Tensor, n: int, block_n: int,
+                     out_dtype: torch.dtype | None) -> dict | None:
+    """The ``ROPE`` kernel arguments of ``gemv(..., rotary=)`` and the width of q, or None where
+    the fused rotary does not serve (see ``gemv``)."""
+    from portaserve.devices.cuda.kv import FP8_FORMATS, cache_geometry, cache_strides
+
+    positions, cos_sin, kv_cache, slots, num_heads, kv_layout = rotary
+    m = x.shape[0]
+    block_size, num_kv_heads, head_dim = cache_geometry(kv_cache, kv_layout)
+    half = head_dim // 2
+    if (kv_cache.dtype in FP8_FORMATS or kv_cache.stride(-1) != 1 or head_dim % 2
+            or cos_sin.shape[-1] != head_dim or cos_sin.stride(-1) != 1
+            or n != (num_heads + 2 * num_kv_heads) * head_dim or block_n % 2 or half % (block_n // 2)
+            or positions.shape[0] < m or slots.shape[0] < m or (out_dtype or x.dtype) != x.dtype):
+        return None
+    s_kv, s_block, s_head, s_off, _ = cache_strides(kv_cache, kv_layout)
+    args = (positions, slots, cos_sin, kv_cache, half, num_heads, num_kv_heads, block_size,
+            cos_sin.stride(0), s_kv, s_block, s_head, s_off)
+    return {"args": args, "q_size": num_heads * head_dim}
 
 
 #: Whether ``gemv(..., norm=)`` fuses (the cuda ``linear_rms_norm`` op) and ``gemv(...,
@@ -1377,6 +1657,10 @@ def gemv(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None = N
 #: silu fused, 3.182 with both; the logits identical.
 FUSE_NORM = True
 FUSE_SILU = True
+#: Whether ``gemv(..., rotary=)`` fuses (the cuda ``linear_rotary_write_kv`` op): the q|k|v
+#: GEMV, then ``rotary_write_kv``, one launch a layer fewer. Untimed (prepared 2026-12-07, the
+#: rotary kernel took 3 us a layer of the int4 8B step at one row on an H100).
+FUSE_ROTARY = True
 #: The widest row the fused norm takes (one tile of the program, as the norm kernel's).
 _NORM_MAX_N = 16384
 

@@ -172,6 +172,20 @@ def triton_quant_linear_silu_and_mul(x: torch.Tensor, weight: QuantizedWeight,
     return _fused_gemv(x, weight, bias, silu_and_mul=True)
 
 
+def triton_quant_linear_rotary_write_kv(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None,
+                                        positions: torch.Tensor, cos_sin_cache: torch.Tensor,
+                                        kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                                        num_heads: int) -> torch.Tensor | None:
+    """``triton_quant_linear`` of a q|k|v weight, then ``rotary_write_kv``, in the GEMV's launch
+    (the fused op ``linear_rotary_write_kv``; ``gemv_triton.FUSE_ROTARY``; the cuda device's KV
+    layout) -> q' [M, Hq, D]; None where the GEMV does not fuse it."""
+    from portaserve.devices.cuda.kv import KV_LAYOUT
+
+    q = _fused_gemv(x, weight, bias, rotary=(positions, cos_sin_cache, kv_cache, slot_mapping, num_heads,
+                                             KV_LAYOUT))
+    return None if q is None else q.view(q.shape[0], num_heads, -1)
+
+
 def _fused_gemv(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None, **fused: Any) -> Any:
     """``gemv_triton.gemv`` with a fused epilogue over x's rows, or None (more rows than the
     GEMV takes, or ``gemv`` declines: its flags and tiles decide)."""

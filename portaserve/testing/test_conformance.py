@@ -8,6 +8,9 @@ in ``conformance.dense_causal_attention``), so a device is never compared with i
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import pytest
 import torch
 
@@ -396,35 +399,83 @@ def test_rotary_write_kv(portaserve_device, portaserve_kernels, portaserve_dtype
     """The fused op (native or composed) equals reference rotary + write_kv: the rotated queries,
     and the whole cache afterwards (scattered slots written, a padding slot -1 skipped, every
     other slot untouched)."""
-    layout = portaserve_device.capabilities().kv_layout
+    num_q_heads, num_kv_heads, head_dim = heads
+    case = _rotary_cache_case(portaserve_device, portaserve_dtype, portaserve_gen, num_tokens, num_kv_heads, head_dim)
+    q = randn(portaserve_gen, num_tokens, num_q_heads, head_dim).to(portaserve_dtype)
+    k = randn(portaserve_gen, num_tokens, num_kv_heads, head_dim).to(portaserve_dtype)
+    v = randn(portaserve_gen, num_tokens, num_kv_heads, head_dim).to(portaserve_dtype)
+    exp_q, expected_cache = case.expect(q, k, v)
+    out_q = portaserve_kernels.rotary_write_kv(*on(portaserve_device, case.positions, q, k, v, case.cos_sin),
+                                               case.cache, on(portaserve_device, case.slots))
+    assert_close(out_q, exp_q, portaserve_dtype, "rotary_write_kv q")
+    assert_close(case.cache, expected_cache, portaserve_dtype, "rotary_write_kv cache")
+
+
+@pytest.mark.parametrize("num_tokens", [1, 3])
+@pytest.mark.parametrize("weight_kind", ["dense", "dense+bias", "int4"])
+def test_linear_rotary_write_kv(portaserve_device, portaserve_kernels, portaserve_dtype, portaserve_gen, num_tokens,
+                                weight_kind):
+    """The fused op (native or composed) equals linear (or weight-only int4 ``quant_linear``) of
+    a q|k|v weight, then reference rotary + write_kv of its q, k and v (GQA, 4 query heads over
+    2 KV heads of 64 dims; a padding slot skipped)."""
+    num_q_heads, num_kv_heads, head_dim = 4, 2, 64
+    x, weight, bias, out = projection_case(portaserve_device, portaserve_dtype, portaserve_gen, num_tokens,
+                                           (num_q_heads + 2 * num_kv_heads) * head_dim, weight_kind)
+    case = _rotary_cache_case(portaserve_device, portaserve_dtype, portaserve_gen, num_tokens, num_kv_heads, head_dim)
+    out = out.to(portaserve_dtype)
+    q_size, kv_size = num_q_heads * head_dim, num_kv_heads * head_dim
+    q = out[:, :q_size].reshape(num_tokens, num_q_heads, head_dim)
+    k = out[:, q_size:q_size + kv_size].reshape(num_tokens, num_kv_heads, head_dim)
+    v = out[:, q_size + kv_size:].reshape(num_tokens, num_kv_heads, head_dim)
+    exp_q, expected_cache = case.expect(q, k, v)
+    got = portaserve_kernels.linear_rotary_write_kv(
+        x, weight, bias, *on(portaserve_device, case.positions, case.cos_sin), case.cache,
+        on(portaserve_device, case.slots), num_q_heads)
+    assert tuple(got.shape) == (num_tokens, num_q_heads, head_dim)
+    assert_close(got, exp_q, portaserve_dtype, f"linear_rotary_write_kv q ({weight_kind})")
+    assert_close(case.cache, expected_cache, portaserve_dtype, f"linear_rotary_write_kv cache ({weight_kind})")
+
+
+@dataclass
+class _RotaryCacheCase:
+    """Positions, a cos|sin table, scattered slots (one a padding -1 when there are several
+    tokens) and a device cache filled with random values, for the rotary + write_kv ops."""
+
+    positions: torch.Tensor
+    cos_sin: torch.Tensor
+    slots: torch.Tensor
+    before: torch.Tensor
+    cache: Any
+    layout: str
+
+    def expect(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rotated q, the whole cache afterwards) by the reference ops."""
+        written = self.slots >= 0
+        expected_cache = self.before.clone()
+        exp_q, exp_k = reference.rotary(self.positions, q, k, self.cos_sin)
+        reference.write_kv(exp_k[written], v[written], expected_cache, self.slots[written], kv_layout=self.layout)
+        return exp_q, expected_cache
+
+
+def _rotary_cache_case(device, dtype, gen, num_tokens: int, num_kv_heads: int, head_dim: int) -> _RotaryCacheCase:
+    layout = device.capabilities().kv_layout
     if layout not in REFERENCE_KV_LAYOUTS:
         pytest.skip(f"layout {layout!r} is opaque; the attention tests read it back through the device")
-    num_q_heads, num_kv_heads, head_dim = heads
-    block_size = _block_sizes(portaserve_device)[0]
+    block_size = _block_sizes(device)[0]
     num_blocks = 2 * num_tokens // block_size + 3
     max_pos = 2048
     inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
     freqs = torch.outer(torch.arange(max_pos).float(), inv_freq)
-    cos_sin = torch.cat((freqs.cos(), freqs.sin()), dim=-1).to(portaserve_dtype)
-    positions = torch.randint(0, max_pos, (num_tokens,), generator=portaserve_gen)
-    q = randn(portaserve_gen, num_tokens, num_q_heads, head_dim).to(portaserve_dtype)
-    k = randn(portaserve_gen, num_tokens, num_kv_heads, head_dim).to(portaserve_dtype)
-    v = randn(portaserve_gen, num_tokens, num_kv_heads, head_dim).to(portaserve_dtype)
-    slot_ids = torch.randperm(num_blocks * block_size, generator=portaserve_gen)[:num_tokens]
+    cos_sin = torch.cat((freqs.cos(), freqs.sin()), dim=-1).to(dtype)
+    positions = torch.randint(0, max_pos, (num_tokens,), generator=gen)
+    slot_ids = torch.randperm(num_blocks * block_size, generator=gen)[:num_tokens]
     if num_tokens > 1:
         slot_ids[num_tokens // 2] = -1  # a padding row
-    spec = KVCacheSpec(1, num_blocks, block_size, num_kv_heads, head_dim, portaserve_dtype)
-    cache = portaserve_device.allocate_kv_cache(spec)[0]
-    before = randn(portaserve_gen, *cache.shape).to(portaserve_dtype)
-    cache.copy_(on(portaserve_device, before))
-    written = slot_ids >= 0
-    expected_cache = before.clone()
-    exp_q, exp_k = reference.rotary(positions, q, k, cos_sin)
-    reference.write_kv(exp_k[written], v[written], expected_cache, slot_ids[written], kv_layout=layout)
-    out_q = portaserve_kernels.rotary_write_kv(*on(portaserve_device, positions, q, k, v, cos_sin),
-                                               cache, on(portaserve_device, slot_ids))
-    assert_close(out_q, exp_q, portaserve_dtype, "rotary_write_kv q")
-    assert_close(cache, expected_cache, portaserve_dtype, "rotary_write_kv cache")
+    spec = KVCacheSpec(1, num_blocks, block_size, num_kv_heads, head_dim, dtype)
+    cache = device.allocate_kv_cache(spec)[0]
+    before = randn(gen, *cache.shape).to(dtype)
+    cache.copy_(on(device, before))
+    return _RotaryCacheCase(positions, cos_sin, slot_ids, before, cache, layout)
 
 
 def test_paged_attention_chunked_prefill(portaserve_device, portaserve_kernels, portaserve_dtype, portaserve_gen):

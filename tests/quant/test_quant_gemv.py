@@ -274,12 +274,47 @@ def test_int4_one_row_on_the_tensor_cores(fmt: str, group: int, x_scale: float, 
         assert not seen[-1]["MMA"] and rel_err(out, want) <= 4e-3
 
 
+@pytest.mark.parametrize("fmt,group", [("int4", 32), ("int4_sym", 64), ("int4", 128), ("Q4_0", 32)])
+@pytest.mark.parametrize("x_scale", [1.0, 1e5, 1e-6], ids=["x1", "x1e5", "x1e-6"])
+def test_4bit_one_row_in_fp16x2(fmt: str, group: int, x_scale: float, gen: torch.Generator,
+                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """int4 and Q4_0 at one row of bf16 x through the ``f16`` path (compiled: fp16x2 inline PTX,
+    four words of a row to one accumulator; interpreter: x converted to fp16 the same way, the
+    products in float32): x far outside fp16's range either way (each program scales it by a
+    power of two) and one outlier column a million times its neighbours, row tiles of 16-64
+    (the last partial), K whole and split evenly and unevenly. On the GPU each product and
+    each 16-product sum rounds to fp16 (11 significant bits, 8x finer than the bf16x2 path)."""
+    weight = packed(fmt, 40, 1024, gen, group)
+    x = torch.randn(1, 1024, generator=gen) * x_scale
+    x[0, 77] *= 1e6 if x_scale < 1 else 1.0
+    x = x.to(torch.bfloat16)
+    want = reference.quant_linear(x.float(), weight, None)
+    dev_w, dev_x = weight.to(DEVICE), x.to(DEVICE)
+    seen = launches(monkeypatch)
+    for cfg, split_k in ((gemv_triton.GemvConfig(16, 128, f16=True), None),
+                         (gemv_triton.GemvConfig(32, 256, f16=True), 3),
+                         (gemv_triton.GemvConfig(64, 128, num_warps=2, f16=True), 5),
+                         (gemv_triton.GemvConfig(16, 128, f16=True), 2)):
+        out = gemv_triton.gemv(dev_x, dev_w, config=cfg, split_k=split_k, out_dtype=torch.float32)
+        assert seen[-1]["F16"] and seen[-1]["PACKED"], "the GEMV did not take the fp16x2 path"
+        assert rel_err(out, want) <= (RTOL[torch.float32] if DEVICE.type == "cpu" else 1.5e-3), (cfg, split_k)
+    # not taken: x not bf16, more rows, the float32 path
+    gemv_triton.gemv(dev_x.float(), dev_w, config=gemv_triton.GemvConfig(16, 128, f16=True))
+    assert not seen[-1]["F16"]
+    gemv_triton.gemv(dev_x.expand(2, -1).contiguous(), dev_w, config=gemv_triton.GemvConfig(16, 128, f16=True))
+    assert not seen[-1]["F16"]
+    gemv_triton.gemv(dev_x, dev_w, config=gemv_triton.GemvConfig(16, 128, f16=True, packed=False))
+    assert not seen[-1]["F16"]
+
+
 NORM_CASES = [("int4", 1, None, "fma"), ("int4", 3, 3, "fma"), ("Q4_0", 1, 1, "fma"), ("Q8_0", 2, 3, "fma"),
               ("Q4_K", 1, None, "fma"), ("int8", 1, 2, "fma"), ("int4", 1, None, "packed"),
-              ("int4", 1, 3, "packed"), ("int4", 1, 3, "mma"), ("Q4_0", 1, None, "packed")]
+              ("int4", 1, 3, "packed"), ("int4", 1, 3, "mma"), ("Q4_0", 1, None, "packed"),
+              ("int4", 1, 3, "f16"), ("Q4_0", 1, None, "f16")]
 #: fused norm vs the norm kernel, compiled: y's rounding after a reordered float32 sum
 NORM_ORDER_RTOL = {torch.float32: 1e-6, torch.float16: RTOL[torch.float16], torch.bfloat16: RTOL[torch.bfloat16]}
-NORM_CONFIGS = {"fma": SMALL["fma"], "packed": SMALL["fma"], "mma": gemv_triton.GemvConfig(32, 128, num_warps=2, mma=True)}
+NORM_CONFIGS = {"fma": SMALL["fma"], "packed": SMALL["fma"], "mma": gemv_triton.GemvConfig(32, 128, num_warps=2, mma=True),
+                "f16": gemv_triton.GemvConfig(block_n=16, block_k=128, f16=True)}
 
 
 @pytest.mark.parametrize("fmt,m,split_k,path", NORM_CASES, ids=[f"{f}-m{m}-split{s}-{p}" for f, m, s, p in NORM_CASES])
@@ -312,6 +347,7 @@ def test_gemv_with_the_norm_after_equals_the_two_ops(fmt: str, m: int, split_k: 
                                  norm=(residual, nw, 1e-5))
         assert fused is not None, "the GEMV declined the norm"
         assert seen[-1]["NORM"] and seen[-1]["PACKED"] == one_row_bf16 and seen[-1]["MMA"] == (path == "mma")
+        assert seen[-1]["F16"] == (path == "f16")
         out = gemv_triton.gemv(x, weight, config=cfg, split_k=split_k, out_dtype=out_dtype)
         want_y, want_res = norm.rms_norm(out, nw, 1e-5, residual)
         assert fused[0].dtype == want_y.dtype and fused[0].shape == (m, n)
@@ -328,7 +364,7 @@ def test_gemv_with_the_norm_after_equals_the_two_ops(fmt: str, m: int, split_k: 
 
 SILU_CASES = [("int4", 1, None, "fma"), ("int4", 2, 3, "fma"), ("Q4_0", 1, 3, "fma"), ("Q8_0", 1, None, "fma"),
               ("Q6_K", 1, 2, "fma"), ("int8", 3, None, "fma"), ("int4", 1, None, "packed"),
-              ("int4", 1, 3, "packed"), ("int4", 1, 3, "mma"), ("int4", 1, None, "mma")]
+              ("int4", 1, 3, "packed"), ("int4", 1, 3, "mma"), ("int4", 1, None, "mma"), ("int4", 1, 3, "f16")]
 
 
 @pytest.mark.parametrize("fmt,m,split_k,path", SILU_CASES, ids=[f"{f}-m{m}-split{s}-{p}" for f, m, s, p in SILU_CASES])
@@ -352,6 +388,7 @@ def test_gemv_with_silu_and_mul_equals_the_two_ops(fmt: str, m: int, split_k: in
     fused = gemv_triton.gemv(x, weight, config=cfg, split_k=split_k, out_dtype=out_dtype, silu_and_mul=True)
     assert fused is not None, "the GEMV declined silu_and_mul"
     assert seen[-1]["ACT"] and seen[-1]["MMA"] == (path == "mma") and seen[-1]["PACKED"] == one_row_bf16
+    assert seen[-1]["F16"] == (path == "f16")
     out = gemv_triton.gemv(x, weight, config=cfg, split_k=split_k, out_dtype=out_dtype)
     want = silu_and_mul(out)
     assert fused.shape == (m, inter) and fused.dtype == want.dtype
@@ -495,3 +532,59 @@ def test_gemv_under_pdl_gives_the_same_sums(fmt: str, m: int, cfg, n: int, gen: 
         results[on] = (eager.clone(), captured.clone())
     assert torch.equal(results[True][0], results[False][0])
     assert torch.equal(results[True][1], results[False][0]) and torch.equal(results[False][1], results[False][0])
+
+
+ROTARY_CASES = [("int4", 1, None, "packed"), ("int4", 2, 3, "fma"), ("int4", 1, 3, "f16"), ("Q4_0", 1, 2, "packed"),
+                ("Q8_0", 3, None, "fma"), ("Q4_K", 1, 3, "fma")]
+
+
+@pytest.mark.parametrize("fmt,m,split_k,path", ROTARY_CASES, ids=[f"{f}-m{m}-split{s}-{p}" for f, m, s, p in ROTARY_CASES])
+def test_gemv_with_rotary_write_kv_equals_the_two_ops(fmt: str, m: int, split_k: int | None, path: str,
+                                                      gen: torch.Generator, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``gemv(..., rotary=...)`` over a q|k|v weight (4 query heads, 2 KV heads of 64 dims):
+    each tile takes dims of a head's first half and the same of its second, and the completing
+    program rotates them, stores q and writes k and v to the paged cache; bit for bit the GEMV
+    followed by the ``rotary_write_kv`` kernel in the interpreter (q and the whole cache; a
+    padding slot skipped), with and without split K, at 1-3 rows, on the FMA, packed and fp16x2
+    paths, with a bias; declined for tiles that split a head's half unevenly, the tensor-core
+    and MMA tiles, and an fp8 cache."""
+    from portaserve.devices.cuda import kv, rotary
+
+    monkeypatch.setattr(gemv_triton, "FUSE_ROTARY", True)
+    hq, hk, d, k, block_size = 4, 2, 64, 512, 16
+    weight = packed(fmt, (hq + 2 * hk) * d, k, gen).to(DEVICE)
+    one_row_bf16 = path != "fma"
+    dtype = torch.bfloat16 if one_row_bf16 else (torch.float16 if fmt == "Q8_0" else torch.float32)
+    x = torch.randn(m, k, generator=gen).to(DEVICE, dtype)
+    bias = (0.1 * torch.randn(weight.shape[0], generator=gen)).to(DEVICE, dtype)
+    angles = torch.outer(torch.arange(64).float(), 1.0 / 10000 ** (torch.arange(0, d, 2).float() / d))
+    cos_sin = torch.cat((angles.cos(), angles.sin()), dim=-1).to(DEVICE, dtype)
+    positions = torch.randint(0, 64, (m,), generator=gen).to(DEVICE)
+    slots = torch.randperm(4 * block_size, generator=gen)[:m].to(DEVICE)
+    if m > 1:
+        slots[1] = -1  # a padding row
+    cache = torch.randn(2, 4, hk, block_size, d, generator=gen).to(DEVICE, dtype)
+    want_cache = cache.clone()
+    cfg = {"f16": gemv_triton.GemvConfig(block_n=16, block_k=128, f16=True)}.get(path, SMALL["fma"])
+    seen = launches(monkeypatch)
+    q = gemv_triton.gemv(x, weight, bias, config=cfg, split_k=split_k,
+                         rotary=(positions, cos_sin, cache, slots, hq, kv.KV_LAYOUT))
+    assert q is not None, "the GEMV declined the rotary"
+    assert seen[-1]["ROPE"] and seen[-1]["PACKED"] == one_row_bf16 and seen[-1]["F16"] == (path == "f16")
+    out = gemv_triton.gemv(x, weight, bias, config=cfg, split_k=split_k)
+    want_q = rotary.rotary_write_kv(positions, out[:, :hq * d].view(m, hq, d), out[:, hq * d:(hq + hk) * d].view(m, hk, d),
+                                    out[:, (hq + hk) * d:].view(m, hk, d), cos_sin, want_cache, slots)
+    assert q.shape == (m, hq * d) and q.dtype == dtype
+    if DEVICE.type == "cpu":
+        assert torch.equal(q.view(m, hq, d), want_q) and torch.equal(cache, want_cache)
+    else:  # compiled, the two kernels may contract the rotation's products into FMAs apart
+        assert rel_err(q.view(m, hq, d), want_q) <= RTOL[dtype] and rel_err(cache, want_cache) <= RTOL[dtype]
+    # declined: tiles of 256 rows (half of 128 > 32 dims), the tensor-core tiles, an fp8 cache
+    args = (positions, cos_sin, cache, slots, hq, kv.KV_LAYOUT)
+    assert gemv_triton.gemv(x, weight, config=gemv_triton.GemvConfig(256, 128), rotary=args) is None
+    if fmt in gemv_triton.DOT_FORMATS:
+        assert gemv_triton.gemv(x, weight, config=SMALL["dot"], rotary=args) is None
+    fp8_cache = torch.zeros(cache.shape, dtype=torch.float8_e4m3fn, device=DEVICE)
+    assert gemv_triton.gemv(x, weight, config=cfg, rotary=(positions, cos_sin, fp8_cache, slots, hq, kv.KV_LAYOUT)) is None
+    monkeypatch.setattr(gemv_triton, "FUSE_ROTARY", False)
+    assert gemv_triton.gemv(x, weight, config=cfg, rotary=args) is None

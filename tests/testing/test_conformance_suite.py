@@ -84,9 +84,10 @@ def test_suite_fails_for_wrong_rotary(pytester, monkeypatch):
     outcomes = result.parseoutcomes()
     assert result.ret == 1
     num_dtypes = len(CPUDevice().capabilities().dtypes)
-    # every rotary shape in every dtype, and the fused rotary_write_kv, which the cpu device
-    # does not implement: the table composes it from its own (here: wrong) rotary
-    assert outcomes["failed"] == (3 + 3) * num_dtypes
+    # every rotary shape in every dtype, and the fused rotary_write_kv and
+    # linear_rotary_write_kv (3 weights x 2 token counts), which the cpu device does not
+    # implement: the table composes them from its own (here: wrong) rotary
+    assert outcomes["failed"] == (3 + 3 + 6) * num_dtypes
     assert outcomes["passed"] == (2 + 6) * num_dtypes  # silu_and_mul and linear_silu_and_mul are untouched
     result.stdout.fnmatch_lines(["*rotary q*"])
 
@@ -97,7 +98,8 @@ def test_suite_fails_for_wrong_fused_rotary_write_kv(pytester, monkeypatch):
     outcomes = result.parseoutcomes()
     assert result.ret == 1
     num_dtypes = len(CPUDevice().capabilities().dtypes)
-    assert outcomes["failed"] == 3 * num_dtypes  # the fused op, in every shape and dtype
+    # the fused op in every shape and dtype, and linear_rotary_write_kv, composed of it
+    assert outcomes["failed"] == (3 + 6) * num_dtypes
     assert outcomes["passed"] == 3 * num_dtypes  # the device's own rotary is untouched
     result.stdout.fnmatch_lines(["*rotary_write_kv cache*"])
 

@@ -175,17 +175,21 @@ class LlamaForCausalLM:
             hidden, self.layers[0].input_norm, self.eps)
         for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
             _, fp8_gate_up, fp8_down = layer.fp8_inputs
-            qkv = self._linear(x, layer.qkv)  # [T, (Hq + 2 Hk) D]
-            q = qkv[:, :q_size].view(num_tokens, self.num_heads, self.head_dim)
-            key = qkv[:, q_size : q_size + kv_size].view(num_tokens, self.num_kv_heads,
-                                                        self.head_dim)
-            value = qkv[:, q_size + kv_size :].view(num_tokens, self.num_kv_heads, self.head_dim)
-            if layer.q_norm is not None:
-                q = k.rms_norm(q.reshape(-1, self.head_dim), layer.q_norm, self.eps).view_as(q)
-                key = k.rms_norm(key.reshape(-1, self.head_dim), layer.k_norm,
-                                 self.eps).view_as(key)
-            q = k.rotary_write_kv(positions, q, key, value, self.cos_sin_cache, kv_cache,
-                                  attn.slot_mapping)
+            if layer.q_norm is None and len(layer.qkv) == 1:  # (one launch where the kernel can)
+                q = k.linear_rotary_write_kv(x, *layer.qkv[0], positions, self.cos_sin_cache, kv_cache,
+                                             attn.slot_mapping, self.num_heads)
+            else:
+                qkv = self._linear(x, layer.qkv)  # [T, (Hq + 2 Hk) D]
+                q = qkv[:, :q_size].view(num_tokens, self.num_heads, self.head_dim)
+                key = qkv[:, q_size : q_size + kv_size].view(num_tokens, self.num_kv_heads,
+                                                            self.head_dim)
+                value = qkv[:, q_size + kv_size :].view(num_tokens, self.num_kv_heads, self.head_dim)
+                if layer.q_norm is not None:
+                    q = k.rms_norm(q.reshape(-1, self.head_dim), layer.q_norm, self.eps).view_as(q)
+                    key = k.rms_norm(key.reshape(-1, self.head_dim), layer.k_norm,
+                                     self.eps).view_as(key)
+                q = k.rotary_write_kv(positions, q, key, value, self.cos_sin_cache, kv_cache,
+                                      attn.slot_mapping)
             out = k.paged_attention(q, kv_cache, attn, self.scale)  # [T, Hq, D]
             x, residual = self._project_norm(out.reshape(num_tokens, q_size), layer.o,
                                              layer.post_norm, residual, fp8_gate_up)
