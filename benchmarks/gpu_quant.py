@@ -476,8 +476,8 @@ def apply_variant(spec: str) -> None:
     """One ``--decode-variant``: space-separated settings, each ``pdl=N`` (``--gemv-pdl-lines``),
     ``fuse_norm`` (``gemv_triton.FUSE_NORM``: o and down run the norm after them in their
     launch), ``fuse_silu`` (``FUSE_SILU``: gate|up runs silu_and_mul in its launch),
-    ``unfused`` (both off, and ``FUSE_ROTARY``), ``unfused_rotary`` (``FUSE_ROTARY`` off: q|k|v
-    and ``rotary_write_kv`` in two launches), ``serial_tails`` (``gemv_triton.SPLIT_SUM_UNROLLED`` and
+    ``unfused`` (both off, and ``FUSE_ROTARY``), ``fuse_rotary`` / ``unfused_rotary``
+    (``FUSE_ROTARY`` on / off: q|k|v runs ``rotary_write_kv`` in its launch), ``serial_tails`` (``gemv_triton.SPLIT_SUM_UNROLLED`` and
     ``attention.MERGE_UNROLLED`` off: the split GEMVs' and the decode attention's last program
     read the partials one split at a time) or ``FMT=BN,BK,WARPS,PPS[,FIELD]`` / ``FMT=tiled``
     (``--one-row-config``); ``default`` changes nothing."""
@@ -495,6 +495,8 @@ def apply_variant(spec: str) -> None:
             gemv_triton.FUSE_NORM = gemv_triton.FUSE_SILU = gemv_triton.FUSE_ROTARY = False
         elif item == "unfused_rotary":
             gemv_triton.FUSE_ROTARY = False
+        elif item == "fuse_rotary":
+            gemv_triton.FUSE_ROTARY = True
         elif item == "serial_tails":
             gemv_triton.SPLIT_SUM_UNROLLED = attention.MERGE_UNROLLED = False
         elif item != "default":
@@ -632,7 +634,7 @@ def main() -> None:
     p.add_argument("--decode-variant", action="append", default=[], metavar="SETTINGS",
                    help="model mode, repeatable: after the batch-1 decode, time the device step again "
                         "under each of these (space-separated 'pdl=N' and 'FMT=BN,BK,WARPS,PPS[,FIELD]' "
-                        "items, 'fuse_norm', 'fuse_silu', 'unfused', 'unfused_rotary', or 'default'), taking turns, the decode graph re-captured for each")
+                        "items, 'fuse_norm', 'fuse_silu', 'fuse_rotary', 'unfused', 'unfused_rotary', or 'default'), taking turns, the decode graph re-captured for each")
     p.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU (checks the script)")
     p.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "gpu_quant.json"))
     args = p.parse_args()

@@ -4,6 +4,10 @@
 # on the next). Run from the repository root on the lent H200 (Python 3.12, torch 2.11, triton
 # 3.6), with the gguf wheel carried in .whl/:
 #
+#     bash ci/gpu_pending.sh f16     # ~5 min: the GPU tests of the fp16x2 int4 path and the q|k|v
+#                                    # GEMV fused with rotary + KV write (stop 22, untested on a
+#                                    # GPU), each one-row GEMV with fp16x2 tiles, and the 8B step
+#                                    # with the rotary fused or not and with fp16x2 tiles
 #     bash ci/gpu_pending.sh e2e3000 # ~4 min: TensorRT-LLM's conditions (3000 requests, 0.95
 #                                    # memory); on an H200 this decides the issue-7 aim (> 17,744)
 #     bash ci/gpu_pending.sh stream  # ~6 min: the int4 GEMV's walk over its bytes against a flat
@@ -21,9 +25,9 @@
 # Each step is bounded by `timeout`; logs go to $OUT (the lent machine's output folder).
 set -uo pipefail
 case "${1:-int4}" in
-int4|fp8|e2e|e2e3000|stream) ;;
+f16|int4|fp8|e2e|e2e3000|stream) ;;
 *)
-    echo "usage: bash ci/gpu_pending.sh int4|fp8|e2e|e2e3000|stream [extra gpu_llama8b flags for e2e3000]" >&2
+    echo "usage: bash ci/gpu_pending.sh f16|int4|fp8|e2e|e2e3000|stream [extra gpu_llama8b flags for e2e3000]" >&2
     exit 2 ;;
 esac
 OUT="${OUT:-/tmp/gpu_pending}"
@@ -36,6 +40,18 @@ nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.
 E2E=(python3 benchmarks/gpu_llama8b.py --skip-hf --parts throughput --kv-cache-dtype fp8 --quantization fp8)
 
 case "${1:-int4}" in
+f16)
+    timeout 200 env PORTASERVE_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider tests/quant/test_quant_gemv.py \
+        -k "fp16x2 or rotary or f16" > "$OUT/tests.txt" 2>&1
+    tail -4 "$OUT/tests.txt" | cut -c1-300
+    timeout 100 python3 benchmarks/gpu_int4_stream.py --only-gemv --gemv-config 64,256,4,2,f16 \
+        --gemv-config 128,128,4,2,f16 --gemv-config 128,128,4,4,f16 --gemv-config 128,256,4,2,f16 \
+        --gemv-config 128,128,4,2 --gemv-config 128,256,4,2 > "$OUT/gemv.txt" 2>&1
+    grep "^| .* | gemv" "$OUT/gemv.txt"
+    timeout 300 python3 benchmarks/gpu_quant.py --formats int4 --parts decode --decode-tokens 32 \
+        --decode-variant default --decode-variant fuse_rotary --decode-variant unfused_rotary \
+        --decode-variant "int4=128,128,4,2,f16" --decode-variant "int4=128,256,4,2,f16" > "$OUT/int4.txt" 2>&1
+    grep -A8 "decode variant" "$OUT/int4.txt"; tail -3 "$OUT/int4.txt" | cut -c1-300 ;;
 int4)
     timeout 240 python3 benchmarks/gpu_quant.py --formats int4 --parts decode --decode-tokens 32 \
         --decode-variant default --decode-variant serial_tails --decode-variant pdl=0 \
