@@ -124,10 +124,11 @@ def int4_llama(kernels, gen: torch.Generator):
     return LlamaForCausalLM(config, weights, kernels, dtype=torch.float32, device=torch.device("cpu"))
 
 
-def test_fusing_the_norm_and_silu_into_the_quant_gemv_changes_no_result(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fusing_the_norm_silu_and_rotary_into_the_quant_gemv_changes_no_result(monkeypatch: pytest.MonkeyPatch) -> None:
     """cuda's int4 kernel on an int4 model (Triton's interpreter): with ``FUSE_NORM`` each decode step's
     o and down GEMVs run the norm after them in the same launch (4 launches for 2 layers, the
-    last one with the final norm), and with ``FUSE_SILU`` gate|up its silu_and_mul (2); the 3-token prompt step (int4 takes the tensor-core tiles
+    last one with the final norm), with ``FUSE_SILU`` gate|up its silu_and_mul (2), with
+    ``FUSE_ROTARY`` q|k|v the rotary and the KV write (2); the 3-token prompt step (int4 takes the tensor-core tiles
     there, which do not fuse) and the flag off run the GEMV and the norm kernel apart; the
     hidden states are bit for bit the same. More rows than the GEMV takes: declined too."""
     pytest.importorskip("triton")
@@ -150,6 +151,7 @@ def test_fusing_the_norm_and_silu_into_the_quant_gemv_changes_no_result(monkeypa
     for fuse in (False, True):
         monkeypatch.setattr(gemv_triton, "FUSE_NORM", fuse)
         monkeypatch.setattr(gemv_triton, "FUSE_SILU", fuse)
+        monkeypatch.setattr(gemv_triton, "FUSE_ROTARY", fuse)
         model = int4_llama(table, torch.Generator().manual_seed(8))
         caches = device.allocate_kv_cache(KVCacheSpec(2, 8, 16, 2, 32, torch.float32))
         steps = [build_batch([("a", [3, 1, 4], 0, [0], True)], 16),  # a prompt of 3 rows
@@ -159,8 +161,8 @@ def test_fusing_the_norm_and_silu_into_the_quant_gemv_changes_no_result(monkeypa
             del seen[:]
             outs.append(model.forward(batch.token_ids, batch.positions,
                                       batch.attention_metadata(torch.device("cpu")), caches))
-            fused = sum(1 for launch in seen if launch["NORM"]), sum(1 for launch in seen if launch["ACT"])
-            assert fused == ((4, 2) if fuse and batch.num_tokens == 1 else (0, 0)), (fuse, batch.num_tokens, fused)
+            fused = tuple(sum(1 for launch in seen if launch[flag]) for flag in ("NORM", "ACT", "ROPE"))
+            assert fused == ((4, 2, 2) if fuse and batch.num_tokens == 1 else (0, 0, 0)), (fuse, batch.num_tokens, fused)
         results[fuse] = outs
     for plain, fused in zip(results[False], results[True], strict=True):
         assert torch.equal(plain, fused), (plain - fused).abs().max()
