@@ -33,9 +33,10 @@ int4 and Q4_0 at one row of bf16 x can take the packed path in fp16x2 instead
 ``word & 0x00F000F0`` OR 0x6400 is 1024 + 16 code and one FMA by 1/16 leaves code - zero (one
 shift a word instead of three), and four words of a row add into one fp16x2 accumulator before
 a single float32 sum (~13 instructions a word against ~20; sm_90 SASS: 2.95 against 3.37 a
-weight). x must fit fp16 for that: each program scales its share of x by a power of two from
-the largest exponent in it (``_x_exponent``), |x| < 2^8, and its sums back; products and
-16-product sums round to 11 bits (the bf16x2 path: 8).
+weight), which did not make it faster on an H100 (``GemvConfig.f16``). x must fit fp16 for
+that: each program scales its share of x by a power of two from the largest exponent in it
+(``_x_exponent``), |x| < 2^8, and its sums back; products and 16-product sums round to 11
+bits (the bf16x2 path: 8).
 
 int4 at one row of bf16 x can take its products to the tensor cores inside the FMA kernel
 (``GemvConfig.mma``; ``_int4_mma_asm``): a 16-row tile is the A operand of ``mma.m16n8k16``,
@@ -165,6 +166,10 @@ class GemvConfig:
     #: a nibble shifted by four (one shift a word, not three) and sums of 16 products without
     #: losing the codes, so the per-word float32 sum goes too (~14 instructions a word against
     #: ~20). x is scaled into fp16's range by a power of two per program (``_x_exponent``).
+    #: Not chosen: on a lent H100 (2026-12-07) no faster where it counts (64 x 256 tiles, us:
+    #: o 8.7 / 8.7, qkv 10.8 / 10.9, gate_up 30.9 / 28.5, down 18.9 / 18.6 against bf16x2; the
+    #: 8B step at 128 x 128 3.227 ms against 2.880): the loop waits on its loads, not on issue.
+    #: Kept for its precision (11-bit products) and as a sweep candidate.
     f16: bool = False
 
 
@@ -1658,8 +1663,9 @@ def _rotary_operands(rotary: tuple, x: torch.Tensor, n: int, block_n: int,
 FUSE_NORM = True
 FUSE_SILU = True
 #: Whether ``gemv(..., rotary=)`` fuses (the cuda ``linear_rotary_write_kv`` op): the q|k|v
-#: GEMV, then ``rotary_write_kv``, one launch a layer fewer. Untimed (prepared 2026-12-07, the
-#: rotary kernel took 3 us a layer of the int4 8B step at one row on an H100).
+#: GEMV, then ``rotary_write_kv``, one launch a layer fewer. Timed on a lent H100 (2026-12-07,
+#: same method): the int4 8B step at one row 2.954 ms apart, 2.880 fused (-2.5%; the rotary
+#: kernel's 0.095 ms a step gone, the GEMVs' time unchanged), the logits identical.
 FUSE_ROTARY = True
 #: The widest row the fused norm takes (one tile of the program, as the norm kernel's).
 _NORM_MAX_N = 16384
