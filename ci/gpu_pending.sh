@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
-# The GPU measurements still open (docs/benchmarks.md, "stop 21"), in priority order, as one
+# The GPU measurements still open (docs/benchmarks.md, "stop 22"), in priority order, as one
 # command per lent-GPU call (the machine goes back 30 s after a call, so a call should not wait
 # on the next). Run from the repository root on the lent H200 (Python 3.12, torch 2.11, triton
 # 3.6), with the gguf wheel carried in .whl/:
 #
-#     bash ci/gpu_pending.sh f16     # ~5 min: the GPU tests of the fp16x2 int4 path and the q|k|v
-#                                    # GEMV fused with rotary + KV write (stop 22, untested on a
-#                                    # GPU), each one-row GEMV with fp16x2 tiles, and the 8B step
-#                                    # with the rotary fused or not and with fp16x2 tiles
 #     bash ci/gpu_pending.sh e2e3000 # ~4 min: TensorRT-LLM's conditions (3000 requests, 0.95
 #                                    # memory); on an H200 this decides the issue-7 aim (> 17,744)
+#   then the A/Bs already run on H100s (stop 21, 22), to re-run on an H200 for its numbers:
+#     bash ci/gpu_pending.sh f16     # ~5 min: the GPU tests of the fp16x2 int4 path and the q|k|v
+#                                    # GEMV fused with rotary + KV write, each one-row GEMV with
+#                                    # fp16x2 tiles, and the 8B step with the rotary fused or not
+#                                    # and with fp16x2 tiles (stop 22 ran a shorter form on an H100)
 #     bash ci/gpu_pending.sh stream  # ~6 min: the int4 GEMV's walk over its bytes against a flat
 #                                    # read and a tile-contiguous layout; the int4 step's kernels;
 #                                    # the bf16 GEMV tiles at one row (the int4 step's lm_head)
