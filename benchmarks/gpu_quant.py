@@ -477,7 +477,10 @@ def apply_variant(spec: str) -> None:
     ``fuse_norm`` (``gemv_triton.FUSE_NORM``: o and down run the norm after them in their
     launch), ``fuse_silu`` (``FUSE_SILU``: gate|up runs silu_and_mul in its launch),
     ``unfused`` (both off, and ``FUSE_ROTARY``), ``fuse_rotary`` / ``unfused_rotary``
-    (``FUSE_ROTARY`` on / off: q|k|v runs ``rotary_write_kv`` in its launch), ``serial_tails`` (``gemv_triton.SPLIT_SUM_UNROLLED`` and
+    (``FUSE_ROTARY`` on / off: q|k|v runs ``rotary_write_kv`` in its launch), ``max_splits=N``
+    (``attention._MAX_SPLITS``: the decode graph's split count is fixed at capture for the
+    longest context, 16 at batch 1 over 4096 tokens, most of them empty at short contexts; 1:
+    one program a KV head, no merge), ``decode_bn=N`` (``attention.DECODE_CONFIG``'s key tile), ``serial_tails`` (``gemv_triton.SPLIT_SUM_UNROLLED`` and
     ``attention.MERGE_UNROLLED`` off: the split GEMVs' and the decode attention's last program
     read the partials one split at a time) or ``FMT=BN,BK,WARPS,PPS[,FIELD]`` / ``FMT=tiled``
     (``--one-row-config``); ``default`` changes nothing."""
@@ -497,6 +500,10 @@ def apply_variant(spec: str) -> None:
             gemv_triton.FUSE_ROTARY = False
         elif item == "fuse_rotary":
             gemv_triton.FUSE_ROTARY = True
+        elif item.startswith("max_splits="):
+            attention._MAX_SPLITS = int(item.split("=")[1])
+        elif item.startswith("decode_bn="):
+            attention.DECODE_CONFIG["BLOCK_N"] = int(item.split("=")[1])
         elif item == "serial_tails":
             gemv_triton.SPLIT_SUM_UNROLLED = attention.MERGE_UNROLLED = False
         elif item != "default":
@@ -514,7 +521,8 @@ def time_variants(engine, specs: list[str], context: int, rounds: int = 3) -> di
 
     saved = (dict(gemv_triton.CONFIGS), gemv_triton.GEMV_PDL, gemv_triton.PDL_PREFETCH_LINES,
              gemv_triton.FUSE_NORM, gemv_triton.FUSE_SILU, gemv_triton.SPLIT_SUM_UNROLLED,
-             attention.MERGE_UNROLLED, gemv_triton.FUSE_ROTARY)
+             attention.MERGE_UNROLLED, gemv_triton.FUSE_ROTARY, attention._MAX_SPLITS,
+             dict(attention.DECODE_CONFIG))
     recapture = getattr(getattr(engine.runner, "executor", None), "capture", None)  # cuda graphs
     bs = engine.kv_spec.block_size
     batch = build_batch([("variant", [100], context, list(range(1, context // bs + 2)), True)], bs)
@@ -524,7 +532,9 @@ def time_variants(engine, specs: list[str], context: int, rounds: int = 3) -> di
         gemv_triton.CONFIGS.update(saved[0])
         (gemv_triton.GEMV_PDL, gemv_triton.PDL_PREFETCH_LINES, gemv_triton.FUSE_NORM,
          gemv_triton.FUSE_SILU, gemv_triton.SPLIT_SUM_UNROLLED, attention.MERGE_UNROLLED,
-         gemv_triton.FUSE_ROTARY) = saved[1:]
+         gemv_triton.FUSE_ROTARY, attention._MAX_SPLITS) = saved[1:-1]
+        attention.DECODE_CONFIG.clear()
+        attention.DECODE_CONFIG.update(saved[-1])
         if spec is not None:
             apply_variant(spec)
         if recapture is not None:
@@ -634,7 +644,7 @@ def main() -> None:
     p.add_argument("--decode-variant", action="append", default=[], metavar="SETTINGS",
                    help="model mode, repeatable: after the batch-1 decode, time the device step again "
                         "under each of these (space-separated 'pdl=N' and 'FMT=BN,BK,WARPS,PPS[,FIELD]' "
-                        "items, 'fuse_norm', 'fuse_silu', 'fuse_rotary', 'unfused', 'unfused_rotary', or 'default'), taking turns, the decode graph re-captured for each")
+                        "items, 'fuse_norm', 'fuse_silu', 'fuse_rotary', 'unfused', 'unfused_rotary', 'max_splits=N', 'decode_bn=N', or 'default'), taking turns, the decode graph re-captured for each")
     p.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU (checks the script)")
     p.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "gpu_quant.json"))
     args = p.parse_args()

@@ -6,6 +6,11 @@
 #
 #     bash ci/gpu_pending.sh e2e3000 # ~4 min: TensorRT-LLM's conditions (3000 requests, 0.95
 #                                    # memory); on an H200 this decides the issue-7 aim (> 17,744)
+#     bash ci/gpu_pending.sh int4    # ~5 min: batch-1 int4 on one built model: the decode
+#                                    # attention at 136 keys (7% of the step, a fixed cost; the
+#                                    # graph fixes 16 splits, 13 of them empty): 1 or 4 splits
+#                                    # (max_splits=1, 4), other key tiles (decode_bn=128, 32); then
+#                                    # the GEMV / attention GPU tests
 #   then the A/Bs already run on H100s (stop 21, 22), to re-run on an H200 for its numbers:
 #     bash ci/gpu_pending.sh f16     # ~5 min: the GPU tests of the fp16x2 int4 path and the q|k|v
 #                                    # GEMV fused with rotary + KV write, each one-row GEMV with
@@ -14,9 +19,6 @@
 #     bash ci/gpu_pending.sh stream  # ~6 min: the int4 GEMV's walk over its bytes against a flat
 #                                    # read and a tile-contiguous layout; the int4 step's kernels;
 #                                    # the bf16 GEMV tiles at one row (the int4 step's lm_head)
-#     bash ci/gpu_pending.sh int4    # ~5 min: batch-1 int4 on one built model: the unrolled split
-#                                    # tails against the loops (serial_tails), PDL without the L2
-#                                    # prefetch (pdl=0), stop 20's 64 x 128 tiles, MMA 64 x 256
 #     bash ci/gpu_pending.sh fp8     # ~2 min: fp8 GEMMs with and without fast accumulation,
 #                                    # attention tiles and the decode merge (batch 1, 32768 keys:
 #                                    # unrolled vs a loop; 1-8 splits over 144 and 1024 keys),
@@ -55,8 +57,8 @@ f16)
     grep -A8 "decode variant" "$OUT/int4.txt"; tail -3 "$OUT/int4.txt" | cut -c1-300 ;;
 int4)
     timeout 240 python3 benchmarks/gpu_quant.py --formats int4 --parts decode --decode-tokens 32 \
-        --decode-variant default --decode-variant serial_tails --decode-variant pdl=0 \
-        --decode-variant "int4=64,128,4,4" --decode-variant "int4=64,256,4,2,mma" > "$OUT/int4.txt" 2>&1
+        --decode-variant default --decode-variant max_splits=1 --decode-variant max_splits=4 \
+        --decode-variant decode_bn=128 --decode-variant decode_bn=32 > "$OUT/int4.txt" 2>&1
     grep -A9 "decode variant" "$OUT/int4.txt"; tail -3 "$OUT/int4.txt"
     timeout 240 env PORTASERVE_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider \
         tests/quant/test_quant_gemv.py tests/devices/test_triton_kernels.py \
