@@ -396,16 +396,16 @@ _PRMT_ASM = tl.constexpr("prmt.b32 $0, $2, $3, 0x5410;\n\tprmt.b32 $1, $2, $3, 0
 
 def _int4_f16x2_asm(words: int) -> str:
     """PTX for ``words`` 32-bit words of int4 codes of one row (one group) times x, in fp16x2
-    (sm_53+; ``GemvConfig.f16``), into one float32 ($0). Word j is ${1 + j}; $w+1 and $w+2 hold
-    ``-(1024 + zero)`` and ``-(64 + zero)`` in both fp16 halves; x pair i of word j (fp16x2,
-    ``_F16_PAIRS_ASM``) is ${w + 3 + 4 j + i}. Pair i is nibbles i and i + 4, as in
+    (sm_53+; ``GemvConfig.f16``), into one float32 ($0). Word j is $(1 + j); $(words + 1) and
+    $(words + 2) hold ``-(1024 + zero)`` and ``-(64 + zero)`` in both fp16 halves; x pair i of
+    word j (fp16x2, ``_F16_PAIRS_ASM``) is $(words + 3 + 4 j + i). Pair i is nibbles i and i + 4, as in
     ``_INT4_BF16X2_ASM``, but fp16's 10-bit mantissa takes a nibble where it lies: OR-ing
     0x6400 (1024) into ``word & 0x000F000F`` gives 1024 + code, into ``word & 0x00F000F0``
     1024 + 16 code; one add (``-(1024 + zero)``) or FMA (by 1/16, ``-(64 + zero)``) leaves
     code - zero exactly, and ``word >> 8`` serves pairs 2 and 3 the same way: 13 instructions a
     word (bf16x2: 15, plus 5 to sum each word in float32). Every product of the words goes into
-    one fp16x2 accumulator (x below 2^8 keeps 16 of them below 65504), whose halves are added in
-    float32 once at the end."""
+    one fp16x2 accumulator (|code - zero| <= 15 and |x| < 2^8 keep a half's 16 products below
+    61440, inside fp16's range), whose halves are added in float32 once at the end."""
     lines = [".reg .b32 t, v, acc, mlo, mhi, magic, sixteenth;", ".reg .b16 h0, h1;", ".reg .f32 f0, f1;",
              "mov.b32 mlo, 0x000F000F;", "mov.b32 mhi, 0x00F000F0;", "mov.b32 magic, 0x64006400;",
              "mov.b32 sixteenth, 0x2C002C00;", "mov.b32 acc, 0;"]
