@@ -301,6 +301,9 @@ def main() -> None:
     p.add_argument("--fp8-mma-decode", default=None, action=argparse.BooleanOptionalAction,
                    help="decode over an fp8 cache through the hand-built MMA kernel "
                         "(attention.DECODE_FP8_MMA; default: as the module says)")
+    p.add_argument("--upcast-logits", action="store_true",
+                   help="the runner's logits in float32 again (models.llama.UPCAST_LOGITS; the greedy "
+                        "argmax otherwise runs on the lm_head's bf16 output)")
     p.add_argument("--memory-utilization", type=float, default=None,
                    help="share of GPU memory for weights + KV cache (default: the engine's 0.9); "
                         "TensorRT-LLM's published runs give the KV cache 0.95 of what is free")
@@ -323,6 +326,10 @@ def main() -> None:
         from portaserve.devices.cuda import attention
 
         attention.DECODE_FP8_MMA = args.fp8_mma_decode
+    if args.upcast_logits:
+        from portaserve.core.models import llama
+
+        llama.UPCAST_LOGITS = True
 
     import transformers
     import triton
@@ -337,7 +344,8 @@ def main() -> None:
         f"{c.num_kv_heads} KV heads, MLP {c.intermediate_size}, vocab {c.vocab_size}, bf16; "
         f"linears {args.quantization or 'bf16'}, KV cache {args.kv_cache_dtype}, memory utilization "
         f"{args.memory_utilization or 'default'}, max_num_seqs {args.max_num_seqs}, fp8 MMA decode "
-        f"{_fp8_mma_state()}, fp8 fast accumulation {'on' if _fast_accum() else 'off'}")
+        f"{_fp8_mma_state()}, fp8 fast accumulation {'on' if _fast_accum() else 'off'}, logits "
+        f"{'float32' if args.upcast_logits else 'as the lm_head gives them'}")
     bw = copy_bandwidth()
     wb = weight_bytes(args.quantization)
     roof_ms = wb / bw * 1e3

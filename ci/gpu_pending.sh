@@ -11,6 +11,8 @@
 #                                    # graph fixes 16 splits, 13 of them empty): 1 or 4 splits
 #                                    # (max_splits=1, 4), other key tiles (decode_bn=128, 32); then
 #                                    # the GEMV / attention GPU tests
+#     bash ci/gpu_pending.sh e2e     # ~4 min: fp8 1000/1000 as it stands, with float32 logits
+#                                    # (the greedy argmax before stop 21), and as it stands again
 #   then the A/Bs already run on H100s (stop 21, 22), to re-run on an H200 for its numbers:
 #     bash ci/gpu_pending.sh f16     # ~5 min: the GPU tests of the fp16x2 int4 path and the q|k|v
 #                                    # GEMV fused with rotary + KV write, each one-row GEMV with
@@ -23,7 +25,6 @@
 #                                    # attention tiles and the decode merge (batch 1, 32768 keys:
 #                                    # unrolled vs a loop; 1-8 splits over 144 and 1024 keys),
 #                                    # fp8 decode kernels, silu+fp8
-#     bash ci/gpu_pending.sh e2e     # ~3 min: fp8 1000/1000 as it stands and with promoted sums
 #
 # Each step is bounded by `timeout`; logs go to $OUT (the lent machine's output folder).
 set -uo pipefail
@@ -70,9 +71,11 @@ fp8)
     timeout 300 python3 benchmarks/gpu_kernels.py --sections tune > "$OUT/tune.txt" 2>&1
     grep -A200 "^ceilings" "$OUT/tune.txt" | grep "tune prefill\|merge\|B=1 ctx\|WRONG" | cut -c1-150 ;;
 e2e)
-    for flags in "" "--no-fp8-fast-accum"; do
-        timeout 170 "${E2E[@]}" --budget-s 150 $flags > "$OUT/e2e${flags// /}.txt" 2>&1
-        echo "flags: ${flags:-none}"; grep "throughput:" "$OUT/e2e${flags// /}.txt" | tail -1
+    run=0
+    for flags in "" "--upcast-logits" ""; do
+        run=$((run + 1))
+        timeout 170 "${E2E[@]}" --budget-s 150 $flags > "$OUT/e2e$run.txt" 2>&1
+        echo "flags: ${flags:-none}"; grep "throughput:" "$OUT/e2e$run.txt" | tail -1
     done ;;
 stream)
     timeout 300 python3 benchmarks/gpu_int4_stream.py > "$OUT/stream.txt" 2>&1

@@ -224,3 +224,21 @@ def test_model_refuses_weights_it_would_ignore(smollm_loaded: Any,
     del weights["model.norm.weight"]
     with pytest.raises(ModelError, match="model.norm.weight"):
         cls(smollm_loaded.config, weights, reference_kernels, dtype=torch.float32, device=CPU)
+
+
+def test_logits_stay_in_the_lm_head_dtype_unless_upcast(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``compute_logits(upcast=False)`` (the runner, the decode graphs) keeps the lm_head's dtype
+    for the sampler's argmax; ``upcast=True`` and the A/B switch ``UPCAST_LOGITS`` give float32
+    of the same values."""
+    from types import SimpleNamespace
+
+    from portaserve.core.models import llama
+
+    hidden = torch.randn(3, 8, generator=torch.Generator().manual_seed(2))
+    head = torch.randn(16, 8, generator=torch.Generator().manual_seed(3))
+    fake = SimpleNamespace(lm_head=head, _linear=lambda x, proj: (x @ proj[0][0].T).to(torch.bfloat16))
+    as_is = llama.LlamaForCausalLM.compute_logits(fake, hidden, upcast=False)
+    assert as_is.dtype == torch.bfloat16
+    assert torch.equal(llama.LlamaForCausalLM.compute_logits(fake, hidden), as_is.float())
+    monkeypatch.setattr(llama, "UPCAST_LOGITS", True)
+    assert torch.equal(llama.LlamaForCausalLM.compute_logits(fake, hidden, upcast=False), as_is.float())

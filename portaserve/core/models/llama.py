@@ -224,7 +224,7 @@ class LlamaForCausalLM:
         dtype, for a caller that upcasts only where it must (the sampler: an argmax is exact in
         any dtype, and at 512 rows x 128256 the float32 copy is ~0.2 ms of a step)."""
         logits = self._linear(hidden, [(self.lm_head, None)])
-        return logits.float() if upcast else logits
+        return logits.float() if upcast or UPCAST_LOGITS else logits
 
 
 def _concat_rows(weights: list[Weight]) -> Weight | None:
@@ -278,6 +278,13 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.T
     blend = ((original / wavelen - low) / (high - low)).clamp(0.0, 1.0)
     mixed = (1 - blend) * inv_freq / factor + blend * inv_freq
     return torch.where(long_wave, inv_freq / factor, torch.where(short_wave, inv_freq, mixed))
+
+
+#: Whether ``compute_logits`` upcasts to float32 even for a caller that asks it not to (the
+#: runner and the decode graphs): the behaviour before 2026-12-07, for the A/B of the greedy
+#: argmax on bf16 logits (``benchmarks/gpu_llama8b.py --upcast-logits``). The fp8 1000/1000 run
+#: measured 2% lower the day the argmax moved to bf16, on another H100; not yet separated.
+UPCAST_LOGITS = False
 
 
 def rotary_cos_sin_cache(config: ModelConfig) -> torch.Tensor:
