@@ -175,15 +175,18 @@ def _compose_silu_and_mul_fp8(ops: Mapping[str, KernelFn]) -> KernelFn:
     return silu_and_mul_fp8
 
 
-def _compose_projection_then(after: str, fused_attr: str) -> Callable[[Mapping[str, KernelFn]], KernelFn]:
+def _compose_projection_then(after: str | Callable[[Mapping[str, KernelFn]], KernelFn],
+                             fused_attr: str) -> Callable[[Mapping[str, KernelFn]], KernelFn]:
     """A projection fused op: ``linear`` (``quant_linear`` for a ``QuantizedWeight``: its
     format's kernel, which runs the whole op itself where it carries ``fused_attr`` and does
-    not answer None), then the op ``after`` on the output and the remaining arguments."""
+    not answer None), then the op ``after`` (a name, or a builder from the ops) on the output
+    and the remaining arguments."""
 
     def compose(ops: Mapping[str, KernelFn]) -> KernelFn:
         from portaserve.quant.base import QuantizedWeight
 
-        linear, quant, then = ops["linear"], ops["quant_linear"], ops[after]
+        linear, quant = ops["linear"], ops["quant_linear"]
+        then = ops[after] if isinstance(after, str) else after(ops)
 
         def projection_then(x: Any, weight: Any, bias: Any = None, *rest: Any) -> Any:
             if not isinstance(weight, QuantizedWeight):
@@ -214,25 +217,13 @@ class _QuantDispatch:
         return self.kernel_for(weight.format)(x, weight, bias)
 
 
-def _compose_linear_rotary_write_kv(ops: Mapping[str, KernelFn]) -> KernelFn:
-    """``linear`` / ``quant_linear`` of the q|k|v weight, then ``rotary_write_kv`` of its q, k
-    and v; a quant kernel carrying ``with_rotary_write_kv`` runs the whole op where it can."""
-    from portaserve.quant.base import QuantizedWeight
+def _rotary_write_kv_of_qkv(ops: Mapping[str, KernelFn]) -> KernelFn:
+    """``rotary_write_kv`` of the q, k and v of a q|k|v projection's output [T, (Hq + 2 Hk) D]
+    (``num_heads`` = Hq; D: ``cos_sin_cache``'s width): ``linear_rotary_write_kv``'s second part."""
+    rotary_write_kv = ops["rotary_write_kv"]
 
-    linear, quant, rotary_write_kv = ops["linear"], ops["quant_linear"], ops["rotary_write_kv"]
-
-    def linear_rotary_write_kv(x: Any, weight: Any, bias: Any, positions: Any, cos_sin_cache: Any,
-                               kv_cache: Any, slot_mapping: Any, num_heads: int) -> Any:
-        if isinstance(weight, QuantizedWeight):
-            kernel = quant.kernel_for(weight.format)
-            fused = getattr(kernel, "with_rotary_write_kv", None)
-            if fused is not None:
-                q = fused(x, weight, bias, positions, cos_sin_cache, kv_cache, slot_mapping, num_heads)
-                if q is not None:
-                    return q
-            qkv = kernel(x, weight, bias)
-        else:
-            qkv = linear(x, weight, bias)
+    def of_qkv(qkv: Any, positions: Any, cos_sin_cache: Any, kv_cache: Any, slot_mapping: Any,
+               num_heads: int) -> Any:
         num_tokens, head_dim = qkv.shape[0], cos_sin_cache.shape[-1]
         q_size = num_heads * head_dim
         kv_size = (qkv.shape[1] - q_size) // 2
@@ -244,7 +235,7 @@ def _compose_linear_rotary_write_kv(ops: Mapping[str, KernelFn]) -> KernelFn:
         v = qkv[:, q_size + kv_size:].view(num_tokens, -1, head_dim)
         return rotary_write_kv(positions, q, k, v, cos_sin_cache, kv_cache, slot_mapping)
 
-    return linear_rotary_write_kv
+    return of_qkv
 
 
 #: fused op -> builds it from the resolved ops it stands for (``quant_linear``: by format)
@@ -255,5 +246,6 @@ _COMPOSE: dict[str, Callable[[Mapping[str, KernelFn]], KernelFn]] = {
     # (x, weight, bias, norm_weight, eps, residual) / (x, weight, bias)
     "linear_rms_norm": _compose_projection_then("rms_norm", "with_rms_norm"),
     "linear_silu_and_mul": _compose_projection_then("silu_and_mul", "with_silu_and_mul"),
-    "linear_rotary_write_kv": _compose_linear_rotary_write_kv,
+    # (x, weight, bias, positions, cos_sin_cache, kv_cache, slot_mapping, num_heads)
+    "linear_rotary_write_kv": _compose_projection_then(_rotary_write_kv_of_qkv, "with_rotary_write_kv"),
 }

@@ -82,6 +82,7 @@ import triton
 import triton.language as tl
 
 from portaserve.devices.cuda.activation import silu_mul
+from portaserve.devices.cuda.kv import FP8_FORMATS, cache_geometry, cache_strides
 from portaserve.devices.cuda.launch import (
     MAX,
     SUM,
@@ -93,6 +94,7 @@ from portaserve.devices.cuda.launch import (
     triton_kernel,
 )
 from portaserve.devices.cuda.norm import rms_norm_row
+from portaserve.devices.cuda.rotary import rotate_half
 from portaserve.quant.base import QuantizedWeight
 
 try:  # host-side TMA descriptors (Triton 3.4+); older Triton runs without ``GemvConfig.tma``
@@ -110,8 +112,9 @@ _MAX_SPLIT_K = 16
 #: unrolled to ``_MAX_SPLIT_K`` masked loads, one trip to L2) rather than in a run-time loop (a
 #: trip a split: 4-8 of them for the small decode weights). On by default from the sm_90 SASS
 #: (all loads ahead of the first add) and the H100 times of ``gpu_int4_stream.py`` (the small
-#: GEMVs' excess over their reads grew with their split count); untimed itself: ``gpu_quant.py
-#: --decode-variant serial_tails`` puts the loop back for the A/B.
+#: GEMVs' excess over their reads grew with their split count). Timed on an H100 (2026-12-07):
+#: o 8.6 vs 9.1 us, down 18.5 vs 19.0 with the loop; the int4 8B step 2.974 vs 2.982 ms
+#: (``gpu_quant.py --decode-variant serial_tails`` puts the loop back).
 SPLIT_SUM_UNROLLED = True
 #: Whether the GEMVs launch with programmatic dependent launch where ``launch.pdl`` allows it
 #: (the other decode kernels do). Off: slower on a lent H100 (2026-12-07, int4 8B step at one
@@ -595,8 +598,9 @@ def _store_rotary(out_row_ptr, total, pid_n, pos, slot, cs_ptr, stride_cs, cache
     cos = tl.load(cs_ptr + pos * stride_cs + d).to(tl.float32)
     sin = tl.load(cs_ptr + pos * stride_cs + half + d).to(tl.float32)
     rotate = head < num_q_heads + num_kv_heads  # (q and k heads; v heads go as they are)
-    r_lo = tl.where(rotate, lo * cos - hi * sin, lo).to(dt)
-    r_hi = tl.where(rotate, hi * cos + lo * sin, hi).to(dt)
+    rot_lo, rot_hi = rotate_half(lo, hi, cos, sin)
+    r_lo = tl.where(rotate, rot_lo, lo).to(dt)
+    r_hi = tl.where(rotate, rot_hi, hi).to(dt)
     is_q = d < tl.where(head < num_q_heads, 2 * half, 0)  # (d < half: all or none)
     q_ptrs = out_row_ptr + head * 2 * half + d
     tl.store(q_ptrs, r_lo, mask=is_q)
@@ -1638,8 +1642,6 @@ def _rotary_operands(rotary: tuple, x: torch.Tensor, n: int, block_n: int,
                      out_dtype: torch.dtype | None) -> dict | None:
     """The ``ROPE`` kernel arguments of ``gemv(..., rotary=)`` and the width of q, or None where
     the fused rotary does not serve (see ``gemv``)."""
-    from portaserve.devices.cuda.kv import FP8_FORMATS, cache_geometry, cache_strides
-
     positions, cos_sin, kv_cache, slots, num_heads, kv_layout = rotary
     m = x.shape[0]
     block_size, num_kv_heads, head_dim = cache_geometry(kv_cache, kv_layout)

@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from portaserve.devices.cuda.kv import KV_LAYOUT
 from portaserve.devices.cuda.launch import MAX, fp8_codes_dtype, triton_kernel
 from portaserve.quant import fp8, gemv_triton
 from portaserve.quant.base import QuantizedActivation, QuantizedWeight
@@ -179,8 +180,6 @@ def triton_quant_linear_rotary_write_kv(x: torch.Tensor, weight: QuantizedWeight
     """``triton_quant_linear`` of a q|k|v weight, then ``rotary_write_kv``, in the GEMV's launch
     (the fused op ``linear_rotary_write_kv``; ``gemv_triton.FUSE_ROTARY``; the cuda device's KV
     layout) -> q' [M, Hq, D]; None where the GEMV does not fuse it."""
-    from portaserve.devices.cuda.kv import KV_LAYOUT
-
     q = _fused_gemv(x, weight, bias, rotary=(positions, cos_sin_cache, kv_cache, slot_mapping, num_heads,
                                              KV_LAYOUT))
     return None if q is None else q.view(q.shape[0], num_heads, -1)

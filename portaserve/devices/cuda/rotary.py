@@ -25,8 +25,16 @@ from portaserve.devices.cuda.kv import (
     cache_strides,
     write_kv,
 )
-from portaserve.devices.cuda.launch import next_pow2, pdl_options, triton_kernel
+from portaserve.devices.cuda.launch import next_pow2, pdl_options, triton_helper, triton_kernel
 from portaserve.errors import DeviceError
+
+
+@triton_helper
+def rotate_half(x1, x2, cos, sin):
+    """The NeoX rotation of a head's two halves (float32): (x1 cos - x2 sin, x2 cos + x1 sin).
+    Shared with the quant GEMV's fused epilogue (``gemv_triton._store_rotary``), so both round
+    the same sums."""
+    return x1 * cos - x2 * sin, x2 * cos + x1 * sin
 
 
 @triton_kernel
@@ -61,8 +69,9 @@ def _rotary_kernel(
     x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(src + half, mask=mask, other=0.0).to(tl.float32)
     dst = q_out_ptr + t * stride_qot + hq[:, None] * stride_qoh + d[None, :]
-    tl.store(dst, (x1 * cos - x2 * sin).to(q_out_ptr.dtype.element_ty), mask=mask)
-    tl.store(dst + half, (x2 * cos + x1 * sin).to(q_out_ptr.dtype.element_ty), mask=mask)
+    r1, r2 = rotate_half(x1, x2, cos, sin)
+    tl.store(dst, r1.to(q_out_ptr.dtype.element_ty), mask=mask)
+    tl.store(dst + half, r2.to(q_out_ptr.dtype.element_ty), mask=mask)
 
     if WRITE_CACHE:
         slot = tl.load(slot_ptr + t).to(tl.int64)
@@ -79,8 +88,9 @@ def _rotary_kernel(
         y2 = tl.load(k_src + half, mask=k_mask, other=0.0).to(tl.float32)
         # rounded to k's dtype (what ``rotary`` returns, so a cache gets the same values the
         # two-op path writes), then to the destination's
-        k1 = (y1 * cos - y2 * sin).to(k_ptr.dtype.element_ty).to(k_dst_ptr.dtype.element_ty)
-        k2 = (y2 * cos + y1 * sin).to(k_ptr.dtype.element_ty).to(k_dst_ptr.dtype.element_ty)
+        k1, k2 = rotate_half(y1, y2, cos, sin)
+        k1 = k1.to(k_ptr.dtype.element_ty).to(k_dst_ptr.dtype.element_ty)
+        k2 = k2.to(k_ptr.dtype.element_ty).to(k_dst_ptr.dtype.element_ty)
         k_dst = k_dst_ptr + row + hk[:, None] * stride_dh + d[None, :]
         tl.store(k_dst, k1, mask=k_mask)
         tl.store(k_dst + half, k2, mask=k_mask)
