@@ -480,7 +480,9 @@ def apply_variant(spec: str) -> None:
     (``FUSE_ROTARY`` on / off: q|k|v runs ``rotary_write_kv`` in its launch), ``max_splits=N``
     (``attention._MAX_SPLITS``: the decode graph's split count is fixed at capture for the
     longest context, 16 at batch 1 over 4096 tokens, most of them empty at short contexts; 1:
-    one program a KV head, no merge), ``decode_bn=N`` (``attention.DECODE_CONFIG``'s key tile), ``serial_tails`` (``gemv_triton.SPLIT_SUM_UNROLLED`` and
+    one program a KV head, no merge), ``min_chunk=N`` (``attention.DECODE_MIN_CHUNK``: keys a
+    split covers at least; 0 spreads a short context over all the graph's splits, as before
+    stop 23), ``decode_bn=N`` (``attention.DECODE_CONFIG``'s key tile), ``serial_tails`` (``gemv_triton.SPLIT_SUM_UNROLLED`` and
     ``attention.MERGE_UNROLLED`` off: the split GEMVs' and the decode attention's last program
     read the partials one split at a time) or ``FMT=BN,BK,WARPS,PPS[,FIELD]`` / ``FMT=tiled``
     (``--one-row-config``); ``default`` changes nothing."""
@@ -502,6 +504,8 @@ def apply_variant(spec: str) -> None:
             gemv_triton.FUSE_ROTARY = True
         elif item.startswith("max_splits="):
             attention._MAX_SPLITS = int(item.split("=")[1])
+        elif item.startswith("min_chunk="):
+            attention.DECODE_MIN_CHUNK = int(item.split("=")[1])
         elif item.startswith("decode_bn="):
             attention.DECODE_CONFIG["BLOCK_N"] = int(item.split("=")[1])
         elif item == "serial_tails":
@@ -522,7 +526,7 @@ def time_variants(engine, specs: list[str], context: int, rounds: int = 3) -> di
     saved = (dict(gemv_triton.CONFIGS), gemv_triton.GEMV_PDL, gemv_triton.PDL_PREFETCH_LINES,
              gemv_triton.FUSE_NORM, gemv_triton.FUSE_SILU, gemv_triton.SPLIT_SUM_UNROLLED,
              attention.MERGE_UNROLLED, gemv_triton.FUSE_ROTARY, attention._MAX_SPLITS,
-             dict(attention.DECODE_CONFIG))
+             attention.DECODE_MIN_CHUNK, dict(attention.DECODE_CONFIG))
     recapture = getattr(getattr(engine.runner, "executor", None), "capture", None)  # cuda graphs
     bs = engine.kv_spec.block_size
     batch = build_batch([("variant", [100], context, list(range(1, context // bs + 2)), True)], bs)
@@ -532,7 +536,7 @@ def time_variants(engine, specs: list[str], context: int, rounds: int = 3) -> di
         gemv_triton.CONFIGS.update(saved[0])
         (gemv_triton.GEMV_PDL, gemv_triton.PDL_PREFETCH_LINES, gemv_triton.FUSE_NORM,
          gemv_triton.FUSE_SILU, gemv_triton.SPLIT_SUM_UNROLLED, attention.MERGE_UNROLLED,
-         gemv_triton.FUSE_ROTARY, attention._MAX_SPLITS) = saved[1:-1]
+         gemv_triton.FUSE_ROTARY, attention._MAX_SPLITS, attention.DECODE_MIN_CHUNK) = saved[1:-1]
         attention.DECODE_CONFIG.clear()
         attention.DECODE_CONFIG.update(saved[-1])
         if spec is not None:
@@ -644,7 +648,7 @@ def main() -> None:
     p.add_argument("--decode-variant", action="append", default=[], metavar="SETTINGS",
                    help="model mode, repeatable: after the batch-1 decode, time the device step again "
                         "under each of these (space-separated 'pdl=N' and 'FMT=BN,BK,WARPS,PPS[,FIELD]' "
-                        "items, 'fuse_norm', 'fuse_silu', 'fuse_rotary', 'unfused', 'unfused_rotary', 'max_splits=N', 'decode_bn=N', or 'default'), taking turns, the decode graph re-captured for each")
+                        "items, 'fuse_norm', 'fuse_silu', 'fuse_rotary', 'unfused', 'unfused_rotary', 'max_splits=N', 'min_chunk=N', 'decode_bn=N', or 'default'), taking turns, the decode graph re-captured for each")
     p.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU (checks the script)")
     p.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "gpu_quant.json"))
     args = p.parse_args()

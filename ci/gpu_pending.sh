@@ -7,10 +7,11 @@
 #     bash ci/gpu_pending.sh e2e3000 # ~4 min: TensorRT-LLM's conditions (3000 requests, 0.95
 #                                    # memory); on an H200 this decides the issue-7 aim (> 17,744)
 #     bash ci/gpu_pending.sh int4    # ~5 min: batch-1 int4 on one built model: the decode
-#                                    # attention at 136 keys (7% of the step, a fixed cost; the
-#                                    # graph fixes 16 splits, 13 of them empty): 1 or 4 splits
-#                                    # (max_splits=1, 4), other key tiles (decode_bn=128, 32); then
-#                                    # the GEMV / attention GPU tests
+#                                    # attention at 136 keys (7% of the step; the graph fixes 16
+#                                    # splits): split 0 finishing short contexts alone (default,
+#                                    # stop 23) vs all 16 splits and a merge (min_chunk=0), one
+#                                    # split (max_splits=1), other key tiles (decode_bn=128, 32);
+#                                    # then the GEMV / attention GPU tests
 #     bash ci/gpu_pending.sh e2e     # ~4 min: fp8 1000/1000 as it stands, with float32 logits
 #                                    # (the greedy argmax before stop 21), and as it stands again
 #   then the A/Bs already run on H100s (stop 21, 22), to re-run on an H200 for its numbers:
@@ -58,7 +59,7 @@ f16)
     grep -A8 "decode variant" "$OUT/int4.txt"; tail -3 "$OUT/int4.txt" | cut -c1-300 ;;
 int4)
     timeout 240 python3 benchmarks/gpu_quant.py --formats int4 --parts decode --decode-tokens 32 \
-        --decode-variant default --decode-variant max_splits=1 --decode-variant max_splits=4 \
+        --decode-variant default --decode-variant min_chunk=0 --decode-variant max_splits=1 \
         --decode-variant decode_bn=128 --decode-variant decode_bn=32 > "$OUT/int4.txt" 2>&1
     grep -A9 "decode variant" "$OUT/int4.txt"; tail -3 "$OUT/int4.txt"
     timeout 240 env PORTASERVE_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider \

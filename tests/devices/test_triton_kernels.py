@@ -283,9 +283,11 @@ def test_varlen_unmasked_tiles_equal_the_mask_on_every_tile(cache_dtype: torch.d
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("group", [1, 3, 4])
 @pytest.mark.parametrize("num_splits", [None, 1, 4] + ([32] if DEVICE.type != "cpu" else []))
-def test_paged_attention_decode(dtype: torch.dtype, group: int, num_splits: int | None, gen: torch.Generator) -> None:
+def test_paged_attention_decode(dtype: torch.dtype, group: int, num_splits: int | None, gen: torch.Generator,
+                                monkeypatch: pytest.MonkeyPatch) -> None:
     # Every request has one new token: the split-K decode path, whose last split to finish
     # merges the others (32 splits: most are empty for these lengths, as in a captured graph).
+    monkeypatch.setattr(attention, "DECODE_MIN_CHUNK", 0)  # split however short the context
     lens = [(0, 1), (6, 1), (37, 1), (70, 1), (15, 1)]
     query, cache, attn = make_step(lens, 2 * group, 2, 32, 8, dtype, "blocks_hnd", gen)
     want = ref.paged_attention(query, cache, attn, 0.17, kv_layout="blocks_hnd")
@@ -297,9 +299,10 @@ def test_paged_attention_decode(dtype: torch.dtype, group: int, num_splits: int 
     assert int(split_counters(query.device, 1, "decode_attn").abs().sum()) == 0
 
 
-def test_paged_attention_decode_mostly_empty_splits(gen: torch.Generator) -> None:
+def test_paged_attention_decode_mostly_empty_splits(gen: torch.Generator, monkeypatch: pytest.MonkeyPatch) -> None:
     # 32 splits for contexts of 1-70 keys, as in a graph captured for long contexts: most
     # programs have no keys, and the merge reads only the splits that have (interpreter: one case).
+    monkeypatch.setattr(attention, "DECODE_MIN_CHUNK", 0)
     lens = [(0, 1), (6, 1), (37, 1), (70, 1), (15, 1)]
     query, cache, attn = make_step(lens, 6, 2, 32, 8, torch.float32, "blocks_hnd", gen)
     got = attention.paged_attention(query, cache, attn, 0.17, num_splits=32)
@@ -315,6 +318,7 @@ def test_decode_merge_unrolled_equals_the_loop(cache_dtype: torch.dtype | None, 
     dtype = torch.float32 if cache_dtype is None else torch.float16
     lens = [(0, 1), (6, 1), (37, 1), (70, 1), (15, 1)]
     query, cache, attn = make_step(lens, 4, 2, 32, 8, dtype, "blocks_hnd", gen, cache_dtype)
+    monkeypatch.setattr(attention, "DECODE_MIN_CHUNK", 0)
     outs = []
     for unrolled in (True, False):
         monkeypatch.setattr(attention, "MERGE_UNROLLED", unrolled)
@@ -323,12 +327,37 @@ def test_decode_merge_unrolled_equals_the_loop(cache_dtype: torch.dtype | None, 
     assert rel_err(outs[0], ref.paged_attention(query, cache, attn, 0.17, kv_layout="blocks_hnd")) <= RTOL[dtype]
 
 
-def test_decode_splits_agree_with_varlen_path(gen: torch.Generator) -> None:
+def test_decode_splits_agree_with_varlen_path(gen: torch.Generator, monkeypatch: pytest.MonkeyPatch) -> None:
     # The decode kernel with many splits and the varlen kernel compute the same function.
+    monkeypatch.setattr(attention, "DECODE_MIN_CHUNK", 0)
     query, cache, attn = make_step([(90, 1), (3, 1)], 8, 2, 16, 16, torch.float32, "blocks_hnd", gen)
     split = attention.paged_attention(query, cache, attn, 0.3, num_splits=8)
     whole = ref.paged_attention(query, cache, attn, 0.3, kv_layout="blocks_hnd")
     assert rel_err(split, whole) <= RTOL[torch.float32]
+
+
+@pytest.mark.parametrize("cache_dtype", [None, torch.float8_e4m3fn])
+@pytest.mark.parametrize("num_splits", [4, 32])
+def test_decode_short_contexts_finish_in_split_zero(cache_dtype: torch.dtype | None, num_splits: int,
+                                                    gen: torch.Generator, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a minimum split length (``DECODE_MIN_CHUNK``, here 32 keys) a launch with a fixed
+    split count (a captured graph's) finishes a request whose context fits one split in split 0,
+    without the merge, and still splits the longer ones: one launch mixing both matches the
+    reference, each short row equals the one-split kernel's bit for bit, and the counters are
+    back at zero."""
+    from portaserve.devices.cuda.launch import split_counters
+
+    dtype = torch.float32 if cache_dtype is None else torch.float16
+    lens = [(0, 1), (6, 1), (37, 1), (70, 1), (15, 1), (31, 1)]  # contexts 1, 7, 38, 71, 16, 32
+    query, cache, attn = make_step(lens, 4, 2, 32, 8, dtype, "blocks_hnd", gen, cache_dtype)
+    monkeypatch.setattr(attention, "DECODE_MIN_CHUNK", 32)
+    want = ref.paged_attention(query, cache, attn, 0.17, kv_layout="blocks_hnd")
+    got = attention.paged_attention(query, cache, attn, 0.17, num_splits=num_splits)
+    assert rel_err(got, want) <= RTOL[dtype]
+    one = attention.paged_attention(query, cache, attn, 0.17, num_splits=1)
+    short = [i for i, (cached, new) in enumerate(lens) if cached + new <= 32]
+    assert short == [0, 1, 4, 5] and torch.equal(got[short], one[short])
+    assert int(split_counters(query.device, 1, "decode_attn").abs().sum()) == 0
 
 
 def test_decode_num_splits_policy() -> None:
@@ -492,6 +521,7 @@ def test_fp8_decode_on_hand_built_mma_fragments(dtype: torch.dtype, group: int, 
     of 16 and 32 keys, both cache layouts, splits merged by the last program. On a GPU its
     one-time check holds too."""
     monkeypatch.setattr(attention, "DECODE_FP8_MMA", True)
+    monkeypatch.setattr(attention, "DECODE_MIN_CHUNK", 64 if num_splits == 4 else 0)  # 4: some finish alone
     seen = launch_spy(attention._decode_fp8_mma_kernel, monkeypatch)
     lens = [(0, 1), (15, 1), (16, 1), (47, 1), (129, 1), (70, 1), (333, 1)]
     layout = "blocks_nhd" if group == 1 else "blocks_hnd"  # (any strides: the layouts differ in them)

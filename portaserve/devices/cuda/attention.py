@@ -100,6 +100,12 @@ VARLEN_UNMASKED_TILES = True
 #: --sections tune``) 32 splits at batch 1 over 32768 keys took 0.109 ms against 0.114 in a loop.
 MERGE_UNROLLED = True
 DECODE_CONFIG: dict[str, int] = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+#: A decode split covers at least this many keys whatever the launch's split count (rounded up
+#: to whole key tiles; 0: no minimum), and a context that fits one split is finished by split 0
+#: alone, without partials or a merge. The split count of a captured CUDA graph is fixed for the
+#: longest context it serves (16 at batch 1 over 4096 tokens), so without this a short context
+#: spread over the 16 programs and merged them. Same rule as ``decode_num_splits`` on the host.
+DECODE_MIN_CHUNK = _MIN_KEYS_PER_SPLIT
 #: Decode over an fp8 cache: two warps did best in the H200 sweeps at batch 512 x 1536 (0.62 ms vs
 #: 0.87-1.07 ms a layer with four or eight, when the tiles went through float32; with fp16 tiles,
 #: 2026-11-29: 0.552 ms with three stages vs 0.579 with two, 0.69-1.03 ms for BLOCK_N 128 or
@@ -267,21 +273,22 @@ def _decode_attn_kernel(
     stride_c_kv, stride_c_block, stride_c_head, stride_c_off, stride_bt,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr, KV_FP8: tl.constexpr,
-    PDL: tl.constexpr, MERGE_UNROLLED: tl.constexpr,
+    PDL: tl.constexpr, MERGE_UNROLLED: tl.constexpr, MIN_CHUNK: tl.constexpr,
 ):
     """Grid ``(R, Hk, NUM_SPLITS)``: one new token of request r, the GROUP query heads of one
     KV head (padded to BLOCK_G >= 16 rows), and one chunk of its context.
 
-    Chunk size is ``cdiv(cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N`` keys, so split 0 always
-    has keys; a split without keys writes lse = -inf. With NUM_SPLITS == 1 the output is final;
-    otherwise partial outputs go to part_out [R, Hq, NUM_SPLITS, D] (normalised) and
+    Chunk size is ``cdiv(cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N`` keys, at least
+    ``MIN_CHUNK``, so split 0 always has keys; a split without keys writes lse = -inf. With
+    NUM_SPLITS == 1, or a context within one chunk, split 0's output is final (the other splits
+    of a short context do nothing); otherwise partial outputs go to part_out [R, Hq, NUM_SPLITS, D] (normalised) and
     part_lse [R, Hq, NUM_SPLITS] (log2 domain), and the last of the NUM_SPLITS programs of this
     (request, KV head) to arrive (counted in counter [R, Hk], zero between launches) merges the
     splits that have keys into out.
     """
     FINITE: tl.constexpr = KV_FP8 != 0  # an fp8 cache holds only finite values (module docstring)
     req, kv_head, split, seq_len, chunk, kv_start, kv_end = _decode_program(seq_lens_ptr, BLOCK_N, NUM_SPLITS,
-                                                                            PDL)
+                                                                            PDL, MIN_CHUNK)
 
     g = tl.arange(0, BLOCK_G)
     g_ok = g < GROUP
@@ -311,9 +318,12 @@ def _decode_attn_kernel(
     safe_l = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / safe_l[:, None]
     mask = g_ok[:, None] & d_ok[None, :]
+    out_rows = out_ptr + req * stride_ot + head[:, None] * stride_oh + d[None, :]
     if NUM_SPLITS == 1:
-        tl.store(out_ptr + req * stride_ot + head[:, None] * stride_oh + d[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_rows, out.to(out_ptr.dtype.element_ty), mask=mask)
+    elif seq_len <= chunk:  # split 0 has every key (DECODE_MIN_CHUNK): its output is final
+        if split == 0:
+            tl.store(out_rows, out.to(out_ptr.dtype.element_ty), mask=mask)
     else:
         base = (req * (GROUP * tl.num_programs(1)) + head) * NUM_SPLITS  # [BLOCK_G]
         tl.store(part_out_ptr + (base + split)[:, None] * head_dim + d[None, :], out, mask=mask)
@@ -331,17 +341,20 @@ def _decode_attn_kernel(
 
 
 @triton_helper
-def _decode_program(seq_lens_ptr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PDL: tl.constexpr):
+def _decode_program(seq_lens_ptr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PDL: tl.constexpr,
+                    MIN_CHUNK: tl.constexpr):
     """A decode program's (request, KV head, split, seq_len, chunk, first key, end key): its
-    split of the request's keys, whole tiles of ``BLOCK_N`` (split 0 always has keys). Under PDL
-    (``launch.pdl``) it first lets the next kernel launch and waits for the one before."""
+    split of the request's keys, whole tiles of ``BLOCK_N`` and at least ``MIN_CHUNK`` keys
+    (``DECODE_MIN_CHUNK``; split 0 always has keys, and a context of at most ``chunk`` keys has
+    them all in split 0). Under PDL (``launch.pdl``) it first lets the next kernel launch and
+    waits for the one before."""
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
     req = tl.program_id(0).to(tl.int64)
     seq_len = tl.load(seq_lens_ptr + req)
     per_split = (seq_len + NUM_SPLITS - 1) // NUM_SPLITS
-    chunk = (per_split + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+    chunk = tl.maximum((per_split + BLOCK_N - 1) // BLOCK_N * BLOCK_N, MIN_CHUNK)
     kv_start = tl.program_id(2) * chunk
     return req, tl.program_id(1), tl.program_id(2), seq_len, chunk, kv_start, tl.minimum(kv_start + chunk, seq_len)
 
@@ -482,14 +495,15 @@ def _decode_fp8_mma_kernel(
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_c_kv, stride_c_block, stride_c_head, stride_c_off, stride_bt,
     GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr, ASM: tl.constexpr,
-    PDL: tl.constexpr, MERGE_UNROLLED: tl.constexpr,
+    PDL: tl.constexpr, MERGE_UNROLLED: tl.constexpr, MIN_CHUNK: tl.constexpr,
 ):
     """Grid ``(R, Hk, NUM_SPLITS)``, one warp: as ``_decode_attn_kernel`` (the same splits and
     merge), over an fp8 e4m3 cache with head dim 128, GROUP <= 8 and blocks of a multiple of 16
     keys; 32 keys (two 16-key chunks) a loop step. ``ASM`` False (the interpreter): the same
     sums per lane in float32 from whole rows of q, K and V, so the interpreter checks all but
     the fragments themselves."""
-    req, kv_head, split, seq_len, chunk, kv_start, kv_end = _decode_program(seq_lens_ptr, 32, NUM_SPLITS, PDL)
+    req, kv_head, split, seq_len, chunk, kv_start, kv_end = _decode_program(seq_lens_ptr, 32, NUM_SPLITS, PDL,
+                                                                            MIN_CHUNK)
 
     t = tl.arange(0, 4)[:, None]  # [4, 1]: the lane's t
     g = tl.arange(0, 8)[None, :]  # [1, 8]: the lane's g, a row (q head) of the group
@@ -587,9 +601,12 @@ def _decode_fp8_mma_kernel(
     out = acc / safe_l[None, :, None]
     dims = 32 * t3 + tl.arange(0, 32)[None, None, :]  # [4, 1, 32]
     rows_ok = g_ok[:, :, None] & (dims < 128)
+    out_rows = out_ptr + req * stride_ot + head[:, :, None] * stride_oh + dims
     if NUM_SPLITS == 1:
-        tl.store(out_ptr + req * stride_ot + head[:, :, None] * stride_oh + dims,
-                 out.to(out_ptr.dtype.element_ty), mask=rows_ok)
+        tl.store(out_rows, out.to(out_ptr.dtype.element_ty), mask=rows_ok)
+    elif seq_len <= chunk:  # split 0 has every key (DECODE_MIN_CHUNK): its output is final
+        if split == 0:
+            tl.store(out_rows, out.to(out_ptr.dtype.element_ty), mask=rows_ok)
     else:
         gg = tl.arange(0, 8)  # (g as a vector, for the per-row lse and the merge)
         base = (req * (GROUP * tl.num_programs(1)) + kv_head * GROUP + gg) * NUM_SPLITS  # [8]
@@ -857,20 +874,26 @@ def _decode(query: torch.Tensor, out: torch.Tensor, seq_lens: torch.Tensor, tabl
             query, a.kv_cache, out, part_out, part_lse, counters, seq_lens, tables, a.scale_log2,
             query.stride(0), query.stride(1), out.stride(0), out.stride(1), *a.cache_strides,
             GROUP=a.group, BLOCK_SIZE=a.block_size, NUM_SPLITS=num_splits, ASM=not a.interp,
-            MERGE_UNROLLED=MERGE_UNROLLED,
+            MERGE_UNROLLED=MERGE_UNROLLED, MIN_CHUNK=_min_chunk(32),
             num_warps=1, num_stages=1, **constexprs, **options,
             **({"maxnreg": DECODE_FP8_MMA_MAXNREG} if DECODE_FP8_MMA_MAXNREG and not a.interp else {}))
         return
+    block_n = 16 if a.interp else cfg["BLOCK_N"] // (2 if a.ieee else 1)
     launch_fitting(
         _decode_attn_kernel, query, (num_reqs, num_kv_heads, num_splits),
         (query, a.kv_cache, out, part_out, part_lse, counters, seq_lens, tables, a.scale_log2,
          head_dim, query.stride(0), query.stride(1), out.stride(0), out.stride(1), *a.cache_strides),
-        {"GROUP": a.group, "BLOCK_G": max(16, next_pow2(a.group)),
-         "BLOCK_N": 16 if a.interp else cfg["BLOCK_N"] // (2 if a.ieee else 1),
+        {"GROUP": a.group, "BLOCK_G": max(16, next_pow2(a.group)), "BLOCK_N": block_n,
          "BLOCK_D": a.block_d, "BLOCK_SIZE": a.block_size, "NUM_SPLITS": num_splits, "IEEE": a.ieee,
-         "KV_FP8": a.kv_fp8, "MERGE_UNROLLED": MERGE_UNROLLED, **pdl_options(query)[0]},
+         "KV_FP8": a.kv_fp8, "MERGE_UNROLLED": MERGE_UNROLLED, "MIN_CHUNK": _min_chunk(block_n),
+         **pdl_options(query)[0]},
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
+
+
+def _min_chunk(tile: int) -> int:
+    """``DECODE_MIN_CHUNK`` in whole key tiles of a decode kernel (a split starts on a tile)."""
+    return -(-DECODE_MIN_CHUNK // tile) * tile
 
 
 def _varlen(query: torch.Tensor, out: torch.Tensor, query_start_loc: torch.Tensor,
