@@ -82,7 +82,14 @@ import triton
 import triton.language as tl
 
 from portaserve.devices.cuda.activation import silu_mul
-from portaserve.devices.cuda.kv import FP8_FORMATS, cache_geometry, cache_strides
+from portaserve.devices.cuda.kv import (
+    FP8_FORMATS,
+    cache_geometry,
+    cache_strides,
+    cache_target,
+    fp8_constexprs,
+    store_cache,
+)
 from portaserve.devices.cuda.launch import (
     MAX,
     SUM,
@@ -580,13 +587,15 @@ def _store_silu_mul(out_row_ptr, total, pid_n, N, BLOCK_N: tl.constexpr):
 @triton_helper
 def _store_rotary(out_row_ptr, total, pid_n, pos, slot, cs_ptr, stride_cs, cache_ptr, half,
                   num_q_heads, num_kv_heads, block_size, s_kv, s_block, s_head, s_off,
-                  BLOCK_N: tl.constexpr):
+                  BLOCK_N: tl.constexpr, FP8_MANT: tl.constexpr, FP8_BIAS: tl.constexpr,
+                  FP8_MAX: tl.constexpr, FP8_MAGIC: tl.constexpr):
     """``ROPE``: a tile's sums [BLOCK_N] (dims ``d`` of a head's first half, then the same of
     its second half; ``_tile_rows``) of one token at position ``pos`` -> ``rotary``, then
     q heads to their columns of the output row ([Hq D]) and k and v heads to the paged cache at
     ``slot`` (negative: skipped), as ``rotary_write_kv`` would take them from the GEMV's
     output: each sum first rounded to out's dtype, the rotation in float32 rounded to it again,
-    then to the cache's dtype (v: unrotated)."""
+    then to the cache's dtype (v: unrotated; an fp8 cache, seen as bytes, through
+    ``kv.store_cache`` with FP8_* from ``kv.fp8_constexprs``)."""
     HALF: tl.constexpr = BLOCK_N // 2
     lo, hi = tl.split(tl.permute(tl.reshape(total, (2, HALF)), (1, 0)))
     dt = out_row_ptr.dtype.element_ty
@@ -610,9 +619,8 @@ def _store_rotary(out_row_ptr, total, pid_n, pos, slot, cs_ptr, stride_cs, cache
     c_ptrs = (cache_ptr + (kv_head // num_kv_heads) * s_kv + (at // block_size) * s_block
               + (at % block_size) * s_off + (kv_head % num_kv_heads) * s_head + d)
     to_cache = d < tl.where((head >= num_q_heads) & (slot >= 0), 2 * half, 0)
-    ct = cache_ptr.dtype.element_ty
-    tl.store(c_ptrs, r_lo.to(ct), mask=to_cache)
-    tl.store(c_ptrs + half, r_hi.to(ct), mask=to_cache)
+    store_cache(c_ptrs, r_lo, to_cache, FP8_MANT, FP8_BIAS, FP8_MAX, FP8_MAGIC)
+    store_cache(c_ptrs + half, r_hi, to_cache, FP8_MANT, FP8_BIAS, FP8_MAX, FP8_MAGIC)
 
 
 @triton_helper
@@ -663,6 +671,7 @@ def _gemv_kernel(
     PACKED: tl.constexpr, ASM: tl.constexpr, TMA: tl.constexpr, MMA: tl.constexpr,
     MMA_XSUM: tl.constexpr, PDL: tl.constexpr, PREFETCH_LINES: tl.constexpr, Q_BYTES: tl.constexpr,
     SPLIT_SUM: tl.constexpr, F16: tl.constexpr,
+    FP8_MANT: tl.constexpr, FP8_BIAS: tl.constexpr, FP8_MAX: tl.constexpr, FP8_MAGIC: tl.constexpr,
 ):
     """Grid ``(cdiv(N, BLOCK_N), SPLIT_K)``. A K step covers ``NB`` blocks of ``GROUP`` columns
     (one scale each; int8/fp8: one block, scales per row; K formats: a 64-column quarter of a
@@ -1185,7 +1194,8 @@ def _gemv_kernel(
             elif ROPE:
                 _store_rotary(out_ptr + m * stride_om, total, pid_n, tl.load(pos_ptr + m), tl.load(slot_ptr + m),
                               cs_ptr, stride_cs, cache_ptr, rope_half, num_q_heads, num_kv_heads,
-                              block_size, s_kv, s_block, s_head, s_off, BLOCK_N)
+                              block_size, s_kv, s_block, s_head, s_off, BLOCK_N,
+                              FP8_MANT, FP8_BIAS, FP8_MAX, FP8_MAGIC)
             else:
                 tl.store(out_ptr + m * stride_om + offs_n, total.to(out_ptr.dtype.element_ty),
                          mask=n_ok)
@@ -1205,7 +1215,7 @@ def _gemv_kernel(
                     _store_rotary(out_ptr + m * stride_om, total, pid_n, tl.load(pos_ptr + m),
                                   tl.load(slot_ptr + m), cs_ptr, stride_cs, cache_ptr, rope_half,
                                   num_q_heads, num_kv_heads, block_size, s_kv, s_block, s_head, s_off,
-                                  BLOCK_N)
+                                  BLOCK_N, FP8_MANT, FP8_BIAS, FP8_MAX, FP8_MAGIC)
                 else:
                     tl.store(out_ptr + m * stride_om + offs_n, total.to(out_ptr.dtype.element_ty),
                              mask=n_ok)
@@ -1557,8 +1567,8 @@ def gemv(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None = N
     ``rotary=(positions [M], cos_sin_cache [P, D], kv_cache, slot_mapping [M], num_heads,
     kv_layout)``: ``weight`` is q|k|v [(Hq + 2 Hk) D, K] and the answer ``rotary_write_kv`` of
     the product's q, k, v: the rotated q [M, Hq D], the rotated k and v stored in the cache (the
-    FMA kernel's ``ROPE``); None for the tensor-core or MMA tiles, TMA, an fp8 cache, heads the
-    tiles do not divide (``block_n / 2`` must divide D / 2), a weight not of the cache's heads."""
+    FMA kernel's ``ROPE``; an fp8 cache gets ``write_kv``'s bytes); None for the tensor-core or
+    MMA tiles, TMA, an 8-bit cache of no fp8 format, heads the tiles do not divide (``block_n / 2`` must divide D / 2), a weight not of the cache's heads."""
     m, k = x.shape
     if not 1 <= m <= MAX_M or weight.format not in FORMAT_IDS or x.stride(1) != 1:
         return None
@@ -1634,7 +1644,8 @@ def gemv(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None = N
         NUM_STAGES=cfg.num_stages, PACKED=x32 is not None, ASM=not is_interpreted(x),
         TMA=desc is not None, MMA=mma, MMA_XSUM=mma and cfg.mma_xsum, SPLIT_SUM=_split_sum(),
         F16=cfg.f16 and x32 is not None and fmt in (0, 3) and not mma and group % 32 == 0,
-        **_pdl(x, words, prefetch=fmt < 6), num_warps=cfg.num_warps)
+        **(rope["fp8"] if rope is not None else _NO_FP8), **_pdl(x, words, prefetch=fmt < 6),
+        num_warps=cfg.num_warps)
     return (y, res_out) if norm is not None else out
 
 
@@ -1646,15 +1657,20 @@ def _rotary_operands(rotary: tuple, x: torch.Tensor, n: int, block_n: int,
     m = x.shape[0]
     block_size, num_kv_heads, head_dim = cache_geometry(kv_cache, kv_layout)
     half = head_dim // 2
-    if (kv_cache.dtype in FP8_FORMATS or kv_cache.stride(-1) != 1 or head_dim % 2
+    if (kv_cache.dtype.itemsize == 1 and kv_cache.dtype not in FP8_FORMATS
+            or kv_cache.stride(-1) != 1 or head_dim % 2
             or cos_sin.shape[-1] != head_dim or cos_sin.stride(-1) != 1
             or n != (num_heads + 2 * num_kv_heads) * head_dim or block_n % 2 or half % (block_n // 2)
             or positions.shape[0] < m or slots.shape[0] < m or (out_dtype or x.dtype) != x.dtype):
         return None
     s_kv, s_block, s_head, s_off, _ = cache_strides(kv_cache, kv_layout)
-    args = (positions, slots, cos_sin, kv_cache, half, num_heads, num_kv_heads, block_size,
+    args = (positions, slots, cos_sin, cache_target(kv_cache), half, num_heads, num_kv_heads, block_size,
             cos_sin.stride(0), s_kv, s_block, s_head, s_off)
-    return {"args": args, "q_size": num_heads * head_dim}
+    return {"args": args, "q_size": num_heads * head_dim, "fp8": fp8_constexprs(kv_cache.dtype)}
+
+
+#: The FP8_* constexprs of a launch that writes no cache.
+_NO_FP8 = fp8_constexprs(torch.float32)
 
 
 #: Whether ``gemv(..., norm=)`` fuses (the cuda ``linear_rms_norm`` op) and ``gemv(...,

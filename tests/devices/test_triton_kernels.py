@@ -151,6 +151,36 @@ def test_rotary_write_kv_from_fused_qkv(dtype: torch.dtype, layout: str, gen: to
                        exp_nhd.reshape(2, 24, -1)[:, untouched.to(DEVICE)])
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.float8_e4m3fn, torch.float8_e5m2], ids=["e4m3", "e5m2"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rotary_write_kv_fp8_cache_equals_the_two_kernels(cache_dtype: torch.dtype, dtype: torch.dtype,
+                                                          gen: torch.Generator) -> None:
+    """Into an fp8 cache the fused kernel writes the bytes of ``rotary`` then ``write_kv`` (the
+    keys rounded to their dtype, then encoded by the one fp8 encoder), q the same; values
+    large enough to saturate, small enough to be subnormal, a NaN, and a padding slot."""
+    hq, hk, d, tokens = 4, 2, 32, 7
+    qkv = randn(tokens, (hq + 2 * hk) * d, dtype=dtype, gen=gen) * 4
+    qkv[0, hq * d + 3] = float("nan")
+    qkv[1, (hq + hk) * d : (hq + hk) * d + 8] *= 1e4
+    qkv[2, (hq + hk) * d : (hq + hk) * d + 8] *= 1e-4
+    q = qkv[:, : hq * d].view(tokens, hq, d)
+    k = qkv[:, hq * d : (hq + hk) * d].view(tokens, hk, d)
+    v = qkv[:, (hq + hk) * d :].view(tokens, hk, d)
+    cos_sin = randn(64, d, dtype=torch.float32, gen=gen)
+    positions = torch.randint(0, 64, (tokens,), generator=gen).to(DEVICE)
+    spec = KVCacheSpec(num_layers=1, num_blocks=6, block_size=4, num_kv_heads=hk, head_dim=d, dtype=cache_dtype)
+    cache = ref.allocate_kv_cache(spec, DEVICE, "blocks_hnd")[0]
+    cache.view(torch.uint8).copy_(torch.randint(0, 120, cache.shape, generator=gen, dtype=torch.uint8))
+    expected = cache.clone()
+    slots = torch.randperm(24, generator=gen)[:tokens].to(DEVICE)
+    slots[4] = -1
+    got_q = rotary.rotary_write_kv(positions, q, k, v, cos_sin, cache, slots)
+    want_q, want_k = rotary.rotary(positions, q, k, cos_sin)
+    kv.write_kv(want_k, v, expected, slots)
+    assert torch.equal(got_q, want_q)
+    assert torch.equal(cache.view(torch.uint8), expected.view(torch.uint8))
+
+
 @pytest.mark.parametrize("dtype", [d for d in DTYPES if d != torch.float32])
 @pytest.mark.parametrize("rows", [1, 3, 8])
 def test_gemv(dtype: torch.dtype, rows: int, gen: torch.Generator) -> None:

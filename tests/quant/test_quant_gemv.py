@@ -546,8 +546,8 @@ def test_gemv_with_rotary_write_kv_equals_the_two_ops(fmt: str, m: int, split_k:
     program rotates them, stores q and writes k and v to the paged cache; bit for bit the GEMV
     followed by the ``rotary_write_kv`` kernel in the interpreter (q and the whole cache; a
     padding slot skipped), with and without split K, at 1-3 rows, on the FMA, packed and fp16x2
-    paths, with a bias; declined for tiles that split a head's half unevenly, the tensor-core
-    and MMA tiles, and an fp8 cache."""
+    paths, with a bias, into a 16-bit and an fp8 cache; declined for tiles that split a head's
+    half unevenly, the tensor-core and MMA tiles, and an int8 cache."""
     from portaserve.devices.cuda import kv, rotary
 
     monkeypatch.setattr(gemv_triton, "FUSE_ROTARY", True)
@@ -579,12 +579,25 @@ def test_gemv_with_rotary_write_kv_equals_the_two_ops(fmt: str, m: int, split_k:
         assert torch.equal(q.view(m, hq, d), want_q) and torch.equal(cache, want_cache)
     else:  # compiled, the two kernels may contract the rotation's products into FMAs apart
         assert rel_err(q.view(m, hq, d), want_q) <= RTOL[dtype] and rel_err(cache, want_cache) <= RTOL[dtype]
-    # declined: tiles of 256 rows (half of 128 > 32 dims), the tensor-core tiles, an fp8 cache
+    # an fp8 cache: the bytes rotary_write_kv (write_kv's encoder) stores
+    fp8_cache = torch.randint(0, 120, cache.shape, generator=gen, dtype=torch.uint8).to(DEVICE).view(torch.float8_e4m3fn)
+    want_fp8 = fp8_cache.clone()
+    q8 = gemv_triton.gemv(x, weight, bias, config=cfg, split_k=split_k,
+                          rotary=(positions, cos_sin, fp8_cache, slots, hq, kv.KV_LAYOUT))
+    assert q8 is not None, "the GEMV declined the rotary into an fp8 cache"
+    rotary.rotary_write_kv(positions, out[:, :hq * d].view(m, hq, d), out[:, hq * d:(hq + hk) * d].view(m, hk, d),
+                           out[:, (hq + hk) * d:].view(m, hk, d), cos_sin, want_fp8, slots)
+    if DEVICE.type == "cpu":
+        assert torch.equal(q8, q) and torch.equal(fp8_cache.view(torch.uint8), want_fp8.view(torch.uint8))
+    else:  # (a rounding apart moves an fp8 code by one step)
+        assert rel_err(fp8_cache.float(), want_fp8.float()) <= 1e-2
+    # declined: tiles of 256 rows (half of 128 > 32 dims), the tensor-core tiles, an 8-bit cache
+    # that is not fp8
     args = (positions, cos_sin, cache, slots, hq, kv.KV_LAYOUT)
     assert gemv_triton.gemv(x, weight, config=gemv_triton.GemvConfig(256, 128), rotary=args) is None
     if fmt in gemv_triton.DOT_FORMATS:
         assert gemv_triton.gemv(x, weight, config=SMALL["dot"], rotary=args) is None
-    fp8_cache = torch.zeros(cache.shape, dtype=torch.float8_e4m3fn, device=DEVICE)
-    assert gemv_triton.gemv(x, weight, config=cfg, rotary=(positions, cos_sin, fp8_cache, slots, hq, kv.KV_LAYOUT)) is None
+    int8_cache = torch.zeros(cache.shape, dtype=torch.int8, device=DEVICE)
+    assert gemv_triton.gemv(x, weight, config=cfg, rotary=(positions, cos_sin, int8_cache, slots, hq, kv.KV_LAYOUT)) is None
     monkeypatch.setattr(gemv_triton, "FUSE_ROTARY", False)
     assert gemv_triton.gemv(x, weight, config=cfg, rotary=args) is None

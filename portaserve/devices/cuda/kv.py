@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 import triton.language as tl
 
-from portaserve.devices.cuda.launch import next_pow2, pdl_options, triton_kernel
+from portaserve.devices.cuda.launch import next_pow2, pdl_options, triton_helper, triton_kernel
 from portaserve.errors import DeviceError
 
 KV_LAYOUT = "blocks_hnd"
@@ -60,8 +60,10 @@ FP8_FORMATS: dict[torch.dtype, tuple[int, int]] = {
 }
 
 
-def _fp8_constexprs(cache_dtype: torch.dtype) -> dict[str, int | float]:
-    """The constants ``_write_kv_kernel`` encodes a cache dtype with (FP8_MANT 0: not fp8)."""
+def fp8_constexprs(cache_dtype: torch.dtype) -> dict[str, int | float]:
+    """The constants ``store_cache`` encodes a cache dtype with (FP8_MANT 0: not fp8), for the
+    kernels that write the cache (``write_kv``, ``rotary.rotary_write_kv``, the quant GEMV's
+    rotary epilogue); they store through ``cache_target``."""
     if cache_dtype not in FP8_FORMATS:
         return {"FP8_MANT": 0, "FP8_BIAS": 0, "FP8_MAX": 0.0, "FP8_MAGIC": 0.0}
     exp_bits, mant = FP8_FORMATS[cache_dtype]
@@ -70,6 +72,44 @@ def _fp8_constexprs(cache_dtype: torch.dtype) -> dict[str, int | float]:
     magic = 2.0 ** (24 - mant - bias)
     return {"FP8_MANT": mant, "FP8_BIAS": bias, "FP8_MAX": float(torch.finfo(cache_dtype).max),
             "FP8_MAGIC": magic}
+
+
+def cache_target(kv_cache: torch.Tensor) -> torch.Tensor:
+    """What a cache-writing kernel stores through: an fp8 cache as ``uint8`` (same strides; the
+    bytes come from ``store_cache``), any other cache as it is."""
+    return kv_cache.view(torch.uint8) if kv_cache.dtype in FP8_FORMATS else kv_cache
+
+
+@triton_helper
+def fp8_code(x, FP8_MANT: tl.constexpr, FP8_BIAS: tl.constexpr, FP8_MAX: tl.constexpr,
+             FP8_MAGIC: tl.constexpr):
+    """float32 x -> its fp8 bits (uint8): saturated, rounded to nearest even, sign kept, NaN -> +0."""
+    bits = x.to(tl.int32, bitcast=True)
+    sign = ((bits >> 31) & 1) << 7
+    mag = tl.minimum(tl.abs(x), FP8_MAX)  # inf saturates too
+    mag_bits = mag.to(tl.int32, bitcast=True)
+    # Normal results: rebias the exponent and drop 23 - FP8_MANT mantissa bits, adding just
+    # under half of the dropped unit plus the kept last bit (ties to even).
+    shift = 23 - FP8_MANT
+    normal = (mag_bits + ((FP8_BIAS - 127) << 23) + ((1 << (shift - 1)) - 1)
+              + ((mag_bits >> shift) & 1)) >> shift
+    # Subnormal results (below 2^(1 - bias)): a float32 add rounds mag to a multiple of fp8's
+    # smallest subnormal; the low bits of the sum are then the fp8 code.
+    magic_bits = (127 + 24 - FP8_MANT - FP8_BIAS) << 23
+    subnormal = (mag + FP8_MAGIC).to(tl.int32, bitcast=True) - magic_bits
+    code = tl.where(mag_bits < ((128 - FP8_BIAS) << 23), subnormal, normal)
+    return tl.where(x != x, 0, code | sign).to(tl.uint8)
+
+
+@triton_helper
+def store_cache(ptrs, x, mask, FP8_MANT: tl.constexpr, FP8_BIAS: tl.constexpr, FP8_MAX: tl.constexpr,
+                FP8_MAGIC: tl.constexpr):
+    """Store x into a cache seen through ``cache_target``: fp8 bytes (``FP8_MANT`` > 0, from
+    ``fp8_constexprs``) encoded from x's float32 value, or x in the cache's dtype."""
+    if FP8_MANT > 0:
+        tl.store(ptrs, fp8_code(x.to(tl.float32), FP8_MANT, FP8_BIAS, FP8_MAX, FP8_MAGIC), mask=mask)
+    else:
+        tl.store(ptrs, x.to(ptrs.dtype.element_ty), mask=mask)
 
 
 @triton_kernel
@@ -82,11 +122,8 @@ def _write_kv_kernel(
     FP8_MANT: tl.constexpr, FP8_BIAS: tl.constexpr, FP8_MAX: tl.constexpr, FP8_MAGIC: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    """Grid ``(T, cdiv(Hk, BLOCK_H))``: one program stores BLOCK_H heads of one token's K and V.
-
-    With FP8_MANT > 0 the cache is an fp8 cache seen as uint8: K, then V [BLOCK_H, BLOCK_D],
-    are encoded to fp8 bytes (FP8_* from ``_fp8_constexprs``).
-    """
+    """Grid ``(T, cdiv(Hk, BLOCK_H))``: one program stores BLOCK_H heads of one token's K and V
+    (an fp8 cache as its bytes: ``store_cache``)."""
     if PDL:  # programmatic dependent launch (launch.pdl): the next kernel may start; wait for the last
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
@@ -101,32 +138,8 @@ def _write_kv_kernel(
         k = tl.load(key_ptr + t * stride_kt + h[:, None] * stride_kh + d[None, :], mask=mask)
         v = tl.load(value_ptr + t * stride_vt + h[:, None] * stride_vh + d[None, :], mask=mask)
         dst = cache_ptr + block * stride_c_block + h[:, None] * stride_c_head + off * stride_c_off + d[None, :]
-        if FP8_MANT > 0:
-            for which in tl.static_range(2):  # 0: key, 1: value
-                if which == 0:
-                    x = k.to(tl.float32)
-                else:
-                    x = v.to(tl.float32)
-                # fp8 bits of x: saturate, round to nearest even, keep the sign; NaN -> +0.
-                bits = x.to(tl.int32, bitcast=True)
-                sign = ((bits >> 31) & 1) << 7
-                mag = tl.minimum(tl.abs(x), FP8_MAX)  # inf saturates too
-                mag_bits = mag.to(tl.int32, bitcast=True)
-                # Normal results: rebias the exponent and drop 23 - FP8_MANT mantissa bits,
-                # adding just under half of the dropped unit plus the kept last bit (ties to even).
-                shift = 23 - FP8_MANT
-                normal = (mag_bits + ((FP8_BIAS - 127) << 23) + ((1 << (shift - 1)) - 1)
-                          + ((mag_bits >> shift) & 1)) >> shift
-                # Subnormal results (below 2^(1 - bias)): a float32 add rounds mag to a multiple of
-                # fp8's smallest subnormal; the low bits of the sum are then the fp8 code.
-                magic_bits = (127 + 24 - FP8_MANT - FP8_BIAS) << 23
-                subnormal = (mag + FP8_MAGIC).to(tl.int32, bitcast=True) - magic_bits
-                code = tl.where(mag_bits < ((128 - FP8_BIAS) << 23), subnormal, normal)
-                code = tl.where(x != x, 0, code | sign)
-                tl.store(dst + which * stride_c_kv, code.to(tl.uint8), mask=mask)
-        else:
-            tl.store(dst, k.to(cache_ptr.dtype.element_ty), mask=mask)
-            tl.store(dst + stride_c_kv, v.to(cache_ptr.dtype.element_ty), mask=mask)
+        store_cache(dst, k, mask, FP8_MANT, FP8_BIAS, FP8_MAX, FP8_MAGIC)
+        store_cache(dst + stride_c_kv, v, mask, FP8_MANT, FP8_BIAS, FP8_MAX, FP8_MAGIC)
 
 
 def write_kv(
@@ -160,13 +173,11 @@ def write_kv(
     block_d = next_pow2(head_dim)
     block_h = max(1, min(next_pow2(num_heads), 4096 // block_d))
     grid = (num_tokens, (num_heads + block_h - 1) // block_h)
-    fp8 = _fp8_constexprs(kv_cache.dtype)
-    target = kv_cache.view(torch.uint8) if fp8["FP8_MANT"] else kv_cache  # same strides
     constexprs, options = pdl_options(key)
     _write_kv_kernel.on(key)[grid](
-        key, value, target, slot_mapping,
+        key, value, cache_target(kv_cache), slot_mapping,
         num_heads, head_dim, block_size,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         s_kv, s_block, s_head, s_off,
-        BLOCK_H=block_h, BLOCK_D=block_d, **fp8, num_warps=4, **constexprs, **options,
+        BLOCK_H=block_h, BLOCK_D=block_d, **fp8_constexprs(kv_cache.dtype), num_warps=4, **constexprs, **options,
     )

@@ -9,8 +9,8 @@ projection) as long as the head dim is contiguous.
 ``rotary_write_kv`` is ``rotary`` then ``write_kv`` (``reference.rotary_write_kv``) in one
 launch instead of two: the rotated keys go straight to the cache (rounded to k's dtype first,
 as the two-op path does), and are never written to memory on their own. At batch 1 on the
-8B shape that is 32 launches fewer per decode step. An fp8 cache takes the two kernels
-(``write_kv`` has the fp8 encoder).
+8B shape that is 32 launches fewer per decode step. An fp8 cache gets its bytes from the
+encoder ``write_kv`` uses (``kv.store_cache``), from the same rounded keys.
 """
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ from portaserve.devices.cuda.kv import (
     KV_LAYOUT,
     cache_geometry,
     cache_strides,
-    write_kv,
+    cache_target,
+    fp8_constexprs,
+    store_cache,
 )
 from portaserve.devices.cuda.launch import next_pow2, pdl_options, triton_helper, triton_kernel
 from portaserve.errors import DeviceError
@@ -46,13 +48,16 @@ def _rotary_kernel(
     stride_qot, stride_qoh,
     stride_dt, stride_dh, stride_c_kv, stride_c_block, stride_c_off,
     WRITE_CACHE: tl.constexpr,
-    BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    FP8_MANT: tl.constexpr, FP8_BIAS: tl.constexpr, FP8_MAX: tl.constexpr, FP8_MAGIC: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Grid ``(T,)``: one program per token rotates all its q heads (to q_out) and k heads
     (heads x D/2 tiles). The rotated keys go to ``k_dst`` [T, Hk, D] (strides dt, dh), or with
     WRITE_CACHE to the paged cache ``k_dst`` at the token's slot with its values beside them
     (strides c_kv, c_block, dh = head, c_off); a negative slot (a padding row of a captured
-    graph) writes nothing to the cache."""
+    graph) writes nothing to the cache. An fp8 cache comes as ``kv.cache_target`` and its
+    bytes from ``kv.store_cache`` (FP8_* from ``kv.fp8_constexprs``; FP8_MANT 0 otherwise)."""
     if PDL:  # programmatic dependent launch (launch.pdl): the next kernel may start; wait for the last
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
@@ -89,17 +94,15 @@ def _rotary_kernel(
         # rounded to k's dtype (what ``rotary`` returns, so a cache gets the same values the
         # two-op path writes), then to the destination's
         k1, k2 = rotate_half(y1, y2, cos, sin)
-        k1 = k1.to(k_ptr.dtype.element_ty).to(k_dst_ptr.dtype.element_ty)
-        k2 = k2.to(k_ptr.dtype.element_ty).to(k_dst_ptr.dtype.element_ty)
         k_dst = k_dst_ptr + row + hk[:, None] * stride_dh + d[None, :]
-        tl.store(k_dst, k1, mask=k_mask)
-        tl.store(k_dst + half, k2, mask=k_mask)
+        store_cache(k_dst, k1.to(k_ptr.dtype.element_ty), k_mask, FP8_MANT, FP8_BIAS, FP8_MAX, FP8_MAGIC)
+        store_cache(k_dst + half, k2.to(k_ptr.dtype.element_ty), k_mask, FP8_MANT, FP8_BIAS, FP8_MAX, FP8_MAGIC)
         if WRITE_CACHE:
             v_src = v_ptr + t * stride_vt + hk[:, None] * stride_vh + d[None, :]
             v1 = tl.load(v_src, mask=k_mask, other=0.0)
             v2 = tl.load(v_src + half, mask=k_mask, other=0.0)
-            tl.store(k_dst + stride_c_kv, v1.to(k_dst_ptr.dtype.element_ty), mask=k_mask)
-            tl.store(k_dst + stride_c_kv + half, v2.to(k_dst_ptr.dtype.element_ty), mask=k_mask)
+            store_cache(k_dst + stride_c_kv, v1, k_mask, FP8_MANT, FP8_BIAS, FP8_MAX, FP8_MAGIC)
+            store_cache(k_dst + stride_c_kv + half, v2, k_mask, FP8_MANT, FP8_BIAS, FP8_MAX, FP8_MAGIC)
 
 
 def rotary(
@@ -134,7 +137,7 @@ def rotary(
         cos_sin_cache.stride(0), q.stride(0), q.stride(1), k.stride(0), k.stride(1), 0, 0,
         q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1), 0, 0, 0,
         WRITE_CACHE=False, BLOCK_HQ=next_pow2(num_q_heads), BLOCK_HK=next_pow2(k.shape[1]),
-        BLOCK_HALF=next_pow2(half), num_warps=4, **constexprs, **options,
+        BLOCK_HALF=next_pow2(half), **fp8_constexprs(k_out.dtype), num_warps=4, **constexprs, **options,
     )
     return q_out, k_out
 
@@ -170,10 +173,9 @@ def rotary_write_kv(
                           f"slots for {num_tokens} tokens")
     if kv_cache.stride(-1) != 1:
         raise DeviceError("cuda rotary_write_kv: the cache's head dim must be contiguous")
-    if kv_cache.dtype in FP8_FORMATS:  # write_kv's own fp8 encoder: not fused (yet)
-        q, k = rotary(positions, q, k, cos_sin_cache)
-        write_kv(k, v, kv_cache, slot_mapping, kv_layout=kv_layout)
-        return q
+    if kv_cache.dtype.itemsize == 1 and kv_cache.dtype not in FP8_FORMATS:
+        raise DeviceError(f"cuda rotary_write_kv: no encoder for a {kv_cache.dtype} cache "
+                          f"(fp8 formats: {', '.join(map(str, FP8_FORMATS))})")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     cos_sin_cache = cos_sin_cache if cos_sin_cache.stride(-1) == 1 else cos_sin_cache.contiguous()
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -183,12 +185,12 @@ def rotary_write_kv(
     half = head_dim // 2
     constexprs, options = pdl_options(q)
     _rotary_kernel.on(q)[(num_tokens,)](
-        positions, cos_sin_cache, slot_mapping, q, k, v, q_out, kv_cache,
+        positions, cos_sin_cache, slot_mapping, q, k, v, q_out, cache_target(kv_cache),
         num_q_heads, num_heads, half, block_size,
         cos_sin_cache.stride(0), q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         v.stride(0), v.stride(1), q_out.stride(0), q_out.stride(1),
         0, s_head, s_kv, s_block, s_off,
         WRITE_CACHE=True, BLOCK_HQ=next_pow2(num_q_heads), BLOCK_HK=next_pow2(num_heads),
-        BLOCK_HALF=next_pow2(half), num_warps=4, **constexprs, **options,
+        BLOCK_HALF=next_pow2(half), **fp8_constexprs(kv_cache.dtype), num_warps=4, **constexprs, **options,
     )
     return q_out
