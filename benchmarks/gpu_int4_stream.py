@@ -19,6 +19,9 @@ run and on the same buffers:
 - ``work W ahead A``: the rows walk with W dependent integer multiply-adds a word (the GEMV
   spends ~27 instructions a word), its loads issued A steps ahead by hand: whether the reads
   go on while the warps compute (time ~ max of the two) or wait for them (~ the sum);
+- ``weight in L2`` (weights of at most half the L2): the flat read and the GEMV over one copy
+  every call, so the bytes come from L2: the most an L2 prefetch of a small weight (o, q|k|v)
+  while the kernel before it runs could give;
 - ``gemv``: the real one-row GEMV (tuned config) on the same shape, for the side-by-side, the
   same with its split tail's sums in a run-time loop (``SPLIT_SUM_UNROLLED`` off), with K not split, and with each ``--gemv-config BN,BK,WARPS,PPS`` (``--only-gemv``: just
   these).
@@ -261,6 +264,12 @@ def main() -> None:
             cfg = gemv_triton.GemvConfig(bn_, bk_, num_warps=warps, programs_per_sm=pps, **dict.fromkeys(flags, True))
             results.append((f"gemv {bn_}x{bk_} w{warps} pps{pps}" + "".join(f" {f}" for f in flags),
                             time_calls([partial(gemv_triton.gemv, x, w, config=cfg) for w in weights])))
+        if nbytes * 2 <= L2_BYTES:  # the same weight every call: its bytes come from L2 after the
+            # first (what an L2 prefetch during the kernel before could give a small weight)
+            if not args.only_gemv:
+                results.append(("flat, weight in L2", time_calls([flat[0]] * copies)))
+            results.append(("gemv (tuned), weight in L2",
+                            time_calls([partial(gemv_triton.gemv, x, weights[0])] * copies)))
         gemv_triton.SPLIT_SUM_UNROLLED = False  # the split tail's run-time loop, for the A/B
         results.append(("gemv (tuned), split sums in a loop",
                         time_calls([partial(gemv_triton.gemv, x, w) for w in weights])))
