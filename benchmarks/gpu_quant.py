@@ -482,7 +482,8 @@ def apply_variant(spec: str) -> None:
     longest context, 16 at batch 1 over 4096 tokens, most of them empty at short contexts; 1:
     one program a KV head, no merge), ``min_chunk=N`` (``attention.DECODE_MIN_CHUNK``: keys a
     split covers at least; 0 spreads a short context over all the graph's splits, as before
-    stop 23), ``decode_bn=N`` (``attention.DECODE_CONFIG``'s key tile), ``serial_tails`` (``gemv_triton.SPLIT_SUM_UNROLLED`` and
+    stop 23), ``prefetch_o`` (each layer's o weight pulled into L2 while its decode attention
+    runs: ``prefetching_attention``), ``decode_bn=N`` (``attention.DECODE_CONFIG``'s key tile), ``serial_tails`` (``gemv_triton.SPLIT_SUM_UNROLLED`` and
     ``attention.MERGE_UNROLLED`` off: the split GEMVs' and the decode attention's last program
     read the partials one split at a time) or ``FMT=BN,BK,WARPS,PPS[,FIELD]`` / ``FMT=tiled``
     (``--one-row-config``); ``default`` changes nothing."""
@@ -510,8 +511,31 @@ def apply_variant(spec: str) -> None:
             attention.DECODE_CONFIG["BLOCK_N"] = int(item.split("=")[1])
         elif item == "serial_tails":
             gemv_triton.SPLIT_SUM_UNROLLED = attention.MERGE_UNROLLED = False
-        elif item != "default":
+        elif item not in ("default", "prefetch_o"):  # (prefetch_o: time_variants wraps attention)
             set_one_row_config(item)
+
+
+def prefetching_attention(engine, attention_op):
+    """``paged_attention`` that first launches ``prefetch.prefetch_l2`` of its layer's o weight
+    (at most 8 query rows): the ``prefetch_o`` variant, an experiment on whether pulling a small
+    weight into L2 while the decode attention runs pays for the extra launch (the model does not
+    call it; the layer is found by its KV cache)."""
+    from portaserve.devices.cuda.prefetch import prefetch_l2
+    from portaserve.quant.base import QuantizedWeight
+
+    model = engine.runner.model
+    layer_of = {id(cache): i for i, cache in enumerate(engine.runner.kv_caches)}
+    tensors = []
+    for layer in model.layers:
+        weight = layer.o[0][0]
+        tensors.append(list(weight.data.values()) if isinstance(weight, QuantizedWeight) else [weight])
+
+    def attention(query, kv_cache, attn, scale):
+        if query.shape[0] <= 8:
+            prefetch_l2(tensors[layer_of[id(kv_cache)]])
+        return attention_op(query, kv_cache, attn, scale)
+
+    return attention
 
 
 def time_variants(engine, specs: list[str], context: int, rounds: int = 3) -> dict[str, dict]:
@@ -528,6 +552,8 @@ def time_variants(engine, specs: list[str], context: int, rounds: int = 3) -> di
              attention.MERGE_UNROLLED, gemv_triton.FUSE_ROTARY, attention._MAX_SPLITS,
              attention.DECODE_MIN_CHUNK, dict(attention.DECODE_CONFIG))
     recapture = getattr(getattr(engine.runner, "executor", None), "capture", None)  # cuda graphs
+    table = engine.runner.model.kernels
+    attention_op = table.paged_attention
     bs = engine.kv_spec.block_size
     batch = build_batch([("variant", [100], context, list(range(1, context // bs + 2)), True)], bs)
 
@@ -539,8 +565,11 @@ def time_variants(engine, specs: list[str], context: int, rounds: int = 3) -> di
          gemv_triton.FUSE_ROTARY, attention._MAX_SPLITS, attention.DECODE_MIN_CHUNK) = saved[1:-1]
         attention.DECODE_CONFIG.clear()
         attention.DECODE_CONFIG.update(saved[-1])
+        object.__setattr__(table, "paged_attention", attention_op)
         if spec is not None:
             apply_variant(spec)
+            if "prefetch_o" in spec.split():
+                object.__setattr__(table, "paged_attention", prefetching_attention(engine, attention_op))
         if recapture is not None:
             recapture([1])
 
@@ -648,7 +677,7 @@ def main() -> None:
     p.add_argument("--decode-variant", action="append", default=[], metavar="SETTINGS",
                    help="model mode, repeatable: after the batch-1 decode, time the device step again "
                         "under each of these (space-separated 'pdl=N' and 'FMT=BN,BK,WARPS,PPS[,FIELD]' "
-                        "items, 'fuse_norm', 'fuse_silu', 'fuse_rotary', 'unfused', 'unfused_rotary', 'max_splits=N', 'min_chunk=N', 'decode_bn=N', or 'default'), taking turns, the decode graph re-captured for each")
+                        "items, 'fuse_norm', 'fuse_silu', 'fuse_rotary', 'unfused', 'unfused_rotary', 'max_splits=N', 'min_chunk=N', 'prefetch_o', 'decode_bn=N', or 'default'), taking turns, the decode graph re-captured for each")
     p.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU (checks the script)")
     p.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "gpu_quant.json"))
     args = p.parse_args()

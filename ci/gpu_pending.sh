@@ -10,9 +10,10 @@
 #                                    # attention at 136 keys (7% of the step; the graph fixes 16
 #                                    # splits): split 0 finishing short contexts alone (default,
 #                                    # stop 23) vs all 16 splits and a merge (min_chunk=0), one
-#                                    # split (max_splits=1), other key tiles (decode_bn=128, 32);
-#                                    # o and q|k|v GEMVs with their weight in L2 (the upside of an
-#                                    # L2 prefetch during the kernel before); the GPU tests
+#                                    # split (max_splits=1), o's weight pulled into L2 during the
+#                                    # attention (prefetch_o), 128-key tiles (decode_bn=128); o and
+#                                    # q|k|v GEMVs with their weight in L2 (the most an L2 prefetch
+#                                    # can give them); the GPU tests
 #     bash ci/gpu_pending.sh e2e     # ~4 min: fp8 1000/1000 as it stands, with float32 logits
 #                                    # (the greedy argmax before stop 21), and as it stands again
 #   then the A/Bs already run on H100s (stop 21, 22), to re-run on an H200 for its numbers:
@@ -61,13 +62,13 @@ f16)
 int4)
     timeout 240 python3 benchmarks/gpu_quant.py --formats int4 --parts decode --decode-tokens 32 \
         --decode-variant default --decode-variant min_chunk=0 --decode-variant max_splits=1 \
-        --decode-variant decode_bn=128 --decode-variant decode_bn=32 > "$OUT/int4.txt" 2>&1
+        --decode-variant prefetch_o --decode-variant decode_bn=128 > "$OUT/int4.txt" 2>&1
     grep -A9 "decode variant" "$OUT/int4.txt"; tail -3 "$OUT/int4.txt"
     timeout 110 python3 benchmarks/gpu_int4_stream.py --shapes o,qkv > "$OUT/l2.txt" 2>&1
     grep "flat\|gemv (tuned)" "$OUT/l2.txt" | grep -v "^|"; tail -2 "$OUT/l2.txt" | cut -c1-200
     timeout 200 env PORTASERVE_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider \
         tests/quant/test_quant_gemv.py tests/devices/test_triton_kernels.py \
-        -k "norm or silu or tensor_cores or pdl or hand_built or unrolled or split or tuned or decode" > "$OUT/tests.txt" 2>&1
+        -k "norm or silu or tensor_cores or pdl or hand_built or unrolled or split or tuned or decode or prefetch or rotary_write_kv" > "$OUT/tests.txt" 2>&1
     tail -4 "$OUT/tests.txt" ;;
 fp8)
     timeout 240 python3 benchmarks/gpu_kernels.py --sections fp8_gemm,elementwise,tune_fp8 > "$OUT/fp8.txt" 2>&1
