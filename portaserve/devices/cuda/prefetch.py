@@ -24,12 +24,12 @@ from portaserve.devices.cuda.launch import is_interpreted, pdl_options, triton_k
 PIECE_BYTES = 4096
 PIECES = 32
 
-_BULK_PREFETCH_ASM = """{
+_BULK_PREFETCH_ASM = tl.constexpr("""{
     .reg .pred p;
     setp.ne.s32 p, $2, 0;
     @p cp.async.bulk.prefetch.L2.global [$1], $2;
     mov.u32 $0, 0;
-}"""
+}""")
 
 
 @triton_kernel
