@@ -11,7 +11,8 @@
 #                                    # splits): split 0 finishing short contexts alone (default,
 #                                    # stop 23) vs all 16 splits and a merge (min_chunk=0), one
 #                                    # split (max_splits=1), o's weight pulled into L2 during the
-#                                    # attention (prefetch_o), 128-key tiles (decode_bn=128); o and
+#                                    # attention (prefetch_o), the next q|k|v's as down starts
+#                                    # (prefetch_qkv), both; o and
 #                                    # q|k|v GEMVs with their weight in L2 (the most an L2 prefetch
 #                                    # can give them); the GPU tests
 #     bash ci/gpu_pending.sh e2e     # ~4 min: fp8 1000/1000 as it stands, with float32 logits
@@ -48,7 +49,7 @@ E2E=(python3 benchmarks/gpu_llama8b.py --skip-hf --parts throughput --kv-cache-d
 
 case "${1:-int4}" in
 f16)
-    timeout 200 env PORTASERVE_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider tests/quant/test_quant_gemv.py \
+    timeout 190 env PORTASERVE_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider tests/quant/test_quant_gemv.py \
         -k "fp16x2 or rotary or f16" > "$OUT/tests.txt" 2>&1
     tail -4 "$OUT/tests.txt" | cut -c1-300
     timeout 100 python3 benchmarks/gpu_int4_stream.py --only-gemv --gemv-config 64,256,4,2,f16 \
@@ -60,13 +61,14 @@ f16)
         --decode-variant "int4=128,128,4,2,f16" --decode-variant "int4=128,256,4,2,f16" > "$OUT/int4.txt" 2>&1
     grep -A8 "decode variant" "$OUT/int4.txt"; tail -3 "$OUT/int4.txt" | cut -c1-300 ;;
 int4)
-    timeout 240 python3 benchmarks/gpu_quant.py --formats int4 --parts decode --decode-tokens 32 \
+    timeout 250 python3 benchmarks/gpu_quant.py --formats int4 --parts decode --decode-tokens 32 \
         --decode-variant default --decode-variant min_chunk=0 --decode-variant max_splits=1 \
-        --decode-variant prefetch_o --decode-variant decode_bn=128 > "$OUT/int4.txt" 2>&1
-    grep -A9 "decode variant" "$OUT/int4.txt"; tail -3 "$OUT/int4.txt"
-    timeout 110 python3 benchmarks/gpu_int4_stream.py --shapes o,qkv > "$OUT/l2.txt" 2>&1
+        --decode-variant prefetch_o --decode-variant prefetch_qkv --decode-variant "prefetch_o prefetch_qkv" \
+        > "$OUT/int4.txt" 2>&1
+    grep -A9 "decode variant" "$OUT/int4.txt"; tail -3 "$OUT/int4.txt" | cut -c1-300
+    timeout 100 python3 benchmarks/gpu_int4_stream.py --shapes o,qkv > "$OUT/l2.txt" 2>&1
     grep "flat\|gemv (tuned)" "$OUT/l2.txt" | grep -v "^|"; tail -2 "$OUT/l2.txt" | cut -c1-200
-    timeout 200 env PORTASERVE_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider \
+    timeout 190 env PORTASERVE_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider \
         tests/quant/test_quant_gemv.py tests/devices/test_triton_kernels.py \
         -k "norm or silu or tensor_cores or pdl or hand_built or unrolled or split or tuned or decode or prefetch or rotary_write_kv" > "$OUT/tests.txt" 2>&1
     tail -4 "$OUT/tests.txt" ;;
