@@ -24,7 +24,7 @@ run and on the same buffers:
   while the kernel before it runs could give;
 - ``gemv``: the real one-row GEMV (tuned config) on the same shape, for the side-by-side, the
   same with its split tail's sums in a run-time loop (``SPLIT_SUM_UNROLLED`` off), with K not split, and with each ``--gemv-config BN,BK,WARPS,PPS`` (``--only-gemv``: just
-  these).
+  these; the flat read stays).
 
 The read kernels only add the words up (one integer add a word), so their time is the memory
 system's. K is split as the GEMV splits it (until about ``P`` programs an SM); ``S`` is the
@@ -223,12 +223,12 @@ def main() -> None:
         nbytes = words[0].numel() * 4
         out = torch.empty(1 << 16, dtype=torch.int32, device=DEV)
         results = []
+        flat_programs = sms * 8
+        flat = [partial(_flat_kernel.on(q)[(flat_programs,)], q, out, q.numel(), BLOCK=2048, num_warps=4)
+                for q in words]
+        check_covers(flat[0], words[0], out, flat_programs)
+        results.append(("flat", time_calls(flat)))
         if not args.only_gemv:
-            flat_programs = sms * 8
-            flat = [partial(_flat_kernel.on(q)[(flat_programs,)], q, out, q.numel(), BLOCK=2048, num_warps=4)
-                    for q in words]
-            check_covers(flat[0], words[0], out, flat_programs)
-            results.append(("flat", time_calls(flat)))
             for bn, bk in TILES:
                 for pps in PROGRAMS_PER_SM:
                     for tiled, stages in itertools.product((False, True), STAGES):
@@ -266,8 +266,7 @@ def main() -> None:
                             time_calls([partial(gemv_triton.gemv, x, w, config=cfg) for w in weights])))
         if nbytes * 2 <= L2_BYTES:  # the same weight every call: its bytes come from L2 after the
             # first (what an L2 prefetch during the kernel before could give a small weight)
-            if not args.only_gemv:
-                results.append(("flat, weight in L2", time_calls([flat[0]] * copies)))
+            results.append(("flat, weight in L2", time_calls([flat[0]] * copies)))
             results.append(("gemv (tuned), weight in L2",
                             time_calls([partial(gemv_triton.gemv, x, weights[0])] * copies)))
         gemv_triton.SPLIT_SUM_UNROLLED = False  # the split tail's run-time loop, for the A/B

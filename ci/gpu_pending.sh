@@ -66,7 +66,7 @@ int4)
         --decode-variant prefetch_o --decode-variant prefetch_qkv --decode-variant "prefetch_o prefetch_qkv" \
         > "$OUT/int4.txt" 2>&1
     grep -A9 "decode variant" "$OUT/int4.txt"; tail -3 "$OUT/int4.txt" | cut -c1-300
-    timeout 100 python3 benchmarks/gpu_int4_stream.py --shapes o,qkv > "$OUT/l2.txt" 2>&1
+    timeout 100 python3 benchmarks/gpu_int4_stream.py --only-gemv --shapes o,qkv > "$OUT/l2.txt" 2>&1
     grep "flat\|gemv (tuned)" "$OUT/l2.txt" | grep -v "^|"; tail -2 "$OUT/l2.txt" | cut -c1-200
     timeout 190 env PORTASERVE_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider \
         tests/quant/test_quant_gemv.py tests/devices/test_triton_kernels.py \
