@@ -82,14 +82,6 @@ import triton
 import triton.language as tl
 
 from portaserve.devices.cuda.activation import silu_mul
-from portaserve.devices.cuda.kv import (
-    FP8_FORMATS,
-    cache_geometry,
-    cache_strides,
-    cache_target,
-    fp8_constexprs,
-    store_cache,
-)
 from portaserve.devices.cuda.launch import (
     MAX,
     SUM,
@@ -101,7 +93,7 @@ from portaserve.devices.cuda.launch import (
     triton_kernel,
 )
 from portaserve.devices.cuda.norm import rms_norm_row
-from portaserve.devices.cuda.rotary import rotate_half
+from portaserve.devices.cuda.rotary import NO_FP8, rotary_operands, store_rotary, tile_rows
 from portaserve.quant.base import QuantizedWeight
 
 try:  # host-side TMA descriptors (Triton 3.4+); older Triton runs without ``GemvConfig.tma``
@@ -554,24 +546,6 @@ def _prefetch_rows(q_ptr, rows, rows_ok, stride_qn, first, span, LINES: tl.const
 
 
 @triton_helper
-def _tile_rows(pid_n, local, N, pair_half, BLOCK_N: tl.constexpr, PAIRED: tl.constexpr):
-    """(weight rows, whether each exists) of program ``pid_n``'s tile positions ``local``:
-    ``BLOCK_N`` consecutive rows; ``PAIRED`` (``ACT``, ``ROPE``): the rows come in blocks of
-    ``2 pair_half`` (``ACT``: the whole gate|up weight, ``pair_half`` = I; ``ROPE``: a head,
-    ``pair_half`` = D / 2), and a tile takes ``BLOCK_N / 2`` consecutive rows of a block's first
-    half (positions below ``BLOCK_N / 2``) and the same rows of its second half."""
-    if PAIRED:
-        HALF: tl.constexpr = BLOCK_N // 2
-        per_block = (pair_half + HALF - 1) // HALF
-        j = (pid_n % per_block) * HALF + local % HALF
-        rows = (pid_n // per_block) * 2 * pair_half + j + (local >= HALF).to(tl.int32) * pair_half
-        return rows, (j < pair_half) & (rows < N)
-    else:
-        rows = pid_n * BLOCK_N + local
-        return rows, rows < N
-
-
-@triton_helper
 def _store_silu_mul(out_row_ptr, total, pid_n, N, BLOCK_N: tl.constexpr):
     """``ACT``: a tile's sums [BLOCK_N] (gate rows, then up rows) -> ``silu(gate) * up`` at
     columns ``pid_n * BLOCK_N / 2 ..`` of the output row, each sum first rounded to out's
@@ -582,45 +556,6 @@ def _store_silu_mul(out_row_ptr, total, pid_n, N, BLOCK_N: tl.constexpr):
     y = silu_mul(gate.to(dt).to(tl.float32), up.to(dt).to(tl.float32))
     cols = pid_n * HALF + tl.arange(0, HALF)
     tl.store(out_row_ptr + cols, y.to(dt), mask=cols < N // 2)
-
-
-@triton_helper
-def _store_rotary(out_row_ptr, total, pid_n, pos, slot, cs_ptr, stride_cs, cache_ptr, half,
-                  num_q_heads, num_kv_heads, block_size, s_kv, s_block, s_head, s_off,
-                  BLOCK_N: tl.constexpr, FP8_MANT: tl.constexpr, FP8_BIAS: tl.constexpr,
-                  FP8_MAX: tl.constexpr, FP8_MAGIC: tl.constexpr):
-    """``ROPE``: a tile's sums [BLOCK_N] (dims ``d`` of a head's first half, then the same of
-    its second half; ``_tile_rows``) of one token at position ``pos`` -> ``rotary``, then
-    q heads to their columns of the output row ([Hq D]) and k and v heads to the paged cache at
-    ``slot`` (negative: skipped), as ``rotary_write_kv`` would take them from the GEMV's
-    output: each sum first rounded to out's dtype, the rotation in float32 rounded to it again,
-    then to the cache's dtype (v: unrotated; an fp8 cache, seen as bytes, through
-    ``kv.store_cache`` with FP8_* from ``kv.fp8_constexprs``)."""
-    HALF: tl.constexpr = BLOCK_N // 2
-    lo, hi = tl.split(tl.permute(tl.reshape(total, (2, HALF)), (1, 0)))
-    dt = out_row_ptr.dtype.element_ty
-    lo = lo.to(dt).to(tl.float32)
-    hi = hi.to(dt).to(tl.float32)
-    per_head = half // HALF
-    head = pid_n // per_head
-    d = (pid_n % per_head) * HALF + tl.arange(0, HALF)
-    cos = tl.load(cs_ptr + pos * stride_cs + d).to(tl.float32)
-    sin = tl.load(cs_ptr + pos * stride_cs + half + d).to(tl.float32)
-    rotate = head < num_q_heads + num_kv_heads  # (q and k heads; v heads go as they are)
-    rot_lo, rot_hi = rotate_half(lo, hi, cos, sin)
-    r_lo = tl.where(rotate, rot_lo, lo).to(dt)
-    r_hi = tl.where(rotate, rot_hi, hi).to(dt)
-    is_q = d < tl.where(head < num_q_heads, 2 * half, 0)  # (d < half: all or none)
-    q_ptrs = out_row_ptr + head * 2 * half + d
-    tl.store(q_ptrs, r_lo, mask=is_q)
-    tl.store(q_ptrs + half, r_hi, mask=is_q)
-    kv_head = tl.maximum(head - num_q_heads, 0)  # k heads, then v heads
-    at = tl.maximum(slot, 0)
-    c_ptrs = (cache_ptr + (kv_head // num_kv_heads) * s_kv + (at // block_size) * s_block
-              + (at % block_size) * s_off + (kv_head % num_kv_heads) * s_head + d)
-    to_cache = d < tl.where((head >= num_q_heads) & (slot >= 0), 2 * half, 0)
-    store_cache(c_ptrs, r_lo, to_cache, FP8_MANT, FP8_BIAS, FP8_MAX, FP8_MAGIC)
-    store_cache(c_ptrs + half, r_hi, to_cache, FP8_MANT, FP8_BIAS, FP8_MAX, FP8_MAGIC)
 
 
 @triton_helper
@@ -700,14 +635,14 @@ def _gemv_kernel(
 
     ``ACT`` (``gemv(..., silu_and_mul=True)``): the weight is gate|up ([2 I, K]) and out [M, I]
     is ``silu_and_mul`` of the product: a program's tile is ``BLOCK_N / 2`` rows of the gate
-    half and the same rows of the up half (``_tile_rows``), each rounded to out's dtype as the
+    half and the same rows of the up half (``rotary.tile_rows``), each rounded to out's dtype as the
     GEMV would store it, then ``activation.silu_mul`` (the silu kernel's code).
 
     ``ROPE`` (``gemv(..., rotary=)``): the weight is q|k|v ([(Hq + 2 Hk) D, K]); out [M, Hq D]
     gets the rotated queries and the paged cache ``cache_ptr`` the rotated keys and the values
     at each row's slot (``slot_ptr``; position ``pos_ptr``, cos|sin rows ``cs_ptr``): a tile is
-    ``BLOCK_N / 2`` dims of a head's first half and the same of its second (``_tile_rows``), so
-    that the completing program rotates them (``_store_rotary``)."""
+    ``BLOCK_N / 2`` dims of a head's first half and the same of its second (``rotary.tile_rows``), so
+    that the completing program rotates them (``rotary.store_rotary``)."""
     # One row of x: two FMAs per code become one (a and c applied once per word), as fewer
     # instructions per byte is what bounds a 4-bit GEMV; with more rows, expanding w once wins.
     FOLD: tl.constexpr = M_ROWS == 1 and FMT != 5
@@ -716,7 +651,7 @@ def _gemv_kernel(
     pid_k = tl.program_id(1)
     PAIRED: tl.constexpr = ACT or ROPE
     pair_half = rope_half if ROPE else N // 2
-    offs_n, n_ok = _tile_rows(pid_n, tl.arange(0, BLOCK_N), N, pair_half, BLOCK_N, PAIRED)
+    offs_n, n_ok = tile_rows(pid_n, tl.arange(0, BLOCK_N), N, pair_half, BLOCK_N, PAIRED)
     rows = offs_n[:, None, None]  # [BN, 1, 1]
     row_ok = n_ok[:, None, None]
     blk = tl.arange(0, NB)[None, :, None]  # [1, NB, 1] block of the K step
@@ -748,8 +683,8 @@ def _gemv_kernel(
         t4 = tl.arange(0, 4)[:, None, None, None]
         # (with ACT a half tile is whole 16-row tiles, so row g + 8 is row g's next-but-7 too)
         lo_local = tl.arange(0, 8)[None, :, None, None] + 16 * tl.arange(0, RT)[None, None, :, None]
-        row_lo, lo_ok = _tile_rows(pid_n, lo_local, N, pair_half, BLOCK_N, PAIRED)  # [1, 8, RT, 1]
-        hi_ok = _tile_rows(pid_n, lo_local + 8, N, pair_half, BLOCK_N, PAIRED)[1]
+        row_lo, lo_ok = tile_rows(pid_n, lo_local, N, pair_half, BLOCK_N, PAIRED)  # [1, 8, RT, 1]
+        hi_ok = tile_rows(pid_n, lo_local + 8, N, pair_half, BLOCK_N, PAIRED)[1]
         wcol = t4 * V + tl.arange(0, V)[None, None, None, :]  # [4, 1, 1, V] word of a step
         lo_ptrs = q_ptr + row_lo * stride_qn + wcol
         hi_ptrs = lo_ptrs + 8 * stride_qn
@@ -757,8 +692,8 @@ def _gemv_kernel(
         # a scale and a zero per row and step, read by the four lanes t: [4, 8, RT]
         s_local = (tl.arange(0, 8)[None, :, None] + 16 * tl.arange(0, RT)[None, None, :]
                    + 0 * tl.arange(0, 4)[:, None, None])
-        srow, s_lo_ok = _tile_rows(pid_n, s_local, N, pair_half, BLOCK_N, PAIRED)
-        s_hi_ok = _tile_rows(pid_n, s_local + 8, N, pair_half, BLOCK_N, PAIRED)[1]
+        srow, s_lo_ok = tile_rows(pid_n, s_local, N, pair_half, BLOCK_N, PAIRED)
+        s_hi_ok = tile_rows(pid_n, s_local + 8, N, pair_half, BLOCK_N, PAIRED)[1]
         s_lo_ptrs = s_ptr + srow * stride_sn
         z_lo_ptrs = z_ptr + srow * stride_sn
         step_n = tl.minimum(step_begin, num_steps - 1)  # (a split past the end: unused)
@@ -1192,7 +1127,7 @@ def _gemv_kernel(
             if ACT:
                 _store_silu_mul(out_ptr + m * stride_om, total, pid_n, N, BLOCK_N)
             elif ROPE:
-                _store_rotary(out_ptr + m * stride_om, total, pid_n, tl.load(pos_ptr + m), tl.load(slot_ptr + m),
+                store_rotary(out_ptr + m * stride_om, total, pid_n, tl.load(pos_ptr + m), tl.load(slot_ptr + m),
                               cs_ptr, stride_cs, cache_ptr, rope_half, num_q_heads, num_kv_heads,
                               block_size, s_kv, s_block, s_head, s_off, BLOCK_N,
                               FP8_MANT, FP8_BIAS, FP8_MAX, FP8_MAGIC)
@@ -1212,7 +1147,7 @@ def _gemv_kernel(
                 if ACT:
                     _store_silu_mul(out_ptr + m * stride_om, total, pid_n, N, BLOCK_N)
                 elif ROPE:
-                    _store_rotary(out_ptr + m * stride_om, total, pid_n, tl.load(pos_ptr + m),
+                    store_rotary(out_ptr + m * stride_om, total, pid_n, tl.load(pos_ptr + m),
                                   tl.load(slot_ptr + m), cs_ptr, stride_cs, cache_ptr, rope_half,
                                   num_q_heads, num_kv_heads, block_size, s_kv, s_block, s_head, s_off,
                                   BLOCK_N, FP8_MANT, FP8_BIAS, FP8_MAX, FP8_MAGIC)
@@ -1607,7 +1542,7 @@ def gemv(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None = N
     n = weight.shape[0]
     if silu_and_mul and (cfg.block_n % 2 or (mma and cfg.block_n % 32)):
         return None
-    rope = _rotary_operands(rotary, x, n, cfg.block_n, out_dtype) if rotary is not None else None
+    rope = rotary_operands(rotary, x, n, cfg.block_n, out_dtype) if rotary is not None else None
     if rotary is not None and rope is None:
         return None
     # (ACT: a tile is half gate rows, half up rows, and writes half as many outputs; ROPE: its
@@ -1644,33 +1579,11 @@ def gemv(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None = N
         NUM_STAGES=cfg.num_stages, PACKED=x32 is not None, ASM=not is_interpreted(x),
         TMA=desc is not None, MMA=mma, MMA_XSUM=mma and cfg.mma_xsum, SPLIT_SUM=_split_sum(),
         F16=cfg.f16 and x32 is not None and fmt in (0, 3) and not mma and group % 32 == 0,
-        **(rope["fp8"] if rope is not None else _NO_FP8), **_pdl(x, words, prefetch=fmt < 6),
+        **(rope["fp8"] if rope is not None else NO_FP8), **_pdl(x, words, prefetch=fmt < 6),
         num_warps=cfg.num_warps)
     return (y, res_out) if norm is not None else out
 
 
-def _rotary_operands(rotary: tuple, x: torch.Tensor, n: int, block_n: int,
-                     out_dtype: torch.dtype | None) -> dict | None:
-    """The ``ROPE`` kernel arguments of ``gemv(..., rotary=)`` and the width of q, or None where
-    the fused rotary does not serve (see ``gemv``)."""
-    positions, cos_sin, kv_cache, slots, num_heads, kv_layout = rotary
-    m = x.shape[0]
-    block_size, num_kv_heads, head_dim = cache_geometry(kv_cache, kv_layout)
-    half = head_dim // 2
-    if (kv_cache.dtype.itemsize == 1 and kv_cache.dtype not in FP8_FORMATS
-            or kv_cache.stride(-1) != 1 or head_dim % 2
-            or cos_sin.shape[-1] != head_dim or cos_sin.stride(-1) != 1
-            or n != (num_heads + 2 * num_kv_heads) * head_dim or block_n % 2 or half % (block_n // 2)
-            or positions.shape[0] < m or slots.shape[0] < m or (out_dtype or x.dtype) != x.dtype):
-        return None
-    s_kv, s_block, s_head, s_off, _ = cache_strides(kv_cache, kv_layout)
-    args = (positions, slots, cos_sin, cache_target(kv_cache), half, num_heads, num_kv_heads, block_size,
-            cos_sin.stride(0), s_kv, s_block, s_head, s_off)
-    return {"args": args, "q_size": num_heads * head_dim, "fp8": fp8_constexprs(kv_cache.dtype)}
-
-
-#: The FP8_* constexprs of a launch that writes no cache.
-_NO_FP8 = fp8_constexprs(torch.float32)
 
 
 #: Whether ``gemv(..., norm=)`` fuses (the cuda ``linear_rms_norm`` op) and ``gemv(...,

@@ -39,6 +39,93 @@ def rotate_half(x1, x2, cos, sin):
     return x1 * cos - x2 * sin, x2 * cos + x1 * sin
 
 
+@triton_helper
+def tile_rows(pid_n, local, N, pair_half, BLOCK_N: tl.constexpr, PAIRED: tl.constexpr):
+    """A GEMV's (weight rows, whether each exists) of program ``pid_n``'s tile positions ``local``:
+    ``BLOCK_N`` consecutive rows; ``PAIRED`` (``ACT``, ``ROPE``): the rows come in blocks of
+    ``2 pair_half`` (``ACT``: the whole gate|up weight, ``pair_half`` = I; ``ROPE``: a head,
+    ``pair_half`` = D / 2), and a tile takes ``BLOCK_N / 2`` consecutive rows of a block's first
+    half (positions below ``BLOCK_N / 2``) and the same rows of its second half."""
+    if PAIRED:
+        HALF: tl.constexpr = BLOCK_N // 2
+        per_block = (pair_half + HALF - 1) // HALF
+        j = (pid_n % per_block) * HALF + local % HALF
+        rows = (pid_n // per_block) * 2 * pair_half + j + (local >= HALF).to(tl.int32) * pair_half
+        return rows, (j < pair_half) & (rows < N)
+    else:
+        rows = pid_n * BLOCK_N + local
+        return rows, rows < N
+
+
+
+@triton_helper
+def store_rotary(out_row_ptr, total, pid_n, pos, slot, cs_ptr, stride_cs, cache_ptr, half,
+                 num_q_heads, num_kv_heads, block_size, s_kv, s_block, s_head, s_off,
+                 BLOCK_N: tl.constexpr, FP8_MANT: tl.constexpr, FP8_BIAS: tl.constexpr,
+                 FP8_MAX: tl.constexpr, FP8_MAGIC: tl.constexpr):
+    """A GEMV epilogue (``ROPE``): a tile's sums [BLOCK_N] (dims ``d`` of a head's first half, then the same of
+    its second half; ``tile_rows``) of one token at position ``pos`` -> ``rotary``, then
+    q heads to their columns of the output row ([Hq D]) and k and v heads to the paged cache at
+    ``slot`` (negative: skipped), as ``rotary_write_kv`` would take them from the GEMV's
+    output: each sum first rounded to out's dtype, the rotation in float32 rounded to it again,
+    then to the cache's dtype (v: unrotated; an fp8 cache, seen as bytes, through
+    ``kv.store_cache`` with FP8_* from ``kv.fp8_constexprs``)."""
+    HALF: tl.constexpr = BLOCK_N // 2
+    lo, hi = tl.split(tl.permute(tl.reshape(total, (2, HALF)), (1, 0)))
+    dt = out_row_ptr.dtype.element_ty
+    lo = lo.to(dt).to(tl.float32)
+    hi = hi.to(dt).to(tl.float32)
+    per_head = half // HALF
+    head = pid_n // per_head
+    d = (pid_n % per_head) * HALF + tl.arange(0, HALF)
+    cos = tl.load(cs_ptr + pos * stride_cs + d).to(tl.float32)
+    sin = tl.load(cs_ptr + pos * stride_cs + half + d).to(tl.float32)
+    rotate = head < num_q_heads + num_kv_heads  # (q and k heads; v heads go as they are)
+    rot_lo, rot_hi = rotate_half(lo, hi, cos, sin)
+    r_lo = tl.where(rotate, rot_lo, lo).to(dt)
+    r_hi = tl.where(rotate, rot_hi, hi).to(dt)
+    is_q = d < tl.where(head < num_q_heads, 2 * half, 0)  # (d < half: all or none)
+    q_ptrs = out_row_ptr + head * 2 * half + d
+    tl.store(q_ptrs, r_lo, mask=is_q)
+    tl.store(q_ptrs + half, r_hi, mask=is_q)
+    kv_head = tl.maximum(head - num_q_heads, 0)  # k heads, then v heads
+    at = tl.maximum(slot, 0)
+    c_ptrs = (cache_ptr + (kv_head // num_kv_heads) * s_kv + (at // block_size) * s_block
+              + (at % block_size) * s_off + (kv_head % num_kv_heads) * s_head + d)
+    to_cache = d < tl.where((head >= num_q_heads) & (slot >= 0), 2 * half, 0)
+    store_cache(c_ptrs, r_lo, to_cache, FP8_MANT, FP8_BIAS, FP8_MAX, FP8_MAGIC)
+    store_cache(c_ptrs + half, r_hi, to_cache, FP8_MANT, FP8_BIAS, FP8_MAX, FP8_MAGIC)
+
+
+def rotary_operands(rotary: tuple, x: torch.Tensor, n: int, block_n: int,
+                    out_dtype: torch.dtype | None) -> dict | None:
+    """For a GEMV with ``store_rotary`` in its epilogue (``rotary=(positions, cos_sin_cache,
+    kv_cache, slot_mapping, num_heads, kv_layout)``, weight rows ``n``, ``block_n``-row tiles):
+    ``{"args": the 13 kernel arguments (positions, slots, cos|sin, the cache as written through,
+    D / 2, Hq, Hk, block size, cos|sin row stride, the cache's kv / block / head / offset
+    strides), "q_size": Hq D, "fp8": the FP8_* constexprs}``; None where it does not serve: an
+    8-bit cache of no fp8 format, a head dim the tiles' halves do not divide, a weight not
+    q|k|v of the cache's heads, too few positions or slots, an output dtype not x's."""
+    positions, cos_sin, kv_cache, slots, num_heads, kv_layout = rotary
+    m = x.shape[0]
+    block_size, num_kv_heads, head_dim = cache_geometry(kv_cache, kv_layout)
+    half = head_dim // 2
+    if (kv_cache.dtype.itemsize == 1 and kv_cache.dtype not in FP8_FORMATS
+            or kv_cache.stride(-1) != 1 or head_dim % 2
+            or cos_sin.shape[-1] != head_dim or cos_sin.stride(-1) != 1
+            or n != (num_heads + 2 * num_kv_heads) * head_dim or block_n % 2 or half % (block_n // 2)
+            or positions.shape[0] < m or slots.shape[0] < m or (out_dtype or x.dtype) != x.dtype):
+        return None
+    s_kv, s_block, s_head, s_off, _ = cache_strides(kv_cache, kv_layout)
+    args = (positions, slots, cos_sin, cache_target(kv_cache), half, num_heads, num_kv_heads, block_size,
+            cos_sin.stride(0), s_kv, s_block, s_head, s_off)
+    return {"args": args, "q_size": num_heads * head_dim, "fp8": fp8_constexprs(kv_cache.dtype)}
+
+
+#: The FP8_* constexprs of a GEMV launch that writes no cache.
+NO_FP8 = fp8_constexprs(torch.float32)
+
+
 @triton_kernel
 def _rotary_kernel(
     pos_ptr, cs_ptr, slot_ptr,
