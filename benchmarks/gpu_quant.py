@@ -477,7 +477,8 @@ def apply_variant(spec: str) -> None:
     ``fuse_norm`` (``gemv_triton.FUSE_NORM``: o and down run the norm after them in their
     launch), ``fuse_silu`` (``FUSE_SILU``: gate|up runs silu_and_mul in its launch),
     ``unfused`` (both off, and ``FUSE_ROTARY``), ``fuse_rotary`` / ``unfused_rotary``
-    (``FUSE_ROTARY`` on / off: q|k|v runs ``rotary_write_kv`` in its launch), ``max_splits=N``
+    (``gemv_triton.FUSE_ROTARY`` and the dense ``gemv.FUSE_ROTARY`` on / off: q|k|v runs
+    ``rotary_write_kv`` in its launch), ``max_splits=N``
     (``attention._MAX_SPLITS``: the decode graph's split count is fixed at capture for the
     longest context, 16 at batch 1 over 4096 tokens, most of them empty at short contexts; 1:
     one program a KV head, no merge), ``min_chunk=N`` (``attention.DECODE_MIN_CHUNK``: keys a
@@ -489,6 +490,7 @@ def apply_variant(spec: str) -> None:
     read the partials one split at a time) or ``FMT=BN,BK,WARPS,PPS[,FIELD]`` / ``FMT=tiled``
     (``--one-row-config``); ``default`` changes nothing."""
     from portaserve.devices.cuda import attention
+    from portaserve.devices.cuda import gemv as dense_gemv
     from portaserve.quant import gemv_triton
 
     for item in spec.split():
@@ -500,10 +502,11 @@ def apply_variant(spec: str) -> None:
             gemv_triton.FUSE_SILU = True
         elif item == "unfused":
             gemv_triton.FUSE_NORM = gemv_triton.FUSE_SILU = gemv_triton.FUSE_ROTARY = False
+            dense_gemv.FUSE_ROTARY = False
         elif item == "unfused_rotary":
-            gemv_triton.FUSE_ROTARY = False
+            gemv_triton.FUSE_ROTARY = dense_gemv.FUSE_ROTARY = False
         elif item == "fuse_rotary":
-            gemv_triton.FUSE_ROTARY = True
+            gemv_triton.FUSE_ROTARY = dense_gemv.FUSE_ROTARY = True
         elif item.startswith("max_splits="):
             attention._MAX_SPLITS = int(item.split("=")[1])
         elif item.startswith("min_chunk="):
@@ -566,12 +569,13 @@ def time_variants(engine, specs: list[str], context: int, rounds: int = 3) -> di
     re-captured with its settings. ``logits_rel_err``: its logits against the first variant's."""
     from portaserve.core.batch import build_batch
     from portaserve.devices.cuda import attention
+    from portaserve.devices.cuda import gemv as dense_gemv
     from portaserve.quant import gemv_triton
 
     saved = (dict(gemv_triton.CONFIGS), gemv_triton.GEMV_PDL, gemv_triton.PDL_PREFETCH_LINES,
              gemv_triton.FUSE_NORM, gemv_triton.FUSE_SILU, gemv_triton.SPLIT_SUM_UNROLLED,
              attention.MERGE_UNROLLED, gemv_triton.FUSE_ROTARY, attention._MAX_SPLITS,
-             attention.DECODE_MIN_CHUNK, dict(attention.DECODE_CONFIG))
+             attention.DECODE_MIN_CHUNK, dense_gemv.FUSE_ROTARY, dict(attention.DECODE_CONFIG))
     recapture = getattr(getattr(engine.runner, "executor", None), "capture", None)  # cuda graphs
     table = engine.runner.model.kernels
     attention_op, project_norm_op = table.paged_attention, table.linear_rms_norm
@@ -583,7 +587,8 @@ def time_variants(engine, specs: list[str], context: int, rounds: int = 3) -> di
         gemv_triton.CONFIGS.update(saved[0])
         (gemv_triton.GEMV_PDL, gemv_triton.PDL_PREFETCH_LINES, gemv_triton.FUSE_NORM,
          gemv_triton.FUSE_SILU, gemv_triton.SPLIT_SUM_UNROLLED, attention.MERGE_UNROLLED,
-         gemv_triton.FUSE_ROTARY, attention._MAX_SPLITS, attention.DECODE_MIN_CHUNK) = saved[1:-1]
+         gemv_triton.FUSE_ROTARY, attention._MAX_SPLITS, attention.DECODE_MIN_CHUNK,
+         dense_gemv.FUSE_ROTARY) = saved[1:-1]
         attention.DECODE_CONFIG.clear()
         attention.DECODE_CONFIG.update(saved[-1])
         object.__setattr__(table, "paged_attention", attention_op)

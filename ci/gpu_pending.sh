@@ -15,6 +15,8 @@
 #                                    # (prefetch_qkv), both; o and
 #                                    # q|k|v GEMVs with their weight in L2 (the most an L2 prefetch
 #                                    # can give them); the GPU tests
+#     bash ci/gpu_pending.sh bf16    # ~3 min: bf16 batch 1 with the q|k|v GEMV running rotary and
+#                                    # the KV write in its launch (stop 23) and without
 #     bash ci/gpu_pending.sh e2e     # ~4 min: fp8 1000/1000 as it stands, with float32 logits
 #                                    # (the greedy argmax before stop 21), and as it stands again
 #   then the A/Bs already run on H100s (stop 21, 22), to re-run on an H200 for its numbers:
@@ -34,9 +36,9 @@
 # SKIP_TESTS=1 leaves out the GPU tests of f16 and int4 (when little device time is left).
 set -uo pipefail
 case "${1:-int4}" in
-f16|int4|fp8|e2e|e2e3000|stream) ;;
+f16|int4|bf16|fp8|e2e|e2e3000|stream) ;;
 *)
-    echo "usage: bash ci/gpu_pending.sh f16|int4|fp8|e2e|e2e3000|stream [extra gpu_llama8b flags for e2e3000]" >&2
+    echo "usage: bash ci/gpu_pending.sh f16|int4|bf16|fp8|e2e|e2e3000|stream [extra gpu_llama8b flags for e2e3000]" >&2
     exit 2 ;;
 esac
 OUT="${OUT:-/tmp/gpu_pending}"
@@ -73,6 +75,10 @@ int4)
         tests/quant/test_quant_gemv.py tests/devices/test_triton_kernels.py \
         -k "norm or silu or tensor_cores or pdl or hand_built or unrolled or split or tuned or decode or prefetch or rotary_write_kv" > "$OUT/tests.txt" 2>&1
     tail -4 "$OUT/tests.txt" ;;
+bf16)
+    timeout 240 python3 benchmarks/gpu_quant.py --formats bf16 --parts decode --decode-tokens 32 \
+        --decode-variant default --decode-variant unfused_rotary --decode-variant default > "$OUT/bf16.txt" 2>&1
+    grep -A6 "decode variant" "$OUT/bf16.txt"; tail -3 "$OUT/bf16.txt" | cut -c1-300 ;;
 fp8)
     timeout 240 python3 benchmarks/gpu_kernels.py --sections fp8_gemm,elementwise,tune_fp8 > "$OUT/fp8.txt" 2>&1
     grep -A80 "^ceilings" "$OUT/fp8.txt" | grep "rowwise\|silu\|tune fp8\|WRONG" | cut -c1-150

@@ -49,6 +49,8 @@ num_heads) -> q' [T, Hq, D]``
     ``linear`` / ``quant_linear`` of the q|k|v weight [(Hq + 2 Hk) D, K] (``num_heads`` = Hq,
     D = ``cos_sin_cache``'s width, Hk from the rest), then ``rotary_write_kv`` of its q, k, v;
     a quant kernel may carry ``fn.with_rotary_write_kv`` (same arguments; None: not fused).
+Where these compose, a device's ``linear`` kernel may carry the same ``fn.with_*`` hooks for
+16-bit weights as a quant kernel does for its format.
 """
 
 from __future__ import annotations

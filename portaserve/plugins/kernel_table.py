@@ -178,9 +178,9 @@ def _compose_silu_and_mul_fp8(ops: Mapping[str, KernelFn]) -> KernelFn:
 def _compose_projection_then(after: str | Callable[[Mapping[str, KernelFn]], KernelFn],
                              fused_attr: str) -> Callable[[Mapping[str, KernelFn]], KernelFn]:
     """A projection fused op: ``linear`` (``quant_linear`` for a ``QuantizedWeight``: its
-    format's kernel, which runs the whole op itself where it carries ``fused_attr`` and does
-    not answer None), then the op ``after`` (a name, or a builder from the ops) on the output
-    and the remaining arguments."""
+    format's kernel), then the op ``after`` (a name, or a builder from the ops) on the output
+    and the remaining arguments; where the projection's kernel carries ``fused_attr`` and that
+    does not answer None, it runs the whole op itself."""
 
     def compose(ops: Mapping[str, KernelFn]) -> KernelFn:
         from portaserve.quant.base import QuantizedWeight
@@ -189,9 +189,7 @@ def _compose_projection_then(after: str | Callable[[Mapping[str, KernelFn]], Ker
         then = ops[after] if isinstance(after, str) else after(ops)
 
         def projection_then(x: Any, weight: Any, bias: Any = None, *rest: Any) -> Any:
-            if not isinstance(weight, QuantizedWeight):
-                return then(linear(x, weight, bias), *rest)
-            kernel = quant.kernel_for(weight.format)
+            kernel = quant.kernel_for(weight.format) if isinstance(weight, QuantizedWeight) else linear
             fused = getattr(kernel, fused_attr, None)
             if fused is not None:
                 out = fused(x, weight, bias, *rest)

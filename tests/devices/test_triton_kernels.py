@@ -199,6 +199,57 @@ def test_l2_prefetch_is_a_hint_that_changes_nothing(gen: torch.Generator) -> Non
         torch.cuda.synchronize()
 
 
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("cache_dtype", [None, torch.float8_e4m3fn], ids=["16bit", "e4m3"])
+def test_gemv_with_rotary_write_kv_equals_the_two_kernels(rows: int, cache_dtype: torch.dtype | None,
+                                                          gen: torch.Generator, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The dense GEMV with rotary and the KV write in its epilogue (``gemv(..., rotary=)``) over a
+    q|k|v weight with a bias: q and the cache's bytes as the GEMV (+ bias) followed by the
+    ``rotary_write_kv`` kernel store them (bit for bit in the interpreter), into a 16-bit and an
+    fp8 cache, a padding slot skipped; declined when K is split, when off, and for a weight that
+    is not q|k|v of the cache's heads; the ``linear`` hook the kernel table calls answers the same."""
+    from portaserve.devices import cuda as cuda_device
+
+    dtype = torch.float16
+    hq, hk, d, k = 4, 2, 32, 96
+    n = (hq + 2 * hk) * d
+    x = randn(rows, k, dtype=dtype, gen=gen)
+    w = randn(n, k, dtype=dtype, gen=gen) * k**-0.5
+    bias = randn(n, dtype=dtype, gen=gen) * 0.1
+    cos_sin = randn(64, d, dtype=torch.float32, gen=gen)
+    positions = torch.randint(0, 64, (rows,), generator=gen).to(DEVICE)
+    spec = KVCacheSpec(num_layers=1, num_blocks=6, block_size=4, num_kv_heads=hk, head_dim=d,
+                       dtype=cache_dtype or dtype)
+    cache = ref.allocate_kv_cache(spec, DEVICE, "blocks_hnd")[0]
+    cache.view(torch.uint8).copy_(torch.randint(0, 120, cache.view(torch.uint8).shape, generator=gen,
+                                                dtype=torch.uint8))
+    want_cache = cache.clone()
+    slots = torch.randperm(24, generator=gen)[:rows].to(DEVICE)
+    if rows > 1:
+        slots[1] = -1
+    rope = (positions, cos_sin, cache, slots, hq, "blocks_hnd")
+    q = gemv.gemv(x, w, bias=bias, rotary=rope)
+    assert q is not None and q.shape == (rows, hq * d)
+    out = gemv.gemv(x, w, bias=bias)
+    want_q = rotary.rotary_write_kv(positions, out[:, :hq * d].view(rows, hq, d),
+                                    out[:, hq * d:(hq + hk) * d].view(rows, hk, d),
+                                    out[:, (hq + hk) * d:].view(rows, hk, d), cos_sin, want_cache, slots)
+    if DEVICE.type == "cpu":
+        assert torch.equal(q.view(rows, hq, d), want_q)
+        assert torch.equal(cache.view(torch.uint8), want_cache.view(torch.uint8))
+    else:  # compiled, the two kernels may contract the rotation's products into FMAs apart
+        assert rel_err(q.view(rows, hq, d), want_q) <= RTOL[dtype]
+        assert rel_err(cache.float(), want_cache.float()) <= 1e-2
+    hooked = cuda_device.linear.with_rotary_write_kv(x, w, bias, positions, cos_sin, cache, slots, hq)
+    assert hooked is not None and torch.equal(hooked, q.view(rows, hq, d))
+    split = {"BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1, "SPLIT_K": 2}
+    assert gemv.gemv(x, w, config=split, rotary=rope) is None
+    assert gemv.gemv(x, w[: n - d], rotary=rope) is None
+    monkeypatch.setattr(gemv, "FUSE_ROTARY", False)
+    assert gemv.gemv(x, w, rotary=rope) is None
+    assert cuda_device.linear.with_rotary_write_kv(x, w, bias, positions, cos_sin, cache, slots, hq) is None
+
+
 @pytest.mark.parametrize("dtype", [d for d in DTYPES if d != torch.float32])
 @pytest.mark.parametrize("rows", [1, 3, 8])
 def test_gemv(dtype: torch.dtype, rows: int, gen: torch.Generator) -> None:

@@ -62,6 +62,25 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
+def _linear_rotary_write_kv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                            positions: torch.Tensor, cos_sin_cache: torch.Tensor, kv_cache: torch.Tensor,
+                            slot_mapping: torch.Tensor, num_heads: int) -> torch.Tensor | None:
+    """``linear``'s hook for the fused op ``linear_rotary_write_kv``: where ``linear`` would run
+    the Triton GEMV, the GEMV with rotary and the KV write in its epilogue (``gemv.FUSE_ROTARY``)
+    -> q' [T, Hq, D]; None (the table composes ``linear`` and ``rotary_write_kv``) elsewhere."""
+    from portaserve.devices.cuda import gemv
+
+    x2 = x.reshape(-1, weight.shape[-1])
+    if not (gemv.FUSE_ROTARY and gemv.supports(x2, weight) and gemv.faster_than_cublas(x2, weight)):
+        return None
+    q = gemv.gemv(x2, weight, bias=bias, rotary=(positions, cos_sin_cache, kv_cache, slot_mapping, num_heads,
+                                                 KV_LAYOUT))
+    return None if q is None else q.view(q.shape[0], num_heads, -1)
+
+
+linear.with_rotary_write_kv = _linear_rotary_write_kv  # type: ignore[attr-defined]
+
+
 def dequant_linear(x: torch.Tensor, weight: Any, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``quant_linear`` for any packed format: unpack to x's dtype on the device, then one GEMM.
 
