@@ -483,9 +483,9 @@ def apply_variant(spec: str) -> None:
     longest context, 16 at batch 1 over 4096 tokens, most of them empty at short contexts; 1:
     one program a KV head, no merge), ``min_chunk=N`` (``attention.DECODE_MIN_CHUNK``: keys a
     split covers at least; 0 spreads a short context over all the graph's splits, as before
-    stop 23), ``prefetch_o`` (each layer's o weight pulled into L2 while its decode attention
-    runs: ``prefetching_attention``), ``prefetch_qkv`` (the next layer's q|k|v weight pulled
-    into L2 as down starts: ``prefetching_down``), ``decode_bn=N`` (``attention.DECODE_CONFIG``'s key tile), ``serial_tails`` (``gemv_triton.SPLIT_SUM_UNROLLED`` and
+    stop 23), ``force_gemv`` (16-bit weights: the dense Triton GEMV wherever it serves, even
+    where cuBLAS timed faster, e.g. q|k|v on an H100, so ``unfused_rotary`` has a fused path to
+    compare with), ``decode_bn=N`` (``attention.DECODE_CONFIG``'s key tile), ``serial_tails`` (``gemv_triton.SPLIT_SUM_UNROLLED`` and
     ``attention.MERGE_UNROLLED`` off: the split GEMVs' and the decode attention's last program
     read the partials one split at a time) or ``FMT=BN,BK,WARPS,PPS[,FIELD]`` / ``FMT=tiled``
     (``--one-row-config``); ``default`` changes nothing."""
@@ -509,57 +509,16 @@ def apply_variant(spec: str) -> None:
             gemv_triton.FUSE_ROTARY = dense_gemv.FUSE_ROTARY = True
         elif item.startswith("max_splits="):
             attention._MAX_SPLITS = int(item.split("=")[1])
+        elif item == "force_gemv":  # the dense Triton GEMV wherever it serves, cuBLAS or not faster
+            dense_gemv.faster_than_cublas = lambda x, weight: True
         elif item.startswith("min_chunk="):
             attention.DECODE_MIN_CHUNK = int(item.split("=")[1])
         elif item.startswith("decode_bn="):
             attention.DECODE_CONFIG["BLOCK_N"] = int(item.split("=")[1])
         elif item == "serial_tails":
             gemv_triton.SPLIT_SUM_UNROLLED = attention.MERGE_UNROLLED = False
-        elif item not in ("default", "prefetch_o", "prefetch_qkv"):  # (time_variants wraps the ops)
+        elif item != "default":
             set_one_row_config(item)
-
-
-def prefetching_attention(engine, attention_op):
-    """``paged_attention`` that first launches ``prefetch.prefetch_l2`` of its layer's o weight
-    (at most 8 query rows): the ``prefetch_o`` variant, an experiment on whether pulling a small
-    weight into L2 while the decode attention runs pays for the extra launch (the model does not
-    call it; the layer is found by its KV cache)."""
-    from portaserve.devices.cuda.prefetch import prefetch_l2
-
-    layer_of = {id(cache): i for i, cache in enumerate(engine.runner.kv_caches)}
-    tensors = [_weight_tensors(layer.o[0][0]) for layer in engine.runner.model.layers]
-
-    def attention(query, kv_cache, attn, scale):
-        if query.shape[0] <= 8:
-            prefetch_l2(tensors[layer_of[id(kv_cache)]])
-        return attention_op(query, kv_cache, attn, scale)
-
-    return attention
-
-
-def _weight_tensors(weight) -> list:
-    from portaserve.quant.base import QuantizedWeight
-
-    return list(weight.data.values()) if isinstance(weight, QuantizedWeight) else [weight]
-
-
-def prefetching_down(engine, project_norm_op):
-    """``linear_rms_norm`` that, before a layer's down projection (at most 8 rows), launches
-    ``prefetch.prefetch_l2`` of the next layer's q|k|v weight: the ``prefetch_qkv`` variant
-    (down streams its own 29 MB past it, so whether the prefetched lines survive in L2 is the
-    question)."""
-    from portaserve.devices.cuda.prefetch import prefetch_l2
-
-    layers = engine.runner.model.layers
-    next_qkv = {id(layers[i].down[0][0]): _weight_tensors(layers[i + 1].qkv[0][0]) for i in range(len(layers) - 1)}
-
-    def project_norm(x, weight, *rest):
-        tensors = next_qkv.get(id(weight))
-        if tensors is not None and x.shape[0] <= 8:
-            prefetch_l2(tensors)
-        return project_norm_op(x, weight, *rest)
-
-    return project_norm
 
 
 def time_variants(engine, specs: list[str], context: int, rounds: int = 3) -> dict[str, dict]:
@@ -575,10 +534,9 @@ def time_variants(engine, specs: list[str], context: int, rounds: int = 3) -> di
     saved = (dict(gemv_triton.CONFIGS), gemv_triton.GEMV_PDL, gemv_triton.PDL_PREFETCH_LINES,
              gemv_triton.FUSE_NORM, gemv_triton.FUSE_SILU, gemv_triton.SPLIT_SUM_UNROLLED,
              attention.MERGE_UNROLLED, gemv_triton.FUSE_ROTARY, attention._MAX_SPLITS,
-             attention.DECODE_MIN_CHUNK, dense_gemv.FUSE_ROTARY, dict(attention.DECODE_CONFIG))
+             attention.DECODE_MIN_CHUNK, dense_gemv.FUSE_ROTARY, dense_gemv.faster_than_cublas,
+             dict(attention.DECODE_CONFIG))
     recapture = getattr(getattr(engine.runner, "executor", None), "capture", None)  # cuda graphs
-    table = engine.runner.model.kernels
-    attention_op, project_norm_op = table.paged_attention, table.linear_rms_norm
     bs = engine.kv_spec.block_size
     batch = build_batch([("variant", [100], context, list(range(1, context // bs + 2)), True)], bs)
 
@@ -588,17 +546,11 @@ def time_variants(engine, specs: list[str], context: int, rounds: int = 3) -> di
         (gemv_triton.GEMV_PDL, gemv_triton.PDL_PREFETCH_LINES, gemv_triton.FUSE_NORM,
          gemv_triton.FUSE_SILU, gemv_triton.SPLIT_SUM_UNROLLED, attention.MERGE_UNROLLED,
          gemv_triton.FUSE_ROTARY, attention._MAX_SPLITS, attention.DECODE_MIN_CHUNK,
-         dense_gemv.FUSE_ROTARY) = saved[1:-1]
+         dense_gemv.FUSE_ROTARY, dense_gemv.faster_than_cublas) = saved[1:-1]
         attention.DECODE_CONFIG.clear()
         attention.DECODE_CONFIG.update(saved[-1])
-        object.__setattr__(table, "paged_attention", attention_op)
-        object.__setattr__(table, "linear_rms_norm", project_norm_op)
         if spec is not None:
             apply_variant(spec)
-            if "prefetch_o" in spec.split():
-                object.__setattr__(table, "paged_attention", prefetching_attention(engine, attention_op))
-            if "prefetch_qkv" in spec.split():
-                object.__setattr__(table, "linear_rms_norm", prefetching_down(engine, project_norm_op))
         if recapture is not None:
             recapture([1])
 
@@ -706,7 +658,7 @@ def main() -> None:
     p.add_argument("--decode-variant", action="append", default=[], metavar="SETTINGS",
                    help="model mode, repeatable: after the batch-1 decode, time the device step again "
                         "under each of these (space-separated 'pdl=N' and 'FMT=BN,BK,WARPS,PPS[,FIELD]' "
-                        "items, 'fuse_norm', 'fuse_silu', 'fuse_rotary', 'unfused', 'unfused_rotary', 'max_splits=N', 'min_chunk=N', 'prefetch_o', 'prefetch_qkv', 'decode_bn=N', or 'default'), taking turns, the decode graph re-captured for each")
+                        "items, 'fuse_norm', 'fuse_silu', 'fuse_rotary', 'unfused', 'unfused_rotary', 'max_splits=N', 'min_chunk=N', 'force_gemv', 'decode_bn=N', or 'default'), taking turns, the decode graph re-captured for each")
     p.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU (checks the script)")
     p.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "gpu_quant.json"))
     args = p.parse_args()

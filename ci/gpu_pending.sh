@@ -1,25 +1,24 @@
 #!/usr/bin/env bash
-# The GPU measurements still open (docs/benchmarks.md, "stop 22"), in priority order, as one
+# The GPU measurements still open (docs/benchmarks.md, "stop 23"), in priority order, as one
 # command per lent-GPU call (the machine goes back 30 s after a call, so a call should not wait
 # on the next). Run from the repository root on the lent H200 (Python 3.12, torch 2.11, triton
 # 3.6), with the gguf wheel carried in .whl/:
 #
 #     bash ci/gpu_pending.sh e2e3000 # ~4 min: TensorRT-LLM's conditions (3000 requests, 0.95
 #                                    # memory); on an H200 this decides the issue-7 aim (> 17,744)
-#     bash ci/gpu_pending.sh int4    # ~5 min: batch-1 int4 on one built model: the decode
-#                                    # attention at 136 keys (7% of the step; the graph fixes 16
-#                                    # splits): split 0 finishing short contexts alone (default,
-#                                    # stop 23) vs all 16 splits and a merge (min_chunk=0), one
-#                                    # split (max_splits=1), o's weight pulled into L2 during the
-#                                    # attention (prefetch_o), the next q|k|v's as down starts
-#                                    # (prefetch_qkv), both; o and
-#                                    # q|k|v GEMVs with their weight in L2 (the most an L2 prefetch
-#                                    # can give them); the GPU tests
+#     bash ci/gpu_pending.sh int4    # ~4 min: batch-1 int4 on one built model: the decode
+#                                    # attention at 144 keys (split 0 alone, as default since stop
+#                                    # 23; all 16 splits and a merge, min_chunk=0; one split,
+#                                    # max_splits=1; 128-key tiles, decode_bn=128); o and q|k|v
+#                                    # GEMVs with their weight in L2; the GPU tests (SKIP_TESTS=1:
+#                                    # not)
 #     bash ci/gpu_pending.sh bf16    # ~3 min: bf16 batch 1 with the q|k|v GEMV running rotary and
-#                                    # the KV write in its launch (stop 23) and without
+#                                    # the KV write in its launch (stop 23) and without, where the
+#                                    # Triton GEMV serves q|k|v (H200s) and forced to (H100s: cuBLAS
+#                                    # timed faster there, so the fused path is not taken)
+#   then the A/Bs already run on H100s (stop 21-23), to re-run on an H200 for its numbers:
 #     bash ci/gpu_pending.sh e2e     # ~4 min: fp8 1000/1000 as it stands, with float32 logits
 #                                    # (the greedy argmax before stop 21), and as it stands again
-#   then the A/Bs already run on H100s (stop 21, 22), to re-run on an H200 for its numbers:
 #     bash ci/gpu_pending.sh f16     # ~5 min: the GPU tests of the fp16x2 int4 path and the q|k|v
 #                                    # GEMV fused with rotary + KV write, each one-row GEMV with
 #                                    # fp16x2 tiles, and the 8B step with the rotary fused or not
@@ -66,8 +65,7 @@ f16)
 int4)
     timeout 250 python3 benchmarks/gpu_quant.py --formats int4 --parts decode --decode-tokens 32 \
         --decode-variant default --decode-variant min_chunk=0 --decode-variant max_splits=1 \
-        --decode-variant prefetch_o --decode-variant prefetch_qkv --decode-variant "prefetch_o prefetch_qkv" \
-        > "$OUT/int4.txt" 2>&1
+        --decode-variant decode_bn=128 > "$OUT/int4.txt" 2>&1
     grep -A9 "decode variant" "$OUT/int4.txt"; tail -3 "$OUT/int4.txt" | cut -c1-300
     timeout 100 python3 benchmarks/gpu_int4_stream.py --only-gemv --shapes o,qkv > "$OUT/l2.txt" 2>&1
     grep "flat\|gemv (tuned)" "$OUT/l2.txt" | grep -v "^|"; tail -2 "$OUT/l2.txt" | cut -c1-200
@@ -77,7 +75,8 @@ int4)
     tail -4 "$OUT/tests.txt" ;;
 bf16)
     timeout 240 python3 benchmarks/gpu_quant.py --formats bf16 --parts decode --decode-tokens 32 \
-        --decode-variant default --decode-variant unfused_rotary --decode-variant default > "$OUT/bf16.txt" 2>&1
+        --decode-variant default --decode-variant unfused_rotary --decode-variant force_gemv \
+        --decode-variant "force_gemv unfused_rotary" > "$OUT/bf16.txt" 2>&1
     grep -A6 "decode variant" "$OUT/bf16.txt"; tail -3 "$OUT/bf16.txt" | cut -c1-300 ;;
 fp8)
     timeout 240 python3 benchmarks/gpu_kernels.py --sections fp8_gemm,elementwise,tune_fp8 > "$OUT/fp8.txt" 2>&1

@@ -29,7 +29,6 @@ import portaserve.devices.cuda.attention as attention
 import portaserve.devices.cuda.gemv as gemv
 import portaserve.devices.cuda.launch as launch
 import portaserve.devices.cuda.norm as norm
-import portaserve.devices.cuda.prefetch as prefetch
 import portaserve.quant.kernels_triton as kernels_triton
 
 #: Shared memory a block may use: sm_90 227 KiB (opt-in), gfx942 64 KiB of LDS.
@@ -116,7 +115,6 @@ def main(argv: list[str]) -> int:
                     wanted = (["griddepcontrol.wait", "griddepcontrol.launch_dependents"] if kwargs.get("PDL") else [])
                     prefetch = kwargs.get("PREFETCH") or kwargs.get("PREFETCH_LINES")
                     wanted += ["prefetch.global.L2"] if kwargs.get("PDL") and prefetch else []
-                    wanted += ["cp.async.bulk.prefetch.L2"] if kwargs.get("ASM") and "PIECES" in kwargs else []
                     missing = [w for w in wanted if w not in ptx]
                     if missing:
                         errors.append(f"{self.__name__} {kwargs}: PTX lacks {missing}")
@@ -136,7 +134,6 @@ def main(argv: list[str]) -> int:
     gemv_triton.packed_supported = lambda x: backend == "cuda"
     attention._num_sms = lambda index: 132
     attention.fp8_mma_supported = lambda query: backend == "cuda"  # (its PTX: NVIDIA only)
-    prefetch.is_interpreted = lambda tensor: backend != "cuda" or int(arch) < 90  # (bulk prefetch: sm_90+)
     pytest.main(["-q", "--tb=no", "-rN", "-p", "no:cacheprovider", "-W", "ignore",
                  "tests/devices/test_triton_kernels.py", "-k", "not leak"])
     try:

@@ -41,7 +41,9 @@ from portaserve.errors import DeviceError
 PDL_PREFETCH_TILES = 2
 
 #: Whether ``gemv(..., rotary=)`` fuses (the cuda ``linear_rotary_write_kv`` op for 16-bit
-#: weights, as ``gemv_triton.FUSE_ROTARY`` for packed ones): not yet timed on a GPU.
+#: weights, as ``gemv_triton.FUSE_ROTARY`` for packed ones, where it took 2.5% off the int4
+#: step). Not timed yet for bf16: on the H100 of 2026-12-07 cuBLAS beat this GEMV on q|k|v, so
+#: the fused path was not taken (``gpu_pending.sh bf16`` forces it for the A/B).
 FUSE_ROTARY = True
 
 #: Most rows of x the GEMV takes (the right operand of the dot is 16 wide). Larger batches go
