@@ -9,9 +9,9 @@
 #     bash ci/gpu_pending.sh int4    # ~4 min: batch-1 int4 on one built model: the decode
 #                                    # attention at 144 keys (split 0 alone, as default since stop
 #                                    # 23; all 16 splits and a merge, min_chunk=0; one split,
-#                                    # max_splits=1; 128-key tiles, decode_bn=128); o and q|k|v
-#                                    # GEMVs with their weight in L2; the GPU tests (SKIP_TESTS=1:
-#                                    # not)
+#                                    # max_splits=1; 128-key tiles, decode_bn=128); the layer's
+#                                    # GEMVs with one K step a program (BK 512 / 1024) and o, q|k|v
+#                                    # with their weight in L2; the GPU tests (SKIP_TESTS=1: not)
 #     bash ci/gpu_pending.sh bf16    # ~3 min: bf16 batch 1 with the q|k|v GEMV running rotary and
 #                                    # the KV write in its launch (stop 23) and without, where the
 #                                    # Triton GEMV serves q|k|v (H200s) and forced to (H100s: cuBLAS
@@ -67,8 +67,12 @@ int4)
         --decode-variant default --decode-variant min_chunk=0 --decode-variant max_splits=1 \
         --decode-variant decode_bn=128 > "$OUT/int4.txt" 2>&1
     grep -A9 "decode variant" "$OUT/int4.txt"; tail -3 "$OUT/int4.txt" | cut -c1-300
-    timeout 100 python3 benchmarks/gpu_int4_stream.py --only-gemv --shapes o,qkv > "$OUT/l2.txt" 2>&1
-    grep "flat\|gemv (tuned)" "$OUT/l2.txt" | grep -v "^|"; tail -2 "$OUT/l2.txt" | cut -c1-200
+    # one K step a program (BK 1024 at split 4: every load of a program issued at once, one
+    # memory round trip instead of four; stop 23 found o's GEMV at 7.1 us even from L2)
+    timeout 150 python3 benchmarks/gpu_int4_stream.py --only-gemv --shapes o,qkv,down,gate_up \
+        --gemv-config 64,512,4,2 --gemv-config 64,1024,4,2 --gemv-config 32,1024,4,4 \
+        --gemv-config 64,1024,8,2 > "$OUT/l2.txt" 2>&1
+    grep ": flat\|: gemv" "$OUT/l2.txt" | cut -c1-100; tail -2 "$OUT/l2.txt" | cut -c1-200
     [ -n "${SKIP_TESTS:-}" ] || timeout 190 env PORTASERVE_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider \
         tests/quant/test_quant_gemv.py tests/devices/test_triton_kernels.py \
         -k "norm or silu or tensor_cores or pdl or hand_built or unrolled or split or tuned or decode or prefetch or rotary_write_kv" > "$OUT/tests.txt" 2>&1
