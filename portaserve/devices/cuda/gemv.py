@@ -71,7 +71,8 @@ def _gemv_kernel(
 
     ``ROPE`` (``gemv(..., rotary=)``, SPLIT_K 1, ``ROPE_ROWS`` = M rows): the weight is q|k|v
     and a tile's rows are dims of a head's first half and the same dims of its second
-    (``rotary.tile_rows``); each row's sums (plus the bias, ``HAS_BIAS``) go through
+    (``rotary.tile_rows``); each row's sums (with ``HAS_BIAS`` rounded to out's dtype and the
+    bias added in it, as ``out + bias`` rounds) go through
     ``rotary.store_rotary``: the rotated q to out [M, Hq D], the rotated k and v to the paged
     cache at the row's slot, as the GEMV followed by ``rotary_write_kv`` would store them."""
     pid = tl.program_id(0)

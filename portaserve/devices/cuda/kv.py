@@ -62,8 +62,8 @@ FP8_FORMATS: dict[torch.dtype, tuple[int, int]] = {
 
 def fp8_constexprs(cache_dtype: torch.dtype) -> dict[str, int | float]:
     """The constants ``store_cache`` encodes a cache dtype with (FP8_MANT 0: not fp8), for the
-    kernels that write the cache (``write_kv``, ``rotary.rotary_write_kv``, the quant GEMV's
-    rotary epilogue); they store through ``cache_target``."""
+    kernels that write the cache (``write_kv``, ``rotary.rotary_write_kv``, the GEMVs' rotary
+    epilogue ``rotary.store_rotary``); they store through ``cache_target``."""
     if cache_dtype not in FP8_FORMATS:
         return {"FP8_MANT": 0, "FP8_BIAS": 0, "FP8_MAX": 0.0, "FP8_MAGIC": 0.0}
     exp_bits, mant = FP8_FORMATS[cache_dtype]
