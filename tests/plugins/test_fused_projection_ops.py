@@ -176,3 +176,41 @@ def test_fusing_the_norm_silu_and_rotary_into_the_quant_gemv_changes_no_result(m
     x, res = torch.randn(5, 128), torch.randn(5, 128)
     assert triton_quant_linear_rms_norm(x, layer.o[0][0], None, layer.post_norm, 1e-5, res) is None
     assert triton_quant_linear_silu_and_mul(x, layer.gate_up[0][0]) is None
+
+
+def test_a_dense_linear_may_carry_a_fused_variant_too() -> None:
+    """A device's ``linear`` with ``with_rotary_write_kv`` runs the composed op for 16-bit
+    weights (its None: ``linear`` then ``rotary_write_kv``, as composed); quant weights go to
+    their format's kernel and never reach the linear's hook (cuda's dense GEMV with rotary in
+    its epilogue hangs here)."""
+    seen: list[int] = []
+
+    def linear(x, weight, bias=None):  # noqa: ANN001, ANN202
+        return reference.linear(x, weight, bias)
+
+    def with_rotary(x, weight, bias, positions, cos_sin_cache, kv_cache, slot_mapping, num_heads):  # noqa: ANN001, ANN202
+        seen.append(x.shape[0])
+        return "fused" if x.shape[0] == 1 else None
+
+    linear.with_rotary_write_kv = with_rotary
+    ref = {name: getattr(reference, name) for name in OP_NAMES}
+    table = build_kernel_table("fake", "blocks_nhd", {"linear": linear}, ref)
+    assert table.fused_sources["linear_rotary_write_kv"] == "composed"
+    gen = torch.Generator().manual_seed(7)
+    hq, hk, d = 2, 1, 16
+    w = torch.randn((hq + 2 * hk) * d, 64, generator=gen) * 0.1
+    cos_sin = torch.randn(32, d, generator=gen)
+    cache = torch.zeros(2, 4, 4, hk, d)  # blocks_nhd: [2, blocks, block_size, Hk, D]
+    args = (torch.tensor([3, 5]), cos_sin, cache, torch.tensor([1, 6]), hq)
+    assert table.linear_rotary_write_kv(torch.randn(1, 64), w, None, args[0][:1], *args[1:3], args[3][:1], hq) == "fused"
+    x = torch.randn(2, 64, generator=gen)
+    got = table.linear_rotary_write_kv(x, w, None, *args)
+    out = reference.linear(x, w, None)
+    want_cache = torch.zeros_like(cache)
+    want = reference.rotary_write_kv(args[0], out[:, :hq * d].view(2, hq, d), out[:, hq * d:(hq + hk) * d].view(2, hk, d),
+                                     out[:, (hq + hk) * d:].view(2, hk, d), cos_sin, want_cache, args[3],
+                                     kv_layout="blocks_nhd")
+    assert torch.equal(got, want) and torch.equal(cache, want_cache)
+    q4 = Int4Method().quantize(w, group_size=32)
+    table.linear_rotary_write_kv(x[:1], q4, None, args[0][:1], *args[1:3], args[3][:1], hq)
+    assert seen == [1, 2], "the quant weight did not reach the dense linear's hook"
