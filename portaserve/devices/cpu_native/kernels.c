@@ -463,11 +463,13 @@ static void linear_row(const ps_linear_t *L, int64_t n, const float *x, int64_t 
     }
     if (fmt == FMT_INT4) { /* w = (q - z) s = s q + (-z s), per group of 32-blocks */
         const int64_t per = L->group / 32, ng = L->k / L->group;
-        for (int64_t blk = 0; blk < nb; blk++) {
-            const int64_t g = n * ng + blk / per;
-            dr[blk] = L->fscales[g];
-            mr[blk] = -(float)L->zeros[g] * L->fscales[g];
-        }
+        const float *s = L->fscales + n * ng;
+        const uint8_t *z = L->zeros + n * ng;
+        for (int64_t g = 0; g < ng; g++) /* (a loop per group: no division per block) */
+            for (int64_t j = 0; j < per; j++) {
+                dr[g * per + j] = s[g];
+                mr[g * per + j] = -(float)z[g] * s[g];
+            }
         row_all(FMT_INT4, row_q, nb, dr, mr, x, x_stride, T, xsum, o, out_stride, b);
         return;
     }
