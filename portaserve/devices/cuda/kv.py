@@ -22,6 +22,8 @@ reads the fp8 cache with plain loads (``attention.py``).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton.language as tl
 
@@ -60,10 +62,12 @@ FP8_FORMATS: dict[torch.dtype, tuple[int, int]] = {
 }
 
 
+@functools.cache
 def fp8_constexprs(cache_dtype: torch.dtype) -> dict[str, int | float]:
     """The constants ``store_cache`` encodes a cache dtype with (FP8_MANT 0: not fp8), for the
     kernels that write the cache (``write_kv``, ``rotary.rotary_write_kv``, the GEMVs' rotary
-    epilogue ``rotary.store_rotary``); they store through ``cache_target``."""
+    epilogue ``rotary.store_rotary``); they store through ``cache_target``. Computed once per
+    dtype; the dict is shared, read it only."""
     if cache_dtype not in FP8_FORMATS:
         return {"FP8_MANT": 0, "FP8_BIAS": 0, "FP8_MAX": 0.0, "FP8_MAGIC": 0.0}
     exp_bits, mant = FP8_FORMATS[cache_dtype]
@@ -72,6 +76,19 @@ def fp8_constexprs(cache_dtype: torch.dtype) -> dict[str, int | float]:
     magic = 2.0 ** (24 - mant - bias)
     return {"FP8_MANT": mant, "FP8_BIAS": bias, "FP8_MAX": float(torch.finfo(cache_dtype).max),
             "FP8_MAGIC": magic}
+
+
+def has_encoder(cache_dtype: torch.dtype) -> bool:
+    """Whether the cache-writing kernels can store this dtype: a 16/32-bit one, or an 8-bit one
+    of ``FP8_FORMATS`` (``store_cache`` encodes those)."""
+    return cache_dtype.itemsize != 1 or cache_dtype in FP8_FORMATS
+
+
+def require_encoder(kv_cache: torch.Tensor, op: str) -> None:
+    """``has_encoder`` for op ``op``'s cache, or a DeviceError that names the dtype."""
+    if not has_encoder(kv_cache.dtype):
+        raise DeviceError(f"cuda {op}: no encoder for a {kv_cache.dtype} cache "
+                          f"(fp8 formats: {', '.join(map(str, FP8_FORMATS))})")
 
 
 def cache_target(kv_cache: torch.Tensor) -> torch.Tensor:
@@ -164,9 +181,7 @@ def write_kv(
         raise DeviceError("cuda write_kv: the cache's head dim must be contiguous")
     if num_tokens == 0:
         return
-    if kv_cache.dtype.itemsize == 1 and kv_cache.dtype not in FP8_FORMATS:
-        raise DeviceError(f"cuda write_kv: no encoder for a {kv_cache.dtype} cache "
-                          f"(fp8 formats: {', '.join(map(str, FP8_FORMATS))})")
+    require_encoder(kv_cache, "write_kv")
     key = key if key.stride(-1) == 1 else key.contiguous()
     value = value if value.stride(-1) == 1 else value.contiguous()
     s_kv, s_block, s_head, s_off, _ = cache_strides(kv_cache, kv_layout)

@@ -19,12 +19,13 @@ import torch
 import triton.language as tl
 
 from portaserve.devices.cuda.kv import (
-    FP8_FORMATS,
     KV_LAYOUT,
     cache_geometry,
     cache_strides,
     cache_target,
     fp8_constexprs,
+    has_encoder,
+    require_encoder,
     store_cache,
 )
 from portaserve.devices.cuda.launch import next_pow2, pdl_options, triton_helper, triton_kernel
@@ -34,8 +35,7 @@ from portaserve.errors import DeviceError
 @triton_helper
 def rotate_half(x1, x2, cos, sin):
     """The NeoX rotation of a head's two halves (float32): (x1 cos - x2 sin, x2 cos + x1 sin).
-    Shared with the quant GEMV's fused epilogue (``gemv_triton._store_rotary``), so both round
-    the same sums."""
+    Shared with the GEMVs' fused epilogue (``store_rotary``), so both round the same sums."""
     return x1 * cos - x2 * sin, x2 * cos + x1 * sin
 
 
@@ -55,7 +55,6 @@ def tile_rows(pid_n, local, N, pair_half, BLOCK_N: tl.constexpr, PAIRED: tl.cons
     else:
         rows = pid_n * BLOCK_N + local
         return rows, rows < N
-
 
 
 @triton_helper
@@ -110,8 +109,7 @@ def rotary_operands(rotary: tuple, x: torch.Tensor, n: int, block_n: int,
     m = x.shape[0]
     block_size, num_kv_heads, head_dim = cache_geometry(kv_cache, kv_layout)
     half = head_dim // 2
-    if (kv_cache.dtype.itemsize == 1 and kv_cache.dtype not in FP8_FORMATS
-            or kv_cache.stride(-1) != 1 or head_dim % 2
+    if (not has_encoder(kv_cache.dtype) or kv_cache.stride(-1) != 1 or head_dim % 2
             or cos_sin.shape[-1] != head_dim or cos_sin.stride(-1) != 1
             or n != (num_heads + 2 * num_kv_heads) * head_dim or block_n % 2 or half % (block_n // 2)
             or positions.shape[0] < m or slots.shape[0] < m or (out_dtype or x.dtype) != x.dtype):
@@ -224,7 +222,7 @@ def rotary(
         cos_sin_cache.stride(0), q.stride(0), q.stride(1), k.stride(0), k.stride(1), 0, 0,
         q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1), 0, 0, 0,
         WRITE_CACHE=False, BLOCK_HQ=next_pow2(num_q_heads), BLOCK_HK=next_pow2(k.shape[1]),
-        BLOCK_HALF=next_pow2(half), **fp8_constexprs(k_out.dtype), num_warps=4, **constexprs, **options,
+        BLOCK_HALF=next_pow2(half), **NO_FP8, num_warps=4, **constexprs, **options,
     )
     return q_out, k_out
 
@@ -260,9 +258,7 @@ def rotary_write_kv(
                           f"slots for {num_tokens} tokens")
     if kv_cache.stride(-1) != 1:
         raise DeviceError("cuda rotary_write_kv: the cache's head dim must be contiguous")
-    if kv_cache.dtype.itemsize == 1 and kv_cache.dtype not in FP8_FORMATS:
-        raise DeviceError(f"cuda rotary_write_kv: no encoder for a {kv_cache.dtype} cache "
-                          f"(fp8 formats: {', '.join(map(str, FP8_FORMATS))})")
+    require_encoder(kv_cache, "rotary_write_kv")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     cos_sin_cache = cos_sin_cache if cos_sin_cache.stride(-1) == 1 else cos_sin_cache.contiguous()
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
