@@ -41,10 +41,11 @@ from portaserve.errors import DeviceError
 PDL_PREFETCH_TILES = 2
 
 #: Whether ``gemv(..., rotary=)`` fuses (the cuda ``linear_rotary_write_kv`` op for 16-bit
-#: weights, as ``gemv_triton.FUSE_ROTARY`` for packed ones, where it took 2.5% off the int4
-#: step). Not timed yet for bf16: on the H100 of 2026-12-07 cuBLAS beat this GEMV on q|k|v, so
-#: the fused path was not taken (``gpu_pending.sh bf16`` forces it for the A/B).
-FUSE_ROTARY = True
+#: weights, as ``gemv_triton.FUSE_ROTARY`` does for packed ones, where it took 2.5% off the int4
+#: step). Off: on an H200 (2026-12-07, stop 24) the bf16 batch-1 step took 4.670 ms with it and
+#: 4.612 ms without (the epilogue's rotation costs the q|k|v GEMV more than the rotary launch it
+#: saves); on that day's H100 cuBLAS served q|k|v, so it was never taken there.
+FUSE_ROTARY = False
 
 #: Most rows of x the GEMV takes (the right operand of the dot is 16 wide). Larger batches go
 #: to cuBLAS, whose tiles use the tensor cores fully.
