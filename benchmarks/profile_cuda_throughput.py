@@ -150,13 +150,15 @@ def main() -> None:
     p.add_argument("--preset", default="llama3-8b", help="a random: preset (tiny: a CPU dry run)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--budget-s", type=float, default=400, help="stop the run after this long")
+    p.add_argument("--memory-utilization", type=float, default=None,
+                   help="share of GPU memory for weights + KV cache (TensorRT-LLM's runs: 0.95)")
     args = p.parse_args()
     from torch.profiler import ProfilerActivity, profile
 
     llm = LLM(f"random:{args.preset}", device=args.device,
               dtype="bfloat16" if args.device == "cuda" else "auto", max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_batched_tokens, kv_cache_dtype=args.kv_cache_dtype,
-              quantization=args.quantization)
+              quantization=args.quantization, memory_utilization=args.memory_utilization)
     engine = llm.llm_engine
     print(f"{engine.device_description}; torch {torch.__version__}; KV {engine.kv_capacity_tokens} tokens "
           f"({args.kv_cache_dtype}); weights {args.quantization or 'bf16'}; async "

@@ -1,23 +1,24 @@
 #!/usr/bin/env bash
-# The GPU measurements still open (docs/benchmarks.md, "stop 23"), in priority order, as one
+# The GPU measurements still open (docs/benchmarks.md, "stop 24"), in priority order, as one
 # command per lent-GPU call (the machine goes back 30 s after a call, so a call should not wait
 # on the next). Run from the repository root on the lent H200 (Python 3.12, torch 2.11, triton
 # 3.6), with the gguf wheel carried in .whl/:
 #
+#     bash ci/gpu_pending.sh chain   # ~3 min: the int4 layer's four GEMVs chained in one
+#                                    # persistent launch (quant/chain_triton.py) against a launch
+#                                    # a stage and the engine's GEMVs (gpu_int4_chain.py), after
+#                                    # its GPU tests (barrier result == a launch a stage, bit for
+#                                    # bit; replay in a CUDA graph): does the int4 aim need one?
 #     bash ci/gpu_pending.sh e2e3000 # ~4 min: TensorRT-LLM's conditions (3000 requests, 0.95
 #                                    # memory), 1024 sequences at a time (stop 24, H200: 17,561
 #                                    # vs 17,239 at 512); decides the issue-7 aim (> 17,744)
-#     bash ci/gpu_pending.sh int4    # ~4 min: batch-1 int4 on one built model: the decode
-#                                    # attention at 144 keys (split 0 alone, as default since stop
-#                                    # 23; all 16 splits and a merge, min_chunk=0; one split,
-#                                    # max_splits=1; 128-key tiles, decode_bn=128); the layer's
-#                                    # GEMVs with one K step a program (BK 512 / 1024) and o, q|k|v
-#                                    # with their weight in L2; the GPU tests (SKIP_TESTS=1: not)
-#     bash ci/gpu_pending.sh bf16    # ~3 min: bf16 batch 1 with the q|k|v GEMV running rotary and
-#                                    # the KV write in its launch (stop 23) and without, where the
-#                                    # Triton GEMV serves q|k|v (H200s) and forced to (H100s: cuBLAS
-#                                    # timed faster there, so the fused path is not taken)
-#   then the A/Bs already run on H100s (stop 21-23), to re-run on an H200 for its numbers:
+#     bash ci/gpu_pending.sh profile # ~5 min: where that run's time goes now (steps by kind,
+#                                    # kernels of a decode step at ~1000 rows and of a mixed step)
+#   then A/Bs already decided on some machine, to re-run for an H200's numbers:
+#     bash ci/gpu_pending.sh int4    # ~4 min: batch-1 int4 decode-attention variants; the GPU
+#                                    # tests of the quant GEMV and kernels (SKIP_TESTS=1: not)
+#     bash ci/gpu_pending.sh bf16    # ~1 min: bf16 batch 1 with the dense q|k|v rotary epilogue
+#                                    # (off since stop 24) and without; the Triton GEMV forced
 #     bash ci/gpu_pending.sh e2e     # ~4 min: fp8 1000/1000 as it stands, with float32 logits
 #                                    # (the greedy argmax before stop 21), and as it stands again
 #     bash ci/gpu_pending.sh f16     # ~5 min: the GPU tests of the fp16x2 int4 path and the q|k|v
@@ -35,10 +36,10 @@
 # Each step is bounded by `timeout`; logs go to $OUT (the lent machine's output folder).
 # SKIP_TESTS=1 leaves out the GPU tests of f16 and int4 (when little device time is left).
 set -uo pipefail
-case "${1:-int4}" in
-f16|int4|bf16|fp8|e2e|e2e3000|stream) ;;
+case "${1:-chain}" in
+chain|profile|f16|int4|bf16|fp8|e2e|e2e3000|stream) ;;
 *)
-    echo "usage: bash ci/gpu_pending.sh f16|int4|bf16|fp8|e2e|e2e3000|stream [extra gpu_llama8b flags for e2e3000]" >&2
+    echo "usage: bash ci/gpu_pending.sh chain|e2e3000|profile|int4|bf16|e2e|f16|stream|fp8 [extra gpu_llama8b flags for e2e3000]" >&2
     exit 2 ;;
 esac
 OUT="${OUT:-/tmp/gpu_pending}"
@@ -50,7 +51,7 @@ export PYTHONPATH="/tmp/site:.${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
 E2E=(python3 benchmarks/gpu_llama8b.py --skip-hf --parts throughput --kv-cache-dtype fp8 --quantization fp8)
 
-case "${1:-int4}" in
+case "${1:-chain}" in
 f16)
     [ -n "${SKIP_TESTS:-}" ] || timeout 190 env PORTASERVE_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider tests/quant/test_quant_gemv.py \
         -k "fp16x2 or rotary or f16" > "$OUT/tests.txt" 2>&1
@@ -63,18 +64,22 @@ f16)
         --decode-variant default --decode-variant fuse_rotary --decode-variant unfused_rotary \
         --decode-variant "int4=128,128,4,2,f16" --decode-variant "int4=128,256,4,2,f16" > "$OUT/int4.txt" 2>&1
     grep -A8 "decode variant" "$OUT/int4.txt"; tail -3 "$OUT/int4.txt" | cut -c1-300 ;;
+chain)
+    timeout 150 env PORTASERVE_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider tests/quant/test_chain.py \
+        > "$OUT/tests.txt" 2>&1
+    tail -3 "$OUT/tests.txt" | cut -c1-300
+    timeout 300 python3 benchmarks/gpu_int4_chain.py > "$OUT/chain.txt" 2>&1
+    grep -A20 "^roofline" "$OUT/chain.txt"; tail -2 "$OUT/chain.txt" | cut -c1-300 ;;
+profile)
+    timeout 500 python3 benchmarks/profile_cuda_throughput.py --kv-cache-dtype fp8 --quantization fp8 \
+        --num-prompts 3000 --max-num-seqs 1024 --memory-utilization 0.95 --budget-s 200 > "$OUT/profile.txt" 2>&1
+    tail -60 "$OUT/profile.txt" | cut -c1-220 ;;
 int4)
     timeout 250 python3 benchmarks/gpu_quant.py --formats int4 --parts decode --decode-tokens 32 \
         --decode-variant default --decode-variant min_chunk=0 --decode-variant max_splits=1 \
         --decode-variant decode_bn=128 > "$OUT/int4.txt" 2>&1
     grep -A9 "decode variant" "$OUT/int4.txt"; tail -3 "$OUT/int4.txt" | cut -c1-300
-    # one K step a program (BK 1024 at split 4: every load of a program issued at once, one
-    # memory round trip instead of four; stop 23 found o's GEMV at 7.1 us even from L2)
-    timeout 150 python3 benchmarks/gpu_int4_stream.py --only-gemv --shapes o,qkv,down,gate_up \
-        --gemv-config 64,512,4,2 --gemv-config 64,1024,4,2 --gemv-config 32,1024,4,4 \
-        --gemv-config 64,1024,8,2 > "$OUT/l2.txt" 2>&1
-    grep ": flat\|: gemv" "$OUT/l2.txt" | cut -c1-100; tail -2 "$OUT/l2.txt" | cut -c1-200
-    [ -n "${SKIP_TESTS:-}" ] || timeout 190 env PORTASERVE_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider \
+    [ -n "${SKIP_TESTS:-}" ] || timeout 240 env PORTASERVE_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider \
         tests/quant/test_quant_gemv.py tests/devices/test_triton_kernels.py \
         -k "norm or silu or tensor_cores or pdl or hand_built or unrolled or split or tuned or decode or prefetch or rotary_write_kv" > "$OUT/tests.txt" 2>&1
     tail -4 "$OUT/tests.txt" ;;

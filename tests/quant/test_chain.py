@@ -1,0 +1,114 @@
+"""The chained int4 GEMVs of ``quant.chain_triton`` (an experiment toward a persistent decode
+layer) against the reference dequant, on fresh random weights and inputs: a Llama-like chain
+(o, gate|up with silu, down, the next q|k|v) in small shapes, each stage count 1-4, row counts
+that do not fill the last tile, group sizes 32 and 128, and the input checks. In the interpreter
+(no GPU) a launch a stage stands in for the barrier, and bf16 (the packed bf16x2 path) runs its
+float32 stand-in for the assembly, exact but for the interpreter's bf16 stores; with ``PORTASERVE_TEST_DEVICE=cuda`` one
+persistent launch runs the chain with its grid barrier, replayed three times (the counter goes
+back to zero) and in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+from triton_device import DEVICE, RTOL, rel_err, skip_module_without_device
+
+pytest.importorskip("triton")
+skip_module_without_device()
+
+from portaserve.errors import ConfigError  # noqa: E402
+from portaserve.quant import chain_triton  # noqa: E402
+from portaserve.quant.int_formats import Int4Method  # noqa: E402
+
+SMALL = chain_triton.ChainConfig(block_n=16, block_k=128, num_stages=2, programs_per_sm=2, prefetch_lines=2)
+
+
+@pytest.fixture
+def gen(request: pytest.FixtureRequest) -> torch.Generator:
+    return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+def int4(n: int, k: int, gen: torch.Generator, group: int = 128):
+    w = torch.randn(n, k, generator=gen) * k**-0.5 + 0.01  # (an offset: the zeros matter)
+    return Int4Method().quantize(w, group_size=group).to(DEVICE)
+
+
+def layer(gen: torch.Generator, hidden: int = 256, inter: int = 384, qkv: int = 200, group: int = 128):
+    """o [hidden, hidden], gate|up [2 inter, hidden] + silu, down [hidden, inter], q|k|v
+    [qkv, hidden] (200 rows: the last 16-row tile is partial)."""
+    return [(int4(hidden, hidden, gen, group), False), (int4(2 * inter, hidden, gen, group), True),
+            (int4(hidden, inter, gen, group), False), (int4(qkv, hidden, gen, group), False)]
+
+
+@pytest.mark.parametrize("num_stages", [1, 2, 3, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_chain_equals_the_reference(num_stages: int, dtype: torch.dtype, gen: torch.Generator) -> None:
+    stages = layer(gen)[:num_stages]
+    x = torch.randn(256, generator=gen).to(dtype).to(DEVICE)
+    chain = chain_triton.Chain(stages, dtype, SMALL)
+    want = chain_triton.reference(x, stages)
+    for _ in range(3 if DEVICE.type == "cuda" else 1):  # (the counter is reset by each launch)
+        got = chain.run(x)
+        assert got.shape == want.shape and got.dtype == dtype
+        assert rel_err(got, want) <= max(RTOL[dtype], 1e-5) * 4 * num_stages
+    if DEVICE.type == "cuda":  # the barrier computes what the launch boundary does, bit for bit
+        staged = chain.run(x, one_launch=False).clone()
+        assert torch.equal(chain.run(x, one_launch=True), staged)
+    # each stage's buffer holds that stage's output
+    for i in range(num_stages):
+        assert rel_err(chain.outs[i], chain_triton.reference(x, stages[: i + 1])) <= max(RTOL[dtype], 1e-5) * 4 * (i + 1)
+
+
+def test_chain_group_32_and_a_fresh_input_changes_the_answer(gen: torch.Generator) -> None:
+    stages = layer(gen, group=32)[:2]
+    chain = chain_triton.Chain(stages, torch.float32, SMALL)
+    x1 = torch.randn(256, generator=gen).to(DEVICE)
+    x2 = torch.randn(256, generator=gen).to(DEVICE)
+    got1 = chain.run(x1).clone()
+    got2 = chain.run(x2).clone()
+    assert rel_err(got1, chain_triton.reference(x1, stages)) <= 1e-5
+    assert rel_err(got2, chain_triton.reference(x2, stages)) <= 1e-5
+    assert not torch.equal(got1, got2)
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="CUDA graphs need a GPU")
+def test_chain_replays_in_a_cuda_graph(gen: torch.Generator) -> None:
+    stages = layer(gen)
+    chain = chain_triton.Chain(stages, torch.float16, SMALL)
+    x = torch.randn(256, generator=gen).half().to(DEVICE)
+    chain.run(x)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        chain.run(x)
+    for _ in range(2):
+        x.copy_(torch.randn(256, generator=gen).half().to(DEVICE))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert rel_err(chain.outs[-1], chain_triton.reference(x, stages)) <= 16 * RTOL[torch.float16]
+    assert int(chain.counter.item()) == 0
+
+
+def test_chain_refuses_what_it_cannot_run(gen: torch.Generator) -> None:
+    o, gate_up, down, qkv = layer(gen)
+    with pytest.raises(ConfigError, match="stage 1 takes K=384 but stage 0 gives 256"):
+        chain_triton.Chain([o, down], torch.float32, SMALL)
+    with pytest.raises(ConfigError, match="5 stages"):
+        chain_triton.Chain([o, o, o, o, o], torch.float32, SMALL)
+    with pytest.raises(ConfigError, match="block_k"):
+        chain_triton.Chain([o], torch.float32, chain_triton.ChainConfig(block_k=96))
+    with pytest.raises(ConfigError, match="group size 32"):
+        chain_triton.Chain([o, (int4(256, 256, gen, group=32), False)], torch.float32, SMALL)
+    chain = chain_triton.Chain([o], torch.float32, SMALL)
+    with pytest.raises(ConfigError, match="x has"):
+        chain.run(torch.randn(128).to(DEVICE))
+
+
+def test_chain_one_launch_needs_a_gpu(gen: torch.Generator) -> None:
+    if DEVICE.type == "cuda":
+        pytest.skip("on a GPU the persistent launch runs (test_chain_equals_the_reference)")
+    chain = chain_triton.Chain(layer(gen)[:1], torch.float32, SMALL)
+    with pytest.raises(ConfigError, match="one persistent launch needs a GPU"):
+        chain.run(torch.randn(256), one_launch=True)
