@@ -7,6 +7,7 @@ build with a GPU, a ROCm/HIP build with a GPU, no GPU, no triton), and the kerne
 
 from __future__ import annotations
 
+import contextlib
 from types import SimpleNamespace
 
 import pytest
@@ -296,6 +297,30 @@ def test_graph_executor_warm_up_runs_a_mixed_step_in_free_blocks(monkeypatch: py
         assert torch.equal(cache[:, 7:], old[:, 7:])
 
 
+def test_memory_info_hands_the_allocators_cached_blocks_back_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Free memory for the KV cache counts what torch's allocator holds but no tensor uses:
+    ``empty_cache`` runs before ``mem_get_info`` reads the driver's numbers (faked here; the GPU
+    test below checks it on a real GPU)."""
+    cached = {"bytes": 5 << 30}
+    calls: list[str] = []
+
+    def empty_cache() -> None:
+        calls.append("empty_cache")
+        cached["bytes"] = 0
+
+    def mem_get_info(index: int) -> tuple[int, int]:
+        calls.append("mem_get_info")
+        return (100 << 30) - cached["bytes"], 141 << 30
+
+    monkeypatch.setattr(torch.cuda, "empty_cache", empty_cache)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", mem_get_info)
+    fake_gpu(monkeypatch, hip=None, cuda="13.0", name="NVIDIA H200")
+    monkeypatch.setattr(torch.cuda, "device", lambda index: contextlib.nullcontext())
+    info = CudaDevice(0).memory_info()
+    assert calls == ["empty_cache", "mem_get_info"]
+    assert info.free_bytes == 100 << 30 and info.total_bytes == 141 << 30
+
+
 # --- on a real GPU (ci/gpu_check.sh): capture/replay and greedy decoding vs cpu ----------------
 
 needs_gpu = pytest.mark.skipif(
@@ -327,6 +352,17 @@ def eager_runner(model, caches, device: torch.device):
         return model.compute_logits(hidden[batch.logits_indices.to(device)]).float().cpu()
 
     return run
+
+
+@needs_gpu
+@pytest.mark.gpu
+def test_gpu_memory_info_counts_freed_tensors_as_free() -> None:
+    device = CudaDevice(0)
+    before = device.memory_info().free_bytes
+    big = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    assert device.memory_info().free_bytes <= before - (1 << 30) + (64 << 20)
+    del big  # (now cached by torch's allocator, not freed to the driver)
+    assert device.memory_info().free_bytes >= before - (64 << 20)
 
 
 @needs_gpu

@@ -195,6 +195,11 @@ class TritonGPUDevice(Device):
         return allocate_blocks_hnd(spec, self.torch_device)
 
     def memory_info(self) -> MemoryInfo:
+        """Free and total memory of the GPU, the torch allocator's cached but unused blocks
+        handed back first (loading a model leaves some: what it freed, e.g. the 16-bit weights
+        an online quantization replaced), so that they count as free for the KV cache."""
+        with torch.cuda.device(self.index):
+            torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(self.index)
         return MemoryInfo(free_bytes=int(free), total_bytes=int(total))
 
