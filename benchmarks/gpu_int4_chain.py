@@ -44,9 +44,8 @@ from portaserve.quant import chain_triton, gemv_triton, registry  # noqa: E402
 #: (N, K, silu) of a layer's stages in order: o, gate|up (+ silu_and_mul), down, q|k|v.
 LAYER = (("o", 4096, 4096, False), ("gate_up", 28672, 4096, True), ("down", 4096, 14336, False),
          ("qkv", 6144, 4096, False))
-CONFIGS = (chain_triton.ChainConfig(16, 512, 4, 3, 2, 4), chain_triton.ChainConfig(16, 1024, 4, 2, 2, 4),
-           chain_triton.ChainConfig(16, 2048, 4, 1, 2, 4), chain_triton.ChainConfig(16, 2048, 8, 1, 1, 4),
-           chain_triton.ChainConfig(32, 1024, 8, 1, 2, 4), chain_triton.ChainConfig(16, 1024, 4, 2, 2, 0))
+CONFIGS = (chain_triton.ChainConfig(16, 2048, 4, 1, 2, 4), chain_triton.ChainConfig(16, 1024, 4, 2, 2, 4),
+           chain_triton.ChainConfig(32, 1024, 8, 1, 2, 4), chain_triton.ChainConfig(16, 2048, 4, 1, 2, 0))
 L2_BYTES = 60 * 2**20
 
 

@@ -196,40 +196,41 @@ def _barrier(counter_ptr, target):
                                          is_pure=False, pack=1)
 
 
-@triton_kernel
+@triton_kernel(no_specialize=("first", "last"))
 def _chain_kernel(
     x_ptr, counter_ptr,
     q0, s0, z0, o0, N0, K0, q1, s1, z1, o1, N1, K1, q2, s2, z2, o2, N2, K2, q3, s3, z3, o3, N3, K3,
-    FIRST: tl.constexpr, LAST: tl.constexpr, BARRIER: tl.constexpr,
+    first, last, BARRIER: tl.constexpr,
     ACT0: tl.constexpr, ACT1: tl.constexpr, ACT2: tl.constexpr, ACT3: tl.constexpr,
     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES_K: tl.constexpr,
     PREFETCH: tl.constexpr, PACKED: tl.constexpr, ASM: tl.constexpr,
 ):
-    """Grid ``(num_programs,)``: stages ``FIRST`` .. ``LAST`` (inclusive) of the chain; stage i
-    reads stage i-1's output (stage 0 reads x). ``BARRIER``: one launch runs them all, the
-    programs meeting at ``counter_ptr`` between stages (all programs must be resident)."""
+    """Grid ``(num_programs,)``: stages ``first`` .. ``last`` (inclusive, run-time values: one
+    compile serves every stage) of the chain; stage i reads stage i-1's output (stage 0 reads
+    x). ``BARRIER``: one launch runs them all (``first`` 0), the programs meeting at
+    ``counter_ptr`` between stages (all programs must be resident)."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    if FIRST <= 0 and LAST >= 0:
+    if first <= 0 and last >= 0:
         _stage(x_ptr, q0, s0, z0, o0, N0, K0, pid, nprog, ACT0, GROUP, BLOCK_N, BLOCK_K, STAGES_K, PACKED, ASM)
-        if BARRIER and LAST >= 1:
+        if BARRIER and last >= 1:
             _prefetch_first_tile(q1, N1, K1, pid, ACT1, BLOCK_N, PREFETCH)
             _barrier(counter_ptr, nprog)
-    if FIRST <= 1 and LAST >= 1:
+    if first <= 1 and last >= 1:
         _stage(o0, q1, s1, z1, o1, N1, K1, pid, nprog, ACT1, GROUP, BLOCK_N, BLOCK_K, STAGES_K, PACKED, ASM)
-        if BARRIER and LAST >= 2:
+        if BARRIER and last >= 2:
             _prefetch_first_tile(q2, N2, K2, pid, ACT2, BLOCK_N, PREFETCH)
             _barrier(counter_ptr, 2 * nprog)
-    if FIRST <= 2 and LAST >= 2:
+    if first <= 2 and last >= 2:
         _stage(o1, q2, s2, z2, o2, N2, K2, pid, nprog, ACT2, GROUP, BLOCK_N, BLOCK_K, STAGES_K, PACKED, ASM)
-        if BARRIER and LAST >= 3:
+        if BARRIER and last >= 3:
             _prefetch_first_tile(q3, N3, K3, pid, ACT3, BLOCK_N, PREFETCH)
             _barrier(counter_ptr, 3 * nprog)
-    if FIRST <= 3 and LAST >= 3:
+    if first <= 3 and last >= 3:
         _stage(o2, q3, s3, z3, o3, N3, K3, pid, nprog, ACT3, GROUP, BLOCK_N, BLOCK_K, STAGES_K, PACKED, ASM)
     if BARRIER:  # the last program out puts the counter back to zero for the next launch
         done = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
-        if done == (LAST + 1) * nprog - 1:
+        if done == (last + 1) * nprog - 1:
             tl.atomic_xchg(counter_ptr, 0, sem="relaxed", scope="gpu")
 
 
@@ -341,15 +342,15 @@ class Chain:
                               "after another, so its barrier would wait forever)", field="one_launch")
         if one_launch:
             if self._grid is None:  # compile first: no more programs than can all be resident
-                compiled = kernel.warmup(*args, grid=grid, FIRST=0, LAST=last, BARRIER=True, **common)
+                compiled = kernel.warmup(*args, 0, last, grid=grid, BARRIER=True, **common)
                 fit = _resident_programs(compiled, cfg.num_warps, x.device)
                 if fit < 1:
                     raise ConfigError(f"chain: {cfg} does not fit an SM at all", field="config")
                 self._grid = (min(cfg.programs_per_sm, fit) * _num_sms(x),)
-            kernel[self._grid](*args, FIRST=0, LAST=last, BARRIER=True, **common)
+            kernel[self._grid](*args, 0, last, BARRIER=True, **common)
         else:  # a launch a stage: the launch boundary stands in for the barrier
             for i in range(len(self.stages)):
-                kernel[grid](*args, FIRST=i, LAST=i, BARRIER=False, **common)
+                kernel[grid](*args, i, i, BARRIER=False, **common)
         return self.outs[-1]
 
 
