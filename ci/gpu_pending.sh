@@ -65,11 +65,16 @@ f16)
         --decode-variant "int4=128,128,4,2,f16" --decode-variant "int4=128,256,4,2,f16" > "$OUT/int4.txt" 2>&1
     grep -A8 "decode variant" "$OUT/int4.txt"; tail -3 "$OUT/int4.txt" | cut -c1-300 ;;
 chain)
-    timeout 150 env PORTASERVE_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider tests/quant/test_chain.py \
-        > "$OUT/tests.txt" 2>&1
-    tail -3 "$OUT/tests.txt" | cut -c1-300
-    timeout 300 python3 benchmarks/gpu_int4_chain.py > "$OUT/chain.txt" 2>&1
-    grep -A20 "^roofline" "$OUT/chain.txt"; tail -2 "$OUT/chain.txt" | cut -c1-300 ;;
+    # the tests first, bounded: a grid barrier that never opens would spin until killed, and the
+    # benchmark is only worth its minutes if the one-launch chain computes what it should
+    if timeout 120 env PORTASERVE_TEST_DEVICE=cuda python3 -m pytest -x -q -p no:cacheprovider \
+        tests/quant/test_chain.py > "$OUT/tests.txt" 2>&1; then
+        tail -1 "$OUT/tests.txt" | cut -c1-300
+        timeout 300 python3 benchmarks/gpu_int4_chain.py > "$OUT/chain.txt" 2>&1
+        grep -A20 "^roofline" "$OUT/chain.txt"; tail -2 "$OUT/chain.txt" | cut -c1-300
+    else
+        echo "chain tests failed or hung (rc $?): benchmark skipped"; tail -30 "$OUT/tests.txt" | cut -c1-300
+    fi ;;
 profile)
     timeout 500 python3 benchmarks/profile_cuda_throughput.py --kv-cache-dtype fp8 --quantization fp8 \
         --num-prompts 3000 --max-num-seqs 1024 --memory-utilization 0.95 --budget-s 200 > "$OUT/profile.txt" 2>&1
