@@ -60,9 +60,9 @@ _LD_V4_CG = tl.constexpr("ld.global.cg.v4.u32 {$0, $1, $2, $3}, [$4];")
 class ChainConfig:
     """Tiles of the chained launch: ``block_n`` rows a tile, ``block_k`` columns a K step
     (a multiple of the group size), ``num_stages`` of Triton's pipelining of the K loop,
-    ``programs_per_sm`` programs an SM (the persistent launch takes fewer where fewer fit an SM
-at once), ``prefetch_lines`` 128-byte lines of each row of
-    a program's next tile asked of L2 before the barrier (0: none)."""
+    ``programs_per_sm`` programs an SM (the persistent launch takes fewer where fewer fit an
+    SM at once), ``prefetch_lines`` 128-byte lines of each row of a program's next tile asked
+    of L2 before the barrier (0: none)."""
 
     block_n: int = 16
     block_k: int = 512
@@ -319,6 +319,8 @@ class Chain:
         if x.shape[0] != self.stages[0][0].shape[1] or x.dtype != self.outs[0].dtype:
             raise ConfigError(f"chain: x has {tuple(x.shape)} {x.dtype}; stage 0 takes "
                               f"{self.stages[0][0].shape[1]} {self.outs[0].dtype}", field="x")
+        if self.packed and x.data_ptr() % 16:  # (the packed path reads x 16 bytes at a time)
+            x = x.clone()
         cfg = self.config
         args = [x, self.counter]
         acts = []

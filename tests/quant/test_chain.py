@@ -112,3 +112,13 @@ def test_chain_one_launch_needs_a_gpu(gen: torch.Generator) -> None:
     chain = chain_triton.Chain(layer(gen)[:1], torch.float32, SMALL)
     with pytest.raises(ConfigError, match="one persistent launch needs a GPU"):
         chain.run(torch.randn(256), one_launch=True)
+
+
+def test_chain_takes_an_unaligned_bf16_row(gen: torch.Generator) -> None:
+    """The packed path reads x 16 bytes at a time: a row starting mid-word is copied first."""
+    stages = layer(gen)[:1]
+    wide = torch.randn(257, generator=gen).to(torch.bfloat16).to(DEVICE)
+    x = wide[1:]
+    assert x.data_ptr() % 16
+    got = chain_triton.Chain(stages, torch.bfloat16, SMALL).run(x)
+    assert rel_err(got, chain_triton.reference(x, stages)) <= RTOL[torch.bfloat16]
