@@ -273,6 +273,8 @@ class Chain:
 
     def __init__(self, stages: list[tuple[QuantizedWeight, bool]], dtype: torch.dtype,
                  config: ChainConfig | None = None) -> None:
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ConfigError(f"chain: activations in {dtype}; float32, float16 or bfloat16", field="dtype")
         if not 1 <= len(stages) <= MAX_STAGES:
             raise ConfigError(f"chain: {len(stages)} stages; 1 to {MAX_STAGES} are supported", field="stages")
         self.config = config or ChainConfig()

@@ -95,6 +95,8 @@ def test_chain_refuses_what_it_cannot_run(gen: torch.Generator) -> None:
     o, gate_up, down, qkv = layer(gen)
     with pytest.raises(ConfigError, match="stage 1 takes K=384 but stage 0 gives 256"):
         chain_triton.Chain([o, down], torch.float32, SMALL)
+    with pytest.raises(ConfigError, match="activations in torch.float64"):
+        chain_triton.Chain([o], torch.float64, SMALL)
     with pytest.raises(ConfigError, match="5 stages"):
         chain_triton.Chain([o, o, o, o, o], torch.float32, SMALL)
     with pytest.raises(ConfigError, match="block_k"):
