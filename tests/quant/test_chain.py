@@ -20,7 +20,7 @@ pytest.importorskip("triton")
 skip_module_without_device()
 
 from portaserve.errors import ConfigError  # noqa: E402
-from portaserve.quant import chain_triton  # noqa: E402
+from portaserve.quant import chain_triton, registry  # noqa: E402
 from portaserve.quant.int_formats import Int4Method  # noqa: E402
 
 SMALL = chain_triton.ChainConfig(block_n=16, block_k=128, num_stages=2, programs_per_sm=2, prefetch_lines=2)
@@ -95,6 +95,9 @@ def test_chain_refuses_what_it_cannot_run(gen: torch.Generator) -> None:
     o, gate_up, down, qkv = layer(gen)
     with pytest.raises(ConfigError, match="stage 1 takes K=384 but stage 0 gives 256"):
         chain_triton.Chain([o, down], torch.float32, SMALL)
+    int8 = registry.quantize(torch.randn(256, 256, generator=gen), "int8").to(DEVICE)
+    with pytest.raises(ConfigError, match="stage 0 is int8; only int4 chains"):
+        chain_triton.Chain([(int8, False)], torch.float32, SMALL)
     with pytest.raises(ConfigError, match="activations in torch.float64"):
         chain_triton.Chain([o], torch.float64, SMALL)
     with pytest.raises(ConfigError, match="5 stages"):
