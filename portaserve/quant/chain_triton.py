@@ -44,7 +44,7 @@ from portaserve.devices.cuda.launch import (
 )
 from portaserve.errors import ConfigError
 from portaserve.quant.base import QuantizedWeight
-from portaserve.quant.gemv_triton import _INT4_BF16X2_ASM
+from portaserve.quant.gemv_triton import _INT4_BF16X2_ASM, _num_sms
 from portaserve.quant.int_formats import pack_nibbles, unpack_nibbles
 
 MAX_STAGES = 4
@@ -141,6 +141,16 @@ def _int4_rows_bf16x2(in_ptr, q_ptr, s_ptr, z_ptr, rows, row_ok, K, GROUP: tl.co
 
 
 @triton_helper
+def _rows_dot(in_ptr, q_ptr, s_ptr, z_ptr, rows, row_ok, K, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_K: tl.constexpr, STAGES_K: tl.constexpr, PACKED: tl.constexpr, ASM: tl.constexpr):
+    """``_int4_rows_bf16x2`` where ``PACKED`` (bf16 activations), else ``_int4_rows``."""
+    if PACKED:
+        return _int4_rows_bf16x2(in_ptr, q_ptr, s_ptr, z_ptr, rows, row_ok, K, GROUP, BLOCK_N, BLOCK_K, STAGES_K,
+                                 ASM)
+    return _int4_rows(in_ptr, q_ptr, s_ptr, z_ptr, rows, row_ok, K, GROUP, BLOCK_N, BLOCK_K, STAGES_K)
+
+
+@triton_helper
 def _stage(in_ptr, q_ptr, s_ptr, z_ptr, out_ptr, N, K, pid, nprog, ACT: tl.constexpr, GROUP: tl.constexpr,
            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES_K: tl.constexpr, PACKED: tl.constexpr,
            ASM: tl.constexpr):
@@ -152,17 +162,10 @@ def _stage(in_ptr, q_ptr, s_ptr, z_ptr, out_ptr, N, K, pid, nprog, ACT: tl.const
     for tile in range(pid, num_tiles, nprog):
         rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         ok = rows < n_out
-        if PACKED:
-            y = _int4_rows_bf16x2(in_ptr, q_ptr, s_ptr, z_ptr, rows, ok, K, GROUP, BLOCK_N, BLOCK_K, STAGES_K, ASM)
-        else:
-            y = _int4_rows(in_ptr, q_ptr, s_ptr, z_ptr, rows, ok, K, GROUP, BLOCK_N, BLOCK_K, STAGES_K)
+        y = _rows_dot(in_ptr, q_ptr, s_ptr, z_ptr, rows, ok, K, GROUP, BLOCK_N, BLOCK_K, STAGES_K, PACKED, ASM)
         if ACT:  # each half rounded to out's dtype first, as a GEMV storing gate|up would
-            if PACKED:
-                up = _int4_rows_bf16x2(in_ptr, q_ptr, s_ptr, z_ptr, rows + n_out, ok, K, GROUP, BLOCK_N, BLOCK_K,
-                                       STAGES_K, ASM)
-            else:
-                up = _int4_rows(in_ptr, q_ptr, s_ptr, z_ptr, rows + n_out, ok, K, GROUP, BLOCK_N, BLOCK_K,
-                                STAGES_K)
+            up = _rows_dot(in_ptr, q_ptr, s_ptr, z_ptr, rows + n_out, ok, K, GROUP, BLOCK_N, BLOCK_K, STAGES_K,
+                           PACKED, ASM)
             gate = y.to(out_ptr.dtype.element_ty).to(tl.float32)
             up = up.to(out_ptr.dtype.element_ty).to(tl.float32)
             y = gate / (1.0 + tl.exp(-gate)) * up
@@ -245,12 +248,6 @@ def _paired_codes(weight: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor]:
     paired = pack_nibbles(codes.index_select(2, order).reshape(n, k)).contiguous()
     half = (-(128.0 + weight.data["zeros"].float())).to(torch.bfloat16).view(torch.int16).to(torch.int32) & 0xFFFF
     return paired, (half | (half << 16)).contiguous()
-
-
-def _num_sms(x: torch.Tensor) -> int:
-    if is_interpreted(x):
-        return 2
-    return torch.cuda.get_device_properties(x.device).multi_processor_count
 
 
 def _resident_programs(compiled: object, num_warps: int, device: torch.device) -> int:
