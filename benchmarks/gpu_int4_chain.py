@@ -73,6 +73,7 @@ def main() -> None:
     gpu_quant.DEV = gpu_int4_stream.DEV = dev
     dtype = torch.bfloat16
     gen = torch.Generator(device=dev).manual_seed(0)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count if dev == "cuda" else 4
 
     def build():
         return [(registry.quantize(torch.randn(n, k, device=dev, generator=gen) * k**-0.5 + 0.002, "int4"), act)
@@ -84,7 +85,6 @@ def main() -> None:
         from gpu_llama8b import copy_bandwidth
 
         copy_bps = copy_bandwidth()
-        sms = torch.cuda.get_device_properties(0).multi_processor_count
         print(f"{torch.cuda.get_device_name(0)}, {sms} SMs; torch {torch.__version__}, triton {triton.__version__}; "
               f"copy bandwidth {copy_bps / 1e12:.2f} TB/s (read + write)")
         copies = max(2, -(-4 * L2_BYTES // layer_bytes))
@@ -99,7 +99,7 @@ def main() -> None:
     want = chain_triton.reference(x, layers[0])
 
     def check(label: str, got: torch.Tensor) -> float:
-        err = float((got.float() - want.float()).norm() / want.float().norm())
+        err = gpu_quant.rel_err(got, want)
         if not err <= 0.05:  # (four bf16 stages; a wrong kernel is off by ~1)
             raise AssertionError(f"{label}: relative error {err:.2e} against the reference dequant")
         return err
@@ -117,7 +117,7 @@ def main() -> None:
     rows.append(("gemvs (the engine's GEMV, a launch a weight)", gpu_quant.time_calls(
         [partial(gemvs, s) for s in layers]) * 1e3, err))
     flat_out = torch.empty(1 << 16, dtype=torch.int32, device=dev)
-    programs = (torch.cuda.get_device_properties(0).multi_processor_count if dev == "cuda" else 4) * 8
+    programs = sms * 8  # (as gpu_int4_stream's flat read)
     flat = []
     for stages in layers:
         for w, _ in stages:
