@@ -61,11 +61,12 @@ SHORT_DECODE_CTX = (144, 1024)
 def dry_run_sizes() -> None:
     """Tiny shapes on CPU tensors (Triton interpreter, float32): checks the script, not speed."""
     global HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTER, VOCAB, LAYERS, DTYPE, DEV, TOKENS
-    global DECODE_CASES, PREFILL_CASES, MODEL_BATCHES, MODEL_CTX, MODEL_MAX_POS, OVERLAP_CASES, SHORT_DECODE_CTX
+    global DECODE_CASES, PREFILL_CASES, PREFILL_FP8_CASE, MODEL_BATCHES, MODEL_CTX, MODEL_MAX_POS, OVERLAP_CASES, SHORT_DECODE_CTX
     HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTER, VOCAB, LAYERS = 64, 4, 2, 32, 96, 256, 2
     DTYPE, DEV, TOKENS = torch.float32, "cpu", 16
     DECODE_CASES = ((1, 40), (3, 20))
     PREFILL_CASES = (([(0, 20)] * 2, "2 x 20 new"), ([(30, 10)], "10 new over 30 cached"))
+    PREFILL_FP8_CASE = ([(0, 20)] * 2, "2 x 20 new")
     MODEL_BATCHES, MODEL_CTX, MODEL_MAX_POS = (1, 3), 20, 64
     OVERLAP_CASES = ((4, 40),)
     SHORT_DECODE_CTX = (20,)
@@ -504,6 +505,50 @@ def tune_fp8_rows(rounds: int = 3) -> list[Row]:
     return rows
 
 
+#: The prompt chunk of the fp8 1000/1000 run's mixed steps: 8 fresh prompts of 1024 tokens.
+PREFILL_FP8_CASE = ([(0, 1024)] * 8, "8 x 1024 new")
+
+
+def tune_prefill_fp8_rows(rounds: int = 3) -> list[Row]:
+    """The prompt (varlen) attention over an fp8 e4m3 cache under ``VARLEN_TRIALS``, each with
+    q k^T in fp16 (the key tile converted) and as an fp8 dot (``attention.VARLEN_FP8_QK``), the
+    trials taking turns for ``rounds`` rounds (median): ``tune`` sweeps them over a bf16 cache
+    only, while the fp8 1000/1000 run's prompt steps read an fp8 one (~150 TFLOP/s there, stop
+    20). The error is against the float32 reference with the unquantized queries."""
+    rows: list[Row] = []
+    scale = HEAD_DIM**-0.5
+    lens, label = PREFILL_FP8_CASE
+    query, cache, attn, _ = paged_setup(lens)
+    cache = cache.to(torch.float8_e4m3fn)
+    flops = 4.0 * HEADS * HEAD_DIM * sum(q * c + q * (q + 1) // 2 for c, q in lens)
+    nbytes = sum(2 * (c + q) * KV_HEADS * HEAD_DIM + 2 * q * HEADS * HEAD_DIM * 2 for c, q in lens)
+    want = ref.paged_attention(query.float(), cache.float(), attn, scale, kv_layout="blocks_hnd")
+    saved, saved_qk = dict(attention.VARLEN_CONFIG), attention.VARLEN_FP8_QK
+    times: dict[tuple, list[float]] = {}
+    errors: dict[tuple, float] = {}
+    try:
+        for _ in range(rounds):
+            for trial in [(*config, fp8_qk) for fp8_qk in (False, True) for config in VARLEN_TRIALS]:
+                bm, bn, warps, stages, attention.VARLEN_FP8_QK = trial
+                attention.VARLEN_CONFIG.update(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+                try:
+                    if trial not in errors:
+                        errors[trial] = rel_err(attention.paged_attention(query, cache, attn, scale), want)
+                    times.setdefault(trial, []).append(bench(
+                        lambda i: attention.paged_attention(query, cache, attn, scale), budget_s=0.5))
+                except Exception as e:  # a config may not fit (shared memory); report it and go on
+                    print(f"tune prefill fp8 {trial}: {type(e).__name__}: {str(e)[:120]}")
+                    errors[trial] = float("nan")
+    finally:
+        attention.VARLEN_CONFIG.update(saved)
+        attention.VARLEN_FP8_QK = saved_qk
+    for trial, ms in times.items():
+        rows.append(Row(f"tune prefill fp8 cache {label}", "BM={} BN={} w={} s={}{}".format(
+            *trial[:4], ", fp8 qk" if trial[4] else ""),
+                        statistics.median(ms), nbytes, flops, errors[trial]))
+    return rows
+
+
 #: Rows of x for the fp8 GEMM section: a decode batch and a prompt chunk of the 1000/1000 run.
 FP8_GEMM_MS = (512, 8192)
 
@@ -631,7 +676,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tune", action="store_true",
                         help="also time alternative attention tile configs and split counts")
     parser.add_argument("--sections", default=None,
-                        help="comma list of elementwise, attention, model, tune, tune_fp8, fp8_gemm, overlap (default: "
+                        help="comma list of elementwise, attention, model, tune, tune_fp8, tune_prefill_fp8, fp8_gemm, overlap (default: "
                              "all but the tune sections; --tune adds tune)")
     parser.add_argument("--json", default=None, help="also write the rows as JSON here")
     parser.add_argument("--dry-run", action="store_true",
@@ -654,7 +699,7 @@ def main(argv: list[str] | None = None) -> int:
     sections += [tune_rows] if args.tune else []
     if args.sections:
         named = {"elementwise": elementwise_rows, "attention": attention_rows, "model": model_rows,
-                 "tune": tune_rows, "tune_fp8": tune_fp8_rows, "fp8_gemm": fp8_gemm_rows,
+                 "tune": tune_rows, "tune_fp8": tune_fp8_rows, "tune_prefill_fp8": tune_prefill_fp8_rows, "fp8_gemm": fp8_gemm_rows,
                  "overlap": overlap_rows}
         sections = [named[name] for name in args.sections.split(",")]
     for section in sections:

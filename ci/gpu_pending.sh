@@ -14,6 +14,9 @@
 #     bash ci/gpu_pending.sh e2e3000 # ~4 min: TensorRT-LLM's conditions (3000 requests, 0.95
 #                                    # memory), 1024 sequences at a time (stop 24, H200: 17,561
 #                                    # vs 17,239 at 512); decides the issue-7 aim (> 17,744)
+#     bash ci/gpu_pending.sh prefill8 # ~2 min: the prompt attention's tile configs over an fp8
+#                                    # cache at the mixed step's shape (8 x 1024 new; never swept
+#                                    # over fp8, ~150 TFLOP/s in the run)
 #     bash ci/gpu_pending.sh profile # ~5 min: where that run's time goes now (steps by kind,
 #                                    # kernels of a decode step at ~1000 rows and of a mixed step)
 #   then A/Bs already decided on some machine, to re-run for an H200's numbers:
@@ -39,9 +42,9 @@
 # SKIP_TESTS=1 leaves out the GPU tests of f16 and int4 (when little device time is left).
 set -uo pipefail
 case "${1:-chain}" in
-next|chain|profile|f16|int4|bf16|fp8|e2e|e2e3000|stream) ;;
+next|chain|profile|prefill8|f16|int4|bf16|fp8|e2e|e2e3000|stream) ;;
 *)
-    echo "usage: bash ci/gpu_pending.sh next|chain|e2e3000|profile|int4|bf16|e2e|f16|stream|fp8 [extra gpu_llama8b flags for e2e3000]" >&2
+    echo "usage: bash ci/gpu_pending.sh next|chain|e2e3000|profile|prefill8|int4|bf16|e2e|f16|stream|fp8 [extra gpu_llama8b flags for e2e3000]" >&2
     exit 2 ;;
 esac
 OUT="${OUT:-/tmp/gpu_pending}"
@@ -98,6 +101,9 @@ bf16)
         --decode-variant default --decode-variant unfused_rotary --decode-variant force_gemv \
         --decode-variant "force_gemv unfused_rotary" > "$OUT/bf16.txt" 2>&1
     grep -A6 "decode variant" "$OUT/bf16.txt"; tail -3 "$OUT/bf16.txt" | cut -c1-300 ;;
+prefill8)
+    timeout 200 python3 benchmarks/gpu_kernels.py --sections tune_prefill_fp8 > "$OUT/prefill8.txt" 2>&1
+    grep -A20 "^ceilings" "$OUT/prefill8.txt" | grep "tune prefill\|WRONG" | cut -c1-150; tail -2 "$OUT/prefill8.txt" | cut -c1-200 ;;
 fp8)
     timeout 240 python3 benchmarks/gpu_kernels.py --sections fp8_gemm,elementwise,tune_fp8 > "$OUT/fp8.txt" 2>&1
     grep -A80 "^ceilings" "$OUT/fp8.txt" | grep "rowwise\|silu\|tune fp8\|WRONG" | cut -c1-150

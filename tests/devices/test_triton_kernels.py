@@ -365,6 +365,36 @@ def test_varlen_unmasked_tiles_equal_the_mask_on_every_tile(cache_dtype: torch.d
     assert rel_err(got, ref.paged_attention(query, cache, attn, 0.2, kv_layout="blocks_hnd")) <= RTOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if DEVICE.type != "cpu" else []))
+@pytest.mark.parametrize("group", [1, 4])
+def test_varlen_fp8_qk_is_attention_over_per_row_fp8_queries(dtype: torch.dtype, group: int, gen: torch.Generator,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """``VARLEN_FP8_QK`` over an e4m3 cache computes attention whose queries are each (token,
+    head) row quantized to e4m3 with its own scale (``quant.fp8.quantize_per_token``'s
+    numerics): it matches the float32 reference given those queries, and differs from the
+    unquantized one by fp8's rounding (so the path really ran). Decode rows keep their kernel."""
+    from portaserve.quant.fp8 import quantize_per_token
+
+    lens = [(13, 1), (40, 37), (0, 50), (17, 9)]
+    head_dim = 32
+    query, cache, attn = make_step(lens, 2 * group, 2, head_dim, 8, dtype, "blocks_hnd", gen, torch.float8_e4m3fn)
+    query = query * 4  # scores of a few units, as a model's: the rounding shows in the output
+    rows = quantize_per_token(query.reshape(-1, head_dim).float())
+    q_fp8 = (rows.data.float() * rows.scale).view(query.shape)
+    decode_rows = slice(0, 1)  # the (13, 1) request: one new token, through the decode kernel
+    want = ref.paged_attention(q_fp8, cache.float(), attn, 0.2, kv_layout="blocks_hnd")
+    want[decode_rows] = ref.paged_attention(query.float(), cache.float(), attn, 0.2, kv_layout="blocks_hnd")[decode_rows]
+    monkeypatch.setattr(attention, "VARLEN_FP8_QK", True)
+    got = attention.paged_attention(query, cache, attn, 0.2)
+    assert rel_err(got, want) <= RTOL[dtype]
+    monkeypatch.setattr(attention, "VARLEN_FP8_QK", False)
+    plain = attention.paged_attention(query, cache, attn, 0.2)
+    assert rel_err(plain, ref.paged_attention(query.float(), cache.float(), attn, 0.2,
+                                              kv_layout="blocks_hnd")) <= RTOL[dtype]
+    assert rel_err(got[1:], plain[1:]) > 3 * RTOL[dtype]  # the prompt rows took the fp8 q k^T
+    assert torch.equal(got[decode_rows], plain[decode_rows])
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("group", [1, 3, 4])
 @pytest.mark.parametrize("num_splits", [None, 1, 4] + ([32] if DEVICE.type != "cpu" else []))

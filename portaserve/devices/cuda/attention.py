@@ -94,6 +94,13 @@ VARLEN_CONFIG: dict[str, int] = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "
 #: (``benchmarks/gpu_kernels.py --sections tune``, 2026-12-07): 4 x 2048 new tokens 0.533 ms vs
 #: 0.607 masking every tile, 2048 new over 6144 cached 0.707 vs 0.824.
 VARLEN_UNMASKED_TILES = True
+#: Prompt attention over an e4m3 cache (16-bit queries) with q k^T as an fp8 tensor-core dot:
+#: each query row (token x head) quantized to e4m3 with its own scale in the kernel (the
+#: numerics of ``quant.fp8.quantize_per_token``), the key tile used as the cache holds it instead
+#: of converted to fp16 per tile; p v stays in fp16. FlashAttention-3 and TensorRT-LLM's fp8
+#: context attention also take fp8 queries. Off until timed: on an H100 the 1000/1000 run's prompt
+#: attention ran at ~150 TFLOP/s over the fp8 cache (stop 20) against ~260 over a bf16 one.
+VARLEN_FP8_QK = False
 #: The decode kernels' split merge (``_merge_splits``) unrolled over the splits, loads masked
 #: past the active ones, so they go out ahead of the merge rather than one L2 trip a split (up
 #: to 32 at batch 1 over a long context). Same bits; on an H100 (2026-12-07, ``gpu_kernels.py
@@ -129,7 +136,7 @@ DECODE_FP8_MMA_MAXNREG: int | None = 192
 @triton_helper
 def _kv_tile(q, head_base, table, start, kv_end, block_next, d, d_ok, stride_c_kv, stride_c_block,
              stride_c_off, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, FINITE: tl.constexpr,
-             KV_FP8: tl.constexpr):
+             KV_FP8: tl.constexpr, RAW_K: tl.constexpr = False):
     """The K and V tile of keys ``start .. start + BLOCK_N`` of one KV head, in q's compute
     dtype -> (key positions n, n < kv_end, k, v [BLOCK_N, BLOCK_D], the next tile's block ids).
     ``block_next`` holds this tile's block ids, loaded one tile ahead by the caller's loop: then
@@ -137,7 +144,8 @@ def _kv_tile(q, head_base, table, start, kv_end, block_next, d, d_ok, stride_c_k
     iteration, and Triton's pipeliner keeps num_stages - 1 tiles in flight (with the ids loaded
     in the iteration it kept one buffer whatever num_stages said). ``FINITE`` (an fp8 cache,
     which holds only finite values): whole blocks are loaded; the unwritten tail of the last
-    holds finite values and the caller gives its keys probability exactly 0."""
+    holds finite values and the caller gives its keys probability exactly 0. ``RAW_K``: k is
+    returned as the cache holds it (fp8 codes for ``FP8_QK``), only v converted."""
     n = start + tl.arange(0, BLOCK_N)
     n_ok = n < kv_end
     block = block_next.to(tl.int64)
@@ -152,10 +160,12 @@ def _kv_tile(q, head_base, table, start, kv_end, block_next, d, d_ok, stride_c_k
     k = tl.load(head_base + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
     v = tl.load(head_base + stride_c_kv + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
     if KV_FP8 == 1:  # [BLOCK_N, BLOCK_D] fp8 -> fp16 (q is fp16 already)
-        k = k.to(tl.float16)
+        if not RAW_K:
+            k = k.to(tl.float16)
         v = v.to(tl.float16)
     elif KV_FP8 == 2:  # through float32 to the query's dtype
-        k = k.to(tl.float32).to(q.dtype)
+        if not RAW_K:
+            k = k.to(tl.float32).to(q.dtype)
         v = v.to(tl.float32).to(q.dtype)
     return n, n_ok, k, v, block_next
 
@@ -167,6 +177,43 @@ def _scores(q, k, scale_log2, IEEE: tl.constexpr):
         return tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2
     else:
         return tl.dot(q, tl.trans(k)) * scale_log2
+
+
+@triton_helper
+def _round_e4m3(x):
+    """float32 x in [-448, 448] rounded to the nearest e4m3 value (ties to even), as float32:
+    for the interpreter, whose fp8 casts get a rounding that carries into the next binade wrong
+    (1.96 -> 1, 125.96 -> 64; ``launch.fp8_codes_dtype``). The step of x's binade (2^(e-3),
+    e >= -6: the subnormals') by its exponent bits; x / step rounded with the 1.5 * 2^23 trick."""
+    e = tl.maximum(((x.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)
+    step = ((e + 124) << 23).to(tl.float32, bitcast=True)
+    return ((x / step + 12582912.0) - 12582912.0) * step
+
+
+@triton_helper
+def _fp8_rows(q, EMULATE: tl.constexpr):
+    """q [M, D] -> (its rows as e4m3 codes, each row's float32 scale): the numerics of
+    ``quant.fp8.quantize_per_token`` (scale ``amax * fp32(1/448)``, 1 for a zero row; division
+    with IEEE rounding; saturated to +-448). ``EMULATE``: the codes' values as float32."""
+    qf = q.to(tl.float32)
+    scale = tl.reduce(tl.abs(qf), 1, MAX) * (1.0 / 448.0)
+    scale = tl.where(scale > 0.0, scale, 1.0)
+    codes = tl.minimum(tl.maximum(tl.math.div_rn(qf, scale[:, None]), -448.0), 448.0)
+    if EMULATE:
+        return _round_e4m3(codes), scale
+    return codes.to(tl.float8e4nv), scale
+
+
+@triton_helper
+def _scores_fp8(q8, k8, row_scale_log2, EMULATE: tl.constexpr):
+    """e4m3 q codes times e4m3 keys, each row times its scale (times ``scale * log2 e``). On a
+    GPU one fp8 tensor-core dot (no conversion of the key tile); ``EMULATE`` (the interpreter):
+    the same products, exact in float32 (q8 comes as float32 values then)."""
+    if EMULATE:
+        s = tl.dot(q8, tl.trans(k8.to(tl.float32)), input_precision="ieee")
+    else:
+        s = tl.dot(q8, tl.trans(k8))
+    return s * row_scale_log2[:, None]
 
 
 @triton_helper
@@ -193,13 +240,15 @@ def _varlen_attn_kernel(
     stride_c_kv, stride_c_block, stride_c_head, stride_c_off, stride_bt,
     GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    IEEE: tl.constexpr, KV_FP8: tl.constexpr, UNMASKED_TILES: tl.constexpr, PDL: tl.constexpr,
+    IEEE: tl.constexpr, KV_FP8: tl.constexpr, UNMASKED_TILES: tl.constexpr, FP8_QK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Grid ``(T // BLOCK_Q + R, Hk)``.
 
     Request r owns the program ids ``[qsl[r] // BLOCK_Q + r, qsl[r+1] // BLOCK_Q + r + 1)``
     (at least ``cdiv(q_len_r, BLOCK_Q)`` of them); a program finds its request by binary search
     over ``query_start_loc`` and exits when its tile lies past the request's query tokens.
+    ``FP8_QK`` (an e4m3 cache, ``VARLEN_FP8_QK``): q k^T as an fp8 dot, q quantized per row.
     """
     FINITE: tl.constexpr = KV_FP8 != 0  # an fp8 cache holds only finite values (module docstring)
     if PDL:  # programmatic dependent launch (launch.pdl): the next kernel may start; wait for the last
@@ -231,6 +280,9 @@ def _varlen_attn_kernel(
         q_rows = (q_start + tok).to(tl.int64)
         q = tl.load(q_ptr + q_rows[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
+        if FP8_QK:  # q as e4m3 codes with a scale a row; the scores' scale folded into it
+            q8, q_scale = _fp8_rows(q, KV_FP8 == 2)
+            row_scale_log2 = q_scale * scale_log2
         if KV_FP8 == 1:  # the dots run in fp16 over an fp8 cache
             q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
         q_pos = context_len + tok  # [BLOCK_M]
@@ -256,8 +308,11 @@ def _varlen_attn_kernel(
             for start in range(lo, hi, BLOCK_N):
                 n, n_ok, k, v, block_next = _kv_tile(
                     q, head_base, table, start, kv_end, block_next, d, d_ok, stride_c_kv, stride_c_block,
-                    stride_c_off, BLOCK_N, BLOCK_SIZE, FINITE, KV_FP8)
-                s = _scores(q, k, scale_log2, IEEE)  # [BLOCK_M, BLOCK_N]
+                    stride_c_off, BLOCK_N, BLOCK_SIZE, FINITE, KV_FP8, FP8_QK)
+                if FP8_QK:
+                    s = _scores_fp8(q8, k, row_scale_log2, KV_FP8 == 2)
+                else:
+                    s = _scores(q, k, scale_log2, IEEE)  # [BLOCK_M, BLOCK_N]
                 if phase == 1:
                     visible = (n[None, :] <= q_pos[:, None]) & n_ok[None, :]
                     s = tl.where(visible, s, float("-inf"))
@@ -916,7 +971,9 @@ def _varlen(query: torch.Tensor, out: torch.Tensor, query_start_loc: torch.Tenso
         {"GROUP": a.group, "BLOCK_Q": block_q, "BLOCK_M": block_m,
          "BLOCK_N": 16 if a.interp else VARLEN_CONFIG["BLOCK_N"] // (2 if a.ieee else 1),
          "BLOCK_D": a.block_d, "BLOCK_SIZE": a.block_size, "IEEE": a.ieee, "KV_FP8": a.kv_fp8,
-         "UNMASKED_TILES": VARLEN_UNMASKED_TILES, **pdl_options(query)[0]},
+         "UNMASKED_TILES": VARLEN_UNMASKED_TILES,
+         "FP8_QK": VARLEN_FP8_QK and a.kv_cache.dtype == torch.float8_e4m3fn and not a.ieee,
+         **pdl_options(query)[0]},
         num_warps=VARLEN_CONFIG["num_warps"],
         num_stages=VARLEN_CONFIG["num_stages"] - (1 if a.ieee else 0),
     )
