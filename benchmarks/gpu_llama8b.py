@@ -122,6 +122,14 @@ def _fast_accum() -> bool:
     return fp8.FAST_ACCUM
 
 
+def _varlen_state() -> str:
+    from portaserve.devices.cuda import attention
+
+    c = attention.VARLEN_CONFIG
+    return (f"BM={c['BLOCK_M']} BN={c['BLOCK_N']} w={c['num_warps']} s={c['num_stages']}"
+            f"{', fp8 q k^T over an e4m3 cache' if attention.VARLEN_FP8_QK else ''}")
+
+
 def _fp8_mma_state() -> str:
     from portaserve.devices.cuda import attention
 
@@ -301,6 +309,11 @@ def main() -> None:
     p.add_argument("--fp8-mma-decode", default=None, action=argparse.BooleanOptionalAction,
                    help="decode over an fp8 cache through the hand-built MMA kernel "
                         "(attention.DECODE_FP8_MMA; default: as the module says)")
+    p.add_argument("--fp8-qk-prefill", default=None, action=argparse.BooleanOptionalAction,
+                   help="prompt attention over an e4m3 cache with q k^T as an fp8 dot "
+                        "(attention.VARLEN_FP8_QK; default: as the module says)")
+    p.add_argument("--varlen-config", default=None, metavar="BM,BN,WARPS,STAGES",
+                   help="the prompt attention's tiles (attention.VARLEN_CONFIG; default: as the module says)")
     p.add_argument("--upcast-logits", action="store_true",
                    help="the runner's logits in float32 again (models.llama.UPCAST_LOGITS; the greedy "
                         "argmax otherwise runs on the lm_head's bf16 output)")
@@ -326,6 +339,14 @@ def main() -> None:
         from portaserve.devices.cuda import attention
 
         attention.DECODE_FP8_MMA = args.fp8_mma_decode
+    if args.fp8_qk_prefill is not None or args.varlen_config:
+        from portaserve.devices.cuda import attention
+
+        if args.fp8_qk_prefill is not None:
+            attention.VARLEN_FP8_QK = args.fp8_qk_prefill
+        if args.varlen_config:
+            bm, bn, warps, stages = (int(v) for v in args.varlen_config.split(","))
+            attention.VARLEN_CONFIG.update(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
     if args.upcast_logits:
         from portaserve.core.models import llama
 
@@ -344,7 +365,8 @@ def main() -> None:
         f"{c.num_kv_heads} KV heads, MLP {c.intermediate_size}, vocab {c.vocab_size}, bf16; "
         f"linears {args.quantization or 'bf16'}, KV cache {args.kv_cache_dtype}, memory utilization "
         f"{args.memory_utilization or 'default'}, max_num_seqs {args.max_num_seqs}, fp8 MMA decode "
-        f"{_fp8_mma_state()}, fp8 fast accumulation {'on' if _fast_accum() else 'off'}, logits "
+        f"{_fp8_mma_state()}, fp8 fast accumulation {'on' if _fast_accum() else 'off'}, prompt attention "
+        f"{_varlen_state()}, logits "
         f"{'float32' if args.upcast_logits else 'as the lm_head gives them'}")
     bw = copy_bandwidth()
     wb = weight_bytes(args.quantization)
