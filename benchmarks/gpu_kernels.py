@@ -61,12 +61,13 @@ SHORT_DECODE_CTX = (144, 1024)
 def dry_run_sizes() -> None:
     """Tiny shapes on CPU tensors (Triton interpreter, float32): checks the script, not speed."""
     global HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTER, VOCAB, LAYERS, DTYPE, DEV, TOKENS
-    global DECODE_CASES, PREFILL_CASES, PREFILL_FP8_CASE, MODEL_BATCHES, MODEL_CTX, MODEL_MAX_POS, OVERLAP_CASES, SHORT_DECODE_CTX
+    global DECODE_CASES, PREFILL_CASES, PREFILL_FP8_CASE, TUNE_FP8_CASES, MODEL_BATCHES, MODEL_CTX, MODEL_MAX_POS, OVERLAP_CASES, SHORT_DECODE_CTX
     HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTER, VOCAB, LAYERS = 64, 4, 2, 32, 96, 256, 2
     DTYPE, DEV, TOKENS = torch.float32, "cpu", 16
     DECODE_CASES = ((1, 40), (3, 20))
     PREFILL_CASES = (([(0, 20)] * 2, "2 x 20 new"), ([(30, 10)], "10 new over 30 cached"))
     PREFILL_FP8_CASE = ([(0, 20)] * 2, "2 x 20 new")
+    TUNE_FP8_CASES = ((3, 20),)
     MODEL_BATCHES, MODEL_CTX, MODEL_MAX_POS = (1, 3), 20, 64
     OVERLAP_CASES = ((4, 40),)
     SHORT_DECODE_CTX = (20,)
@@ -361,8 +362,14 @@ VARLEN_TRIALS = [(64, 64, 4, 3), (64, 32, 4, 3), (64, 128, 4, 2), (64, 64, 8, 3)
                  (128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3)]
 #: (BLOCK_N, warps, stages) for the decode over an fp8 cache (tune_fp8), the default first.
 #: (BLOCK_N, warps, stages) of the Triton kernel; "mma": ``attention._decode_fp8_mma_kernel``
-#: ("mma r128": with ptxas's own register count, 128, instead of ``DECODE_FP8_MMA_MAXNREG``).
-DECODE_TRIALS_FP8 = [(64, 2, 3), "mma", "mma r128", (64, 2, 4), (64, 4, 3), (64, 1, 3)]
+#: as the module sets it, with words for what a trial changes: "r128" ptxas's own register count
+#: (128) instead of ``DECODE_FP8_MMA_MAXNREG``; "ids ahead" the block ids loaded a step ahead
+#: (``DECODE_FP8_MMA_IDS_AHEAD``), "k ahead" the K words too (``DECODE_FP8_MMA_K_AHEAD``),
+#: "in step" neither.
+DECODE_TRIALS_FP8 = [(64, 2, 3), "mma", "mma r128", "mma in step", "mma ids ahead", "mma k ahead",
+                     (64, 2, 4), (64, 4, 3)]
+#: (requests, keys) of tune_fp8: DECODE_CASES' last two and the 1000/1000 run at 1024 sequences.
+TUNE_FP8_CASES = ((256, 1024), (512, 1536), (1024, 1536))
 DECODE_TRIALS = [(64, 4, 2), (32, 4, 2), (128, 4, 2), (64, 2, 2), (64, 8, 2), (64, 4, 3), (64, 4, 4),
                  (128, 8, 3), (32, 2, 3), (64, 2, 3), (64, 2, 4), (128, 2, 2), (128, 4, 3), (32, 2, 4)]
 
@@ -468,7 +475,8 @@ def tune_fp8_rows(rounds: int = 3) -> list[Row]:
     scale = HEAD_DIM**-0.5
     saved, saved_mma = dict(attention.DECODE_CONFIG_FP8), attention.DECODE_FP8_MMA
     saved_regs = attention.DECODE_FP8_MMA_MAXNREG
-    for num_reqs, ctx in (DECODE_CASES[-2], DECODE_CASES[-1]):
+    saved_ahead = attention.DECODE_FP8_MMA_IDS_AHEAD, attention.DECODE_FP8_MMA_K_AHEAD
+    for num_reqs, ctx in TUNE_FP8_CASES:
         nbytes = num_reqs * ctx * KV_HEADS * HEAD_DIM * 2  # K and V, one byte each
         setups = [paged_setup([(ctx - 1, 1)] * num_reqs, seed) for seed in range(min(8, 1 + (256 << 20) // nbytes))]
         fp8 = [(q_, c_.to(torch.float8_e4m3fn), a_) for q_, c_, a_, _ in setups]
@@ -480,7 +488,12 @@ def tune_fp8_rows(rounds: int = 3) -> list[Row]:
             for trial in DECODE_TRIALS_FP8:
                 mma = isinstance(trial, str)
                 attention.DECODE_FP8_MMA = mma
-                attention.DECODE_FP8_MMA_MAXNREG = None if trial == "mma r128" else saved_regs
+                words = trial.split() if mma else []
+                attention.DECODE_FP8_MMA_MAXNREG = None if "r128" in words else saved_regs
+                ids, k = saved_ahead
+                if "step" in words or "ahead" in words:
+                    ids, k = "ids" in words, "k" in words
+                attention.DECODE_FP8_MMA_IDS_AHEAD, attention.DECODE_FP8_MMA_K_AHEAD = ids, k
                 if not mma:
                     bn, warps, stages = trial
                     attention.DECODE_CONFIG_FP8.update(BLOCK_N=bn, num_warps=warps, num_stages=stages)
@@ -494,6 +507,7 @@ def tune_fp8_rows(rounds: int = 3) -> list[Row]:
                     print(f"tune fp8 {trial}: {type(e).__name__}: {str(e)[:120]}")
                     errors[trial] = float("nan")
         attention.DECODE_FP8_MMA, attention.DECODE_FP8_MMA_MAXNREG = saved_mma, saved_regs
+        attention.DECODE_FP8_MMA_IDS_AHEAD, attention.DECODE_FP8_MMA_K_AHEAD = saved_ahead
         for trial, ms in times.items():
             label = (f"{trial} kernel (1 warp, 32 keys a step)" if isinstance(trial, str) else
                      "BN={} w={} s={}".format(*trial))

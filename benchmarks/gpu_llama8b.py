@@ -133,7 +133,9 @@ def _varlen_state() -> str:
 def _fp8_mma_state() -> str:
     from portaserve.devices.cuda import attention
 
-    return "on (where it fits and its check holds)" if attention.DECODE_FP8_MMA else "off"
+    ahead = ("K words + block ids" if attention.DECODE_FP8_MMA_K_AHEAD else
+             "block ids" if attention.DECODE_FP8_MMA_IDS_AHEAD else "nothing")
+    return f"on (where it fits and its check holds; a step ahead: {ahead})" if attention.DECODE_FP8_MMA else "off"
 
 
 def make_llm(args: argparse.Namespace, **kw: object) -> LLM:
@@ -309,6 +311,10 @@ def main() -> None:
     p.add_argument("--fp8-mma-decode", default=None, action=argparse.BooleanOptionalAction,
                    help="decode over an fp8 cache through the hand-built MMA kernel "
                         "(attention.DECODE_FP8_MMA; default: as the module says)")
+    p.add_argument("--fp8-mma-ahead", default=None, choices=("none", "ids", "k"),
+                   help="what the MMA fp8 decode loads a step ahead: nothing, the block ids "
+                        "(attention.DECODE_FP8_MMA_IDS_AHEAD) or the K words too (DECODE_FP8_MMA_K_AHEAD); "
+                        "default: as the module says")
     p.add_argument("--fp8-qk-prefill", default=None, action=argparse.BooleanOptionalAction,
                    help="prompt attention over an e4m3 cache with q k^T as an fp8 dot "
                         "(attention.VARLEN_FP8_QK; default: as the module says)")
@@ -339,6 +345,11 @@ def main() -> None:
         from portaserve.devices.cuda import attention
 
         attention.DECODE_FP8_MMA = args.fp8_mma_decode
+    if args.fp8_mma_ahead is not None:
+        from portaserve.devices.cuda import attention
+
+        attention.DECODE_FP8_MMA_IDS_AHEAD = args.fp8_mma_ahead == "ids"
+        attention.DECODE_FP8_MMA_K_AHEAD = args.fp8_mma_ahead == "k"
     if args.fp8_qk_prefill is not None or args.varlen_config:
         from portaserve.devices.cuda import attention
 

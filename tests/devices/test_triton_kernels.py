@@ -627,15 +627,19 @@ MMA_DTYPES = [d for d in DTYPES if d != torch.float32]
 @pytest.mark.parametrize("dtype", MMA_DTYPES)
 @pytest.mark.parametrize("group,block_size", [(4, 16), (1, 32), (8, 16)])
 @pytest.mark.parametrize("num_splits", [1, 2, 4])
+@pytest.mark.parametrize("ahead", ["none", "ids", "k"])
 def test_fp8_decode_on_hand_built_mma_fragments(dtype: torch.dtype, group: int, block_size: int,
-                                               num_splits: int, gen: torch.Generator,
+                                               num_splits: int, ahead: str, gen: torch.Generator,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """The MMA decode over an e4m3 cache (compiled: fragments built in each lane by inline PTX;
     interpreter: the same per-lane sums in float32) against the reference: contexts of 1 to 334
     keys (a partial last chunk, a last step with one chunk, partial blocks), GQA 1 / 4 / 8, blocks
-    of 16 and 32 keys, both cache layouts, splits merged by the last program. On a GPU its
-    one-time check holds too."""
+    of 16 and 32 keys, both cache layouts, splits merged by the last program; the block ids
+    loaded in the step or one step ahead (``DECODE_FP8_MMA_IDS_AHEAD``), and the K words one step
+    ahead (``DECODE_FP8_MMA_K_AHEAD``). On a GPU its one-time check holds too."""
     monkeypatch.setattr(attention, "DECODE_FP8_MMA", True)
+    monkeypatch.setattr(attention, "DECODE_FP8_MMA_IDS_AHEAD", ahead == "ids")
+    monkeypatch.setattr(attention, "DECODE_FP8_MMA_K_AHEAD", ahead == "k")
     monkeypatch.setattr(attention, "DECODE_MIN_CHUNK", 64 if num_splits == 4 else 0)  # 4: some finish alone
     seen = launch_spy(attention._decode_fp8_mma_kernel, monkeypatch)
     lens = [(0, 1), (15, 1), (16, 1), (47, 1), (129, 1), (70, 1), (333, 1)]
@@ -644,6 +648,7 @@ def test_fp8_decode_on_hand_built_mma_fragments(dtype: torch.dtype, group: int, 
                                    torch.float8_e4m3fn)
     got = attention.paged_attention(query, cache, attn, 0.09, kv_layout=layout, num_splits=num_splits)
     assert seen and seen[-1]["NUM_SPLITS"] == num_splits, "the MMA kernel did not run"
+    assert (seen[-1]["IDS_AHEAD"], seen[-1]["K_AHEAD"]) == (ahead == "ids", ahead == "k")
     assert seen[-1]["ASM"] == (DEVICE.type != "cpu")
     want = ref.paged_attention(query, cache, attn, 0.09, kv_layout=layout)
     assert rel_err(got, want) <= RTOL[dtype]

@@ -131,6 +131,16 @@ DECODE_FP8_MMA = True
 #: Registers a thread of it may use (Triton's ``maxnreg``): sm_90 code (Triton 3.6) needs 179
 #: for its loop without spilling; ptxas left to itself took 128 and spilled 13 values a step.
 DECODE_FP8_MMA_MAXNREG: int | None = 192
+#: ``_decode_fp8_mma_kernel`` loads a step's two block ids one step ahead (as ``_kv_tile`` does
+#: for the Triton kernels, which took the fp8 decode from 67% to 78% of the copy bandwidth on an
+#: H200): without, each 32-key step's K and V loads wait for a table load first. Off until timed
+#: (``gpu_kernels.py --sections tune_fp8``). (Pipeline stages change nothing in its code: Triton
+#: pipelines loads that feed ``tl.dot``, and this kernel's feed inline PTX.)
+DECODE_FP8_MMA_IDS_AHEAD = False
+#: ... and a step's K words too, loaded by the step before once it has used its own (the ids then
+#: two steps ahead; implies the ids ahead): one memory latency a step less to wait for, at 32
+#: registers a lane more. Off until timed.
+DECODE_FP8_MMA_K_AHEAD = False
 
 
 @triton_helper
@@ -554,13 +564,18 @@ def _decode_fp8_mma_kernel(
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_c_kv, stride_c_block, stride_c_head, stride_c_off, stride_bt,
     GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr, ASM: tl.constexpr,
-    PDL: tl.constexpr, MERGE_UNROLLED: tl.constexpr, MIN_CHUNK: tl.constexpr,
+    PDL: tl.constexpr, MERGE_UNROLLED: tl.constexpr, MIN_CHUNK: tl.constexpr, IDS_AHEAD: tl.constexpr,
+    K_AHEAD: tl.constexpr,
 ):
     """Grid ``(R, Hk, NUM_SPLITS)``, one warp: as ``_decode_attn_kernel`` (the same splits and
     merge), over an fp8 e4m3 cache with head dim 128, GROUP <= 8 and blocks of a multiple of 16
     keys; 32 keys (two 16-key chunks) a loop step. ``ASM`` False (the interpreter): the same
     sums per lane in float32 from whole rows of q, K and V, so the interpreter checks all but
-    the fragments themselves."""
+    the fragments themselves. ``IDS_AHEAD`` (``DECODE_FP8_MMA_IDS_AHEAD``): a step's two block
+    ids are loaded by the step before, so its K and V loads do not wait on a table load.
+    ``K_AHEAD`` (``DECODE_FP8_MMA_K_AHEAD``): a step's K words too, right after the step before
+    used its own (the ids then two steps ahead), so that their latency passes under that step's
+    softmax and P @ V."""
     req, kv_head, split, seq_len, chunk, kv_start, kv_end = _decode_program(seq_lens_ptr, 32, NUM_SPLITS, PDL,
                                                                             MIN_CHUNK)
 
@@ -594,15 +609,48 @@ def _decode_fp8_mma_kernel(
     acc31 = acc00
     table = block_tables_ptr + req * stride_bt
     head_base = cache_ptr + kv_head.to(tl.int64) * stride_c_head
+    next_a = tl.load(table + kv_start // BLOCK_SIZE, mask=kv_start < kv_end, other=0)
+    next_b = tl.load(table + (kv_start + 16) // BLOCK_SIZE, mask=kv_start + 16 < kv_end, other=0)
+    if K_AHEAD:  # step 0's K words now, step 1's ids; then each step loads the next one's
+        cur_a = next_a
+        cur_b = next_b
+        ka_lo, ka_hi, kb_lo, kb_hi = _k_step(head_base, cur_a, cur_b, kv_start, kv_end, g, jj, t3, d,
+                                             stride_c_block, stride_c_off, BLOCK_SIZE, ASM)
+        next_a = tl.load(table + (kv_start + 32) // BLOCK_SIZE, mask=kv_start + 32 < kv_end, other=0)
+        next_b = tl.load(table + (kv_start + 48) // BLOCK_SIZE, mask=kv_start + 48 < kv_end, other=0)
     for start in range(kv_start, kv_end, 32):
         # -- the step's two chunks: block, scores (keys 8 j + 2 t + e of the chunk, [4, 8, 2] each)
         pos_a = start
         pos_b = start + 16
-        blk_a = tl.load(table + pos_a // BLOCK_SIZE).to(tl.int64)
-        blk_b = tl.load(table + pos_b // BLOCK_SIZE, mask=pos_b < kv_end, other=0).to(tl.int64)
+        if K_AHEAD:
+            blk_a = cur_a.to(tl.int64)
+            blk_b = cur_b.to(tl.int64)
+        elif IDS_AHEAD:  # this step's ids came with the last step; the next step's go out now
+            blk_a = next_a.to(tl.int64)
+            blk_b = next_b.to(tl.int64)
+            next_a = tl.load(table + (pos_a + 32) // BLOCK_SIZE, mask=pos_a + 32 < kv_end, other=0)
+            next_b = tl.load(table + (pos_b + 32) // BLOCK_SIZE, mask=pos_b + 32 < kv_end, other=0)
+        else:
+            blk_a = tl.load(table + pos_a // BLOCK_SIZE).to(tl.int64)
+            blk_b = tl.load(table + pos_b // BLOCK_SIZE, mask=pos_b < kv_end, other=0).to(tl.int64)
         rows_a = head_base + blk_a * stride_c_block + (pos_a % BLOCK_SIZE) * stride_c_off
         rows_b = head_base + blk_b * stride_c_block + (pos_b % BLOCK_SIZE) * stride_c_off
-        if ASM:
+        if K_AHEAD:  # this step's K came with the last step; the next step's goes out after the MMAs
+            if ASM:
+                sa0, sa1 = _qk_mma(ka_lo, ka_hi, q0, q1, q2, q3, q4, q5, q6, q7, q8, q9, q10, q11, q12, q13,
+                                   q14, q15)
+                sb0, sb1 = _qk_mma(kb_lo, kb_hi, q0, q1, q2, q3, q4, q5, q6, q7, q8, q9, q10, q11, q12, q13,
+                                   q14, q15)
+            else:
+                sa0, sa1 = _qk_float(qf, ka_lo, ka_hi)
+                sb0, sb1 = _qk_float(qf, kb_lo, kb_hi)
+            cur_a = next_a
+            cur_b = next_b
+            ka_lo, ka_hi, kb_lo, kb_hi = _k_step(head_base, cur_a, cur_b, start + 32, kv_end, g, jj, t3, d,
+                                                 stride_c_block, stride_c_off, BLOCK_SIZE, ASM)
+            next_a = tl.load(table + (start + 64) // BLOCK_SIZE, mask=start + 64 < kv_end, other=0)
+            next_b = tl.load(table + (start + 80) // BLOCK_SIZE, mask=start + 80 < kv_end, other=0)
+        elif ASM:
             sa0, sa1 = _qk_scores(rows_a, g, jj, t3, stride_c_off, q0, q1, q2, q3, q4, q5, q6, q7,
                                   q8, q9, q10, q11, q12, q13, q14, q15)
             sb0, sb1 = _qk_scores(rows_b, g, jj, t3, stride_c_off, q0, q1, q2, q3, q4, q5, q6, q7,
@@ -683,16 +731,44 @@ def _decode_fp8_mma_kernel(
 
 
 @triton_helper
-def _qk_scores(rows, g, jj, t3, stride_c_off, q0, q1, q2, q3, q4, q5, q6, q7, q8, q9, q10, q11, q12,
-               q13, q14, q15):
-    """A chunk's scores on the tensor cores: [4, 8, 2] for keys 8 j + 2 t and 8 j + 2 t + 1.
-    The words load as [4, 8, 2, 4] tensors (16 contiguous bytes a thread), which is what makes
-    Triton lay them out lanes along t, then g; the asm is not pure, so that Triton keeps it in
-    that layout rather than recompute it in others."""
+def _k_step(head_base, blk_a, blk_b, start, kv_end, g, jj, t3, d, stride_c_block, stride_c_off,
+            BLOCK_SIZE: tl.constexpr, ASM: tl.constexpr):
+    """The K of the 32-key step at ``start`` (chunks in blocks ``blk_a`` / ``blk_b``), nothing
+    loaded unless ``start < kv_end``: as ``_qk_mma`` takes it (two word tensors a chunk) or,
+    ``ASM`` False, as float32 rows for ``_qk_float``."""
+    rows_a = head_base + blk_a.to(tl.int64) * stride_c_block + (start % BLOCK_SIZE) * stride_c_off
+    rows_b = head_base + blk_b.to(tl.int64) * stride_c_block + ((start + 16) % BLOCK_SIZE) * stride_c_off
+    ok = ((t3 * 0 + jj * 0 + start) < kv_end)[:, :, :, None]  # (a tensor: the interpreter takes no scalar mask here)
+    if ASM:
+        pa = _k_word_ptrs(rows_a, g, jj, t3, stride_c_off)
+        pb = _k_word_ptrs(rows_b, g, jj, t3, stride_c_off)
+        a0 = tl.load(pa, mask=ok, other=0)
+        a1 = tl.load(pa + 4, mask=ok, other=0)
+        b0 = tl.load(pb, mask=ok, other=0)
+        b1 = tl.load(pb + 4, mask=ok, other=0)
+    else:
+        pa = _k_row_ptrs(rows_a, jj, t3, d, stride_c_off)
+        pb = _k_row_ptrs(rows_b, jj, t3, d, stride_c_off)
+        a0 = tl.load(pa, mask=ok, other=0.0).to(tl.float32)
+        a1 = tl.load(pa + stride_c_off, mask=ok, other=0.0).to(tl.float32)
+        b0 = tl.load(pb, mask=ok, other=0.0).to(tl.float32)
+        b1 = tl.load(pb + stride_c_off, mask=ok, other=0.0).to(tl.float32)
+    return a0, a1, b0, b1
+
+
+@triton_helper
+def _k_word_ptrs(rows, g, jj, t3, stride_c_off):
+    """Where a lane's K words of a chunk lie: [4, 8, 2, 4] int32 pointers (16 contiguous bytes a
+    thread, lanes along t, then g; key g + 8 j), and 16 bytes further for the second half."""
     kp = (rows + ((g[:, :, None] + 8 * jj) * stride_c_off + 32 * t3)).to(tl.pointer_type(tl.int32))
-    kp = kp[:, :, :, None] + tl.arange(0, 4)[None, None, None, :]  # [4, 8, 2, 4]: key g + 8 j
-    k0, k1, k2, k3 = _split4(tl.load(kp))
-    k4, k5, k6, k7 = _split4(tl.load(kp + 4))
+    return kp[:, :, :, None] + tl.arange(0, 4)[None, None, None, :]
+
+
+@triton_helper
+def _qk_mma(kw_lo, kw_hi, q0, q1, q2, q3, q4, q5, q6, q7, q8, q9, q10, q11, q12, q13, q14, q15):
+    """A chunk's scores from its K words (loaded at ``_k_word_ptrs`` and 16 bytes on)."""
+    k0, k1, k2, k3 = _split4(kw_lo)
+    k4, k5, k6, k7 = _split4(kw_hi)
     return tl.inline_asm_elementwise(
         _QK_MMA_ASM, _QK_MMA_CONSTRAINTS,
         [k0, k1, k2, k3, k4, k5, k6, k7, q0[:, :, None], q1[:, :, None], q2[:, :, None], q3[:, :, None],
@@ -703,12 +779,35 @@ def _qk_scores(rows, g, jj, t3, stride_c_off, q0, q1, q2, q3, q4, q5, q6, q7, q8
 
 
 @triton_helper
+def _k_row_ptrs(rows, jj, t3, d, stride_c_off):
+    """Where a chunk's K rows of keys 8 j + 2 t lie ([4, 1, 2, 128]; one row on: keys + 1), the
+    interpreter's form of ``_k_word_ptrs``."""
+    return rows + ((8 * jj + 2 * t3) * stride_c_off)[:, :, :, None] + d[None, None, None, :]
+
+
+@triton_helper
+def _qk_float(qf, k0, k1):
+    """``_qk_scores_float`` from K rows already loaded ([4, 1, 2, 128] float32 each)."""
+    return tl.reduce(qf * k0, 3, SUM), tl.reduce(qf * k1, 3, SUM)  # [4, 8, 2]
+
+
+@triton_helper
+def _qk_scores(rows, g, jj, t3, stride_c_off, q0, q1, q2, q3, q4, q5, q6, q7, q8, q9, q10, q11, q12,
+               q13, q14, q15):
+    """A chunk's scores on the tensor cores: [4, 8, 2] for keys 8 j + 2 t and 8 j + 2 t + 1.
+    The words load as [4, 8, 2, 4] tensors (16 contiguous bytes a thread), which is what makes
+    Triton lay them out lanes along t, then g; the asm is not pure, so that Triton keeps it in
+    that layout rather than recompute it in others."""
+    kp = _k_word_ptrs(rows, g, jj, t3, stride_c_off)
+    return _qk_mma(tl.load(kp), tl.load(kp + 4), q0, q1, q2, q3, q4, q5, q6, q7, q8, q9, q10, q11, q12, q13, q14,
+                   q15)
+
+
+@triton_helper
 def _qk_scores_float(rows, qf, jj, t3, d, stride_c_off):
     """``_qk_scores`` in float32 from whole rows (the interpreter)."""
-    key = 8 * jj + 2 * t3  # [4, 1, 2]
-    k0 = tl.load(rows + (key * stride_c_off)[:, :, :, None] + d[None, None, None, :]).to(tl.float32)
-    k1 = tl.load(rows + ((key + 1) * stride_c_off)[:, :, :, None] + d[None, None, None, :]).to(tl.float32)
-    return tl.reduce(qf * k0, 3, SUM), tl.reduce(qf * k1, 3, SUM)  # [4, 8, 2]
+    kp = _k_row_ptrs(rows, jj, t3, d, stride_c_off)
+    return _qk_float(qf, tl.load(kp).to(tl.float32), tl.load(kp + stride_c_off).to(tl.float32))
 
 
 @triton_helper
@@ -933,7 +1032,8 @@ def _decode(query: torch.Tensor, out: torch.Tensor, seq_lens: torch.Tensor, tabl
             query, a.kv_cache, out, part_out, part_lse, counters, seq_lens, tables, a.scale_log2,
             query.stride(0), query.stride(1), out.stride(0), out.stride(1), *a.cache_strides,
             GROUP=a.group, BLOCK_SIZE=a.block_size, NUM_SPLITS=num_splits, ASM=not a.interp,
-            MERGE_UNROLLED=MERGE_UNROLLED, MIN_CHUNK=_min_chunk(32),
+            MERGE_UNROLLED=MERGE_UNROLLED, MIN_CHUNK=_min_chunk(32), IDS_AHEAD=DECODE_FP8_MMA_IDS_AHEAD,
+            K_AHEAD=DECODE_FP8_MMA_K_AHEAD,
             num_warps=1, num_stages=1, **constexprs, **options,
             **({"maxnreg": DECODE_FP8_MMA_MAXNREG} if DECODE_FP8_MMA_MAXNREG and not a.interp else {}))
         return
