@@ -1,11 +1,17 @@
 #!/usr/bin/env bash
-# The GPU measurements still open (docs/benchmarks.md, "stop 24"), in priority order, as one
+# The GPU measurements still open (docs/benchmarks.md, "stop 24" and "stop 25"), in priority order, as one
 # command per lent-GPU call (the machine goes back 30 s after a call, so a call should not wait
 # on the next). Run from the repository root on the lent H200 (Python 3.12, torch 2.11, triton
 # 3.6), with the gguf wheel carried in .whl/:
 #
-#     bash ci/gpu_pending.sh next    # ~6 min, one call: `chain`, then `e2e3000` (a call's limit is
-#                                    # 10 minutes; one warm call instead of two)
+#     bash ci/gpu_pending.sh next    # ~8 min, one call: `attn8` (the fp8 attention candidates of
+#                                    # stop 25), then `chain` (a call's limit is 10 minutes)
+#     bash ci/gpu_pending.sh attn8   # ~4 min: the GPU tests of the fp8 attention paths, then the MMA
+#                                    # fp8 decode with ids / K words a step ahead (tune_fp8, at
+#                                    # 256 x 1024, 512 x 1536, 1024 x 1536) and the prompt attention's
+#                                    # tiles over an fp8 cache with q k^T in fp16 or fp8 (prefill8)
+#     bash ci/gpu_pending.sh e2eab --fp8-mma-ahead k --fp8-qk-prefill  # ~9 min: `e2e3000` with the
+#                                    # flags given, then as the module says (what attn8 won, end to end)
 #     bash ci/gpu_pending.sh chain   # ~3 min: the int4 layer's four GEMVs chained in one
 #                                    # persistent launch (quant/chain_triton.py) against a launch
 #                                    # a stage and the engine's GEMVs (gpu_int4_chain.py), after
@@ -42,9 +48,9 @@
 # SKIP_TESTS=1 leaves out the GPU tests of f16 and int4 (when little device time is left).
 set -uo pipefail
 case "${1:-chain}" in
-next|chain|profile|prefill8|f16|int4|bf16|fp8|e2e|e2e3000|stream) ;;
+next|attn8|e2eab|chain|profile|prefill8|f16|int4|bf16|fp8|e2e|e2e3000|stream) ;;
 *)
-    echo "usage: bash ci/gpu_pending.sh next|chain|e2e3000|profile|prefill8|int4|bf16|e2e|f16|stream|fp8 [extra gpu_llama8b flags for e2e3000]" >&2
+    echo "usage: bash ci/gpu_pending.sh next|attn8|e2eab|chain|e2e3000|profile|prefill8|int4|bf16|e2e|f16|stream|fp8 [extra gpu_llama8b flags for e2e3000]" >&2
     exit 2 ;;
 esac
 OUT="${OUT:-/tmp/gpu_pending}"
@@ -58,8 +64,18 @@ E2E=(python3 benchmarks/gpu_llama8b.py --skip-hf --parts throughput --kv-cache-d
 
 case "${1:-chain}" in
 next)
-    OUT="$OUT/chain" bash "$0" chain
-    OUT="$OUT/e2e3000" bash "$0" e2e3000 --budget-s 240 ;;
+    OUT="$OUT/attn8" bash "$0" attn8
+    OUT="$OUT/chain" bash "$0" chain ;;
+attn8)
+    timeout 150 env PORTASERVE_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider tests/devices/test_triton_kernels.py \
+        -k "hand_built or fp8_qk or unmasked" > "$OUT/tests.txt" 2>&1
+    tail -3 "$OUT/tests.txt" | cut -c1-300
+    timeout 150 python3 benchmarks/gpu_kernels.py --sections tune_fp8 > "$OUT/tune_fp8.txt" 2>&1
+    grep -A40 "^ceilings" "$OUT/tune_fp8.txt" | grep "tune fp8\|WRONG" | cut -c1-160
+    OUT="$OUT" bash "$0" prefill8 ;;
+e2eab)
+    OUT="$OUT/with" bash "$0" e2e3000 --budget-s 230 "${@:2}"
+    OUT="$OUT/default" bash "$0" e2e3000 --budget-s 230 ;;
 f16)
     [ -n "${SKIP_TESTS:-}" ] || timeout 190 env PORTASERVE_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider tests/quant/test_quant_gemv.py \
         -k "fp16x2 or rotary or f16" > "$OUT/tests.txt" 2>&1
