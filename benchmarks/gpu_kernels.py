@@ -365,9 +365,10 @@ VARLEN_TRIALS = [(64, 64, 4, 3), (64, 32, 4, 3), (64, 128, 4, 2), (64, 64, 8, 3)
 #: as the module sets it, with words for what a trial changes: "r128" ptxas's own register count
 #: (128) instead of ``DECODE_FP8_MMA_MAXNREG``; "ids ahead" the block ids loaded a step ahead
 #: (``DECODE_FP8_MMA_IDS_AHEAD``), "k ahead" the K words too (``DECODE_FP8_MMA_K_AHEAD``),
-#: "in step" neither.
+#: "in step" neither; "splits2" twice the splits ``decode_num_splits`` gives (one at these
+#: batches: programs of half the keys, so a shorter tail once the last wave runs out of work).
 DECODE_TRIALS_FP8 = [(64, 2, 3), "mma", "mma r128", "mma in step", "mma ids ahead", "mma k ahead",
-                     (64, 2, 4), (64, 4, 3)]
+                     "mma splits2", "mma k ahead splits2", (64, 2, 4), (64, 4, 3)]
 #: (requests, keys) of tune_fp8: DECODE_CASES' last two and the 1000/1000 run at 1024 sequences.
 TUNE_FP8_CASES = ((256, 1024), (512, 1536), (1024, 1536))
 DECODE_TRIALS = [(64, 4, 2), (32, 4, 2), (128, 4, 2), (64, 2, 2), (64, 8, 2), (64, 4, 3), (64, 4, 4),
@@ -494,15 +495,17 @@ def tune_fp8_rows(rounds: int = 3) -> list[Row]:
                 if "step" in words or "ahead" in words:
                     ids, k = "ids" in words, "k" in words
                 attention.DECODE_FP8_MMA_IDS_AHEAD, attention.DECODE_FP8_MMA_K_AHEAD = ids, k
+                splits = {"num_splits": 2 * attention.decode_num_splits(num_reqs, KV_HEADS, ctx, _num_sms())
+                          } if "splits2" in words else {}
                 if not mma:
                     bn, warps, stages = trial
                     attention.DECODE_CONFIG_FP8.update(BLOCK_N=bn, num_warps=warps, num_stages=stages)
                 try:
                     if trial not in errors:
                         want = ref.paged_attention(*fp8[0], scale, kv_layout="blocks_hnd")
-                        errors[trial] = rel_err(attention.paged_attention(*fp8[0], scale), want)
+                        errors[trial] = rel_err(attention.paged_attention(*fp8[0], scale, **splits), want)
                     times.setdefault(trial, []).append(bench(
-                        lambda i: attention.paged_attention(*fp8[i % n], scale), budget_s=0.5))
+                        lambda i: attention.paged_attention(*fp8[i % n], scale, **splits), budget_s=0.5))
                 except Exception as e:  # a config may not fit; report it and go on
                     print(f"tune fp8 {trial}: {type(e).__name__}: {str(e)[:120]}")
                     errors[trial] = float("nan")
