@@ -13,11 +13,11 @@ from portaserve.plugins.device import KVCacheSpec
 BLOCK_SIZE = 16
 
 
-def _caches(model, device, num_tokens: int) -> list[torch.Tensor]:
+def _caches(model, device, num_tokens: int, cache_dtype: torch.dtype | None = None) -> list[torch.Tensor]:
     cfg = model.config
     num_blocks = -(-num_tokens // BLOCK_SIZE) + 1
     spec = KVCacheSpec(cfg.num_layers, num_blocks, BLOCK_SIZE, cfg.num_kv_heads, cfg.head_dim,
-                       model.dtype)
+                       cache_dtype or model.dtype)
     return device.allocate_kv_cache(spec)
 
 
@@ -42,9 +42,10 @@ def greedy(model, device, prompt_ids: list[int], max_tokens: int) -> list[int]:
     return out
 
 
-def prefill_logits(model, device, ids: list[int]) -> torch.Tensor:
-    """float32 logits [len(ids), V] of one prefill over ``ids``."""
-    caches = _caches(model, device, len(ids))
+def prefill_logits(model, device, ids: list[int], cache_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """float32 logits [len(ids), V] of one prefill over ``ids`` (KV cache in ``cache_dtype``,
+    by default the model's)."""
+    caches = _caches(model, device, len(ids), cache_dtype)
     block_ids = list(range(-(-len(ids) // BLOCK_SIZE)))
     return _step(model, caches, ids, 0, block_ids, True)
 
