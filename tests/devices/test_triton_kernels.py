@@ -391,7 +391,8 @@ def test_varlen_fp8_qk_is_attention_over_per_row_fp8_queries(dtype: torch.dtype,
     plain = attention.paged_attention(query, cache, attn, 0.2)
     assert rel_err(plain, ref.paged_attention(query.float(), cache.float(), attn, 0.2,
                                               kv_layout="blocks_hnd")) <= RTOL[dtype]
-    assert rel_err(got[1:], plain[1:]) > 3 * RTOL[dtype]  # the prompt rows took the fp8 q k^T
+    # the prompt rows took the fp8 q k^T: ~4% apart here, against ~0.1-0.4% of 16-bit rounding
+    assert rel_err(got[1:], plain[1:]) > 1e-2
     assert torch.equal(got[decode_rows], plain[decode_rows])
 
 
