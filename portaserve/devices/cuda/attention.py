@@ -100,6 +100,7 @@ VARLEN_UNMASKED_TILES = True
 #: of converted to fp16 per tile; p v stays in fp16. FlashAttention-3 and TensorRT-LLM's fp8
 #: context attention also take fp8 queries. Off until timed: on an H100 the 1000/1000 run's prompt
 #: attention ran at ~150 TFLOP/s over the fp8 cache (stop 20) against ~260 over a bf16 one.
+#: (Head dims padded to 32 or more: an fp8 MMA takes 32 along K.)
 VARLEN_FP8_QK = False
 #: The decode kernels' split merge (``_merge_splits``) unrolled over the splits, loads masked
 #: past the active ones, so they go out ahead of the merge rather than one L2 trip a split (up
@@ -1072,7 +1073,7 @@ def _varlen(query: torch.Tensor, out: torch.Tensor, query_start_loc: torch.Tenso
          "BLOCK_N": 16 if a.interp else VARLEN_CONFIG["BLOCK_N"] // (2 if a.ieee else 1),
          "BLOCK_D": a.block_d, "BLOCK_SIZE": a.block_size, "IEEE": a.ieee, "KV_FP8": a.kv_fp8,
          "UNMASKED_TILES": VARLEN_UNMASKED_TILES,
-         "FP8_QK": VARLEN_FP8_QK and a.kv_cache.dtype == torch.float8_e4m3fn and not a.ieee,
+         "FP8_QK": VARLEN_FP8_QK and a.kv_cache.dtype == torch.float8_e4m3fn and not a.ieee and a.block_d >= 32,
          **pdl_options(query)[0]},
         num_warps=VARLEN_CONFIG["num_warps"],
         num_stages=VARLEN_CONFIG["num_stages"] - (1 if a.ieee else 0),
