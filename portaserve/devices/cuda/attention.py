@@ -60,7 +60,14 @@ from typing import TYPE_CHECKING
 import torch
 import triton.language as tl
 
-from portaserve.devices.cuda.kv import FP8_FORMATS, KV_LAYOUT, cache_geometry, cache_strides
+from portaserve.devices.cuda.kv import (
+    FP8_FORMATS,
+    KV_LAYOUT,
+    cache_geometry,
+    cache_strides,
+    fp8_code,
+    fp8_constexprs,
+)
 from portaserve.devices.cuda.launch import (
     MAX,
     SUM,
@@ -191,27 +198,19 @@ def _scores(q, k, scale_log2, IEEE: tl.constexpr):
 
 
 @triton_helper
-def _round_e4m3(x):
-    """float32 x in [-448, 448] rounded to the nearest e4m3 value (ties to even), as float32:
-    for the interpreter, whose fp8 casts get a rounding that carries into the next binade wrong
-    (1.96 -> 1, 125.96 -> 64; ``launch.fp8_codes_dtype``). The step of x's binade (2^(e-3),
-    e >= -6: the subnormals') by its exponent bits; x / step rounded with the 1.5 * 2^23 trick."""
-    e = tl.maximum(((x.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)
-    step = ((e + 124) << 23).to(tl.float32, bitcast=True)
-    return ((x / step + 12582912.0) - 12582912.0) * step
-
-
-@triton_helper
-def _fp8_rows(q, EMULATE: tl.constexpr):
+def _fp8_rows(q, EMULATE: tl.constexpr, FP8_MANT: tl.constexpr, FP8_BIAS: tl.constexpr, FP8_MAX: tl.constexpr,
+              FP8_MAGIC: tl.constexpr):
     """q [M, D] -> (its rows as e4m3 codes, each row's float32 scale): the numerics of
     ``quant.fp8.quantize_per_token`` (scale ``amax * fp32(1/448)``, 1 for a zero row; division
-    with IEEE rounding; saturated to +-448). ``EMULATE``: the codes' values as float32."""
+    with IEEE rounding; saturated to +-448). ``EMULATE``: the codes' values as float32, rounded
+    by the cache's encoder (``kv.fp8_code``, with e4m3's ``kv.fp8_constexprs``)."""
     qf = q.to(tl.float32)
     scale = tl.reduce(tl.abs(qf), 1, MAX) * (1.0 / 448.0)
     scale = tl.where(scale > 0.0, scale, 1.0)
     codes = tl.minimum(tl.maximum(tl.math.div_rn(qf, scale[:, None]), -448.0), 448.0)
-    if EMULATE:
-        return _round_e4m3(codes), scale
+    if EMULATE:  # the cache's encoder: the interpreter's own fp8 casts round some values wrongly
+        bits = fp8_code(codes, FP8_MANT, FP8_BIAS, FP8_MAX, FP8_MAGIC)
+        return bits.to(tl.float8e4nv, bitcast=True).to(tl.float32), scale
     return codes.to(tl.float8e4nv), scale
 
 
@@ -252,6 +251,7 @@ def _varlen_attn_kernel(
     GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     IEEE: tl.constexpr, KV_FP8: tl.constexpr, UNMASKED_TILES: tl.constexpr, FP8_QK: tl.constexpr,
+    FP8_MANT: tl.constexpr, FP8_BIAS: tl.constexpr, FP8_MAX: tl.constexpr, FP8_MAGIC: tl.constexpr,
     PDL: tl.constexpr,
 ):
     """Grid ``(T // BLOCK_Q + R, Hk)``.
@@ -259,7 +259,8 @@ def _varlen_attn_kernel(
     Request r owns the program ids ``[qsl[r] // BLOCK_Q + r, qsl[r+1] // BLOCK_Q + r + 1)``
     (at least ``cdiv(q_len_r, BLOCK_Q)`` of them); a program finds its request by binary search
     over ``query_start_loc`` and exits when its tile lies past the request's query tokens.
-    ``FP8_QK`` (an e4m3 cache, ``VARLEN_FP8_QK``): q k^T as an fp8 dot, q quantized per row.
+    ``FP8_QK`` (an e4m3 cache, ``VARLEN_FP8_QK``): q k^T as an fp8 dot, q quantized per row
+    (``FP8_*``: e4m3's encoder constants, for the interpreter's form).
     """
     FINITE: tl.constexpr = KV_FP8 != 0  # an fp8 cache holds only finite values (module docstring)
     if PDL:  # programmatic dependent launch (launch.pdl): the next kernel may start; wait for the last
@@ -292,7 +293,7 @@ def _varlen_attn_kernel(
         q = tl.load(q_ptr + q_rows[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
         if FP8_QK:  # q as e4m3 codes with a scale a row; the scores' scale folded into it
-            q8, q_scale = _fp8_rows(q, KV_FP8 == 2)
+            q8, q_scale = _fp8_rows(q, KV_FP8 == 2, FP8_MANT, FP8_BIAS, FP8_MAX, FP8_MAGIC)
             row_scale_log2 = q_scale * scale_log2
         if KV_FP8 == 1:  # the dots run in fp16 over an fp8 cache
             q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
@@ -1074,7 +1075,7 @@ def _varlen(query: torch.Tensor, out: torch.Tensor, query_start_loc: torch.Tenso
          "BLOCK_D": a.block_d, "BLOCK_SIZE": a.block_size, "IEEE": a.ieee, "KV_FP8": a.kv_fp8,
          "UNMASKED_TILES": VARLEN_UNMASKED_TILES,
          "FP8_QK": VARLEN_FP8_QK and a.kv_cache.dtype == torch.float8_e4m3fn and not a.ieee and a.block_d >= 32,
-         **pdl_options(query)[0]},
+         **fp8_constexprs(torch.float8_e4m3fn), **pdl_options(query)[0]},
         num_warps=VARLEN_CONFIG["num_warps"],
         num_stages=VARLEN_CONFIG["num_stages"] - (1 if a.ieee else 0),
     )
