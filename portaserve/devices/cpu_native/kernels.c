@@ -192,13 +192,28 @@ static inline float hsum(__m256 v) {
             acc[t] = _mm256_fmadd_ps(s, (vd), acc[t]);                                   \
         }                                                                                \
     } while (0)
+/* The same with one scale for the whole row (int8, fp8: applied once, after the sum). */
+#define BLOCK_SUM(fmt, blk)                                                              \
+    do {                                                                                 \
+        codes_f32((fmt), row_q + (blk) * qbytes, c);                                     \
+        for (int t = 0; t < TT; t++) {                                                   \
+            const float *xb = x + t * x_stride + (blk) * 32;                             \
+            __m256 s = _mm256_mul_ps(c[0], _mm256_loadu_ps(xb));                         \
+            s = _mm256_fmadd_ps(c[1], _mm256_loadu_ps(xb + 8), s);                       \
+            s = _mm256_fmadd_ps(c[2], _mm256_loadu_ps(xb + 16), s);                      \
+            s = _mm256_fmadd_ps(c[3], _mm256_loadu_ps(xb + 24), s);                      \
+            acc[t] = _mm256_add_ps(s, acc[t]); /* (one add a block on acc's chain) */    \
+        }                                                                                \
+    } while (0)
 #endif
 
 /* One row against TT tokens starting at x (row stride x_stride); xsum [TT, nb] is each
- * block's sum of x; dr/mr are the row's d and m' per block. TT and fmt are constants at every
- * call site, so the accumulators stay in registers. */
+ * block's sum of x; dr/mr are the row's d and m' per block, or dr NULL: every block's d is
+ * the row's scale rs (int8, fp8; m' = 0), multiplied once into the row's sum instead of into
+ * each block's (no per-block array to fill per row). TT and fmt are constants at every call
+ * site, and dr NULL or not, so the accumulators stay in registers and the branches fold. */
 ALWAYS_INLINE void row_tile(const int fmt, const int TT, const uint8_t *row_q, int64_t nb,
-                            const float *dr, const float *mr, const float *x, int64_t x_stride,
+                            const float *dr, const float *mr, float rs, const float *x, int64_t x_stride,
                             const float *xsum, float *out, int64_t out_stride, float b) {
     const int64_t qbytes = (fmt == FMT_Q8_0 || fmt == FMT_FP8) ? 32 : 16;
     const int has_m = fmt != FMT_Q8_0 && fmt != FMT_FP8; /* m' = 0: xsum is not even computed */
@@ -206,11 +221,15 @@ ALWAYS_INLINE void row_tile(const int fmt, const int TT, const uint8_t *row_q, i
 #if PS_AVX2
     __m256 acc[8], c[4];
     for (int t = 0; t < TT; t++) acc[t] = _mm256_setzero_ps();
-    for (int64_t blk = 0; blk < nb; blk++) BLOCK_DOT(fmt, blk, _mm256_set1_ps(dr[blk]));
+    if (dr == NULL)
+        for (int64_t blk = 0; blk < nb; blk++) BLOCK_SUM(fmt, blk);
+    else
+        for (int64_t blk = 0; blk < nb; blk++) BLOCK_DOT(fmt, blk, _mm256_set1_ps(dr[blk]));
     if (has_m) /* the m' * sum(x) terms, one short dot product per token */
         for (int t = 0; t < TT; t++)
             for (int64_t blk = 0; blk < nb; blk++) macc[t] += mr[blk] * xsum[t * nb + blk];
-    for (int t = 0; t < TT; t++) out[t * out_stride] = hsum(acc[t]) + macc[t] + b;
+    for (int t = 0; t < TT; t++)
+        out[t * out_stride] = (dr == NULL ? hsum(acc[t]) * rs : hsum(acc[t])) + macc[t] + b;
 #else
     float acc[8] = {0};
     for (int64_t blk = 0; blk < nb; blk++) {
@@ -219,34 +238,34 @@ ALWAYS_INLINE void row_tile(const int fmt, const int TT, const uint8_t *row_q, i
             const float *xb = x + t * x_stride + blk * 32;
             float s = 0.0f;
             for (int j = 0; j < 32; j++) s += code_scalar(fmt, qb, j) * xb[j];
-            acc[t] += s * dr[blk];
+            acc[t] += dr == NULL ? s : s * dr[blk];
             if (has_m) macc[t] += mr[blk] * xsum[t * nb + blk];
         }
     }
-    for (int t = 0; t < TT; t++) out[t * out_stride] = acc[t] + macc[t] + b;
+    for (int t = 0; t < TT; t++) out[t * out_stride] = (dr == NULL ? acc[t] * rs : acc[t]) + macc[t] + b;
 #endif
 }
 
 /* All T tokens of one row, in tiles of 8, 4, 2 and 1 tokens. */
 ALWAYS_INLINE void row_all(const int fmt, const uint8_t *row_q, int64_t nb, const float *dr,
-                           const float *mr, const float *x, int64_t x_stride, int64_t T,
+                           const float *mr, float rs, const float *x, int64_t x_stride, int64_t T,
                            const float *xsum, float *out, int64_t out_stride, float b) {
     int64_t t = 0;
     for (; t + 8 <= T; t += 8)
-        row_tile(fmt, 8, row_q, nb, dr, mr, x + t * x_stride, x_stride, xsum + t * nb,
+        row_tile(fmt, 8, row_q, nb, dr, mr, rs, x + t * x_stride, x_stride, xsum + t * nb,
                  out + t * out_stride, out_stride, b);
     if (t + 4 <= T) {
-        row_tile(fmt, 4, row_q, nb, dr, mr, x + t * x_stride, x_stride, xsum + t * nb,
+        row_tile(fmt, 4, row_q, nb, dr, mr, rs, x + t * x_stride, x_stride, xsum + t * nb,
                  out + t * out_stride, out_stride, b);
         t += 4;
     }
     if (t + 2 <= T) {
-        row_tile(fmt, 2, row_q, nb, dr, mr, x + t * x_stride, x_stride, xsum + t * nb,
+        row_tile(fmt, 2, row_q, nb, dr, mr, rs, x + t * x_stride, x_stride, xsum + t * nb,
                  out + t * out_stride, out_stride, b);
         t += 2;
     }
     if (t < T)
-        row_tile(fmt, 1, row_q, nb, dr, mr, x + t * x_stride, x_stride, xsum + t * nb,
+        row_tile(fmt, 1, row_q, nb, dr, mr, rs, x + t * x_stride, x_stride, xsum + t * nb,
                  out + t * out_stride, out_stride, b);
 }
 
@@ -492,15 +511,12 @@ static void linear_row(const ps_linear_t *L, int64_t n, const float *x, int64_t 
     const int64_t qbytes = (fmt == FMT_Q8_0 || fmt == FMT_INT8 || fmt == FMT_FP8) ? 32 : 16;
     const uint8_t *row_q = (const uint8_t *)L->w + n * nb * qbytes;
     float *dr = dm, *mr = dm + nb;
-    if (fmt == FMT_INT8) { /* w = q * s: Q8_0's codes with the row's scale in every block */
-        for (int64_t blk = 0; blk < nb; blk++) dr[blk] = L->fscales[n], mr[blk] = 0.0f;
-        row_all(FMT_Q8_0, row_q, nb, dr, mr, x, x_stride, T, xsum, o, out_stride, b);
+    if (fmt == FMT_INT8) { /* w = q * s: Q8_0's codes, the row's one scale applied to the sum */
+        row_all(FMT_Q8_0, row_q, nb, NULL, NULL, L->fscales[n], x, x_stride, T, xsum, o, out_stride, b);
         return;
     }
     if (fmt == FMT_FP8) { /* w = e4m3(q) s = (q read as fp16) * 256 s */
-        const float s = 256.0f * L->fscales[n];
-        for (int64_t blk = 0; blk < nb; blk++) dr[blk] = s, mr[blk] = 0.0f;
-        row_all(FMT_FP8, row_q, nb, dr, mr, x, x_stride, T, xsum, o, out_stride, b);
+        row_all(FMT_FP8, row_q, nb, NULL, NULL, 256.0f * L->fscales[n], x, x_stride, T, xsum, o, out_stride, b);
         return;
     }
     if (fmt == FMT_INT4) { /* w = (q - z) s = s q + (-z s), a scale and zero per group of 32-blocks */
@@ -517,7 +533,7 @@ static void linear_row(const ps_linear_t *L, int64_t n, const float *x, int64_t 
                 dr[g * per + j] = s[g];
                 mr[g * per + j] = -(float)z[g] * s[g];
             }
-        row_all(FMT_Q4_1, row_q, nb, dr, mr, x, x_stride, T, xsum, o, out_stride, b);
+        row_all(FMT_Q4_1, row_q, nb, dr, mr, 1.0f, x, x_stride, T, xsum, o, out_stride, b);
         return;
     }
     for (int64_t blk = 0; blk < nb; blk++) {
@@ -526,11 +542,11 @@ static void linear_row(const ps_linear_t *L, int64_t n, const float *x, int64_t 
                   : fmt == FMT_Q4_0 ? -8.0f * dr[blk] : 0.0f;
     }
     if (fmt == FMT_Q4_0)
-        row_all(FMT_Q4_0, row_q, nb, dr, mr, x, x_stride, T, xsum, o, out_stride, b);
+        row_all(FMT_Q4_0, row_q, nb, dr, mr, 1.0f, x, x_stride, T, xsum, o, out_stride, b);
     else if (fmt == FMT_Q4_1)
-        row_all(FMT_Q4_1, row_q, nb, dr, mr, x, x_stride, T, xsum, o, out_stride, b);
+        row_all(FMT_Q4_1, row_q, nb, dr, mr, 1.0f, x, x_stride, T, xsum, o, out_stride, b);
     else
-        row_all(FMT_Q8_0, row_q, nb, dr, mr, x, x_stride, T, xsum, o, out_stride, b);
+        row_all(FMT_Q8_0, row_q, nb, dr, mr, 1.0f, x, x_stride, T, xsum, o, out_stride, b);
 }
 
 /* Each 32-element block's sum of x, tokens [t0, t1): xsum [T, K/32]. */
