@@ -179,8 +179,12 @@ static inline float hsum(__m256 v) {
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
 
 #if PS_AVX2
-/* Block blk of the row (codes at row_q) against TT tokens of x: acc[t] += d * (codes . x). */
-#define BLOCK_DOT(fmt, blk, vd)                                                          \
+/* Block blk of the row (codes at row_q) against TT tokens of x: s = codes . x, then acc[t] =
+ * UPDATE, an expression of s and acc[t]. BLOCK_DOT: acc[t] += d * s; BLOCK_SUM (one scale for
+ * the whole row, int8 / fp8, applied once after the sum): acc[t] += s. (An FMA by 1 instead of
+ * the add, tried on this 2-core EPYC at 8 tokens: int8 1536 x 576 0.14 ms vs 0.13, fp8 0.16 vs
+ * 0.17; the add stays.) */
+#define BLOCK_ACC(fmt, blk, UPDATE)                                                      \
     do {                                                                                 \
         codes_f32((fmt), row_q + (blk) * qbytes, c);                                     \
         for (int t = 0; t < TT; t++) {                                                   \
@@ -189,22 +193,11 @@ static inline float hsum(__m256 v) {
             s = _mm256_fmadd_ps(c[1], _mm256_loadu_ps(xb + 8), s);                       \
             s = _mm256_fmadd_ps(c[2], _mm256_loadu_ps(xb + 16), s);                      \
             s = _mm256_fmadd_ps(c[3], _mm256_loadu_ps(xb + 24), s);                      \
-            acc[t] = _mm256_fmadd_ps(s, (vd), acc[t]);                                   \
+            acc[t] = (UPDATE);                                                           \
         }                                                                                \
     } while (0)
-/* The same with one scale for the whole row (int8, fp8: applied once, after the sum). */
-#define BLOCK_SUM(fmt, blk)                                                              \
-    do {                                                                                 \
-        codes_f32((fmt), row_q + (blk) * qbytes, c);                                     \
-        for (int t = 0; t < TT; t++) {                                                   \
-            const float *xb = x + t * x_stride + (blk) * 32;                             \
-            __m256 s = _mm256_mul_ps(c[0], _mm256_loadu_ps(xb));                         \
-            s = _mm256_fmadd_ps(c[1], _mm256_loadu_ps(xb + 8), s);                       \
-            s = _mm256_fmadd_ps(c[2], _mm256_loadu_ps(xb + 16), s);                      \
-            s = _mm256_fmadd_ps(c[3], _mm256_loadu_ps(xb + 24), s);                      \
-            acc[t] = _mm256_add_ps(s, acc[t]); /* (one add a block on acc's chain) */    \
-        }                                                                                \
-    } while (0)
+#define BLOCK_DOT(fmt, blk, vd) BLOCK_ACC(fmt, blk, _mm256_fmadd_ps(s, (vd), acc[t]))
+#define BLOCK_SUM(fmt, blk) BLOCK_ACC(fmt, blk, _mm256_add_ps(s, acc[t]))
 #endif
 
 /* One row against TT tokens starting at x (row stride x_stride); xsum [TT, nb] is each
