@@ -250,6 +250,15 @@ def paged_setup(lens: list[tuple[int, int]], gen_seed: int = 0):
     return query, cache, attn, batch
 
 
+def prefill_work(lens: list[tuple[int, int]], kv_elem: int, q_elem: int) -> tuple[float, int]:
+    """FLOPs and bytes of a prompt attention over requests (cached, new): q k^T and p v over the
+    keys each query sees (causal); K and V read once (``kv_elem`` bytes a value), q read and the
+    output written (``q_elem``)."""
+    flops = 4.0 * HEADS * HEAD_DIM * sum(q * c + q * (q + 1) // 2 for c, q in lens)
+    nbytes = sum(2 * (c + q) * KV_HEADS * HEAD_DIM * kv_elem + 2 * q * HEADS * HEAD_DIM * q_elem for c, q in lens)
+    return flops, nbytes
+
+
 def attention_rows() -> list[Row]:
     rows: list[Row] = []
     e = torch.empty((), dtype=DTYPE).element_size()
@@ -281,9 +290,7 @@ def attention_rows() -> list[Row]:
 
     for lens, label in PREFILL_CASES:
         query, cache, attn, _ = paged_setup(lens)
-        visible = sum(q * c + q * (q + 1) // 2 for c, q in lens)  # keys each query sees
-        flops = 4.0 * HEADS * HEAD_DIM * visible
-        nbytes = sum(2 * (c + q) * KV_HEADS * HEAD_DIM * e + 2 * q * HEADS * HEAD_DIM * e for c, q in lens)
+        flops, nbytes = prefill_work(lens, e, e)
         want = ref.paged_attention(query, cache, attn, scale, kv_layout="blocks_hnd")
         err = rel_err(attention.paged_attention(query, cache, attn, scale), want)
         name = f"prefill attention {label}"
@@ -398,8 +405,7 @@ def tune_rows() -> list[Row]:
     scale = HEAD_DIM**-0.5
     lens = PREFILL_CASES[0][0]
     query, cache, attn, _ = paged_setup(lens)
-    flops = 4.0 * HEADS * HEAD_DIM * sum(q * c + q * (q + 1) // 2 for c, q in lens)
-    nbytes = sum(2 * (c + q) * KV_HEADS * HEAD_DIM * e + 2 * q * HEADS * HEAD_DIM * e for c, q in lens)
+    flops, nbytes = prefill_work(lens, e, e)
     saved = dict(attention.VARLEN_CONFIG)
     for bm, bn, warps, stages in VARLEN_TRIALS:
         attention.VARLEN_CONFIG.update(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
@@ -413,8 +419,7 @@ def tune_rows() -> list[Row]:
     attention.VARLEN_CONFIG.update(saved)
     for case, name in PREFILL_CASES:  # the causal mask on every key tile (as before) vs where it cuts
         query_, cache_, attn_, _ = paged_setup(case)
-        flops_ = 4.0 * HEADS * HEAD_DIM * sum(q * c + q * (q + 1) // 2 for c, q in case)
-        bytes_ = sum(2 * (c + q) * KV_HEADS * HEAD_DIM * e + 2 * q * HEADS * HEAD_DIM * e for c, q in case)
+        flops_, bytes_ = prefill_work(case, e, e)
         times = flag_turns(attention, "VARLEN_UNMASKED_TILES",
                            lambda i, a=(query_, cache_, attn_): attention.paged_attention(*a, scale))
         for unmasked, ms in times.items():
@@ -537,8 +542,7 @@ def tune_prefill_fp8_rows(rounds: int = 3) -> list[Row]:
     lens, label = PREFILL_FP8_CASE
     query, cache, attn, _ = paged_setup(lens)
     cache = cache.to(torch.float8_e4m3fn)
-    flops = 4.0 * HEADS * HEAD_DIM * sum(q * c + q * (q + 1) // 2 for c, q in lens)
-    nbytes = sum(2 * (c + q) * KV_HEADS * HEAD_DIM + 2 * q * HEADS * HEAD_DIM * 2 for c, q in lens)
+    flops, nbytes = prefill_work(lens, 1, 2)
     want = ref.paged_attention(query.float(), cache.float(), attn, scale, kv_layout="blocks_hnd")
     saved, saved_qk = dict(attention.VARLEN_CONFIG), attention.VARLEN_FP8_QK
     times: dict[tuple, list[float]] = {}
