@@ -11,7 +11,8 @@ one-row int4 GEMVs of a layer (o, gate|up with silu, down, the next q|k|v) timed
 
 The second against the third isolates what the kernel boundaries cost with the same inner loop;
 the first against the second compares the inner loops. Beside them: a flat read of the same
-bytes (``gpu_int4_stream._flat_kernel``, a launch a weight) and the roofline (the bytes at the
+bytes (``gpu_int4_stream._flat_kernel``, a launch a weight, and once over a buffer of the
+layer's code bytes: what one launch a layer could reach) and the roofline (the bytes at the
 copy bandwidth measured in the same run). Each variant's output is checked against the
 reference dequant (bf16 relative error printed, and the run stops if it is off).
 
@@ -125,6 +126,13 @@ def main() -> None:
             flat.append(partial(gpu_int4_stream._flat_kernel.on(q)[(programs,)], q, flat_out, q.numel(),
                                 BLOCK=2048, num_warps=4))
     rows.append(("flat read of the codes, a launch a weight", gpu_quant.time_calls(flat) * 1e3 * len(layer), 0.0))
+    # the ceiling of one launch a layer: the same number of code bytes as one buffer, read flat
+    words = sum(w.data["qweight"].numel() for w, _ in layers[0]) // 4
+    words -= words % 2048
+    whole = [torch.randint(-2**31, 2**31 - 1, (words,), dtype=torch.int32, device=dev) for _ in layers]
+    rows.append(("flat read of the codes, one launch a layer", gpu_quant.time_calls(
+        [partial(gpu_int4_stream._flat_kernel.on(q)[(programs,)], q, flat_out, q.numel(), BLOCK=2048, num_warps=4)
+         for q in whole]) * 1e3, 0.0))
     for cfg in configs:
         chains = [chain_triton.Chain(stages, dtype, cfg) for stages in layers]
         for one in ((False, True) if dev == "cuda" else (False,)):
