@@ -59,11 +59,9 @@ def compile_chain(cfg) -> bytes:
     stages = [(registry.quantize(torch.randn(4096, 4096) * 0.02, "int4"), False)]
     chain = chain_triton.Chain(stages, torch.bfloat16, cfg)
     x = torch.randn(4096, dtype=torch.bfloat16)
-    args = [x, chain.counter] + [*chain.operands[0], chain.outs[0], 4096, 4096] * 4 + [0, 0]
-    chain_triton._chain_kernel.on(x)[(264,)](
-        *args, BARRIER=True, ACT0=False, ACT1=False, ACT2=False, ACT3=False, GROUP=128,
-        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, STAGES_K=cfg.num_stages, PREFETCH=cfg.prefetch_lines,
-        PACKED=True, ASM=True, num_warps=cfg.num_warps)
+    chain_triton.is_interpreted = lambda tensor: False  # (the GPU's form: inline PTX, L2 hints)
+    args, common = chain.launch_args(x)
+    chain_triton._chain_kernel.on(x)[(264,)](*args, 0, 0, BARRIER=True, **common)
     return compiled["kernel"].asm["cubin"]
 
 

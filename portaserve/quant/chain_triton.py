@@ -310,6 +310,24 @@ class Chain:
         self.counter = torch.zeros(1, dtype=torch.int32, device=device)
         self._grid: tuple[int] | None = None  # the persistent launch's, once compiled
 
+    def launch_args(self, x: torch.Tensor) -> tuple[list, dict]:
+        """``_chain_kernel``'s positional arguments up to (not including) ``first, last``, and
+        its keywords but ``BARRIER``, for one row ``x`` (also what the sm_90 compile checks use)."""
+        cfg = self.config
+        args = [x, self.counter]
+        acts = []
+        for i in range(MAX_STAGES):  # (stages past the last repeat it, unused)
+            j = min(i, len(self.stages) - 1)
+            w, act = self.stages[j]
+            args += [*self.operands[j], self.outs[j], w.shape[0], w.shape[1]]
+            acts.append(act)
+        interpreted = is_interpreted(x)
+        common = dict(ACT0=acts[0], ACT1=acts[1], ACT2=acts[2], ACT3=acts[3], GROUP=self.group,
+                      BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, STAGES_K=cfg.num_stages,
+                      PREFETCH=0 if interpreted else cfg.prefetch_lines, PACKED=self.packed,
+                      ASM=not interpreted, num_warps=cfg.num_warps)
+        return args, common
+
     def run(self, x: torch.Tensor, one_launch: bool | None = None) -> torch.Tensor:
         """x [K0] or [1, K0] -> the last stage's output [N_last] (a buffer reused by the next
         run). ``one_launch``: the persistent launch with its barriers (the default when compiled)
@@ -321,20 +339,10 @@ class Chain:
         if self.packed and x.data_ptr() % 16:  # (the packed path reads x 16 bytes at a time)
             x = x.clone()
         cfg = self.config
-        args = [x, self.counter]
-        acts = []
-        for i in range(MAX_STAGES):  # (stages past the last repeat it, unused)
-            j = min(i, len(self.stages) - 1)
-            w, act = self.stages[j]
-            args += [*self.operands[j], self.outs[j], w.shape[0], w.shape[1]]
-            acts.append(act)
+        args, common = self.launch_args(x)
         interpreted = is_interpreted(x)
         grid = (cfg.programs_per_sm * _num_sms(x),)
         kernel = _chain_kernel.on(x)
-        common = dict(ACT0=acts[0], ACT1=acts[1], ACT2=acts[2], ACT3=acts[3], GROUP=self.group,
-                      BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, STAGES_K=cfg.num_stages,
-                      PREFETCH=0 if interpreted else cfg.prefetch_lines, PACKED=self.packed,
-                      ASM=not interpreted, num_warps=cfg.num_warps)
         last = len(self.stages) - 1
         if one_launch is None:
             one_launch = not interpreted
