@@ -105,8 +105,8 @@ def main() -> None:
             raise AssertionError(f"{label}: relative error {err:.2e} against the reference dequant")
         return err
 
-    def gemvs(stages) -> torch.Tensor:
-        h = x.view(1, -1)
+    def gemvs(stages, x_in: torch.Tensor = x) -> torch.Tensor:
+        h = x_in.view(1, -1)
         for w, act in stages:
             h = gemv_triton.gemv(h, w, silu_and_mul=act)
             if h is None:
@@ -139,7 +139,23 @@ def main() -> None:
             label = f"chain {cfg}, {'one launch' if one else 'a launch a stage'}"
             err = check(label, chains[0].run(x, one_launch=one).clone())
             rows.append((label, gpu_quant.time_calls([partial(c.run, x, one) for c in chains]) * 1e3, err))
+    # weight by weight (each its own launch, cycled over the copies): the inner loops compared
+    # where no boundary is shared, the biggest weight (gate|up) with the least launch overhead
+    per_weight = []
+    for i, (name, n, k, _) in enumerate(layer):
+        xs = torch.randn(k, device=dev, generator=gen).to(dtype)
+        singles = [chain_triton.Chain([stages[i]], dtype, configs[0]) for stages in layers]
+        nbytes = layers[0][i][0].nbytes
+        us_gemv = gpu_quant.time_calls([partial(gemvs, [s[i]], xs) for s in layers]) * 1e3
+        us_chain = gpu_quant.time_calls([partial(c.run, xs, False) for c in singles]) * 1e3
+        per_weight.append((f"{name} {n}x{k}", nbytes, us_gemv, us_chain))
     roofline_us = layer_bytes / copy_bps * 1e6
+    print(f"\nper weight (chain tiles {configs[0]}, a launch a weight; % of copy bandwidth):\n")
+    print("| weight | MB | engine GEMV us | % | chain stage us | % |")
+    print("|---|---|---|---|---|---|")
+    for label, nbytes, us_g, us_c in per_weight:
+        pct = [100 * nbytes / copy_bps * 1e6 / us for us in (us_g, us_c)]
+        print(f"| {label} | {nbytes / 1e6:.1f} | {us_g:.1f} | {pct[0]:.0f}% | {us_c:.1f} | {pct[1]:.0f}% |")
     print(f"\nroofline: {layer_bytes / 1e6:.1f} MB at {copy_bps / 1e12:.2f} TB/s = {roofline_us:.1f} us a layer\n")
     print("| variant | us a layer | % of roofline | rel. err vs reference |")
     print("|---|---|---|---|")

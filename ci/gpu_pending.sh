@@ -96,7 +96,7 @@ chain)
         tests/quant/test_chain.py > "$OUT/tests.txt" 2>&1; then
         tail -1 "$OUT/tests.txt" | cut -c1-300
         timeout 300 python3 benchmarks/gpu_int4_chain.py > "$OUT/chain.txt" 2>&1
-        grep -A20 "^roofline" "$OUT/chain.txt"; tail -2 "$OUT/chain.txt" | cut -c1-300
+        grep -A8 "^per weight" "$OUT/chain.txt"; grep -A20 "^roofline" "$OUT/chain.txt"; tail -2 "$OUT/chain.txt" | cut -c1-300
     else
         echo "chain tests failed or hung (rc $?): benchmark skipped"; tail -30 "$OUT/tests.txt" | cut -c1-300
     fi ;;
