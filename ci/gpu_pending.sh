@@ -4,6 +4,9 @@
 # on the next). Run from the repository root on the lent H200 (Python 3.12, torch 2.11, triton
 # 3.6), with the gguf wheel carried in .whl/:
 #
+#     bash ci/gpu_pending.sh fp8auto # ~7 min, one call, for little device time: tune_fp8, then
+#                                    # e2e3000 with the MMA decode's look-ahead that won at
+#                                    # 1024 x 1536 (ids / k / none; A/B partner: `e2e3000` alone)
 #     bash ci/gpu_pending.sh next    # ~8 min, one call: `attn8` (the fp8 attention candidates of
 #                                    # stop 25), then `chain` (a call's limit is 10 minutes)
 #     bash ci/gpu_pending.sh attn8   # ~4 min: the GPU tests of the fp8 attention paths, then the MMA
@@ -48,9 +51,9 @@
 # SKIP_TESTS=1 leaves out the GPU tests of f16 and int4 (when little device time is left).
 set -uo pipefail
 case "${1:-chain}" in
-next|attn8|e2eab|chain|profile|prefill8|f16|int4|bf16|fp8|e2e|e2e3000|stream) ;;
+next|fp8auto|attn8|e2eab|chain|profile|prefill8|f16|int4|bf16|fp8|e2e|e2e3000|stream) ;;
 *)
-    echo "usage: bash ci/gpu_pending.sh next|attn8|e2eab|chain|e2e3000|profile|prefill8|int4|bf16|e2e|f16|stream|fp8 [extra gpu_llama8b flags for e2e3000]" >&2
+    echo "usage: bash ci/gpu_pending.sh next|fp8auto|attn8|e2eab|chain|e2e3000|profile|prefill8|int4|bf16|e2e|f16|stream|fp8 [extra gpu_llama8b flags for e2e3000]" >&2
     exit 2 ;;
 esac
 OUT="${OUT:-/tmp/gpu_pending}"
@@ -67,6 +70,22 @@ next)
     OUT="$OUT/attn8" bash "$0" attn8
     if [ "$SECONDS" -lt 300 ]; then OUT="$OUT/chain" bash "$0" chain  # (~4 min; a call stops at 10)
     else echo "attn8 took ${SECONDS} s: chain left for the next call"; fi ;;
+fp8auto)
+    timeout 200 python3 benchmarks/gpu_kernels.py --sections tune_fp8 > "$OUT/tune_fp8.txt" 2>&1
+    grep -A40 "^ceilings" "$OUT/tune_fp8.txt" | grep "tune fp8\|WRONG" | cut -c1-160
+    # the look-ahead with the lowest median at the run's batch (1024 x 1536), its error in bounds
+    ahead=$(python3 - "$OUT/tune_fp8.txt" <<'PY'
+import re, sys
+best = {}
+for line in open(sys.argv[1]):
+    m = re.match(r"tune fp8 decode B=1024 ctx=1536\s+mma (in step|ids ahead|k ahead) kernel .*?\)\s+([0-9.]+)", line)
+    if m and "NOT RUN" not in line and float(line.split()[-1]) < 2e-2:  # (the last column: rel. error)
+        best[{"in step": "none", "ids ahead": "ids", "k ahead": "k"}[m.group(1)]] = float(m.group(2))
+print(min(best, key=best.get) if best else "none")
+PY
+)
+    echo "look-ahead picked: $ahead"
+    OUT="$OUT/with" bash "$0" e2e3000 --budget-s 230 --fp8-mma-ahead "$ahead" ;;
 attn8)
     timeout 120 env PORTASERVE_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider tests/devices/test_triton_kernels.py \
         -k "hand_built or fp8_qk or unmasked" > "$OUT/tests.txt" 2>&1
