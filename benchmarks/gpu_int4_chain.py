@@ -9,7 +9,9 @@ one-row int4 GEMVs of a layer (o, gate|up with silu, down, the next q|k|v) timed
 - ``chain CFG, one launch``: the same kernel and tiles, all four stages in one persistent launch
   with a grid barrier between them (and the next stage's first lines asked of L2 before it).
 
-The second against the third isolates what the kernel boundaries cost with the same inner loop;
+Then the same layer as the engine runs it, with the residual and RMS norm after o and after down
+(the engine's ``linear_rms_norm`` GEMVs against the chain with ``norms``). The second against
+the third isolates what the kernel boundaries cost with the same inner loop;
 the first against the second compares the inner loops. Beside them: a flat read of the same
 bytes (``gpu_int4_stream._flat_kernel``, a launch a weight, and once over a buffer of the
 layer's code bytes: what one launch a layer could reach) and the roofline (the bytes at the
@@ -97,10 +99,16 @@ def main() -> None:
 
     layers += [build() for _ in range(copies - 1)]
     x = torch.randn(layer[0][2], device=dev, generator=gen).to(dtype)
-    want = chain_triton.reference(x, layers[0])
+    want = chain_triton.reference(x, layers[0])[0]
+    # the layer as the engine runs it: the residual and RMS norm after o and after down
+    hidden = layer[0][1]
+    norms = {0: 1 + 0.1 * torch.randn(hidden, device=dev, generator=gen).to(dtype),
+             2: 1 + 0.1 * torch.randn(hidden, device=dev, generator=gen).to(dtype)}
+    residual = (4 * torch.randn(hidden, device=dev, generator=gen)).to(dtype)
+    want_layer = chain_triton.reference(x, layers[0], norms, residual)[0]
 
-    def check(label: str, got: torch.Tensor) -> float:
-        err = gpu_quant.rel_err(got, want)
+    def check(label: str, got: torch.Tensor, ref: torch.Tensor = want) -> float:
+        err = gpu_quant.rel_err(got, ref)
         if not err <= 0.05:  # (four bf16 stages; a wrong kernel is off by ~1)
             raise AssertionError(f"{label}: relative error {err:.2e} against the reference dequant")
         return err
@@ -112,6 +120,15 @@ def main() -> None:
             if h is None:
                 raise SystemExit(f"the engine's GEMV declined {w.shape} (silu {act})")
         return h.view(-1)
+
+    def engine_layer(stages) -> torch.Tensor:
+        """The engine's batch-1 int4 layer without attention: o with the residual and norm in its
+        launch (``linear_rms_norm``), gate|up with silu, down with the residual and norm, q|k|v."""
+        (o, _), (gate_up, _), (down, _), (qkv, _) = stages
+        h, stream = gemv_triton.gemv(x.view(1, -1), o, norm=(residual.view(1, -1), norms[0], 1e-5))
+        h = gemv_triton.gemv(h, gate_up, silu_and_mul=True)
+        h, stream = gemv_triton.gemv(h, down, norm=(stream, norms[2], 1e-5))
+        return gemv_triton.gemv(h, qkv).view(-1)
 
     rows: list[tuple[str, float, float]] = []
     err = check("gemvs", gemvs(layers[0]))
@@ -133,6 +150,14 @@ def main() -> None:
     rows.append(("flat read of the codes, one launch a layer", gpu_quant.time_calls(
         [partial(gpu_int4_stream._flat_kernel.on(q)[(programs,)], q, flat_out, q.numel(), BLOCK=2048, num_warps=4)
          for q in whole]) * 1e3, 0.0))
+    err = check("engine layer", engine_layer(layers[0]), want_layer)
+    rows.append(("layer with residuals + norms: the engine's GEMVs (linear_rms_norm)", gpu_quant.time_calls(
+        [partial(engine_layer, s) for s in layers]) * 1e3, err))
+    for one in ((False, True) if dev == "cuda" else (False,)):
+        chains = [chain_triton.Chain(stages, dtype, configs[0], norms=norms) for stages in layers]
+        label = f"layer with residuals + norms: chain {configs[0]}, {'one launch' if one else 'a launch a stage'}"
+        err = check(label, chains[0].run(x, one_launch=one, residual=residual).clone(), want_layer)
+        rows.append((label, gpu_quant.time_calls([partial(c.run, x, one, residual) for c in chains]) * 1e3, err))
     for cfg in configs:
         chains = [chain_triton.Chain(stages, dtype, cfg) for stages in layers]
         for one in ((False, True) if dev == "cuda" else (False,)):

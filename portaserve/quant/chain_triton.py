@@ -151,24 +151,50 @@ def _rows_dot(in_ptr, q_ptr, s_ptr, z_ptr, rows, row_ok, K, GROUP: tl.constexpr,
 
 
 @triton_helper
-def _stage(in_ptr, q_ptr, s_ptr, z_ptr, out_ptr, N, K, pid, nprog, ACT: tl.constexpr, GROUP: tl.constexpr,
+def _inv_rms(src_ptr, K, eps, BLOCK_K: tl.constexpr):
+    """1 / sqrt(mean(src[:K]^2) + eps) in float32, src read through L2 (other programs of the
+    launch wrote it)."""
+    offs = tl.arange(0, BLOCK_K)
+    acc = tl.full((BLOCK_K,), 0.0, tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        v = tl.load(src_ptr + k0 + offs, cache_modifier=".cg").to(tl.float32)
+        acc += v * v
+    return 1.0 / tl.sqrt(tl.reduce(acc, 0, SUM) / K + eps)
+
+
+@triton_helper
+def _stage(in_ptr, q_ptr, s_ptr, z_ptr, out_ptr, N, K, pid, nprog, r_in, r_out, nw, nsrc, eps,
+           ACT: tl.constexpr, RES: tl.constexpr, NRM: tl.constexpr, GROUP: tl.constexpr,
            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES_K: tl.constexpr, PACKED: tl.constexpr,
            ASM: tl.constexpr):
     """This program's row tiles of one stage (tiles ``pid``, ``pid + nprog``, ...), stored in
     out's dtype; ``ACT``: rows r of the gate half and r of the up half give out[r]. ``PACKED``:
-    bf16 activations through ``_int4_rows_bf16x2``."""
+    bf16 activations through ``_int4_rows_bf16x2``.
+
+    ``NRM``: the input is ``nw_prev * r`` of the stage before, so each dot is multiplied by
+    ``1 / rms(r)`` (``nsrc``: that r, read whole by every program). ``RES``: the rounded product
+    plus ``r_in`` is stored to ``r_out`` (the residual stream) and ``nw * r_out`` to out (the next
+    stage's input, its norm's scale still to come)."""
     n_out = N // 2 if ACT else N
     num_tiles = (n_out + BLOCK_N - 1) // BLOCK_N
+    inv = 1.0
+    if NRM:
+        inv = _inv_rms(nsrc, K, eps, BLOCK_K)
     for tile in range(pid, num_tiles, nprog):
         rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         ok = rows < n_out
-        y = _rows_dot(in_ptr, q_ptr, s_ptr, z_ptr, rows, ok, K, GROUP, BLOCK_N, BLOCK_K, STAGES_K, PACKED, ASM)
+        y = _rows_dot(in_ptr, q_ptr, s_ptr, z_ptr, rows, ok, K, GROUP, BLOCK_N, BLOCK_K, STAGES_K, PACKED, ASM) * inv
         if ACT:  # each half rounded to out's dtype first, as a GEMV storing gate|up would
             up = _rows_dot(in_ptr, q_ptr, s_ptr, z_ptr, rows + n_out, ok, K, GROUP, BLOCK_N, BLOCK_K, STAGES_K,
-                           PACKED, ASM)
+                           PACKED, ASM) * inv
             gate = y.to(out_ptr.dtype.element_ty).to(tl.float32)
             up = up.to(out_ptr.dtype.element_ty).to(tl.float32)
             y = gate / (1.0 + tl.exp(-gate)) * up
+        if RES:
+            y = y.to(out_ptr.dtype.element_ty).to(tl.float32) + tl.load(r_in + rows, mask=ok, other=0.0).to(tl.float32)
+            y = y.to(out_ptr.dtype.element_ty)
+            tl.store(r_out + rows, y, mask=ok)
+            y = y.to(tl.float32) * tl.load(nw + rows, mask=ok, other=0.0).to(tl.float32)
         tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=ok)
 
 
@@ -202,35 +228,43 @@ def _barrier(counter_ptr, target):
 @triton_kernel(no_specialize=("first", "last"))
 def _chain_kernel(
     x_ptr, counter_ptr,
-    q0, s0, z0, o0, N0, K0, q1, s1, z1, o1, N1, K1, q2, s2, z2, o2, N2, K2, q3, s3, z3, o3, N3, K3,
-    first, last, BARRIER: tl.constexpr,
+    q0, s0, z0, o0, N0, K0, ri0, ro0, nw0, q1, s1, z1, o1, N1, K1, ri1, ro1, nw1,
+    q2, s2, z2, o2, N2, K2, ri2, ro2, nw2, q3, s3, z3, o3, N3, K3, ri3, ro3, nw3,
+    eps, first, last, BARRIER: tl.constexpr,
     ACT0: tl.constexpr, ACT1: tl.constexpr, ACT2: tl.constexpr, ACT3: tl.constexpr,
+    RES0: tl.constexpr, RES1: tl.constexpr, RES2: tl.constexpr, RES3: tl.constexpr,
     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES_K: tl.constexpr,
     PREFETCH: tl.constexpr, PACKED: tl.constexpr, ASM: tl.constexpr,
 ):
     """Grid ``(num_programs,)``: stages ``first`` .. ``last`` (inclusive, run-time values: one
     compile serves every stage) of the chain; stage i reads stage i-1's output (stage 0 reads
-    x). ``BARRIER``: one launch runs them all (``first`` 0), the programs meeting at
-    ``counter_ptr`` between stages (all programs must be resident)."""
+    x). ``RESi``: stage i adds the residual ``rii`` (stores ``roi``) and hands on ``nwi * roi``;
+    stage i+1 then scales its dots by ``1 / rms(roi)`` (the norm's scalar, ``eps`` inside).
+    ``BARRIER``: one launch runs them all (``first`` 0), the programs meeting at ``counter_ptr``
+    between stages (all programs must be resident)."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     if first <= 0 and last >= 0:
-        _stage(x_ptr, q0, s0, z0, o0, N0, K0, pid, nprog, ACT0, GROUP, BLOCK_N, BLOCK_K, STAGES_K, PACKED, ASM)
+        _stage(x_ptr, q0, s0, z0, o0, N0, K0, pid, nprog, ri0, ro0, nw0, ro0, eps, ACT0, RES0, False,
+               GROUP, BLOCK_N, BLOCK_K, STAGES_K, PACKED, ASM)
         if BARRIER and last >= 1:
             _prefetch_first_tile(q1, N1, K1, pid, ACT1, BLOCK_N, PREFETCH)
             _barrier(counter_ptr, nprog)
     if first <= 1 and last >= 1:
-        _stage(o0, q1, s1, z1, o1, N1, K1, pid, nprog, ACT1, GROUP, BLOCK_N, BLOCK_K, STAGES_K, PACKED, ASM)
+        _stage(o0, q1, s1, z1, o1, N1, K1, pid, nprog, ri1, ro1, nw1, ro0, eps, ACT1, RES1, RES0,
+               GROUP, BLOCK_N, BLOCK_K, STAGES_K, PACKED, ASM)
         if BARRIER and last >= 2:
             _prefetch_first_tile(q2, N2, K2, pid, ACT2, BLOCK_N, PREFETCH)
             _barrier(counter_ptr, 2 * nprog)
     if first <= 2 and last >= 2:
-        _stage(o1, q2, s2, z2, o2, N2, K2, pid, nprog, ACT2, GROUP, BLOCK_N, BLOCK_K, STAGES_K, PACKED, ASM)
+        _stage(o1, q2, s2, z2, o2, N2, K2, pid, nprog, ri2, ro2, nw2, ro1, eps, ACT2, RES2, RES1,
+               GROUP, BLOCK_N, BLOCK_K, STAGES_K, PACKED, ASM)
         if BARRIER and last >= 3:
             _prefetch_first_tile(q3, N3, K3, pid, ACT3, BLOCK_N, PREFETCH)
             _barrier(counter_ptr, 3 * nprog)
     if first <= 3 and last >= 3:
-        _stage(o2, q3, s3, z3, o3, N3, K3, pid, nprog, ACT3, GROUP, BLOCK_N, BLOCK_K, STAGES_K, PACKED, ASM)
+        _stage(o2, q3, s3, z3, o3, N3, K3, pid, nprog, ri3, ro3, nw3, ro2, eps, ACT3, RES3, RES2,
+               GROUP, BLOCK_N, BLOCK_K, STAGES_K, PACKED, ASM)
     if BARRIER:  # the last program out puts the counter back to zero for the next launch
         done = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
         if done == (last + 1) * nprog - 1:
@@ -266,10 +300,18 @@ def _resident_programs(compiled: object, num_warps: int, device: torch.device) -
 
 class Chain:
     """A chain of int4 GEMV stages over one row of ``dtype`` activations, with its output and
-    counter buffers allocated once (so a CUDA graph can capture ``run``)."""
+    counter buffers allocated once (so a CUDA graph can capture ``run``).
+
+    ``norms={i: weight}``: a decoder layer's residual and RMS norm between stage i and i + 1,
+    as the engine's ``linear_rms_norm`` does it: stage i's output plus the residual stream is
+    the new stream (``residuals[i]``), and stage i + 1 takes ``rms_norm(stream, weight, eps)``.
+    The stream into the first such stage is ``run``'s ``residual``, into a later one the stream
+    the one before left. A Llama layer is ``[o, gate|up (silu), down, next q|k|v]`` with norms
+    ``{0: post_attention, 2: the next layer's input}``."""
 
     def __init__(self, stages: list[tuple[QuantizedWeight, bool]], dtype: torch.dtype,
-                 config: ChainConfig | None = None) -> None:
+                 config: ChainConfig | None = None, norms: dict[int, torch.Tensor] | None = None,
+                 eps: float = 1e-5) -> None:
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ConfigError(f"chain: activations in {dtype}; float32, float16 or bfloat16", field="dtype")
         if not 1 <= len(stages) <= MAX_STAGES:
@@ -294,8 +336,20 @@ class Chain:
             if act and n % 2:
                 raise ConfigError(f"chain: stage {i} is gate|up with an odd N={n}", field="stages")
             k_in = n // 2 if act else n
+        norms = dict(norms or {})
+        for i, weight in norms.items():
+            if not 0 <= i < len(stages) - 1:
+                raise ConfigError(f"chain: a norm after stage {i}; stages 0 to {len(stages) - 2} have one after them",
+                                  field="norms")
+            n = stages[i][0].shape[0] // (2 if stages[i][1] else 1)
+            if tuple(weight.shape) != (n,):
+                raise ConfigError(f"chain: the norm after stage {i} has shape {tuple(weight.shape)}; its output is "
+                                  f"[{n}]", field="norms")
+        if not eps > 0:
+            raise ConfigError(f"chain: eps={eps}; it must be positive", field="eps")
         self.stages = stages
         self.group = group
+        self.eps = float(eps)
         self.packed = dtype == torch.bfloat16  # one row of bf16 x: the packed bf16x2 path
         self.operands = []  # (codes, scales, zeros) a stage, as its path reads them
         for w, _ in stages:
@@ -308,38 +362,67 @@ class Chain:
         self.outs = [torch.empty(w.shape[0] // 2 if act else w.shape[0], dtype=dtype, device=device)
                      for w, act in stages]
         self.counter = torch.zeros(1, dtype=torch.int32, device=device)
+        self.norms = {i: w.to(device=device, dtype=dtype).contiguous() for i, w in norms.items()}
+        self.residuals = {i: torch.empty_like(self.outs[i]) for i in self.norms}
         self._grid: tuple[int] | None = None  # the persistent launch's, once compiled
 
-    def launch_args(self, x: torch.Tensor) -> tuple[list, dict]:
+    def launch_args(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[list, dict]:
         """``_chain_kernel``'s positional arguments up to (not including) ``first, last``, and
-        its keywords but ``BARRIER``, for one row ``x`` (also what the sm_90 compile checks use)."""
+        its keywords but ``BARRIER``, for one row ``x`` and the ``residual`` stream (also what
+        the sm_90 compile checks use)."""
         cfg = self.config
         args = [x, self.counter]
-        acts = []
+        acts, res = [], []
+        stream = residual
         for i in range(MAX_STAGES):  # (stages past the last repeat it, unused)
             j = min(i, len(self.stages) - 1)
             w, act = self.stages[j]
-            args += [*self.operands[j], self.outs[j], w.shape[0], w.shape[1]]
+            if i == j and i in self.norms:  # residual in, residual out, norm weight
+                if stream is None:
+                    raise ConfigError("chain: the chain has norms; run takes the residual stream", field="residual")
+                norm = [stream, self.residuals[i], self.norms[i]]
+                stream = self.residuals[i]
+            else:  # (unused: any tensor of the dtype)
+                norm = [self.outs[j]] * 3
+            args += [*self.operands[j], self.outs[j], w.shape[0], w.shape[1], *norm]
             acts.append(act)
+            res.append(i == j and i in self.norms)
+        args.append(self.eps)
         interpreted = is_interpreted(x)
-        common = dict(ACT0=acts[0], ACT1=acts[1], ACT2=acts[2], ACT3=acts[3], GROUP=self.group,
+        common = dict(ACT0=acts[0], ACT1=acts[1], ACT2=acts[2], ACT3=acts[3],
+                      RES0=res[0], RES1=res[1], RES2=res[2], RES3=res[3], GROUP=self.group,
                       BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, STAGES_K=cfg.num_stages,
                       PREFETCH=0 if interpreted else cfg.prefetch_lines, PACKED=self.packed,
                       ASM=not interpreted, num_warps=cfg.num_warps)
         return args, common
 
-    def run(self, x: torch.Tensor, one_launch: bool | None = None) -> torch.Tensor:
+    def run(self, x: torch.Tensor, one_launch: bool | None = None,
+            residual: torch.Tensor | None = None) -> torch.Tensor:
         """x [K0] or [1, K0] -> the last stage's output [N_last] (a buffer reused by the next
-        run). ``one_launch``: the persistent launch with its barriers (the default when compiled)
-        or a launch a stage (the interpreter's only way; on a GPU, the benchmark's A/B)."""
+        run; the streams the norms left are in ``residuals``). ``one_launch``: the persistent
+        launch with its barriers (the default when compiled) or a launch a stage (the
+        interpreter's only way; on a GPU, the benchmark's A/B). ``residual``: the stream into the
+        first norm's stage (a chain with norms needs it)."""
         x = x.reshape(-1)
         if x.shape[0] != self.stages[0][0].shape[1] or x.dtype != self.outs[0].dtype:
             raise ConfigError(f"chain: x has {tuple(x.shape)} {x.dtype}; stage 0 takes "
                               f"{self.stages[0][0].shape[1]} {self.outs[0].dtype}", field="x")
+        if self.norms:
+            first = min(self.norms)
+            if residual is None:
+                raise ConfigError("chain: the chain has norms; run takes the residual stream", field="residual")
+            residual = residual.reshape(-1)
+            want = self.outs[first]
+            if residual.shape != want.shape or residual.dtype != want.dtype:
+                raise ConfigError(f"chain: residual has {tuple(residual.shape)} {residual.dtype}; stage {first} "
+                                  f"gives {tuple(want.shape)} {want.dtype}", field="residual")
+            residual = residual.contiguous()
+        elif residual is not None:
+            raise ConfigError("chain: a residual was given but the chain has no norms", field="residual")
         if self.packed and x.data_ptr() % 16:  # (the packed path reads x 16 bytes at a time)
             x = x.clone()
         cfg = self.config
-        args, common = self.launch_args(x)
+        args, common = self.launch_args(x, residual)
         interpreted = is_interpreted(x)
         grid = (cfg.programs_per_sm * _num_sms(x),)
         kernel = _chain_kernel.on(x)
@@ -363,14 +446,26 @@ class Chain:
         return self.outs[-1]
 
 
-def reference(x: torch.Tensor, stages: list[tuple[QuantizedWeight, bool]]) -> torch.Tensor:
-    """The chain through the reference dequant in float32, each stage's output rounded to x's
-    dtype (gate and up each rounded before ``silu(gate) * up``)."""
+def reference(x: torch.Tensor, stages: list[tuple[QuantizedWeight, bool]],
+              norms: dict[int, torch.Tensor] | None = None, residual: torch.Tensor | None = None,
+              eps: float = 1e-5) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """The chain through the reference dequant in float32 as the engine's ops compute it, each
+    stage's output rounded to x's dtype (gate and up each rounded before ``silu(gate) * up``);
+    after stage i in ``norms`` the stream (``residual`` at first) gains the output, rounded, and
+    the next stage takes ``rms_norm(stream) * weight``, rounded. -> (the last stage's output,
+    {i: the stream after stage i})."""
     h = x.reshape(1, -1)
-    for w, act in stages:
+    stream = None if residual is None else residual.reshape(1, -1)
+    streams = {}
+    for i, (w, act) in enumerate(stages):
         y = (h.float() @ w.dequantize(torch.float32).T).to(x.dtype)
         if act:
             gate, up = y.float().chunk(2, dim=-1)
             y = (torch.nn.functional.silu(gate) * up).to(x.dtype)
+        if norms and i in norms:
+            stream = (y.float() + stream.float()).to(x.dtype)
+            streams[i] = stream.reshape(-1)
+            r = stream.float()
+            y = (r * torch.rsqrt(r.pow(2).mean() + eps) * norms[i].float()).to(x.dtype)
         h = y
-    return h.reshape(-1)
+    return h.reshape(-1), streams

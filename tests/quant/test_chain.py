@@ -49,7 +49,7 @@ def test_chain_equals_the_reference(num_stages: int, dtype: torch.dtype, gen: to
     stages = layer(gen)[:num_stages]
     x = torch.randn(256, generator=gen).to(dtype).to(DEVICE)
     chain = chain_triton.Chain(stages, dtype, SMALL)
-    want = chain_triton.reference(x, stages)
+    want = chain_triton.reference(x, stages)[0]
     for _ in range(3 if DEVICE.type == "cuda" else 1):  # (the counter is reset by each launch)
         got = chain.run(x)
         assert got.shape == want.shape and got.dtype == dtype
@@ -59,7 +59,29 @@ def test_chain_equals_the_reference(num_stages: int, dtype: torch.dtype, gen: to
         assert torch.equal(chain.run(x, one_launch=True), staged)
     # each stage's buffer holds that stage's output
     for i in range(num_stages):
-        assert rel_err(chain.outs[i], chain_triton.reference(x, stages[: i + 1])) <= RTOL[dtype] * (i + 1)
+        assert rel_err(chain.outs[i], chain_triton.reference(x, stages[: i + 1])[0]) <= RTOL[dtype] * (i + 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_chain_as_a_layer_with_residuals_and_norms(dtype: torch.dtype, gen: torch.Generator) -> None:
+    """o, then the residual and the post-attention norm, gate|up (silu), down, the residual and
+    the next layer's norm, q|k|v: the engine's ``linear_rms_norm`` between the GEMVs."""
+    stages = layer(gen)
+    norms = {0: 1 + 0.1 * torch.randn(256, generator=gen), 2: 1 + 0.1 * torch.randn(256, generator=gen)}
+    x = torch.randn(256, generator=gen).to(dtype).to(DEVICE)
+    residual = (4 * torch.randn(256, generator=gen)).to(dtype).to(DEVICE)  # (the stream dominates)
+    chain = chain_triton.Chain(stages, dtype, SMALL, norms=norms, eps=1e-5)
+    want, streams = chain_triton.reference(x, stages, {i: w.to(DEVICE) for i, w in norms.items()}, residual)
+    got = chain.run(x, residual=residual)
+    # (the chain scales by 1/rms after the dot, the reference before rounding the normed input)
+    assert rel_err(got, want) <= RTOL[dtype] * len(stages)
+    for i in norms:
+        assert rel_err(chain.residuals[i], streams[i]) <= RTOL[dtype] * (i + 1)
+    no_norms = chain_triton.reference(x, stages)[0]  # (the norms and residuals changed the answer)
+    assert rel_err(no_norms, want) > 0.1
+    if DEVICE.type == "cuda":
+        staged = chain.run(x, one_launch=False, residual=residual).clone()
+        assert torch.equal(chain.run(x, one_launch=True, residual=residual), staged)
 
 
 def test_chain_group_32_and_a_fresh_input_changes_the_answer(gen: torch.Generator) -> None:
@@ -69,8 +91,8 @@ def test_chain_group_32_and_a_fresh_input_changes_the_answer(gen: torch.Generato
     x2 = torch.randn(256, generator=gen).to(DEVICE)
     got1 = chain.run(x1).clone()
     got2 = chain.run(x2).clone()
-    assert rel_err(got1, chain_triton.reference(x1, stages)) <= 1e-5
-    assert rel_err(got2, chain_triton.reference(x2, stages)) <= 1e-5
+    assert rel_err(got1, chain_triton.reference(x1, stages)[0]) <= 1e-5
+    assert rel_err(got2, chain_triton.reference(x2, stages)[0]) <= 1e-5
     assert not torch.equal(got1, got2)
 
 
@@ -87,7 +109,7 @@ def test_chain_replays_in_a_cuda_graph(gen: torch.Generator) -> None:
         x.copy_(torch.randn(256, generator=gen).half().to(DEVICE))
         graph.replay()
         torch.cuda.synchronize()
-        assert rel_err(chain.outs[-1], chain_triton.reference(x, stages)) <= 16 * RTOL[torch.float16]
+        assert rel_err(chain.outs[-1], chain_triton.reference(x, stages)[0]) <= 16 * RTOL[torch.float16]
     assert int(chain.counter.item()) == 0
 
 
@@ -109,6 +131,19 @@ def test_chain_refuses_what_it_cannot_run(gen: torch.Generator) -> None:
     chain = chain_triton.Chain([o], torch.float32, SMALL)
     with pytest.raises(ConfigError, match="x has"):
         chain.run(torch.randn(128).to(DEVICE))
+    with pytest.raises(ConfigError, match="no norms"):
+        chain.run(torch.randn(256).to(DEVICE), residual=torch.randn(256).to(DEVICE))
+    with pytest.raises(ConfigError, match="a norm after stage 1; stages 0 to 0"):
+        chain_triton.Chain([o, gate_up], torch.float32, SMALL, norms={1: torch.ones(384)})
+    with pytest.raises(ConfigError, match=r"the norm after stage 0 has shape \(128,\); its output is \[256\]"):
+        chain_triton.Chain([o, gate_up], torch.float32, SMALL, norms={0: torch.ones(128)})
+    with pytest.raises(ConfigError, match="eps=0.0"):
+        chain_triton.Chain([o, gate_up], torch.float32, SMALL, norms={0: torch.ones(256)}, eps=0.0)
+    normed = chain_triton.Chain([o, gate_up], torch.float32, SMALL, norms={0: torch.ones(256)})
+    with pytest.raises(ConfigError, match="run takes the residual stream"):
+        normed.run(torch.randn(256).to(DEVICE))
+    with pytest.raises(ConfigError, match=r"residual has \(128,\)"):
+        normed.run(torch.randn(256).to(DEVICE), residual=torch.randn(128).to(DEVICE))
 
 
 def test_chain_one_launch_needs_a_gpu(gen: torch.Generator) -> None:
@@ -126,4 +161,4 @@ def test_chain_takes_an_unaligned_bf16_row(gen: torch.Generator) -> None:
     x = wide[1:]
     assert x.data_ptr() % 16
     got = chain_triton.Chain(stages, torch.bfloat16, SMALL).run(x)
-    assert rel_err(got, chain_triton.reference(x, stages)) <= RTOL[torch.bfloat16]
+    assert rel_err(got, chain_triton.reference(x, stages)[0]) <= RTOL[torch.bfloat16]
