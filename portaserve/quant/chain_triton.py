@@ -11,7 +11,12 @@ the last program of the one before), as opposed to the GEMV's own inner loop. Th
 ``chain(x, stages)`` computes ``x -> W0 -> W1 -> ...`` for one row of x, where each stage is
 ``(weight, act)``: ``act`` False stores ``x @ W.T`` rounded to x's dtype, ``act`` True treats W as
 gate|up [2 I, K] and stores ``silu(gate) * up`` [I] (as the engine's ``linear_silu_and_mul``).
-Up to ``MAX_STAGES`` stages (a Llama layer's o, gate|up, down and the next q|k|v).
+Up to ``MAX_STAGES`` stages (a Llama layer's o, gate|up, down and the next q|k|v). With
+``norms`` the chain is that layer as the engine runs it: after o and after down the residual
+stream gains the output and the next stage takes its RMS norm. A stage that adds the residual
+stores ``weight * stream`` (it owns those rows); the next stage's programs each read the whole
+stream once, and scale their dot products by ``1 / rms`` (a scalar, so it commutes with the
+dot), so the norm costs no extra barrier.
 
 How the launch works: ``num_programs`` programs (as many as are resident at once: programs per
 SM x SMs, so the barrier cannot deadlock) each take every ``num_programs``-th row tile of a
