@@ -181,9 +181,10 @@ static inline float hsum(__m256 v) {
 #if PS_AVX2
 /* Block blk of the row (codes at row_q) against TT tokens of x: s = codes . x, then acc[t] =
  * UPDATE, an expression of s and acc[t]. BLOCK_DOT: acc[t] += d * s; BLOCK_SUM (one scale for
- * the whole row, int8 / fp8, applied once after the sum): acc[t] += s. (An FMA by 1 instead of
- * the add, tried on this 2-core EPYC at 8 tokens: int8 1536 x 576 0.14 ms vs 0.13, fp8 0.16 vs
- * 0.17; the add stays.) */
+ * the whole row, int8 / fp8, applied once after the sum): acc[t] += s. BLOCK_FMA, the same sum
+ * for 4 or 8 tokens: the four products go straight into acc[t] (one instruction a block and
+ * token fewer; the tokens' independent chains hide the FMA latency, which one token alone
+ * would wait on): on this 2-core EPYC at 8 tokens fp8 12-16% faster, int8 4-10%. */
 #define BLOCK_ACC(fmt, blk, UPDATE)                                                      \
     do {                                                                                 \
         codes_f32((fmt), row_q + (blk) * qbytes, c);                                     \
@@ -198,6 +199,17 @@ static inline float hsum(__m256 v) {
     } while (0)
 #define BLOCK_DOT(fmt, blk, vd) BLOCK_ACC(fmt, blk, _mm256_fmadd_ps(s, (vd), acc[t]))
 #define BLOCK_SUM(fmt, blk) BLOCK_ACC(fmt, blk, _mm256_add_ps(s, acc[t]))
+#define BLOCK_FMA(fmt, blk)                                                              \
+    do {                                                                                 \
+        codes_f32((fmt), row_q + (blk) * qbytes, c);                                     \
+        for (int t = 0; t < TT; t++) {                                                   \
+            const float *xb = x + t * x_stride + (blk) * 32;                             \
+            acc[t] = _mm256_fmadd_ps(c[0], _mm256_loadu_ps(xb), acc[t]);                 \
+            acc[t] = _mm256_fmadd_ps(c[1], _mm256_loadu_ps(xb + 8), acc[t]);             \
+            acc[t] = _mm256_fmadd_ps(c[2], _mm256_loadu_ps(xb + 16), acc[t]);            \
+            acc[t] = _mm256_fmadd_ps(c[3], _mm256_loadu_ps(xb + 24), acc[t]);            \
+        }                                                                                \
+    } while (0)
 #endif
 
 /* One row against TT tokens starting at x (row stride x_stride); xsum [TT, nb] is each
@@ -214,7 +226,9 @@ ALWAYS_INLINE void row_tile(const int fmt, const int TT, const uint8_t *row_q, i
 #if PS_AVX2
     __m256 acc[8], c[4];
     for (int t = 0; t < TT; t++) acc[t] = _mm256_setzero_ps();
-    if (dr == NULL)
+    if (dr == NULL && TT >= 4)
+        for (int64_t blk = 0; blk < nb; blk++) BLOCK_FMA(fmt, blk);
+    else if (dr == NULL)
         for (int64_t blk = 0; blk < nb; blk++) BLOCK_SUM(fmt, blk);
     else
         for (int64_t blk = 0; blk < nb; blk++) BLOCK_DOT(fmt, blk, _mm256_set1_ps(dr[blk]));
