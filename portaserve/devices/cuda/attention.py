@@ -141,14 +141,17 @@ DECODE_FP8_MMA = True
 DECODE_FP8_MMA_MAXNREG: int | None = 192
 #: ``_decode_fp8_mma_kernel`` loads a step's two block ids one step ahead (as ``_kv_tile`` does
 #: for the Triton kernels, which took the fp8 decode from 67% to 78% of the copy bandwidth on an
-#: H200): without, each 32-key step's K and V loads wait for a table load first. Off until timed
-#: (``gpu_kernels.py --sections tune_fp8``). (Pipeline stages change nothing in its code: Triton
-#: pipelines loads that feed ``tl.dot``, and this kernel's feed inline PTX.)
+#: H200): without, each 32-key step's K and V loads wait for a table load first. (Pipeline
+#: stages change nothing in its code: Triton pipelines loads that feed ``tl.dot``, and this
+#: kernel's feed inline PTX.) Implied by ``DECODE_FP8_MMA_K_AHEAD``.
 DECODE_FP8_MMA_IDS_AHEAD = False
 #: ... and a step's K words too, loaded by the step before once it has used its own (the ids then
 #: two steps ahead; implies the ids ahead): one memory latency a step less to wait for, at 32
-#: registers a lane more. Off until timed.
-DECODE_FP8_MMA_K_AHEAD = False
+#: registers a lane more. On: timed on an H100, 2026-12-07 (``gpu_kernels.py --sections
+#: tune_fp8``, trials in turns, median of 3), a layer's decode against loads in the step:
+#: 256 x 1024 0.300 vs 0.302 ms, 512 x 1536 0.684 vs 0.699, 1024 x 1536 (the fp8 1000/1000 run's
+#: batch) 1.226 vs 1.254 (ids ahead alone: 0.294, 0.697, 1.226); docs/benchmarks.md, stop 26.
+DECODE_FP8_MMA_K_AHEAD = True
 
 
 @triton_helper
