@@ -4,8 +4,8 @@
 
 Each argument is ``format:M[:block_n:block_k[:num_warps[:programs_per_sm[:num_stages[:dot[:scale_tile]]]]]]``
 (no tiles: ``gemv_triton.CONFIGS``; dot 1: the tensor-core kernel; scale_tile 1: its scaled tiles),
-then any boolean ``GemvConfig`` fields by name (``int4:1:64:128:4:mma=1``);
-``chain:BN:BK:WARPS:STAGES``: the chained int4 kernel of ``quant/chain_triton.py`` instead. The kernel is compiled for an H100/H200 target through a
+then any boolean ``GemvConfig`` fields by name (``int4:1:64:128:4:mma=1``). The kernel is
+compiled for an H100/H200 target through a
 stand-in driver (``ci/triton_compile_check.py``), disassembled with the ``nvdisasm`` Triton
 ships, and its longest loop counted: instructions per weight element per thread, registers,
 and the instruction mix. A decode GEMV is bound by whichever is lower: the memory (about 16
@@ -50,21 +50,6 @@ def compile_one(fmt: str, m: int, cfg: gemv_triton.GemvConfig | None) -> tuple[b
     return compiled["kernel"].asm["cubin"], compiled["kwargs"]
 
 
-def compile_chain(cfg) -> bytes:
-    """The chained int4 kernel (``quant/chain_triton.py``) with one 4096 x 4096 stage, compiled
-    as the persistent launch (barrier and L2 hints in), one row of bf16 x."""
-    from portaserve.quant import chain_triton
-
-    compiled = compile_launches()
-    stages = [(registry.quantize(torch.randn(4096, 4096) * 0.02, "int4"), False)]
-    chain = chain_triton.Chain(stages, torch.bfloat16, cfg)
-    x = torch.randn(4096, dtype=torch.bfloat16)
-    chain_triton.is_interpreted = lambda tensor: False  # (the GPU's form: inline PTX, L2 hints)
-    args, common = chain.launch_args(x)
-    chain_triton._chain_kernel.on(x)[(264,)](*args, 0, 0, BARRIER=True, **common)
-    return compiled["kernel"].asm["cubin"]
-
-
 def loop_stats(cubin: bytes) -> tuple[collections.Counter, int]:
     path = Path(os.environ.get("TMPDIR", "/tmp")) / "gemv_sass.cubin"
     path.write_bytes(cubin)
@@ -93,19 +78,6 @@ def main(argv: list[str]) -> None:
     print("| format | M | tiles (BN x BK, warps) | regs | instr / weight | issue bound TB/s | mix |")
     print("|---|---|---|---|---|---|---|")
     for spec in argv or ["int4:1", "Q4_0:1", "Q8_0:1", "int8:1", "fp8:1", "int4:4", "fp8:4"]:
-        if spec.startswith("chain:"):  # chain:BN:BK:WARPS:STAGES (quant/chain_triton.py)
-            from portaserve.quant import chain_triton
-
-            bn, bk, warps, stages = (int(v) for v in spec.split(":")[1:])
-            cfg = chain_triton.ChainConfig(bn, bk, warps, stages)
-            ops, regs = loop_stats(compile_chain(cfg))
-            per_thread = bn * bk / (warps * 32)
-            per_weight = sum(ops.values()) / per_thread
-            bound = 128 / per_weight * 0.5 * 132 * 1.98e9 / 1e12
-            mix = ", ".join(f"{op} {n / per_thread:.2f}" for op, n in ops.most_common(6))
-            print(f"| int4 chain | 1 | {bn} x {bk}, {warps} | {regs} | {per_weight:.2f} | {bound:.1f} | {mix} |",
-                  flush=True)
-            continue
         fmt, m, *tiles = spec.split(":")
         named = dict(t.split("=") for t in tiles if "=" in t)  # e.g. mma=1, tma=1, packed=0
         values = [int(v) for v in tiles if "=" not in v]

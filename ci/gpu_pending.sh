@@ -1,27 +1,18 @@
 #!/usr/bin/env bash
-# The GPU measurements still open (docs/benchmarks.md, "stop 24" and "stop 25"), in priority order, as one
+# The GPU measurements still open (docs/benchmarks.md, "stop 24" to "stop 26"), in priority order, as one
 # command per lent-GPU call (the machine goes back 30 s after a call, so a call should not wait
 # on the next). Run from the repository root on the lent H200 (Python 3.12, torch 2.11, triton
 # 3.6), with the gguf wheel carried in .whl/:
 #
-#     bash ci/gpu_pending.sh fp8auto # ~7 min, one call, for little device time: tune_fp8, then
-#                                    # e2e3000 with the MMA decode's look-ahead that won at
-#                                    # 1024 x 1536 (ids / k / none; A/B partner: `e2e3000` alone)
-#     bash ci/gpu_pending.sh short   # ~5 min, the least device time: tune_fp8 (the look-ahead
-#                                    # candidates in turns), then `chain` if under 150 s had passed
-#     bash ci/gpu_pending.sh next    # ~8 min, one call: `attn8` (the fp8 attention candidates of
-#                                    # stop 25), then `chain` (a call's limit is 10 minutes)
-#     bash ci/gpu_pending.sh attn8   # ~4 min: the GPU tests of the fp8 attention paths, then the MMA
-#                                    # fp8 decode with ids / K words a step ahead (tune_fp8, at
-#                                    # 256 x 1024, 512 x 1536, 1024 x 1536) and the prompt attention's
-#                                    # tiles over an fp8 cache with q k^T in fp16 or fp8 (prefill8)
-#     bash ci/gpu_pending.sh e2eab --fp8-mma-ahead k --fp8-qk-prefill  # ~9 min: `e2e3000` with the
-#                                    # flags given, then as the module says (what attn8 won, end to end)
-#     bash ci/gpu_pending.sh chain   # ~3 min: the int4 layer's four GEMVs chained in one
-#                                    # persistent launch (quant/chain_triton.py) against a launch
-#                                    # a stage and the engine's GEMVs (gpu_int4_chain.py), after
-#                                    # its GPU tests (barrier result == a launch a stage, bit for
-#                                    # bit; replay in a CUDA graph): does the int4 aim need one?
+#     bash ci/gpu_pending.sh next    # ~7 min, one call: `attn8`, then `e2e3000` as the modules
+#                                    # say (the MMA fp8 decode's K ahead on since stop 26)
+#     bash ci/gpu_pending.sh short   # ~3 min, for the last few device minutes: `attn8` alone
+#     bash ci/gpu_pending.sh attn8   # ~3 min: the GPU tests of the fp8 attention paths, then the
+#                                    # prompt attention's tiles over an fp8 cache with q k^T in
+#                                    # fp16 or fp8 (prefill8)
+#     bash ci/gpu_pending.sh e2eab --fp8-mma-ahead none  # ~9 min: `e2e3000` with the flags given,
+#                                    # then as the modules say (the look-ahead end to end; later
+#                                    # --fp8-qk-prefill --varlen-config BM,BN,W,S if prefill8 wins)
 #     bash ci/gpu_pending.sh e2e3000 # ~4 min: TensorRT-LLM's conditions (3000 requests, 0.95
 #                                    # memory), 1024 sequences at a time (stop 24, H200: 17,561
 #                                    # vs 17,239 at 512); decides the issue-7 aim (> 17,744)
@@ -52,10 +43,10 @@
 # Each step is bounded by `timeout`; logs go to $OUT (the lent machine's output folder).
 # SKIP_TESTS=1 leaves out the GPU tests of f16 and int4 (when little device time is left).
 set -uo pipefail
-case "${1:-chain}" in
-next|short|fp8auto|attn8|e2eab|chain|profile|prefill8|f16|int4|bf16|fp8|e2e|e2e3000|stream) ;;
+case "${1:-next}" in
+next|short|attn8|e2eab|profile|prefill8|f16|int4|bf16|fp8|e2e|e2e3000|stream) ;;
 *)
-    echo "usage: bash ci/gpu_pending.sh next|short|fp8auto|attn8|e2eab|chain|e2e3000|profile|prefill8|int4|bf16|e2e|f16|stream|fp8 [extra gpu_llama8b flags for e2e3000]" >&2
+    echo "usage: bash ci/gpu_pending.sh next|short|attn8|e2eab|e2e3000|profile|prefill8|int4|bf16|e2e|f16|stream|fp8 [extra gpu_llama8b flags for e2e3000]" >&2
     exit 2 ;;
 esac
 OUT="${OUT:-/tmp/gpu_pending}"
@@ -67,38 +58,16 @@ export PYTHONPATH="/tmp/site:.${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
 E2E=(python3 benchmarks/gpu_llama8b.py --skip-hf --parts throughput --kv-cache-dtype fp8 --quantization fp8)
 
-case "${1:-chain}" in
+case "${1:-next}" in
 next)
     OUT="$OUT/attn8" bash "$0" attn8
-    if [ "$SECONDS" -lt 300 ]; then OUT="$OUT/chain" bash "$0" chain  # (~4 min; a call stops at 10)
-    else echo "attn8 took ${SECONDS} s: chain left for the next call"; fi ;;
+    OUT="$OUT/e2e" bash "$0" e2e3000 --budget-s 260 ;;
 short)
-    timeout 200 python3 benchmarks/gpu_kernels.py --sections tune_fp8 > "$OUT/tune_fp8.txt" 2>&1
-    grep -A40 "^ceilings" "$OUT/tune_fp8.txt" | grep "tune fp8\|WRONG" | cut -c1-160
-    if [ "$SECONDS" -lt 150 ]; then OUT="$OUT/chain" bash "$0" chain
-    else echo "tune_fp8 took ${SECONDS} s: chain left for the next call"; fi ;;
-fp8auto)
-    timeout 200 python3 benchmarks/gpu_kernels.py --sections tune_fp8 > "$OUT/tune_fp8.txt" 2>&1
-    grep -A40 "^ceilings" "$OUT/tune_fp8.txt" | grep "tune fp8\|WRONG" | cut -c1-160
-    # the look-ahead with the lowest median at the run's batch (1024 x 1536), its error in bounds
-    ahead=$(python3 - "$OUT/tune_fp8.txt" <<'PY'
-import re, sys
-best = {}
-for line in open(sys.argv[1]):
-    m = re.match(r"tune fp8 decode B=1024 ctx=1536\s+mma (in step|ids ahead|k ahead) kernel .*?\)\s+([0-9.]+)", line)
-    if m and "NOT RUN" not in line and float(line.split()[-1]) < 2e-2:  # (the last column: rel. error)
-        best[{"in step": "none", "ids ahead": "ids", "k ahead": "k"}[m.group(1)]] = float(m.group(2))
-print(min(best, key=best.get) if best else "none")
-PY
-)
-    echo "look-ahead picked: $ahead"
-    OUT="$OUT/with" bash "$0" e2e3000 --budget-s 230 --fp8-mma-ahead "$ahead" ;;
+    OUT="$OUT" bash "$0" attn8 ;;
 attn8)
-    timeout 120 env PORTASERVE_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider tests/devices/test_triton_kernels.py \
+    timeout 180 env PORTASERVE_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider tests/devices/test_triton_kernels.py \
         -k "hand_built or fp8_qk or unmasked" > "$OUT/tests.txt" 2>&1
     tail -3 "$OUT/tests.txt" | cut -c1-300
-    timeout 180 python3 benchmarks/gpu_kernels.py --sections tune_fp8 > "$OUT/tune_fp8.txt" 2>&1
-    grep -A40 "^ceilings" "$OUT/tune_fp8.txt" | grep "tune fp8\|WRONG" | cut -c1-160
     OUT="$OUT" bash "$0" prefill8 ;;
 e2eab)
     OUT="$OUT/with" bash "$0" e2e3000 --budget-s 230 "${@:2}"
@@ -115,17 +84,6 @@ f16)
         --decode-variant default --decode-variant fuse_rotary --decode-variant unfused_rotary \
         --decode-variant "int4=128,128,4,2,f16" --decode-variant "int4=128,256,4,2,f16" > "$OUT/int4.txt" 2>&1
     grep -A8 "decode variant" "$OUT/int4.txt"; tail -3 "$OUT/int4.txt" | cut -c1-300 ;;
-chain)
-    # the tests first, bounded: a grid barrier that never opens would spin until killed, and the
-    # benchmark is only worth its minutes if the one-launch chain computes what it should
-    if timeout 120 env PORTASERVE_TEST_DEVICE=cuda python3 -m pytest -x -q -p no:cacheprovider \
-        tests/quant/test_chain.py > "$OUT/tests.txt" 2>&1; then
-        tail -1 "$OUT/tests.txt" | cut -c1-300
-        timeout 300 python3 benchmarks/gpu_int4_chain.py > "$OUT/chain.txt" 2>&1
-        grep -A8 "^per weight" "$OUT/chain.txt"; grep -A20 "^roofline" "$OUT/chain.txt"; tail -2 "$OUT/chain.txt" | cut -c1-300
-    else
-        echo "chain tests failed or hung (rc $?): benchmark skipped"; tail -30 "$OUT/tests.txt" | cut -c1-300
-    fi ;;
 profile)
     timeout 500 python3 benchmarks/profile_cuda_throughput.py --kv-cache-dtype fp8 --quantization fp8 \
         --num-prompts 3000 --max-num-seqs 1024 --memory-utilization 0.95 --budget-s 200 > "$OUT/profile.txt" 2>&1

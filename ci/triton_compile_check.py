@@ -259,21 +259,6 @@ def _quant_calls() -> None:
             gemv_triton.gemv(torch.randn(1, 4096, dtype=dt), weight, split_k=split_k, config=config,
                              silu_and_mul=True)
     gemv_triton.FUSE_NORM, gemv_triton.FUSE_SILU = fuse
-    # the int4 chain experiment (quant/chain_triton.py) as a GPU launches it: the persistent
-    # launch with its barriers, and a launch a stage (inline PTX: NVIDIA only)
-    if gemv_triton.packed_supported(None):
-        from portaserve.quant import chain_triton
-
-        chain_triton.is_interpreted = lambda tensor: False
-        stages = [(Int4Method().quantize(torch.randn(n, 512) * 0.02, group_size=128), act)
-                  for n, act in ((512, False), (1024, True), (512, False))]  # o, gate|up + silu, down
-        x = torch.randn(512, dtype=torch.bfloat16)
-        for cfg, norms in ((chain_triton.ChainConfig(), {}), (chain_triton.ChainConfig(16, 256, 4, 1, 2, 0), {}),
-                           (chain_triton.ChainConfig(), {0: torch.ones(512)})):  # (+ a residual and norm)
-            chain = chain_triton.Chain(stages, torch.bfloat16, cfg, norms=norms)
-            args, common = chain.launch_args(x, torch.randn(512, dtype=torch.bfloat16) if norms else None)
-            for barrier in (True, False):
-                chain_triton._chain_kernel.on(x)[(264,)](*args, 0, len(stages) - 1, BARRIER=barrier, **common)
     for scheme in ("dynamic_per_token", "dynamic_per_tensor"):
         weight = FP8Method().quantize(torch.randn(64, 4096), activation=scheme)
         for dt in (torch.bfloat16, torch.float16, torch.float32):
