@@ -367,15 +367,15 @@ def model_rows() -> list[Row]:
 
 VARLEN_TRIALS = [(64, 64, 4, 3), (64, 32, 4, 3), (64, 128, 4, 2), (64, 64, 8, 3), (64, 64, 4, 2),
                  (128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3)]
-#: (BLOCK_N, warps, stages) for the decode over an fp8 cache (tune_fp8), the default first.
-#: (BLOCK_N, warps, stages) of the Triton kernel; "mma": ``attention._decode_fp8_mma_kernel``
-#: as the module sets it, with words for what a trial changes: "r128" ptxas's own register count
-#: (128) instead of ``DECODE_FP8_MMA_MAXNREG``; "ids ahead" the block ids loaded a step ahead
-#: (``DECODE_FP8_MMA_IDS_AHEAD``), "k ahead" the K words too (``DECODE_FP8_MMA_K_AHEAD``),
-#: "in step" neither; "splits2" twice the splits ``decode_num_splits`` gives (one at these
-#: batches: programs of half the keys, so a shorter tail once the last wave runs out of work).
-DECODE_TRIALS_FP8 = [(64, 2, 3), "mma", "mma r128", "mma in step", "mma ids ahead", "mma k ahead",
-                     "mma splits2", "mma k ahead splits2", (64, 2, 4), (64, 4, 3)]
+#: Trials of the decode over an fp8 cache (tune_fp8): (BLOCK_N, warps, stages) of the Triton
+#: kernel; "mma": ``attention._decode_fp8_mma_kernel`` as the module sets it (K words a step
+#: ahead since stop 26), with words for what a trial changes: "r128" ptxas's own register count
+#: (128) instead of ``DECODE_FP8_MMA_MAXNREG``; "ids ahead" only the block ids loaded a step
+#: ahead (``DECODE_FP8_MMA_IDS_AHEAD``), "k ahead" the K words too (``DECODE_FP8_MMA_K_AHEAD``),
+#: "in step" neither; "splits2" twice the splits ``decode_num_splits`` gives (slower at every
+#: case on an H100, stop 26).
+DECODE_TRIALS_FP8 = [(64, 2, 3), "mma", "mma r128", "mma in step", "mma ids ahead", "mma splits2",
+                     (64, 2, 4), (64, 4, 3)]
 #: (requests, keys) of tune_fp8: DECODE_CASES' last two and the 1000/1000 run at 1024 sequences.
 TUNE_FP8_CASES = ((256, 1024), (512, 1536), (1024, 1536))
 DECODE_TRIALS = [(64, 4, 2), (32, 4, 2), (128, 4, 2), (64, 2, 2), (64, 8, 2), (64, 4, 3), (64, 4, 4),
