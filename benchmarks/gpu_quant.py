@@ -333,12 +333,22 @@ def set_one_row_config(spec: str) -> None:
 
 
 def set_gemv_pdl(lines: int) -> None:
-    """``--gemv-pdl-lines``: the quant GEMVs' L2 prefetch under PDL, or (-1) no PDL for them."""
+    """``--gemv-pdl-lines``: the quant GEMVs under PDL with the trigger at their start and an L2
+    prefetch of this many lines a row (``PDL_LATE`` off), or (-1) no PDL for them."""
     from portaserve.quant import gemv_triton
 
     gemv_triton.GEMV_PDL = lines >= 0
     if lines >= 0:
         gemv_triton.PDL_PREFETCH_LINES = lines
+        gemv_triton.PDL_LATE = False
+
+
+def set_gemv_pdl_late() -> None:
+    """``pdl_late``: the quant GEMVs under PDL, the trigger after their loop and their first
+    step's words loaded before the wait (``gemv_triton.PDL_LATE``)."""
+    from portaserve.quant import gemv_triton
+
+    gemv_triton.GEMV_PDL = gemv_triton.PDL_LATE = True
 
 
 def swept(fmt: str, m: int) -> list:
@@ -474,6 +484,7 @@ def bench_model(fmt: str, args: argparse.Namespace, copy_bps: float, deadline: f
 
 def apply_variant(spec: str) -> None:
     """One ``--decode-variant``: space-separated settings, each ``pdl=N`` (``--gemv-pdl-lines``),
+    ``pdl_late`` (``set_gemv_pdl_late``),
     ``fuse_norm`` (``gemv_triton.FUSE_NORM``: o and down run the norm after them in their
     launch), ``fuse_silu`` (``FUSE_SILU``: gate|up runs silu_and_mul in its launch),
     ``unfused`` (both off, and ``FUSE_ROTARY``), ``fuse_rotary`` / ``unfused_rotary``
@@ -496,6 +507,8 @@ def apply_variant(spec: str) -> None:
     for item in spec.split():
         if item.startswith("pdl="):
             set_gemv_pdl(int(item[4:]))
+        elif item == "pdl_late":
+            set_gemv_pdl_late()
         elif item == "fuse_norm":
             gemv_triton.FUSE_NORM = True
         elif item == "fuse_silu":
@@ -535,7 +548,7 @@ def time_variants(engine, specs: list[str], context: int, rounds: int = 3) -> di
              gemv_triton.FUSE_NORM, gemv_triton.FUSE_SILU, gemv_triton.SPLIT_SUM_UNROLLED,
              attention.MERGE_UNROLLED, gemv_triton.FUSE_ROTARY, attention._MAX_SPLITS,
              attention.DECODE_MIN_CHUNK, dense_gemv.FUSE_ROTARY, dense_gemv.faster_than_cublas,
-             dict(attention.DECODE_CONFIG))
+             gemv_triton.PDL_LATE, dict(attention.DECODE_CONFIG))
     recapture = getattr(getattr(engine.runner, "executor", None), "capture", None)  # cuda graphs
     bs = engine.kv_spec.block_size
     batch = build_batch([("variant", [100], context, list(range(1, context // bs + 2)), True)], bs)
@@ -546,7 +559,7 @@ def time_variants(engine, specs: list[str], context: int, rounds: int = 3) -> di
         (gemv_triton.GEMV_PDL, gemv_triton.PDL_PREFETCH_LINES, gemv_triton.FUSE_NORM,
          gemv_triton.FUSE_SILU, gemv_triton.SPLIT_SUM_UNROLLED, attention.MERGE_UNROLLED,
          gemv_triton.FUSE_ROTARY, attention._MAX_SPLITS, attention.DECODE_MIN_CHUNK,
-         dense_gemv.FUSE_ROTARY, dense_gemv.faster_than_cublas) = saved[1:-1]
+         dense_gemv.FUSE_ROTARY, dense_gemv.faster_than_cublas, gemv_triton.PDL_LATE) = saved[1:-1]
         attention.DECODE_CONFIG.clear()
         attention.DECODE_CONFIG.update(saved[-1])
         if spec is not None:
@@ -624,6 +637,8 @@ def pdl_state() -> str:
         return "off"
     if not gemv_triton.GEMV_PDL:
         return "on, but not for the quant GEMVs"
+    if gemv_triton.PDL_LATE:
+        return "on where sm_90+ (quant GEMVs: trigger after the loop, first words before the wait)"
     return f"on where sm_90+ (quant GEMVs prefetch {gemv_triton.PDL_PREFETCH_LINES} lines a row)"
 
 
@@ -657,7 +672,7 @@ def main() -> None:
                         "prefetching this many lines of its rows into L2; -1: without PDL")
     p.add_argument("--decode-variant", action="append", default=[], metavar="SETTINGS",
                    help="model mode, repeatable: after the batch-1 decode, time the device step again "
-                        "under each of these (space-separated 'pdl=N' and 'FMT=BN,BK,WARPS,PPS[,FIELD]' "
+                        "under each of these (space-separated 'pdl=N', 'pdl_late' and 'FMT=BN,BK,WARPS,PPS[,FIELD]' "
                         "items, 'fuse_norm', 'fuse_silu', 'fuse_rotary', 'unfused', 'unfused_rotary', 'max_splits=N', 'min_chunk=N', 'force_gemv', 'decode_bn=N', or 'default'), taking turns, the decode graph re-captured for each")
     p.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU (checks the script)")
     p.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "gpu_quant.json"))

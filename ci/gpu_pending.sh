@@ -13,6 +13,10 @@
 #     bash ci/gpu_pending.sh e2eab --fp8-mma-ahead none  # ~9 min: `e2e3000` with the flags given,
 #                                    # then as the modules say (the look-ahead end to end; later
 #                                    # --fp8-qk-prefill --varlen-config BM,BN,W,S if prefill8 wins)
+#     bash ci/gpu_pending.sh pdl     # ~5 min: int4 at one row, the quant GEMVs launched with PDL
+#                                    # triggering after their loop (first words before the wait;
+#                                    # gemv_triton.PDL_LATE), triggering first (pdl=2), or without;
+#                                    # then the GPU tests of the GEMVs under PDL
 #     bash ci/gpu_pending.sh e2e3000 # ~4 min: TensorRT-LLM's conditions (3000 requests, 0.95
 #                                    # memory), 1024 sequences at a time (stop 24, H200: 17,561
 #                                    # vs 17,239 at 512); decides the issue-7 aim (> 17,744)
@@ -44,9 +48,9 @@
 # SKIP_TESTS=1 leaves out the GPU tests of f16 and int4 (when little device time is left).
 set -uo pipefail
 case "${1:-next}" in
-next|short|attn8|e2eab|profile|prefill8|f16|int4|bf16|fp8|e2e|e2e3000|stream) ;;
+next|short|attn8|e2eab|pdl|profile|prefill8|f16|int4|bf16|fp8|e2e|e2e3000|stream) ;;
 *)
-    echo "usage: bash ci/gpu_pending.sh next|short|attn8|e2eab|e2e3000|profile|prefill8|int4|bf16|e2e|f16|stream|fp8 [extra gpu_llama8b flags for e2e3000]" >&2
+    echo "usage: bash ci/gpu_pending.sh next|short|attn8|e2eab|pdl|e2e3000|profile|prefill8|int4|bf16|e2e|f16|stream|fp8 [extra gpu_llama8b flags for e2e3000]" >&2
     exit 2 ;;
 esac
 OUT="${OUT:-/tmp/gpu_pending}"
@@ -88,6 +92,14 @@ profile)
     timeout 500 python3 benchmarks/profile_cuda_throughput.py --kv-cache-dtype fp8 --quantization fp8 \
         --num-prompts 3000 --max-num-seqs 1024 --memory-utilization 0.95 --budget-s 200 > "$OUT/profile.txt" 2>&1
     tail -60 "$OUT/profile.txt" | cut -c1-220 ;;
+pdl)  # the quant GEMVs under PDL, triggering late (gemv_triton.PDL_LATE) or first (pdl=2), vs none
+    timeout 300 python3 benchmarks/gpu_quant.py --formats int4 --parts decode --decode-tokens 32 \
+        --decode-variant default --decode-variant pdl_late --decode-variant pdl=2 \
+        --decode-variant "pdl_late int4=64,256,4,3" > "$OUT/pdl.txt" 2>&1
+    grep -A8 "decode variant" "$OUT/pdl.txt"; tail -3 "$OUT/pdl.txt" | cut -c1-300
+    [ -n "${SKIP_TESTS:-}" ] || timeout 200 env PORTASERVE_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider \
+        tests/quant/test_quant_gemv.py -k "pdl" > "$OUT/tests.txt" 2>&1
+    tail -4 "$OUT/tests.txt" | cut -c1-300 ;;
 int4)
     timeout 250 python3 benchmarks/gpu_quant.py --formats int4 --parts decode --decode-tokens 32 \
         --decode-variant default --decode-variant min_chunk=0 --decode-variant max_splits=1 \

@@ -142,8 +142,10 @@ def main(argv: list[str]) -> int:
             launch.pdl = lambda tensor: True
             _llama_bf16_calls()
             gemv_triton.GEMV_PDL = True
-            _quant_calls()
-            gemv_triton.GEMV_PDL = False
+            late = gemv_triton.PDL_LATE
+            for gemv_triton.PDL_LATE in (False, True):  # the trigger first, then late
+                _quant_calls()
+            gemv_triton.GEMV_PDL, gemv_triton.PDL_LATE = False, late
             launch.pdl = lambda tensor: False
         _quant_calls()
     except OutOfResources:

@@ -123,6 +123,15 @@ GEMV_PDL = False
 #: 128-byte lines of each of its rows that a GEMV program launched with PDL pulls into L2
 #: before it waits for the kernel before it.
 PDL_PREFETCH_LINES = 2
+#: With ``GEMV_PDL``, where a GEMV lets the next kernel launch and what it reads before it
+#: waits. False (as timed above): at its start, every kernel of the decode step doing so, so
+#: that the launches cascade, each kernel's programs parked on the SMs ahead of the one that
+#: runs; the L2 prefetch of ``PDL_PREFETCH_LINES`` lines. True: once its programs are past
+#: their loop (the split tails, norm, activation or rotary still to come), and the paths that
+#: load a step ahead by hand (int4 / Q4_0 packed, MMA) load their first step's words and
+#: scales into registers before they wait: the weight's first bytes arrive under the kernel
+#: before's tail, and at most one kernel waits ahead of the one running.
+PDL_LATE = True
 
 logger = logging.getLogger(__name__)
 
@@ -605,7 +614,7 @@ def _gemv_kernel(
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
     PACKED: tl.constexpr, ASM: tl.constexpr, TMA: tl.constexpr, MMA: tl.constexpr,
     MMA_XSUM: tl.constexpr, PDL: tl.constexpr, PREFETCH_LINES: tl.constexpr, Q_BYTES: tl.constexpr,
-    SPLIT_SUM: tl.constexpr, F16: tl.constexpr,
+    PDL_LATE: tl.constexpr, SPLIT_SUM: tl.constexpr, F16: tl.constexpr,
     FP8_MANT: tl.constexpr, FP8_BIAS: tl.constexpr, FP8_MAX: tl.constexpr, FP8_MAGIC: tl.constexpr,
 ):
     """Grid ``(cdiv(N, BLOCK_N), SPLIT_K)``. A K step covers ``NB`` blocks of ``GROUP`` columns
@@ -660,11 +669,16 @@ def _gemv_kernel(
     per_split = (num_steps + SPLIT_K - 1) // SPLIT_K
     step_begin = pid_k * per_split
     step_end = tl.minimum(step_begin + per_split, num_steps)
-    if PDL:  # the next kernel may launch now; the weight is read-only, so its first lines can
-        # be fetched while the kernel before finishes (x, the counters and out cannot)
+    # PDL_LATE: this program's first step of words and scales goes into registers before the
+    # wait (paths that load a step ahead by hand), and the next kernel may launch only once
+    # every program is past its loop
+    EARLY: tl.constexpr = PDL and PDL_LATE and (MMA or (PACKED and FMT != 6 and not TMA))
+    if PDL and not PDL_LATE:  # the next kernel may launch now; the weight is read-only, so its
+        # first lines can be fetched while the kernel before finishes (x, the counters and out cannot)
         tl.extra.cuda.gdc_launch_dependents()
         _prefetch_rows(q_ptr, offs_n, n_ok, stride_qn, step_begin * (BLOCK_K // CODES),
                        (step_end - step_begin) * (BLOCK_K // CODES), PREFETCH_LINES, 128 // Q_BYTES)
+    if PDL and not EARLY:
         tl.extra.cuda.gdc_wait()
     acc0 = tl.full((BLOCK_N, NB, WPB), 0.0, tl.float32)
     acc1 = acc0
@@ -709,6 +723,8 @@ def _gemv_kernel(
         shi_n = tl.load(s_lo_ptrs + 8 * stride_sn + k_n // GROUP, mask=s_hi_ok, other=0.0)
         zlo_n = tl.load(z_lo_ptrs + k_n // GROUP, mask=s_lo_ok, other=0)
         zhi_n = tl.load(z_lo_ptrs + 8 * stride_sn + k_n // GROUP, mask=s_hi_ok, other=0)
+        if EARLY:  # (the weight's loads above are out; x is the kernel before's to write)
+            tl.extra.cuda.gdc_wait()
         if ASM:
             u0_n, u1_n, u2_n, u3_n = tl.inline_asm_elementwise(
                 _LD_V4_ASM, "=r,=r,=r,=r,l", [x_ptrs + k_n // 2], dtype=(tl.int32,) * 4, is_pure=True, pack=1)
@@ -856,6 +872,8 @@ def _gemv_kernel(
             words_n = tl.load(w_ptrs + k_n // 8, mask=row_ok)
         d_n = tl.load(s_ptr + sc_ptrs + k_n // GROUP, mask=n_ok[:, None], other=0.0)
         z_n = tl.load(z_ptr + sc_ptrs + k_n // GROUP, mask=n_ok[:, None], other=0) if FMT == 3 else d_n
+        if EARLY:  # (as in the MMA path)
+            tl.extra.cuda.gdc_wait()
         if ASM and FMT == 3:  # (x32_ptr is 16-byte aligned)
             u0_n, u1_n, u2_n, u3_n = tl.inline_asm_elementwise(
                 _LD_V4_ASM, "=r,=r,=r,=r,l", [x_ptrs + k_n // 2], dtype=(tl.int32,) * 4, is_pure=True, pack=1)
@@ -1102,6 +1120,9 @@ def _gemv_kernel(
                 acc0 += p0 * a0 + s0 * c0
                 if KQ:
                     acc0 += p1 * a1 + s1 * c1
+    if PDL and PDL_LATE:  # the words are read: the next kernel's programs may take the SMs
+        # this one leaves and load their own first words while the split tails finish
+        tl.extra.cuda.gdc_launch_dependents()
     for m in tl.static_range(M_ROWS):
         if m == 0:
             acc = acc0
@@ -1171,7 +1192,8 @@ def _dot_gemv_kernel(
     MAGIC: tl.constexpr, OFFSET: tl.constexpr, S_T: tl.constexpr, S_BITS: tl.constexpr,
     SCALE_TILE: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr,
-    PDL: tl.constexpr, PREFETCH_LINES: tl.constexpr, Q_BYTES: tl.constexpr, SPLIT_SUM: tl.constexpr,
+    PDL: tl.constexpr, PREFETCH_LINES: tl.constexpr, Q_BYTES: tl.constexpr, PDL_LATE: tl.constexpr,
+    SPLIT_SUM: tl.constexpr,
 ):
     """Grid ``(cdiv(N, BLOCK_N), SPLIT_K)``; int4, int8, Q4_0, Q4_1, Q8_0 and fp8 on the tensor
     cores. A K step is ``NG`` groups of ``GROUP`` columns (int8 / fp8: one "group", the step).
@@ -1210,10 +1232,11 @@ def _dot_gemv_kernel(
     per_split = (num_steps + SPLIT_K - 1) // SPLIT_K
     step_begin = pid_k * per_split
     step_end = tl.minimum(step_begin + per_split, num_steps)
-    if PDL:  # (as in _gemv_kernel)
-        tl.extra.cuda.gdc_launch_dependents()
-        _prefetch_rows(q_ptr, offs_n, n_ok, stride_qn, step_begin * (GROUP * NG // CODES),
-                       (step_end - step_begin) * (GROUP * NG // CODES), PREFETCH_LINES, 128 // Q_BYTES)
+    if PDL:  # (as in _gemv_kernel; PDL_LATE: the trigger after the loop, nothing loaded early)
+        if not PDL_LATE:
+            tl.extra.cuda.gdc_launch_dependents()
+            _prefetch_rows(q_ptr, offs_n, n_ok, stride_qn, step_begin * (GROUP * NG // CODES),
+                           (step_end - step_begin) * (GROUP * NG // CODES), PREFETCH_LINES, 128 // Q_BYTES)
         tl.extra.cuda.gdc_wait()
     acc = tl.full((BLOCK_N, 16), 0.0, tl.float32)
     ONE_ROW: tl.constexpr = M_ROWS == 1
@@ -1309,6 +1332,8 @@ def _dot_gemv_kernel(
                             corr += c * xs
                         else:
                             acc += c[:, None] * xs
+    if PDL and PDL_LATE:  # (as in _gemv_kernel)
+        tl.extra.cuda.gdc_launch_dependents()
     if ONE_ROW:
         acc += corr[:, None]  # (columns past the first are not stored)
     if FMT == 4 or FMT == 5:  # per-row (or one) weight scale
@@ -1748,5 +1773,6 @@ def _pdl(x: torch.Tensor, words: torch.Tensor, prefetch: bool = True) -> dict:
     (``GEMV_PDL`` and ``launch.pdl``) each program prefetches ``PDL_PREFETCH_LINES`` lines of each of its rows
     (``prefetch``: formats whose rows hold their codes in K order; not the K formats)."""
     constexprs, options = pdl_options(x) if GEMV_PDL else ({"PDL": False}, {})
-    lines = PDL_PREFETCH_LINES if constexprs["PDL"] and prefetch else 0
-    return {**constexprs, **options, "PREFETCH_LINES": lines, "Q_BYTES": words.element_size()}
+    lines = PDL_PREFETCH_LINES if constexprs["PDL"] and prefetch and not PDL_LATE else 0
+    return {**constexprs, **options, "PREFETCH_LINES": lines, "Q_BYTES": words.element_size(),
+            "PDL_LATE": PDL_LATE}

@@ -474,18 +474,23 @@ def test_packed_path_needs_an_nvidia_gpu_of_compute_capability_8(monkeypatch: py
     assert gemv_triton.packed_supported(torch.zeros(1))  # CPU: the interpreter's stand-in
 
 
-def test_gemv_launch_options_under_pdl(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Where PDL is on (``GEMV_PDL``, ``launch.pdl``: compiled, sm_90+) the GEMVs launch with it and each
-    program prefetches lines of its rows; formats whose rows are not in K order (the K formats)
-    launch with it but prefetch nothing; the interpreter never takes it."""
+@pytest.mark.parametrize("late", [False, True])
+def test_gemv_launch_options_under_pdl(monkeypatch: pytest.MonkeyPatch, late: bool) -> None:
+    """Where PDL is on (``GEMV_PDL``, ``launch.pdl``: compiled, sm_90+) the GEMVs launch with it;
+    triggering at their start (``PDL_LATE`` off) each program prefetches lines of its rows, but
+    formats whose rows are not in K order (the K formats) prefetch nothing; triggering late, no
+    program prefetches into L2 (its first words go to registers); the interpreter never takes it."""
+    monkeypatch.setattr(gemv_triton, "PDL_LATE", late)
     words = torch.zeros(4, 8, dtype=torch.int32)
-    assert gemv_triton._pdl(torch.zeros(1), words) == {"PDL": False, "PREFETCH_LINES": 0, "Q_BYTES": 4}
+    assert gemv_triton._pdl(torch.zeros(1), words) == {"PDL": False, "PREFETCH_LINES": 0, "Q_BYTES": 4,
+                                                       "PDL_LATE": late}
     monkeypatch.setattr(gemv_triton, "pdl_options", lambda x: ({"PDL": True}, {"launch_pdl": True}))
     monkeypatch.setattr(gemv_triton, "GEMV_PDL", False)  # (off: plain launches)
     assert gemv_triton._pdl(torch.zeros(1), words)["PDL"] is False
     monkeypatch.setattr(gemv_triton, "GEMV_PDL", True)
     assert gemv_triton._pdl(torch.zeros(1), words.view(torch.uint8)) == {
-        "PDL": True, "launch_pdl": True, "PREFETCH_LINES": gemv_triton.PDL_PREFETCH_LINES, "Q_BYTES": 1}
+        "PDL": True, "launch_pdl": True, "PREFETCH_LINES": 0 if late else gemv_triton.PDL_PREFETCH_LINES,
+        "Q_BYTES": 1, "PDL_LATE": late}
     assert gemv_triton._pdl(torch.zeros(1), words, prefetch=False)["PREFETCH_LINES"] == 0
 
 
@@ -494,27 +499,33 @@ PDL_CASES = [("int4", 1, None), ("int4", 1, gemv_triton.GemvConfig(128, 128, mma
 
 
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="programmatic dependent launch needs a GPU")
+@pytest.mark.parametrize("late", [False, True], ids=["trigger_first", "trigger_late"])
 @pytest.mark.parametrize("n", [1024, 8192], ids=["split_k", "wide"])
 @pytest.mark.parametrize("fmt,m,cfg", PDL_CASES, ids=[f"{f}-m{m}{'-mma' if c else ''}" for f, m, c in PDL_CASES])
-def test_gemv_under_pdl_gives_the_same_sums(fmt: str, m: int, cfg, n: int, gen: torch.Generator,
+def test_gemv_under_pdl_gives_the_same_sums(fmt: str, m: int, cfg, n: int, late: bool, gen: torch.Generator,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    """A norm, the GEMV on its output and a norm of the GEMV's output, each launched with
-    programmatic dependent launch (the GEMV prefetching its rows while the first norm runs,
-    then waiting for it; the second norm waiting for the GEMV, split-K counters included), give
-    the very same numbers as plain launches, op by op and replayed from a CUDA graph."""
+    """A norm, the GEMV on its output, a second GEMV on the first's output (back to back, the
+    split-K counters shared) and a norm of that, each launched with programmatic dependent
+    launch (each GEMV prefetching its rows, or loading its first words (``PDL_LATE``), while
+    the kernel before runs, then waiting for it), give the very same numbers as plain
+    launches, op by op and replayed from a CUDA graph."""
     from portaserve.devices.cuda import launch, norm
 
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("programmatic dependent launch needs compute capability 9.0+")
     monkeypatch.setattr(gemv_triton, "GEMV_PDL", True)
+    monkeypatch.setattr(gemv_triton, "PDL_LATE", late)
     weight = packed(fmt, n, 2048, gen).to(DEVICE)
+    weight2 = packed(fmt, 2048, n, gen).to(DEVICE)
     h = torch.randn(m, 2048, generator=gen).to(DEVICE, torch.bfloat16)
     w_in = (1 + 0.1 * torch.randn(2048, generator=gen)).to(DEVICE, torch.bfloat16)
-    w_out = (1 + 0.1 * torch.randn(n, generator=gen)).to(DEVICE, torch.bfloat16)
+    w_out = (1 + 0.1 * torch.randn(2048, generator=gen)).to(DEVICE, torch.bfloat16)
     seen = launches(monkeypatch)
 
     def chain() -> torch.Tensor:
         out = gemv_triton.gemv(norm.rms_norm(h, w_in, 1e-5), weight, config=cfg)
+        assert out is not None
+        out = gemv_triton.gemv(out, weight2, config=cfg)
         assert out is not None
         return norm.rms_norm(out, w_out, 1e-5)
 
