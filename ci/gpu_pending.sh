@@ -92,10 +92,16 @@ profile)
     timeout 500 python3 benchmarks/profile_cuda_throughput.py --kv-cache-dtype fp8 --quantization fp8 \
         --num-prompts 3000 --max-num-seqs 1024 --memory-utilization 0.95 --budget-s 200 > "$OUT/profile.txt" 2>&1
     tail -60 "$OUT/profile.txt" | cut -c1-220 ;;
-pdl)  # the quant GEMVs under PDL, triggering late (gemv_triton.PDL_LATE) or first (pdl=2), vs none
+pdl)  # the quant GEMVs under PDL, triggering late (gemv_triton.PDL_LATE) or first (pdl=2), vs
+    # none; the packed int4 GEMV's words two steps ahead (num_stages=2) and 512-column steps
+    timeout 120 python3 benchmarks/gpu_int4_stream.py --only-gemv --gemv-config 64,256,4,2,num_stages=2 \
+        --gemv-config 64,512,4,2 --gemv-config 64,256,4,3,num_stages=2 --gemv-config 32,512,4,2,num_stages=2 \
+        > "$OUT/gemv.txt" 2>&1
+    grep "^| .* | gemv\|^| weight" "$OUT/gemv.txt"
     timeout 300 python3 benchmarks/gpu_quant.py --formats int4 --parts decode --decode-tokens 32 \
         --decode-variant default --decode-variant pdl_late --decode-variant pdl=2 \
-        --decode-variant "pdl_late int4=64,256,4,3" > "$OUT/pdl.txt" 2>&1
+        --decode-variant "int4=64,256,4,2,num_stages=2" --decode-variant "pdl_late int4=64,256,4,2,num_stages=2" \
+        > "$OUT/pdl.txt" 2>&1
     grep -A8 "decode variant" "$OUT/pdl.txt"; tail -3 "$OUT/pdl.txt" | cut -c1-300
     [ -n "${SKIP_TESTS:-}" ] || timeout 200 env PORTASERVE_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider \
         tests/quant/test_quant_gemv.py -k "pdl" > "$OUT/tests.txt" 2>&1

@@ -140,7 +140,8 @@ logger = logging.getLogger(__name__)
 class GemvConfig:
     """Tiles of one format's GEMV: ``block_n`` rows and ``block_k`` columns per step;
     K is split until the grid has about ``programs_per_sm`` programs per SM; ``num_stages`` > 1
-    lets Triton prefetch the next steps' words into shared memory; ``dot`` picks the
+    lets Triton prefetch the next steps' words into shared memory (the packed and MMA paths,
+    which load ahead by hand: the words two steps ahead in registers, not one); ``dot`` picks the
     tensor-core kernel (formats of ``DOT_FORMATS``; its step is whole groups of the format)
     and ``scale_tile`` how it applies group scales."""
 
@@ -868,8 +869,14 @@ def _gemv_kernel(
             x_ptrs = x32_ptr + blk * 16 + wrd * 2
         step_n = tl.minimum(step_begin, num_steps - 1)  # (a split past the end: unused)
         k_n = step_n * BLOCK_K
+        # NUM_STAGES > 1 without TMA: the words two steps ahead by hand (twice the bytes in
+        # flight a thread), the scales and x one; with TMA, Triton's pipelining of its loads
+        AHEAD2: tl.constexpr = NUM_STAGES > 1 and not TMA
+        LOOP_STAGES: tl.constexpr = NUM_STAGES if TMA else 1
         if not TMA:  # (TMA: each step loads its own words, in the loop)
             words_n = tl.load(w_ptrs + k_n // 8, mask=row_ok)
+        if AHEAD2:
+            words_nn = tl.load(w_ptrs + tl.minimum(step_begin + 1, num_steps - 1) * BLOCK_K // 8, mask=row_ok)
         d_n = tl.load(s_ptr + sc_ptrs + k_n // GROUP, mask=n_ok[:, None], other=0.0)
         z_n = tl.load(z_ptr + sc_ptrs + k_n // GROUP, mask=n_ok[:, None], other=0) if FMT == 3 else d_n
         if EARLY:  # (as in the MMA path)
@@ -892,7 +899,7 @@ def _gemv_kernel(
             x_to_f16 = ((261 - e) << 23).to(tl.float32, bitcast=True)
             x_back = ((e - 7) << 23).to(tl.float32, bitcast=True)
             accq = tl.full((BLOCK_N, NB, WPB // 4), 0.0, tl.float32)
-        for step in tl.range(step_begin, step_end, num_stages=NUM_STAGES):
+        for step in tl.range(step_begin, step_end, num_stages=LOOP_STAGES):
             u0, u1, u2, u3 = u0_n, u1_n, u2_n, u3_n
             if TMA:  # this step's words through the tensor memory accelerator, which the
                 # pipeliner stages NUM_STAGES deep in shared memory (rows past N read as zeros)
@@ -905,7 +912,10 @@ def _gemv_kernel(
                 zq = z_n[:, :, None].to(tl.int32) if FMT == 3 else tl.full((BLOCK_N, NB, 1), 8, tl.int32)
             step_n = tl.minimum(step + 1, num_steps - 1)  # (the last: reloaded, unused)
             k_n = step_n * BLOCK_K
-            if not TMA:
+            if AHEAD2:
+                words_n = words_nn
+                words_nn = tl.load(w_ptrs + tl.minimum(step + 2, num_steps - 1) * BLOCK_K // 8, mask=row_ok)
+            elif not TMA:
                 words_n = tl.load(w_ptrs + k_n // 8, mask=row_ok)
             d_n = tl.load(s_ptr + sc_ptrs + k_n // GROUP, mask=n_ok[:, None], other=0.0)
             z_n = tl.load(z_ptr + sc_ptrs + k_n // GROUP, mask=n_ok[:, None], other=0) if FMT == 3 else d_n

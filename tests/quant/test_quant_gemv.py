@@ -231,7 +231,10 @@ def test_4bit_one_row_of_bf16_takes_packed_bf16x2_arithmetic(fmt: str, group: in
     # bf16 rounds each product and each of a word's four pair sums to 8 significant bits
     assert rel_err(got, want) <= (RTOL[torch.float32] if DEVICE.type == "cpu" else 4e-3)
     tma = gemv_triton.GemvConfig(block_n=16, block_k=128, num_stages=3, tma=True)  # int4, Q4_0
-    for config, split_k in ((cfg, 3), (tma, None), (tma, 3)):
+    # the words two steps ahead by hand (int4, Q4_0; 4 steps whole, or split 2 + 2 + none)
+    ahead2 = gemv_triton.GemvConfig(block_n=16, block_k=128, num_stages=2)
+    ahead2_f16 = gemv_triton.GemvConfig(block_n=16, block_k=128, num_stages=2, f16=True)
+    for config, split_k in ((cfg, 3), (tma, None), (tma, 3), (ahead2, None), (ahead2, 3), (ahead2_f16, 1)):
         out = gemv_triton.gemv(dev_x, dev_w, config=config, split_k=split_k, out_dtype=torch.float32)
         assert rel_err(out, want) <= (RTOL[torch.float32] if DEVICE.type == "cpu" else 4e-3)
 
