@@ -509,6 +509,9 @@ def apply_variant(spec: str) -> None:
             set_gemv_pdl(int(item[4:]))
         elif item == "pdl_late":
             set_gemv_pdl_late()
+        elif item == "pdl_late_wait_first":  # (the trigger late, nothing loaded before the wait)
+            set_gemv_pdl_late()
+            gemv_triton.PDL_EARLY_WORDS = False
         elif item == "fuse_norm":
             gemv_triton.FUSE_NORM = True
         elif item == "fuse_silu":
@@ -548,7 +551,7 @@ def time_variants(engine, specs: list[str], context: int, rounds: int = 3) -> di
              gemv_triton.FUSE_NORM, gemv_triton.FUSE_SILU, gemv_triton.SPLIT_SUM_UNROLLED,
              attention.MERGE_UNROLLED, gemv_triton.FUSE_ROTARY, attention._MAX_SPLITS,
              attention.DECODE_MIN_CHUNK, dense_gemv.FUSE_ROTARY, dense_gemv.faster_than_cublas,
-             gemv_triton.PDL_LATE, dict(attention.DECODE_CONFIG))
+             gemv_triton.PDL_LATE, gemv_triton.PDL_EARLY_WORDS, dict(attention.DECODE_CONFIG))
     recapture = getattr(getattr(engine.runner, "executor", None), "capture", None)  # cuda graphs
     bs = engine.kv_spec.block_size
     batch = build_batch([("variant", [100], context, list(range(1, context // bs + 2)), True)], bs)
@@ -559,7 +562,8 @@ def time_variants(engine, specs: list[str], context: int, rounds: int = 3) -> di
         (gemv_triton.GEMV_PDL, gemv_triton.PDL_PREFETCH_LINES, gemv_triton.FUSE_NORM,
          gemv_triton.FUSE_SILU, gemv_triton.SPLIT_SUM_UNROLLED, attention.MERGE_UNROLLED,
          gemv_triton.FUSE_ROTARY, attention._MAX_SPLITS, attention.DECODE_MIN_CHUNK,
-         dense_gemv.FUSE_ROTARY, dense_gemv.faster_than_cublas, gemv_triton.PDL_LATE) = saved[1:-1]
+         dense_gemv.FUSE_ROTARY, dense_gemv.faster_than_cublas, gemv_triton.PDL_LATE,
+         gemv_triton.PDL_EARLY_WORDS) = saved[1:-1]
         attention.DECODE_CONFIG.clear()
         attention.DECODE_CONFIG.update(saved[-1])
         if spec is not None:

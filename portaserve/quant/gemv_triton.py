@@ -132,6 +132,9 @@ PDL_PREFETCH_LINES = 2
 #: scales into registers before they wait: the weight's first bytes arrive under the kernel
 #: before's tail, and at most one kernel waits ahead of the one running.
 PDL_LATE = True
+#: With ``PDL_LATE``: the first step's words and scales loaded before the wait (False: the
+#: wait first, only the trigger late).
+PDL_EARLY_WORDS = True
 
 logger = logging.getLogger(__name__)
 
@@ -673,7 +676,7 @@ def _gemv_kernel(
     # PDL_LATE: this program's first step of words and scales goes into registers before the
     # wait (paths that load a step ahead by hand), and the next kernel may launch only once
     # every program is past its loop
-    EARLY: tl.constexpr = PDL and PDL_LATE and (MMA or (PACKED and FMT != 6 and not TMA))
+    EARLY: tl.constexpr = PDL and PDL_LATE == 2 and (MMA or (PACKED and FMT != 6 and not TMA))
     if PDL and not PDL_LATE:  # the next kernel may launch now; the weight is read-only, so its
         # first lines can be fetched while the kernel before finishes (x, the counters and out cannot)
         tl.extra.cuda.gdc_launch_dependents()
@@ -1130,7 +1133,7 @@ def _gemv_kernel(
                 acc0 += p0 * a0 + s0 * c0
                 if KQ:
                     acc0 += p1 * a1 + s1 * c1
-    if PDL and PDL_LATE:  # the words are read: the next kernel's programs may take the SMs
+    if PDL and PDL_LATE > 0:  # the words are read: the next kernel's programs may take the SMs
         # this one leaves and load their own first words while the split tails finish
         tl.extra.cuda.gdc_launch_dependents()
     for m in tl.static_range(M_ROWS):
@@ -1342,7 +1345,7 @@ def _dot_gemv_kernel(
                             corr += c * xs
                         else:
                             acc += c[:, None] * xs
-    if PDL and PDL_LATE:  # (as in _gemv_kernel)
+    if PDL and PDL_LATE > 0:  # (as in _gemv_kernel)
         tl.extra.cuda.gdc_launch_dependents()
     if ONE_ROW:
         acc += corr[:, None]  # (columns past the first are not stored)
@@ -1785,4 +1788,4 @@ def _pdl(x: torch.Tensor, words: torch.Tensor, prefetch: bool = True) -> dict:
     constexprs, options = pdl_options(x) if GEMV_PDL else ({"PDL": False}, {})
     lines = PDL_PREFETCH_LINES if constexprs["PDL"] and prefetch and not PDL_LATE else 0
     return {**constexprs, **options, "PREFETCH_LINES": lines, "Q_BYTES": words.element_size(),
-            "PDL_LATE": PDL_LATE}
+            "PDL_LATE": (2 if PDL_EARLY_WORDS else 1) if PDL_LATE else 0}
