@@ -512,6 +512,9 @@ def apply_variant(spec: str) -> None:
         elif item == "pdl_late_wait_first":  # (the trigger late, nothing loaded before the wait)
             set_gemv_pdl_late()
             gemv_triton.PDL_EARLY_WORDS = False
+        elif item == "pdl_late_coherent":  # (early words, x through coherent loads)
+            set_gemv_pdl_late()
+            gemv_triton.PDL_X_COHERENT = True
         elif item == "fuse_norm":
             gemv_triton.FUSE_NORM = True
         elif item == "fuse_silu":
@@ -551,7 +554,8 @@ def time_variants(engine, specs: list[str], context: int, rounds: int = 3) -> di
              gemv_triton.FUSE_NORM, gemv_triton.FUSE_SILU, gemv_triton.SPLIT_SUM_UNROLLED,
              attention.MERGE_UNROLLED, gemv_triton.FUSE_ROTARY, attention._MAX_SPLITS,
              attention.DECODE_MIN_CHUNK, dense_gemv.FUSE_ROTARY, dense_gemv.faster_than_cublas,
-             gemv_triton.PDL_LATE, gemv_triton.PDL_EARLY_WORDS, dict(attention.DECODE_CONFIG))
+             gemv_triton.PDL_LATE, gemv_triton.PDL_EARLY_WORDS, gemv_triton.PDL_X_COHERENT,
+             dict(attention.DECODE_CONFIG))
     recapture = getattr(getattr(engine.runner, "executor", None), "capture", None)  # cuda graphs
     bs = engine.kv_spec.block_size
     batch = build_batch([("variant", [100], context, list(range(1, context // bs + 2)), True)], bs)
@@ -563,7 +567,7 @@ def time_variants(engine, specs: list[str], context: int, rounds: int = 3) -> di
          gemv_triton.FUSE_SILU, gemv_triton.SPLIT_SUM_UNROLLED, attention.MERGE_UNROLLED,
          gemv_triton.FUSE_ROTARY, attention._MAX_SPLITS, attention.DECODE_MIN_CHUNK,
          dense_gemv.FUSE_ROTARY, dense_gemv.faster_than_cublas, gemv_triton.PDL_LATE,
-         gemv_triton.PDL_EARLY_WORDS) = saved[1:-1]
+         gemv_triton.PDL_EARLY_WORDS, gemv_triton.PDL_X_COHERENT) = saved[1:-1]
         attention.DECODE_CONFIG.clear()
         attention.DECODE_CONFIG.update(saved[-1])
         if spec is not None:

@@ -135,6 +135,10 @@ PDL_LATE = True
 #: With ``PDL_LATE``: the first step's words and scales loaded before the wait (False: the
 #: wait first, only the trigger late).
 PDL_EARLY_WORDS = True
+#: With ``PDL_EARLY_WORDS``, the packed path reads x with plain (coherent) loads rather than
+#: ``ld.global.nc``, whose data must not change while the kernel runs (under PDL it does: the
+#: kernel before writes x while this one loads its first words).
+PDL_X_COHERENT = False
 
 logger = logging.getLogger(__name__)
 
@@ -676,7 +680,7 @@ def _gemv_kernel(
     # PDL_LATE: this program's first step of words and scales goes into registers before the
     # wait (paths that load a step ahead by hand), and the next kernel may launch only once
     # every program is past its loop
-    EARLY: tl.constexpr = PDL and PDL_LATE == 2 and (MMA or (PACKED and FMT != 6 and not TMA))
+    EARLY: tl.constexpr = PDL and PDL_LATE >= 2 and (MMA or (PACKED and FMT != 6 and not TMA))
     if PDL and not PDL_LATE:  # the next kernel may launch now; the weight is read-only, so its
         # first lines can be fetched while the kernel before finishes (x, the counters and out cannot)
         tl.extra.cuda.gdc_launch_dependents()
@@ -875,6 +879,9 @@ def _gemv_kernel(
         # NUM_STAGES > 1 without TMA: the words two steps ahead by hand (twice the bytes in
         # flight a thread), the scales and x one; with TMA, Triton's pipelining of its loads
         AHEAD2: tl.constexpr = NUM_STAGES > 1 and not TMA
+        # x through the non-coherent path (``ld.global.nc``, inline PTX), but for PDL_LATE 3
+        # (early words, x through plain coherent loads)
+        X_NC: tl.constexpr = ASM and not (PDL and PDL_LATE == 3)
         LOOP_STAGES: tl.constexpr = NUM_STAGES if TMA else 1
         if not TMA:  # (TMA: each step loads its own words, in the loop)
             words_n = tl.load(w_ptrs + k_n // 8, mask=row_ok)
@@ -884,10 +891,10 @@ def _gemv_kernel(
         z_n = tl.load(z_ptr + sc_ptrs + k_n // GROUP, mask=n_ok[:, None], other=0) if FMT == 3 else d_n
         if EARLY:  # (as in the MMA path)
             tl.extra.cuda.gdc_wait()
-        if ASM and FMT == 3:  # (x32_ptr is 16-byte aligned)
+        if X_NC and FMT == 3:  # (x32_ptr is 16-byte aligned)
             u0_n, u1_n, u2_n, u3_n = tl.inline_asm_elementwise(
                 _LD_V4_ASM, "=r,=r,=r,=r,l", [x_ptrs + k_n // 2], dtype=(tl.int32,) * 4, is_pure=True, pack=1)
-        elif ASM:
+        elif X_NC:
             u0_n, u1_n = tl.inline_asm_elementwise(
                 _LD_V2_ASM, "=r,=r,l", [x_ptrs + k_n // 2], dtype=(tl.int32,) * 2, is_pure=True, pack=1)
             u2_n, u3_n = tl.inline_asm_elementwise(
@@ -922,10 +929,10 @@ def _gemv_kernel(
                 words_n = tl.load(w_ptrs + k_n // 8, mask=row_ok)
             d_n = tl.load(s_ptr + sc_ptrs + k_n // GROUP, mask=n_ok[:, None], other=0.0)
             z_n = tl.load(z_ptr + sc_ptrs + k_n // GROUP, mask=n_ok[:, None], other=0) if FMT == 3 else d_n
-            if ASM and FMT == 3:  # (x32_ptr is 16-byte aligned)
+            if X_NC and FMT == 3:  # (x32_ptr is 16-byte aligned)
                 u0_n, u1_n, u2_n, u3_n = tl.inline_asm_elementwise(
                     _LD_V4_ASM, "=r,=r,=r,=r,l", [x_ptrs + k_n // 2], dtype=(tl.int32,) * 4, is_pure=True, pack=1)
-            elif ASM:
+            elif X_NC:
                 u0_n, u1_n = tl.inline_asm_elementwise(
                     _LD_V2_ASM, "=r,=r,l", [x_ptrs + k_n // 2], dtype=(tl.int32,) * 2, is_pure=True, pack=1)
                 u2_n, u3_n = tl.inline_asm_elementwise(
@@ -1788,4 +1795,4 @@ def _pdl(x: torch.Tensor, words: torch.Tensor, prefetch: bool = True) -> dict:
     constexprs, options = pdl_options(x) if GEMV_PDL else ({"PDL": False}, {})
     lines = PDL_PREFETCH_LINES if constexprs["PDL"] and prefetch and not PDL_LATE else 0
     return {**constexprs, **options, "PREFETCH_LINES": lines, "Q_BYTES": words.element_size(),
-            "PDL_LATE": (2 if PDL_EARLY_WORDS else 1) if PDL_LATE else 0}
+            "PDL_LATE": ((3 if PDL_X_COHERENT else 2) if PDL_EARLY_WORDS else 1) if PDL_LATE else 0}
