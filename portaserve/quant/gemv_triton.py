@@ -118,7 +118,9 @@ SPLIT_SUM_UNROLLED = True
 #: Whether the GEMVs launch with programmatic dependent launch where ``launch.pdl`` allows it
 #: (the other decode kernels do). Off: slower on a lent H100 (2026-12-07, int4 8B step at one
 #: row, same method as ``FUSE_NORM``): 3.258 ms without, 3.368 prefetching 2 lines a row,
-#: 5.246 prefetching 8 (the prefetches of a whole GEMV crowd the L2).
+#: 5.246 prefetching 8 (the prefetches of a whole GEMV crowd the L2). Again on a lent H100
+#: (2026-12-08, ``gpu_pending.sh pdl``, variants in turns): 2.865 ms without, 2.810 prefetching
+#: 2 lines (logits identical), 2.717 with ``PDL_LATE`` but its logits NaN (see there): still off.
 GEMV_PDL = False
 #: 128-byte lines of each of its rows that a GEMV program launched with PDL pulls into L2
 #: before it waits for the kernel before it.
@@ -130,7 +132,13 @@ PDL_PREFETCH_LINES = 2
 #: their loop (the split tails, norm, activation or rotary still to come), and the paths that
 #: load a step ahead by hand (int4 / Q4_0 packed, MMA) load their first step's words and
 #: scales into registers before they wait: the weight's first bytes arrive under the kernel
-#: before's tail, and at most one kernel waits ahead of the one running.
+#: before's tail, and at most one kernel waits ahead of the one running. The int4 8B step at
+#: one row on a lent H100 (2026-12-08): 2.717 ms against 2.865 without PDL (-5.2%), but the
+#: logits came out NaN (the GPU tests of two chained GEMVs under it pass, bit for bit); which
+#: part breaks the model's step (the trigger's place, the early loads, x through
+#: ``ld.global.nc`` while the kernel before still writes it, the fused epilogues) is what the
+#: variants ``pdl_late_wait_first``, ``pdl_late_coherent`` and ``unfused`` of ``gpu_quant.py``
+#: bisect. Only read where ``GEMV_PDL`` is on.
 PDL_LATE = True
 #: With ``PDL_LATE``: the first step's words and scales loaded before the wait (False: the
 #: wait first, only the trigger late).
@@ -148,7 +156,9 @@ class GemvConfig:
     """Tiles of one format's GEMV: ``block_n`` rows and ``block_k`` columns per step;
     K is split until the grid has about ``programs_per_sm`` programs per SM; ``num_stages`` > 1
     lets Triton prefetch the next steps' words into shared memory (the packed and MMA paths,
-    which load ahead by hand: the words two steps ahead in registers, not one); ``dot`` picks the
+    which load ahead by hand: the words two steps ahead in registers, not one; for the packed
+    path slower on a lent H100, 2026-12-08: 64 x 256 us o 9.6 / 8.5, qkv 11.5 / 11.0, gate_up
+    31.8 / 28.5, down 19.4 / 18.3 against one ahead); ``dot`` picks the
     tensor-core kernel (formats of ``DOT_FORMATS``; its step is whole groups of the format)
     and ``scale_tile`` how it applies group scales."""
 
