@@ -13,6 +13,9 @@
 #     bash ci/gpu_pending.sh e2eab --fp8-mma-ahead none  # ~9 min: `e2e3000` with the flags given,
 #                                    # then as the modules say (the look-ahead end to end; later
 #                                    # --fp8-qk-prefill --varlen-config BM,BN,W,S if prefill8 wins)
+#     bash ci/gpu_pending.sh pdlnan  # ~2 min: the int4 step under PDL_LATE's forms (trigger late
+#                                    # with the wait first; x through coherent loads; unfused):
+#                                    # which one's logits are NaN (stop 27: pdl_late's were)
 #     bash ci/gpu_pending.sh pdl     # ~5 min: int4 at one row, the quant GEMVs launched with PDL
 #                                    # triggering after their loop (first words before the wait;
 #                                    # gemv_triton.PDL_LATE), triggering first (pdl=2), or without;
@@ -48,9 +51,9 @@
 # SKIP_TESTS=1 leaves out the GPU tests of f16 and int4 (when little device time is left).
 set -uo pipefail
 case "${1:-next}" in
-next|short|attn8|e2eab|pdl|profile|prefill8|f16|int4|bf16|fp8|e2e|e2e3000|stream) ;;
+next|short|attn8|e2eab|pdl|pdlnan|profile|prefill8|f16|int4|bf16|fp8|e2e|e2e3000|stream) ;;
 *)
-    echo "usage: bash ci/gpu_pending.sh next|short|attn8|e2eab|pdl|e2e3000|profile|prefill8|int4|bf16|e2e|f16|stream|fp8 [extra gpu_llama8b flags for e2e3000]" >&2
+    echo "usage: bash ci/gpu_pending.sh next|short|attn8|e2eab|pdl|pdlnan|e2e3000|profile|prefill8|int4|bf16|e2e|f16|stream|fp8 [extra gpu_llama8b flags for e2e3000]" >&2
     exit 2 ;;
 esac
 OUT="${OUT:-/tmp/gpu_pending}"
@@ -92,6 +95,12 @@ profile)
     timeout 500 python3 benchmarks/profile_cuda_throughput.py --kv-cache-dtype fp8 --quantization fp8 \
         --num-prompts 3000 --max-num-seqs 1024 --memory-utilization 0.95 --budget-s 200 > "$OUT/profile.txt" 2>&1
     tail -60 "$OUT/profile.txt" | cut -c1-220 ;;
+pdlnan)  # which part of PDL_LATE gives NaN logits in the int4 step (stop 27): its forms in turns
+    timeout 300 python3 benchmarks/gpu_quant.py --formats int4 --parts decode --decode-tokens 8 \
+        --decode-variant default --decode-variant pdl_late --decode-variant pdl_late_wait_first \
+        --decode-variant pdl_late_coherent --decode-variant "pdl_late unfused" \
+        --decode-variant "pdl_late_wait_first unfused" > "$OUT/pdlnan.txt" 2>&1
+    grep -A8 "decode variant" "$OUT/pdlnan.txt"; tail -2 "$OUT/pdlnan.txt" | cut -c1-300 ;;
 pdl)  # the quant GEMVs under PDL, triggering late (gemv_triton.PDL_LATE) or first (pdl=2), vs
     # none; the packed int4 GEMV's words two steps ahead (num_stages=2) and 512-column steps
     timeout 120 python3 benchmarks/gpu_int4_stream.py --only-gemv --gemv-config 64,256,4,2,num_stages=2 \
