@@ -515,6 +515,9 @@ def apply_variant(spec: str) -> None:
         elif item == "pdl_late_coherent":  # (early words, x through coherent loads)
             set_gemv_pdl_late()
             gemv_triton.PDL_X_COHERENT = True
+        elif item == "pdl_late_wait_first_coherent":  # (both)
+            set_gemv_pdl_late()
+            gemv_triton.PDL_EARLY_WORDS, gemv_triton.PDL_X_COHERENT = False, True
         elif item == "fuse_norm":
             gemv_triton.FUSE_NORM = True
         elif item == "fuse_silu":

@@ -98,7 +98,7 @@ profile)
 pdlnan)  # which part of PDL_LATE gives NaN logits in the int4 step (stop 27): its forms in turns
     timeout 300 python3 benchmarks/gpu_quant.py --formats int4 --parts decode --decode-tokens 8 \
         --decode-variant default --decode-variant pdl_late --decode-variant pdl_late_wait_first \
-        --decode-variant pdl_late_coherent --decode-variant "pdl_late unfused" \
+        --decode-variant pdl_late_coherent --decode-variant pdl_late_wait_first_coherent --decode-variant "pdl_late unfused" \
         --decode-variant "pdl_late_wait_first unfused" > "$OUT/pdlnan.txt" 2>&1
     grep -A8 "decode variant" "$OUT/pdlnan.txt"; tail -2 "$OUT/pdlnan.txt" | cut -c1-300 ;;
 pdl)  # the quant GEMVs under PDL, triggering late (gemv_triton.PDL_LATE) or first (pdl=2), vs

@@ -143,7 +143,7 @@ PDL_LATE = True
 #: With ``PDL_LATE``: the first step's words and scales loaded before the wait (False: the
 #: wait first, only the trigger late).
 PDL_EARLY_WORDS = True
-#: With ``PDL_EARLY_WORDS``, the packed path reads x with plain (coherent) loads rather than
+#: With ``PDL_LATE``, the packed path reads x with plain (coherent) loads rather than
 #: ``ld.global.nc``, whose data must not change while the kernel runs (under PDL it does: the
 #: kernel before writes x while this one loads its first words).
 PDL_X_COHERENT = False
@@ -687,10 +687,11 @@ def _gemv_kernel(
     per_split = (num_steps + SPLIT_K - 1) // SPLIT_K
     step_begin = pid_k * per_split
     step_end = tl.minimum(step_begin + per_split, num_steps)
-    # PDL_LATE: this program's first step of words and scales goes into registers before the
+    # PDL_LATE (bits: 1 the trigger after the loop, 2 the first words early, 4 x coherent):
+    # this program's first step of words and scales goes into registers before the
     # wait (paths that load a step ahead by hand), and the next kernel may launch only once
     # every program is past its loop
-    EARLY: tl.constexpr = PDL and PDL_LATE >= 2 and (MMA or (PACKED and FMT != 6 and not TMA))
+    EARLY: tl.constexpr = PDL and (PDL_LATE & 2) != 0 and (MMA or (PACKED and FMT != 6 and not TMA))
     if PDL and not PDL_LATE:  # the next kernel may launch now; the weight is read-only, so its
         # first lines can be fetched while the kernel before finishes (x, the counters and out cannot)
         tl.extra.cuda.gdc_launch_dependents()
@@ -889,9 +890,9 @@ def _gemv_kernel(
         # NUM_STAGES > 1 without TMA: the words two steps ahead by hand (twice the bytes in
         # flight a thread), the scales and x one; with TMA, Triton's pipelining of its loads
         AHEAD2: tl.constexpr = NUM_STAGES > 1 and not TMA
-        # x through the non-coherent path (``ld.global.nc``, inline PTX), but for PDL_LATE 3
-        # (early words, x through plain coherent loads)
-        X_NC: tl.constexpr = ASM and not (PDL and PDL_LATE == 3)
+        # x through the non-coherent path (``ld.global.nc``, inline PTX), but with PDL_LATE's
+        # bit 4 (x through plain coherent loads)
+        X_NC: tl.constexpr = ASM and not (PDL and (PDL_LATE & 4) != 0)
         LOOP_STAGES: tl.constexpr = NUM_STAGES if TMA else 1
         if not TMA:  # (TMA: each step loads its own words, in the loop)
             words_n = tl.load(w_ptrs + k_n // 8, mask=row_ok)
@@ -1805,4 +1806,4 @@ def _pdl(x: torch.Tensor, words: torch.Tensor, prefetch: bool = True) -> dict:
     constexprs, options = pdl_options(x) if GEMV_PDL else ({"PDL": False}, {})
     lines = PDL_PREFETCH_LINES if constexprs["PDL"] and prefetch and not PDL_LATE else 0
     return {**constexprs, **options, "PREFETCH_LINES": lines, "Q_BYTES": words.element_size(),
-            "PDL_LATE": ((3 if PDL_X_COHERENT else 2) if PDL_EARLY_WORDS else 1) if PDL_LATE else 0}
+            "PDL_LATE": (1 | (2 if PDL_EARLY_WORDS else 0) | (4 if PDL_X_COHERENT else 0)) if PDL_LATE else 0}

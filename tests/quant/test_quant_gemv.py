@@ -486,14 +486,14 @@ def test_gemv_launch_options_under_pdl(monkeypatch: pytest.MonkeyPatch, late: bo
     monkeypatch.setattr(gemv_triton, "PDL_LATE", late)
     words = torch.zeros(4, 8, dtype=torch.int32)
     assert gemv_triton._pdl(torch.zeros(1), words) == {"PDL": False, "PREFETCH_LINES": 0, "Q_BYTES": 4,
-                                                       "PDL_LATE": 2 if late else 0}
+                                                       "PDL_LATE": 3 if late else 0}
     monkeypatch.setattr(gemv_triton, "pdl_options", lambda x: ({"PDL": True}, {"launch_pdl": True}))
     monkeypatch.setattr(gemv_triton, "GEMV_PDL", False)  # (off: plain launches)
     assert gemv_triton._pdl(torch.zeros(1), words)["PDL"] is False
     monkeypatch.setattr(gemv_triton, "GEMV_PDL", True)
     assert gemv_triton._pdl(torch.zeros(1), words.view(torch.uint8)) == {
         "PDL": True, "launch_pdl": True, "PREFETCH_LINES": 0 if late else gemv_triton.PDL_PREFETCH_LINES,
-        "Q_BYTES": 1, "PDL_LATE": 2 if late else 0}
+        "Q_BYTES": 1, "PDL_LATE": 3 if late else 0}
     assert gemv_triton._pdl(torch.zeros(1), words, prefetch=False)["PREFETCH_LINES"] == 0
 
 
