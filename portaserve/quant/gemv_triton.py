@@ -137,8 +137,9 @@ PDL_PREFETCH_LINES = 2
 #: logits came out NaN (the GPU tests of two chained GEMVs under it pass, bit for bit); which
 #: part breaks the model's step (the trigger's place, the early loads, x through
 #: ``ld.global.nc`` while the kernel before still writes it, the fused epilogues) is what the
-#: variants ``pdl_late_wait_first``, ``pdl_late_coherent`` and ``unfused`` of ``gpu_quant.py``
-#: bisect. Only read where ``GEMV_PDL`` is on.
+#: variants ``pdl_late_wait_first``, ``pdl_late_coherent``, ``pdl_late_wait_first_coherent``
+#: and ``unfused`` of ``gpu_quant.py`` bisect (``ci/gpu_pending.sh pdlnan``). Only read where
+#: ``GEMV_PDL`` is on.
 PDL_LATE = True
 #: With ``PDL_LATE``: the first step's words and scales loaded before the wait (False: the
 #: wait first, only the trigger late).
