@@ -14,7 +14,7 @@
 #                                    # then as the modules say (the look-ahead end to end; later
 #                                    # --fp8-qk-prefill --varlen-config BM,BN,W,S if prefill8 wins)
 #     bash ci/gpu_pending.sh pdlnan  # ~2 min: the int4 step under PDL_LATE's forms (trigger late
-#                                    # with the wait first; x through coherent loads; unfused):
+#                                    # with the wait first; x through coherent loads; both; unfused):
 #                                    # which one's logits are NaN (stop 27: pdl_late's were)
 #     bash ci/gpu_pending.sh pdl     # ~5 min: int4 at one row, the quant GEMVs launched with PDL
 #                                    # triggering after their loop (first words before the wait;
