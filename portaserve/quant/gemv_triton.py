@@ -139,8 +139,9 @@ PDL_PREFETCH_LINES = 2
 #: ``ld.global.nc`` while the kernel before still writes it, the fused epilogues) is what the
 #: variants ``pdl_late_wait_first``, ``pdl_late_coherent``, ``pdl_late_wait_first_coherent``
 #: and ``unfused`` of ``gpu_quant.py`` bisect (``ci/gpu_pending.sh pdlnan``). Only read where
-#: ``GEMV_PDL`` is on.
-PDL_LATE = True
+#: ``GEMV_PDL`` is on; False until the NaN is understood, so that turning ``GEMV_PDL`` on gives
+#: the form whose logits were exact.
+PDL_LATE = False
 #: With ``PDL_LATE``: the first step's words and scales loaded before the wait (False: the
 #: wait first, only the trigger late).
 PDL_EARLY_WORDS = True
