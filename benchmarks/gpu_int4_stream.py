@@ -261,8 +261,8 @@ def main() -> None:
         for spec in args.gemv_config:
             bn_, bk_, warps, pps = (int(v) for v in spec.split(",")[:4])
             flags = spec.split(",")[4:]
-            fields = {f.partition("=")[0]: int(f.partition("=")[2]) if "=" in f else True for f in flags}
-            cfg = gemv_triton.GemvConfig(bn_, bk_, num_warps=warps, programs_per_sm=pps, **fields)
+            cfg = gemv_triton.GemvConfig(bn_, bk_, num_warps=warps, programs_per_sm=pps,
+                                         **gpu_quant.config_fields(flags))
             results.append((f"gemv {bn_}x{bk_} w{warps} pps{pps}" + "".join(f" {f}" for f in flags),
                             time_calls([partial(gemv_triton.gemv, x, w, config=cfg) for w in weights])))
         if nbytes * 2 <= L2_BYTES:  # the same weight every call: its bytes come from L2 after the

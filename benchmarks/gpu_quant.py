@@ -326,10 +326,15 @@ def set_one_row_config(spec: str) -> None:
         raise SystemExit(f"--one-row-config {spec!r}: want FMT=BN,BK,WARPS,PPS[,FIELD] with FMT one of "
                          f"{sorted(gemv_triton.CONFIGS)}")
     bn, bk, warps, pps = (int(v) for v in parts[:4])
-    extra = {f.partition("=")[0]: int(f.partition("=")[2]) if "=" in f else True for f in parts[4:]}
-    cfg = gemv_triton.GemvConfig(bn, bk, num_warps=warps, programs_per_sm=pps, **extra)
+    cfg = gemv_triton.GemvConfig(bn, bk, num_warps=warps, programs_per_sm=pps, **config_fields(parts[4:]))
     gemv_triton.CONFIGS[fmt] = ((1, cfg),) + tuple(e for e in gemv_triton.CONFIGS[fmt] if e[0] > 1)
     log(f"{fmt} at one row: {cfg}")
+
+
+def config_fields(items: list[str]) -> dict:
+    """The ``[,FIELD...]`` of a tiles spec as ``GemvConfig`` fields: ``name`` (a boolean set
+    true) or ``name=integer``."""
+    return {f.partition("=")[0]: int(f.partition("=")[2]) if "=" in f else True for f in items}
 
 
 def set_gemv_pdl(lines: int) -> None:
@@ -343,12 +348,14 @@ def set_gemv_pdl(lines: int) -> None:
         gemv_triton.PDL_LATE = False
 
 
-def set_gemv_pdl_late() -> None:
-    """``pdl_late``: the quant GEMVs under PDL, the trigger after their loop and their first
-    step's words loaded before the wait (``gemv_triton.PDL_LATE``)."""
+def set_gemv_pdl_late(early_words: bool = True, coherent_x: bool = False) -> None:
+    """``pdl_late`` and its bisect forms: the quant GEMVs under PDL, the trigger after their
+    loop (``gemv_triton.PDL_LATE``), their first step's words loaded before the wait or not
+    (``PDL_EARLY_WORDS``), x through ``ld.global.nc`` or coherent loads (``PDL_X_COHERENT``)."""
     from portaserve.quant import gemv_triton
 
     gemv_triton.GEMV_PDL = gemv_triton.PDL_LATE = True
+    gemv_triton.PDL_EARLY_WORDS, gemv_triton.PDL_X_COHERENT = early_words, coherent_x
 
 
 def swept(fmt: str, m: int) -> list:
@@ -484,7 +491,8 @@ def bench_model(fmt: str, args: argparse.Namespace, copy_bps: float, deadline: f
 
 def apply_variant(spec: str) -> None:
     """One ``--decode-variant``: space-separated settings, each ``pdl=N`` (``--gemv-pdl-lines``),
-    ``pdl_late`` (``set_gemv_pdl_late``),
+    ``pdl_late``, ``pdl_late_wait_first``, ``pdl_late_coherent``, ``pdl_late_wait_first_coherent``
+    (``set_gemv_pdl_late``),
     ``fuse_norm`` (``gemv_triton.FUSE_NORM``: o and down run the norm after them in their
     launch), ``fuse_silu`` (``FUSE_SILU``: gate|up runs silu_and_mul in its launch),
     ``unfused`` (both off, and ``FUSE_ROTARY``), ``fuse_rotary`` / ``unfused_rotary``
@@ -510,14 +518,11 @@ def apply_variant(spec: str) -> None:
         elif item == "pdl_late":
             set_gemv_pdl_late()
         elif item == "pdl_late_wait_first":  # (the trigger late, nothing loaded before the wait)
-            set_gemv_pdl_late()
-            gemv_triton.PDL_EARLY_WORDS = False
+            set_gemv_pdl_late(early_words=False)
         elif item == "pdl_late_coherent":  # (early words, x through coherent loads)
-            set_gemv_pdl_late()
-            gemv_triton.PDL_X_COHERENT = True
+            set_gemv_pdl_late(coherent_x=True)
         elif item == "pdl_late_wait_first_coherent":  # (both)
-            set_gemv_pdl_late()
-            gemv_triton.PDL_EARLY_WORDS, gemv_triton.PDL_X_COHERENT = False, True
+            set_gemv_pdl_late(early_words=False, coherent_x=True)
         elif item == "fuse_norm":
             gemv_triton.FUSE_NORM = True
         elif item == "fuse_silu":

@@ -892,10 +892,10 @@ def _gemv_kernel(
         # NUM_STAGES > 1 without TMA: the words two steps ahead by hand (twice the bytes in
         # flight a thread), the scales and x one; with TMA, Triton's pipelining of its loads
         AHEAD2: tl.constexpr = NUM_STAGES > 1 and not TMA
+        LOOP_STAGES: tl.constexpr = NUM_STAGES if TMA else 1
         # x through the non-coherent path (``ld.global.nc``, inline PTX), but with PDL_LATE's
         # bit 4 (x through plain coherent loads)
         X_NC: tl.constexpr = ASM and not (PDL and (PDL_LATE & 4) != 0)
-        LOOP_STAGES: tl.constexpr = NUM_STAGES if TMA else 1
         if not TMA:  # (TMA: each step loads its own words, in the loop)
             words_n = tl.load(w_ptrs + k_n // 8, mask=row_ok)
         if AHEAD2:
